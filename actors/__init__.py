@@ -1,0 +1,1 @@
+"""Coalescing machinery: one actor per prompt key. Knows nothing of HTTP."""

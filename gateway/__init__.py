@@ -1,0 +1,1 @@
+"""llm-stream-gateway: the HTTP face, the upstream client and the simulator."""
