@@ -144,6 +144,17 @@ class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
 
 
+class UpstreamProtocolMismatch(UpstreamError):
+    """TLS ALPN chose another protocol than HTTP/2 (RFC 7301): with
+    ``UPSTREAM_PROTOCOL=auto`` the transport falls back to HTTP/1.1."""
+
+    code = "upstream_protocol_mismatch"
+
+    def __init__(self, message: str, *, negotiated: str | None) -> None:
+        super().__init__(message)
+        self.negotiated = negotiated
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout_error"

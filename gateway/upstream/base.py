@@ -7,7 +7,6 @@ reset it synchronously from the first moment (RFC 9113 §5.4.2, RST_STREAM).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,9 +44,11 @@ class ResponseStream(Protocol):
         """Wait for the status line and headers (first-byte timeout applies)."""
         ...
 
-    def body(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; flow-control credit is returned as the
-        caller takes each chunk, so a slow reader slows only its own stream."""
+    async def read(self) -> bytes:
+        """The next piece of the body as it arrives, ``b""`` at its end.
+
+        Flow-control credit is returned as the caller takes each piece, so a
+        slow reader slows only its own stream (RFC 9113 §5.2)."""
         ...
 
     def reset(self) -> None:

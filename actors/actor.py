@@ -1,0 +1,279 @@
+"""StreamActor: one upstream stream, its replay log, its subscribers.
+
+The log is the broadcast medium. The actor appends each Delta once; a
+subscriber is only a cursor into the log (``Subscription``), so N subscribers
+cost N integers, not N copies, a late joiner is a cursor at 0 and a resumed
+client a cursor at its Last-Event-ID. The actor never writes to a subscriber
+and never waits for one: a slow reader only lags behind its own cursor.
+
+Waking readers is cheap: a reader with nothing left to read parks one future
+in ``_waiters``; the first append after that resolves them all and starts a
+fresh list, so a burst of deltas appended in one tick costs each reader one
+wake, not one per delta. (One shared future awaited by every reader would be
+cheaper still, but awaiting a future directly means a reader's cancellation
+cancels it, waking every other reader with a CancelledError that is not
+theirs; shielding it costs a future per reader anyway.)
+
+Concurrency shape: every state change is a plain ``def`` (join, leave,
+append, complete, fail, shutdown) running to completion; the only awaiting is
+the actor task's one loop (admission, open, iterate the source). The actor
+belongs to the registry, never to its first subscriber: the leader leaving is
+just one subscriber leaving. Only the last one leaving ends the stream, and it
+resets the source before ``leave()`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from actors.deltas import Delta
+from actors.messages import (
+    Abandoned,
+    ActorEvent,
+    Completed,
+    Failed,
+    JoinersClosed,
+    Shutdown,
+    StreamEnd,
+    StreamEnded,
+    StreamInterrupted,
+    UpstreamOpening,
+)
+from actors.ports import OpenSource, Source, Ticket
+
+__all__ = ["Reader", "StreamActor"]
+
+#: Once an actor takes no joiners, the log prefix every reader has passed can
+#: go; try that when the retained log has doubled, and at least this many
+#: deltas, so the O(readers) scan for the slowest cursor stays amortised.
+_MIN_TRIM_DELTAS = 16
+
+
+class Reader(Protocol):
+    """What the actor needs to know about a subscriber: where it is."""
+
+    @property
+    def cursor(self) -> int: ...
+
+
+def _ignore(event: ActorEvent) -> None:
+    del event
+
+
+class StreamActor:
+    """Owns one upstream stream from admission to its end."""
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        stream_id: int,
+        max_replay_bytes: int,
+        observer: Callable[[ActorEvent], None],
+        clock: Callable[[], float],
+        shared: bool = True,
+    ) -> None:
+        self.key = key
+        self.stream_id = stream_id
+        #: Findable by key (coalescing) rather than private to one request.
+        self.shared = shared
+        self._max_replay_bytes = max_replay_bytes
+        self._report = observer
+        self._clock = clock
+        # The log: deltas with sequence numbers _log_base+1 .. _log_base+len.
+        self._log: list[Delta] = []
+        self._log_base = 0
+        self._log_bytes = 0
+        self._trim_at = _MIN_TRIM_DELTAS
+        self._accepting = True
+        self._readers: set[Reader] = set()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._ticket: Ticket | None = None
+        self._source: Source | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._end: StreamEnd | None = None
+
+    @classmethod
+    def remembered(
+        cls, *, key: str, stream_id: int, failure: Failed, clock: Callable[[], float]
+    ) -> StreamActor:
+        """An already-failed stream with an empty log and no task: what an
+        identical request gets while the failure is remembered (error TTL)."""
+        actor = cls(key=key, stream_id=stream_id, max_replay_bytes=0, observer=_ignore, clock=clock)
+        actor._accepting = False
+        actor._end = failure
+        return actor
+
+    # -- what subscribers read ---------------------------------------------------
+
+    @property
+    def end(self) -> StreamEnd | None:
+        return self._end
+
+    @property
+    def appended(self) -> int:
+        """Deltas appended so far: the sequence number of the last one."""
+        return self._log_base + len(self._log)
+
+    @property
+    def accepting_joiners(self) -> bool:
+        return self._accepting
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._readers)
+
+    @property
+    def replay_bytes(self) -> int:
+        """What the retained log costs (Delta.replay_size units)."""
+        return self._log_bytes
+
+    @property
+    def admitted_at(self) -> float | None:
+        return None if self._ticket is None else self._ticket.admitted_at
+
+    def delta_after(self, cursor: int) -> Delta | None:
+        """The delta with sequence number ``cursor + 1``, if logged yet."""
+        index = cursor - self._log_base
+        assert index >= 0, "cursor behind the trimmed log"
+        if index < len(self._log):
+            return self._log[index]
+        return None
+
+    def deltas_after(self, cursor: int) -> Sequence[Delta]:
+        """Every delta logged after ``cursor`` (a slice of references)."""
+        index = cursor - self._log_base
+        assert index >= 0, "cursor behind the trimmed log"
+        if index < len(self._log):
+            return self._log[index:]
+        return ()
+
+    def new_waiter(self) -> asyncio.Future[None]:
+        """A future resolved at the next append or at the end of the stream."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self._end is not None:
+            waiter.set_result(None)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    # -- state changes (synchronous) --------------------------------------------------
+
+    def join(self, reader: Reader) -> None:
+        self._readers.add(reader)
+
+    def leave(self, reader: Reader) -> None:
+        """One subscriber leaves; the last one ends the stream right here."""
+        if reader not in self._readers:
+            return
+        self._readers.remove(reader)
+        if self._readers:
+            return
+        if self._end is None:
+            self._finish(Abandoned(), stopped_at=self._clock(), cancel_task=True)
+        # Nobody can read it any more: let the log go now, even if something
+        # (a remembered failure's traceback) keeps this actor alive a while.
+        self._log_base += len(self._log)
+        self._log.clear()
+        self._log_bytes = 0
+
+    def shutdown(self, reason: BaseException) -> None:
+        """End the stream for every subscriber with ``reason`` (registry closing)."""
+        if self._end is None:
+            self._finish(Shutdown(reason), stopped_at=self._clock(), cancel_task=True)
+
+    def start(self, open_source: OpenSource, ticket: Ticket | None) -> asyncio.Task[None]:
+        """Start the actor task; the caller (the registry) owns the task."""
+        self._ticket = ticket
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(open_source, ticket), name=f"stream-actor-{self.stream_id}"
+        )
+        return self._task
+
+    def _append(self, delta: Delta) -> None:
+        self._log.append(delta)
+        self._log_bytes += delta.replay_size()
+        if self._accepting and self._log_bytes > self._max_replay_bytes:
+            # Never a truncated answer: past the budget, no one new may join
+            # (the next identical request gets a fresh actor instead).
+            self._accepting = False
+            self._report(JoinersClosed(self.stream_id, self.key, self._log_bytes))
+        if not self._accepting and len(self._log) >= self._trim_at:
+            self._trim()
+        self._wake_readers()
+
+    def _trim(self) -> None:
+        """Drop the log prefix that every current reader has already read."""
+        slowest = min((reader.cursor for reader in self._readers), default=self.appended)
+        drop = min(slowest, self.appended) - self._log_base
+        if drop > 0:
+            self._log_bytes -= sum(delta.replay_size() for delta in self._log[:drop])
+            del self._log[:drop]
+            self._log_base += drop
+        self._trim_at = max(2 * len(self._log), _MIN_TRIM_DELTAS)
+
+    def _finish(self, end: StreamEnd, *, stopped_at: float | None = None, cancel_task: bool = False) -> None:
+        """Close the log with ``end`` and tell the registry.
+
+        ``stopped_at`` marks a stream stopped from outside (last subscriber
+        gone, shutdown): then the admission slot is freed and an open source
+        reset right here, in the caller's tick, and the time to that reset
+        reported. ``cancel_task`` also stops the actor task at its await.
+        """
+        self._end = end
+        self._accepting = False
+        source, self._source = self._source, None
+        reset_s: float | None = None
+        try:
+            if stopped_at is not None:
+                if self._ticket is not None:
+                    self._ticket.release()
+                if source is not None:
+                    source.reset()
+                    reset_s = self._clock() - stopped_at
+            # Before the source is open this is the whole cancel: the task
+            # dies at its await (admission or open) and nothing is sent.
+            if cancel_task and self._task is not None:
+                self._task.cancel()
+        finally:
+            self._wake_readers()
+            self._report(StreamEnded(self.stream_id, self.key, end, reset_s))
+
+    def _wake_readers(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- the one loop ---------------------------------------------------------------
+
+    async def _run(self, open_source: OpenSource, ticket: Ticket | None) -> None:
+        try:
+            if ticket is not None:
+                await ticket.wait()
+            self._report(UpstreamOpening(self.stream_id, self.key))
+            source = await open_source()
+            self._source = source
+            async for delta in source:
+                self._append(delta)
+            self._source = None
+            if self._end is None:
+                self._finish(Completed())
+        except Exception as exc:
+            # A failing source (or a refused admission) is shared like data.
+            # CancelledError is not an Exception: it propagates untouched.
+            if self._end is None:
+                self._source = None
+                self._finish(Failed(exc, exc.__traceback__))
+        except BaseException:
+            # Cancelled by leave()/shutdown(): the state is already final. By
+            # anyone else: end the stream so no reader waits forever.
+            if self._end is None:
+                interrupted = StreamInterrupted(f"stream {self.stream_id} was interrupted")
+                self._finish(Shutdown(interrupted), stopped_at=self._clock())
+            raise
+        finally:
+            if ticket is not None:
+                ticket.release()

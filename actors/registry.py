@@ -1,0 +1,288 @@
+"""Registry: prompt key -> live actor; leaders and followers; the error TTL.
+
+The first request for a key is the *leader*: it takes an admission ticket and
+a new StreamActor task starts. Identical requests while that actor lives and
+takes joiners are *followers*: a cursor into the same log, no ticket, no
+upstream call. The registry owns every actor task (never its first caller) and
+awaits them on ``aclose()``.
+
+A stream that ended leaves the registry in the same tick: completed answers
+are not cached. A failure is the exception: it is remembered for
+``error_ttl_s`` (when ``remember_failure`` agrees) so that a burst of identical
+requests gets it at once instead of hammering a failing upstream, and then
+forgotten; only requests arriving inside that short window share it (no
+shared-failure pinning, FIELD-NOTES "Cached failures pin"). Our own cancels
+(every subscriber left) are never remembered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from actors.actor import StreamActor
+from actors.messages import (
+    Abandoned,
+    ActorEvent,
+    Failed,
+    JoinersClosed,
+    RegistryClosed,
+    StreamEnded,
+    UpstreamOpening,
+)
+from actors.ports import Admission, OpenSource
+from actors.subscription import Role, Subscription
+
+__all__ = ["Registry", "RegistryClosed", "RegistryStatistics"]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryStatistics:
+    """A snapshot for the metrics (gauges first, then monotonic counters)."""
+
+    #: Actors whose stream has not ended (gateway_active_actors).
+    actors: int
+    #: Subscriptions not yet closed.
+    subscribers: int
+    #: Failures currently remembered (error TTL).
+    errors_cached: int
+    #: What the live actors' replay logs hold, in Delta.replay_size units.
+    replay_bytes: int
+    leaders_total: int
+    #: Includes requests answered from a remembered failure.
+    followers_total: int
+    #: Requests answered at once with a remembered failure.
+    errors_replayed_total: int
+    #: Streams whose every subscriber left before the end.
+    abandoned_total: int
+    #: Open sources reset because nobody was left (or on shutdown).
+    resets_total: int
+    #: ``open_source()`` calls.
+    upstream_calls_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class _RememberedFailure:
+    stream_id: int
+    failure: Failed
+    expiry: asyncio.TimerHandle
+
+
+class Registry:
+    """Key -> actor. All methods but ``wait_idle``/``aclose`` are synchronous."""
+
+    def __init__(
+        self,
+        *,
+        admission: Admission,
+        error_ttl_s: float = 2.0,
+        max_replay_bytes: int = 1 << 20,
+        coalesce_enabled: bool = True,
+        fanout_enabled: bool = True,
+        remember_failure: Callable[[BaseException], bool] = lambda exc: True,
+        on_reset: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._admission = admission
+        self._error_ttl_s = error_ttl_s
+        self._max_replay_bytes = max_replay_bytes
+        self._coalesce_enabled = coalesce_enabled
+        self._fanout_enabled = fanout_enabled
+        self._remember_failure = remember_failure
+        self._on_reset = on_reset
+        self._clock = clock
+        self._stream_ids = itertools.count(1)
+        #: Actors a new identical request may join (shared, taking joiners).
+        self._joinable: dict[str, StreamActor] = {}
+        #: Every actor whose stream has not ended, by stream id.
+        self._running: dict[int, StreamActor] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failures: dict[str, _RememberedFailure] = {}
+        self._by_request: dict[str, Subscription] = {}
+        self._open_subscriptions = 0
+        self._closed = False
+        self._leaders_total = 0
+        self._followers_total = 0
+        self._errors_replayed_total = 0
+        self._abandoned_total = 0
+        self._resets_total = 0
+        self._upstream_calls_total = 0
+
+    # -- the handler's side ------------------------------------------------------------
+
+    def subscribe(
+        self,
+        key: str,
+        open_source: OpenSource,
+        *,
+        request_id: str,
+        arrived_at: float,
+        streaming: bool = True,
+        coalesce: bool = True,
+        resume_after: int = 0,
+    ) -> Subscription:
+        """Join the live stream for ``key`` or start one. Synchronous, so that
+        ``QueueFull`` comes out of here before the caller commits its 200.
+
+        ``resume_after=N`` (a Last-Event-ID) starts a follower after delta N;
+        with no live stream the new one starts from 0.
+        """
+        if self._closed:
+            raise RegistryClosed("the registry is closed")
+        if resume_after < 0:
+            raise ValueError(f"resume_after must be >= 0, got {resume_after}")
+        # STREAM_FANOUT_ENABLED=0 keeps coalescing for non-streaming requests only.
+        shared = coalesce and self._coalesce_enabled and (self._fanout_enabled or not streaming)
+        if shared:
+            actor = self._joinable.get(key)
+            if actor is not None:
+                return self._attach(actor, "follower", request_id, arrived_at, resume_after)
+            remembered = self._failures.get(key)
+            if remembered is not None:
+                self._errors_replayed_total += 1
+                memo = StreamActor.remembered(
+                    key=key,
+                    stream_id=remembered.stream_id,
+                    failure=remembered.failure,
+                    clock=self._clock,
+                )
+                return self._attach(memo, "follower", request_id, arrived_at, 0)
+        return self._lead(key, open_source, request_id, arrived_at, shared)
+
+    def cancel(self, request_id: str) -> bool:
+        """Explicit cancel: that subscription ends and leaves; False if unknown."""
+        subscription = self._by_request.get(request_id)
+        if subscription is None:
+            return False
+        subscription.close()
+        return True
+
+    def statistics(self) -> RegistryStatistics:
+        return RegistryStatistics(
+            actors=len(self._running),
+            subscribers=self._open_subscriptions,
+            errors_cached=len(self._failures),
+            replay_bytes=sum(actor.replay_bytes for actor in self._running.values()),
+            leaders_total=self._leaders_total,
+            followers_total=self._followers_total,
+            errors_replayed_total=self._errors_replayed_total,
+            abandoned_total=self._abandoned_total,
+            resets_total=self._resets_total,
+            upstream_calls_total=self._upstream_calls_total,
+        )
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    async def wait_idle(self) -> None:
+        """Until no actor task is left (a graceful drain waits on this)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def aclose(self, reason: BaseException | None = None) -> None:
+        """End every live stream with ``reason`` (default ``RegistryClosed``),
+        reset every open source, forget remembered failures, and await every
+        actor task. Idempotent."""
+        self._closed = True
+        if reason is None:
+            reason = RegistryClosed("the gateway is shutting down")
+        for remembered in self._failures.values():
+            remembered.expiry.cancel()
+        self._failures.clear()
+        for actor in list(self._running.values()):
+            actor.shutdown(reason)
+        while self._tasks:
+            # Each task ends by cancellation (or is already done); its result
+            # holds nothing we need, and a failure was delivered as data.
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _lead(
+        self, key: str, open_source: OpenSource, request_id: str, arrived_at: float, shared: bool
+    ) -> Subscription:
+        asyncio.get_running_loop()  # fail before taking a ticket, not after
+        ticket = self._admission.enqueue(arrived_at)  # QueueFull propagates from here
+        actor = StreamActor(
+            key=key,
+            stream_id=next(self._stream_ids),
+            max_replay_bytes=self._max_replay_bytes,
+            observer=self._on_actor_event,
+            clock=self._clock,
+            shared=shared,
+        )
+        subscription = self._attach(actor, "leader", request_id, arrived_at, 0)
+        if shared:
+            # Replaces an actor past its replay budget, which lives on privately.
+            self._joinable[key] = actor
+        self._running[actor.stream_id] = actor
+        task = actor.start(open_source, ticket)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return subscription
+
+    def _attach(
+        self, actor: StreamActor, role: Role, request_id: str, arrived_at: float, cursor: int
+    ) -> Subscription:
+        subscription = Subscription(
+            actor=actor,
+            request_id=request_id,
+            role=role,
+            arrived_at=arrived_at,
+            cursor=cursor,
+            on_close=self._forget_subscription,
+        )
+        actor.join(subscription)
+        self._by_request[request_id] = subscription
+        self._open_subscriptions += 1
+        if role == "leader":
+            self._leaders_total += 1
+        else:
+            self._followers_total += 1
+        return subscription
+
+    def _forget_subscription(self, subscription: Subscription) -> None:
+        self._open_subscriptions -= 1
+        if self._by_request.get(subscription.request_id) is subscription:
+            del self._by_request[subscription.request_id]
+
+    def _on_actor_event(self, event: ActorEvent) -> None:
+        match event:
+            case UpstreamOpening():
+                self._upstream_calls_total += 1
+            case JoinersClosed(stream_id=stream_id, key=key):
+                self._unlist(key, stream_id)
+            case StreamEnded(stream_id=stream_id, key=key, end=end, reset_s=reset_s):
+                self._unlist(key, stream_id)
+                actor = self._running.pop(stream_id, None)
+                if reset_s is not None:
+                    self._resets_total += 1
+                if isinstance(end, Abandoned):
+                    self._abandoned_total += 1
+                    if reset_s is not None and self._on_reset is not None:
+                        self._on_reset(reset_s)
+                elif isinstance(end, Failed) and actor is not None and actor.shared:
+                    self._remember(key, stream_id, end)
+
+    def _unlist(self, key: str, stream_id: int) -> None:
+        actor = self._joinable.get(key)
+        if actor is not None and actor.stream_id == stream_id:
+            del self._joinable[key]
+
+    def _remember(self, key: str, stream_id: int, failure: Failed) -> None:
+        if self._closed or self._error_ttl_s <= 0 or not self._remember_failure(failure.error):
+            return
+        previous = self._failures.pop(key, None)
+        if previous is not None:
+            previous.expiry.cancel()
+        expiry = asyncio.get_running_loop().call_later(
+            self._error_ttl_s, self._forget_failure, key, stream_id
+        )
+        self._failures[key] = _RememberedFailure(stream_id, failure, expiry)
+
+    def _forget_failure(self, key: str, stream_id: int) -> None:
+        remembered = self._failures.get(key)
+        if remembered is not None and remembered.stream_id == stream_id:
+            del self._failures[key]

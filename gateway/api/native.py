@@ -1,0 +1,92 @@
+"""POST /v1/stream: the native event stream, for the browser client.
+
+``event: meta`` at the first token, ``event: delta`` with ``id: <seq>`` (the
+position in the stream's log, so ``Last-Event-ID`` resumes exactly after it),
+``event: done`` with the totals, or ``event: error``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from actors.deltas import Delta, Usage
+from actors.subscription import Subscription
+from gateway.api.intake import KEY_PREFIX, read_chat, subscribe
+from gateway.api.relay import relay
+from gateway.errors import GatewayError
+from gateway.sse import event_frame
+from gateway.state import RECORD
+
+API = "native"
+
+
+class NativeEncoder:
+    def __init__(self) -> None:
+        self._finish_reason: str | None = None
+        self._usage: Usage | None = None
+
+    def meta(self, subscription: Subscription, ttft_ms: float, queue_wait_ms: float) -> bytes:
+        return event_frame(
+            "meta",
+            {
+                "request_id": subscription.request_id,
+                "role": subscription.role,
+                "queue_wait_ms": queue_wait_ms,
+                "ttft_ms": ttft_ms,
+                "key": subscription.key[:KEY_PREFIX],
+                "subscribers": subscription.subscribers,
+            },
+        )
+
+    def deltas(self, first_seq: int, deltas: Sequence[Delta]) -> bytes:
+        frames = []
+        for seq, delta in enumerate(deltas, start=first_seq):
+            if delta.finish_reason:
+                self._finish_reason = delta.finish_reason
+            if delta.usage is not None:
+                self._usage = delta.usage
+            if not delta.is_content:
+                continue
+            body: dict[str, Any] = {}
+            if delta.text:
+                body["text"] = delta.text
+            if delta.reasoning:
+                body["reasoning"] = delta.reasoning
+            if delta.tool_calls:
+                body["tool_calls"] = [
+                    {"index": c.index, "id": c.id, "name": c.name, "arguments": c.arguments}
+                    for c in delta.tool_calls
+                ]
+            frames.append(event_frame("delta", body, event_id=seq))
+        return b"".join(frames)
+
+    def end(self, subscription: Subscription, ttft_ms: float | None, total_ms: float) -> bytes:
+        finish_reason = (
+            "cancelled" if subscription.outcome == "cancelled" else self._finish_reason or "stop"
+        )
+        usage = None
+        if self._usage is not None:
+            usage = {
+                "prompt_tokens": self._usage.prompt_tokens,
+                "completion_tokens": self._usage.completion_tokens,
+                "total_tokens": self._usage.total_tokens,
+            }
+        return event_frame(
+            "done",
+            {"finish_reason": finish_reason, "usage": usage, "ttft_ms": ttft_ms, "total_ms": total_ms},
+        )
+
+    def error(self, exc: GatewayError) -> bytes:
+        return event_frame(
+            "error", {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+        )
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    request[RECORD].api = API
+    chat = await read_chat(request)
+    subscription = subscribe(request, chat, streaming=True)
+    return await relay(request, subscription, NativeEncoder())

@@ -1,0 +1,104 @@
+"""The streaming half of a handler: subscription in, SSE frames out.
+
+The order on the wire is fixed by the API contract: headers and ``: ping`` at
+once; the meta record right before the first content; content frames; the
+API's end (``[DONE]`` / ``event: done``), or its in-stream error once the 200
+has gone out. Leaving -- a client disconnect cancels the handler, with
+``handler_cancellation=True`` -- closes the subscription on the way out,
+which resets the upstream in the same tick if this was the last subscriber.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import structlog
+from aiohttp import web
+
+from actors.deltas import Delta
+from actors.subscription import Subscription
+from gateway.errors import GatewayError
+from gateway.sse import close_event_stream, open_event_stream
+from gateway.state import RECORD, STATE
+
+log = structlog.get_logger("gateway")
+
+
+class StreamEncoder(Protocol):
+    """One API's frames. Pure functions of their inputs (no I/O)."""
+
+    def meta(self, subscription: Subscription, ttft_ms: float, queue_wait_ms: float) -> bytes: ...
+
+    def deltas(self, first_seq: int, deltas: Sequence[Delta]) -> bytes: ...
+
+    def end(self, subscription: Subscription, ttft_ms: float | None, total_ms: float) -> bytes: ...
+
+    def error(self, exc: GatewayError) -> bytes: ...
+
+
+async def relay(request: web.Request, subscription: Subscription, encoder: StreamEncoder) -> (
+    web.StreamResponse
+):
+    state = request.app[STATE]
+    record = request[RECORD]
+    async with subscription:
+        response = await open_event_stream(
+            request, ping_interval_s=state.settings.ping_interval_s
+        )
+        state.active_streams += 1
+        try:
+            await _pump(request, subscription, encoder, response)
+        except ConnectionResetError:
+            # The client went away between two writes: a cancel, not an error.
+            record.outcome = "cancelled"
+        finally:
+            state.active_streams -= 1
+            record.bytes_sent = response.body_length
+            # The keepalive task belongs to this response: stop it on every
+            # way out, cancellation included.
+            response.stop_streaming()
+    if record.outcome != "cancelled" or subscription.outcome == "cancelled":
+        await close_event_stream(response)
+    return response
+
+
+async def _pump(
+    request: web.Request,
+    subscription: Subscription,
+    encoder: StreamEncoder,
+    response: web.StreamResponse,
+) -> None:
+    state = request.app[STATE]
+    record = request[RECORD]
+    arrived_at = record.arrived_at
+    ttft_ms: float | None = None
+    try:
+        while batch := await subscription.read_batch():
+            first_seq = subscription.cursor - len(batch) + 1
+            frames = encoder.deltas(first_seq, batch)
+            if ttft_ms is None and any(delta.is_content for delta in batch):
+                ttft_s = time.monotonic() - arrived_at
+                ttft_ms = round(ttft_s * 1000, 2)
+                queue_wait_s = subscription.queue_wait_s or 0.0
+                record.ttft_ms, record.queue_wait_ms = ttft_ms, round(queue_wait_s * 1000, 2)
+                state.metrics.first_token(record.api, subscription.role, ttft_s)
+                state.metrics.admitted(queue_wait_s)
+                frames = encoder.meta(subscription, ttft_ms, record.queue_wait_ms) + frames
+            if frames:
+                await response.write(frames)
+        total_ms = round((time.monotonic() - arrived_at) * 1000, 2)
+        if subscription.outcome == "cancelled":
+            record.outcome = "cancelled"
+        await response.write(encoder.end(subscription, ttft_ms, total_ms))
+    except GatewayError as exc:
+        record.outcome = "shed" if exc.code.startswith("queue_") else "error"
+        record.error_code = exc.code
+        await response.write(encoder.error(exc))
+    except Exception as exc:  # a bug, not an upstream failure: say so in-stream
+        log.exception("stream failed")
+        record.outcome, record.error_code = "error", "internal_error"
+        internal = GatewayError("internal error", code="internal_error")
+        internal.__cause__ = exc
+        await response.write(encoder.error(internal))

@@ -1,0 +1,165 @@
+"""The request envelope: id, client address, auth, errors, the canonical log line.
+
+Every request gets an ``X-Request-Id`` (a trusted proxy's, or a new one), the
+OpenAI error shape for anything that goes wrong before the 200, and exactly one
+summary log line when it ends -- however it ends, cancellation included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import re
+import secrets
+import time
+
+import structlog
+from aiohttp import web
+
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from gateway.metrics import APIS
+from gateway.state import RECORD, STATE, RequestRecord
+
+log = structlog.get_logger("gateway")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Paths that need a client key when GATEWAY_API_KEYS is set. Health, metrics
+#: and the demo page stay open (restrict /metrics at the proxy; deploy/nginx).
+_PROTECTED_PREFIX = "/v1/"
+TENANT = web.RequestKey("gateway_tenant", str)
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    return web.json_response(exc.to_json(), status=exc.status, headers=exc.headers())
+
+
+def _from_trusted_proxy(request: web.Request) -> bool:
+    peer = request.remote
+    if not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in net for net in request.app[STATE].settings.trusted_proxies)
+
+
+def _client_address(request: web.Request, trusted: bool) -> str | None:
+    if trusted:
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded:
+            # The right-most entry is the one our proxy appended.
+            return forwarded.rsplit(",", 1)[-1].strip()
+    return request.remote
+
+
+def _authenticate(request: web.Request) -> str | None:
+    """The client's credential if valid; raises Unauthorized when keys are
+    configured and none matches. Every configured key is compared, in
+    constant time, so timing reveals neither a key nor its position."""
+    header = request.headers.get("Authorization", "")
+    presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    presented = presented or request.headers.get("x-api-key", "").strip()
+    keys = request.app[STATE].settings.gateway_api_keys
+    if not keys:
+        return presented or None
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(presented.encode(), key.encode())
+    if not presented or not matched:
+        raise Unauthorized("missing or unknown API key; send 'Authorization: Bearer <key>'")
+    return presented
+
+
+@web.middleware
+async def envelope(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    arrived_at = time.monotonic()
+    trusted = _from_trusted_proxy(request)
+    incoming_id = request.headers.get("X-Request-Id", "") if trusted else ""
+    request_id = incoming_id if _REQUEST_ID.match(incoming_id) else secrets.token_hex(12)
+    record = RequestRecord(request_id=request_id, arrived_at=arrived_at)
+    request[RECORD] = record
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        if request.path.startswith(_PROTECTED_PREFIX):
+            tenant = _authenticate(request)
+            if tenant is not None:
+                request[TENANT] = tenant
+        response = await handler(request)
+        record.status = response.status
+        return response
+    except GatewayError as exc:
+        record.status, record.error_code = exc.status, exc.code
+        if record.outcome == "ok":
+            record.outcome = "rejected" if exc.status < 500 and exc.status != 429 else (
+                "shed" if exc.code.startswith("queue_") else "error"
+            )
+        return error_response(exc)
+    except web.HTTPException as exc:
+        translated = _translate_http_exception(exc)
+        record.status, record.error_code = translated.status, translated.code
+        record.outcome = "rejected"
+        return error_response(translated)
+    except asyncio.CancelledError:
+        record.outcome = "cancelled"
+        raise
+    except Exception:
+        log.exception("unhandled error")
+        record.status, record.outcome, record.error_code = 500, "error", "internal_error"
+        return error_response(GatewayError("internal error", code="internal_error"))
+    finally:
+        _finish(request, record, _client_address(request, trusted))
+
+
+def _translate_http_exception(exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such path")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"method not allowed; allowed: {', '.join(sorted(exc.allowed_methods))}")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("request body too large")
+    error = GatewayError(exc.reason or "error", code=f"http_{exc.status}")
+    error.status = exc.status
+    error.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    return error
+
+
+def _finish(request: web.Request, record: RequestRecord, client: str | None) -> None:
+    total_s = time.monotonic() - record.arrived_at
+    state = request.app[STATE]
+    if record.api in APIS:
+        state.metrics.finished(record.api, record.outcome, total_s)
+    if record.api != "ops" or record.status >= 400:
+        log.info(
+            "request",
+            api=record.api,
+            method=request.method,
+            path=request.path,
+            status=record.status,
+            outcome=record.outcome,
+            role=record.role,
+            key=record.key_prefix,
+            queue_wait_ms=record.queue_wait_ms,
+            ttft_ms=record.ttft_ms,
+            total_ms=round(total_s * 1000, 2),
+            bytes=record.bytes_sent,
+            client=client,
+            error=record.error_code,
+            **record.extra,
+        )
+    structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streaming ones included, carries
+    the id (a middleware could not add it after a stream's headers left)."""
+    record = request.get(RECORD)
+    if record is not None:
+        response.headers["X-Request-Id"] = record.request_id

@@ -1,0 +1,62 @@
+"""Server-sent events: framing, the early ping, keepalive.
+
+Frames are built as bytes once and written whole (one ``write`` per frame, so
+the keepalive ping of aiohttp-sse can never land inside one). The response
+itself is aiohttp-sse's ``EventSourceResponse``: it sets the SSE headers
+(``Cache-Control: no-cache``, ``X-Accel-Buffering: no`` for nginx), runs the
+keepalive ping every ``PING_INTERVAL_S`` and aborts a client that stops
+reading (TCP_USER_TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+PING = b": ping\n\n"
+DONE = b"data: [DONE]\n\n"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def data_frame(payload: Any) -> bytes:
+    """``data: <json>`` -- compact JSON has no newlines, so one data line."""
+    return b"data: " + dumps(payload).encode() + b"\n\n"
+
+
+def event_frame(event: str, payload: Any, *, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\nevent: {event}\n" if event_id is not None else f"event: {event}\n"
+    return (head + "data: " + dumps(payload) + "\n\n").encode()
+
+
+def comment_frame(text: str) -> bytes:
+    # A comment: SDKs and EventSource ignore it (WHATWG SSE §9.2.6).
+    return b": " + text.encode() + b"\n\n"
+
+
+async def open_event_stream(
+    request: web.Request, *, ping_interval_s: float, headers: dict[str, str] | None = None
+) -> EventSourceResponse:
+    """Send the headers and ``: ping`` at once, before the upstream answers:
+    the client (and every proxy and load balancer between) sees bytes now."""
+    response = EventSourceResponse(
+        headers=headers,
+        sep="\n",
+        allow_all_methods=True,
+        ping_interval=ping_interval_s,
+    )
+    await response.prepare(request)
+    await response.write(PING)
+    return response
+
+
+async def close_event_stream(response: EventSourceResponse) -> None:
+    """Stop the keepalive (and wait for it) and finish the chunked body."""
+    response.stop_streaming()
+    await response.wait()
+    await response.write_eof()

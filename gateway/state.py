@@ -1,0 +1,54 @@
+"""What the handlers share: one ``GatewayState`` per app, under an AppKey."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from actors.registry import Registry
+from gateway.admission import AdmissionQueue
+from gateway.config import Settings
+from gateway.metrics import GatewayMetrics
+from gateway.upstream.base import Transport
+from gateway.upstream.providers.base import Provider
+
+
+@dataclass(eq=False)
+class GatewayState:
+    settings: Settings
+    metrics: GatewayMetrics
+    admission: AdmissionQueue
+    registry: Registry
+    transport: Transport
+    provider: Provider
+    #: The path part of the upstream URL, e.g. "/v1".
+    base_path: str
+    #: Where requests go, for /readyz and the start-up line (no credentials).
+    upstream_url: str
+    active_streams: int = 0
+    #: Set on SIGTERM: /readyz answers 503 and new model requests are refused.
+    draining: bool = False
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    """Filled in by the handler, logged once by the middleware at the end:
+    the request's canonical log line."""
+
+    request_id: str
+    arrived_at: float
+    api: str = "ops"
+    role: str | None = None
+    key_prefix: str | None = None
+    queue_wait_ms: float | None = None
+    ttft_ms: float | None = None
+    bytes_sent: int = 0
+    outcome: str = "ok"
+    status: int = 200
+    error_code: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+STATE = web.AppKey("gateway_state", GatewayState)
+RECORD = web.RequestKey("gateway_record", RequestRecord)

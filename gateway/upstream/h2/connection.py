@@ -1,0 +1,397 @@
+"""One HTTP/2 client connection: an ``asyncio.Protocol`` around h2's state machine.
+
+One read path (``data_received`` -> h2 events -> stream callbacks) and one write
+path (``_flush``: ``transport.write(h2.data_to_send())``). ``transport.write``
+is synchronous, so anything the state machine queues -- an RST_STREAM above
+all -- is handed to the kernel before the calling function returns; no lock,
+no writer task. This connection is the single owner of its ``H2Connection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from typing import Final
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+from h2.errors import ErrorCodes
+
+from gateway.errors import (
+    UpstreamConnectionLost,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamProtocolMismatch,
+    UpstreamStreamRefused,
+    UpstreamStreamReset,
+)
+from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.h2.stream import H2ResponseStream
+
+#: Our connection-level receive window. The stream windows stay at the default
+#: 65,535 bytes so one stalled stream buffers little, but the connection window
+#: must be large enough that a few stalled streams cannot starve the others
+#: (RFC 9113 §5.2: both windows apply to every DATA frame).
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+_DEFAULT_WINDOW: Final = 65_535
+
+_H2_CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
+
+
+class H2ClientConnection(asyncio.Protocol):
+    """Multiplexes ``H2ResponseStream``s over one transport."""
+
+    def __init__(
+        self,
+        *,
+        authority: str,
+        scheme: str,
+        first_byte_timeout: float | None,
+        idle_timeout: float | None,
+        keepalive_s: float | None = 20.0,
+        on_capacity: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._h2 = h2.connection.H2Connection(config=_H2_CONFIG)
+        self._authority = authority.encode()
+        self._scheme = scheme.encode()
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        self._keepalive_s = keepalive_s
+        # Called when a stream slot frees up or the connection's state changes,
+        # so the pool can hand the slot to the next waiter.
+        self._on_capacity = on_capacity
+        self._transport: asyncio.Transport | None = None
+        self._streams: dict[int, H2ResponseStream] = {}
+        self._window_waiters: dict[int, asyncio.Future[None]] = {}
+        self._goaway = False
+        self._closed = False
+        loop = asyncio.get_running_loop()
+        #: Resolved once the server's preface (its first SETTINGS) has arrived:
+        #: only then do we know how many streams it takes (RFC 9113 §3.4).
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self._ping_ids = itertools.count(1)
+        self._ping_outstanding = False
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+
+    # -- state the pool reads ---------------------------------------------------
+
+    @property
+    def is_usable(self) -> bool:
+        """Takes new streams: alive, ready, and no GOAWAY received."""
+        return self.ready.done() and not (self._closed or self._goaway)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def free_streams(self) -> int:
+        return max(0, self._h2.remote_settings.max_concurrent_streams - len(self._streams))
+
+    # -- asyncio.Protocol: the read path ----------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
+            # Check before the preface goes out: an HTTP/1.1 server must not
+            # see "PRI * HTTP/2.0" (RFC 9113 §3.3).
+            negotiated = ssl_object.selected_alpn_protocol()
+            self._fail(
+                UpstreamProtocolMismatch(
+                    f"upstream negotiated {negotiated or 'no protocol'} instead of h2",
+                    negotiated=negotiated,
+                )
+            )
+            return
+        self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - _DEFAULT_WINDOW)
+        self._flush()
+        self._schedule_keepalive()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._fail(UpstreamProtocolError(f"HTTP/2 protocol error from upstream: {exc}"))
+            return
+        # Any frame proves the peer alive: the keepalive PING is for silence.
+        self._ping_outstanding = False
+        for event in events:
+            self._dispatch(event)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(UpstreamConnectionLost("upstream connection was lost"))
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None and event.flow_controlled_length is not None
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                # A stream we already reset or finished: h2 keeps the frame
+                # in its accounting, so we must still return the credit.
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
+            else:
+                stream.on_data(event.data or b"", event.flow_controlled_length)
+            if event.stream_ended:
+                self._end_stream(event.stream_id)
+        elif isinstance(event, h2.events.ResponseReceived):
+            assert event.stream_id is not None and event.headers is not None
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.on_head(_response_head(event.headers))
+            if event.stream_ended:
+                self._end_stream(event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            self._end_stream(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            self._fail_stream(event.stream_id, _reset_error(event.error_code))
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._wake_senders(event.stream_id or 0)
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self.ready.done():
+                self.ready.set_result(None)
+            self._wake_senders(0)  # INITIAL_WINDOW_SIZE may have grown
+            self._on_capacity()  # MAX_CONCURRENT_STREAMS may have grown
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._on_goaway(event.last_stream_id or 0, event.error_code)
+        # PingAckReceived: the liveness flag was cleared above. PING itself is
+        # answered by h2; TrailersReceived, SettingsAcknowledged and others
+        # need nothing from a client that only relays the body.
+
+    # -- the write path -----------------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    # -- used by streams (synchronous) --------------------------------------------
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        if self._closed or length == 0:
+            return
+        self._h2.acknowledge_received_data(length, stream_id)
+        self._flush()
+
+    def reset_stream(self, stream_id: int) -> None:
+        """RST_STREAM(CANCEL), written before returning (RFC 9113 §6.4, §8.7)."""
+        if self._streams.pop(stream_id, None) is None or self._closed:
+            return
+        try:
+            self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+        except h2.exceptions.StreamClosedError:
+            pass  # closed in the same batch of frames: nothing to cancel
+        self._flush()
+        self._stream_slot_freed()
+
+    # -- opening streams ----------------------------------------------------------
+
+    async def open_stream(self, request: UpstreamRequest) -> H2ResponseStream:
+        """Send a request; return once HEADERS (and the body) are written.
+
+        The caller (the pool) checked ``free_streams`` just before; nothing
+        awaits between that check and ``send_headers``, so the slot is ours.
+        """
+        if not self.is_usable:
+            raise UpstreamStreamRefused("connection no longer takes new streams")
+        stream_id = self._h2.get_next_available_stream_id()
+        headers = [
+            (b":method", request.method.encode()),
+            (b":scheme", self._scheme),
+            (b":authority", self._authority),
+            (b":path", request.path.encode()),
+        ]
+        headers.extend((name.encode(), value.encode()) for name, value in request.headers)
+        if request.body:
+            headers.append((b"content-length", str(len(request.body)).encode()))
+        stream = H2ResponseStream(
+            self,
+            stream_id,
+            first_byte_timeout=self._first_byte_timeout,
+            idle_timeout=self._idle_timeout,
+        )
+        self._h2.send_headers(stream_id, headers, end_stream=not request.body)
+        self._streams[stream_id] = stream
+        self._flush()
+        if request.body:
+            try:
+                await self._send_body(stream_id, request.body)
+            except BaseException:
+                # Cancelled (or failed) half-way: the peer must not wait for
+                # the rest of a body that will never come.
+                stream.reset()
+                raise
+        return stream
+
+    async def _send_body(self, stream_id: int, body: bytes) -> None:
+        """DATA frames within the peer's windows (RFC 9113 §6.9.1)."""
+        view = memoryview(body)
+        while view:
+            if stream_id not in self._streams:
+                raise UpstreamStreamReset("stream ended while its body was being sent")
+            window = min(
+                self._h2.local_flow_control_window(stream_id),
+                self._h2.max_outbound_frame_size,
+            )
+            if window <= 0:
+                await self._wait_for_window(stream_id)
+                continue
+            piece, view = view[:window], view[window:]
+            self._h2.send_data(stream_id, piece.tobytes(), end_stream=not view)
+            self._flush()
+
+    async def _wait_for_window(self, stream_id: int) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._window_waiters[stream_id] = waiter
+        try:
+            await waiter
+        finally:
+            self._window_waiters.pop(stream_id, None)
+
+    def _wake_senders(self, stream_id: int) -> None:
+        targets = list(self._window_waiters.values()) if stream_id == 0 else [
+            w for w in (self._window_waiters.get(stream_id),) if w is not None
+        ]
+        for waiter in targets:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- endings --------------------------------------------------------------------
+
+    def _end_stream(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.on_end()
+            self._stream_slot_freed()
+
+    def _fail_stream(self, stream_id: int, exc: UpstreamError) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.on_error(exc)
+            self._stream_slot_freed()
+
+    def _stream_slot_freed(self) -> None:
+        if self._goaway and not self._streams:
+            self.close()
+        self._on_capacity()
+
+    def _on_goaway(self, last_stream_id: int, error_code: int | None) -> None:
+        """RFC 9113 §6.8: streams above ``last_stream_id`` were never processed
+        and may be retried elsewhere; those at or below it run to completion."""
+        self._goaway = True
+        refused = UpstreamStreamRefused("upstream sent GOAWAY before processing the stream")
+        for stream_id in [sid for sid in self._streams if sid > last_stream_id]:
+            self._fail_stream(stream_id, refused)
+        if error_code not in (None, ErrorCodes.NO_ERROR):
+            # A GOAWAY with an error closes the connection for everyone.
+            self._fail(UpstreamConnectionLost(f"upstream sent GOAWAY ({_code_name(error_code)})"))
+            return
+        if not self._streams:
+            self.close()
+        self._on_capacity()
+
+    def _fail(self, exc: UpstreamError) -> None:
+        """The connection is gone: fail every stream, release everything."""
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()  # a failed connect is reported by the pool
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_keepalive()
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.on_error(exc)
+        for waiter in self._window_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+        self._on_capacity()
+
+    def close(self) -> None:
+        """Close politely: GOAWAY, then the transport; streams still open fail."""
+        if self._closed:
+            return
+        try:
+            self._h2.close_connection()
+            self._flush()
+        except h2.exceptions.ProtocolError:
+            pass  # the state machine is already closed: just drop the socket
+        streams = self._streams
+        self._streams = {}
+        self._closed = True
+        self._cancel_keepalive()
+        for stream in streams.values():
+            stream.on_error(UpstreamConnectionLost("upstream connection was closed"))
+        if self._transport is not None:
+            self._transport.close()
+        if not self.ready.done():
+            self.ready.cancel()
+        self._on_capacity()
+
+    # -- keepalive ------------------------------------------------------------------
+
+    def _schedule_keepalive(self) -> None:
+        if self._keepalive_s:
+            loop = asyncio.get_running_loop()
+            self._keepalive_timer = loop.call_later(self._keepalive_s, self._keepalive)
+
+    def _cancel_keepalive(self) -> None:
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
+
+    def _keepalive(self) -> None:
+        """A PING every interval (RFC 9113 §6.7); a whole interval of silence
+        after one means the path is dead, and streams waiting on it should
+        fail now rather than at the idle timeout."""
+        if self._closed:
+            return
+        if self._ping_outstanding:
+            self._fail(UpstreamConnectionLost("upstream did not answer a keepalive PING"))
+            return
+        self._ping_outstanding = True
+        self._h2.ping(next(self._ping_ids).to_bytes(8, "big"))
+        self._flush()
+        self._schedule_keepalive()
+
+
+def _response_head(raw_headers: list[tuple[bytes, bytes]]) -> ResponseHead:
+    status = 0
+    headers: list[tuple[str, str]] = []
+    for name, value in raw_headers:
+        if name == b":status":
+            status = int(value)
+        elif not name.startswith(b":"):
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    return ResponseHead(status=status, headers=tuple(headers), http_version="HTTP/2")
+
+
+def _reset_error(error_code: int | None) -> UpstreamError:
+    if error_code == ErrorCodes.REFUSED_STREAM:
+        # RFC 9113 §8.7: REFUSED_STREAM means no application processing
+        # happened, so the request may safely be sent again.
+        return UpstreamStreamRefused("upstream refused the stream")
+    return UpstreamStreamReset(f"upstream reset the stream ({_code_name(error_code)})")
+
+
+def _code_name(error_code: int | None) -> str:
+    if error_code is None:
+        return "no error code"
+    try:
+        return ErrorCodes(error_code).name
+    except ValueError:
+        return f"error code {error_code}"

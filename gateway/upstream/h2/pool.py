@@ -1,0 +1,183 @@
+"""A pool of HTTP/2 connections to one origin.
+
+Streams fill a connection up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+(RFC 9113 §6.5.2), then another connection is opened, up to
+``max_connections``; beyond that, openers wait in FIFO order for a slot.
+Connecting runs in a task the pool owns, shared by everyone who needs the
+connection, so a caller that gives up does not abort it for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamConnectionLost,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.h2.connection import H2ClientConnection
+from gateway.upstream.h2.stream import H2ResponseStream
+from gateway.upstream.origin import Origin
+
+
+class H2Pool:
+    """Implements ``gateway.upstream.base.Transport`` over HTTP/2."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        *,
+        max_connections: int = 4,
+        connect_timeout: float = 5.0,
+        first_byte_timeout: float | None = 60.0,
+        idle_timeout: float | None = 30.0,
+        keepalive_s: float | None = 20.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if origin.is_tls and ssl_context is None:
+            raise ValueError("an https origin needs an SSL context offering h2")
+        self._origin = origin
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        self._keepalive_s = keepalive_s
+        self._ssl_context = ssl_context if origin.is_tls else None
+        self._connections: list[H2ClientConnection] = []
+        self._connecting: asyncio.Task[H2ClientConnection] | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def open(self, request: UpstreamRequest) -> H2ResponseStream:
+        while True:
+            if self._closed:
+                raise UpstreamConnectionLost("the upstream pool is closed")
+            connection = self._pick()
+            if connection is not None:
+                # No await between _pick and send_headers: the slot is ours.
+                return await connection.open_stream(request)
+            if self._connecting is not None or len(self._connections) < self._max_connections:
+                await asyncio.shield(self._connect())
+            else:
+                await self._wait_for_capacity()
+
+    def _pick(self) -> H2ClientConnection | None:
+        # Fill the oldest connection first: fewer connections, fuller frames.
+        for connection in self._connections:
+            if connection.is_usable and connection.free_streams > 0:
+                return connection
+        return None
+
+    def _connect(self) -> asyncio.Task[H2ClientConnection]:
+        if self._connecting is None:
+            self._connecting = asyncio.create_task(self._establish(), name="h2-connect")
+            self._connecting.add_done_callback(self._connect_done)
+        return self._connecting
+
+    def _connect_done(self, task: asyncio.Task[H2ClientConnection]) -> None:
+        self._connecting = None
+        if not task.cancelled():
+            # Retrieved here so a connect that nobody waits for any more does
+            # not log "exception was never retrieved"; waiters get it anyway.
+            task.exception()
+        self._wake_waiters()
+
+    async def _establish(self) -> H2ClientConnection:
+        loop = asyncio.get_running_loop()
+        origin = self._origin
+        transport: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                raw_transport, connection = await loop.create_connection(
+                    self._new_connection,
+                    origin.host,
+                    origin.port,
+                    ssl=self._ssl_context,
+                    server_hostname=origin.host if self._ssl_context else None,
+                )
+                assert isinstance(raw_transport, asyncio.Transport)
+                transport = raw_transport
+                await connection.ready
+        except TimeoutError as exc:
+            if transport is not None:
+                transport.abort()
+            raise UpstreamTimeout(f"connecting to {origin.authority} timed out") from exc
+        except UpstreamError:
+            raise
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(f"cannot connect to {origin.authority}: {exc}") from exc
+        except BaseException:
+            if transport is not None:
+                transport.abort()
+            raise
+        if self._closed:
+            connection.close()
+            raise UpstreamConnectionLost("the upstream pool is closed")
+        self._connections.append(connection)
+        return connection
+
+    def _new_connection(self) -> H2ClientConnection:
+        return H2ClientConnection(
+            authority=self._origin.authority,
+            scheme=self._origin.scheme,
+            first_byte_timeout=self._first_byte_timeout,
+            idle_timeout=self._idle_timeout,
+            keepalive_s=self._keepalive_s,
+            on_capacity=self._on_capacity,
+        )
+
+    async def _wait_for_capacity(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def _on_capacity(self) -> None:
+        """A connection freed a slot, changed its settings, or died."""
+        self._connections = [c for c in self._connections if not c.is_closed]
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        free = sum(c.free_streams for c in self._connections if c.is_usable)
+        if len(self._connections) < self._max_connections and self._connecting is None:
+            free += 1  # the first one woken opens a new connection
+        for waiter in list(self._waiters):
+            if free <= 0:
+                break
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+            try:
+                await self._connecting
+            except (asyncio.CancelledError, Exception):
+                # Ours was cancelled by us just above; anything else was
+                # already reported to its waiters.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        for connection in list(self._connections):
+            connection.close()
+        self._connections.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)

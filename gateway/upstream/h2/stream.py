@@ -1,0 +1,166 @@
+"""One HTTP/2 request in flight, as its consumer sees it.
+
+The connection's read path feeds a stream through plain ``def`` callbacks
+(``on_head``, ``on_data``, ``on_end``, ``on_error``); the consumer awaits
+``head()`` and ``read()``. Flow-control credit goes back to the peer only as
+the consumer takes data (RFC 9113 §5.2.2 leaves the policy to us: this one
+makes a slow consumer throttle its own stream and nobody else's), so what a
+stream buffers is bounded by the stream window we advertise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from gateway.errors import UpstreamError, UpstreamStreamReset, UpstreamTimeout
+from gateway.upstream.base import ResponseHead
+
+if TYPE_CHECKING:
+    from gateway.upstream.h2.connection import H2ClientConnection
+
+
+class H2ResponseStream:
+    """Implements ``gateway.upstream.base.ResponseStream`` for one HTTP/2 stream."""
+
+    __slots__ = (
+        "stream_id",
+        "_conn",
+        "_head",
+        "_chunks",
+        "_waiter",
+        "_ended",
+        "_error",
+        "_finished",
+        "_first_byte_timeout",
+        "_idle_timeout",
+        "_got_data",
+    )
+
+    def __init__(
+        self,
+        conn: H2ClientConnection,
+        stream_id: int,
+        *,
+        first_byte_timeout: float | None,
+        idle_timeout: float | None,
+    ) -> None:
+        self.stream_id = stream_id
+        self._conn = conn
+        self._head: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
+        # (data, flow-controlled length): the length includes padding, and it
+        # is what must be acknowledged to re-open the window.
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self._error: UpstreamError | None = None
+        # Reset by us, failed, or ended and fully read: nothing more to do.
+        self._finished = False
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        self._got_data = False
+
+    # -- fed by the connection's read path (synchronous) ------------------------
+
+    def on_head(self, head: ResponseHead) -> None:
+        if not self._head.done():
+            self._head.set_result(head)
+
+    def on_data(self, data: bytes, flow_controlled_length: int) -> None:
+        if self._finished:
+            # Nobody will read it: hand the credit back at once, or the
+            # connection window leaks (FIELD-NOTES: ~1,000 abandoned streams
+            # would exhaust a 65,535-byte window).
+            self._conn.acknowledge(self.stream_id, flow_controlled_length)
+            return
+        self._chunks.append((data, flow_controlled_length))
+        self._wake()
+
+    def on_end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    def on_error(self, exc: UpstreamError) -> None:
+        if self._ended and not self._chunks:
+            return
+        self._error = exc
+        if not self._head.done():
+            self._head.set_exception(exc)
+            # The consumer may never call head() (it was reset, say): mark
+            # the exception retrieved so asyncio does not log it as lost.
+            self._head.exception()
+        self._release_buffer()
+        self._wake()
+
+    @property
+    def is_open(self) -> bool:
+        """Still expecting frames from the peer."""
+        return not (self._finished or self._ended or self._error is not None)
+
+    # -- the consumer's side ----------------------------------------------------
+
+    async def head(self) -> ResponseHead:
+        if self._head.done():
+            return self._head.result()
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                return await asyncio.shield(self._head)
+        except TimeoutError as exc:
+            self.reset()
+            raise UpstreamTimeout("upstream sent no response headers in time") from exc
+
+    async def read(self) -> bytes:
+        while True:
+            if self._chunks:
+                data, length = self._chunks.popleft()
+                self._got_data = True
+                self._conn.acknowledge(self.stream_id, length)
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._ended or self._finished:
+                self._finished = True
+                return b""
+            await self._wait_for_frames()
+
+    def reset(self) -> None:
+        """Send RST_STREAM(CANCEL) now (RFC 9113 §6.4): it is on the socket
+        when this returns. Idempotent; a no-op for a finished stream."""
+        if self._finished:
+            return
+        self._finished = True
+        if not (self._ended or self._error is not None):
+            self._conn.reset_stream(self.stream_id)
+        self._release_buffer()
+        if not self._head.done():
+            self._head.set_exception(UpstreamStreamReset("stream was reset by the gateway"))
+            self._head.exception()
+        self._wake()
+
+    # -- internals -------------------------------------------------------------
+
+    async def _wait_for_frames(self) -> None:
+        timeout = self._idle_timeout if self._got_data else self._first_byte_timeout
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._waiter
+        except TimeoutError as exc:
+            self.reset()
+            what = "went idle" if self._got_data else "sent no data"
+            raise UpstreamTimeout(f"upstream stream {what} past its timeout") from exc
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _release_buffer(self) -> None:
+        """Acknowledge what will never be read, so the connection window
+        stays whole."""
+        while self._chunks:
+            _, length = self._chunks.popleft()
+            self._conn.acknowledge(self.stream_id, length)

@@ -1,0 +1,168 @@
+"""HTTP/1.1 upstreams (vLLM, Ollama, llama.cpp, TGI) through aiohttp.
+
+One request per connection at a time, so cancelling is closing: ``reset()``
+drops the connection instead of returning it to the pool, and the server sees
+the disconnect at once (uvicorn turns it into ``http.disconnect``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+import aiohttp
+
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamConnectionLost,
+    UpstreamTimeout,
+)
+from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.origin import Origin
+
+_READ_SIZE = 64 * 1024
+
+
+class Http1ResponseStream:
+    """Implements ``gateway.upstream.base.ResponseStream`` over aiohttp."""
+
+    __slots__ = (
+        "_response",
+        "_idle_timeout",
+        "_first_byte_timeout",
+        "_got_data",
+        "_head",
+        "_on_done",
+    )
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        first_byte_timeout: float | None,
+        idle_timeout: float | None,
+        on_done: Callable[[], None],
+    ) -> None:
+        self._response = response
+        self._on_done: Callable[[], None] | None = on_done
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        self._got_data = False
+        self._head = ResponseHead(
+            status=response.status,
+            headers=tuple((k.lower(), v) for k, v in response.headers.items()),
+            http_version="HTTP/1.1",
+        )
+
+    async def head(self) -> ResponseHead:
+        return self._head
+
+    async def read(self) -> bytes:
+        timeout = self._idle_timeout if self._got_data else self._first_byte_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self._response.content.readany()
+        except TimeoutError as exc:
+            self.reset()
+            raise UpstreamTimeout("upstream stream went idle past its timeout") from exc
+        except aiohttp.ClientError as exc:
+            self.reset()
+            raise UpstreamConnectionLost(f"upstream connection failed: {exc}") from exc
+        if data:
+            self._got_data = True
+        else:
+            self._response.release()
+            self._done()
+        return data
+
+    def reset(self) -> None:
+        # close(), not release(): the connection must not be reused for a
+        # response that is still arriving; closing it is the cancel signal.
+        self._response.close()
+        self._done()
+
+    def _done(self) -> None:
+        if self._on_done is not None:
+            self._on_done()
+            self._on_done = None
+
+
+class Http1Transport:
+    """Implements ``gateway.upstream.base.Transport`` over HTTP/1.1."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        *,
+        connect_timeout: float = 5.0,
+        first_byte_timeout: float | None = 60.0,
+        idle_timeout: float | None = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._origin = origin
+        self._connect_timeout = connect_timeout
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        self._ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        # Connections busy with a response; idle keep-alive ones are not counted.
+        self._in_flight = 0
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created on first use: a ClientSession belongs to the running loop.
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                # Concurrency is bounded by the admission queue, not here.
+                limit=0,
+                ssl=self._ssl_context if self._ssl_context is not None else True,
+            )
+            self._session = aiohttp.ClientSession(
+                base_url=self._origin.base_url,
+                connector=connector,
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self._connect_timeout, sock_read=None
+                ),
+            )
+        return self._session
+
+    def connection_count(self) -> int:
+        return self._in_flight
+
+    def _stream_done(self) -> None:
+        self._in_flight -= 1
+
+    async def open(self, request: UpstreamRequest) -> Http1ResponseStream:
+        session = self._get_session()
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                response = await session.request(
+                    request.method,
+                    request.path,
+                    headers=dict(request.headers),
+                    data=request.body or None,
+                )
+        except TimeoutError as exc:
+            raise UpstreamTimeout("upstream sent no response headers in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectError(
+                f"cannot connect to {self._origin.authority}: {exc.os_error}"
+            ) from exc
+        except aiohttp.ServerTimeoutError as exc:
+            raise UpstreamTimeout(f"upstream timed out: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectionLost(f"upstream request failed: {exc}") from exc
+        self._in_flight += 1
+        return Http1ResponseStream(
+            response,
+            first_byte_timeout=self._first_byte_timeout,
+            idle_timeout=self._idle_timeout,
+            on_done=self._stream_done,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+

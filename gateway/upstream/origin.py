@@ -1,0 +1,47 @@
+"""Where requests go: scheme, host, port and the base path of UPSTREAM_URL."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+    #: The path part of the URL without a trailing slash, e.g. ``/v1``.
+    base_path: str
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+    @property
+    def is_tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.is_tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.authority}"
+
+
+def client_ssl_context(alpn: list[str], cafile: str | None = None) -> ssl.SSLContext:
+    """A verifying client context offering ``alpn`` (RFC 7301), e.g.
+    ``["h2", "http/1.1"]``; RFC 9113 §9.2 requires TLS 1.2 or later."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(alpn)
+    return context

@@ -1,0 +1,114 @@
+"""What a provider is: a request builder, a stream decoder, an error reader.
+
+Providers are sans-IO: they turn the client's OpenAI chat request into an
+``UpstreamRequest`` and raw response body bytes into provider-neutral
+``Delta``s; the transport moves the bytes. The gateway always streams
+upstream (a streaming and a non-streaming client share one upstream call), so
+every request a provider builds asks for a stream.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from actors.deltas import Delta
+from gateway.errors import UpstreamProtocolError, UpstreamStatusError
+from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.sse_decoder import SSEDecoder, SSEEvent
+
+
+class ProviderDecoder(Protocol):
+    """One response body in, ``Delta``s out, incrementally."""
+
+    def feed(self, data: bytes) -> list[Delta]:
+        """Decode the next piece of the body (any byte boundary).
+
+        Raises ``UpstreamError`` subclasses: ``UpstreamStatusError`` for an
+        in-stream error event, ``UpstreamProtocolError`` for bytes that make
+        no sense."""
+        ...
+
+    def close(self) -> list[Delta]:
+        """The body ended. Raises ``UpstreamProtocolError`` if the stream ended
+        without its terminator (``[DONE]`` / ``message_stop``): a truncated
+        answer must not pass for a complete one."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """The terminator was seen; the answer is complete."""
+        ...
+
+
+class Provider(Protocol):
+    #: "openai" or "anthropic" (the values of UPSTREAM_FORMAT).
+    name: str
+
+    def build_request(
+        self, chat: Mapping[str, Any], *, base_path: str, api_key: str | None
+    ) -> UpstreamRequest:
+        """The streaming upstream request for a validated OpenAI chat request.
+
+        ``base_path`` is the path of UPSTREAM_URL (e.g. ``/v1``)."""
+        ...
+
+    def decoder(self) -> ProviderDecoder:
+        """A fresh decoder for one response body."""
+        ...
+
+    def error_from_response(self, head: ResponseHead, body: bytes) -> UpstreamStatusError:
+        """The error for a non-2xx response, with the provider's message."""
+        ...
+
+
+def join_path(base_path: str, endpoint: str) -> str:
+    """``/v1`` + ``/messages`` -> ``/v1/messages``; tolerant of a trailing slash."""
+    return base_path.rstrip("/") + endpoint
+
+
+class EventStreamDecoder(ABC):
+    """The shape both providers share: SSE events in, ``Delta``s out, and a
+    terminator event that marks a complete answer.
+
+    Subclasses implement ``handle_event``; it may call ``finish()`` when it
+    sees the terminator. Anything after the terminator is ignored: the answer
+    is complete and a trailing keepalive must not turn it into an error.
+    """
+
+    #: How the terminator is named in the truncation error message.
+    terminator: str = "its terminator"
+
+    def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
+        self._sse = SSEDecoder(max_event_bytes=max_event_bytes)
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def feed(self, data: bytes) -> list[Delta]:
+        if self._done:
+            return []
+        deltas: list[Delta] = []
+        for event in self._sse.feed(data):
+            delta = self.handle_event(event)
+            if delta is not None:
+                deltas.append(delta)
+            if self._done:
+                break
+        return deltas
+
+    def close(self) -> list[Delta]:
+        self._sse.close()
+        if not self._done:
+            raise UpstreamProtocolError(f"upstream stream ended before {self.terminator}")
+        return []
+
+    def finish(self) -> None:
+        self._done = True
+
+    @abstractmethod
+    def handle_event(self, event: SSEEvent) -> Delta | None:
+        """One SSE event -> at most one ``Delta`` (``None``: nothing to show)."""

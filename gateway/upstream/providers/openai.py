@@ -1,0 +1,184 @@
+"""OpenAI-compatible chat completions: OpenAI, vLLM, llama.cpp, Ollama, TGI.
+
+The client already speaks this dialect, so the request passes through almost
+untouched; only streaming is forced on, with the usage chunk requested
+(``stream_options.include_usage``), because one upstream stream feeds both
+streaming and non-streaming clients and both want the token counts.
+
+Stream format (OpenAI API reference, "The chat completion chunk object"):
+``data: {chat.completion.chunk}`` events, a final chunk with empty
+``choices`` and the ``usage``, then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from actors.deltas import Delta, ToolCallDelta, Usage
+from gateway.errors import UpstreamProtocolError, UpstreamStatusError
+from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.providers import wire
+from gateway.upstream.providers.base import EventStreamDecoder, join_path
+from gateway.upstream.sse_decoder import SSEEvent
+
+_DONE = "[DONE]"
+#: An in-stream error carries no HTTP status of its own; treat it as the
+#: provider's server failing (our 502), unless the error names a status.
+_IN_STREAM_ERROR_STATUS = 500
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
+        self._max_event_bytes = max_event_bytes
+
+    def build_request(
+        self, chat: Mapping[str, Any], *, base_path: str, api_key: str | None
+    ) -> UpstreamRequest:
+        body = dict(chat)
+        body["stream"] = True
+        client_options = chat.get("stream_options")
+        options = dict(client_options) if isinstance(client_options, Mapping) else {}
+        options["include_usage"] = True
+        body["stream_options"] = options
+        headers = [
+            ("content-type", "application/json"),
+            ("accept", "text/event-stream"),
+        ]
+        if api_key:
+            headers.append(("authorization", f"Bearer {api_key}"))
+        return UpstreamRequest(
+            method="POST",
+            path=join_path(base_path, "/chat/completions"),
+            headers=tuple(headers),
+            body=wire.encode_json(body),
+        )
+
+    def decoder(self) -> OpenAIStreamDecoder:
+        return OpenAIStreamDecoder(max_event_bytes=self._max_event_bytes)
+
+    def error_from_response(self, head: ResponseHead, body: bytes) -> UpstreamStatusError:
+        payload = wire.parse_error_body(body)
+        message: str | None = None
+        code: str | None = None
+        if payload is not None:
+            message, code, _ = _describe_error(payload)
+        return UpstreamStatusError(
+            head.status,
+            message or wire.fallback_message(head.status, body),
+            code=code,
+            retry_after=wire.retry_after(head),
+        )
+
+
+class OpenAIStreamDecoder(EventStreamDecoder):
+    terminator = "data: [DONE]"
+
+    def handle_event(self, event: SSEEvent) -> Delta | None:
+        data = event.data
+        if data == _DONE:
+            self.finish()
+            return None
+        if not data.strip():
+            return None  # an empty keepalive event carries nothing
+        chunk = wire.parse_object(data, what="a chat.completion.chunk")
+        if chunk.get("error") is not None:
+            message, code, status = _describe_error(chunk)
+            raise UpstreamStatusError(
+                status or _IN_STREAM_ERROR_STATUS,
+                message or "upstream reported an error mid-stream",
+                code=code,
+            )
+        return _delta_from_chunk(chunk)
+
+
+def _delta_from_chunk(chunk: wire.JsonObject) -> Delta | None:
+    text = reasoning = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    finish_reason: str | None = None
+    choice = _first_choice(chunk)
+    if choice is not None:
+        finish_reason = wire.get_str(choice, "finish_reason") or None
+        delta = wire.get_object(choice, "delta")
+        if delta is not None:
+            text = wire.get_str(delta, "content") or ""
+            # DeepSeek and vLLM say reasoning_content; OpenRouter and Ollama, reasoning.
+            reasoning = (
+                wire.get_str(delta, "reasoning_content") or wire.get_str(delta, "reasoning") or ""
+            )
+            tool_calls = _tool_call_deltas(delta)
+    usage = _usage(chunk)
+    if not (text or reasoning or tool_calls or finish_reason or usage is not None):
+        return None  # role-only or empty chunk
+    return Delta(
+        text=text,
+        reasoning=reasoning,
+        tool_calls=tool_calls,
+        usage=usage,
+        finish_reason=finish_reason,
+    )
+
+
+def _first_choice(chunk: wire.JsonObject) -> wire.JsonObject | None:
+    """The choice with index 0: a ``Delta`` is one answer, so with ``n > 1``
+    the other choices' chunks have nowhere to go."""
+    for choice in wire.get_list(chunk, "choices") or ():
+        if not isinstance(choice, dict):
+            raise UpstreamProtocolError("upstream chunk choice is not an object")
+        if (wire.get_int(choice, "index") or 0) == 0:
+            return choice
+    return None
+
+
+def _tool_call_deltas(delta: wire.JsonObject) -> tuple[ToolCallDelta, ...]:
+    calls = wire.get_list(delta, "tool_calls")
+    if not calls:
+        return ()
+    fragments = []
+    for position, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise UpstreamProtocolError("upstream tool call is not an object")
+        function = wire.get_object(call, "function") or {}
+        index = wire.get_int(call, "index")
+        fragments.append(
+            ToolCallDelta(
+                index=position if index is None else index,
+                id=wire.get_str(call, "id"),
+                name=wire.get_str(function, "name"),
+                arguments=wire.get_str(function, "arguments") or "",
+            )
+        )
+    return tuple(fragments)
+
+
+def _usage(chunk: wire.JsonObject) -> Usage | None:
+    usage = wire.get_object(chunk, "usage")
+    if usage is None:
+        return None
+    return Usage(
+        prompt_tokens=wire.get_int(usage, "prompt_tokens") or 0,
+        completion_tokens=wire.get_int(usage, "completion_tokens") or 0,
+    )
+
+
+def _describe_error(payload: wire.JsonObject) -> tuple[str | None, str | None, int | None]:
+    """(message, code, status) from ``{"error": {...}}`` in any of the shapes
+    OpenAI-compatible servers use: OpenAI's object with a string ``code``,
+    vLLM's with the numeric status as ``code``, a bare ``{"error": "text"}``,
+    or a flat ``{"object": "error", "message": ...}``."""
+    error = payload.get("error")
+    if isinstance(error, str):
+        return error, None, None
+    if not isinstance(error, dict):
+        error = payload
+    message = error.get("message")
+    raw_code = error.get("code")
+    status: int | None = None
+    code: str | None = None
+    if isinstance(raw_code, int) and not isinstance(raw_code, bool):
+        status = raw_code if 400 <= raw_code <= 599 else None
+    elif isinstance(raw_code, str) and raw_code:
+        code = raw_code
+    return (message if isinstance(message, str) and message else None), code, status

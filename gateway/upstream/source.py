@@ -1,0 +1,135 @@
+"""An upstream answer as the actor sees it: an async iterator of Deltas with
+a synchronous ``reset()`` (``actors.ports.Source``).
+
+Composes a transport (the bytes) with a provider (the format). The one retry
+the gateway allows happens here, because only here is it known that nothing
+has reached a client yet: a stream the upstream refused before processing it
+(REFUSED_STREAM, or above a GOAWAY's last_stream_id; RFC 9113 §8.7) is sent
+once more, and the pool puts it on another connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from actors.deltas import Delta
+from gateway.errors import UpstreamError, UpstreamStreamRefused
+from gateway.upstream.base import ResponseStream, Transport, UpstreamRequest
+from gateway.upstream.providers.base import Provider, ProviderDecoder
+
+#: How much of an error response we read to find the provider's message.
+MAX_ERROR_BODY = 64 * 1024
+
+
+class UpstreamSource:
+    def __init__(
+        self,
+        transport: Transport,
+        provider: Provider,
+        request: UpstreamRequest,
+        *,
+        on_status: Callable[[str], None] = lambda status: None,
+    ) -> None:
+        self._transport = transport
+        self._provider = provider
+        self._request = request
+        #: Told each upstream outcome once: the status code, or "error" when
+        #: no response came (for gateway_upstream_requests_total).
+        self._on_status = on_status
+        self._decoder: ProviderDecoder = provider.decoder()
+        self._stream: ResponseStream | None = None
+        self._pending: deque[Delta] = deque()
+        self._head_checked = False
+        self._eof = False
+        self._reset = False
+
+    async def start(self) -> None:
+        """Send the request; returns once it is on the wire."""
+        self._stream = await self._transport.open(self._request)
+
+    def __aiter__(self) -> UpstreamSource:
+        return self
+
+    async def __anext__(self) -> Delta:
+        while not self._pending:
+            if self._eof or self._reset:
+                raise StopAsyncIteration
+            try:
+                await self._fill()
+            except Exception:
+                # A source that fails cleans up after itself (actors.ports):
+                # a stream we can no longer decode must not stay open upstream.
+                self.reset()
+                raise
+        return self._pending.popleft()
+
+    def reset(self) -> None:
+        self._reset = True
+        if self._stream is not None:
+            self._stream.reset()
+
+    async def _fill(self) -> None:
+        assert self._stream is not None, "start() first"
+        if not self._head_checked:
+            await self._check_head()
+        data = await self._stream.read()
+        if data:
+            self._pending.extend(self._decoder.feed(data))
+        else:
+            self._eof = True
+            self._pending.extend(self._decoder.close())
+
+    async def _check_head(self) -> None:
+        assert self._stream is not None
+        try:
+            try:
+                head = await self._stream.head()
+            except UpstreamStreamRefused:
+                # Never processed upstream and nothing sent to any client: once.
+                self._on_status("refused")
+                self._stream = await self._transport.open(self._request)
+                head = await self._stream.head()
+        except UpstreamError:
+            self._on_status("error")
+            raise
+        self._head_checked = True
+        self._on_status(str(head.status))
+        if head.status != 200:
+            body = await self._read_error_body()
+            raise self._provider.error_from_response(head, body)
+
+    async def _read_error_body(self) -> bytes:
+        assert self._stream is not None
+        parts: list[bytes] = []
+        size = 0
+        while size < MAX_ERROR_BODY:
+            data = await self._stream.read()
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+        else:
+            self._stream.reset()
+        return b"".join(parts)[:MAX_ERROR_BODY]
+
+
+def source_opener(
+    transport: Transport,
+    provider: Provider,
+    request: UpstreamRequest,
+    *,
+    on_status: Callable[[str], None] = lambda status: None,
+) -> Callable[[], Awaitable[UpstreamSource]]:
+    """The ``open_source`` callable the registry's actor calls after admission."""
+
+    async def open_source() -> UpstreamSource:
+        source = UpstreamSource(transport, provider, request, on_status=on_status)
+        try:
+            await source.start()
+        except UpstreamError:
+            on_status("error")
+            raise
+        return source
+
+    return open_source

@@ -1,0 +1,193 @@
+"""Bad input, auth and admission: the OpenAI error shape, the right status,
+one log line, and the next good request still works."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from gateway.sim.content import answer_tokens
+from tests.integration.conftest import FAST_SIM
+from tests.integration.sse_frames import FrameReader, openai_text
+
+GOOD = {"model": "sim", "messages": [{"role": "user", "content": "still serving"}]}
+
+
+def error_shape(body: dict) -> dict:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+async def assert_still_serving(http: aiohttp.ClientSession, v1: str, **kwargs: object) -> None:
+    async with http.post(v1 + "/chat/completions", json=GOOD, **kwargs) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    expected = "".join(answer_tokens(GOOD["messages"], FAST_SIM.tokens))
+    assert body["choices"][0]["message"]["content"] == expected
+
+
+BAD_INPUT = [
+    ("invalid json", "POST", "/v1/chat/completions", b"{not json", "application/json", 400,
+     "invalid_json"),
+    ("not an object", "POST", "/v1/chat/completions", b"[1, 2]", "application/json", 400,
+     "invalid_request"),
+    ("missing messages", "POST", "/v1/chat/completions", b'{"model": "m"}', "application/json",
+     400, "invalid_value"),
+    ("empty messages", "POST", "/v1/chat/completions", b'{"model": "m", "messages": []}',
+     "application/json", 400, "invalid_value"),
+    ("unknown role", "POST", "/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}', "application/json",
+     400, "invalid_value"),
+    ("wrong type", "POST", "/v1/stream",
+     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+     "application/json", 400, "invalid_value"),
+    ("stream not a bool", "POST", "/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}',
+     "application/json", 400, "invalid_value"),
+    ("wrong content type", "POST", "/v1/chat/completions", b"model=m", "text/plain", 400,
+     "unsupported_content_type"),
+    ("body too large", "POST", "/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}',
+     "application/json", 413, "payload_too_large"),
+    ("unknown path", "GET", "/v1/nothing-here", b"", "application/json", 404, "not_found"),
+    ("wrong method", "GET", "/v1/chat/completions", b"", "application/json", 405,
+     "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "method", "path", "body", "content_type", "status", "code"),
+    BAD_INPUT,
+    ids=[case[0] for case in BAD_INPUT],
+)
+async def test_bad_input(gateway_factory, case, method, path, body, content_type, status, code):
+    gateway = await gateway_factory(max_body_bytes=4096)
+    async with aiohttp.ClientSession() as http:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            async with http.request(
+                method, gateway.url + path, data=body, headers={"Content-Type": content_type}
+            ) as resp:
+                assert resp.status == status
+                assert resp.headers["X-Request-Id"]
+                assert error_shape(await resp.json())["code"] == code
+        request_lines = [line for line in logs if line["event"] == "request"]
+        assert len(request_lines) == 1
+        assert request_lines[0]["status"] == status
+        assert request_lines[0]["request_id"] == resp.headers["X-Request-Id"]
+        await assert_still_serving(http, gateway.v1)
+    assert gateway.sim.log.records[-1].path == "/v1/chat/completions"
+    assert len(gateway.sim.log.records) == 1  # bad input never reached the upstream
+
+
+async def test_api_keys_bearer_and_x_api_key_and_401(gateway_factory):
+    gateway = await gateway_factory(gateway_api_keys=("sk-alpha", "sk-beta"))
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"x-api-key": "nope"}):
+            with capture_logs(processors=[merge_contextvars]) as logs:
+                async with http.post(gateway.v1 + "/chat/completions", json=GOOD,
+                                     headers=headers) as resp:
+                    assert resp.status == 401
+                    assert error_shape(await resp.json())["type"] == "authentication_error"
+            assert "sk-wrong" not in json.dumps(logs, default=str)
+        await assert_still_serving(http, gateway.v1, headers={"Authorization": "Bearer sk-beta"})
+        await assert_still_serving(http, gateway.v1, headers={"x-api-key": "sk-alpha"})
+        async with http.get(gateway.url + "/healthz") as resp:
+            assert resp.status == 200  # ops endpoints stay open
+
+
+async def test_two_tenants_never_share_an_answer(gateway_factory):
+    gateway = await gateway_factory(gateway_api_keys=("sk-one", "sk-two"))
+    body = {"model": "sim", "messages": [{"role": "user", "content": "tenant [sim ttft_ms=100]"}]}
+    async with aiohttp.ClientSession() as http:
+
+        async def one(key: str) -> int:
+            async with http.post(gateway.v1 + "/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {key}"}) as resp:
+                await resp.read()
+                return resp.status
+
+        assert await asyncio.gather(one("sk-one"), one("sk-two"), one("sk-one")) == [200] * 3
+    assert len(gateway.sim.log.records) == 2
+    assert all(not r.authorization for r in gateway.sim.log.records)  # client keys stay here
+
+
+async def test_full_queue_answers_429_with_retry_after(gateway_factory):
+    gateway = await gateway_factory(max_inflight=1, max_queue=0)
+    async with aiohttp.ClientSession() as http:
+        slow = await http.post(
+            gateway.v1 + "/chat/completions",
+            json={**GOOD, "messages": [{"role": "user", "content": "hold [sim ttft_ms=5000]"}],
+                  "stream": True},
+        )
+        assert (await slow.content.readany()).startswith(b": ping")
+        await gateway.sim.log.wait_for_arrivals(1)
+        async with http.post(gateway.v1 + "/chat/completions", json=GOOD) as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == "1"
+            assert error_shape(await resp.json())["code"] == "queue_full"
+        slow.close()
+        async with asyncio.timeout(5):
+            await gateway.state.registry.wait_idle()
+        await assert_still_serving(http, gateway.v1)
+
+
+async def test_queue_timeout_is_503_before_the_200_and_in_stream_after(gateway_factory):
+    gateway = await gateway_factory(max_inflight=1, max_queue=4, queue_timeout_ms=150)
+    async with aiohttp.ClientSession() as http:
+        slow = await http.post(
+            gateway.v1 + "/chat/completions",
+            json={**GOOD, "messages": [{"role": "user", "content": "hold [sim ttft_ms=5000]"}],
+                  "stream": True},
+        )
+        await gateway.sim.log.wait_for_arrivals(1)
+        async with http.post(gateway.v1 + "/chat/completions", json=GOOD) as resp:
+            assert resp.status == 503
+            assert error_shape(await resp.json())["code"] == "queue_timeout"
+        async with http.post(gateway.v1 + "/chat/completions",
+                             json={**GOOD, "stream": True}) as resp:
+            assert resp.status == 200
+            frames = await FrameReader(resp).rest()
+        assert frames[0].raw == b": ping\n\n"
+        assert frames[-1].json()["error"]["code"] == "queue_timeout"
+        slow.close()
+        async with asyncio.timeout(5):
+            await gateway.state.registry.wait_idle()
+        # A queue timeout is our overload, not the prompt's failure: not remembered.
+        await assert_still_serving(http, gateway.v1)
+
+
+async def test_upstream_429_keeps_status_and_retry_after(gateway):
+    body = {"model": "sim",
+            "messages": [{"role": "user", "content": "limited [sim fail_status=429 retry_after_s=7]"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions", json=body) as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == "7"
+            assert error_shape(await resp.json())["type"] == "rate_limit_error"
+        async with http.post(gateway.v1 + "/chat/completions", json={**body, "stream": True}) as r:
+            frames = await FrameReader(r).rest()
+        assert r.status == 200  # the 200 left before the upstream answered
+        assert frames[-1].json()["error"]["code"] == "upstream_429"
+        assert openai_text(frames[:-1]) == ""
+
+
+async def test_upstream_key_is_sent_but_never_logged_or_returned(gateway_factory):
+    secret = "sk-upstream-SECRET-123"
+    gateway = await gateway_factory(upstream_api_key=secret)
+    async with aiohttp.ClientSession() as http:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            await assert_still_serving(http, gateway.v1)
+            async with http.get(gateway.url + "/metrics") as resp:
+                metrics_text = await resp.text()
+            async with http.get(gateway.url + "/stats") as resp:
+                stats_text = await resp.text()
+    assert gateway.sim.log.records[-1].authorization
+    for text in (json.dumps(logs, default=str), metrics_text, stats_text):
+        assert secret not in text

@@ -1,0 +1,326 @@
+"""The HTTP face over real sockets: gateway + simulator over h2c."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from gateway.sim.content import answer_tokens
+from tests.integration.conftest import FAST_SIM
+from tests.integration.sse_frames import FrameReader, native_text, openai_text
+
+
+def chat(prompt: str, *, stream: bool = True, **extra: object) -> dict[str, object]:
+    return {"model": "sim", "messages": [{"role": "user", "content": prompt}], "stream": stream,
+            **extra}
+
+
+def expected(prompt: str, tokens: int = FAST_SIM.tokens) -> str:
+    return "".join(answer_tokens([{"role": "user", "content": prompt}], tokens))
+
+
+async def test_openai_stream_frames_in_contract_order(gateway):
+    async with aiohttp.ClientSession() as http, http.post(
+        gateway.v1 + "/chat/completions",
+        json=chat("order of frames", stream_options={"include_usage": True}),
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["Cache-Control"] == "no-cache"
+        assert resp.headers["X-Accel-Buffering"] == "no"
+        assert resp.headers["X-Request-Id"]
+        frames = await FrameReader(resp).rest()
+    assert frames[0].raw == b": ping\n\n"
+    meta_index = next(i for i, f in enumerate(frames) if f.comment and f.comment.startswith("meta "))
+    content_index = next(
+        i for i, f in enumerate(frames)
+        if f.data and f.data != "[DONE]" and f.json()["choices"]
+        and f.json()["choices"][0]["delta"].get("content")
+    )
+    assert 0 < meta_index < content_index
+    meta = json.loads(frames[meta_index].comment[5:])
+    assert meta["role"] == "leader" and meta["request_id"] == resp.headers["X-Request-Id"]
+    assert meta["ttft_ms"] > 0 and meta["queue_wait_ms"] >= 0
+    assert openai_text(frames) == expected("order of frames")
+    assert frames[-1].raw == b"data: [DONE]\n\n"
+    usage = frames[-2].json()
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == FAST_SIM.tokens
+    finish = [f.json()["choices"][0]["finish_reason"] for f in frames[:-2]
+              if f.data and f.json()["choices"]]
+    assert finish[-1] == "stop"
+
+
+async def test_native_stream_meta_delta_ids_done(gateway):
+    async with aiohttp.ClientSession() as http, http.post(
+        gateway.v1 + "/stream", json=chat("native events")
+    ) as resp:
+        frames = await FrameReader(resp).rest()
+    assert frames[0].raw == b": ping\n\n"
+    events = [f.event for f in frames[1:]]
+    assert events[0] == "meta" and events[-1] == "done"
+    assert set(events[1:-1]) == {"delta"}
+    meta = frames[1].json()
+    assert meta["role"] == "leader" and meta["subscribers"] == 1 and len(meta["key"]) == 12
+    ids = [int(f.id) for f in frames if f.event == "delta"]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert native_text(frames) == expected("native events")
+    done = frames[-1].json()
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == FAST_SIM.tokens
+    assert done["total_ms"] >= done["ttft_ms"] > 0
+
+
+async def test_fifty_identical_streams_make_one_upstream_call(gateway):
+    prompt = "the burst [sim ttft_ms=200]"
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> tuple[str, str]:
+            async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt)) as resp:
+                frames = await FrameReader(resp).rest()
+            meta = next(json.loads(f.comment[5:]) for f in frames
+                        if f.comment and f.comment.startswith("meta "))
+            return openai_text(frames), meta["role"]
+
+        results = await asyncio.gather(*(one() for _ in range(50)))
+    assert [text for text, _ in results] == [expected(prompt)] * 50
+    roles = sorted(role for _, role in results)
+    assert roles.count("leader") == 1 and roles.count("follower") == 49
+    assert len(gateway.sim.log.records) == 1
+    stats = gateway.state.registry.statistics()
+    assert (stats.leaders_total, stats.followers_total) == (1, 49)
+
+
+async def test_a_late_joiner_gets_the_whole_answer_from_one_call(gateway):
+    prompt = "late joiner [sim itl_ms=20 tokens=40]"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
+            reader = FrameReader(first)
+            while sum(1 for f in reader.frames if f.event == "delta") < 10:
+                assert await reader.next() is not None
+            async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as late:
+                late_frames = await FrameReader(late).rest()
+            first_frames = await reader.rest()
+    assert native_text(late_frames) == native_text(first_frames) == expected(prompt, 40)
+    assert next(f for f in late_frames if f.event == "meta").json()["role"] == "follower"
+    assert len(gateway.sim.log.records) == 1
+
+
+async def _abort_and_measure(gateway, prompt: str, *, after_first_token: bool) -> float:
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(gateway.v1 + "/stream", json=chat(prompt))
+        reader = FrameReader(resp)
+        assert (await reader.next()).comment == "ping"
+        if after_first_token:
+            while (frame := await reader.next()) is not None and frame.event != "delta":
+                pass
+        else:
+            await gateway.sim.log.wait_for_arrivals(1)
+        aborted_at = time.monotonic()
+        resp.close()  # drops the connection: the client is gone
+        (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
+    latency_ms = (record.end - aborted_at) * 1000
+    print(f"client abort -> upstream RST_STREAM: {latency_ms:.2f} ms")
+    assert 0 <= latency_ms < 300
+    return latency_ms
+
+
+async def test_client_abort_mid_stream_resets_the_upstream(gateway):
+    await _abort_and_measure(gateway, "abort mid [sim itl_ms=50 tokens=200]", after_first_token=True)
+    await _wait_idle(gateway)
+
+
+async def test_client_abort_before_the_first_token_resets_the_upstream(gateway):
+    await _abort_and_measure(gateway, "abort early [sim ttft_ms=5000]", after_first_token=False)
+    await _wait_idle(gateway)
+
+
+async def _wait_idle(gateway) -> None:
+    async with asyncio.timeout(5):
+        await gateway.state.registry.wait_idle()
+    stats = gateway.state.registry.statistics()
+    assert stats.actors == 0 and stats.subscribers == 0
+    assert gateway.state.admission.inflight == 0
+    # The relay leaves the stream gauge before it closes the subscription, so
+    # by the time the upstream saw the reset the gauge is back to zero.
+    assert gateway.state.active_streams == 0
+
+
+async def test_first_byte_arrives_long_before_a_slow_first_token(gateway):
+    async with aiohttp.ClientSession() as http:
+        sent_at = time.monotonic()
+        async with http.post(
+            gateway.v1 + "/chat/completions", json=chat("slow start [sim ttft_ms=1500]")
+        ) as resp:
+            first = await resp.content.readany()
+            first_byte_ms = (time.monotonic() - sent_at) * 1000
+    print(f"first byte after {first_byte_ms:.1f} ms (upstream first token at 1500 ms)")
+    assert first.startswith(b": ping\n\n")
+    assert first_byte_ms < 100
+
+
+async def test_one_failure_is_shared_by_the_burst_then_forgotten(gateway_factory):
+    gateway = await gateway_factory(error_ttl_ms=300)
+    prompt = "failing [sim fail_status=503 ttft_ms=100]"
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> tuple[int, dict]:
+            async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt, stream=False)) as r:
+                return r.status, await r.json()
+
+        results = await asyncio.gather(*(one() for _ in range(10)))
+        assert {status for status, _ in results} == {502}
+        assert all(body["error"]["code"] == "upstream_503" for _, body in results)
+        assert len(gateway.sim.log.records) == 1
+        # Within the TTL: answered from the remembered failure, no new call.
+        status, _ = await one()
+        assert status == 502 and len(gateway.sim.log.records) == 1
+        await asyncio.sleep(0.35)  # the TTL itself is what is under test
+        status, _ = await one()
+        assert status == 502 and len(gateway.sim.log.records) == 2
+
+
+async def test_an_upstream_failure_after_the_200_is_an_in_stream_error(gateway):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.v1 + "/chat/completions", json=chat("breaks [sim reset_after=3]")
+        ) as resp:
+            assert resp.status == 200
+            frames = await FrameReader(resp).rest()
+        assert frames[-1].json()["error"]["code"] == "upstream_stream_reset"
+        assert all(f.data != "[DONE]" for f in frames)
+        async with http.post(gateway.v1 + "/stream", json=chat("breaks too [sim reset_after=3]")) as r:
+            frames = await FrameReader(r).rest()
+        error = frames[-1]
+        assert error.event == "error"
+        assert error.json() == {
+            "code": "upstream_stream_reset",
+            "message": error.json()["message"],
+            "retryable": True,
+        }
+
+
+async def test_last_event_id_resumes_after_n(gateway):
+    prompt = "resume me [sim itl_ms=20 tokens=30]"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
+            reader = FrameReader(first)
+            while sum(1 for f in reader.frames if f.event == "delta") < 5:
+                assert await reader.next() is not None
+            last_id = [f.id for f in reader.frames if f.event == "delta"][-1]
+            async with http.post(
+                gateway.v1 + "/stream", json=chat(prompt), headers={"Last-Event-ID": last_id}
+            ) as resumed:
+                resumed_frames = await FrameReader(resumed).rest()
+            first_frames = await reader.rest()
+    resumed_ids = [int(f.id) for f in resumed_frames if f.event == "delta"]
+    assert resumed_ids[0] > int(last_id)
+    head = "".join(f.json()["text"] for f in first_frames if f.event == "delta"
+                   and int(f.id) <= int(last_id))
+    assert head + native_text(resumed_frames) == expected(prompt, 30)
+    assert len(gateway.sim.log.records) == 1
+
+
+async def test_explicit_cancel_ends_the_stream_with_cancelled(gateway):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.v1 + "/stream", json=chat("cancel by id [sim itl_ms=30 tokens=300]")
+        ) as resp:
+            request_id = resp.headers["X-Request-Id"]
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and frame.event != "delta":
+                pass
+            async with http.post(gateway.v1 + f"/requests/{request_id}/cancel") as cancel:
+                assert cancel.status == 202
+            frames = await reader.rest()
+        assert frames[-1].event == "done"
+        assert frames[-1].json()["finish_reason"] == "cancelled"
+        (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
+        assert record.tokens_sent < 300
+        async with http.post(gateway.v1 + "/requests/nope/cancel") as unknown:
+            assert unknown.status == 404
+            assert (await unknown.json())["error"]["code"] == "not_found"
+
+
+async def test_streaming_and_non_streaming_share_one_call(gateway):
+    prompt = "mixed [sim ttft_ms=150]"
+    async with aiohttp.ClientSession() as http:
+
+        async def streaming() -> str:
+            async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt)) as r:
+                return openai_text(await FrameReader(r).rest())
+
+        async def whole() -> str:
+            async with http.post(gateway.v1 + "/chat/completions",
+                                 json=chat(prompt, stream=False)) as r:
+                body = await r.json()
+            assert body["object"] == "chat.completion"
+            assert body["usage"]["completion_tokens"] == FAST_SIM.tokens
+            return body["choices"][0]["message"]["content"]
+
+        texts = await asyncio.gather(streaming(), whole(), streaming(), whole())
+    assert texts == [expected(prompt)] * 4
+    assert len(gateway.sim.log.records) == 1
+
+
+async def test_coalesce_off_header_gets_a_private_call(gateway):
+    prompt = "private [sim ttft_ms=100]"
+    async with aiohttp.ClientSession() as http:
+
+        async def one(headers: dict[str, str]) -> str:
+            async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt),
+                                 headers=headers) as r:
+                return openai_text(await FrameReader(r).rest())
+
+        texts = await asyncio.gather(one({}), one({"X-Coalesce": "off"}), one({}))
+    assert texts == [expected(prompt)] * 3
+    assert len(gateway.sim.log.records) == 2
+
+
+@pytest.mark.parametrize("upstream_format", ["openai", "anthropic"])
+async def test_openai_sdk_streams_and_completes(gateway_factory, upstream_format):
+    openai = pytest.importorskip("openai")
+    gateway = await gateway_factory(upstream_format=upstream_format)
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key="client-key", max_retries=0)
+    try:
+        prompt = f"sdk via {upstream_format}"
+        stream = await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": prompt}], stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces, usage = [], None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert "".join(pieces) == expected(prompt)
+        assert usage is not None and usage.completion_tokens == FAST_SIM.tokens
+        completion = await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": prompt + "!"}]
+        )
+        assert completion.choices[0].message.content == expected(prompt + "!")
+        assert completion.choices[0].finish_reason == "stop"
+        paths = {r.path for r in gateway.sim.log.records}
+        assert paths == {"/v1/messages" if upstream_format == "anthropic" else "/v1/chat/completions"}
+    finally:
+        await client.close()
+
+
+async def test_openai_sdk_raises_on_an_in_stream_error(gateway):
+    openai = pytest.importorskip("openai")
+    client = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "x [sim reset_after=2]"}],
+            stream=True,
+        )
+        with pytest.raises(openai.APIError):
+            async for _ in stream:
+                pass
+    finally:
+        await client.close()
+

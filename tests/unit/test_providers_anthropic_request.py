@@ -1,0 +1,251 @@
+"""OpenAI chat request -> Anthropic Messages request: exact bodies and headers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gateway.errors import BadRequest
+from gateway.upstream.providers import AnthropicProvider
+
+
+def translate(chat: dict[str, Any]) -> dict[str, Any]:
+    request = AnthropicProvider().build_request(chat, base_path="/v1", api_key=None)
+    body: dict[str, Any] = json.loads(request.body)
+    return body
+
+
+def test_request_line_headers_and_compact_body() -> None:
+    chat = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Grüß dich"}]}
+    request = AnthropicProvider().build_request(chat, base_path="/v1/", api_key="sk-ant-secret")
+    assert (request.method, request.path) == ("POST", "/v1/messages")
+    assert request.headers == (
+        ("content-type", "application/json"),
+        ("accept", "text/event-stream"),
+        ("anthropic-version", "2023-06-01"),
+        ("x-api-key", "sk-ant-secret"),
+    )
+    assert request.body == (
+        b'{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"Gr\xc3\xbc\xc3\x9f '
+        b'dich"}],"max_tokens":4096,"stream":true}'
+    )
+    assert b"sk-ant-secret" not in request.body
+
+
+def test_no_api_key_no_key_header() -> None:
+    request = AnthropicProvider().build_request(
+        {"model": "m", "messages": []}, base_path="", api_key=None
+    )
+    assert request.path == "/messages"
+    assert [name for name, _ in request.headers] == [
+        "content-type",
+        "accept",
+        "anthropic-version",
+    ]
+
+
+def test_full_conversation_with_tools() -> None:
+    chat = {
+        "model": "claude-sonnet-4-5",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "developer", "content": [{"type": "text", "text": "Answer in French."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Weather and time in Paris?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "Let me check.",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    },
+                    {
+                        "id": "call_2",
+                        "type": "function",
+                        "function": {"name": "now", "arguments": ""},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18°C, cloudy"},
+            {
+                "role": "tool",
+                "tool_call_id": "call_2",
+                "content": [{"type": "text", "text": "14:05"}],
+            },
+            {"role": "user", "content": "Thanks!"},
+        ],
+        "max_completion_tokens": 512,
+        "max_tokens": 99,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "stop": ["\n\nHuman:", "END"],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "Current weather",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}},
+                        "required": ["city"],
+                    },
+                },
+            },
+            {"type": "function", "function": {"name": "now"}},
+        ],
+        "tool_choice": "required",
+        "user": "user-42",
+        "stream": False,
+        "n": 1,
+    }
+    assert translate(chat) == {
+        "model": "claude-sonnet-4-5",
+        "system": "You are terse.\n\nAnswer in French.",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Weather and time in Paris?"},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0K"},
+                    },
+                    {
+                        "type": "image",
+                        "source": {"type": "url", "url": "https://example.com/a.jpg"},
+                    },
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me check."},
+                    {
+                        "type": "tool_use",
+                        "id": "call_1",
+                        "name": "get_weather",
+                        "input": {"city": "Paris"},
+                    },
+                    {"type": "tool_use", "id": "call_2", "name": "now", "input": {}},
+                ],
+            },
+            {
+                "role": "user",  # tool results first, then the user's text: one turn
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "call_1", "content": "18°C, cloudy"},
+                    {"type": "tool_result", "tool_use_id": "call_2", "content": "14:05"},
+                    {"type": "text", "text": "Thanks!"},
+                ],
+            },
+        ],
+        "max_tokens": 512,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "stop_sequences": ["\n\nHuman:", "END"],
+        "tools": [
+            {
+                "name": "get_weather",
+                "description": "Current weather",
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+            {"name": "now", "input_schema": {"type": "object", "properties": {}}},
+        ],
+        "tool_choice": {"type": "any"},
+        "metadata": {"user_id": "user-42"},
+        "stream": True,
+    }
+
+
+def test_assistant_tool_call_without_text_and_empty_messages() -> None:
+    chat = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": ""},  # says nothing: dropped
+            {"role": "user", "content": "go"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                ],
+            },
+        ],
+        "max_tokens": 10,
+        "stop": "STOP",
+    }
+    body = translate(chat)
+    assert body["messages"] == [
+        {"role": "user", "content": "go"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "c", "name": "f", "input": {}}],
+        },
+    ]
+    assert (body["max_tokens"], body["stop_sequences"]) == (10, ["STOP"])
+    assert "system" not in body
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "parallel", "expected"),
+    [
+        ("auto", None, {"type": "auto"}),
+        ("required", None, {"type": "any"}),
+        ("none", None, {"type": "none"}),
+        ({"type": "function", "function": {"name": "f"}}, None, {"type": "tool", "name": "f"}),
+        (None, None, None),
+        (None, False, {"type": "auto", "disable_parallel_tool_use": True}),
+        ("required", False, {"type": "any", "disable_parallel_tool_use": True}),
+        ("none", False, {"type": "none"}),
+        ("auto", True, {"type": "auto"}),
+    ],
+)
+def test_tool_choice(tool_choice: Any, parallel: bool | None, expected: Any) -> None:
+    chat: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    if tool_choice is not None:
+        chat["tool_choice"] = tool_choice
+    if parallel is not None:
+        chat["parallel_tool_calls"] = parallel
+    assert translate(chat).get("tool_choice") == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"role": "function", "name": "f", "content": "x"}, "role 'function'"),
+        ({"role": "user", "content": [{"type": "input_audio"}]}, "'input_audio'"),
+        ({"role": "system", "content": [{"type": "image_url"}]}, "only contain text"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:x,y"}}]},
+         "base64"),
+        ({"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f",
+          "arguments": "{not json"}}]}, "arguments must be a JSON object"),
+        ({"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f",
+          "arguments": "[1]"}}]}, "arguments must be a JSON object"),
+        ("not a message", "must be an object"),
+    ],
+)  # fmt: skip
+def test_untranslatable_requests_are_bad_requests(message: Any, error: str) -> None:
+    with pytest.raises(BadRequest, match=error):
+        translate({"model": "m", "messages": [message]})
+
+
+def test_non_function_tools_and_odd_tool_choice_are_bad_requests() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(BadRequest, match="type 'function'"):
+        translate({**base, "tools": [{"type": "web_search"}]})
+    with pytest.raises(BadRequest, match="tool_choice"):
+        translate({**base, "tool_choice": "sometimes"})
