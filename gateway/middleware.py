@@ -16,6 +16,7 @@ import time
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.errors import (
     GatewayError,
@@ -79,7 +80,7 @@ def _authenticate(request: web.Request) -> str | None:
 
 
 @web.middleware
-async def envelope(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     arrived_at = time.monotonic()
     trusted = _from_trusted_proxy(request)
     incoming_id = request.headers.get("X-Request-Id", "") if trusted else ""

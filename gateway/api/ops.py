@@ -49,7 +49,8 @@ async def metrics(request: web.Request) -> web.Response:
     registry = request.app[STATE].metrics.registry
     accept = request.headers.get("Accept", "")
     if "application/openmetrics-text" in accept:
-        body, content_type = openmetrics.generate_latest(registry), openmetrics.CONTENT_TYPE_LATEST
+        body = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+        content_type = openmetrics.CONTENT_TYPE_LATEST
     else:
         body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
     response = web.Response(body=body)

@@ -55,7 +55,6 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
             record.outcome = "cancelled"
         finally:
             state.active_streams -= 1
-            record.bytes_sent = response.body_length
             # The keepalive task belongs to this response: stop it on every
             # way out, cancellation included.
             response.stop_streaming()
@@ -87,11 +86,14 @@ async def _pump(
                 state.metrics.admitted(queue_wait_s)
                 frames = encoder.meta(subscription, ttft_ms, record.queue_wait_ms) + frames
             if frames:
+                record.bytes_sent += len(frames)
                 await response.write(frames)
         total_ms = round((time.monotonic() - arrived_at) * 1000, 2)
         if subscription.outcome == "cancelled":
             record.outcome = "cancelled"
-        await response.write(encoder.end(subscription, ttft_ms, total_ms))
+        tail = encoder.end(subscription, ttft_ms, total_ms)
+        record.bytes_sent += len(tail)
+        await response.write(tail)
     except GatewayError as exc:
         record.outcome = "shed" if exc.code.startswith("queue_") else "error"
         record.error_code = exc.code

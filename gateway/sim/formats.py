@@ -314,6 +314,7 @@ def error_body(format: Format, status: int, message: str) -> bytes:
     if format == "anthropic":
         kind = _ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else "invalid_request_error")
         return _dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
-    default = ("server_error", "server_error") if status >= 500 else ("invalid_request_error", None)
+    # OpenAI leaves the code null on its 5xx answers.
+    default = ("server_error", None) if status >= 500 else ("invalid_request_error", None)
     kind, code = _OPENAI_ERRORS.get(status, default)
     return _dumps({"error": {"message": message, "type": kind, "code": code}}).encode()

@@ -82,6 +82,7 @@ async def serve_completion(
         path=request.path,
         format=format,
         http_version=sink.http_version,
+        connection_id=sink.connection_id,
         authorization=request.has_credentials,
     )
     sink.track(record)

@@ -5,14 +5,12 @@ handlers) and one write path (``_flush``: whatever h2 queued goes to the
 transport). Each request runs as a task owned by this connection; connection
 loss cancels them, and ``wait_closed`` awaits them.
 
-Sends honour both windows (RFC 9113 §5.2) and the transport's own
-backpressure. Writes from request tasks are flushed once per loop iteration:
-with thousands of streams ticking together that turns thousands of
-``send()`` syscalls into a few.
-
-Peer departures are timed in the callbacks themselves (``StreamReset`` and
-``connection_lost``), not when the cancelled task gets to run: that is the
-moment the TTFT suite's cancel latency is measured against.
+Sends honour both windows (RFC 9113 §5.2) and the transport's backpressure.
+Writes from request tasks are flushed once per loop iteration: thousands of
+streams ticking together make a few ``send()`` syscalls, not thousands.
+Peer departures are timed in the callbacks themselves (``StreamReset``,
+``connection_lost``), not when the cancelled task gets to run: cancel latency
+is measured against that moment.
 """
 
 from __future__ import annotations
@@ -41,10 +39,7 @@ logger = logging.getLogger(__name__)
 #: The client connection preface (RFC 9113 §3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-_WINDOW_SETTINGS = (
-    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE,
-    h2.settings.SettingCodes.MAX_FRAME_SIZE,
-)
+_WINDOW_SETTINGS = (h2.settings.SettingCodes.INITIAL_WINDOW_SIZE, h2.settings.SettingCodes.MAX_FRAME_SIZE)
 
 
 class H2Stream:
@@ -67,6 +62,10 @@ class H2Stream:
     @property
     def http_version(self) -> str:
         return "HTTP/2"
+
+    @property
+    def connection_id(self) -> int:
+        return self._connection.connection_id
 
     def track(self, record: Record) -> None:
         self.record = record
@@ -103,8 +102,11 @@ class H2Stream:
 
 
 class H2ServerProtocol(asyncio.Protocol):
-    def __init__(self, app: SimApp, *, on_closed: Callable[[H2ServerProtocol], None]) -> None:
+    def __init__(
+        self, app: SimApp, connection_id: int, *, on_closed: Callable[[H2ServerProtocol], None]
+    ) -> None:
         self._app = app
+        self.connection_id = connection_id
         self._on_closed = on_closed
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self._conn = h2.connection.H2Connection(config=config)
@@ -363,9 +365,9 @@ class H2ServerProtocol(asyncio.Protocol):
     def goaway(self, caller: H2Stream, *, refuse: bool) -> None:
         """Send GOAWAY; serve the streams up to its last_stream_id, then close.
 
-        h2 refuses to send anything once it has sent a GOAWAY itself, which
-        rules out a graceful shutdown; so the frame is written here directly,
-        and h2's own ``close_connection`` is called only at the very end.
+        h2's state machine closes the moment it sends a GOAWAY (python-hyper/h2
+        #1181), which rules out serving anything after it; so the frame is
+        written here directly, and h2's ``close_connection`` comes at the end.
         """
         last = max(caller.stream_id - 2, 0) if refuse else caller.stream_id
         if self._goaway_last is not None:

@@ -10,6 +10,7 @@ Over HTTP/1.1 "reset this response" can only mean aborting the connection.
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -23,8 +24,9 @@ from gateway.sim.sink import Headers, PeerGone, SimRequest
 
 
 class Http1Sink:
-    def __init__(self, request: web.BaseRequest) -> None:
+    def __init__(self, request: web.BaseRequest, connection_id: int) -> None:
         self._request = request
+        self._connection_id = connection_id
         self._close_after = False
         #: The response, once its head went out.
         self.response: web.StreamResponse | None = None
@@ -32,6 +34,10 @@ class Http1Sink:
     @property
     def http_version(self) -> str:
         return "HTTP/1.1"
+
+    @property
+    def connection_id(self) -> int:
+        return self._connection_id
 
     def track(self, record: Record) -> None:
         # Nothing to do: a departing client cancels the handler task
@@ -96,6 +102,11 @@ class Http1Frontend:
             access_log=None,
         )
         self._handlers: set[asyncio.Task[object]] = set()
+        # aiohttp's RequestHandler takes no attributes (slots, no weakref);
+        # its transport does, and lives exactly as long as the connection.
+        self._connection_ids: weakref.WeakKeyDictionary[asyncio.BaseTransport, int] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _make_request(
         self,
@@ -111,15 +122,18 @@ class Http1Frontend:
             message, payload, protocol, writer, task, loop, client_max_size=self._app.max_request_body
         )
 
-    def protocol(self) -> RequestHandler:
-        """A protocol for one connection (``connection_made`` not yet called)."""
+    def protocol(self, transport: asyncio.BaseTransport, connection_id: int) -> RequestHandler:
+        """The protocol for one connection (``connection_made`` not yet called)."""
+        self._connection_ids[transport] = connection_id
         return self._server()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        sink = Http1Sink(request)
+        transport = request.transport
+        connection_id = self._connection_ids.get(transport, 0) if transport is not None else 0
+        sink = Http1Sink(request, connection_id)
         try:
             await self._serve(request, sink)
         finally:

@@ -129,7 +129,8 @@ class RequestLog:
     ) -> list[Record]:
         """Wait until at least ``count`` records have ended (with ``outcome``,
         if given) and return all such records; TimeoutError after ``timeout``."""
-        return await self._wait(lambda: self.ended(outcome), count, timeout)
+        async with asyncio.timeout(timeout):
+            return await self._wait(lambda: self.ended(outcome), count)
 
     async def wait_for_arrivals(
         self,
@@ -139,14 +140,13 @@ class RequestLog:
     ) -> list[Record]:
         """Wait until at least ``count`` records exist, ended or not (a request
         has reached the simulator), and return them all."""
-        return await self._wait(self.records.__class__ and (lambda: self.records), count, timeout)
-
-    async def _wait(
-        self, select: Callable[[], list[Record]], count: int, timeout: float
-    ) -> list[Record]:
         async with asyncio.timeout(timeout):
-            while len(selected := select()) < count:
-                if self._changed is None:
-                    self._changed = asyncio.Event()
-                await self._changed.wait()
+            return await self._wait(lambda: self.records, count)
+
+    async def _wait(self, select: Callable[[], list[Record]], count: int) -> list[Record]:
+        """Until ``select()`` has ``count`` records; re-checked at each change."""
+        while len(selected := select()) < count:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
         return selected

@@ -10,6 +10,7 @@ after the handshake, so it works the same whatever ALPN agreed on.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl as ssl_module
 from collections.abc import Callable
 from types import TracebackType
@@ -20,16 +21,21 @@ from gateway.sim.http1 import Http1Frontend
 from gateway.sim.log import RequestLog
 from gateway.sim.profile import SimProfile
 
+#: Makes the protocol that takes over a connection: (transport, connection id).
+ProtocolFactory = Callable[[asyncio.Transport, int], asyncio.Protocol]
+
 
 class _ProtocolSniffer(asyncio.Protocol):
     """The first protocol of every connection, until its first bytes are read."""
 
     def __init__(
         self,
+        connection_id: int,
         undecided: set[_ProtocolSniffer],
-        make_h2: Callable[[], asyncio.Protocol],
-        make_http1: Callable[[], asyncio.Protocol],
+        make_h2: ProtocolFactory,
+        make_http1: ProtocolFactory,
     ) -> None:
+        self._connection_id = connection_id
         self._undecided = undecided
         self._make_h2 = make_h2
         self._make_http1 = make_http1
@@ -45,9 +51,9 @@ class _ProtocolSniffer(asyncio.Protocol):
         self._buffer += data
         head = bytes(self._buffer[: len(PREFACE)])
         if not PREFACE.startswith(head):
-            self._hand_over(self._make_http1())
+            self._hand_over(self._make_http1)
         elif len(head) == len(PREFACE):
-            self._hand_over(self._make_h2())
+            self._hand_over(self._make_h2)
         # else: a prefix of the preface so far; wait for more
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -57,10 +63,11 @@ class _ProtocolSniffer(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _hand_over(self, protocol: asyncio.Protocol) -> None:
+    def _hand_over(self, make_protocol: ProtocolFactory) -> None:
         transport = self._transport
         assert transport is not None
         self._undecided.discard(self)
+        protocol = make_protocol(transport, self._connection_id)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(bytes(self._buffer))
@@ -85,6 +92,7 @@ class SimServer:
         self._http1: Http1Frontend | None = None
         self._sniffers: set[_ProtocolSniffer] = set()
         self._h2_connections: set[H2ServerProtocol] = set()
+        self._connection_ids = itertools.count(1)
 
     async def start(
         self, host: str = "127.0.0.1", port: int = 0, ssl: ssl_module.SSLContext | None = None
@@ -96,7 +104,9 @@ class SimServer:
         self._http1 = Http1Frontend(self.app)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ProtocolSniffer(self._sniffers, self._h2_protocol, self._http1_protocol),
+            lambda: _ProtocolSniffer(
+                next(self._connection_ids), self._sniffers, self._h2_protocol, self._http1_protocol
+            ),
             host,
             port,
             ssl=ssl,
@@ -148,11 +158,11 @@ class SimServer:
 
     # -- protocol factories for the sniffer ---------------------------------------
 
-    def _h2_protocol(self) -> H2ServerProtocol:
-        connection = H2ServerProtocol(self.app, on_closed=self._h2_connections.discard)
+    def _h2_protocol(self, transport: asyncio.Transport, connection_id: int) -> asyncio.Protocol:
+        connection = H2ServerProtocol(self.app, connection_id, on_closed=self._h2_connections.discard)
         self._h2_connections.add(connection)
         return connection
 
-    def _http1_protocol(self) -> asyncio.Protocol:
+    def _http1_protocol(self, transport: asyncio.Transport, connection_id: int) -> asyncio.Protocol:
         assert self._http1 is not None
-        return self._http1.protocol()
+        return self._http1.protocol(transport, connection_id)

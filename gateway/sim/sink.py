@@ -57,6 +57,11 @@ class ResponseSink(Protocol):
         """ "HTTP/2" or "HTTP/1.1". """
         ...
 
+    @property
+    def connection_id(self) -> int:
+        """The connection the request came over (numbered by the server)."""
+        ...
+
     def track(self, record: Record) -> None:
         """End ``record`` as disconnect/reset at the very moment the peer
         leaves, timed in the protocol's own callback (cancel latency is

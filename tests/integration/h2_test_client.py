@@ -97,7 +97,8 @@ class H2TestClient(asyncio.Protocol):
                     self.settings_received.set()
                 case h2.events.ResponseReceived():
                     exchange = self.exchanges[event.stream_id]
-                    headers = dict(event.headers)
+                    # header_encoding="utf-8": h2 hands out str pairs.
+                    headers = {str(name): str(value) for name, value in event.headers}
                     exchange.status = int(headers.pop(":status"))
                     exchange.headers = headers
                 case h2.events.DataReceived():

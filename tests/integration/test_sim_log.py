@@ -159,3 +159,27 @@ async def test_aclose_ends_streams_in_flight_and_leaves_no_task() -> None:
         ("HTTP/1.1", "disconnect"),
         ("HTTP/2", "disconnect"),
     ]
+
+
+async def test_connection_ids_tell_connections_apart(sim: SimServer) -> None:
+    client = await H2TestClient.connect("127.0.0.1", sim.port)
+    for text in ("a", "b"):
+        await client.post_json(CHAT, _request(text, max_tokens=1))
+    await client.close()
+    async with aiohttp.ClientSession() as session:
+        for text in ("c", "d"):  # one keep-alive connection
+            async with session.post(sim.url + "/chat/completions", json=_request(text, max_tokens=1)) as r:
+                await r.read()
+    await send_over("HTTP/1.1", sim.port, "POST", CHAT, payload=_request("e", max_tokens=1))
+    ids = [r.connection_id for r in sim.log.records]
+    assert ids[0] == ids[1] and ids[2] == ids[3]
+    assert len({ids[0], ids[2], ids[4]}) == 3 and all(i >= 1 for i in ids)
+
+
+async def test_wait_for_arrivals_sees_pending_requests(sim: SimServer) -> None:
+    client = await H2TestClient.connect("127.0.0.1", sim.port)
+    client.start_json(CHAT, _request("slow"), headers={"x-sim-ttft-ms": "5000"})
+    [record] = await sim.log.wait_for_arrivals(1)
+    assert record.outcome == "pending" and record.first_token is None
+    await client.close()
+    await sim.log.wait_for(1, outcome="disconnect")

@@ -11,7 +11,13 @@ from gateway.sim.log import Record, RequestLog
 
 
 def _open(log: RequestLog) -> Record:
-    return log.open(path="/v1/messages", format="anthropic", http_version="HTTP/2", authorization=True)
+    return log.open(
+        path="/v1/messages",
+        format="anthropic",
+        http_version="HTTP/2",
+        connection_id=1,
+        authorization=True,
+    )
 
 
 async def test_wait_for_wakes_when_records_end() -> None:

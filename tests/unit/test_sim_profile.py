@@ -24,7 +24,7 @@ def test_defaults_model_an_8b_model() -> None:
     assert (profile.tokens, profile.token_size, profile.max_concurrency) == (64, None, 0)
     assert (profile.max_concurrent_streams, profile.initial_window_size) == (1000, 65535)
     assert profile.fail_status is None and profile.retry_after_s == 1
-    assert profile.reset_after is profile.kill_after is profile.goaway is None
+    assert profile.reset_after is None and profile.kill_after is None and profile.goaway is None
     assert profile.malformed_after is None and profile.seed == 0
     with pytest.raises(dataclasses.FrozenInstanceError):
         profile.tokens = 3  # type: ignore[misc]

@@ -19,6 +19,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
+from hyperframe.frame import Frame, GoAwayFrame
 
 from gateway.errors import (
     UpstreamConnectionLost,
@@ -41,6 +42,19 @@ _DEFAULT_WINDOW: Final = 65_535
 _H2_CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
 
 
+class _GoawayTolerantH2Connection(h2.connection.H2Connection):
+    """h2 closes its whole state machine when a GOAWAY arrives
+    (python-hyper/h2#1181), so frames for the streams the GOAWAY lets finish
+    (RFC 9113 §6.8: those at or below last_stream_id) would be rejected.
+    Keep the state: this connection stops opening streams by itself."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2.events.Event]]:
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        self.state_machine.state = state
+        return result
+
+
 class H2ClientConnection(asyncio.Protocol):
     """Multiplexes ``H2ResponseStream``s over one transport."""
 
@@ -54,7 +68,7 @@ class H2ClientConnection(asyncio.Protocol):
         keepalive_s: float | None = 20.0,
         on_capacity: Callable[[], None] = lambda: None,
     ) -> None:
-        self._h2 = h2.connection.H2Connection(config=_H2_CONFIG)
+        self._h2 = _GoawayTolerantH2Connection(config=_H2_CONFIG)
         self._authority = authority.encode()
         self._scheme = scheme.encode()
         self._first_byte_timeout = first_byte_timeout
