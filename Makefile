@@ -20,6 +20,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	@if command -v node >/dev/null 2>&1; then node --test tests/js/; \
+	else echo "node not found: the browser client's unit tests (tests/js) did not run"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -29,7 +31,7 @@ ttft: $(STAMP)
 	$(BIN)/python -m gateway.suite $(if $(TARGET),--target $(TARGET),)
 
 bench: $(STAMP)
-	$(BIN)/python -m tests.perf
+	$(BIN)/python -m tests.perf $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

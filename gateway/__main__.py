@@ -1,8 +1,21 @@
 """``python -m gateway``: settings from the environment, serve, drain on SIGTERM.
 
-Shutdown (SIGTERM or SIGINT): stop accepting connections and turn /readyz to
-503 at once; let streams in flight finish for up to DRAIN_TIMEOUT_S; then end
-the rest with an in-stream error (their upstream streams are reset) and exit 0.
+Shutdown, on SIGTERM or SIGINT:
+
+1. At once: ``/readyz`` and new model requests answer 503 (``draining``), the
+   listening socket closes (a new connection is refused, so nginx passes the
+   request to another gateway), and idle keep-alive connections are closed;
+   a connection busy with a response closes when that response ends. This is
+   what Go's ``http.Server.Shutdown`` does: leaving idle connections open
+   would have nginx keep sending new requests to a gateway that is leaving.
+2. Streams in flight finish on their own for up to DRAIN_TIMEOUT_S.
+3. Then (or at a second signal: an operator who wants it over now) the rest
+   end with an in-stream error ``shutting_down`` (retryable) and their upstream
+   streams are reset. Exit status 0: a drain is a normal stop, and systemd's
+   ``Restart=on-failure`` must not restart it.
+
+The 503 answers of step 1 are for requests that were already read when the
+signal came; any later one has no connection to arrive on.
 """
 
 from __future__ import annotations
@@ -19,9 +32,47 @@ from gateway.app import make_app
 from gateway.config import ConfigError, Settings
 from gateway.errors import ShuttingDown
 from gateway.logs import configure_logging
-from gateway.state import STATE
+from gateway.state import STATE, GatewayState
 
 log = structlog.get_logger("gateway")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Signals:
+    """Counts SIGTERM/SIGINT: the first starts the drain, the second cuts it short."""
+
+    def __init__(self) -> None:
+        self.first = asyncio.Event()
+        self.second = asyncio.Event()
+
+    def received(self) -> None:
+        if self.first.is_set():
+            self.second.set()
+        self.first.set()
+
+
+async def _drain(state: GatewayState, timeout_s: float, hurry: asyncio.Event) -> None:
+    """Until no stream is left, ``timeout_s`` passed, or ``hurry`` is set;
+    then end whatever is left (in-stream error, upstream reset)."""
+    idle = asyncio.create_task(state.registry.wait_idle(), name="drain-wait-idle")
+    hurried = asyncio.create_task(hurry.wait(), name="drain-second-signal")
+    try:
+        done, _ = await asyncio.wait(
+            {idle, hurried}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for task in (idle, hurried):
+            task.cancel()
+        await asyncio.gather(idle, hurried, return_exceptions=True)
+    if idle in done:
+        log.info("drained")
+    else:
+        remaining = state.registry.statistics()
+        reason = "second signal" if hurried in done else "drain timeout"
+        log.warning("ending the remaining streams", reason=reason, actors=remaining.actors,
+                    subscribers=remaining.subscribers)
+    await state.registry.aclose(ShuttingDown("the gateway is shutting down; retry"))
 
 
 async def serve(settings: Settings) -> None:
@@ -31,32 +82,34 @@ async def serve(settings: Settings) -> None:
     # first token (FIELD-NOTES: the default False notices only at a write).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    state = app[STATE]
-    bound = runner.addresses[0]
-    url = f"http://{settings.host}:{bound[1]}"
-    print(f"llm-stream-gateway listening on {url} (upstream: {state.upstream_url})", flush=True)
-    log.info("started", url=url, upstream=state.upstream_url)
-
-    stop = asyncio.Event()
+    signals = _Signals()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, signals.received)
     try:
-        await stop.wait()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        state = app[STATE]
+        bound = runner.addresses[0]
+        url = f"http://{settings.host}:{bound[1]}"
+        print(f"llm-stream-gateway listening on {url} (upstream: {state.upstream_url})", flush=True)
+        log.info("started", url=url, upstream=state.upstream_url)
+
+        await signals.first.wait()
+        # One tick, no await in between: from here no request can start
+        # anything new (draining), arrive (listener closed) or wait on an
+        # idle connection (closed).
         state.draining = True
-        await site.stop()  # no new connections; /readyz now answers 503
+        await site.stop()
+        if runner.server is not None:
+            runner.server.pre_shutdown()
         log.info("draining", streams=state.active_streams, timeout_s=settings.drain_timeout_s)
-        try:
-            async with asyncio.timeout(settings.drain_timeout_s):
-                await state.registry.wait_idle()
-        except TimeoutError:
-            log.warning("drain timeout: ending the remaining streams")
-        await state.registry.aclose(ShuttingDown("the gateway is shutting down"))
+        await _drain(state, settings.drain_timeout_s, signals.second)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+        # Waits for the handlers to write their last frame, then closes
+        # every connection and runs the app's cleanup (transport, simulator).
         await runner.cleanup()
     log.info("stopped")
 

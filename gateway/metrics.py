@@ -38,6 +38,17 @@ SERVED = frozenset({"ok", "error", "shed"})
 FAILED = frozenset({"error", "shed"})
 
 
+def outcome_of(status: int, code: str) -> str:
+    """How a request that ended with an error counts: our own load shedding
+    (a full or slow queue, a drain) is "shed"; the client's mistakes are
+    "rejected" and stay out of the error ratio; the rest is an "error"."""
+    if code.startswith("queue_") or code == "shutting_down":
+        return "shed"
+    if status < 500 and status != 429:
+        return "rejected"
+    return "error"
+
+
 @dataclass(frozen=True, slots=True)
 class LiveState:
     """What the scrape-time collector reads, as plain callables."""

@@ -25,7 +25,7 @@ from gateway.errors import (
     PayloadTooLarge,
     Unauthorized,
 )
-from gateway.metrics import APIS
+from gateway.metrics import APIS, outcome_of
 from gateway.state import RECORD, STATE, RequestRecord
 
 log = structlog.get_logger("gateway")
@@ -99,9 +99,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     except GatewayError as exc:
         record.status, record.error_code = exc.status, exc.code
         if record.outcome == "ok":
-            record.outcome = "rejected" if exc.status < 500 and exc.status != 429 else (
-                "shed" if exc.code.startswith("queue_") else "error"
-            )
+            record.outcome = outcome_of(exc.status, exc.code)
         return error_response(exc)
     except web.HTTPException as exc:
         translated = _translate_http_exception(exc)

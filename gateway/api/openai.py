@@ -18,7 +18,7 @@ from actors.deltas import Delta, ToolCallDelta, Usage
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest
 from gateway.api.intake import read_chat, subscribe
-from gateway.api.relay import relay
+from gateway.api.relay import note_queue_wait, relay
 from gateway.errors import GatewayError
 from gateway.sse import DONE, comment_frame, data_frame, dumps
 from gateway.state import RECORD
@@ -128,13 +128,16 @@ async def _complete(
     record = request[RECORD]
     deltas: list[Delta] = []
     async with subscription:
-        while batch := await subscription.read_batch():
-            deltas.extend(batch)
-    queue_wait_s = subscription.queue_wait_s
-    record.queue_wait_ms = round(queue_wait_s * 1000, 2) if queue_wait_s is not None else None
+        try:
+            while batch := await subscription.read_batch():
+                deltas.extend(batch)
+        finally:
+            note_queue_wait(request, subscription)
     if subscription.outcome == "cancelled":
         record.outcome = "cancelled"
-    return web.json_response(_completion(subscription, chat, deltas), dumps=dumps)
+    response = web.json_response(_completion(subscription, chat, deltas), dumps=dumps)
+    record.bytes_sent = len(response.body) if isinstance(response.body, bytes) else 0
+    return response
 
 
 def _completion(subscription: Subscription, chat: ChatRequest, deltas: list[Delta]) -> dict[str, Any]:

@@ -53,10 +53,8 @@ async def metrics(request: web.Request) -> web.Response:
         content_type = openmetrics.CONTENT_TYPE_LATEST
     else:
         body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
-    response = web.Response(body=body)
-    response.content_type = content_type.split(";")[0]
-    response.charset = "utf-8"
-    return response
+    # Set whole: the exposition version parameter matters to strict scrapers.
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _ms(value: float | None) -> float | None:

@@ -20,7 +20,8 @@ from aiohttp import web
 from actors.deltas import Delta
 from actors.subscription import Subscription
 from gateway.errors import GatewayError
-from gateway.sse import close_event_stream, open_event_stream
+from gateway.metrics import outcome_of
+from gateway.sse import PING, close_event_stream, open_event_stream
 from gateway.state import RECORD, STATE
 
 log = structlog.get_logger("gateway")
@@ -47,6 +48,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         response = await open_event_stream(
             request, ping_interval_s=state.settings.ping_interval_s
         )
+        record.bytes_sent += len(PING)
         state.active_streams += 1
         try:
             await _pump(request, subscription, encoder, response)
@@ -79,12 +81,10 @@ async def _pump(
             frames = encoder.deltas(first_seq, batch)
             if ttft_ms is None and any(delta.is_content for delta in batch):
                 ttft_s = time.monotonic() - arrived_at
-                ttft_ms = round(ttft_s * 1000, 2)
-                queue_wait_s = subscription.queue_wait_s or 0.0
-                record.ttft_ms, record.queue_wait_ms = ttft_ms, round(queue_wait_s * 1000, 2)
+                ttft_ms = record.ttft_ms = round(ttft_s * 1000, 2)
                 state.metrics.first_token(record.api, subscription.role, ttft_s)
-                state.metrics.admitted(queue_wait_s)
-                frames = encoder.meta(subscription, ttft_ms, record.queue_wait_ms) + frames
+                queue_wait_ms = note_queue_wait(request, subscription) or 0.0
+                frames = encoder.meta(subscription, ttft_ms, queue_wait_ms) + frames
             if frames:
                 record.bytes_sent += len(frames)
                 await response.write(frames)
@@ -95,7 +95,7 @@ async def _pump(
         record.bytes_sent += len(tail)
         await response.write(tail)
     except GatewayError as exc:
-        record.outcome = "shed" if exc.code.startswith("queue_") else "error"
+        record.outcome = outcome_of(exc.status, exc.code)
         record.error_code = exc.code
         await response.write(encoder.error(exc))
     except Exception as exc:  # a bug, not an upstream failure: say so in-stream
@@ -104,3 +104,17 @@ async def _pump(
         internal = GatewayError("internal error", code="internal_error")
         internal.__cause__ = exc
         await response.write(encoder.error(internal))
+    finally:
+        # Admitted but failed (or left) before the first token: still a wait.
+        note_queue_wait(request, subscription)
+
+
+def note_queue_wait(request: web.Request, subscription: Subscription) -> float | None:
+    """Record the request's queue wait once, as soon as it is known: in the
+    log line, the histogram and the rolling window (0 for followers)."""
+    record = request[RECORD]
+    queue_wait_s = subscription.queue_wait_s
+    if record.queue_wait_ms is None and queue_wait_s is not None:
+        record.queue_wait_ms = round(queue_wait_s * 1000, 2)
+        request.app[STATE].metrics.admitted(queue_wait_s)
+    return record.queue_wait_ms

@@ -20,6 +20,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
 import h2.config
 import h2.connection
@@ -124,8 +125,8 @@ class H2ServerProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         profile = self._app.profile
         # Announced in our first SETTINGS so a client opening many streams
         # at once sees the limit (h2's own default is 100).

@@ -14,6 +14,7 @@ import itertools
 import ssl as ssl_module
 from collections.abc import Callable
 from types import TracebackType
+from typing import cast
 
 from gateway.sim.app import SimApp
 from gateway.sim.h2_server import PREFACE, H2ServerProtocol
@@ -43,8 +44,8 @@ class _ProtocolSniffer(asyncio.Protocol):
         self._buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         self._undecided.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -103,7 +103,6 @@ class H2Pool:
                     ssl=self._ssl_context,
                     server_hostname=origin.host if self._ssl_context else None,
                 )
-                assert isinstance(raw_transport, asyncio.Transport)
                 transport = raw_transport
                 await connection.ready
         except TimeoutError as exc:
