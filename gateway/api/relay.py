@@ -44,6 +44,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
 ):
     state = request.app[STATE]
     record = request[RECORD]
+    last_frame: bytes | None = None
     async with subscription:
         response = await open_event_stream(
             request, ping_interval_s=state.settings.ping_interval_s
@@ -51,7 +52,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         record.bytes_sent += len(PING)
         state.active_streams += 1
         try:
-            await _pump(request, subscription, encoder, response)
+            last_frame = await _pump(request, subscription, encoder, response)
         except ConnectionResetError:
             # The client went away between two writes: a cancel, not an error.
             record.outcome = "cancelled"
@@ -60,8 +61,9 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
             # The keepalive task belongs to this response: stop it on every
             # way out, cancellation included.
             response.stop_streaming()
-    if record.outcome != "cancelled" or subscription.outcome == "cancelled":
-        await close_event_stream(response)
+    if last_frame is not None:
+        record.bytes_sent += len(last_frame)
+        await close_event_stream(response, last_frame)
     return response
 
 
@@ -70,7 +72,9 @@ async def _pump(
     subscription: Subscription,
     encoder: StreamEncoder,
     response: web.StreamResponse,
-) -> None:
+) -> bytes:
+    """Relay the stream; return its last frame (the API's end, or its
+    in-stream error), which leaves together with the end of the body."""
     state = request.app[STATE]
     record = request[RECORD]
     arrived_at = record.arrived_at
@@ -88,22 +92,20 @@ async def _pump(
             if frames:
                 record.bytes_sent += len(frames)
                 await response.write(frames)
-        total_ms = round((time.monotonic() - arrived_at) * 1000, 2)
         if subscription.outcome == "cancelled":
             record.outcome = "cancelled"
-        tail = encoder.end(subscription, ttft_ms, total_ms)
-        record.bytes_sent += len(tail)
-        await response.write(tail)
+        total_ms = round((time.monotonic() - arrived_at) * 1000, 2)
+        return encoder.end(subscription, ttft_ms, total_ms)
     except GatewayError as exc:
         record.outcome = outcome_of(exc.status, exc.code)
         record.error_code = exc.code
-        await response.write(encoder.error(exc))
+        return encoder.error(exc)
     except Exception as exc:  # a bug, not an upstream failure: say so in-stream
         log.exception("stream failed")
         record.outcome, record.error_code = "error", "internal_error"
         internal = GatewayError("internal error", code="internal_error")
         internal.__cause__ = exc
-        await response.write(encoder.error(internal))
+        return encoder.error(internal)
     finally:
         # Admitted but failed (or left) before the first token: still a wait.
         note_queue_wait(request, subscription)

@@ -168,7 +168,7 @@ class _NginxProcess:
 
     async def wait_started(self) -> bool:
         """True once nginx runs; False if it exited first."""
-        started = asyncio.ensure_future(self._started.wait())
+        started = asyncio.create_task(self._started.wait(), name="nginx-started")
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 await asyncio.wait({started, self._reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -242,7 +242,7 @@ async def running_nginx(
         nginx = _NginxProcess(process)
         try:
             if not await nginx.wait_started():
-                await nginx.stop()
+                # It exited: its whole error log has been read.
                 log = "\n".join(nginx.log_lines)
                 # Another process took one of the free ports in between: retry.
                 if "Address already in use" in log and attempt < attempts:

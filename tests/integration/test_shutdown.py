@@ -60,7 +60,10 @@ class GatewayProcess:
     async def read_log(self) -> None:
         assert self.process.stderr is not None
         while line := await self.process.stderr.readline():
-            self.log.append(json.loads(line))
+            try:
+                self.log.append(json.loads(line))
+            except ValueError:  # not a log line (a traceback?): keep it for the failure report
+                self.log.append({"event": None, "raw": line.decode(errors="replace")})
             self._logged.set()
 
     async def wait_logged(self, event: str) -> dict[str, object]:
@@ -179,7 +182,9 @@ async def test_streams_in_flight_finish_and_nothing_new_gets_in(sim_factory, sig
     assert [record.outcome for record in sim.log.records] == ["complete"] * 3
     draining = await gateway.wait_logged("draining")
     assert draining["streams"] == 3
-    assert gateway.events()[-2:] == ["drained", "stopped"]
+    events = gateway.events()
+    assert "drained" in events and "ending the remaining streams" not in events
+    assert events[-1] == "stopped"
 
 
 @pytest.mark.parametrize("cut_by", ["drain timeout", "second signal"])
@@ -212,10 +217,8 @@ async def test_streams_still_running_at_the_end_get_an_in_stream_error(sim_facto
         assert drain_timeout_s <= ended_after_s < drain_timeout_s + 3
     else:
         assert ended_after_s < 5  # not the 30 s drain timeout
-    assert {record.prompt_sha for record in resets} == {
-        record.prompt_sha for record in sim.log.records
-    }
-    assert all(record.tokens_sent < 200 for record in resets)
+    assert [record.outcome for record in sim.log.records] == ["reset", "reset"]
+    assert all(0 < record.tokens_sent < 200 for record in resets)
 
     error = native.frames[-1]
     assert error.event == "error"
