@@ -60,6 +60,8 @@ class Settings:
         ipaddress.ip_network("::1/128"),
     )
     drain_timeout_s: float = 30.0
+    #: Run on uvloop when it is installed; GATEWAY_UVLOOP=0 keeps asyncio's loop.
+    uvloop: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -92,6 +94,7 @@ class Settings:
             log_format=read.choice("LOG_FORMAT", "json", LOG_FORMATS),
             trusted_proxies=read.networks("TRUSTED_PROXIES", "127.0.0.0/8,::1/128"),
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
+            uvloop=read.flag("GATEWAY_UVLOOP", True),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"
