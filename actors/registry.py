@@ -152,10 +152,12 @@ class Registry:
                 return self._attach(memo, "follower", request_id, arrived_at, 0)
         return self._lead(key, open_source, request_id, arrived_at, shared)
 
-    def cancel(self, request_id: str) -> bool:
-        """Explicit cancel: that subscription ends and leaves; False if unknown."""
+    def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
+        """Explicit cancel: that subscription ends and leaves. False if
+        unknown -- or owned by someone else, which looks the same, so the
+        answer does not tell whether another client's request exists."""
         subscription = self._by_request.get(request_id)
-        if subscription is None:
+        if subscription is None or subscription.owner not in (None, owner):
             return False
         subscription.close()
         return True

@@ -40,6 +40,7 @@ class Subscription:
         "_waiter",
         "arrived_at",
         "key",
+        "owner",
         "request_id",
         "role",
         "stream_id",
@@ -62,6 +63,9 @@ class Subscription:
         self.arrived_at = arrived_at
         #: Unique per actor: lets the HTTP face memoize per-stream encodings.
         self.stream_id = actor.stream_id
+        #: Opaque: who may cancel this subscription by its request id (the
+        #: HTTP face sets a hash of the client's credential); None: anyone.
+        self.owner: str | None = None
         self._cursor = cursor
         self._on_close = on_close
         self._outcome: Outcome = "pending"

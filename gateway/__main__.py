@@ -21,11 +21,11 @@ signal came; any later one has no connection to arrive on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web

@@ -103,7 +103,9 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             transport=transport,
             provider=get_provider(settings.upstream_format),
             base_path=origin.base_path,
-            upstream_url=upstream_url,
+            # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
+            # of /readyz, the start-up line and the logs.
+            upstream_url=origin.base_url + origin.base_path,
         )
         app[STATE] = state
         metrics.bind_live_state(

@@ -6,6 +6,8 @@ Shared by the OpenAI and native APIs. Everything that can refuse a request
 
 from __future__ import annotations
 
+import hashlib
+
 from aiohttp import web
 
 from actors.subscription import Subscription
@@ -69,10 +71,20 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
         coalesce=request.headers.get("X-Coalesce", "").lower() != "off",
         resume_after=_last_event_id(request),
     )
+    subscription.owner = owner_of(request)
     record.role = subscription.role
     return subscription
 
 
+def owner_of(request: web.Request) -> str | None:
+    """Who may cancel a request by id: a hash of the client's credential
+    (never the credential itself), or None when the client sent none."""
+    tenant = request.get(TENANT)
+    return None if tenant is None else hashlib.sha256(tenant.encode()).hexdigest()
+
+
 def _last_event_id(request: web.Request) -> int:
     raw = request.headers.get("Last-Event-ID", "")
-    return int(raw) if raw.isdigit() else 0
+    # ASCII digits only ("²".isdigit() is true) and no more than a sequence
+    # number can have: anything else is no resume point, not a 500.
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else 0

@@ -10,14 +10,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from gateway.api.intake import owner_of
 from gateway.errors import NotFound, UpstreamProtocolError
 from gateway.metrics import percentile
 from gateway.sse import dumps
 from gateway.state import RECORD, STATE
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.origin import Origin
+from gateway.upstream.source import read_bounded
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
+#: A model list is small; a body past this is not one.
+MAX_MODELS_BODY = 1 << 20
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -99,11 +103,11 @@ async def models(request: web.Request) -> web.Response:
     stream = await state.transport.open(
         UpstreamRequest("GET", state.base_path + "/models", wanted + (("accept", "application/json"),))
     )
-    head = await stream.head()
-    parts = []
-    while data := await stream.read():
-        parts.append(data)
-    body = b"".join(parts)
+    try:
+        head = await stream.head()
+        body = await read_bounded(stream, MAX_MODELS_BODY)
+    finally:
+        stream.release()
     if head.status != 200:
         raise state.provider.error_from_response(head, body)
     try:
@@ -123,7 +127,7 @@ async def models(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     request[RECORD].api = "ops"
     request_id = request.match_info["request_id"]
-    if not request.app[STATE].registry.cancel(request_id):
+    if not request.app[STATE].registry.cancel(request_id, owner=owner_of(request)):
         raise NotFound(f"no stream in flight with request id {request_id}")
     return web.json_response({"id": request_id, "status": "cancelled"}, status=202)
 

@@ -100,6 +100,8 @@ async def _pump(
         record.outcome = outcome_of(exc.status, exc.code)
         record.error_code = exc.code
         return encoder.error(exc)
+    except ConnectionResetError:
+        raise  # the client left between two writes: relay() records a cancel
     except Exception as exc:  # a bug, not an upstream failure: say so in-stream
         log.exception("stream failed")
         record.outcome, record.error_code = "error", "internal_error"

@@ -57,6 +57,12 @@ class ResponseStream(Protocol):
         Idempotent; a no-op once the response is complete."""
         ...
 
+    def release(self) -> None:
+        """The caller needs nothing more (it has the whole answer, or gives
+        up on the rest): a finished response is given back as it is, an
+        unfinished one is reset. Idempotent."""
+        ...
+
 
 class Transport(Protocol):
     async def open(self, request: UpstreamRequest) -> ResponseStream:

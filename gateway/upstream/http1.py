@@ -82,6 +82,13 @@ class Http1ResponseStream:
         self._response.close()
         self._done()
 
+    def release(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()  # whole: the connection can be reused
+            self._done()
+        else:
+            self.reset()
+
     def _done(self) -> None:
         if self._on_done is not None:
             self._on_done()

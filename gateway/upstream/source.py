@@ -76,6 +76,11 @@ class UpstreamSource:
         data = await self._stream.read()
         if data:
             self._pending.extend(self._decoder.feed(data))
+            if self._decoder.done:
+                # The provider's terminator ([DONE], message_stop) is the end
+                # of the answer, whenever the transport's end follows it.
+                self._eof = True
+                self._stream.release()
         else:
             self._eof = True
             self._pending.extend(self._decoder.close())
@@ -101,17 +106,20 @@ class UpstreamSource:
 
     async def _read_error_body(self) -> bytes:
         assert self._stream is not None
-        parts: list[bytes] = []
-        size = 0
-        while size < MAX_ERROR_BODY:
-            data = await self._stream.read()
-            if not data:
-                break
-            parts.append(data)
-            size += len(data)
-        else:
-            self._stream.reset()
-        return b"".join(parts)[:MAX_ERROR_BODY]
+        try:
+            return await read_bounded(self._stream, MAX_ERROR_BODY)
+        finally:
+            self._stream.release()
+
+
+async def read_bounded(stream: ResponseStream, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes: never more in memory."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit and (data := await stream.read()):
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)[:limit]
 
 
 def source_opener(

@@ -56,6 +56,8 @@ BAD_INPUT = [
     ("body too large", "POST", "/v1/chat/completions",
      b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}',
      "application/json", 413, "payload_too_large"),
+    ("nested too deep", "POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000,
+     "application/json", 400, "invalid_json"),
     ("unknown path", "GET", "/v1/nothing-here", b"", "application/json", 404, "not_found"),
     ("wrong method", "GET", "/v1/chat/completions", b"", "application/json", 405,
      "method_not_allowed"),
@@ -68,7 +70,7 @@ BAD_INPUT = [
     ids=[case[0] for case in BAD_INPUT],
 )
 async def test_bad_input(gateway_factory, case, method, path, body, content_type, status, code):
-    gateway = await gateway_factory(max_body_bytes=4096)
+    gateway = await gateway_factory(max_body_bytes=4096 if code == "payload_too_large" else 1 << 20)
     async with aiohttp.ClientSession() as http:
         with capture_logs(processors=[merge_contextvars]) as logs:
             async with http.request(
@@ -192,3 +194,35 @@ async def test_upstream_key_is_sent_but_never_logged_or_returned(gateway_factory
     assert gateway.sim.log.records[-1].authorization
     for text in (json.dumps(logs, default=str), metrics_text, stats_text):
         assert secret not in text
+
+
+async def test_a_malformed_last_event_id_is_no_resume_point(gateway):
+    body = {**GOOD, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        for bad in ("\u00b2", "9" * 5000, "-3", "abc"):
+            async with http.post(gateway.v1 + "/stream", json=body,
+                                 headers={"Last-Event-ID": bad}) as resp:
+                assert resp.status == 200
+                frames = await FrameReader(resp).rest()
+            assert frames[-1].event == "done"
+            assert [int(f.id) for f in frames if f.event == "delta"][0] == 1
+
+
+async def test_only_the_owner_may_cancel_a_request(gateway_factory):
+    gateway = await gateway_factory(gateway_api_keys=("sk-owner", "sk-other"))
+    body = {"model": "sim", "stream": True,
+            "messages": [{"role": "user", "content": "mine [sim itl_ms=30 tokens=200]"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=body,
+                             headers={"Authorization": "Bearer sk-owner"}) as resp:
+            request_id = resp.headers["X-Request-Id"]
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and frame.event != "delta":
+                pass
+            cancel_url = gateway.v1 + f"/requests/{request_id}/cancel"
+            async with http.post(cancel_url, headers={"Authorization": "Bearer sk-other"}) as other:
+                assert other.status == 404  # looks unknown: no hint that it exists
+            async with http.post(cancel_url, headers={"Authorization": "Bearer sk-owner"}) as mine:
+                assert mine.status == 202
+            frames = await reader.rest()
+    assert frames[-1].json()["finish_reason"] == "cancelled"

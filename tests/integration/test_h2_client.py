@@ -235,3 +235,40 @@ async def test_abandoned_streams_do_not_leak_the_connection_window(fast_sim):
         assert pool.connection_count() == 1
     finally:
         await pool.aclose()
+
+
+async def test_a_connection_draining_after_goaway_does_not_block_new_streams(fast_sim):
+    """With max_connections=1, a GOAWAY'd connection still finishing a long
+    stream must not stop the pool from opening the next connection."""
+    pool = pool_for(fast_sim, max_connections=1)
+    try:
+        long = await pool.open(chat_request("still streaming", itl_ms=20, tokens=500))
+        assert await long.read()
+        last = await pool.open(chat_request("last one here", goaway="graceful"))
+        assert decoded_text(await read_all(last)) == expected_text("last one here", 16)
+        async with asyncio.timeout(2):
+            nxt = await pool.open(chat_request("on a new connection"))
+            assert decoded_text(await read_all(nxt)) == expected_text("on a new connection", 16)
+        assert long.error is None  # the draining connection's stream goes on
+        long.reset()
+    finally:
+        await pool.aclose()
+
+
+async def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(sim_factory):
+    sim = await sim_factory(dataclasses.replace(FAST, max_concurrent_streams=1))
+    pool = pool_for(sim, max_connections=1)
+    try:
+        holder = await pool.open(chat_request("holds the only slot", ttft_ms=60_000))
+        first = asyncio.ensure_future(pool.open(chat_request("first waiter")))
+        second = asyncio.ensure_future(pool.open(chat_request("second waiter")))
+        await asyncio.sleep(0)  # one loop step: both reach their capacity wait
+        assert len(pool._waiters) == 2
+        holder.reset()  # wakes the first waiter...
+        first.cancel()  # ...which leaves before taking the slot
+        stream = await asyncio.wait_for(second, 2)
+        assert decoded_text(await read_all(stream)) == expected_text("second waiter", 16)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        await pool.aclose()

@@ -112,6 +112,11 @@ class H2ClientConnection(asyncio.Protocol):
         return self._closed
 
     @property
+    def is_draining(self) -> bool:
+        """Alive, but finishing its streams after a GOAWAY: takes no new ones."""
+        return self._goaway and not self._closed
+
+    @property
     def active_streams(self) -> int:
         return len(self._streams)
 
@@ -166,15 +171,11 @@ class H2ClientConnection(asyncio.Protocol):
                 self.acknowledge(event.stream_id, event.flow_controlled_length)
             else:
                 stream.on_data(event.data or b"", event.flow_controlled_length)
-            if event.stream_ended:
-                self._end_stream(event.stream_id)
         elif isinstance(event, h2.events.ResponseReceived):
             assert event.stream_id is not None and event.headers is not None
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.on_head(_response_head(event.headers))
-            if event.stream_ended:
-                self._end_stream(event.stream_id)
         elif isinstance(event, h2.events.StreamEnded):
             assert event.stream_id is not None
             self._end_stream(event.stream_id)
@@ -190,7 +191,9 @@ class H2ClientConnection(asyncio.Protocol):
             self._on_capacity()  # MAX_CONCURRENT_STREAMS may have grown
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event.last_stream_id or 0, event.error_code)
-        # PingAckReceived: the liveness flag was cleared above. PING itself is
+        # StreamEnded also follows a DATA or HEADERS frame that carried
+        # END_STREAM, as its own event. PingAckReceived: the liveness flag
+        # was cleared above. PING itself is
         # answered by h2; TrailersReceived, SettingsAcknowledged and others
         # need nothing from a client that only relays the body.
 
@@ -232,12 +235,14 @@ class H2ClientConnection(asyncio.Protocol):
         except h2.exceptions.StreamClosedError:
             pass  # closed in the same batch of frames: nothing to cancel
         self._flush()
-        self._stream_slot_freed()
+        self._stream_slot_freed(stream_id)
 
     # -- opening streams ----------------------------------------------------------
 
     async def open_stream(self, request: UpstreamRequest) -> H2ResponseStream:
-        """Send a request; return once HEADERS (and the body) are written.
+        """Send a request; return once HEADERS (and the body) are queued: they
+        leave at the end of this loop iteration (``_flush_soon``), together
+        with every other request opened in it.
 
         The caller (the pool) checked ``free_streams`` just before; nothing
         awaits between that check and ``send_headers``, so the slot is ours.
@@ -260,13 +265,20 @@ class H2ClientConnection(asyncio.Protocol):
             first_byte_timeout=self._first_byte_timeout,
             idle_timeout=self._idle_timeout,
         )
-        self._h2.send_headers(stream_id, headers, end_stream=not request.body)
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=not request.body)
+        except h2.exceptions.ProtocolError as exc:
+            # Stream ids exhausted (2^31, RFC 9113 §5.1.1) or the peer's
+            # limit reached: this connection takes no more; another will.
+            self._goaway = True
+            self._on_capacity()
+            raise UpstreamStreamRefused(f"connection cannot open a stream: {exc}") from exc
         self._streams[stream_id] = stream
         if not request.body:
             self._flush_soon()
         else:
             try:
-                await self._send_body(stream_id, request.body)
+                await self._send_body(stream, request.body)
             except BaseException:
                 # Cancelled (or failed) half-way: the peer must not wait for
                 # the rest of a body that will never come.
@@ -274,12 +286,17 @@ class H2ClientConnection(asyncio.Protocol):
                 raise
         return stream
 
-    async def _send_body(self, stream_id: int, body: bytes) -> None:
+    async def _send_body(self, stream: H2ResponseStream, body: bytes) -> None:
         """DATA frames within the peer's windows (RFC 9113 §6.9.1)."""
+        stream_id = stream.stream_id
         view = memoryview(body)
         while view:
             if stream_id not in self._streams:
-                raise UpstreamStreamReset("stream ended while its body was being sent")
+                if stream.error is not None:
+                    raise stream.error  # refused streams keep their retryable error
+                # The server answered before reading the whole body (an early
+                # 413, say): stop sending and let the caller read the answer.
+                return
             window = min(
                 self._h2.local_flow_control_window(stream_id),
                 self._h2.max_outbound_frame_size,
@@ -314,15 +331,18 @@ class H2ClientConnection(asyncio.Protocol):
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.on_end()
-            self._stream_slot_freed()
+            self._stream_slot_freed(stream_id)
 
     def _fail_stream(self, stream_id: int, exc: UpstreamError) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.on_error(exc)
-            self._stream_slot_freed()
+            self._stream_slot_freed(stream_id)
 
-    def _stream_slot_freed(self) -> None:
+    def _stream_slot_freed(self, stream_id: int) -> None:
+        # A body sender waiting for window on this stream must look again:
+        # the stream it feeds is gone.
+        self._wake_senders(stream_id)
         if self._goaway and not self._streams:
             self.close()
         self._on_capacity()
@@ -354,9 +374,7 @@ class H2ClientConnection(asyncio.Protocol):
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream.on_error(exc)
-        for waiter in self._window_waiters.values():
-            if not waiter.done():
-                waiter.set_exception(exc)
+        self._wake_senders(0)
         if self._transport is not None:
             self._transport.abort()
         self._on_capacity()
@@ -374,8 +392,10 @@ class H2ClientConnection(asyncio.Protocol):
         self._streams = {}
         self._closed = True
         self._cancel_keepalive()
+        closed = UpstreamConnectionLost("upstream connection was closed")
         for stream in streams.values():
-            stream.on_error(UpstreamConnectionLost("upstream connection was closed"))
+            stream.on_error(closed)
+        self._wake_senders(0)
         if self._transport is not None:
             self._transport.close()
         if not self.ready.done():

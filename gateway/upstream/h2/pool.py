@@ -2,7 +2,8 @@
 
 Streams fill a connection up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS
 (RFC 9113 §6.5.2), then another connection is opened, up to
-``max_connections``; beyond that, openers wait in FIFO order for a slot.
+``max_connections``; beyond that, openers wait for a slot, woken in arrival
+order (a woken opener can still lose the slot to a newcomer and waits again).
 Connecting runs in a task the pool owns, shared by everyone who needs the
 connection, so a caller that gives up does not abort it for the others.
 """
@@ -57,6 +58,15 @@ class H2Pool:
         return len(self._connections)
 
     async def open(self, request: UpstreamRequest) -> H2ResponseStream:
+        # Waiting for a stream slot is part of the time to the first byte:
+        # bounded by the same timeout, never open-ended.
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                return await self._open(request)
+        except TimeoutError as exc:
+            raise UpstreamTimeout("no upstream stream slot came free in time") from exc
+
+    async def _open(self, request: UpstreamRequest) -> H2ResponseStream:
         while True:
             if self._closed:
                 raise UpstreamConnectionLost("the upstream pool is closed")
@@ -64,10 +74,16 @@ class H2Pool:
             if connection is not None:
                 # No await between _pick and send_headers: the slot is ours.
                 return await connection.open_stream(request)
-            if self._connecting is not None or len(self._connections) < self._max_connections:
+            if self._connecting is not None or self._can_add_connection():
                 await asyncio.shield(self._connect())
             else:
                 await self._wait_for_capacity()
+
+    def _can_add_connection(self) -> bool:
+        # A connection draining after GOAWAY still finishes its streams but
+        # takes no new ones: it does not count against the limit.
+        serving = sum(1 for c in self._connections if not c.is_draining)
+        return serving < self._max_connections
 
     def _pick(self) -> H2ClientConnection | None:
         # Fill the oldest connection first: fewer connections, fuller frames.
@@ -111,7 +127,7 @@ class H2Pool:
             raise UpstreamTimeout(f"connecting to {origin.authority} timed out") from exc
         except UpstreamError:
             raise
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             raise UpstreamConnectError(f"cannot connect to {origin.authority}: {exc}") from exc
         except BaseException:
             if transport is not None:
@@ -138,13 +154,18 @@ class H2Pool:
         self._waiters.append(waiter)
         try:
             await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Woken for a slot, then cancelled before taking it: pass
+                # the wake-up on, or the slot waits for the next event.
+                self._waiters.remove(waiter)
+                self._wake_waiters()
+            raise
         finally:
             if not waiter.done():
                 waiter.cancel()
-            try:
+            if waiter in self._waiters:
                 self._waiters.remove(waiter)
-            except ValueError:
-                pass
 
     def _on_capacity(self) -> None:
         """A connection freed a slot, changed its settings, or died."""
@@ -153,7 +174,7 @@ class H2Pool:
 
     def _wake_waiters(self) -> None:
         free = sum(c.free_streams for c in self._connections if c.is_usable)
-        if len(self._connections) < self._max_connections and self._connecting is None:
+        if self._can_add_connection() and self._connecting is None:
             free += 1  # the first one woken opens a new connection
         for waiter in list(self._waiters):
             if free <= 0:

@@ -36,6 +36,7 @@ class H2ResponseStream:
         "_first_byte_timeout",
         "_idle_timeout",
         "_got_data",
+        "_first_deadline",
     )
 
     def __init__(
@@ -60,6 +61,13 @@ class H2ResponseStream:
         self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self._got_data = False
+        # One deadline for the head and the first DATA together: the first
+        # token must come within the first-byte timeout of the request.
+        self._first_deadline = (
+            None
+            if first_byte_timeout is None
+            else asyncio.get_running_loop().time() + first_byte_timeout
+        )
 
     # -- fed by the connection's read path (synchronous) ------------------------
 
@@ -68,10 +76,12 @@ class H2ResponseStream:
             self._head.set_result(head)
 
     def on_data(self, data: bytes, flow_controlled_length: int) -> None:
-        if self._finished:
-            # Nobody will read it: hand the credit back at once, or the
-            # connection window leaks (FIELD-NOTES: ~1,000 abandoned streams
-            # would exhaust a 65,535-byte window).
+        if self._finished or not data:
+            # Nobody will read it (or there is nothing to read: an empty or
+            # padding-only DATA frame is legal and must not pass for the end
+            # of the body): hand the credit back at once, or the connection
+            # window leaks (FIELD-NOTES: ~1,000 abandoned streams would
+            # exhaust a 65,535-byte window).
             self._conn.acknowledge(self.stream_id, flow_controlled_length)
             return
         self._chunks.append((data, flow_controlled_length))
@@ -82,8 +92,6 @@ class H2ResponseStream:
         self._wake()
 
     def on_error(self, exc: UpstreamError) -> None:
-        if self._ended and not self._chunks:
-            return
         self._error = exc
         if not self._head.done():
             self._head.set_exception(exc)
@@ -94,9 +102,9 @@ class H2ResponseStream:
         self._wake()
 
     @property
-    def is_open(self) -> bool:
-        """Still expecting frames from the peer."""
-        return not (self._finished or self._ended or self._error is not None)
+    def error(self) -> UpstreamError | None:
+        """Why the stream failed, if it did."""
+        return self._error
 
     # -- the consumer's side ----------------------------------------------------
 
@@ -104,7 +112,7 @@ class H2ResponseStream:
         if self._head.done():
             return self._head.result()
         try:
-            async with asyncio.timeout(self._first_byte_timeout):
+            async with asyncio.timeout_at(self._first_deadline):
                 return await asyncio.shield(self._head)
         except TimeoutError as exc:
             self.reset()
@@ -138,13 +146,23 @@ class H2ResponseStream:
             self._head.exception()
         self._wake()
 
+    def release(self) -> None:
+        if not (self._ended or self._error is not None):
+            self.reset()
+        self._finished = True
+        self._release_buffer()
+
     # -- internals -------------------------------------------------------------
 
     async def _wait_for_frames(self) -> None:
-        timeout = self._idle_timeout if self._got_data else self._first_byte_timeout
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._got_data:
+            deadline = None if self._idle_timeout is None else loop.time() + self._idle_timeout
+        else:
+            deadline = self._first_deadline
+        self._waiter = loop.create_future()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._waiter
         except TimeoutError as exc:
             self.reset()
