@@ -73,7 +73,7 @@ async def main(quick: bool) -> str:
         "in one run: this machine has 2 noisy cores.",
         "",
     ]
-    body = "\n\n".join([*header[:-1], *sections])
+    body = "\n".join(header) + "\n" + "\n\n".join(sections)
     if PROFILES.exists():
         body += "\n\n" + PROFILES.read_text()
     return body + "\n"

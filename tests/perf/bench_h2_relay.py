@@ -8,8 +8,8 @@ connection and decodes every one into a Delta -- the path an actor runs.
 from __future__ import annotations
 
 import asyncio
-import os
 import json
+import os
 import time
 
 from gateway.upstream.base import UpstreamRequest

@@ -138,7 +138,7 @@ http {{
 async def nginx(upstream: str, port: int, *, core: int | None) -> AsyncIterator[Proc | None]:
     """nginx as a plain reverse proxy to ``upstream``: the reference. Yields
     None where nginx is not installed."""
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    binary = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if binary is None:
         yield None
         return
