@@ -13,6 +13,7 @@ import datetime
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.perf import bench_fanout, bench_gateway, bench_h2_relay
@@ -55,8 +56,30 @@ async def _fanout_section() -> str:
     return "\n".join(lines)
 
 
+async def _ttft_suite_section() -> str:
+    """`make ttft` as an operator runs it, its human table kept whole."""
+    with tempfile.TemporaryDirectory(prefix="bench-ttft-") as workdir:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.suite",
+            cwd=workdir, env={**os.environ, "CI": "true"},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await process.communicate()
+    text = output.decode(errors="replace").rstrip()
+    return "\n".join([
+        "## The TTFT suite (issue 6)",
+        "",
+        f"`make ttft` on this machine (exit status {process.returncode}):",
+        "",
+        "```",
+        text,
+        "```",
+    ])
+
+
 async def main(quick: bool) -> str:
     sections = [
+        await _ttft_suite_section(),
         await bench_h2_relay.report(),
         await _fanout_section(),
         await bench_gateway.report(quick=quick),

@@ -8,7 +8,6 @@ fields, vLLM's numeric error code, OpenRouter's comment keepalives)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -16,8 +15,8 @@ from hypothesis import strategies as st
 
 from actors.deltas import Delta, ToolCallDelta, Usage
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
-from gateway.upstream.base import ResponseHead
 from gateway.upstream.providers import OpenAIProvider, get_provider
+from tests.unit.splits import every_split, head, split_at
 
 # -- fixtures -------------------------------------------------------------------
 
@@ -113,20 +112,10 @@ def decode(chunks: list[bytes]) -> list[Delta]:
     return deltas
 
 
-def every_split(stream: bytes) -> Iterator[list[bytes]]:
-    yield [stream]
-    yield [stream[i : i + 1] for i in range(len(stream))]
-    for cut in range(1, len(stream)):
-        yield [stream[:cut], stream[cut:]]
 
 
-def split_at(stream: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted(cuts), len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def head(status: int, *headers: tuple[str, str]) -> ResponseHead:
-    return ResponseHead(status=status, headers=headers, http_version="HTTP/2")
 
 
 # -- decoding -------------------------------------------------------------------

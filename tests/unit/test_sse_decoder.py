@@ -5,7 +5,6 @@ a plain character-by-character reading of the spec as the oracle."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import UpstreamProtocolError
 from gateway.upstream.sse_decoder import SSEDecoder, SSEEvent
+from tests.unit.splits import every_split, split_at
 
 # -- helpers ------------------------------------------------------------------
 
@@ -26,12 +26,6 @@ def decode(chunks: list[bytes], *, max_event_bytes: int = 1 << 20) -> list[SSEEv
     return events
 
 
-def every_split(stream: bytes) -> Iterator[list[bytes]]:
-    """Whole, byte by byte, and cut in two at every byte boundary."""
-    yield [stream]
-    yield [stream[i : i + 1] for i in range(len(stream))]
-    for cut in range(len(stream) + 1):
-        yield [stream[:cut], stream[cut:]]
 
 
 def assert_decodes(stream: bytes, expected: list[SSEEvent]) -> None:
@@ -39,9 +33,6 @@ def assert_decodes(stream: bytes, expected: list[SSEEvent]) -> None:
         assert decode(chunks) == expected, chunks
 
 
-def split_at(stream: bytes, cuts: list[int]) -> list[bytes]:
-    bounds = [0, *sorted(cuts), len(stream)]
-    return [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def reference_decode(stream: bytes) -> list[SSEEvent]:
