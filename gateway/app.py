@@ -25,6 +25,7 @@ from gateway.middleware import add_request_id, envelope
 from gateway.state import STATE, GatewayState
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
+from gateway.upstream.source import SourceTimeouts
 from gateway.upstream.transport import TransportOptions, make_transport
 
 SETTINGS = web.AppKey("gateway_settings", Settings)
@@ -74,7 +75,9 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
                 max_connections=settings.upstream_max_connections,
                 connect_timeout=settings.upstream_connect_timeout_ms / 1000,
                 first_byte_timeout=settings.upstream_first_token_timeout_ms / 1000,
-                idle_timeout=settings.upstream_idle_timeout_ms / 1000,
+                # Idle gaps are timed by the source, which knows a token from
+                # a role chunk or a keepalive (gateway/upstream/source.py).
+                idle_timeout=None,
             ),
         )
         stack.push_async_callback(transport.aclose)
@@ -106,6 +109,10 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
             # of /readyz, the start-up line and the logs.
             upstream_url=origin.base_url + origin.base_path,
+            source_timeouts=SourceTimeouts(
+                first_token_s=settings.upstream_first_token_timeout_ms / 1000,
+                idle_s=settings.upstream_idle_timeout_ms / 1000,
+            ),
         )
         app[STATE] = state
         metrics.bind_live_state(

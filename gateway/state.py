@@ -12,6 +12,7 @@ from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.upstream.base import Transport
 from gateway.upstream.providers.base import Provider
+from gateway.upstream.source import SourceTimeouts
 
 
 @dataclass(eq=False)
@@ -26,6 +27,7 @@ class GatewayState:
     base_path: str
     #: Where requests go, for /readyz and the start-up line (no credentials).
     upstream_url: str
+    source_timeouts: SourceTimeouts
     active_streams: int = 0
     #: Set on SIGTERM: /readyz answers 503 and new model requests are refused.
     draining: bool = False

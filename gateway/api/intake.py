@@ -63,6 +63,7 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
             state.transport,
             state.provider,
             upstream_request,
+            timeouts=state.source_timeouts,
             on_status=state.metrics.upstream_status,
         ),
         request_id=record.request_id,

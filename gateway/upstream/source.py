@@ -10,11 +10,13 @@ once more, and the pool puts it on another connection.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from actors.deltas import Delta
-from gateway.errors import UpstreamError, UpstreamStreamRefused
+from gateway.errors import UpstreamError, UpstreamStreamRefused, UpstreamTimeout
 from gateway.upstream.base import ResponseStream, Transport, UpstreamRequest
 from gateway.upstream.providers.base import Provider, ProviderDecoder
 
@@ -29,11 +31,20 @@ class UpstreamSource:
         provider: Provider,
         request: UpstreamRequest,
         *,
+        timeouts: SourceTimeouts | None = None,
         on_status: Callable[[str], None] = lambda status: None,
     ) -> None:
         self._transport = transport
         self._provider = provider
         self._request = request
+        self._timeouts = timeouts or SourceTimeouts()
+        # Until the first content delta the first-token deadline holds (role
+        # chunks, pings and empty deltas do not count); after it, each gap
+        # between reads is bounded by the idle timeout.
+        loop = asyncio.get_running_loop()
+        first = self._timeouts.first_token_s
+        self._first_token_deadline = None if first is None else loop.time() + first
+        self._got_content = False
         #: Told each upstream outcome once: the status code, or "error" when
         #: no response came (for gateway_upstream_requests_total).
         self._on_status = on_status
@@ -73,9 +84,12 @@ class UpstreamSource:
         assert self._stream is not None, "start() first"
         if not self._head_checked:
             await self._check_head()
-        data = await self._stream.read()
+        data = await self._read_in_time()
         if data:
-            self._pending.extend(self._decoder.feed(data))
+            deltas = self._decoder.feed(data)
+            if not self._got_content:
+                self._got_content = any(delta.is_content for delta in deltas)
+            self._pending.extend(deltas)
             if self._decoder.done:
                 # The provider's terminator ([DONE], message_stop) is the end
                 # of the answer, whenever the transport's end follows it.
@@ -84,6 +98,20 @@ class UpstreamSource:
         else:
             self._eof = True
             self._pending.extend(self._decoder.close())
+
+    async def _read_in_time(self) -> bytes:
+        assert self._stream is not None
+        if self._got_content:
+            idle = self._timeouts.idle_s
+            deadline = None if idle is None else asyncio.get_running_loop().time() + idle
+        else:
+            deadline = self._first_token_deadline
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._stream.read()
+        except TimeoutError as exc:
+            what = "went idle" if self._got_content else "sent no first token"
+            raise UpstreamTimeout(f"upstream stream {what} within its timeout") from exc
 
     async def _check_head(self) -> None:
         assert self._stream is not None
@@ -122,17 +150,26 @@ async def read_bounded(stream: ResponseStream, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
+@dataclass(frozen=True, slots=True)
+class SourceTimeouts:
+    #: From sending the request to the first content delta.
+    first_token_s: float | None = 60.0
+    #: Between two reads once content flows.
+    idle_s: float | None = 30.0
+
+
 def source_opener(
     transport: Transport,
     provider: Provider,
     request: UpstreamRequest,
     *,
+    timeouts: SourceTimeouts | None = None,
     on_status: Callable[[str], None] = lambda status: None,
 ) -> Callable[[], Awaitable[UpstreamSource]]:
     """The ``open_source`` callable the registry's actor calls after admission."""
 
     async def open_source() -> UpstreamSource:
-        source = UpstreamSource(transport, provider, request, on_status=on_status)
+        source = UpstreamSource(transport, provider, request, timeouts=timeouts, on_status=on_status)
         try:
             await source.start()
         except UpstreamError:

@@ -324,3 +324,29 @@ async def test_openai_sdk_raises_on_an_in_stream_error(gateway):
     finally:
         await client.close()
 
+
+
+async def test_first_token_and_idle_timeouts_are_told_apart(gateway_factory):
+    """A role chunk or keepalive before the first token does not start the
+    idle clock: the first-token timeout holds until real content arrives."""
+    gateway = await gateway_factory(upstream_first_token_timeout_ms=2000, upstream_idle_timeout_ms=250)
+    async with aiohttp.ClientSession() as http:
+
+        async def native(prompt: str) -> list:
+            async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as resp:
+                return await FrameReader(resp).rest()
+
+        slow_start = await native("slow start [sim ttft_ms=600 tokens=4]")
+        assert slow_start[-1].event == "done"
+        assert native_text(slow_start) == expected("slow start [sim ttft_ms=600 tokens=4]", 4)
+
+        stalls = await native("stalls [sim itl_ms=700 tokens=4]")
+        assert stalls[-1].event == "error"
+        assert stalls[-1].json()["code"] == "upstream_timeout"
+        assert native_text(stalls) == expected("stalls [sim itl_ms=700 tokens=4]", 4)[: len(native_text(stalls))]
+
+        never = await native("never starts [sim ttft_ms=5000]")
+        assert never[-1].json()["code"] == "upstream_timeout"
+        assert native_text(never) == ""
+    records = await gateway.sim.log.wait_for(3)
+    assert sorted(r.outcome for r in records) == ["complete", "reset", "reset"]
