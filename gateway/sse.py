@@ -57,8 +57,12 @@ async def open_event_stream(
         allow_all_methods=True,
         ping_interval=ping_interval_s,
     )
-    await response.prepare(request)
-    await response.write(PING)
+    await response.prepare(request)  # starts aiohttp-sse's keepalive task
+    try:
+        await response.write(PING)
+    except BaseException:
+        response.stop_streaming()  # the caller never gets the response to stop it
+        raise
     return response
 
 
