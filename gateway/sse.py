@@ -10,7 +10,9 @@ reading (TCP_USER_TIMEOUT).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -40,10 +42,36 @@ def comment_frame(text: str) -> bytes:
 
 
 class _EventStream(EventSourceResponse):
-    # Hold the status line and headers until the first write -- the ping,
-    # right after -- so both leave in one packet instead of two syscalls
-    # (aiohttp's own Response does the same).
+    """aiohttp-sse's response, with two changes.
+
+    The status line and headers wait for the first write -- the ping, right
+    after -- so both leave in one packet (aiohttp's own Response does the
+    same). And the keepalive pings only a stream that has been silent for a
+    whole interval (ARCHITECTURE: "again every PING_INTERVAL_S while nothing
+    else was sent"), not every interval regardless.
+    """
+
     _send_headers_immediately = False
+    _last_write = 0.0
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._last_write = time.monotonic()
+        await super().write(data)
+
+    async def _ping(self) -> None:
+        while True:
+            silent_for = time.monotonic() - self._last_write
+            await asyncio.sleep(max(0.0, self._ping_interval - silent_for))
+            if time.monotonic() - self._last_write < self._ping_interval:
+                continue  # something was sent meanwhile: no ping needed yet
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self.write(PING)
+            except TimeoutError:
+                self._abort_transport()  # a client that stopped reading
+                break
+            except (ConnectionResetError, RuntimeError):
+                break  # gone, or the body already ended
 
 
 async def open_event_stream(

@@ -343,10 +343,26 @@ async def test_first_token_and_idle_timeouts_are_told_apart(gateway_factory):
         stalls = await native("stalls [sim itl_ms=700 tokens=4]")
         assert stalls[-1].event == "error"
         assert stalls[-1].json()["code"] == "upstream_timeout"
-        assert native_text(stalls) == expected("stalls [sim itl_ms=700 tokens=4]", 4)[: len(native_text(stalls))]
+        got = native_text(stalls)
+        assert got == expected("stalls [sim itl_ms=700 tokens=4]", 4)[: len(got)]
 
         never = await native("never starts [sim ttft_ms=5000]")
         assert never[-1].json()["code"] == "upstream_timeout"
         assert native_text(never) == ""
     records = await gateway.sim.log.wait_for(3)
     assert sorted(r.outcome for r in records) == ["complete", "reset", "reset"]
+
+
+async def test_keepalive_pings_only_a_silent_stream(gateway_factory):
+    gateway = await gateway_factory(ping_interval_s=0.2)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream",
+                             json=chat("quiet start [sim ttft_ms=700 itl_ms=50 tokens=16]")) as resp:
+            frames = await FrameReader(resp).rest()
+    first_delta = next(i for i, f in enumerate(frames) if f.event == "meta")
+    before, after = frames[:first_delta], frames[first_delta:]
+    # 700 ms of silence at a 200 ms interval: the first ping, then ~3 more.
+    assert all(f.comment == "ping" for f in before) and 3 <= len(before) <= 5
+    # 16 tokens 50 ms apart for ~800 ms: never 200 ms of silence, so no ping.
+    assert not any(f.comment == "ping" for f in after)
+    assert native_text(frames) == expected("quiet start [sim ttft_ms=700 itl_ms=50 tokens=16]", 16)
