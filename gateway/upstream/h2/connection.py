@@ -14,12 +14,10 @@ import itertools
 from collections.abc import Callable
 from typing import Final, cast
 
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
-from hyperframe.frame import Frame, GoAwayFrame
 
 from gateway.errors import (
     UpstreamConnectionLost,
@@ -27,9 +25,9 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamProtocolMismatch,
     UpstreamStreamRefused,
-    UpstreamStreamReset,
 )
-from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.h2.h2_state import code_name, new_client_state_machine, reset_error, response_head
 from gateway.upstream.h2.stream import H2ResponseStream
 
 #: Our connection-level receive window. The stream windows stay at the default
@@ -38,31 +36,6 @@ from gateway.upstream.h2.stream import H2ResponseStream
 #: (RFC 9113 §5.2: both windows apply to every DATA frame).
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 _DEFAULT_WINDOW: Final = 65_535
-
-#: We build our own request headers (lower-case names, no connection-specific
-#: fields; RFC 9113 §8.2), so h2's outbound validation and normalisation --
-#: a measurable share of the cost of opening a stream -- are skipped. What the
-#: upstream sends us is still validated.
-_H2_CONFIG = h2.config.H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
-
-
-class _GoawayTolerantH2Connection(h2.connection.H2Connection):
-    """h2 closes its whole state machine when a GOAWAY arrives
-    (python-hyper/h2#1181), so frames for the streams the GOAWAY lets finish
-    (RFC 9113 §6.8: those at or below last_stream_id) would be rejected.
-    Keep the state: this connection stops opening streams by itself."""
-
-    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2.events.Event]]:
-        state = self.state_machine.state
-        result = super()._receive_goaway_frame(frame)
-        self.state_machine.state = state
-        return result
-
 
 class H2ClientConnection(asyncio.Protocol):
     """Multiplexes ``H2ResponseStream``s over one transport."""
@@ -77,7 +50,7 @@ class H2ClientConnection(asyncio.Protocol):
         keepalive_s: float | None = 20.0,
         on_capacity: Callable[[], None] = lambda: None,
     ) -> None:
-        self._h2 = _GoawayTolerantH2Connection(config=_H2_CONFIG)
+        self._h2 = new_client_state_machine()
         self._authority = authority.encode()
         self._scheme = scheme.encode()
         self._first_byte_timeout = first_byte_timeout
@@ -175,13 +148,13 @@ class H2ClientConnection(asyncio.Protocol):
             assert event.stream_id is not None and event.headers is not None
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream.on_head(_response_head(event.headers))
+                stream.on_head(response_head(event.headers))
         elif isinstance(event, h2.events.StreamEnded):
             assert event.stream_id is not None
             self._end_stream(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
             assert event.stream_id is not None
-            self._fail_stream(event.stream_id, _reset_error(event.error_code))
+            self._fail_stream(event.stream_id, reset_error(event.error_code))
         elif isinstance(event, h2.events.WindowUpdated):
             self._wake_senders(event.stream_id or 0)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
@@ -356,7 +329,7 @@ class H2ClientConnection(asyncio.Protocol):
             self._fail_stream(stream_id, refused)
         if error_code not in (None, ErrorCodes.NO_ERROR):
             # A GOAWAY with an error closes the connection for everyone.
-            self._fail(UpstreamConnectionLost(f"upstream sent GOAWAY ({_code_name(error_code)})"))
+            self._fail(UpstreamConnectionLost(f"upstream sent GOAWAY ({code_name(error_code)})"))
             return
         if not self._streams:
             self.close()
@@ -427,31 +400,3 @@ class H2ClientConnection(asyncio.Protocol):
         self._h2.ping(next(self._ping_ids).to_bytes(8, "big"))
         self._flush()
         self._schedule_keepalive()
-
-
-def _response_head(raw_headers: list[tuple[bytes, bytes]]) -> ResponseHead:
-    status = 0
-    headers: list[tuple[str, str]] = []
-    for name, value in raw_headers:
-        if name == b":status":
-            status = int(value)
-        elif not name.startswith(b":"):
-            headers.append((name.decode("latin-1"), value.decode("latin-1")))
-    return ResponseHead(status=status, headers=tuple(headers), http_version="HTTP/2")
-
-
-def _reset_error(error_code: int | None) -> UpstreamError:
-    if error_code == ErrorCodes.REFUSED_STREAM:
-        # RFC 9113 §8.7: REFUSED_STREAM means no application processing
-        # happened, so the request may safely be sent again.
-        return UpstreamStreamRefused("upstream refused the stream")
-    return UpstreamStreamReset(f"upstream reset the stream ({_code_name(error_code)})")
-
-
-def _code_name(error_code: int | None) -> str:
-    if error_code is None:
-        return "no error code"
-    try:
-        return ErrorCodes(error_code).name
-    except ValueError:
-        return f"error code {error_code}"
