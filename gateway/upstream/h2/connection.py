@@ -14,7 +14,6 @@ import itertools
 from collections.abc import Callable
 from typing import Final, cast
 
-import h2.connection
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
