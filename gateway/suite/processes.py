@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
@@ -99,8 +99,24 @@ class Service:
 @asynccontextmanager
 async def service(name: str, module: str, args: list[str], env: Mapping[str, str]) -> AsyncIterator[str]:
     """``python -m module args`` until it prints its URL; yields the URL."""
+    async with started_service(name, module, args, env) as child:
+        yield child.url.result()
+
+
+@asynccontextmanager
+async def started_service(
+    name: str,
+    module: str,
+    args: list[str],
+    env: Mapping[str, str],
+    *,
+    prefix: Sequence[str] = (),
+) -> AsyncIterator[Service]:
+    """``[prefix...] python -m module args`` until it prints its URL; yields
+    the running Service (its process too: the benchmarks read its CPU and
+    memory). ``prefix`` is a launcher such as ``taskset -c 1``."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *args,
+        *prefix, sys.executable, "-m", module, *args,
         env=dict(env),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -114,7 +130,8 @@ async def service(name: str, module: str, args: list[str], env: Mapping[str, str
                 url = await child.url
         except TimeoutError as exc:
             raise ServiceError(f"{name} did not listen within {START_TIMEOUT_S:g} s") from exc
-        yield url
+        del url  # waited for; callers read child.url
+        yield child
     finally:
         await child.stop()
         await reader  # EOF follows the exit: the reader ends by itself

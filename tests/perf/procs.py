@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-_LISTENING = re.compile(rb"listening on (http://[0-9.:]+)")
+from gateway.suite.processes import started_service
 
 
 @dataclass(frozen=True)
@@ -57,32 +55,12 @@ def _pinned(core: int | None) -> list[str]:
 async def python_service(
     module: str, args: list[str], env: Mapping[str, str], *, core: int | None
 ) -> AsyncIterator[Proc]:
-    """``python -m module args`` until it prints its ``listening on URL`` line."""
-    process = await asyncio.create_subprocess_exec(
-        *_pinned(core), sys.executable, "-m", module, *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert process.stdout is not None
-        async with asyncio.timeout(20):
-            while True:
-                line = await process.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"{module} exited before listening")
-                if match := _LISTENING.search(line):
-                    break
-        yield Proc(process, match.group(1).decode())
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+    """``python -m module args`` (pinned to ``core``) until it prints its
+    ``listening on URL`` line: the TTFT suite's own process handling."""
+    async with started_service(
+        module, module, args, {**os.environ, **env}, prefix=_pinned(core)
+    ) as child:
+        yield Proc(child.process, child.url.result())
 
 
 @asynccontextmanager
