@@ -94,6 +94,10 @@ class StreamActor:
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
         self._end: StreamEnd | None = None
+        #: Scratch space for whoever encodes this stream's deltas (the HTTP
+        #: face keeps each frame here, encoded once for every subscriber).
+        #: Opaque to the actor; freed with the log.
+        self.memo: dict[object, object] = {}
 
     @classmethod
     def remembered(
@@ -178,6 +182,7 @@ class StreamActor:
         self._log_base += len(self._log)
         self._log.clear()
         self._log_bytes = 0
+        self.memo.clear()
 
     def shutdown(self, reason: BaseException) -> None:
         """End the stream for every subscriber with ``reason`` (registry closing)."""

@@ -90,6 +90,12 @@ class Subscription:
         return self._actor.subscriber_count
 
     @property
+    def memo(self) -> dict[object, object]:
+        """The stream's scratch space, shared by all its subscribers (for
+        encoding a delta once, however many read it)."""
+        return self._actor.memo
+
+    @property
     def cursor(self) -> int:
         """Deltas delivered so far (a resumed subscription counts the skipped
         ones): the sequence number of the last delivered delta."""

@@ -15,7 +15,7 @@ from aiohttp import web
 from actors.deltas import Delta, Usage
 from actors.subscription import Subscription
 from gateway.api.intake import KEY_PREFIX, read_chat, subscribe
-from gateway.api.relay import relay
+from gateway.api.relay import SharedFrames, relay
 from gateway.errors import GatewayError
 from gateway.sse import event_frame
 from gateway.state import RECORD
@@ -24,7 +24,8 @@ API = "native"
 
 
 class NativeEncoder:
-    def __init__(self) -> None:
+    def __init__(self, subscription: Subscription) -> None:
+        self._shared = SharedFrames(subscription, API)
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
 
@@ -48,19 +49,8 @@ class NativeEncoder:
                 self._finish_reason = delta.finish_reason
             if delta.usage is not None:
                 self._usage = delta.usage
-            if not delta.is_content:
-                continue
-            body: dict[str, Any] = {}
-            if delta.text:
-                body["text"] = delta.text
-            if delta.reasoning:
-                body["reasoning"] = delta.reasoning
-            if delta.tool_calls:
-                body["tool_calls"] = [
-                    {"index": c.index, "id": c.id, "name": c.name, "arguments": c.arguments}
-                    for c in delta.tool_calls
-                ]
-            frames.append(event_frame("delta", body, event_id=seq))
+            if delta.is_content:
+                frames.append(self._shared.frame(seq, delta, _delta_frame))
         return b"".join(frames)
 
     def end(self, subscription: Subscription, ttft_ms: float | None, total_ms: float) -> bytes:
@@ -85,8 +75,22 @@ class NativeEncoder:
         )
 
 
+def _delta_frame(seq: int, delta: Delta) -> bytes:
+    body: dict[str, Any] = {}
+    if delta.text:
+        body["text"] = delta.text
+    if delta.reasoning:
+        body["reasoning"] = delta.reasoning
+    if delta.tool_calls:
+        body["tool_calls"] = [
+            {"index": c.index, "id": c.id, "name": c.name, "arguments": c.arguments}
+            for c in delta.tool_calls
+        ]
+    return event_frame("delta", body, event_id=seq)
+
+
 async def stream(request: web.Request) -> web.StreamResponse:
     request[RECORD].api = API
     chat = await read_chat(request)
     subscription = subscribe(request, chat, streaming=True)
-    return await relay(request, subscription, NativeEncoder())
+    return await relay(request, subscription, NativeEncoder(subscription))

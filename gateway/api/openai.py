@@ -18,7 +18,7 @@ from actors.deltas import Delta, ToolCallDelta, Usage
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest
 from gateway.api.intake import read_chat, subscribe
-from gateway.api.relay import note_queue_wait, relay
+from gateway.api.relay import SharedFrames, note_queue_wait, relay
 from gateway.errors import GatewayError
 from gateway.sse import DONE, comment_frame, data_frame, dumps
 from gateway.state import RECORD
@@ -47,13 +47,16 @@ def _usage(usage: Usage) -> dict[str, int]:
 
 
 class ChunkEncoder:
-    """``data: {chat.completion.chunk}`` frames for one subscriber."""
+    """``data: {chat.completion.chunk}`` frames for one subscriber; the
+    frames of the stream's deltas are shared with its other subscribers."""
 
-    def __init__(self, *, completion_id: str, model: str, created: int, include_usage: bool):
+    def __init__(self, subscription: Subscription, *, model: str, include_usage: bool):
+        self._shared = SharedFrames(subscription, API)
         self._base = {
-            "id": completion_id,
+            "id": completion_id(subscription),
             "object": "chat.completion.chunk",
-            "created": created,
+            # One creation time per stream: shared frames must be identical.
+            "created": self._shared.stream_constant("created", lambda: int(time.time())),
             "model": model,
         }
         self._include_usage = include_usage
@@ -77,19 +80,23 @@ class ChunkEncoder:
 
     def deltas(self, first_seq: int, deltas: Sequence[Delta]) -> bytes:
         frames = []
-        for delta in deltas:
-            body: dict[str, Any] = {}
-            if delta.text:
-                body["content"] = delta.text
-            if delta.reasoning:
-                body["reasoning_content"] = delta.reasoning
-            if delta.tool_calls:
-                body["tool_calls"] = [_tool_call(call) for call in delta.tool_calls]
-            if body or delta.finish_reason:
-                frames.append(self._chunk(body, delta.finish_reason))
+        for seq, delta in enumerate(deltas, start=first_seq):
+            frames.append(self._shared.frame(seq, delta, self._encode))
             if delta.usage is not None and self._include_usage:
                 frames.append(data_frame({**self._base, "choices": [], "usage": _usage(delta.usage)}))
         return b"".join(frames)
+
+    def _encode(self, seq: int, delta: Delta) -> bytes:
+        body: dict[str, Any] = {}
+        if delta.text:
+            body["content"] = delta.text
+        if delta.reasoning:
+            body["reasoning_content"] = delta.reasoning
+        if delta.tool_calls:
+            body["tool_calls"] = [_tool_call(call) for call in delta.tool_calls]
+        if body or delta.finish_reason:
+            return self._chunk(body, delta.finish_reason)
+        return b""
 
     def end(self, subscription: Subscription, ttft_ms: float | None, total_ms: float) -> bytes:
         if subscription.outcome == "cancelled":
@@ -111,12 +118,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = await read_chat(request)
     subscription = subscribe(request, chat, streaming=chat.stream)
     if chat.stream:
-        encoder = ChunkEncoder(
-            completion_id=completion_id(subscription),
-            model=chat.model,
-            created=int(time.time()),
-            include_usage=chat.include_usage,
-        )
+        encoder = ChunkEncoder(subscription, model=chat.model, include_usage=chat.include_usage)
         return await relay(request, subscription, encoder)
     return await _complete(request, chat, subscription)
 

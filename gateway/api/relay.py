@@ -11,8 +11,8 @@ which resets the upstream in the same tick if this was the last subscriber.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast
 
 import structlog
 from aiohttp import web
@@ -37,6 +37,33 @@ class StreamEncoder(Protocol):
     def end(self, subscription: Subscription, ttft_ms: float | None, total_ms: float) -> bytes: ...
 
     def error(self, exc: GatewayError) -> bytes: ...
+
+
+class SharedFrames:
+    """The frames of one stream's deltas, encoded once for all its
+    subscribers: the fan-out writes the same bytes to each instead of
+    encoding every delta again per subscriber. A stream read by one client
+    keeps nothing (there is no one to share with)."""
+
+    __slots__ = ("_api", "_subscription")
+
+    def __init__(self, subscription: Subscription, api: str) -> None:
+        self._subscription = subscription
+        self._api = api
+
+    def frame(self, seq: int, delta: Delta, encode: Callable[[int, Delta], bytes]) -> bytes:
+        if self._subscription.subscribers <= 1:
+            return encode(seq, delta)
+        memo = self._subscription.memo
+        key = (self._api, seq)
+        frame = memo.get(key)
+        if frame is None:
+            frame = memo[key] = encode(seq, delta)
+        return cast(bytes, frame)
+
+    def stream_constant(self, name: str, make: Callable[[], object]) -> object:
+        """A value every subscriber's frames must agree on (say, a timestamp)."""
+        return self._subscription.memo.setdefault((self._api, name), make())
 
 
 async def relay(request: web.Request, subscription: Subscription, encoder: StreamEncoder) -> (

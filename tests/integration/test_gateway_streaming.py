@@ -78,16 +78,18 @@ async def test_fifty_identical_streams_make_one_upstream_call(gateway):
     prompt = "the burst [sim ttft_ms=200]"
     async with aiohttp.ClientSession() as http:
 
-        async def one() -> tuple[str, str]:
+        async def one() -> tuple[str, str, list[bytes]]:
             async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt)) as resp:
                 frames = await FrameReader(resp).rest()
             meta = next(json.loads(f.comment[5:]) for f in frames
                         if f.comment and f.comment.startswith("meta "))
-            return openai_text(frames), meta["role"]
+            return openai_text(frames), meta["role"], [f.raw for f in frames if not f.comment]
 
         results = await asyncio.gather(*(one() for _ in range(50)))
-    assert [text for text, _ in results] == [expected(prompt)] * 50
-    roles = sorted(role for _, role in results)
+    assert [text for text, _, _ in results] == [expected(prompt)] * 50
+    # One completion, the same bytes for everyone (encoded once, shared).
+    assert all(raw == results[0][2] for _, _, raw in results)
+    roles = sorted(role for _, role, _ in results)
     assert roles.count("leader") == 1 and roles.count("follower") == 49
     assert len(gateway.sim.log.records) == 1
     stats = gateway.state.registry.statistics()
