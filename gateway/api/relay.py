@@ -28,7 +28,7 @@ log = structlog.get_logger("gateway")
 
 
 class StreamEncoder(Protocol):
-    """One API's frames. Pure functions of their inputs (no I/O)."""
+    """One API's frames, as bytes (no I/O: the relay writes them)."""
 
     def meta(self, subscription: Subscription, ttft_ms: float, queue_wait_ms: float) -> bytes: ...
 
