@@ -156,7 +156,6 @@ def _finish(request: web.Request, record: RequestRecord, client: str | None) -> 
             bytes=record.bytes_sent,
             client=client,
             error=record.error_code,
-            **record.extra,
         )
     structlog.contextvars.unbind_contextvars("request_id")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -49,7 +49,6 @@ class RequestRecord:
     outcome: str = "ok"
     status: int = 200
     error_code: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

@@ -55,220 +55,191 @@ async def fast_sim(sim_factory):
     return await sim_factory(FAST)
 
 
-def pool_for(sim: SimServer, **kwargs: object) -> H2Pool:
-    return H2Pool(Origin.parse(sim.url), **kwargs)  # type: ignore[arg-type]
+@pytest.fixture
+async def pools():
+    """``pools(sim, **options)``: an H2Pool on the simulator, closed after the test."""
+    opened: list[H2Pool] = []
 
+    def make(sim: SimServer, **kwargs: object) -> H2Pool:
+        opened.append(H2Pool(Origin.parse(sim.url), **kwargs))  # type: ignore[arg-type]
+        return opened[-1]
 
-async def test_200_concurrent_streams_share_one_connection_and_arrive_exact(fast_sim):
-    pool = pool_for(fast_sim, max_connections=1)
-    try:
-        prompts = [f"question number {i}" for i in range(200)]
-        streams = await asyncio.gather(*(pool.open(chat_request(p)) for p in prompts))
-        assert pool.connection_count() == 1
-        bodies = await asyncio.gather(*(read_all(s) for s in streams))
-        for prompt, stream, body in zip(prompts, streams, bodies, strict=True):
-            assert (await stream.head()).status == 200
-            assert decoded_text(body) == expected_text(prompt, FAST.tokens)
-        records = await fast_sim.log.wait_for(200, outcome="complete")
-        assert {r.http_version for r in records} == {"HTTP/2"}
-    finally:
+    yield make
+    for pool in opened:
         await pool.aclose()
 
 
-async def test_streams_beyond_max_concurrent_open_a_second_connection_then_wait(sim_factory):
-    sim = await sim_factory(dataclasses.replace(FAST, max_concurrent_streams=10))
-    pool = pool_for(sim, max_connections=2)
-    try:
-        slow = {"ttft_ms": 60_000}
-        first = [await pool.open(chat_request(f"slow {i}", **slow)) for i in range(20)]
-        assert pool.connection_count() == 2
-        waiting = asyncio.ensure_future(pool.open(chat_request("waits for a slot")))
-        await asyncio.sleep(0)  # one loop step: open() runs up to its capacity wait
-        assert len(pool._waiters) == 1 and not waiting.done()
-        first[0].reset()  # frees one slot: the waiter takes it
-        stream = await asyncio.wait_for(waiting, 5)
-        assert decoded_text(await read_all(stream)) == expected_text("waits for a slot", 16)
-        assert pool.connection_count() == 2
-        for s in first[1:]:
-            s.reset()
-    finally:
-        await pool.aclose()
-
-
-async def test_reset_reaches_the_simulator_within_a_few_ms(fast_sim):
-    pool = pool_for(fast_sim)
-    try:
-        stream = await pool.open(chat_request("cancel me", itl_ms=20, tokens=500))
+async def test_200_concurrent_streams_share_one_connection_and_arrive_exact(fast_sim, pools):
+    pool = pools(fast_sim, max_connections=1)
+    prompts = [f"question number {i}" for i in range(200)]
+    streams = await asyncio.gather(*(pool.open(chat_request(p)) for p in prompts))
+    assert pool.connection_count() == 1
+    bodies = await asyncio.gather(*(read_all(s) for s in streams))
+    for prompt, stream, body in zip(prompts, streams, bodies, strict=True):
         assert (await stream.head()).status == 200
-        assert await stream.read()  # mid-stream
-        aborted_at = time.monotonic()
-        stream.reset()
-        (record,) = await fast_sim.log.wait_for(1, outcome="reset")
-        latency_ms = (record.end - aborted_at) * 1000
-        print(f"reset -> simulator saw it: {latency_ms:.2f} ms")
-        assert 0 <= latency_ms < 100  # generous: typically well under 5 ms
-        assert record.tokens_sent < 500
-        assert await stream.read() == b""  # a reset stream reads as ended
-    finally:
-        await pool.aclose()
+        assert decoded_text(body) == expected_text(prompt, FAST.tokens)
+    records = await fast_sim.log.wait_for(200, outcome="complete")
+    assert {r.http_version for r in records} == {"HTTP/2"}
 
 
-async def test_reset_before_the_first_byte_reaches_the_simulator(fast_sim):
-    pool = pool_for(fast_sim)
-    try:
-        stream = await pool.open(chat_request("never answered", ttft_ms=60_000))
-        await fast_sim.log.wait_for_arrivals(1)
-        aborted_at = time.monotonic()
-        stream.reset()
-        (record,) = await fast_sim.log.wait_for(1, outcome="reset")
-        assert record.first_token is None and record.tokens_sent == 0
-        assert (record.end - aborted_at) < 0.1
-        with pytest.raises(UpstreamStreamReset):
-            await stream.head()
-    finally:
-        await pool.aclose()
+async def test_streams_beyond_max_concurrent_open_a_second_connection_then_wait(sim_factory, pools):
+    sim = await sim_factory(dataclasses.replace(FAST, max_concurrent_streams=10))
+    pool = pools(sim, max_connections=2)
+    slow = {"ttft_ms": 60_000}
+    first = [await pool.open(chat_request(f"slow {i}", **slow)) for i in range(20)]
+    assert pool.connection_count() == 2
+    waiting = asyncio.ensure_future(pool.open(chat_request("waits for a slot")))
+    await asyncio.sleep(0)  # one loop step: open() runs up to its capacity wait
+    assert len(pool._waiters) == 1 and not waiting.done()
+    first[0].reset()  # frees one slot: the waiter takes it
+    stream = await asyncio.wait_for(waiting, 5)
+    assert decoded_text(await read_all(stream)) == expected_text("waits for a slot", 16)
+    assert pool.connection_count() == 2
+    for s in first[1:]:
+        s.reset()
 
 
-async def test_a_paused_consumer_slows_only_its_own_stream(fast_sim):
-    pool = pool_for(fast_sim, max_connections=1)
-    try:
-        big = await pool.open(chat_request("big", tokens=1024, token_size=1024))
-        assert (await big.head()).status == 200
-        # While nobody reads `big`, another stream on the same connection
-        # completes: the paused stream holds only its own window.
-        small = await pool.open(chat_request("small"))
-        assert decoded_text(await read_all(small)) == expected_text("small", 16)
-        buffered = sum(len(data) for data, _ in big._chunks)  # type: ignore[attr-defined]
-        assert buffered <= 65_535
-        assert pool.connection_count() == 1
-        body = await read_all(big)
-        assert len(body) > 1024 * 1024
-        assert decoded_text(body) == expected_text("big", 1024, 1024)
-    finally:
-        await pool.aclose()
+async def test_reset_reaches_the_simulator_within_a_few_ms(fast_sim, pools):
+    pool = pools(fast_sim)
+    stream = await pool.open(chat_request("cancel me", itl_ms=20, tokens=500))
+    assert (await stream.head()).status == 200
+    assert await stream.read()  # mid-stream
+    aborted_at = time.monotonic()
+    stream.reset()
+    (record,) = await fast_sim.log.wait_for(1, outcome="reset")
+    latency_ms = (record.end - aborted_at) * 1000
+    print(f"reset -> simulator saw it: {latency_ms:.2f} ms")
+    assert 0 <= latency_ms < 100  # generous: typically well under 5 ms
+    assert record.tokens_sent < 500
+    assert await stream.read() == b""  # a reset stream reads as ended
 
 
-async def test_a_request_body_larger_than_the_peers_window_is_sent_whole(fast_sim):
-    pool = pool_for(fast_sim)
-    try:
-        prompt = "long " * 60_000  # 300 KB: several times the 65,535-byte window
-        stream = await pool.open(chat_request(prompt))
-        assert decoded_text(await read_all(stream)) == expected_text(prompt, 16)
-    finally:
-        await pool.aclose()
+async def test_reset_before_the_first_byte_reaches_the_simulator(fast_sim, pools):
+    pool = pools(fast_sim)
+    stream = await pool.open(chat_request("never answered", ttft_ms=60_000))
+    await fast_sim.log.wait_for_arrivals(1)
+    aborted_at = time.monotonic()
+    stream.reset()
+    (record,) = await fast_sim.log.wait_for(1, outcome="reset")
+    assert record.first_token is None and record.tokens_sent == 0
+    assert (record.end - aborted_at) < 0.1
+    with pytest.raises(UpstreamStreamReset):
+        await stream.head()
 
 
-async def test_goaway_refused_stream_is_retryable_and_next_stream_uses_a_new_connection(fast_sim):
-    pool = pool_for(fast_sim)
-    try:
-        warmup = await pool.open(chat_request("warm up"))
-        await read_all(warmup)
-        refused = await pool.open(chat_request("refuse me", goaway="refuse"))
-        with pytest.raises(UpstreamStreamRefused) as info:
-            await refused.head()
-        assert info.value.retryable
-        again = await pool.open(chat_request("after goaway"))
-        assert decoded_text(await read_all(again)) == expected_text("after goaway", 16)
-        records = await fast_sim.log.wait_for(2, outcome="complete")
-        assert len({r.connection_id for r in records}) == 2
-        assert pool.connection_count() == 1
-    finally:
-        await pool.aclose()
+async def test_a_paused_consumer_slows_only_its_own_stream(fast_sim, pools):
+    pool = pools(fast_sim, max_connections=1)
+    big = await pool.open(chat_request("big", tokens=1024, token_size=1024))
+    assert (await big.head()).status == 200
+    # While nobody reads `big`, another stream on the same connection
+    # completes: the paused stream holds only its own window.
+    small = await pool.open(chat_request("small"))
+    assert decoded_text(await read_all(small)) == expected_text("small", 16)
+    buffered = sum(len(data) for data, _ in big._chunks)  # type: ignore[attr-defined]
+    assert buffered <= 65_535
+    assert pool.connection_count() == 1
+    body = await read_all(big)
+    assert len(body) > 1024 * 1024
+    assert decoded_text(body) == expected_text("big", 1024, 1024)
 
 
-async def test_graceful_goaway_finishes_the_stream_and_moves_on(fast_sim):
-    pool = pool_for(fast_sim)
-    try:
-        stream = await pool.open(chat_request("last on this connection", goaway="graceful"))
-        assert decoded_text(await read_all(stream)) == expected_text("last on this connection", 16)
-        nxt = await pool.open(chat_request("first on the next"))
-        assert decoded_text(await read_all(nxt)) == expected_text("first on the next", 16)
-        records = await fast_sim.log.wait_for(2, outcome="complete")
-        assert len({r.connection_id for r in records}) == 2
-    finally:
-        await pool.aclose()
+async def test_a_request_body_larger_than_the_peers_window_is_sent_whole(fast_sim, pools):
+    pool = pools(fast_sim)
+    prompt = "long " * 60_000  # 300 KB: several times the 65,535-byte window
+    stream = await pool.open(chat_request(prompt))
+    assert decoded_text(await read_all(stream)) == expected_text(prompt, 16)
 
 
-async def test_a_killed_connection_fails_all_its_streams_and_the_pool_recovers(fast_sim):
-    pool = pool_for(fast_sim, max_connections=1)
-    try:
-        bystander = await pool.open(chat_request("bystander", itl_ms=50, tokens=200))
-        victim = await pool.open(chat_request("victim", itl_ms=1, tokens=200, kill_after=3))
-        with pytest.raises(UpstreamConnectionLost):
-            await read_all(victim)
-        with pytest.raises(UpstreamConnectionLost):
-            await read_all(bystander)
-        assert pool.connection_count() == 0
-        fresh = await pool.open(chat_request("fresh"))
-        assert decoded_text(await read_all(fresh)) == expected_text("fresh", 16)
-        assert pool.connection_count() == 1
-    finally:
-        await pool.aclose()
+async def test_goaway_refused_stream_is_retryable_and_next_stream_uses_a_new_connection(fast_sim, pools):
+    pool = pools(fast_sim)
+    warmup = await pool.open(chat_request("warm up"))
+    await read_all(warmup)
+    refused = await pool.open(chat_request("refuse me", goaway="refuse"))
+    with pytest.raises(UpstreamStreamRefused) as info:
+        await refused.head()
+    assert info.value.retryable
+    again = await pool.open(chat_request("after goaway"))
+    assert decoded_text(await read_all(again)) == expected_text("after goaway", 16)
+    records = await fast_sim.log.wait_for(2, outcome="complete")
+    assert len({r.connection_id for r in records}) == 2
+    assert pool.connection_count() == 1
 
 
-async def test_an_upstream_reset_after_some_tokens_is_reported(fast_sim):
-    pool = pool_for(fast_sim)
-    try:
-        stream = await pool.open(chat_request("reset by peer", reset_after=3))
-        with pytest.raises(UpstreamStreamReset):
-            await read_all(stream)
-        # The connection survives a stream reset.
-        other = await pool.open(chat_request("still fine"))
-        assert decoded_text(await read_all(other)) == expected_text("still fine", 16)
-        assert pool.connection_count() == 1
-    finally:
-        await pool.aclose()
+async def test_graceful_goaway_finishes_the_stream_and_moves_on(fast_sim, pools):
+    pool = pools(fast_sim)
+    stream = await pool.open(chat_request("last on this connection", goaway="graceful"))
+    assert decoded_text(await read_all(stream)) == expected_text("last on this connection", 16)
+    nxt = await pool.open(chat_request("first on the next"))
+    assert decoded_text(await read_all(nxt)) == expected_text("first on the next", 16)
+    records = await fast_sim.log.wait_for(2, outcome="complete")
+    assert len({r.connection_id for r in records}) == 2
 
 
-async def test_abandoned_streams_do_not_leak_the_connection_window(fast_sim):
+async def test_a_killed_connection_fails_all_its_streams_and_the_pool_recovers(fast_sim, pools):
+    pool = pools(fast_sim, max_connections=1)
+    bystander = await pool.open(chat_request("bystander", itl_ms=50, tokens=200))
+    victim = await pool.open(chat_request("victim", itl_ms=1, tokens=200, kill_after=3))
+    with pytest.raises(UpstreamConnectionLost):
+        await read_all(victim)
+    with pytest.raises(UpstreamConnectionLost):
+        await read_all(bystander)
+    assert pool.connection_count() == 0
+    fresh = await pool.open(chat_request("fresh"))
+    assert decoded_text(await read_all(fresh)) == expected_text("fresh", 16)
+    assert pool.connection_count() == 1
+
+
+async def test_an_upstream_reset_after_some_tokens_is_reported(fast_sim, pools):
+    pool = pools(fast_sim)
+    stream = await pool.open(chat_request("reset by peer", reset_after=3))
+    with pytest.raises(UpstreamStreamReset):
+        await read_all(stream)
+    # The connection survives a stream reset.
+    other = await pool.open(chat_request("still fine"))
+    assert decoded_text(await read_all(other)) == expected_text("still fine", 16)
+    assert pool.connection_count() == 1
+
+
+async def test_abandoned_streams_do_not_leak_the_connection_window(fast_sim, pools):
     """Reset 300 streams that each received data nobody read: the
     connection window must come back (FIELD-NOTES: acknowledge everything)."""
-    pool = pool_for(fast_sim, max_connections=1)
-    try:
-        for i in range(300):
-            stream = await pool.open(chat_request(f"abandon {i}", tokens=64, token_size=256))
-            await stream.head()
-            assert await stream.read()
-            stream.reset()
-        final = await pool.open(chat_request("after abandoning", tokens=256, token_size=256))
-        assert decoded_text(await read_all(final)) == expected_text("after abandoning", 256, 256)
-        assert pool.connection_count() == 1
-    finally:
-        await pool.aclose()
+    pool = pools(fast_sim, max_connections=1)
+    for i in range(300):
+        stream = await pool.open(chat_request(f"abandon {i}", tokens=64, token_size=256))
+        await stream.head()
+        assert await stream.read()
+        stream.reset()
+    final = await pool.open(chat_request("after abandoning", tokens=256, token_size=256))
+    assert decoded_text(await read_all(final)) == expected_text("after abandoning", 256, 256)
+    assert pool.connection_count() == 1
 
 
-async def test_a_connection_draining_after_goaway_does_not_block_new_streams(fast_sim):
+async def test_a_connection_draining_after_goaway_does_not_block_new_streams(fast_sim, pools):
     """With max_connections=1, a GOAWAY'd connection still finishing a long
     stream must not stop the pool from opening the next connection."""
-    pool = pool_for(fast_sim, max_connections=1)
-    try:
-        long = await pool.open(chat_request("still streaming", itl_ms=20, tokens=500))
-        assert await long.read()
-        last = await pool.open(chat_request("last one here", goaway="graceful"))
-        assert decoded_text(await read_all(last)) == expected_text("last one here", 16)
-        async with asyncio.timeout(2):
-            nxt = await pool.open(chat_request("on a new connection"))
-            assert decoded_text(await read_all(nxt)) == expected_text("on a new connection", 16)
-        assert long.error is None  # the draining connection's stream goes on
-        long.reset()
-    finally:
-        await pool.aclose()
+    pool = pools(fast_sim, max_connections=1)
+    long = await pool.open(chat_request("still streaming", itl_ms=20, tokens=500))
+    assert await long.read()
+    last = await pool.open(chat_request("last one here", goaway="graceful"))
+    assert decoded_text(await read_all(last)) == expected_text("last one here", 16)
+    async with asyncio.timeout(2):
+        nxt = await pool.open(chat_request("on a new connection"))
+        assert decoded_text(await read_all(nxt)) == expected_text("on a new connection", 16)
+    assert long.error is None  # the draining connection's stream goes on
+    long.reset()
 
 
-async def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(sim_factory):
+async def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(sim_factory, pools):
     sim = await sim_factory(dataclasses.replace(FAST, max_concurrent_streams=1))
-    pool = pool_for(sim, max_connections=1)
-    try:
-        holder = await pool.open(chat_request("holds the only slot", ttft_ms=60_000))
-        first = asyncio.ensure_future(pool.open(chat_request("first waiter")))
-        second = asyncio.ensure_future(pool.open(chat_request("second waiter")))
-        await asyncio.sleep(0)  # one loop step: both reach their capacity wait
-        assert len(pool._waiters) == 2
-        holder.reset()  # wakes the first waiter...
-        first.cancel()  # ...which leaves before taking the slot
-        stream = await asyncio.wait_for(second, 2)
-        assert decoded_text(await read_all(stream)) == expected_text("second waiter", 16)
-        with pytest.raises(asyncio.CancelledError):
-            await first
-    finally:
-        await pool.aclose()
+    pool = pools(sim, max_connections=1)
+    holder = await pool.open(chat_request("holds the only slot", ttft_ms=60_000))
+    first = asyncio.ensure_future(pool.open(chat_request("first waiter")))
+    second = asyncio.ensure_future(pool.open(chat_request("second waiter")))
+    await asyncio.sleep(0)  # one loop step: both reach their capacity wait
+    assert len(pool._waiters) == 2
+    holder.reset()  # wakes the first waiter...
+    first.cancel()  # ...which leaves before taking the slot
+    stream = await asyncio.wait_for(second, 2)
+    assert decoded_text(await read_all(stream)) == expected_text("second waiter", 16)
+    with pytest.raises(asyncio.CancelledError):
+        await first

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from gateway.metrics import percentile
+
+__all__ = ["Timing", "chat_body", "percentile", "timed_stream"]
+
 _CONTENT = re.compile(rb'"content":"[^"]')
 
 
@@ -62,11 +66,3 @@ async def timed_stream(
     except aiohttp.ClientError as exc:
         timing.error = type(exc).__name__
     return timing
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    index = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[index]

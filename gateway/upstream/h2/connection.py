@@ -89,10 +89,6 @@ class H2ClientConnection(asyncio.Protocol):
         return self._goaway and not self._closed
 
     @property
-    def active_streams(self) -> int:
-        return len(self._streams)
-
-    @property
     def free_streams(self) -> int:
         return max(0, self._h2.remote_settings.max_concurrent_streams - len(self._streams))
 

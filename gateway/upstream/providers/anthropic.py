@@ -87,12 +87,7 @@ class AnthropicProvider:
     def error_from_response(self, head: ResponseHead, body: bytes) -> UpstreamStatusError:
         payload = wire.parse_error_body(body)
         message, error_type = _describe_error(payload) if payload is not None else (None, None)
-        return UpstreamStatusError(
-            head.status,
-            message or wire.fallback_message(head.status, body),
-            code=error_type,
-            retry_after=wire.retry_after(head),
-        )
+        return wire.status_error(head, body, message, error_type)
 
 
 class AnthropicStreamDecoder(EventStreamDecoder):

@@ -61,16 +61,8 @@ class OpenAIProvider:
 
     def error_from_response(self, head: ResponseHead, body: bytes) -> UpstreamStatusError:
         payload = wire.parse_error_body(body)
-        message: str | None = None
-        code: str | None = None
-        if payload is not None:
-            message, code, _ = _describe_error(payload)
-        return UpstreamStatusError(
-            head.status,
-            message or wire.fallback_message(head.status, body),
-            code=code,
-            retry_after=wire.retry_after(head),
-        )
+        message, code, _ = _describe_error(payload) if payload is not None else (None, None, None)
+        return wire.status_error(head, body, message, code)
 
 
 class OpenAIStreamDecoder(EventStreamDecoder):

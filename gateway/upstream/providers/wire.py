@@ -12,7 +12,7 @@ import json
 from http import HTTPStatus
 from typing import Any
 
-from gateway.errors import UpstreamProtocolError
+from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.base import ResponseHead
 
 JsonObject = dict[str, Any]
@@ -106,3 +106,16 @@ def fallback_message(status: int, body: bytes) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return f"upstream answered {status}"
+
+
+def status_error(
+    head: ResponseHead, body: bytes, message: str | None, code: str | None
+) -> UpstreamStatusError:
+    """The error for a non-2xx response, from what the provider's own error
+    shape yielded (message, code), with the generic fallbacks."""
+    return UpstreamStatusError(
+        head.status,
+        message or fallback_message(head.status, body),
+        code=code,
+        retry_after=retry_after(head),
+    )
