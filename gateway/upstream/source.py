@@ -11,7 +11,6 @@ once more, and the pool puts it on another connection.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -50,10 +49,18 @@ class UpstreamSource:
         self._on_status = on_status
         self._decoder: ProviderDecoder = provider.decoder()
         self._stream: ResponseStream | None = None
-        self._pending: deque[Delta] = deque()
+        # Deltas decoded but not yet handed out, and the next one's index: a
+        # list, not a deque (an empty deque allocates a 64-slot block, ~760
+        # bytes held by every idle stream).
+        self._pending: list[Delta] = []
+        self._next = 0
         self._head_checked = False
         self._eof = False
         self._reset = False
+        # The read deadline, kept by one lazily moved timer (_read_in_time).
+        self._read_started = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     async def start(self) -> None:
         """Send the request; returns once it is on the wire."""
@@ -63,9 +70,11 @@ class UpstreamSource:
         return self
 
     async def __anext__(self) -> Delta:
-        while not self._pending:
+        while self._next == len(self._pending):
             if self._eof or self._reset:
                 raise StopAsyncIteration
+            self._pending.clear()
+            self._next = 0
             try:
                 await self._fill()
             except Exception:
@@ -73,10 +82,13 @@ class UpstreamSource:
                 # a stream we can no longer decode must not stay open upstream.
                 self.reset()
                 raise
-        return self._pending.popleft()
+        delta = self._pending[self._next]
+        self._next += 1
+        return delta
 
     def reset(self) -> None:
         self._reset = True
+        self._disarm()
         if self._stream is not None:
             self._stream.reset()
 
@@ -87,31 +99,77 @@ class UpstreamSource:
         data = await self._read_in_time()
         if data:
             deltas = self._decoder.feed(data)
-            if not self._got_content:
-                self._got_content = any(delta.is_content for delta in deltas)
+            if not self._got_content and any(delta.is_content for delta in deltas):
+                self._got_content = True
+                self._disarm()  # the idle deadline may come before the first-token one
             self._pending.extend(deltas)
             if self._decoder.done:
                 # The provider's terminator ([DONE], message_stop) is the end
                 # of the answer, whenever the transport's end follows it.
                 self._eof = True
+                self._disarm()
                 self._stream.release()
         else:
             self._eof = True
+            self._disarm()
             self._pending.extend(self._decoder.close())
 
     async def _read_in_time(self) -> bytes:
+        """One read, bounded by the deadline in force: the first-token one
+        until content flows, then the idle timeout from the read's start.
+
+        One timer per stream keeps the deadline, moved lazily: a read only
+        notes when it started; the timer, when it fires, re-arms itself at
+        the deadline now in force, or resets the stream if that has passed,
+        which ends the pending read. An ``asyncio.timeout`` per read (a timer
+        armed and cancelled per chunk) was ~15 % of the gateway's CPU while
+        relaying (tests/perf/PROFILES.md).
+        """
         assert self._stream is not None
-        if self._got_content:
-            idle = self._timeouts.idle_s
-            deadline = None if idle is None else asyncio.get_running_loop().time() + idle
-        else:
-            deadline = self._first_token_deadline
+        loop = asyncio.get_running_loop()
+        self._read_started = loop.time()
+        if self._watchdog is None:
+            self._arm(loop)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self._stream.read()
-        except TimeoutError as exc:
-            what = "went idle" if self._got_content else "sent no first token"
-            raise UpstreamTimeout(f"upstream stream {what} within its timeout") from exc
+            data = await self._stream.read()
+        except UpstreamError as exc:
+            if self._timed_out:
+                raise self._timeout_error() from exc
+            raise
+        if self._timed_out:
+            raise self._timeout_error()
+        return data
+
+    def _deadline(self) -> float | None:
+        if not self._got_content:
+            return self._first_token_deadline
+        idle = self._timeouts.idle_s
+        return None if idle is None else self._read_started + idle
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = self._deadline()
+        if deadline is not None:
+            self._watchdog = loop.call_at(deadline, self._on_watchdog, loop)
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _on_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = None
+        if self._eof or self._reset or self._stream is None:
+            return
+        deadline = self._deadline()
+        if deadline is not None and loop.time() < deadline:
+            self._arm(loop)  # reads went on meanwhile: the deadline moved
+        elif deadline is not None:
+            self._timed_out = True
+            self._stream.reset()  # the pending read returns; it raises the timeout
+
+    def _timeout_error(self) -> UpstreamTimeout:
+        what = "went idle" if self._got_content else "sent no first token"
+        return UpstreamTimeout(f"upstream stream {what} within its timeout")
 
     async def _check_head(self) -> None:
         assert self._stream is not None

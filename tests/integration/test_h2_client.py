@@ -135,7 +135,7 @@ async def test_a_paused_consumer_slows_only_its_own_stream(fast_sim, pools):
     # completes: the paused stream holds only its own window.
     small = await pool.open(chat_request("small"))
     assert decoded_text(await read_all(small)) == expected_text("small", 16)
-    buffered = sum(len(data) for data, _ in big._chunks)  # type: ignore[attr-defined]
+    buffered = sum(len(data) for data in big._chunks)  # type: ignore[attr-defined]
     assert buffered <= 65_535
     assert pool.connection_count() == 1
     body = await read_all(big)

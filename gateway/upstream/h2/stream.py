@@ -11,7 +11,6 @@ stream buffers is bounded by the stream window we advertise.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import TYPE_CHECKING
 
 from gateway.errors import UpstreamError, UpstreamStreamReset, UpstreamTimeout
@@ -29,6 +28,7 @@ class H2ResponseStream:
         "_conn",
         "_head",
         "_chunks",
+        "_unacknowledged",
         "_waiter",
         "_ended",
         "_error",
@@ -50,9 +50,12 @@ class H2ResponseStream:
         self.stream_id = stream_id
         self._conn = conn
         self._head: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
-        # (data, flow-controlled length): the length includes padding, and it
-        # is what must be acknowledged to re-open the window.
-        self._chunks: deque[tuple[bytes, int]] = deque()
+        # DATA payloads not yet read, and their flow-controlled length: that
+        # includes padding, and it is what must be acknowledged to re-open
+        # the window. A list, not a deque: an empty deque allocates a 64-slot
+        # block (~760 bytes) that every idle stream would hold.
+        self._chunks: list[bytes] = []
+        self._unacknowledged = 0
         self._waiter: asyncio.Future[None] | None = None
         self._ended = False
         self._error: UpstreamError | None = None
@@ -84,7 +87,8 @@ class H2ResponseStream:
             # exhaust a 65,535-byte window).
             self._conn.acknowledge(self.stream_id, flow_controlled_length)
             return
-        self._chunks.append((data, flow_controlled_length))
+        self._chunks.append(data)
+        self._unacknowledged += flow_controlled_length
         self._wake()
 
     def on_end(self) -> None:
@@ -121,10 +125,12 @@ class H2ResponseStream:
     async def read(self) -> bytes:
         while True:
             if self._chunks:
-                data, length = self._chunks.popleft()
+                # Everything buffered at once: the decoder takes any split,
+                # and under load one read per burst beats one per frame.
+                chunks, self._chunks = self._chunks, []
                 self._got_data = True
-                self._conn.acknowledge(self.stream_id, length)
-                return data
+                self._acknowledge_buffered()
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if self._error is not None:
                 raise self._error
             if self._ended or self._finished:
@@ -162,6 +168,11 @@ class H2ResponseStream:
             deadline = self._first_deadline
         self._waiter = loop.create_future()
         try:
+            if deadline is None:
+                # No deadline of ours (the gateway's source times idle gaps):
+                # no timeout context either, it would cost every chunk a bit.
+                await self._waiter
+                return
             async with asyncio.timeout_at(deadline):
                 await self._waiter
         except TimeoutError as exc:
@@ -179,6 +190,9 @@ class H2ResponseStream:
     def _release_buffer(self) -> None:
         """Acknowledge what will never be read, so the connection window
         stays whole."""
-        while self._chunks:
-            _, length = self._chunks.popleft()
-            self._conn.acknowledge(self.stream_id, length)
+        self._chunks.clear()
+        self._acknowledge_buffered()
+
+    def _acknowledge_buffered(self) -> None:
+        length, self._unacknowledged = self._unacknowledged, 0
+        self._conn.acknowledge(self.stream_id, length)

@@ -1,0 +1,87 @@
+"""The source's read deadlines (one lazily moved timer per stream), against
+the simulator over h2c: each deadline fires when due, not when an earlier
+one would have, and a finished source leaves no timer behind."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+import weakref
+
+import pytest
+
+from gateway.errors import UpstreamTimeout
+from gateway.sim.profile import SimProfile
+from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.h2.pool import H2Pool
+from gateway.upstream.origin import Origin
+from gateway.upstream.providers import get_provider
+from gateway.upstream.source import SourceTimeouts, UpstreamSource
+
+QUICK = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=5, itl_jitter_ms=0, tokens=6)
+
+
+def chat(prompt: str) -> UpstreamRequest:
+    body = {"model": "sim", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    return UpstreamRequest(
+        "POST", "/v1/chat/completions", (("content-type", "application/json"),), json.dumps(body).encode()
+    )
+
+
+@pytest.fixture
+async def pool(sim_factory):
+    sim = await sim_factory(QUICK)
+    pool = H2Pool(Origin.parse(sim.url), idle_timeout=None)
+    yield pool
+    await pool.aclose()
+
+
+async def started(pool: H2Pool, prompt: str, timeouts: SourceTimeouts) -> UpstreamSource:
+    source = UpstreamSource(pool, get_provider("openai"), chat(prompt), timeouts=timeouts)
+    await source.start()
+    return source
+
+
+async def test_the_idle_deadline_replaces_a_later_first_token_one(pool):
+    # Content flows, then stalls: the 0.3 s idle deadline must fire, not
+    # the 30 s first-token one the timer was first armed at.
+    source = await started(pool, "stall [sim itl_ms=60000 tokens=3]", SourceTimeouts(30.0, 0.3))
+    got = []
+    started_at = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match="went idle"):
+        async for delta in source:
+            got.append(delta.text)
+    assert "".join(got)  # the first token came, then the gap
+    assert time.monotonic() - started_at < 10  # generous: the point is "not 30 s"
+
+
+async def test_reads_that_keep_coming_never_time_out(pool):
+    # 6 tokens 50 ms apart, idle deadline 0.2 s: the timer moves every read
+    # and the stream completes.
+    source = await started(pool, "steady [sim itl_ms=50]", SourceTimeouts(5.0, 0.2))
+    text = "".join([delta.text async for delta in source])
+    assert text
+
+
+async def test_no_first_token_in_time(pool):
+    source = await started(pool, "silent [sim ttft_ms=60000]", SourceTimeouts(0.2, 30.0))
+    with pytest.raises(UpstreamTimeout, match="no first token"):
+        async for _ in source:
+            pass
+
+
+@pytest.mark.parametrize("how", ["completed", "reset"])
+async def test_a_finished_source_leaves_no_timer_behind(pool, how):
+    # A timer still armed would keep the source (and its stream) alive in
+    # the loop's schedule for up to the whole deadline.
+    source = await started(pool, f"finished {how}", SourceTimeouts(30.0, 30.0))
+    if how == "completed":
+        assert [delta async for delta in source]
+    else:
+        await anext(source)
+        source.reset()
+    ref = weakref.ref(source)
+    del source
+    gc.collect()
+    assert ref() is None
