@@ -11,29 +11,31 @@ reading (TCP_USER_TIMEOUT).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from gateway import json_codec
+
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON as text (for ``web.json_response``)."""
+    return json_codec.dumps(value).decode()
 
 
 def data_frame(payload: Any) -> bytes:
     """``data: <json>`` -- compact JSON has no newlines, so one data line."""
-    return b"data: " + dumps(payload).encode() + b"\n\n"
+    return b"data: " + json_codec.dumps(payload) + b"\n\n"
 
 
 def event_frame(event: str, payload: Any, *, event_id: int | None = None) -> bytes:
-    head = f"id: {event_id}\nevent: {event}\n" if event_id is not None else f"event: {event}\n"
-    return (head + "data: " + dumps(payload) + "\n\n").encode()
+    head = f"id: {event_id}\nevent: {event}\ndata: " if event_id is not None else f"event: {event}\ndata: "
+    return head.encode() + json_codec.dumps(payload) + b"\n\n"
 
 
 def comment_frame(text: str) -> bytes:

@@ -8,10 +8,10 @@ SDKs.
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 from typing import Any
 
+from gateway import json_codec
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.base import ResponseHead
 
@@ -23,13 +23,13 @@ MAX_ERROR_TEXT = 500
 
 def encode_json(payload: object) -> bytes:
     """Compact UTF-8 JSON, as providers expect and without wasted bytes."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return json_codec.dumps(payload)
 
 
 def parse_object(text: str, *, what: str) -> JsonObject:
     """Parse one JSON object (an SSE ``data`` payload) or fail as a protocol error."""
     try:
-        value = json.loads(text)
+        value = json_codec.loads(text)
     except ValueError as exc:
         raise UpstreamProtocolError(f"upstream sent invalid JSON in {what}") from exc
     if not isinstance(value, dict):
@@ -90,7 +90,7 @@ def retry_after(head: ResponseHead) -> str | None:
 def parse_error_body(body: bytes) -> JsonObject | None:
     """The error response as a JSON object, or ``None`` if it is not one."""
     try:
-        value = json.loads(body)
+        value = json_codec.loads(body)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

@@ -1,0 +1,77 @@
+"""orjson and the standard library must give the same bytes for what the
+gateway writes, and the same verdicts on what it reads: a frame must not
+depend on which one is installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import json_codec
+
+ORJSON = json_codec.orjson_codec()
+needs_orjson = pytest.mark.skipif(ORJSON is None, reason="orjson not installed (the fast extra)")
+
+scalars = st.none() | st.booleans() | st.integers() | st.text() | st.floats(
+    allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15
+).map(lambda x: round(x, 3))
+documents = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def test_the_standard_library_path_is_compact_utf8():
+    assert json_codec.stdlib_dumps({"a": ["é", 1, None], "b": "x\ny\u2028"}) == (
+        '{"a":["é",1,null],"b":"x\\ny\u2028"}'.encode()
+    )
+
+
+@needs_orjson
+@given(documents)
+def test_same_bytes_out(value):
+    assert ORJSON is not None
+    dumps = ORJSON[0]
+    try:
+        expected = json_codec.stdlib_dumps(value)
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 for it either way
+        with pytest.raises(UnicodeEncodeError):
+            dumps(value)
+        return
+    assert dumps(value) == expected
+
+
+@needs_orjson
+@given(documents)
+def test_same_value_in(value):
+    assert ORJSON is not None
+    text = json.dumps(value, ensure_ascii=bool(len(str(value)) % 2))  # both escape styles
+    assert ORJSON[1](text) == json_codec.stdlib_loads(text)
+
+
+@needs_orjson
+@pytest.mark.parametrize(
+    "text",
+    ['"\\ud83d"', '{"a":NaN}', '"\\ud83d\\ude00"'],
+)
+def test_what_orjson_refuses_the_standard_library_decides(text):
+    assert ORJSON is not None
+    assert ORJSON[1](text) == json.loads(text)
+
+
+@needs_orjson
+def test_a_big_integer_is_encoded_as_the_standard_library_does():
+    assert ORJSON is not None
+    assert ORJSON[0]({"n": 2**70}) == b'{"n":1180591620717411303424}'
+
+
+@pytest.mark.parametrize("text", ["{", '{"a":1}x', "", "\xff"])
+def test_invalid_json_is_a_value_error_either_way(text):
+    with pytest.raises(ValueError):
+        json_codec.loads(text)
+    with pytest.raises(ValueError):
+        json_codec.stdlib_loads(text)
