@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BACKEND", "dumps", "loads"]
+__all__ = ["BACKEND", "dumps", "dumps_to_keep", "loads"]
 
 _STDLIB_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
@@ -66,3 +66,12 @@ BACKEND = "json" if _fast is None else "orjson"
 dumps: Callable[[Any], bytes] = stdlib_dumps if _fast is None else _fast[0]
 #: One JSON document; raises ``ValueError`` (``json.JSONDecodeError``) when invalid.
 loads: Callable[[str | bytes], Any] = stdlib_loads if _fast is None else _fast[1]
+
+
+def dumps_to_keep(value: Any) -> bytes:
+    """``dumps`` for bytes held beyond the moment (an upstream request body,
+    kept for a retry while its stream lives): orjson's result holds a 4 KiB
+    buffer whatever its length, a copy only its length. Frames need no copy:
+    framing them (``b"data: " + ...``) already makes a new object."""
+    data = dumps(value)
+    return data if _fast is None else bytes(memoryview(data))

@@ -75,3 +75,18 @@ def test_invalid_json_is_a_value_error_either_way(text):
         json_codec.loads(text)
     with pytest.raises(ValueError):
         json_codec.stdlib_loads(text)
+
+
+def test_bytes_to_keep_hold_only_their_length():
+    import tracemalloc
+
+    value = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [json_codec.dumps_to_keep(value) for _ in range(100)]
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert kept[0] == json_codec.stdlib_dumps(value)
+    assert held < 4 * len(kept[0]) + 200  # not orjson's 4 KiB buffer each

@@ -23,7 +23,7 @@ MAX_ERROR_TEXT = 500
 
 def encode_json(payload: object) -> bytes:
     """Compact UTF-8 JSON, as providers expect and without wasted bytes."""
-    return json_codec.dumps(payload)
+    return json_codec.dumps_to_keep(payload)
 
 
 def parse_object(text: str, *, what: str) -> JsonObject:
