@@ -260,6 +260,7 @@ class StreamActor:
                 await ticket.wait()
             self._report(UpstreamOpening(self.stream_id, self.key))
             source = await open_source()
+            del open_source  # it holds the request (the prompt): not needed any more
             self._source = source
             async for delta in source:
                 self._append(delta)

@@ -1,8 +1,8 @@
 """``make_app(settings)``: the aiohttp application and what it owns.
 
 One ``cleanup_ctx`` owns, in order of creation: the embedded simulator (when
-no UPSTREAM_URL is set), the upstream transport, the admission queue and the
-coalescing registry. Shutdown runs in reverse: the registry ends every actor
+no UPSTREAM_URL is set), the upstream transport, the admission queue, the
+coalescing registry and the SSE keepalive task. Shutdown runs in reverse: the registry ends every actor
 (resetting upstream streams) before the transport closes its connections,
 and the simulator goes last.
 """
@@ -22,6 +22,7 @@ from gateway.config import Settings
 from gateway.errors import QueueTimeout, ShuttingDown
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
+from gateway.sse import Keepalive
 from gateway.state import STATE, GatewayState
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
@@ -98,6 +99,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
         )
+        keepalive = await stack.enter_async_context(Keepalive(settings.ping_interval_s).running())
         state = GatewayState(
             settings=settings,
             metrics=metrics,
@@ -109,6 +111,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
             # of /readyz, the start-up line and the logs.
             upstream_url=origin.base_url + origin.base_path,
+            keepalive=keepalive,
             source_timeouts=SourceTimeouts(
                 first_token_s=settings.upstream_first_token_timeout_ms / 1000,
                 idle_s=settings.upstream_idle_timeout_ms / 1000,

@@ -1,20 +1,25 @@
 """Server-sent events: framing, the early ping, keepalive.
 
 Frames are built as bytes once and written whole (one ``write`` per frame, so
-the keepalive ping of aiohttp-sse can never land inside one). The response
-itself is aiohttp-sse's ``EventSourceResponse``: it sets the SSE headers
-(``Cache-Control: no-cache``, ``X-Accel-Buffering: no`` for nginx), runs the
-keepalive ping every ``PING_INTERVAL_S`` and aborts a client that stops
-reading (TCP_USER_TIMEOUT).
+a keepalive ping can never land inside one). The response is aiohttp-sse's
+``EventSourceResponse``: it sets the SSE headers (``Cache-Control: no-cache``,
+``X-Accel-Buffering: no`` for nginx) and has the kernel abort a peer that
+stops acknowledging (TCP_USER_TIMEOUT). Its per-response ping task is not
+used: one ``Keepalive`` task pings every open stream (a task per stream cost
+~1.1 KiB of each idle stream, tests/perf/PROFILES.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web import BaseRequest, StreamResponse
 from aiohttp_sse import EventSourceResponse
 
 from gateway import json_codec
@@ -48,57 +53,102 @@ class _EventStream(EventSourceResponse):
 
     The status line and headers wait for the first write -- the ping, right
     after -- so both leave in one packet (aiohttp's own Response does the
-    same). And the keepalive pings only a stream that has been silent for a
-    whole interval (ARCHITECTURE: "again every PING_INTERVAL_S while nothing
-    else was sent"), not every interval regardless.
+    same). And no ping task of its own: ``Keepalive`` pings it when it has
+    been silent for a whole interval.
     """
 
     _send_headers_immediately = False
-    _last_write = 0.0
+    last_write = 0.0
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        # aiohttp-sse's prepare() minus its ping task. HTTP/1.1 bodies of
+        # unknown length are chunked by aiohttp itself.
+        self._set_tcp_user_timeout(request)
+        return await StreamResponse.prepare(self, request)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._last_write = time.monotonic()
+        self.last_write = time.monotonic()
         await super().write(data)
 
-    async def _ping(self) -> None:
+    async def ping(self) -> None:
+        """A keepalive ping, unless the client still has bytes to take.
+
+        Never suspends: it writes only when nothing is queued for the
+        transport, and aiohttp's drain waits only while the transport is
+        paused, which needs a queue over its high-water mark. So one task
+        can ping every stream in turn, and a stuck client holds up no one
+        (the kernel aborts it: TCP_USER_TIMEOUT, set in prepare).
+        """
+        transport = self._req.transport if self._req is not None else None
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return
+        try:
+            await self.write(PING)
+        except (ConnectionResetError, RuntimeError):
+            pass  # gone, or the body already ended: its handler sees to it
+
+
+class Keepalive:
+    """SSE keepalive for every open stream, from one task.
+
+    Every quarter interval the task pings each stream silent for a whole
+    interval (ARCHITECTURE: "again every PING_INTERVAL_S while nothing else
+    was sent"), so a silent stream hears a ping after 1 to 1.25 intervals.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._streams: set[_EventStream] = set()
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def watch(self, stream: _EventStream) -> None:
+        self._streams.add(stream)
+
+    def forget(self, stream: _EventStream) -> None:
+        self._streams.discard(stream)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Keepalive]:
+        """The pinging task, for as long as the context (the app's)."""
+        task = asyncio.get_running_loop().create_task(self._run(), name="sse-keepalive")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            # Its end is a cancellation; ours, if we are cancelled, propagates.
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
         while True:
-            silent_for = time.monotonic() - self._last_write
-            await asyncio.sleep(max(0.0, self._ping_interval - silent_for))
-            if time.monotonic() - self._last_write < self._ping_interval:
-                continue  # something was sent meanwhile: no ping needed yet
-            try:
-                async with asyncio.timeout(self._send_timeout):
-                    await self.write(PING)
-            except TimeoutError:
-                self._abort_transport()  # a client that stopped reading
-                break
-            except (ConnectionResetError, RuntimeError):
-                break  # gone, or the body already ended
+            await asyncio.sleep(self.interval_s / 4)
+            await self.ping_silent_streams()
+
+    async def ping_silent_streams(self) -> None:
+        due = time.monotonic() - self.interval_s
+        for stream in [stream for stream in self._streams if stream.last_write <= due]:
+            await stream.ping()
 
 
 async def open_event_stream(
-    request: web.Request, *, ping_interval_s: float, headers: dict[str, str] | None = None
-) -> EventSourceResponse:
+    request: web.Request, *, keepalive: Keepalive, headers: dict[str, str] | None = None
+) -> _EventStream:
     """Send the headers and ``: ping`` at once, before the upstream answers:
-    the client (and every proxy and load balancer between) sees bytes now."""
-    response = _EventStream(
-        headers=headers,
-        sep="\n",
-        allow_all_methods=True,
-        ping_interval=ping_interval_s,
-    )
-    await response.prepare(request)  # starts aiohttp-sse's keepalive task
-    try:
-        await response.write(PING)
-    except BaseException:
-        response.stop_streaming()  # the caller never gets the response to stop it
-        raise
+    the client (and every proxy and load balancer between) sees bytes now.
+    The stream is in ``keepalive``'s care until ``close_event_stream``, or
+    until the caller ``forget``s it."""
+    response = _EventStream(headers=headers, sep="\n", allow_all_methods=True)
+    await response.prepare(request)
+    await response.write(PING)
+    keepalive.watch(response)
     return response
 
 
-async def close_event_stream(response: EventSourceResponse, last_frame: bytes = b"") -> None:
-    """Stop the keepalive (and wait for it), then write the last frame and
-    the end of the chunked body together."""
-    response.stop_streaming()
-    await response.wait()
+async def close_event_stream(
+    response: _EventStream, keepalive: Keepalive, last_frame: bytes = b""
+) -> None:
+    """No more pings; the last frame and the end of the chunked body leave
+    together."""
+    keepalive.forget(response)
     await response.write_eof(last_frame)

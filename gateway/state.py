@@ -10,6 +10,7 @@ from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
+from gateway.sse import Keepalive
 from gateway.upstream.base import Transport
 from gateway.upstream.providers.base import Provider
 from gateway.upstream.source import SourceTimeouts
@@ -28,6 +29,8 @@ class GatewayState:
     #: Where requests go, for /readyz and the start-up line (no credentials).
     upstream_url: str
     source_timeouts: SourceTimeouts
+    #: Pings every open event stream that has gone silent.
+    keepalive: Keepalive
     active_streams: int = 0
     #: Set on SIGTERM: /readyz answers 503 and new model requests are refused.
     draining: bool = False

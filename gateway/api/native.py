@@ -91,6 +91,6 @@ def _delta_frame(seq: int, delta: Delta) -> bytes:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     request[RECORD].api = API
-    chat = await read_chat(request)
-    subscription = subscribe(request, chat, streaming=True)
+    subscription = subscribe(request, await read_chat(request), streaming=True)
+    # The parsed prompt is gone by now: an open stream holds no copy of it.
     return await relay(request, subscription, NativeEncoder(subscription))

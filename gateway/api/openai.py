@@ -119,6 +119,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     subscription = subscribe(request, chat, streaming=chat.stream)
     if chat.stream:
         encoder = ChunkEncoder(subscription, model=chat.model, include_usage=chat.include_usage)
+        # The parsed prompt (a whole chat history, often) is not needed while
+        # the answer streams: an open stream should not hold a copy of it.
+        del chat
         return await relay(request, subscription, encoder)
     return await _complete(request, chat, subscription)
 

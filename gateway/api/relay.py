@@ -73,9 +73,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
     record = request[RECORD]
     last_frame: bytes | None = None
     async with subscription:
-        response = await open_event_stream(
-            request, ping_interval_s=state.settings.ping_interval_s
-        )
+        response = await open_event_stream(request, keepalive=state.keepalive)
         record.bytes_sent += len(PING)
         state.active_streams += 1
         try:
@@ -85,12 +83,11 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
             record.outcome = "cancelled"
         finally:
             state.active_streams -= 1
-            # The keepalive task belongs to this response: stop it on every
-            # way out, cancellation included.
-            response.stop_streaming()
+            # No pings after this, on every way out, cancellation included.
+            state.keepalive.forget(response)
     if last_frame is not None:
         record.bytes_sent += len(last_frame)
-        await close_event_stream(response, last_frame)
+        await close_event_stream(response, state.keepalive, last_frame)
     return response
 
 

@@ -35,7 +35,9 @@ class UpstreamSource:
     ) -> None:
         self._transport = transport
         self._provider = provider
-        self._request = request
+        # Kept for the one retry, then let go: a prompt can be large, and an
+        # open stream should not hold it once the upstream has answered.
+        self._request: UpstreamRequest | None = request
         self._timeouts = timeouts or SourceTimeouts()
         # Until the first content delta the first-token deadline holds (role
         # chunks, pings and empty deltas do not count); after it, each gap
@@ -64,6 +66,7 @@ class UpstreamSource:
 
     async def start(self) -> None:
         """Send the request; returns once it is on the wire."""
+        assert self._request is not None, "start() once"
         self._stream = await self._transport.open(self._request)
 
     def __aiter__(self) -> UpstreamSource:
@@ -179,12 +182,14 @@ class UpstreamSource:
             except UpstreamStreamRefused:
                 # Never processed upstream and nothing sent to any client: once.
                 self._on_status("refused")
+                assert self._request is not None
                 self._stream = await self._transport.open(self._request)
                 head = await self._stream.head()
         except UpstreamError:
             self._on_status("error")
             raise
         self._head_checked = True
+        self._request = None  # answered: no retry any more
         self._on_status(str(head.status))
         if head.status != 200:
             body = await self._read_error_body()

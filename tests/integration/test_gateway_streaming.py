@@ -149,6 +149,7 @@ async def _wait_idle(gateway) -> None:
     # The relay leaves the stream gauge before it closes the subscription, so
     # by the time the upstream saw the reset the gauge is back to zero.
     assert gateway.state.active_streams == 0
+    assert len(gateway.state.keepalive) == 0  # no aborted stream is still pinged
 
 
 async def test_first_byte_arrives_long_before_a_slow_first_token(gateway):
@@ -368,3 +369,35 @@ async def test_keepalive_pings_only_a_silent_stream(gateway_factory):
     # 16 tokens 50 ms apart for ~800 ms: never 200 ms of silence, so no ping.
     assert not any(f.comment == "ping" for f in after)
     assert native_text(frames) == expected("quiet start [sim ttft_ms=700 itl_ms=50 tokens=16]", 16)
+    assert len(gateway.state.keepalive) == 0  # a finished stream is pinged no more
+
+
+def _gateway_tasks() -> int:
+    """Tasks in this loop but the in-process simulator's own."""
+    return sum(
+        "gateway/sim/" not in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        for task in asyncio.all_tasks()
+    )
+
+
+async def test_one_task_pings_every_open_stream(gateway_factory):
+    """No keepalive task per stream: an open stream costs the gateway a
+    connection task, a handler task and an actor task, and every silent
+    stream is still pinged."""
+    gateway = await gateway_factory(ping_interval_s=0.1)
+    async with aiohttp.ClientSession() as http:
+        responses = []
+        for i in range(5):
+            resp = await http.post(gateway.v1 + "/stream", json=chat(f"idle {i} [sim ttft_ms=60000]"))
+            responses.append(resp)
+            await gateway.sim.log.wait_for_arrivals(i + 1)
+            if i == 0:
+                with_one = _gateway_tasks()
+        assert (_gateway_tasks() - with_one) / 4 == 3
+        assert len(gateway.state.keepalive) == 5
+        for resp in responses:
+            reader = FrameReader(resp)
+            pings = [await reader.next() for _ in range(3)]  # the first one and two keepalives
+            assert all(f is not None and f.comment == "ping" for f in pings)
+            resp.close()
+    await _wait_idle(gateway)
