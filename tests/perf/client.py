@@ -9,6 +9,7 @@ gateway, nginx relaying the simulator) writes compact JSON.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import aiohttp
 
 from gateway.metrics import percentile
 
-__all__ = ["Timing", "chat_body", "percentile", "timed_stream"]
+__all__ = ["Timing", "chat_body", "percentile", "steady_load", "timed_stream"]
 
 _CONTENT = re.compile(rb'"content":"[^"]')
 
@@ -66,3 +67,63 @@ async def timed_stream(
     except aiohttp.ClientError as exc:
         timing.error = type(exc).__name__
     return timing
+
+
+class _Steady:
+    """What the clients of one ``steady_load`` share: how many have yet to
+    start, how many still have timed requests to make."""
+
+    def __init__(self, clients: int) -> None:
+        self.not_started = clients
+        self.still_timing = clients
+
+    @property
+    def all_running(self) -> bool:
+        return self.not_started == 0
+
+    @property
+    def all_timed(self) -> bool:
+        return self.still_timing == 0
+
+
+async def steady_load(
+    session: aiohttp.ClientSession, url: str, prompt: str, *, clients: int, cycle_s: float, per_client: int
+) -> list[Timing]:
+    """``clients`` closed-loop clients, so that many streams are open at any
+    moment, their arrivals spread out as many users' are: client i sends its
+    first request at i * cycle_s / clients (``cycle_s`` about one stream's
+    duration) and each next one as soon as the previous ends.
+
+    Each client times ``per_client`` requests, all taken at full load: those
+    sent before the last client has started would see fewer streams, so they
+    are not timed; and a client that has its quota keeps sending (untimed)
+    until every client has its own, so the last timed ones do not see the
+    load drain away.
+    """
+    state = _Steady(clients)
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(_closed_loop(
+                session, url, f"{prompt} {i}", i * cycle_s / clients, per_client, state
+            ))
+            for i in range(clients)
+        ]
+    return [timing for task in tasks for timing in task.result()]
+
+
+async def _closed_loop(
+    session: aiohttp.ClientSession, url: str, prompt: str, delay_s: float, quota: int, state: _Steady
+) -> list[Timing]:
+    await asyncio.sleep(delay_s)  # this client's place in the stagger: the load's shape, not a wait
+    state.not_started -= 1
+    timed: list[Timing] = []
+    sent = 0
+    while len(timed) < quota or not state.all_timed:
+        counts = state.all_running and len(timed) < quota
+        timing = await timed_stream(session, url, f"{prompt} {sent}")
+        sent += 1
+        if counts:
+            timed.append(timing)
+            if len(timed) == quota:
+                state.still_timing -= 1
+    return timed
