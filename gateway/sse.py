@@ -62,8 +62,11 @@ class _EventStream(EventSourceResponse):
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         # aiohttp-sse's prepare() minus its ping task. HTTP/1.1 bodies of
-        # unknown length are chunked by aiohttp itself.
-        self._set_tcp_user_timeout(request)
+        # unknown length are chunked by aiohttp itself. aiohttp calls this
+        # again when the handler returns: by then the timeout is restored
+        # (write_eof) and must stay so.
+        if not self.prepared:
+            self._set_tcp_user_timeout(request)
         return await StreamResponse.prepare(self, request)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
