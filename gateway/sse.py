@@ -63,8 +63,8 @@ class _EventStream(EventSourceResponse):
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         # aiohttp-sse's prepare() minus its ping task. HTTP/1.1 bodies of
         # unknown length are chunked by aiohttp itself. aiohttp calls this
-        # again when the handler returns: by then the timeout is restored
-        # (write_eof) and must stay so.
+        # again (and write_eof) when the handler returns: setting the
+        # timeout again there, only to restore it, cost four syscalls.
         if not self.prepared:
             self._set_tcp_user_timeout(request)
         return await StreamResponse.prepare(self, request)
