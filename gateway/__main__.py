@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from gateway import json_codec
 from gateway.app import make_app
 from gateway.config import ConfigError, Settings
 from gateway.errors import ShuttingDown
@@ -138,6 +139,8 @@ def main() -> int:
         print(f"llm-stream-gateway: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if not settings.orjson:
+        json_codec.use_standard_library()
     run_event_loop(serve(settings), use_uvloop=settings.uvloop)
     return 0
 

@@ -62,6 +62,9 @@ class Settings:
     drain_timeout_s: float = 30.0
     #: Run on uvloop when it is installed; GATEWAY_UVLOOP=0 keeps asyncio's loop.
     uvloop: bool = True
+    #: Chunk JSON with orjson when it is installed; GATEWAY_ORJSON=0 keeps the
+    #: standard library (gateway/json_codec.py).
+    orjson: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -95,6 +98,7 @@ class Settings:
             trusted_proxies=read.networks("TRUSTED_PROXIES", "127.0.0.0/8,::1/128"),
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
+            orjson=read.flag("GATEWAY_ORJSON", True),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"

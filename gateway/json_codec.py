@@ -10,17 +10,17 @@ library accepts -- integers beyond 64 bits to encode; lone surrogates in
 ``\\u`` escapes or NaN to decode -- the standard library decides. One
 difference stays: orjson reads an integer beyond 64 bits as a float (the
 numbers in upstream chunks are token counts and indexes). ``GATEWAY_ORJSON=0``
-turns orjson off.
+turns orjson off (``python -m gateway`` calls ``use_standard_library()`` before
+serving).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BACKEND", "dumps", "dumps_to_keep", "loads"]
+__all__ = ["BACKEND", "dumps", "dumps_to_keep", "loads", "use_standard_library"]
 
 _STDLIB_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
@@ -35,9 +35,7 @@ def stdlib_loads(data: str | bytes) -> Any:
 
 def orjson_codec() -> tuple[Callable[[Any], bytes], Callable[[str | bytes], Any]] | None:
     """orjson's (dumps, loads) with the standard library as the judge of
-    what orjson refuses; None when it is not installed or turned off."""
-    if os.environ.get("GATEWAY_ORJSON", "1") == "0":
-        return None
+    what orjson refuses; None when it is not installed."""
     try:
         import orjson
     except ImportError:
@@ -66,6 +64,13 @@ BACKEND = "json" if _fast is None else "orjson"
 dumps: Callable[[Any], bytes] = stdlib_dumps if _fast is None else _fast[0]
 #: One JSON document; raises ``ValueError`` (``json.JSONDecodeError``) when invalid.
 loads: Callable[[str | bytes], Any] = stdlib_loads if _fast is None else _fast[1]
+
+
+def use_standard_library() -> None:
+    """Serve with the standard library from now on (GATEWAY_ORJSON=0): a
+    process-wide choice, made once at start-up like the event loop's."""
+    global _fast, BACKEND, dumps, loads
+    _fast, BACKEND, dumps, loads = None, "json", stdlib_dumps, stdlib_loads
 
 
 def dumps_to_keep(value: Any) -> bytes:

@@ -90,3 +90,13 @@ def test_bytes_to_keep_hold_only_their_length():
         tracemalloc.stop()
     assert kept[0] == json_codec.stdlib_dumps(value)
     assert held < 4 * len(kept[0]) + 200  # not orjson's 4 KiB buffer each
+
+
+def test_the_standard_library_can_be_chosen(monkeypatch):
+    # GATEWAY_ORJSON=0: python -m gateway calls this before serving.
+    for name in ("_fast", "BACKEND", "dumps", "loads"):
+        monkeypatch.setattr(json_codec, name, getattr(json_codec, name))  # restored after
+    json_codec.use_standard_library()
+    assert json_codec.BACKEND == "json"
+    assert json_codec.dumps({"a": "é"}) == '{"a":"é"}'.encode()
+    assert json_codec.loads(b'{"n":123456789012345678901234567890}') == {"n": 123456789012345678901234567890}
