@@ -17,12 +17,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web import BaseRequest, StreamResponse
 from aiohttp_sse import EventSourceResponse
 
 from gateway import json_codec
+
+log = structlog.get_logger("gateway")
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -131,7 +134,12 @@ class Keepalive:
     async def ping_silent_streams(self) -> None:
         due = time.monotonic() - self.interval_s
         for stream in [stream for stream in self._streams if stream.last_write <= due]:
-            await stream.ping()
+            try:
+                await stream.ping()
+            except Exception:
+                # A bug, not a client: say so, and keep pinging the others
+                # (one task serves them all; it must not die of one).
+                log.exception("keepalive ping failed")
 
 
 async def open_event_stream(

@@ -7,6 +7,7 @@ can read, before any upstream call, admission slot or coalescing happens.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,29 @@ class ChatRequest:
         return str(self.body.get("model", ""))
 
 
+class _NotAJsonNumber(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> float:
+    raise _NotAJsonNumber(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotAJsonNumber(f"{text} is out of range")
+    return value
+
+
 def parse_chat_request(raw: bytes) -> ChatRequest:
     try:
-        body = json.loads(raw)
+        # NaN, Infinity and 1e999 are not JSON (RFC 8259 §6), though Python's
+        # parser takes them: refused here, or they would reach the provider
+        # as whatever the encoder makes of them (orjson writes null).
+        body = json.loads(raw, parse_constant=_no_constants, parse_float=_finite)
+    except _NotAJsonNumber as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:

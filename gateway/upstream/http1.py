@@ -61,8 +61,13 @@ class Http1ResponseStream:
     async def read(self) -> bytes:
         timeout = self._idle_timeout if self._got_data else self._first_byte_timeout
         try:
-            async with asyncio.timeout(timeout):
+            if timeout is None:
+                # No deadline of ours (the source times idle gaps): no timeout
+                # context either, it would cost every read a timer object.
                 data = await self._response.content.readany()
+            else:
+                async with asyncio.timeout(timeout):
+                    data = await self._response.content.readany()
         except TimeoutError as exc:
             self.reset()
             raise UpstreamTimeout("upstream stream went idle past its timeout") from exc

@@ -61,6 +61,7 @@ class UpstreamSource:
         self._reset = False
         # The read deadline, kept by one lazily moved timer (_read_in_time).
         self._read_started = 0.0
+        self._reading = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._timed_out = False
 
@@ -133,12 +134,15 @@ class UpstreamSource:
         self._read_started = loop.time()
         if self._watchdog is None:
             self._arm(loop)
+        self._reading = True
         try:
             data = await self._stream.read()
         except UpstreamError as exc:
             if self._timed_out:
                 raise self._timeout_error() from exc
             raise
+        finally:
+            self._reading = False
         if self._timed_out:
             raise self._timeout_error()
         return data
@@ -161,7 +165,9 @@ class UpstreamSource:
 
     def _on_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
         self._watchdog = None
-        if self._eof or self._reset or self._stream is None:
+        if self._eof or self._reset or self._stream is None or not self._reading:
+            # Only a pending read can time out: time the consumer spends
+            # between reads is not the upstream's (the next read re-arms).
             return
         deadline = self._deadline()
         if deadline is not None and loop.time() < deadline:

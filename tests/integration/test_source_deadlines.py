@@ -4,6 +4,7 @@ one would have, and a finished source leaves no timer behind."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import time
@@ -85,3 +86,15 @@ async def test_a_finished_source_leaves_no_timer_behind(pool, how):
     del source
     gc.collect()
     assert ref() is None
+
+
+async def test_time_between_reads_is_not_the_upstreams(pool):
+    # Tokens every 40 ms, an idle deadline of 80 ms, and a consumer that
+    # dawdles 120 ms per delta: the deadline passes between reads, never
+    # during one (each read finds data waiting), so no timeout.
+    source = await started(pool, "dawdle [sim itl_ms=40 tokens=12]", SourceTimeouts(5.0, 0.08))
+    got = []
+    async for delta in source:
+        got.append(delta.text)
+        await asyncio.sleep(0.12)  # the consumer's own pace: what this test is about
+    assert "".join(got)

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from gateway.sse import PING, Keepalive, close_event_stream, open_event_stream
 
@@ -20,9 +21,17 @@ def _user_timeout(request: web.Request) -> int:
     return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT))
 
 
-async def test_the_hung_peer_timeout_lasts_as_long_as_the_stream(aiohttp_client):
+async def test_the_hung_peer_timeout_lasts_as_long_as_the_stream(aiohttp_client, monkeypatch):
     seen: list[tuple[str, int]] = []
     keepalive = Keepalive(60.0)
+    sets = []
+    set_timeout = EventSourceResponse._set_tcp_user_timeout
+
+    def counted(self: EventSourceResponse, request: web.BaseRequest) -> None:
+        sets.append(request)
+        set_timeout(self, request)
+
+    monkeypatch.setattr(EventSourceResponse, "_set_tcp_user_timeout", counted)
 
     async def stream(request: web.Request) -> web.StreamResponse:
         seen.append(("before", _user_timeout(request)))
@@ -40,5 +49,6 @@ async def test_the_hung_peer_timeout_lasts_as_long_as_the_stream(aiohttp_client)
     assert [phase for phase, _ in seen] == ["before", "open", "before", "open"]
     before_first, open_first, before_second, _ = (value for _, value in seen)
     assert open_first == 120_000 != before_first  # aiohttp-sse's 120 s send timeout
-    assert before_second == before_first  # restored, and not set again after the end
+    assert before_second == before_first  # restored after the end
+    assert len(sets) == 2  # once per stream: not again when aiohttp finishes the response
     assert len(keepalive) == 0

@@ -15,7 +15,9 @@ from gateway import json_codec
 ORJSON = json_codec.orjson_codec()
 needs_orjson = pytest.mark.skipif(ORJSON is None, reason="orjson not installed (the fast extra)")
 
-scalars = st.none() | st.booleans() | st.integers() | st.text() | st.floats(
+# 64-bit integers: orjson reads bigger ones as floats (the documented
+# difference, pinned by its own test below).
+scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text() | st.floats(
     allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15
 ).map(lambda x: round(x, 3))
 documents = st.recursive(
@@ -67,6 +69,14 @@ def test_what_orjson_refuses_the_standard_library_decides(text):
 def test_a_big_integer_is_encoded_as_the_standard_library_does():
     assert ORJSON is not None
     assert ORJSON[0]({"n": 2**70}) == b'{"n":1180591620717411303424}'
+
+
+@needs_orjson
+def test_a_big_integer_read_by_orjson_is_a_float():
+    # The one difference left (gateway/json_codec.py): upstream chunks carry
+    # token counts and indexes, far below 2**63.
+    assert ORJSON is not None
+    assert ORJSON[1]("-9223372036854775809") == float(-9223372036854775809)
 
 
 @pytest.mark.parametrize("text", ["{", '{"a":1}x', "", "\xff"])
