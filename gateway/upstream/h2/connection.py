@@ -173,12 +173,14 @@ class H2ClientConnection(asyncio.Protocol):
             self._transport.write(data)
 
     def _flush_soon(self) -> None:
-        """Flush once this loop iteration's callbacks have run: the requests
-        a burst opens in one iteration (and the window updates its readers
-        owe) leave in one write instead of one each -- on a loopback where a
-        send costs tens of microseconds, that is most of what opening costs.
+        """The first write of a loop iteration leaves at once (a lone request
+        does not wait a tick); what follows in the same iteration -- the rest
+        of a burst of requests, the window updates readers owe -- leaves
+        together once the iteration's callbacks have run: two writes instead
+        of one each, and a send is most of what opening a stream costs.
         Resets never wait for this: they flush at once."""
         if not self._flush_pending:
+            self._flush()
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._pending_flush)
 
@@ -208,9 +210,9 @@ class H2ClientConnection(asyncio.Protocol):
     # -- opening streams ----------------------------------------------------------
 
     async def open_stream(self, request: UpstreamRequest) -> H2ResponseStream:
-        """Send a request; return once HEADERS (and the body) are queued: they
-        leave at the end of this loop iteration (``_flush_soon``), together
-        with every other request opened in it.
+        """Send a request; return once HEADERS (and the body) are written or
+        queued: the first request of a loop iteration leaves at once, the
+        others opened in it together at its end (``_flush_soon``).
 
         The caller (the pool) checked ``free_streams`` just before; nothing
         awaits between that check and ``send_headers``, so the slot is ours.
