@@ -126,7 +126,7 @@ class UpstreamSource:
         notes when it started; the timer, when it fires, re-arms itself at
         the deadline now in force, or resets the stream if that has passed,
         which ends the pending read. An ``asyncio.timeout`` per read (a timer
-        armed and cancelled per chunk) was ~15 % of the gateway's CPU while
+        armed and cancelled per chunk) was ~17 % of the gateway's CPU while
         relaying (tests/perf/PROFILES.md).
         """
         assert self._stream is not None
