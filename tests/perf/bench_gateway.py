@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -105,11 +106,16 @@ def _overhead(row: dict[str, Any], name: str, q: int) -> float | None:
     return float(row[f"{name}_p{q}"] - row[f"direct_p{q}"])
 
 
+def _ttft_ratio(row: dict[str, Any]) -> str:
+    gateway, nginx = row.get("gateway_p95"), row.get("nginx_p95")
+    return "n/a" if not gateway or not nginx else f"{gateway / nginx:.3f}"
+
+
 def _overhead_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| streams | arrivals | samples | direct p50/p95/p99 (ms) | gateway overhead p50/p95/p99 (ms) "
-        "| nginx overhead p50/p95/p99 (ms) | errors gw/nginx |",
-        "|---:|---|---:|---|---|---|---|",
+        "| nginx overhead p50/p95/p99 (ms) | TTFT p95 gateway / nginx | errors gw/nginx |",
+        "|---:|---|---:|---|---|---|---:|---|",
     ]
     for row in rows:
         def over(name: str, row: dict[str, Any] = row) -> str:
@@ -120,7 +126,7 @@ def _overhead_table(rows: list[dict[str, Any]]) -> list[str]:
         direct = "/".join(_fmt(row[f"direct_p{q}"]) for q in (50, 95, 99))
         lines.append(
             f"| {row['concurrency']} | {row['pattern']} | {row['samples']} | {direct} "
-            f"| {over('gateway')} | {over('nginx')} "
+            f"| {over('gateway')} | {over('nginx')} | {_ttft_ratio(row)} "
             f"| {row.get('gateway_errors', 0)}/{row.get('nginx_errors', 'n/a')} |"
         )
     return lines
@@ -165,11 +171,17 @@ async def cancel_latency(levels: tuple[int, ...] = (1, 500)) -> list[dict[str, A
     # not a gateway saturated by 500 streams' relay work.
     knobs = {"ttft_ms": 20, "ttft_jitter_ms": 0, "itl_ms": 500, "itl_jitter_ms": 0, "tokens": 100_000,
              "max_concurrent_streams": 5000}
-    async with procs.systems(with_nginx=False, sim_knobs=knobs) as systems, _session() as http:
-        sim_url, url = systems["sim"].url, systems["gateway"].url + "/v1/chat/completions"
+    async with procs.systems(sim_knobs=knobs) as systems, _session() as http:
+        sim_url = systems["sim"].url
         for level in levels:
             for pattern in ("burst", "spread") if level > 1 else ("single",):
-                rows.append(await _cancel_row(http, sim_url, url, level, pattern))
+                # nginx, the reference, closes its upstream connection when
+                # its client goes: the same moment, seen by the simulator.
+                for name in ("gateway", "nginx"):
+                    if name in systems:
+                        url = systems[name].url + "/v1/chat/completions"
+                        row = await _cancel_row(http, sim_url, url, level, pattern)
+                        rows.append({"system": name, **row})
     return rows
 
 
@@ -239,62 +251,79 @@ async def _read_then_abort(
 
 
 def _abort(response: aiohttp.ClientResponse, key: str, closed: dict[str, float]) -> None:
-    """Abort a stream, stamping ``closed[key]`` when its socket is really closed.
+    """Abort a stream now, stamping ``closed[key]`` at that moment.
 
-    response.close() only schedules that: aiohttp closes the transport, and
-    asyncio's transport.close() queues _call_connection_lost (which closes
-    the socket) with call_soon, to run in the loop's next iteration, after
-    whatever else this one does (in a burst, aborting every other stream). A
-    callback queued right after it runs right after it: the stamp is neither
-    taken before the close nor delayed by the load generator's other work.
+    ``response.close()`` alone only schedules the socket's close: asyncio's
+    transport.close() queues it (call_soon) for the loop's next iteration,
+    after whatever else this one does (in a burst, aborting every other
+    stream), and a stamp taken after it can be late by a preemption (the
+    woken system may run before the load generator stamps). So the FIN goes
+    out here, synchronously (shutdown), stamped just before; the close that
+    follows only tidies up.
     """
     assert response.connection is not None and response.connection.transport is not None
     sock = response.connection.transport.get_extra_info("socket")
+    closed[key] = time.monotonic()
+    sock.shutdown(socket.SHUT_RDWR)
     response.close()
-    asyncio.get_running_loop().call_soon(_stamp_if_closed, sock, key, closed)
-
-
-def _stamp_if_closed(sock: Any, key: str, closed: dict[str, float]) -> None:
-    # The premise of _abort, checked on every stamp: a closed socket's fileno()
-    # is -1. On a loop that closes sockets otherwise (this process runs
-    # asyncio's selector loop), the stream goes unmeasured rather than
-    # mis-measured, and the row's `measured` count shows it.
-    if sock.fileno() == -1:
-        closed[key] = time.monotonic()
 
 
 # -- memory per idle stream -----------------------------------------------------------
 
 
+NGINX_IDLE_STREAMS = 8_000
+
+
 async def idle_memory(streams: int = 10_000) -> dict[str, Any]:
+    """RSS per idle open stream, the gateway's and (the reference) nginx's,
+    one after the other against the same simulator."""
     knobs = {"ttft_ms": 600_000, "ttft_jitter_ms": 0, "tokens": 4, "max_concurrent_streams": 20_000}
     env = {"upstream_max_connections": 4, "ping_interval_s": 600}
-    async with procs.systems(with_nginx=False, sim_knobs=knobs, gateway_env=env) as systems:
-        gateway, sim_url = systems["gateway"], systems["sim"].url
-        url = gateway.url + "/v1/chat/completions"
-        async with _session() as http:
-            # Warm-up: code paths, pools, one upstream connection per slot.
-            warm = [await http.post(url, json=chat_body(f"warm {i}")).__aenter__() for i in range(50)]
-            for response in warm:
-                await response.content.readany()
-                response.close()
-            await asyncio.sleep(0.5)  # let the gateway finish its cleanups before the baseline
-            baseline = gateway.rss_kib()
-            responses = []
-            for start in range(0, streams, 500):
-                batch = await asyncio.gather(*(
-                    http.post(url, json=chat_body(f"idle {i} {time.time_ns()}")).__aenter__()
-                    for i in range(start, min(streams, start + 500))
-                ))
-                for response in batch:
-                    assert (await response.content.readany()).startswith(b": ping")
-                responses.extend(batch)
-            await _wait_arrivals(http, sim_url, streams + len(warm))
-            loaded = gateway.rss_kib()
-            for response in responses:
-                response.close()
+    out: dict[str, Any] = {"streams": streams}
+    async with procs.systems(sim_knobs=knobs, gateway_env=env) as systems, _session() as http:
+        arrived = 0
+        sim_url = systems["sim"].url
+        for name in ("gateway", "nginx"):
+            if name in systems:
+                # nginx holds two sockets a stream (client, upstream): fewer
+                # streams keep it under this machine's 20,000 open files.
+                count = streams if name == "gateway" else min(streams, NGINX_IDLE_STREAMS)
+                out[name], arrived = await _idle_rss(http, systems[name], sim_url, count, arrived)
+    return out
+
+
+async def _idle_rss(
+    http: aiohttp.ClientSession, proc: procs.Proc, sim_url: str, streams: int, arrived: int
+) -> tuple[dict[str, float], int]:
+    """Open ``streams`` streams through ``proc`` that wait for their first
+    token; its RSS before and after, and the simulator's arrival count."""
+    url = proc.url + "/v1/chat/completions"
+    # Warm-up: code paths, pools, one upstream connection per slot.
+    warm = [await http.post(url, json=chat_body(f"warm {i} {time.time_ns()}")).__aenter__()
+            for i in range(50)]
+    for response in warm:
+        await response.content.readany()
+        response.close()
+    arrived += len(warm)
+    await _wait_arrivals(http, sim_url, arrived)
+    await asyncio.sleep(0.5)  # let the system finish its cleanups before the baseline
+    baseline = proc.rss_kib()
+    responses = []
+    for start in range(0, streams, 500):
+        batch = await asyncio.gather(*(
+            http.post(url, json=chat_body(f"idle {i} {time.time_ns()}")).__aenter__()
+            for i in range(start, min(streams, start + 500))
+        ))
+        for response in batch:
+            assert response.status == 200 and await response.content.readany()
+        responses.extend(batch)
+    arrived += streams
+    await _wait_arrivals(http, sim_url, arrived)
+    loaded = proc.rss_kib()
+    for response in responses:
+        response.close()
     return {"streams": streams, "baseline_mib": baseline / 1024, "loaded_mib": loaded / 1024,
-            "kib_per_stream": (loaded - baseline) / streams}
+            "kib_per_stream": (loaded - baseline) / streams}, arrived
 
 
 # -- relay throughput -------------------------------------------------------------------
@@ -305,13 +334,14 @@ async def relay_throughput(stream_counts: tuple[int, ...] = (50, 100, 200, 400))
     itl_ms, tokens = 10, 150
     knobs = {"ttft_ms": 20, "ttft_jitter_ms": 0, "itl_ms": itl_ms, "itl_jitter_ms": 0,
              "tokens": tokens, "max_concurrent_streams": 5000}
-    async with procs.systems(with_nginx=False, sim_knobs=knobs) as systems, _session() as http:
-        gateway = systems["gateway"]
-        targets = {"direct": systems["sim"].url, "gateway": gateway.url}
+    async with procs.systems(sim_knobs=knobs) as systems, _session() as http:
+        targets = {name: proc.url for name, proc in systems.items() if name != "sim"}
+        targets = {"direct": systems["sim"].url, **targets}
         for count in stream_counts:
             row: dict[str, Any] = {"streams": count, "offered_chunks_per_s": count * 1000 / itl_ms}
             for name, base in targets.items():
-                cpu_before = gateway.cpu_seconds()
+                proxy = systems.get(name)
+                cpu_before = proxy.cpu_seconds() if proxy is not None else 0.0
                 started = time.monotonic()
                 timings = await asyncio.gather(*(
                     timed_stream(http, base + "/v1/chat/completions", f"relay {name} {count} {i} "
@@ -323,9 +353,9 @@ async def relay_throughput(stream_counts: tuple[int, ...] = (50, 100, 200, 400))
                 itl = [gap for t in timings for gap in t.itl_ms()[5:]]
                 row[f"{name}_itl_p95"] = percentile(itl, 95)
                 row[f"{name}_chunks_per_s"] = chunks / elapsed
-                if name == "gateway":
-                    row["gateway_cpu_s_per_1000"] = (gateway.cpu_seconds() - cpu_before) / chunks * 1000
-            row["added_itl_p95"] = row["gateway_itl_p95"] - row["direct_itl_p95"]
+                if proxy is not None:
+                    row[f"{name}_cpu_s_per_1000"] = (proxy.cpu_seconds() - cpu_before) / chunks * 1000
+                    row[f"{name}_added_itl_p95"] = row[f"{name}_itl_p95"] - row["direct_itl_p95"]
             rows.append(row)
     return rows
 
@@ -406,13 +436,12 @@ async def _cancel_section(levels: tuple[int, ...]) -> list[str]:
     streams = max(levels)
     out = [
         "", "### Cancel latency (client abort -> simulator logs the reset)", "",
-        "From the moment the client's socket is closed to the simulator logging the RST_STREAM "
-        "the gateway sent (both clocks CLOCK_MONOTONIC, one machine); slow tokens (2 per second "
-        "per stream), so the figure is the cancel path. The client's stamp is taken when its "
-        "socket is really closed: aiohttp's `response.close()` only schedules that (asyncio "
-        "closes the socket in the loop's next iteration), so a callback queued right after it "
-        "stamps the moment. A stamp taken before `close()` would count the load generator's own "
-        "work, in a burst all its other aborts.", "",
+        "From the client's abort to the simulator logging the end of the upstream stream (the "
+        "gateway's RST_STREAM; both clocks CLOCK_MONOTONIC, one machine); slow tokens (2 per "
+        "second per stream), so the figure is the cancel path. The client stamps the moment "
+        "and sends its FIN at once (`shutdown`); aiohttp's `response.close()` alone would only "
+        "schedule the socket's close for the loop's next iteration, after the load generator's "
+        "other work (in a burst, all its other aborts).", "",
         f"- **burst**: all {streams} streams aborted in one go: the worst case, the gateway "
         "handling every disconnect at once.",
         f"- **spread**: {streams} streams open and streaming; the clients abort one at a time, "
@@ -420,19 +449,35 @@ async def _cancel_section(levels: tuple[int, ...]) -> list[str]:
         "order, while the rest keep streaming: cancel latency at "
         f"{streams} streams as a user experiences it, so this is the row compared with the "
         "target (p95 <= 5 ms at 500 streams).", "",
-        "| streams | abort pattern | measured | p50 (ms) | p95 (ms) | max (ms) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "nginx (the reference) relays the same streams over HTTP/1.1 and closes its upstream "
+        "connection when its client goes.", "",
+        "| streams | abort pattern | system | measured | p50 (ms) | p95 (ms) | max (ms) |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     rows = await cancel_latency(levels)
     for row in rows:
-        out.append(f"| {row['streams']} | {row['pattern']} | {row['measured']}/{row['streams']} "
+        out.append(f"| {row['streams']} | {row['pattern']} | {row['system']} "
+                   f"| {row['measured']}/{row['streams']} "
                    f"| {_fmt(row['p50'], 2)} | {_fmt(row['p95'], 2)} | {_fmt(row['max'], 2)} |")
-    at_500 = {row["pattern"]: row["p95"] for row in rows if row["streams"] == 500}
+    at_500 = {row["pattern"]: row["p95"] for row in rows
+              if row["streams"] == 500 and row["system"] == "gateway"}
     if at_500:
         out += ["", f"At 500 streams, spread: cancel latency p95 **{_fmt(at_500.get('spread'), 2)} ms** "
                 f"(target <= 5 ms: {_verdict(at_500.get('spread'), 5.0)}); burst, the worst case: "
                 f"{_fmt(at_500.get('burst'), 2)} ms."]
     return out
+
+
+def _reference(row: dict[str, Any], key: str, spec: str = ".1f") -> str:
+    value = row.get(key)
+    return "n/a" if value is None else format(value, spec)
+
+
+def _cpu_ratio(row: dict[str, Any]) -> str:
+    gateway, nginx = row["gateway_cpu_s_per_1000"], row.get("nginx_cpu_s_per_1000")
+    if not nginx:
+        return f"{gateway:.3f} / n/a"
+    return f"{gateway:.3f} / {nginx:.3f} ({gateway / nginx:.1f}x)"
 
 
 def _verdict(value: float | None, target: float) -> str:
@@ -444,19 +489,31 @@ async def report(*, quick: bool = False) -> str:
     out += await _ttft_section((1, 50) if quick else (1, 50, 200, 1000))
     out += await _cancel_section((1, 50) if quick else (1, 500))
     out += ["", "### Relay throughput (ITL 10 ms per stream)", "",
-            "| streams | offered chunks/s | gateway chunks/s | direct ITL p95 | gateway ITL p95 "
-            "| added ITL p95 (ms) | gateway CPU s / 1000 chunks |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            "Chunks delivered per second, the inter-token latency each system adds at p95 (its "
+            "ITL p95 minus the direct one, same run) and its CPU per 1,000 chunks; nginx relays "
+            "the same streams as the reference (its ratio: gateway CPU per chunk / nginx's).", "",
+            "| streams | offered chunks/s | direct ITL p95 | gateway chunks/s | gateway added ITL p95 "
+            "| nginx chunks/s | nginx added ITL p95 | CPU s / 1000 chunks gw / nginx (ratio) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in await relay_throughput((50, 100) if quick else (50, 100, 200, 400)):
-        itl = " | ".join(_fmt(row[name]) for name in ("direct_itl_p95", "gateway_itl_p95", "added_itl_p95"))
         out.append(
-            f"| {row['streams']} | {row['offered_chunks_per_s']:,.0f} | {row['gateway_chunks_per_s']:,.0f} "
-            f"| {itl} | {row['gateway_cpu_s_per_1000']:.3f} |"
+            f"| {row['streams']} | {row['offered_chunks_per_s']:,.0f} | {_fmt(row['direct_itl_p95'])} "
+            f"| {row['gateway_chunks_per_s']:,.0f} | {_fmt(row['gateway_added_itl_p95'])} "
+            f"| {_reference(row, 'nginx_chunks_per_s', ',.0f')} | {_reference(row, 'nginx_added_itl_p95')} "
+            f"| {_cpu_ratio(row)} |"
         )
     memory = await idle_memory(1000 if quick else 10_000)
+    gateway_mem, nginx_mem = memory["gateway"], memory.get("nginx")
     out += ["", "### Memory per idle open stream", "",
             f"{memory['streams']:,} streams waiting for their first token: gateway RSS "
-            f"{memory['baseline_mib']:.1f} -> {memory['loaded_mib']:.1f} MiB, "
-            f"**{memory['kib_per_stream']:.1f} KiB per stream** (target <= 20 KiB)."]
+            f"{gateway_mem['baseline_mib']:.1f} -> {gateway_mem['loaded_mib']:.1f} MiB, "
+            f"**{gateway_mem['kib_per_stream']:.1f} KiB per stream** (target <= 20 KiB)"]
+    if nginx_mem is not None:
+        out[-1] += (f"; nginx, the reference, with {nginx_mem['streams']:,} such streams: "
+                    f"{nginx_mem['baseline_mib']:.1f} -> {nginx_mem['loaded_mib']:.1f} MiB, "
+                    f"{nginx_mem['kib_per_stream']:.1f} KiB per stream (gateway / nginx: "
+                    f"{gateway_mem['kib_per_stream'] / max(nginx_mem['kib_per_stream'], 0.01):.1f}x)")
+    out[-1] += "."
     fan = await fanout_sockets(1000 if quick else 10_000)
     out += ["", "### Fan-out over real sockets (one upstream stream)", "",
             f"{fan['subscribers']:,} subscribers over their own TCP connections (all joined in "

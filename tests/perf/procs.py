@@ -90,6 +90,8 @@ async def gateway(upstream: str, *, core: int | None, **env: object) -> AsyncIte
 
 _NGINX_CONF = """
 worker_processes 1;
+# One process: its CPU and RSS are the reference's whole cost.
+master_process off;
 events {{ worker_connections 30000; }}
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
