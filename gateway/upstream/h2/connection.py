@@ -173,16 +173,22 @@ class H2ClientConnection(asyncio.Protocol):
             self._transport.write(data)
 
     def _flush_soon(self) -> None:
-        """The first write of a loop iteration leaves at once (a lone request
-        does not wait a tick); what follows in the same iteration -- the rest
-        of a burst of requests, the window updates readers owe -- leaves
-        together once the iteration's callbacks have run: two writes instead
-        of one each, and a send is most of what opening a stream costs.
-        Resets never wait for this: they flush at once."""
+        """Flush once this loop iteration's callbacks have run: the window
+        updates readers owe (one per chunk read) and the requests a burst
+        opens leave in one write instead of one each. Resets never wait for
+        this: they flush at once."""
         if not self._flush_pending:
-            self._flush()
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._pending_flush)
+
+    def _flush_request(self) -> None:
+        """A request's frames: the first request of a loop iteration leaves
+        at once (TTFT: it does not wait for the iteration to end); the rest
+        of a burst opened in the same iteration joins the flush queued here.
+        Two writes for a burst instead of one each."""
+        if not self._flush_pending:
+            self._flush()
+            self._flush_soon()
 
     def _pending_flush(self) -> None:
         self._flush_pending = False
@@ -212,7 +218,7 @@ class H2ClientConnection(asyncio.Protocol):
     async def open_stream(self, request: UpstreamRequest) -> H2ResponseStream:
         """Send a request; return once HEADERS (and the body) are written or
         queued: the first request of a loop iteration leaves at once, the
-        others opened in it together at its end (``_flush_soon``).
+        others opened in it together at its end (``_flush_request``).
 
         The caller (the pool) checked ``free_streams`` just before; nothing
         awaits between that check and ``send_headers``, so the slot is ours.
@@ -245,7 +251,7 @@ class H2ClientConnection(asyncio.Protocol):
             raise UpstreamStreamRefused(f"connection cannot open a stream: {exc}") from exc
         self._streams[stream_id] = stream
         if not request.body:
-            self._flush_soon()
+            self._flush_request()
         else:
             try:
                 await self._send_body(stream, request.body)
@@ -277,7 +283,7 @@ class H2ClientConnection(asyncio.Protocol):
                 continue
             piece, view = view[:window], view[window:]
             self._h2.send_data(stream_id, piece.tobytes(), end_stream=not view)
-            self._flush_soon()
+            self._flush_request()
 
     async def _wait_for_window(self, stream_id: int) -> None:
         waiter = asyncio.get_running_loop().create_future()
