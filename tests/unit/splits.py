@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from actors.deltas import Delta
 from gateway.upstream.base import ResponseHead
+from gateway.upstream.providers.base import Provider
 
 
 def every_split(stream: bytes) -> Iterator[list[bytes]]:
@@ -23,3 +25,15 @@ def split_at(stream: bytes, cuts: list[int]) -> list[bytes]:
 
 def head(status: int, *headers: tuple[str, str]) -> ResponseHead:
     return ResponseHead(status=status, headers=headers, http_version="HTTP/2")
+
+
+def decode_all(provider: Provider, chunks: list[bytes]) -> list[Delta]:
+    """Feed ``chunks`` in order to a fresh decoder; its deltas, and it must
+    have seen the provider's end of stream."""
+    decoder = provider.decoder()
+    deltas: list[Delta] = []
+    for chunk in chunks:
+        deltas += decoder.feed(chunk)
+    deltas += decoder.close()
+    assert decoder.done
+    return deltas

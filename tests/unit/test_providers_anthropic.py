@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from actors.deltas import Delta, ToolCallDelta, Usage
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.providers import AnthropicProvider
-from tests.unit.splits import every_split, head, split_at
+from tests.unit.splits import decode_all, every_split, head, split_at
 
 # -- fixtures -------------------------------------------------------------------
 
@@ -135,13 +135,7 @@ STREAMS = {
 
 
 def decode(chunks: list[bytes]) -> list[Delta]:
-    decoder = AnthropicProvider().decoder()
-    deltas: list[Delta] = []
-    for chunk in chunks:
-        deltas += decoder.feed(chunk)
-    deltas += decoder.close()
-    assert decoder.done
-    return deltas
+    return decode_all(AnthropicProvider(), chunks)
 
 
 

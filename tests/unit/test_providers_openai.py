@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from actors.deltas import Delta, ToolCallDelta, Usage
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.providers import OpenAIProvider, get_provider
-from tests.unit.splits import every_split, head, split_at
+from tests.unit.splits import decode_all, every_split, head, split_at
 
 # -- fixtures -------------------------------------------------------------------
 
@@ -103,13 +103,7 @@ REASONING_DELTAS = [
 
 
 def decode(chunks: list[bytes]) -> list[Delta]:
-    decoder = OpenAIProvider().decoder()
-    deltas: list[Delta] = []
-    for chunk in chunks:
-        deltas += decoder.feed(chunk)
-    deltas += decoder.close()
-    assert decoder.done
-    return deltas
+    return decode_all(OpenAIProvider(), chunks)
 
 
 
