@@ -28,6 +28,33 @@ _H2_CONFIG = h2.config.H2Configuration(
 )
 
 
+class _FrameText:
+    """``repr(frame)``, computed only when a log line is actually written.
+
+    h2 formats every frame it receives for a trace line before its logger
+    decides whether to write it (``H2Connection._receive_frame``:
+    ``logger.trace("Received frame: %s", repr(frame))``), and its logger is a
+    no-op unless configured otherwise. That formatting was ~6 % of the
+    gateway's CPU per relayed chunk (tests/perf/PROFILES.md, 13). The name
+    ``repr`` resolves in h2.connection's globals before the builtins, so
+    binding it there to this class makes the line lazy; the text, when
+    written, is the same.
+    """
+
+    __slots__ = ("_frame",)
+
+    def __init__(self, frame: object) -> None:
+        self._frame = frame
+
+    def __str__(self) -> str:
+        return repr(self._frame)
+
+    __repr__ = __str__
+
+
+h2.connection.repr = _FrameText  # type: ignore[attr-defined]
+
+
 class GoawayTolerantH2Connection(h2.connection.H2Connection):
     """h2 closes its whole state machine when a GOAWAY arrives
     (python-hyper/h2#1181), so frames for the streams the GOAWAY lets finish
