@@ -18,6 +18,7 @@ from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
 from gateway.sim.server import SimServer
 from gateway.upstream.base import ResponseStream, UpstreamRequest
+from gateway.upstream.h2 import connection as h2_connection
 from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
@@ -212,6 +213,40 @@ async def test_abandoned_streams_do_not_leak_the_connection_window(fast_sim, poo
     final = await pool.open(chat_request("after abandoning", tokens=256, token_size=256))
     assert decoded_text(await read_all(final)) == expected_text("after abandoning", 256, 256)
     assert pool.connection_count() == 1
+
+
+async def test_a_stream_many_windows_long_in_small_frames_reads_to_its_end(fast_sim, pools):
+    """What a reader consumes is credited back in batches (ACK_BATCH_BYTES),
+    not at every read: a stream seven stream windows long, sent as DATA
+    frames of ~150 bytes, still flows to its end; once it ended the
+    connection owes the peer nothing."""
+    pool = pools(fast_sim, max_connections=1)
+    stream = await pool.open(chat_request("a long one", tokens=3000))
+    async with asyncio.timeout(30):
+        body = await read_all(stream)
+    assert len(body) > 7 * 65_535
+    assert decoded_text(body) == expected_text("a long one", 3000)
+    connection = stream._conn  # type: ignore[attr-defined]
+    assert connection._owed == {} and connection._owed_total == 0
+
+
+async def test_what_open_streams_owe_together_is_settled_at_the_limit(fast_sim, pools, monkeypatch):
+    """Each stream owes less than a batch, but together they reach the
+    connection's limit: everything owed is credited then (else small debts
+    on many streams could exhaust the connection window)."""
+    monkeypatch.setattr(h2_connection, "_OWED_LIMIT", 4096)
+    pool = pools(fast_sim, max_connections=1)
+    streams = [await pool.open(chat_request(f"owing {i}", itl_ms=60_000)) for i in range(40)]
+    read = 0
+    for stream in streams:
+        read += len(await stream.read())  # the first token; the next one is a minute away
+    connection = streams[0]._conn  # type: ignore[attr-defined]
+    assert read > 4096  # so the limit was reached at least once
+    assert connection._owed_total < 4096
+    assert 0 < len(connection._owed) < len(streams)
+    for stream in streams:
+        stream.reset()
+    assert connection._owed == {} and connection._owed_total == 0
 
 
 async def test_a_connection_draining_after_goaway_does_not_block_new_streams(fast_sim, pools):

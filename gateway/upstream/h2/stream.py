@@ -129,12 +129,15 @@ class H2ResponseStream:
                 # and under load one read per burst beats one per frame.
                 chunks, self._chunks = self._chunks, []
                 self._got_data = True
-                self._acknowledge_buffered()
+                length, self._unacknowledged = self._unacknowledged, 0
+                self._conn.consumed(self.stream_id, length)
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if self._error is not None:
                 raise self._error
             if self._ended or self._finished:
-                self._finished = True
+                if not self._finished:
+                    self._finished = True
+                    self._acknowledge_buffered()  # settles what reads left owed
                 return b""
             await self._wait_for_frames()
 
