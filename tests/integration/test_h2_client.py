@@ -13,6 +13,7 @@ from gateway.errors import (
     UpstreamConnectionLost,
     UpstreamStreamRefused,
     UpstreamStreamReset,
+    UpstreamTimeout,
 )
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
@@ -247,6 +248,32 @@ async def test_what_open_streams_owe_together_is_settled_at_the_limit(fast_sim, 
     for stream in streams:
         stream.reset()
     assert connection._owed == {} and connection._owed_total == 0
+
+
+async def test_no_response_head_within_the_first_byte_timeout(sim_factory, pools):
+    """The simulator generates one answer at a time: the second request
+    waits there without a response head, past the first-byte timeout."""
+    sim = await sim_factory(dataclasses.replace(FAST, max_concurrency=1))
+    pool = pools(sim, max_connections=1, first_byte_timeout=0.3)
+    holder = await pool.open(chat_request("holds the generator", ttft_ms=0, itl_ms=60_000))
+    assert await holder.read()
+    waiting = await pool.open(chat_request("waits for it"))
+    async with asyncio.timeout(10):  # generous: the point is "at the deadline, not never"
+        with pytest.raises(UpstreamTimeout, match="no response headers"):
+            await waiting.head()
+        with pytest.raises(UpstreamTimeout):
+            await waiting.read()
+    holder.reset()
+    after = await pool.open(chat_request("the connection goes on"))
+    assert decoded_text(await read_all(after)) == expected_text("the connection goes on", 16)
+
+
+async def test_the_first_byte_timeout_ends_with_the_first_data(fast_sim, pools):
+    """Once data came, gaps longer than the first-byte timeout are the idle
+    timeout's business (none here), not a late first-byte deadline."""
+    pool = pools(fast_sim, max_connections=1, first_byte_timeout=0.3, idle_timeout=None)
+    stream = await pool.open(chat_request("slow but steady", ttft_ms=0, itl_ms=400, tokens=3))
+    assert decoded_text(await read_all(stream)) == expected_text("slow but steady", 3)
 
 
 async def test_a_connection_draining_after_goaway_does_not_block_new_streams(fast_sim, pools):

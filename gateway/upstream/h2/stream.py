@@ -33,10 +33,9 @@ class H2ResponseStream:
         "_ended",
         "_error",
         "_finished",
-        "_first_byte_timeout",
         "_idle_timeout",
         "_got_data",
-        "_first_deadline",
+        "_first_timer",
     )
 
     def __init__(
@@ -61,16 +60,17 @@ class H2ResponseStream:
         self._error: UpstreamError | None = None
         # Reset by us, failed, or ended and fully read: nothing more to do.
         self._finished = False
-        self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
         self._got_data = False
-        # One deadline for the head and the first DATA together: the first
-        # token must come within the first-byte timeout of the request.
-        self._first_deadline = (
-            None
-            if first_byte_timeout is None
-            else asyncio.get_running_loop().time() + first_byte_timeout
-        )
+        # One deadline for the head and the first DATA together (the first
+        # token must come within the first-byte timeout of the request), kept
+        # by one timer rather than a timeout context around each wait: two
+        # per request, and one held by every stream still waiting.
+        self._first_timer: asyncio.TimerHandle | None = None
+        if first_byte_timeout is not None:
+            self._first_timer = asyncio.get_running_loop().call_later(
+                first_byte_timeout, self._first_deadline_passed
+            )
 
     # -- fed by the connection's read path (synchronous) ------------------------
 
@@ -93,6 +93,7 @@ class H2ResponseStream:
 
     def on_end(self) -> None:
         self._ended = True
+        self._stop_first_timer()
         self._wake()
 
     def on_error(self, exc: UpstreamError) -> None:
@@ -115,12 +116,8 @@ class H2ResponseStream:
     async def head(self) -> ResponseHead:
         if self._head.done():
             return self._head.result()
-        try:
-            async with asyncio.timeout_at(self._first_deadline):
-                return await asyncio.shield(self._head)
-        except TimeoutError as exc:
-            self.reset()
-            raise UpstreamTimeout("upstream sent no response headers in time") from exc
+        # Shielded: a waiter's cancellation must not cancel the head itself.
+        return await asyncio.shield(self._head)
 
     async def read(self) -> bytes:
         while True:
@@ -128,7 +125,9 @@ class H2ResponseStream:
                 # Everything buffered at once: the decoder takes any split,
                 # and under load one read per burst beats one per frame.
                 chunks, self._chunks = self._chunks, []
-                self._got_data = True
+                if not self._got_data:
+                    self._got_data = True
+                    self._stop_first_timer()
                 length, self._unacknowledged = self._unacknowledged, 0
                 self._conn.consumed(self.stream_id, length)
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -165,25 +164,42 @@ class H2ResponseStream:
 
     async def _wait_for_frames(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._got_data:
-            deadline = None if self._idle_timeout is None else loop.time() + self._idle_timeout
-        else:
-            deadline = self._first_deadline
         self._waiter = loop.create_future()
         try:
-            if deadline is None:
-                # No deadline of ours (the gateway's source times idle gaps):
-                # no timeout context either, it would cost every chunk a bit.
+            if not self._got_data or self._idle_timeout is None:
+                # Before the first DATA the first-byte timer keeps the time;
+                # after it, without an idle timeout of ours (the gateway's
+                # source times idle gaps), nothing does here: no timeout
+                # context either, it would cost every chunk a bit.
                 await self._waiter
                 return
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout(self._idle_timeout):
                 await self._waiter
         except TimeoutError as exc:
             self.reset()
-            what = "went idle" if self._got_data else "sent no data"
-            raise UpstreamTimeout(f"upstream stream {what} past its timeout") from exc
+            raise UpstreamTimeout("upstream stream went idle past its timeout") from exc
         finally:
             self._waiter = None
+
+    def _first_deadline_passed(self) -> None:
+        """The first-byte timeout: no head, or no DATA yet, at its deadline.
+        Reset the stream; the consumer's wait ends with the timeout."""
+        self._first_timer = None
+        if self._got_data or self._chunks or self._ended or self._finished or self._error is not None:
+            return
+        if not self._head.done():
+            timeout = UpstreamTimeout("upstream sent no response headers in time")
+            self._head.set_exception(timeout)
+            self._head.exception()  # retrieved: the consumer may be gone
+        else:
+            timeout = UpstreamTimeout("upstream stream sent no data past its timeout")
+        self.reset()
+        self._error = timeout  # what a pending or later read raises
+
+    def _stop_first_timer(self) -> None:
+        if self._first_timer is not None:
+            self._first_timer.cancel()
+            self._first_timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -193,6 +209,7 @@ class H2ResponseStream:
     def _release_buffer(self) -> None:
         """Acknowledge what will never be read, so the connection window
         stays whole."""
+        self._stop_first_timer()
         self._chunks.clear()
         self._acknowledge_buffered()
 
