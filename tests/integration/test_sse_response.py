@@ -1,8 +1,10 @@
 """The SSE response over a real socket: aiohttp-sse's hung-peer timeout is
-set while a stream is open and restored after it, on a kept-alive connection."""
+set while a stream is open and restored after it, on a kept-alive connection;
+frames keep their order and framing when a slow client makes them queue."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -52,3 +54,66 @@ async def test_the_hung_peer_timeout_lasts_as_long_as_the_stream(aiohttp_client,
     assert before_second == before_first  # restored after the end
     assert len(sets) == 2  # once per stream: not again when aiohttp finishes the response
     assert len(keepalive) == 0
+
+
+def _dechunk(raw: bytes) -> bytes:
+    """An HTTP/1.1 chunked body (RFC 9112 §7.1), strictly: any framing
+    error raises."""
+    body, rest = b"", raw
+    while True:
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        if size == 0:
+            assert rest == b"\r\n"
+            return body
+        body += rest[:size]
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+
+
+async def test_frames_keep_their_order_and_framing_under_backpressure(aiohttp_server):
+    """Frames written while nothing is queued for the socket, and while a
+    slow client lets bytes queue (aiohttp's drain holds the writer back):
+    the client gets every frame, whole, in order, in a valid chunked body."""
+    keepalive = Keepalive(60.0)
+    queued = asyncio.Event()
+    paths = {"straight": 0, "queued": 0}
+    sent: list[bytes] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        response = await open_event_stream(request, keepalive=keepalive)
+        for i in range(5000):
+            if request.transport.get_write_buffer_size():
+                paths["queued"] += 1
+                queued.set()  # the client starts reading only now
+            else:
+                paths["straight"] += 1
+            frame = b"data: " + b"%06d" % i * 500 + b"\n\n"
+            sent.append(frame)
+            await response.write(frame)
+            if paths["queued"] >= 20:
+                break
+        await close_event_stream(response, keepalive, b"data: end\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/s", stream)
+    server = await aiohttp_server(app)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"GET /s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(30):
+        await queued.wait()
+        raw = await reader.read()  # to EOF: Connection: close
+    writer.close()
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head
+    assert _dechunk(body) == PING + b"".join(sent) + b"data: end\n\n"
+    assert paths["straight"] > 0 and paths["queued"] >= 20
