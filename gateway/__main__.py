@@ -129,7 +129,7 @@ def _settle_garbage_collector() -> None:
     """Everything built so far (modules, the app, the pools) lives as long
     as the process: freeze it out of every later collection, so a full one
     walks only the objects of the streams open at that moment, not the
-    ~40,000 of the code. And collect the young generation less often."""
+    ~43,000 of the code. And collect the young generation less often."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()

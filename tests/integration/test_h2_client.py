@@ -250,11 +250,30 @@ async def test_what_open_streams_owe_together_is_settled_at_the_limit(fast_sim, 
     assert connection._owed == {} and connection._owed_total == 0
 
 
+async def test_streams_left_unread_cannot_starve_a_reader_of_the_connection_window(
+    fast_sim, pools, monkeypatch
+):
+    """Three streams nobody reads hold 192 KiB of a (shrunk) 256 KiB
+    connection window: below the floor, what the one reader consumes is
+    credited at every read again, so h2 can reopen the window and the
+    reader's stream flows to its end instead of stalling with credit owed."""
+    monkeypatch.setattr(h2_connection, "CONNECTION_WINDOW", 256 * 1024)
+    monkeypatch.setattr(h2_connection, "_OWED_LIMIT", 64 * 1024)
+    pool = pools(fast_sim, max_connections=1)
+    unread = [await pool.open(chat_request(f"left unread {i}", tokens=2000)) for i in range(3)]
+    reader = await pool.open(chat_request("read to the end", tokens=6000))
+    async with asyncio.timeout(30):
+        body = await read_all(reader)
+    assert decoded_text(body) == expected_text("read to the end", 6000)
+    for stream in unread:
+        stream.reset()
+
+
 async def test_no_response_head_within_the_first_byte_timeout(sim_factory, pools):
     """The simulator generates one answer at a time: the second request
     waits there without a response head, past the first-byte timeout."""
     sim = await sim_factory(dataclasses.replace(FAST, max_concurrency=1))
-    pool = pools(sim, max_connections=1, first_byte_timeout=0.3)
+    pool = pools(sim, max_connections=1, first_byte_timeout=1.0)
     holder = await pool.open(chat_request("holds the generator", ttft_ms=0, itl_ms=60_000))
     assert await holder.read()
     waiting = await pool.open(chat_request("waits for it"))
@@ -271,8 +290,8 @@ async def test_no_response_head_within_the_first_byte_timeout(sim_factory, pools
 async def test_the_first_byte_timeout_ends_with_the_first_data(fast_sim, pools):
     """Once data came, gaps longer than the first-byte timeout are the idle
     timeout's business (none here), not a late first-byte deadline."""
-    pool = pools(fast_sim, max_connections=1, first_byte_timeout=0.3, idle_timeout=None)
-    stream = await pool.open(chat_request("slow but steady", ttft_ms=0, itl_ms=400, tokens=3))
+    pool = pools(fast_sim, max_connections=1, first_byte_timeout=1.0, idle_timeout=None)
+    stream = await pool.open(chat_request("slow but steady", ttft_ms=0, itl_ms=1300, tokens=3))
     assert decoded_text(await read_all(stream)) == expected_text("slow but steady", 3)
 
 

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import h2.config
+import h2.connection
 import hyperframe.frame
 
 from gateway.upstream.h2.h2_state import GoawayTolerantH2Connection
@@ -49,3 +53,12 @@ def test_nothing_is_formatted_until_a_line_is_written() -> None:
     # What h2 hands its logger is the lazy text, not a str built beforehand.
     assert len(frame_args) == 1
     assert not isinstance(frame_args[0], str)
+
+
+def test_that_trace_line_is_the_only_use_of_repr_in_h2_connection() -> None:
+    """The shim rebinds ``repr`` for the whole of h2.connection, and its
+    result is only right where it is formatted with %s: an h2 release that
+    calls ``repr`` anywhere else there fails this, to be looked at."""
+    source = inspect.getsource(h2.connection)
+    assert re.findall(r"(?<![\w.])repr\(", source) == ["repr("]
+    assert 'logger.trace("Received frame: %s", repr(frame))' in source

@@ -41,9 +41,13 @@ _DEFAULT_WINDOW: Final = 65_535
 #: gateway's CPU per relayed chunk. Flow control stays live (RFC 9113 §6.9):
 #: h2 sends a WINDOW_UPDATE once half a window is credited, so a stream's peer
 #: keeps at least 65,535 - 32,767 - ACK_BATCH_BYTES of window while its reader
-#: keeps up; and what all streams owe together is settled at a quarter of the
-#: connection window, so small batches on many streams cannot exhaust it.
+#: keeps up.
 ACK_BATCH_BYTES: Final = 8192
+#: The connection window is shared, and unread streams can hold most of it:
+#: once what all streams owe together reaches this, or the peer's connection
+#: window falls below it, everything owed is credited at every read, as
+#: before batching. h2 then sends its update at half a window credited, or,
+#: should the window reach 0, at the next credit of over 1 KiB.
 _OWED_LIMIT: Final = CONNECTION_WINDOW // 4
 
 class H2ClientConnection(asyncio.Protocol):
@@ -187,7 +191,7 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _flush_soon(self) -> None:
         """Flush once this loop iteration's callbacks have run: the window
-        updates readers owe (one per chunk read) and the requests a burst
+        updates that credit for read data brings and the requests a burst
         opens leave in one write instead of one each. Resets never wait for
         this: they flush at once."""
         if not self._flush_pending:
@@ -216,9 +220,12 @@ class H2ClientConnection(asyncio.Protocol):
             return
         owed = self._owed.get(stream_id, 0) + length
         self._owed_total += length
-        if owed < ACK_BATCH_BYTES and self._owed_total < _OWED_LIMIT:
+        window_left = self._owed_total < _OWED_LIMIT and (
+            self._h2.inbound_flow_control_window >= _OWED_LIMIT
+        )
+        if owed < ACK_BATCH_BYTES and window_left:
             self._owed[stream_id] = owed
-        elif self._owed_total < _OWED_LIMIT:
+        elif window_left:
             self._owed.pop(stream_id, None)
             self._owed_total -= owed
             self._credit(stream_id, owed)
@@ -288,6 +295,7 @@ class H2ClientConnection(asyncio.Protocol):
             # limit reached: this connection takes no more; another will.
             self._goaway = True
             self._on_capacity()
+            stream.release()  # never opened: stop its first-byte timer
             raise UpstreamStreamRefused(f"connection cannot open a stream: {exc}") from exc
         self._streams[stream_id] = stream
         if not request.body:
