@@ -194,7 +194,9 @@ class H2ResponseStream:
         else:
             timeout = UpstreamTimeout("upstream stream sent no data past its timeout")
         self.reset()
-        self._error = timeout  # what a pending or later read raises
+        # Set after reset(), which sends RST_STREAM only to a stream without
+        # an error; it is what a pending or later read raises.
+        self._error = timeout
 
     def _stop_first_timer(self) -> None:
         if self._first_timer is not None:
