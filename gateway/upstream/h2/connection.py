@@ -50,6 +50,7 @@ ACK_BATCH_BYTES: Final = 8192
 #: should the window reach 0, at the next credit of over 1 KiB.
 _OWED_LIMIT: Final = CONNECTION_WINDOW // 4
 
+
 class H2ClientConnection(asyncio.Protocol):
     """Multiplexes ``H2ResponseStream``s over one transport."""
 
