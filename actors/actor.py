@@ -65,6 +65,28 @@ def _ignore(event: ActorEvent) -> None:
 class StreamActor:
     """Owns one upstream stream from admission to its end."""
 
+    # Slots: every open stream holds one (tests/perf/PROFILES.md, memory).
+    __slots__ = (
+        "key",
+        "stream_id",
+        "shared",
+        "memo",
+        "_max_replay_bytes",
+        "_report",
+        "_clock",
+        "_log",
+        "_log_base",
+        "_log_bytes",
+        "_trim_at",
+        "_accepting",
+        "_readers",
+        "_waiters",
+        "_ticket",
+        "_source",
+        "_task",
+        "_end",
+    )
+
     def __init__(
         self,
         *,

@@ -145,12 +145,13 @@ class Subscription:
             await self._park()
         return ()
 
-    async def _park(self) -> None:
-        self._waiter = self._actor.new_waiter()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+    def _park(self) -> asyncio.Future[None]:
+        """What the reader awaits: the next append or the end. Handed out by
+        a plain function, not awaited in a coroutine of its own: one frame
+        less that every parked reader holds. Once done it may stay here;
+        ``close()`` only wakes a waiter not done yet."""
+        waiter = self._waiter = self._actor.new_waiter()
+        return waiter
 
     def _reach(self, end: StreamEnd) -> None:
         """The log is read to its end: record the outcome, raise a failure."""

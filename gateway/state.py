@@ -36,7 +36,7 @@ class GatewayState:
     draining: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestRecord:
     """Filled in by the handler, logged once by the middleware at the end:
     the request's canonical log line."""

@@ -24,6 +24,8 @@ API = "native"
 
 
 class NativeEncoder:
+    __slots__ = ("_shared", "_finish_reason", "_usage")
+
     def __init__(self, subscription: Subscription) -> None:
         self._shared = SharedFrames(subscription, API)
         self._finish_reason: str | None = None

@@ -50,6 +50,8 @@ class ChunkEncoder:
     """``data: {chat.completion.chunk}`` frames for one subscriber; the
     frames of the stream's deltas are shared with its other subscribers."""
 
+    __slots__ = ("_shared", "_base", "_include_usage")
+
     def __init__(self, subscription: Subscription, *, model: str, include_usage: bool):
         self._shared = SharedFrames(subscription, API)
         self._base = {

@@ -24,6 +24,29 @@ MAX_ERROR_BODY = 64 * 1024
 
 
 class UpstreamSource:
+    # Slots: every open stream holds one (tests/perf/PROFILES.md, memory).
+    __slots__ = (
+        "_transport",
+        "_provider",
+        "_request",
+        "_timeouts",
+        "_first_token_deadline",
+        "_got_content",
+        "_on_status",
+        "_decoder",
+        "_stream",
+        "_pending",
+        "_next",
+        "_head_checked",
+        "_eof",
+        "_reset",
+        "_read_started",
+        "_reading",
+        "_watchdog",
+        "_timed_out",
+        "__weakref__",  # tests check that a finished source is let go
+    )
+
     def __init__(
         self,
         transport: Transport,
@@ -59,7 +82,7 @@ class UpstreamSource:
         self._head_checked = False
         self._eof = False
         self._reset = False
-        # The read deadline, kept by one lazily moved timer (_read_in_time).
+        # The read deadline, kept by one lazily moved timer (_fill).
         self._read_started = 0.0
         self._reading = False
         self._watchdog: asyncio.TimerHandle | None = None
@@ -97,10 +120,36 @@ class UpstreamSource:
             self._stream.reset()
 
     async def _fill(self) -> None:
+        """One read, decoded into ``_pending``.
+
+        The read is bounded by the deadline in force: the first-token one
+        until content flows, then the idle timeout from the read's start.
+        One timer per stream keeps it, moved lazily: a read only notes when
+        it started; the timer, when it fires, re-arms itself at the deadline
+        now in force, or resets the stream if that has passed, which ends
+        the pending read. An ``asyncio.timeout`` per read (a timer armed and
+        cancelled per chunk) was ~17 % of the gateway's CPU while relaying
+        (tests/perf/PROFILES.md). The read is awaited here rather than in a
+        helper coroutine: every idle stream holds this await chain.
+        """
         assert self._stream is not None, "start() first"
         if not self._head_checked:
             await self._check_head()
-        data = await self._read_in_time()
+        loop = asyncio.get_running_loop()
+        self._read_started = loop.time()
+        if self._watchdog is None:
+            self._arm(loop)
+        self._reading = True
+        try:
+            data = await self._stream.read()
+        except UpstreamError as exc:
+            if self._timed_out:
+                raise self._timeout_error() from exc
+            raise
+        finally:
+            self._reading = False
+        if self._timed_out:
+            raise self._timeout_error()
         if data:
             deltas = self._decoder.feed(data)
             if not self._got_content and any(delta.is_content for delta in deltas):
@@ -117,35 +166,6 @@ class UpstreamSource:
             self._eof = True
             self._disarm()
             self._pending.extend(self._decoder.close())
-
-    async def _read_in_time(self) -> bytes:
-        """One read, bounded by the deadline in force: the first-token one
-        until content flows, then the idle timeout from the read's start.
-
-        One timer per stream keeps the deadline, moved lazily: a read only
-        notes when it started; the timer, when it fires, re-arms itself at
-        the deadline now in force, or resets the stream if that has passed,
-        which ends the pending read. An ``asyncio.timeout`` per read (a timer
-        armed and cancelled per chunk) was ~17 % of the gateway's CPU while
-        relaying (tests/perf/PROFILES.md).
-        """
-        assert self._stream is not None
-        loop = asyncio.get_running_loop()
-        self._read_started = loop.time()
-        if self._watchdog is None:
-            self._arm(loop)
-        self._reading = True
-        try:
-            data = await self._stream.read()
-        except UpstreamError as exc:
-            if self._timed_out:
-                raise self._timeout_error() from exc
-            raise
-        finally:
-            self._reading = False
-        if self._timed_out:
-            raise self._timeout_error()
-        return data
 
     def _deadline(self) -> float | None:
         if not self._got_content:

@@ -401,3 +401,47 @@ async def test_one_task_pings_every_open_stream(gateway_factory):
             assert all(f is not None and f.comment == "ping" for f in pings)
             resp.close()
     await _wait_idle(gateway)
+
+
+def _await_chain(task: asyncio.Task) -> list[str]:
+    """The coroutines a suspended task waits through, outermost first."""
+    chain = []
+    coro = task.get_coro()
+    while coro is not None and hasattr(coro, "cr_code"):
+        chain.append(coro.cr_code.co_qualname)
+        coro = coro.cr_await
+    return chain
+
+
+async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
+    """Every coroutine in a waiting task's chain is a frame (~230 bytes)
+    that each idle stream holds: the actor waits on the h2 stream through
+    its source alone, the handler on the subscription through the relay
+    (tests/perf/PROFILES.md, memory per idle stream)."""
+    gateway = await gateway_factory()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions",
+                             json=chat("idle chain [sim ttft_ms=60000]")) as resp:
+            await gateway.sim.log.wait_for_arrivals(1)
+            assert (await resp.content.readuntil(b"\n\n")) == b": ping\n\n"
+            tasks = {task.get_name(): task for task in asyncio.all_tasks()}
+            (actor,) = [task for name, task in tasks.items() if name.startswith("stream-actor-")]
+            # The head and the role chunk come at once, the first token in a
+            # minute: the actor settles in its read (polled, with a bound).
+            deadline = time.monotonic() + 5
+            while _await_chain(actor)[-1] != "H2ResponseStream.read" and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert _await_chain(actor) == [
+                "StreamActor._run",
+                "UpstreamSource.__anext__",
+                "UpstreamSource._fill",
+                "H2ResponseStream.read",
+            ]
+            (handler,) = [
+                task for task in tasks.values()
+                if _await_chain(task)[-1:] == ["Subscription.read_batch"]
+            ]
+            assert _await_chain(handler)[-4:] == [
+                "chat_completions", "relay", "_pump", "Subscription.read_batch"
+            ]
+    await _wait_idle(gateway)

@@ -138,7 +138,15 @@ class H2ResponseStream:
                     self._finished = True
                     self._acknowledge_buffered()  # settles what reads left owed
                 return b""
-            await self._wait_for_frames()
+            if self._got_data and self._idle_timeout is not None:
+                await self._wait_for_frames_in_time()
+            else:
+                # Before the first DATA the first-byte timer keeps the time;
+                # after it, without an idle timeout of ours (the gateway's
+                # source times idle gaps), nothing does here. No timeout
+                # context (it would cost every chunk a bit), and no
+                # coroutine of its own: one frame less per waiting stream.
+                await self._new_waiter()
 
     def reset(self) -> None:
         """Send RST_STREAM(CANCEL) now (RFC 9113 §6.4): it is on the socket
@@ -162,24 +170,20 @@ class H2ResponseStream:
 
     # -- internals -------------------------------------------------------------
 
-    async def _wait_for_frames(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+    def _new_waiter(self) -> asyncio.Future[None]:
+        """Resolved by the next frame, the end or a failure (``_wake``).
+        Once done it may stay here: ``_wake`` skips a done waiter."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    async def _wait_for_frames_in_time(self) -> None:
+        assert self._idle_timeout is not None
         try:
-            if not self._got_data or self._idle_timeout is None:
-                # Before the first DATA the first-byte timer keeps the time;
-                # after it, without an idle timeout of ours (the gateway's
-                # source times idle gaps), nothing does here: no timeout
-                # context either, it would cost every chunk a bit.
-                await self._waiter
-                return
             async with asyncio.timeout(self._idle_timeout):
-                await self._waiter
+                await self._new_waiter()
         except TimeoutError as exc:
             self.reset()
             raise UpstreamTimeout("upstream stream went idle past its timeout") from exc
-        finally:
-            self._waiter = None
 
     def _first_deadline_passed(self) -> None:
         """The first-byte timeout: no head, or no DATA yet, at its deadline.

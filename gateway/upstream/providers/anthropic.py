@@ -91,6 +91,7 @@ class AnthropicProvider:
 
 
 class AnthropicStreamDecoder(EventStreamDecoder):
+    __slots__ = ("_prompt_tokens", "_completion_tokens", "_tool_ordinals")
     terminator = "message_stop"
 
     def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:

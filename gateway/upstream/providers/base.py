@@ -77,6 +77,8 @@ class EventStreamDecoder(ABC):
     is complete and a trailing keepalive must not turn it into an error.
     """
 
+    __slots__ = ("_sse", "_done")
+
     #: How the terminator is named in the truncation error message.
     terminator: str = "its terminator"
 

@@ -66,6 +66,7 @@ class OpenAIProvider:
 
 
 class OpenAIStreamDecoder(EventStreamDecoder):
+    __slots__ = ()
     terminator = "data: [DONE]"
 
     def handle_event(self, event: SSEEvent) -> Delta | None:
