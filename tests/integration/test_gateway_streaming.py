@@ -419,18 +419,19 @@ async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
     its source alone, the handler on the subscription through the relay
     (tests/perf/PROFILES.md, memory per idle stream)."""
     gateway = await gateway_factory()
+    prompt = "idle chain [sim ttft_ms=0 itl_ms=60000 tokens=2]"  # then a minute's wait
     async with aiohttp.ClientSession() as http:
-        async with http.post(gateway.v1 + "/chat/completions",
-                             json=chat("idle chain [sim ttft_ms=60000]")) as resp:
-            await gateway.sim.log.wait_for_arrivals(1)
-            assert (await resp.content.readuntil(b"\n\n")) == b": ping\n\n"
-            tasks = {task.get_name(): task for task in asyncio.all_tasks()}
-            (actor,) = [task for name, task in tasks.items() if name.startswith("stream-actor-")]
-            # The head and the role chunk come at once, the first token in a
-            # minute: the actor settles in its read (polled, with a bound).
-            deadline = time.monotonic() + 5
-            while _await_chain(actor)[-1] != "H2ResponseStream.read" and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+        async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt)) as resp:
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and not (
+                frame.data and frame.json().get("choices")
+            ):
+                pass
+            # The first token has reached the client: the actor appended it
+            # and went back to its read, and the handler wrote it and parked,
+            # each in the same step, so both tasks wait now.
+            tasks = asyncio.all_tasks()
+            (actor,) = [task for task in tasks if task.get_name().startswith("stream-actor-")]
             assert _await_chain(actor) == [
                 "StreamActor._run",
                 "UpstreamSource.__anext__",
@@ -438,8 +439,7 @@ async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
                 "H2ResponseStream.read",
             ]
             (handler,) = [
-                task for task in tasks.values()
-                if _await_chain(task)[-1:] == ["Subscription.read_batch"]
+                task for task in tasks if _await_chain(task)[-1:] == ["Subscription.read_batch"]
             ]
             assert _await_chain(handler)[-4:] == [
                 "chat_completions", "relay", "_pump", "Subscription.read_batch"
