@@ -127,12 +127,18 @@ class GatewayMetrics:
             registry=registry,
         )
         self._upstream = upstream
+        # Children bound once per status seen (statuses are few: HTTP codes,
+        # "error", "refused"), not looked up by label on every request.
+        self._upstream_by_status: dict[str, Counter] = {}
 
     def bind_live_state(self, live: LiveState) -> None:
         self.registry.register(_LiveCollector(live, self.windows))
 
     def upstream_status(self, status: str) -> None:
-        self._upstream.labels(status).inc()
+        child = self._upstream_by_status.get(status)
+        if child is None:
+            child = self._upstream_by_status[status] = self._upstream.labels(status)
+        child.inc()
 
     def finished(self, api: str, outcome: str, duration_s: float) -> None:
         self.requests[(api, outcome)].inc()

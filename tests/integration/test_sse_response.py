@@ -1,6 +1,6 @@
 """The SSE response over a real socket: aiohttp-sse's hung-peer timeout is
-set while a stream is open and restored after it, on a kept-alive connection;
-frames keep their order and framing when a slow client makes them queue."""
+set when a stream opens, once, and kept on a kept-alive connection; frames
+keep their order and framing when a slow client makes them queue."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import socket
 
 import pytest
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
-from gateway.sse import PING, Keepalive, close_event_stream, open_event_stream
+from gateway.sse import PING, Keepalive, _EventStream, close_event_stream, open_event_stream
 
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)
 pytestmark = pytest.mark.skipif(TCP_USER_TIMEOUT is None, reason="Linux only")
@@ -23,17 +22,17 @@ def _user_timeout(request: web.Request) -> int:
     return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT))
 
 
-async def test_the_hung_peer_timeout_lasts_as_long_as_the_stream(aiohttp_client, monkeypatch):
+async def test_the_hung_peer_timeout_is_set_once_per_stream(aiohttp_client, monkeypatch):
     seen: list[tuple[str, int]] = []
     keepalive = Keepalive(60.0)
     sets = []
-    set_timeout = EventSourceResponse._set_tcp_user_timeout
+    set_timeout = _EventStream._hold_hung_peer_timeout
 
-    def counted(self: EventSourceResponse, request: web.BaseRequest) -> None:
+    def counted(self: _EventStream, request: web.BaseRequest) -> None:
         sets.append(request)
         set_timeout(self, request)
 
-    monkeypatch.setattr(EventSourceResponse, "_set_tcp_user_timeout", counted)
+    monkeypatch.setattr(_EventStream, "_hold_hung_peer_timeout", counted)
 
     async def stream(request: web.Request) -> web.StreamResponse:
         seen.append(("before", _user_timeout(request)))
@@ -51,7 +50,7 @@ async def test_the_hung_peer_timeout_lasts_as_long_as_the_stream(aiohttp_client,
     assert [phase for phase, _ in seen] == ["before", "open", "before", "open"]
     before_first, open_first, before_second, _ = (value for _, value in seen)
     assert open_first == 120_000 != before_first  # aiohttp-sse's 120 s send timeout
-    assert before_second == before_first  # restored after the end
+    assert before_second == open_first  # kept for the connection, not restored
     assert len(sets) == 2  # once per stream: not again when aiohttp finishes the response
     assert len(keepalive) == 0
 
