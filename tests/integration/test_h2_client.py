@@ -7,6 +7,10 @@ import dataclasses
 import json
 import time
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import pytest
 
 from gateway.errors import (
@@ -150,6 +154,49 @@ async def test_a_request_body_larger_than_the_peers_window_is_sent_whole(fast_si
     prompt = "long " * 60_000  # 300 KB: several times the 65,535-byte window
     stream = await pool.open(chat_request(prompt))
     assert decoded_text(await read_all(stream)) == expected_text(prompt, 16)
+
+
+async def test_a_body_the_peer_never_opens_a_window_for_times_out(pools):
+    """A free slot skips the pool's timeout context: the wait for window to
+    send the body is then bounded by the stream's first-byte timer, which
+    resets the stream and ends the wait. The peer here is a bare h2 server
+    that grants no stream window (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113
+    §6.5.2) and never a WINDOW_UPDATE."""
+    resets: asyncio.Queue[int] = asyncio.Queue()
+    headers_seen = asyncio.Event()
+
+    async def stingy_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65_536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    headers_seen.set()
+                elif isinstance(event, h2.events.StreamReset):
+                    resets.put_nowait(event.stream_id)
+            writer.write(conn.data_to_send())
+        writer.close()
+
+    server = await asyncio.start_server(stingy_peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        pool = H2Pool(Origin.parse(f"http://127.0.0.1:{port}"), first_byte_timeout=0.3)
+        # The first open connects (through the pool's bounded path); it is
+        # the second, with a slot free, that takes the path under test.
+        for attempt in range(2):
+            with pytest.raises(UpstreamTimeout):
+                # Bounded here too, so a wait nothing ends fails the test
+                # rather than hanging it (generous: the deadline is 0.3 s).
+                await asyncio.wait_for(pool.open(chat_request(f"no window for me {attempt}")), 5)
+            # RST_STREAM for each: the peer holds nothing open.
+            assert await asyncio.wait_for(resets.get(), 5) == 2 * attempt + 1
+        assert headers_seen.is_set()
+        await pool.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_goaway_refused_stream_is_retryable_and_next_stream_uses_a_new_connection(fast_sim, pools):
