@@ -156,45 +156,54 @@ async def test_a_request_body_larger_than_the_peers_window_is_sent_whole(fast_si
     assert decoded_text(await read_all(stream)) == expected_text(prompt, 16)
 
 
-async def test_a_body_the_peer_never_opens_a_window_for_times_out(pools):
-    """A free slot skips the pool's timeout context: the wait for window to
-    send the body is then bounded by the stream's first-byte timer, which
-    resets the stream and ends the wait. The peer here is a bare h2 server
-    that grants no stream window (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113
-    §6.5.2) and never a WINDOW_UPDATE."""
+@pytest.mark.parametrize("answers_early", [False, True], ids=["silent", "answers-early"])
+async def test_a_body_the_peer_never_opens_a_window_for_times_out(answers_early):
+    """The wait for window to send a request body is bounded by the
+    first-byte timeout, on either of the pool's paths (a free slot takes no
+    timeout context of its own), also when the peer has already answered
+    with HEADERS and DATA: then the stream's first-byte timer has nothing
+    left to time, and the bound on the body's wait is all there is. The peer
+    is a bare h2 server that grants no stream window
+    (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113 §6.5.2) and never a
+    WINDOW_UPDATE."""
     resets: asyncio.Queue[int] = asyncio.Queue()
-    headers_seen = asyncio.Event()
+    peer_done = asyncio.Event()
 
     async def stingy_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
         conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
         writer.write(conn.data_to_send())
-        while data := await reader.read(65_536):
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.RequestReceived):
-                    headers_seen.set()
-                elif isinstance(event, h2.events.StreamReset):
-                    resets.put_nowait(event.stream_id)
-            writer.write(conn.data_to_send())
-        writer.close()
+        try:
+            while data := await reader.read(65_536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived) and answers_early:
+                        assert event.stream_id is not None
+                        conn.send_headers(event.stream_id, [(":status", "200")])
+                        conn.send_data(event.stream_id, b"data: {}\n\n")
+                    elif isinstance(event, h2.events.StreamReset):
+                        resets.put_nowait(event.stream_id)
+                writer.write(conn.data_to_send())
+        finally:
+            writer.close()
+            peer_done.set()
 
     server = await asyncio.start_server(stingy_peer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    pool = H2Pool(Origin.parse(f"http://127.0.0.1:{port}"), first_byte_timeout=0.3)
     try:
-        pool = H2Pool(Origin.parse(f"http://127.0.0.1:{port}"), first_byte_timeout=0.3)
-        # The first open connects (through the pool's bounded path); it is
-        # the second, with a slot free, that takes the path under test.
+        # The first open connects (the pool's bounded path); the second, with
+        # a slot free, takes the path without a timeout context.
         for attempt in range(2):
-            with pytest.raises(UpstreamTimeout):
+            with pytest.raises(UpstreamTimeout, match="no window for the request body"):
                 # Bounded here too, so a wait nothing ends fails the test
                 # rather than hanging it (generous: the deadline is 0.3 s).
                 await asyncio.wait_for(pool.open(chat_request(f"no window for me {attempt}")), 5)
             # RST_STREAM for each: the peer holds nothing open.
             assert await asyncio.wait_for(resets.get(), 5) == 2 * attempt + 1
-        assert headers_seen.is_set()
-        await pool.aclose()
     finally:
+        await pool.aclose()  # the peer reads the end of the connection and stops
+        await asyncio.wait_for(peer_done.wait(), 5)
         server.close()
         await server.wait_closed()
 

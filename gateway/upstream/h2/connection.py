@@ -24,6 +24,7 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamProtocolMismatch,
     UpstreamStreamRefused,
+    UpstreamTimeout,
 )
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.h2.h2_state import code_name, new_client_state_machine, reset_error, response_head
@@ -302,8 +303,13 @@ class H2ClientConnection(asyncio.Protocol):
         if not request.body:
             self._flush_request()
         else:
+            # The body's wait for window counts against the first-byte
+            # timeout, like the wait for the head: bounded here, where it
+            # happens (the pool's own timeout covers only a slot wait).
+            timeout = self._first_byte_timeout
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
             try:
-                await self._send_body(stream, request.body)
+                await self._send_body(stream, request.body, deadline)
             except BaseException:
                 # Cancelled (or failed) half-way: the peer must not wait for
                 # the rest of a body that will never come.
@@ -311,7 +317,7 @@ class H2ClientConnection(asyncio.Protocol):
                 raise
         return stream
 
-    async def _send_body(self, stream: H2ResponseStream, body: bytes) -> None:
+    async def _send_body(self, stream: H2ResponseStream, body: bytes, deadline: float | None) -> None:
         """DATA frames within the peer's windows (RFC 9113 §6.9.1)."""
         stream_id = stream.stream_id
         view = memoryview(body)
@@ -328,17 +334,20 @@ class H2ClientConnection(asyncio.Protocol):
             )
             if window <= 0:
                 self._flush()  # what is queued goes out before we wait
-                await self._wait_for_window(stream_id)
+                await self._wait_for_window(stream_id, deadline)
                 continue
             piece, view = view[:window], view[window:]
             self._h2.send_data(stream_id, piece.tobytes(), end_stream=not view)
             self._flush_request()
 
-    async def _wait_for_window(self, stream_id: int) -> None:
+    async def _wait_for_window(self, stream_id: int, deadline: float | None) -> None:
         waiter = asyncio.get_running_loop().create_future()
         self._window_waiters[stream_id] = waiter
         try:
-            await waiter
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except TimeoutError as exc:
+            raise UpstreamTimeout("upstream opened no window for the request body in time") from exc
         finally:
             self._window_waiters.pop(stream_id, None)
 

@@ -59,28 +59,28 @@ class H2Pool:
 
     async def open(self, request: UpstreamRequest) -> H2ResponseStream:
         connection = None if self._closed else self._pick()
-        if connection is not None:
-            # A slot is free: no timeout context (~1.5 % of the CPU of a
-            # request). The only wait left is for window to send a large
-            # body, and the stream's own first-byte timer bounds that: it
-            # resets the stream, which ends the wait with its timeout.
-            return await connection.open_stream(request)
-        # Waiting for a stream slot is part of the time to the first byte:
-        # bounded by the same timeout, never open-ended.
-        try:
-            async with asyncio.timeout(self._first_byte_timeout):
-                return await self._open(request)
-        except TimeoutError as exc:
-            raise UpstreamTimeout("no upstream stream slot came free in time") from exc
+        if connection is None:
+            # Waiting for a stream slot is part of the time to the first
+            # byte: bounded by the same timeout, never open-ended. With a
+            # slot free there is no timeout context (~1.5 % of the CPU of
+            # a request).
+            try:
+                async with asyncio.timeout(self._first_byte_timeout):
+                    connection = await self._wait_for_slot()
+            except TimeoutError as exc:
+                raise UpstreamTimeout("no upstream stream slot came free in time") from exc
+        # No await between picking the connection and send_headers: the slot
+        # is ours. The wait for window to send a large body is bounded in
+        # open_stream, by the first-byte timeout too.
+        return await connection.open_stream(request)
 
-    async def _open(self, request: UpstreamRequest) -> H2ResponseStream:
+    async def _wait_for_slot(self) -> H2ClientConnection:
         while True:
             if self._closed:
                 raise UpstreamConnectionLost("the upstream pool is closed")
             connection = self._pick()
             if connection is not None:
-                # No await between _pick and send_headers: the slot is ours.
-                return await connection.open_stream(request)
+                return connection
             if self._connecting is not None or self._can_add_connection():
                 await asyncio.shield(self._connect())
             else:
