@@ -60,7 +60,7 @@ class _EventStream(EventSourceResponse):
     after -- so both leave in one packet (aiohttp's own Response does the
     same). No ping task of its own: ``Keepalive`` pings it when it has
     been silent for a whole interval. And its hung-peer timeout is set
-    without reading the old value first, and left set after the stream.
+    without reading the old value first.
     """
 
     _send_headers_immediately = False
@@ -76,16 +76,17 @@ class _EventStream(EventSourceResponse):
         return await StreamResponse.prepare(self, request)
 
     def _hold_hung_peer_timeout(self, request: BaseRequest) -> None:
-        """aiohttp-sse's send timeout as TCP_USER_TIMEOUT: the kernel aborts
-        the connection once written bytes go unacknowledged that long.
+        """aiohttp-sse's send timeout as TCP_USER_TIMEOUT for the stream's
+        life: the kernel aborts the connection once written bytes go
+        unacknowledged that long (or a zero window is probed that long).
 
-        aiohttp-sse reads the old value first and restores it at the end:
-        three socket calls per stream (each a socket object under uvloop,
-        ~1.5 % of the gateway's CPU per request). One is enough. The value
-        stays for the rest of a kept-alive connection, and that changes
-        nothing that matters: it only ever acts on bytes the peer does not
-        acknowledge, which is a hung peer whatever the response. aiohttp-sse
-        restores nothing it did not save.
+        aiohttp-sse reads the old value first, to restore it at the end:
+        three socket calls per stream, each a socket object under uvloop
+        (~1.5 % of the gateway's CPU per request). The old value is known:
+        0, the kernel's default, as nothing else in the gateway sets it
+        and each stream restores it. So two calls; aiohttp-sse's
+        ``write_eof`` restores what is saved here, and a kept-alive
+        connection goes on as before the stream.
         """
         if self._send_timeout is None or _TCP_USER_TIMEOUT is None or request.transport is None:
             return
@@ -93,6 +94,7 @@ class _EventStream(EventSourceResponse):
         if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(self._send_timeout * 1000))
+        self._tcp_sock, self._saved_tcp_user_timeout = sock, 0
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         self.last_write = time.monotonic()
