@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from tests.perf import bench_cancel, bench_ttft, procs
-from tests.perf.client import chat_body, percentile, timed_stream
+from tests.perf.client import Timing, chat_body, percentile, timed_stream
 from tests.perf.common import fmt, session, sim_records, wait_arrivals
 
 # -- memory per idle stream -----------------------------------------------------------
@@ -104,11 +104,27 @@ async def relay_throughput(stream_counts: tuple[int, ...] = (50, 100, 200, 400))
                 itl = [gap for t in timings for gap in t.itl_ms()[5:]]
                 row[f"{name}_itl_p95"] = percentile(itl, 95)
                 row[f"{name}_chunks_per_s"] = chunks / elapsed
+                row[f"{name}_steady_chunks_per_s"] = _steady_rate(timings)
                 if proxy is not None:
                     row[f"{name}_cpu_s_per_1000"] = (proxy.cpu_seconds() - cpu_before) / chunks * 1000
                     row[f"{name}_added_itl_p95"] = row[f"{name}_itl_p95"] - row["direct_itl_p95"]
             rows.append(row)
     return rows
+
+
+def _steady_rate(timings: list[Timing]) -> float | None:
+    """Chunks/s while every stream flows: from the last stream's first token
+    to the first stream's last one. The whole run's rate also counts the
+    ramps at both ends, when fewer streams flow, so even the direct path
+    delivers less than it is offered; in this window a system that keeps up
+    delivers what is offered, and one that does not, less."""
+    times = [t.token_times for t in timings if t.token_times]
+    if len(times) != len(timings):
+        return None
+    start, end = max(ts[0] for ts in times), min(ts[-1] for ts in times)
+    if end <= start:
+        return None
+    return sum(start <= stamp <= end for ts in times for stamp in ts) / (end - start)
 
 
 # -- fan-out over sockets -----------------------------------------------------------------
@@ -157,19 +173,29 @@ async def fanout_sockets(subscribers: int = 10_000, tokens: int = 20) -> dict[st
 # -- the report -----------------------------------------------------------------------------
 
 
+def _rates(row: dict[str, Any], name: str) -> str:
+    whole = row.get(f"{name}_chunks_per_s")
+    if whole is None:
+        return "-"
+    steady = row.get(f"{name}_steady_chunks_per_s")
+    return f"{'n/a' if steady is None else f'{steady:,.0f}'} ({whole:,.0f})"
+
+
 def _relay_verdict(rows: list[dict[str, Any]]) -> str:
-    """The most chunks/s the gateway delivered while adding <= 5 ms to ITL p95.
-    A row's delivered rate counts its whole run (first tokens included), so
-    even the direct path delivers a little less than it offers."""
+    """The most chunks/s the gateway relayed, every stream flowing, while
+    adding <= 5 ms to ITL p95."""
     within = [row for row in rows if row.get("gateway_added_itl_p95") is not None
-              and row["gateway_added_itl_p95"] <= 5.0]
+              and row["gateway_added_itl_p95"] <= 5.0
+              and row.get("gateway_steady_chunks_per_s") is not None]
     if not within:
         return "No level kept the gateway's added ITL p95 within 5 ms (target: >= 20,000 chunks/s)."
-    best = max(within, key=lambda row: row["gateway_chunks_per_s"])
-    rate = best["gateway_chunks_per_s"]
+    best = max(within, key=lambda row: row["gateway_steady_chunks_per_s"])
+    rate = best["gateway_steady_chunks_per_s"]
     return (f"Most chunks relayed with the added ITL p95 within 5 ms: **{rate:,.0f} chunks/s** "
-            f"({best['streams']} streams, {best['offered_chunks_per_s']:,.0f} offered; target >= "
-            f"20,000: {'met' if rate >= 20_000 else 'not met'}).")
+            f"while every stream flowed ({best['streams']} streams, "
+            f"{best['offered_chunks_per_s']:,.0f} offered; over the whole run "
+            f"{best['gateway_chunks_per_s']:,.0f}); target >= 20,000: "
+            f"{'met' if rate >= 20_000 else 'not met'}.")
 
 
 def _reference(row: dict[str, Any], key: str, spec: str = ".1f") -> str:
@@ -191,17 +217,22 @@ async def report(*, quick: bool = False) -> str:
     out += ["", "### Relay throughput (ITL 10 ms per stream)", "",
             "Chunks delivered per second, the inter-token latency each system adds at p95 (its "
             "ITL p95 minus the direct one, same run) and its CPU per 1,000 chunks; nginx relays "
-            "the same streams as the reference (its ratio: gateway CPU per chunk / nginx's).", "",
-            "| streams | offered chunks/s | direct ITL p95 | gateway chunks/s | gateway added ITL p95 "
-            "| nginx chunks/s | nginx added ITL p95 | CPU s / 1000 chunks gw / nginx (ratio) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "the same streams as the reference (its ratio: gateway CPU per chunk / nginx's). "
+            "Chunks/s are taken while every stream flows (from the last stream's first token to "
+            "the first stream's last), then, in brackets, over the whole run: the whole run also "
+            "counts the ramps at both ends, when fewer streams flow, so there even the direct "
+            "path delivers less than it is offered.", "",
+            "| streams | offered chunks/s | direct chunks/s | direct ITL p95 | gateway chunks/s "
+            "| gateway added ITL p95 | nginx chunks/s | nginx added ITL p95 "
+            "| CPU s / 1000 chunks gw / nginx (ratio) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     relay_rows = await relay_throughput((50, 100) if quick else (50, 100, 200, 250, 300, 400))
     for row in relay_rows:
         out.append(
-            f"| {row['streams']} | {row['offered_chunks_per_s']:,.0f} | {fmt(row['direct_itl_p95'])} "
-            f"| {row['gateway_chunks_per_s']:,.0f} | {fmt(row['gateway_added_itl_p95'])} "
-            f"| {_reference(row, 'nginx_chunks_per_s', ',.0f')} | {_reference(row, 'nginx_added_itl_p95')} "
-            f"| {_cpu_ratio(row)} |"
+            f"| {row['streams']} | {row['offered_chunks_per_s']:,.0f} | {_rates(row, 'direct')} "
+            f"| {fmt(row['direct_itl_p95'])} | {_rates(row, 'gateway')} "
+            f"| {fmt(row['gateway_added_itl_p95'])} | {_rates(row, 'nginx')} "
+            f"| {_reference(row, 'nginx_added_itl_p95')} | {_cpu_ratio(row)} |"
         )
     out += ["", _relay_verdict(relay_rows)]
     memory = await idle_memory(1000 if quick else 10_000)
