@@ -29,8 +29,9 @@ from gateway import json_codec
 log = structlog.get_logger("gateway")
 
 PING = b": ping\n\n"
-_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
 DONE = b"data: [DONE]\n\n"
+
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
 
 
 def dumps(value: Any) -> str:
