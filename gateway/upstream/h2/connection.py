@@ -264,10 +264,12 @@ class H2ClientConnection(asyncio.Protocol):
 
     # -- opening streams ----------------------------------------------------------
 
-    async def open_stream(self, request: UpstreamRequest) -> H2ResponseStream:
+    async def open_stream(self, request: UpstreamRequest, deadline: float | None) -> H2ResponseStream:
         """Send a request; return once HEADERS (and the body) are written or
         queued: the first request of a loop iteration leaves at once, the
         others opened in it together at its end (``_flush_request``).
+        A body that must wait for window waits until ``deadline`` (the
+        loop's clock) at most.
 
         The caller (the pool) checked ``free_streams`` just before; nothing
         awaits between that check and ``send_headers``, so the slot is ours.
@@ -303,11 +305,6 @@ class H2ClientConnection(asyncio.Protocol):
         if not request.body:
             self._flush_request()
         else:
-            # The body's wait for window counts against the first-byte
-            # timeout, like the wait for the head: bounded here, where it
-            # happens (the pool's own timeout covers only a slot wait).
-            timeout = self._first_byte_timeout
-            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
             try:
                 await self._send_body(stream, request.body, deadline)
             except BaseException:

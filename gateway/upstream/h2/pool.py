@@ -58,21 +58,22 @@ class H2Pool:
         return len(self._connections)
 
     async def open(self, request: UpstreamRequest) -> H2ResponseStream:
+        # Waiting for a stream slot, and for window to send the body, are
+        # part of the time to the first byte: one deadline bounds both.
+        timeout = self._first_byte_timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         connection = None if self._closed else self._pick()
         if connection is None:
-            # Waiting for a stream slot is part of the time to the first
-            # byte: bounded by the same timeout, never open-ended. With a
-            # slot free there is no timeout context (~1.5 % of the CPU of
-            # a request).
+            # With a slot free there is no timeout context at all (~1.5 %
+            # of the CPU of a request).
             try:
-                async with asyncio.timeout(self._first_byte_timeout):
+                async with asyncio.timeout_at(deadline):
                     connection = await self._wait_for_slot()
             except TimeoutError as exc:
                 raise UpstreamTimeout("no upstream stream slot came free in time") from exc
         # No await between picking the connection and send_headers: the slot
-        # is ours. The wait for window to send a large body is bounded in
-        # open_stream, by the first-byte timeout too.
-        return await connection.open_stream(request)
+        # is ours.
+        return await connection.open_stream(request, deadline)
 
     async def _wait_for_slot(self) -> H2ClientConnection:
         while True:
