@@ -182,20 +182,22 @@ def _rates(row: dict[str, Any], name: str) -> str:
 
 
 def _relay_verdict(rows: list[dict[str, Any]]) -> str:
-    """The most chunks/s the gateway relayed, every stream flowing, while
-    adding <= 5 ms to ITL p95."""
-    within = [row for row in rows if row.get("gateway_added_itl_p95") is not None
-              and row["gateway_added_itl_p95"] <= 5.0
-              and row.get("gateway_steady_chunks_per_s") is not None]
-    if not within:
+    """The highest load the gateway kept up with: its rate while every
+    stream flowed at least 98 % of the offered one, and <= 5 ms added to
+    the ITL p95. Counted as the offered rate, never above it: a rate above
+    the offered one is a catch-up after a stall, not capacity."""
+    kept_up = [row for row in rows
+               if row.get("gateway_added_itl_p95") is not None
+               and row["gateway_added_itl_p95"] <= 5.0
+               and (row.get("gateway_steady_chunks_per_s") or 0.0) >= 0.98 * row["offered_chunks_per_s"]]
+    if not kept_up:
         return "No level kept the gateway's added ITL p95 within 5 ms (target: >= 20,000 chunks/s)."
-    best = max(within, key=lambda row: row["gateway_steady_chunks_per_s"])
-    rate = best["gateway_steady_chunks_per_s"]
-    return (f"Most chunks relayed with the added ITL p95 within 5 ms: **{rate:,.0f} chunks/s** "
-            f"while every stream flowed ({best['streams']} streams, "
-            f"{best['offered_chunks_per_s']:,.0f} offered; over the whole run "
-            f"{best['gateway_chunks_per_s']:,.0f}); target >= 20,000: "
-            f"{'met' if rate >= 20_000 else 'not met'}.")
+    best = max(kept_up, key=lambda row: row["offered_chunks_per_s"])
+    rate = min(best["gateway_steady_chunks_per_s"], best["offered_chunks_per_s"])
+    return (f"Highest load the gateway kept up with (rate while every stream flowed >= 98 % of "
+            f"the offered one, added ITL p95 <= 5 ms): **{rate:,.0f} chunks/s** "
+            f"({best['streams']} streams, added ITL p95 {best['gateway_added_itl_p95']:.1f} ms); "
+            f"target >= 20,000: {'met' if rate >= 20_000 else 'not met'}.")
 
 
 def _reference(row: dict[str, Any], key: str, spec: str = ".1f") -> str:
@@ -226,7 +228,8 @@ async def report(*, quick: bool = False) -> str:
             "| gateway added ITL p95 | nginx chunks/s | nginx added ITL p95 "
             "| CPU s / 1000 chunks gw / nginx (ratio) |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    relay_rows = await relay_throughput((50, 100) if quick else (50, 100, 200, 250, 300, 400))
+    # 220 streams: the target is not judged only on the level that offers exactly it.
+    relay_rows = await relay_throughput((50, 100) if quick else (50, 100, 200, 220, 250, 300, 400))
     for row in relay_rows:
         out.append(
             f"| {row['streams']} | {row['offered_chunks_per_s']:,.0f} | {_rates(row, 'direct')} "
