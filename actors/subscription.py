@@ -1,7 +1,7 @@
 """Subscription: what a request handler holds, a cursor into one actor's log.
 
 Reading never copies a chunk: ``__anext__`` hands out the logged Delta itself
-and ``read_batch`` a slice of references, and every subscriber of a stream gets
+and ``read_batch`` (or ``take_batch``) a slice of references, and every subscriber of a stream gets
 the very same objects. At the end of the log a subscription either stops
 (complete) or raises the stream's failure, after every delta logged before it.
 
@@ -124,7 +124,7 @@ class Subscription:
             if end is not None:
                 self._reach(end)
                 break
-            await self._park()
+            await self.readable()
         raise StopAsyncIteration
 
     async def read_batch(self) -> Sequence[Delta]:
@@ -133,23 +133,37 @@ class Subscription:
         An empty sequence means the end (completed, or this subscription was
         closed); a failed stream raises its error once the log is read.
         """
-        while not self._closed:
-            batch = self._actor.deltas_after(self._cursor)
-            if batch:
-                self._cursor += len(batch)
-                return batch
-            end = self._actor.end
-            if end is not None:
-                self._reach(end)
-                break
-            await self._park()
-        return ()
+        while (batch := self.take_batch()) is None:
+            await self.readable()
+        return batch
 
-    def _park(self) -> asyncio.Future[None]:
-        """What the reader awaits: the next append or the end. Handed out by
-        a plain function, not awaited in a coroutine of its own: one frame
-        less that every parked reader holds. Once done it may stay here;
-        ``close()`` only wakes a waiter not done yet."""
+    def take_batch(self) -> Sequence[Delta] | None:
+        """``read_batch()`` without the wait: the deltas available now, an
+        empty sequence at the end (a failure raises), or None when there is
+        nothing yet and the reader should await ``readable()``.
+
+        The HTTP face's relay loop uses this pair: its task then waits on
+        the actor's future directly, and neither each batch nor each parked
+        stream costs a coroutine of ``read_batch`` (tests/perf/PROFILES.md).
+        """
+        if self._closed:
+            return ()
+        batch = self._actor.deltas_after(self._cursor)
+        if batch:
+            self._cursor += len(batch)
+            return batch
+        end = self._actor.end
+        if end is not None:
+            self._reach(end)
+            return ()
+        return None
+
+    def readable(self) -> asyncio.Future[None]:
+        """What a reader awaits when ``take_batch()`` has nothing: the next
+        append or the end. Handed out by a plain function, not awaited in a
+        coroutine of its own: one frame less that every parked reader holds.
+        Once done it may stay here; ``close()`` only wakes a waiter not done
+        yet."""
         waiter = self._waiter = self._actor.new_waiter()
         return waiter
 

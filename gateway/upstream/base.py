@@ -41,7 +41,9 @@ class ResponseStream(Protocol):
     """One request in flight: its head, its body, and a synchronous reset."""
 
     async def head(self) -> ResponseHead:
-        """Wait for the status line and headers (first-byte timeout applies)."""
+        """Wait for the status line and headers (first-byte timeout applies).
+        Once per stream: a stream need not keep the head after handing it
+        over (every open stream would hold the headers)."""
         ...
 
     async def read(self) -> bytes:

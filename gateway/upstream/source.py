@@ -82,7 +82,7 @@ class UpstreamSource:
         self._head_checked = False
         self._eof = False
         self._reset = False
-        # The read deadline, kept by one lazily moved timer (_fill).
+        # The read deadline, kept by one lazily moved timer (__anext__).
         self._read_started = 0.0
         self._reading = False
         self._watchdog: asyncio.TimerHandle | None = None
@@ -97,13 +97,37 @@ class UpstreamSource:
         return self
 
     async def __anext__(self) -> Delta:
+        """The next delta; when none is left, one read, decoded.
+
+        The read is bounded by the deadline in force: the first-token one
+        until content flows, then the idle timeout from the read's start.
+        One timer per stream keeps it, moved lazily: a read only notes when
+        it started; the timer, when it fires, re-arms itself at the deadline
+        now in force, or resets the stream if that has passed, which ends
+        the pending read. An ``asyncio.timeout`` per read (a timer armed and
+        cancelled per chunk) was ~17 % of the gateway's CPU while relaying
+        (tests/perf/PROFILES.md). The read is awaited right here, not in a
+        helper coroutine: every idle stream holds this await chain.
+        """
         while self._next == len(self._pending):
             if self._eof or self._reset:
                 raise StopAsyncIteration
             self._pending.clear()
             self._next = 0
             try:
-                await self._fill()
+                if not self._head_checked:
+                    await self._check_head()
+                try:
+                    data = await self._start_read()
+                except UpstreamError as exc:
+                    if self._timed_out:
+                        raise self._timeout_error() from exc
+                    raise
+                finally:
+                    self._reading = False
+                self._decode(data)
+                # Else this frame keeps the bytes while the next read waits.
+                del data
             except Exception:
                 # A source that fails cleans up after itself (actors.ports):
                 # a stream we can no longer decode must not stay open upstream.
@@ -119,35 +143,19 @@ class UpstreamSource:
         if self._stream is not None:
             self._stream.reset()
 
-    async def _fill(self) -> None:
-        """One read, decoded into ``_pending``.
-
-        The read is bounded by the deadline in force: the first-token one
-        until content flows, then the idle timeout from the read's start.
-        One timer per stream keeps it, moved lazily: a read only notes when
-        it started; the timer, when it fires, re-arms itself at the deadline
-        now in force, or resets the stream if that has passed, which ends
-        the pending read. An ``asyncio.timeout`` per read (a timer armed and
-        cancelled per chunk) was ~17 % of the gateway's CPU while relaying
-        (tests/perf/PROFILES.md). The read is awaited here rather than in a
-        helper coroutine: every idle stream holds this await chain.
-        """
+    def _start_read(self) -> Awaitable[bytes]:
+        """Note the read's start for the watchdog; the read to await."""
         assert self._stream is not None, "start() first"
-        if not self._head_checked:
-            await self._check_head()
         loop = asyncio.get_running_loop()
         self._read_started = loop.time()
         if self._watchdog is None:
             self._arm(loop)
         self._reading = True
-        try:
-            data = await self._stream.read()
-        except UpstreamError as exc:
-            if self._timed_out:
-                raise self._timeout_error() from exc
-            raise
-        finally:
-            self._reading = False
+        return self._stream.read()
+
+    def _decode(self, data: bytes) -> None:
+        """One read into ``_pending``; ``b""`` is the transport's end."""
+        assert self._stream is not None
         if self._timed_out:
             raise self._timeout_error()
         if data:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import time
 
@@ -86,6 +87,22 @@ async def test_200_concurrent_streams_share_one_connection_and_arrive_exact(fast
         assert decoded_text(body) == expected_text(prompt, FAST.tokens)
     records = await fast_sim.log.wait_for(200, outcome="complete")
     assert {r.http_version for r in records} == {"HTTP/2"}
+
+
+async def test_the_head_is_handed_over_once_and_not_kept(fast_sim, pools):
+    """An open stream does not hold its response headers once the consumer
+    has them: every idle stream would (tests/perf/PROFILES.md, memory)."""
+    pool = pools(fast_sim)
+    stream = await pool.open(chat_request("head once"))
+    head = await stream.head()
+    assert head.status == 200 and head.header("content-type") is not None
+    # Neither the stream nor anything it holds (it kept a future of it)
+    # refers to the head any more.
+    held = [obj for ref in gc.get_referents(stream) for obj in (ref, *gc.get_referents(ref))]
+    assert not any(obj is head for obj in held)
+    with pytest.raises(RuntimeError, match="already taken"):
+        await stream.head()
+    assert decoded_text(await read_all(stream)) == expected_text("head once", FAST.tokens)
 
 
 async def test_streams_beyond_max_concurrent_open_a_second_connection_then_wait(sim_factory, pools):

@@ -48,7 +48,11 @@ class H2ResponseStream:
     ) -> None:
         self.stream_id = stream_id
         self._conn = conn
-        self._head: asyncio.Future[ResponseHead] = asyncio.get_running_loop().create_future()
+        # None once handed to the consumer: an open stream does not keep the
+        # response headers (~650 bytes each; tests/perf/PROFILES.md).
+        self._head: asyncio.Future[ResponseHead] | None = (
+            asyncio.get_running_loop().create_future()
+        )
         # DATA payloads not yet read, and their flow-controlled length: that
         # includes padding, and it is what must be acknowledged to re-open
         # the window. A list, not a deque: an empty deque allocates a 64-slot
@@ -75,8 +79,8 @@ class H2ResponseStream:
     # -- fed by the connection's read path (synchronous) ------------------------
 
     def on_head(self, head: ResponseHead) -> None:
-        if not self._head.done():
-            self._head.set_result(head)
+        if (waiting := self._head_waiting()) is not None:
+            waiting.set_result(head)
 
     def on_data(self, data: bytes, flow_controlled_length: int) -> None:
         if self._finished or not data:
@@ -98,11 +102,11 @@ class H2ResponseStream:
 
     def on_error(self, exc: UpstreamError) -> None:
         self._error = exc
-        if not self._head.done():
-            self._head.set_exception(exc)
+        if (waiting := self._head_waiting()) is not None:
+            waiting.set_exception(exc)
             # The consumer may never call head() (it was reset, say): mark
             # the exception retrieved so asyncio does not log it as lost.
-            self._head.exception()
+            waiting.exception()
         self._release_buffer()
         self._wake()
 
@@ -114,10 +118,14 @@ class H2ResponseStream:
     # -- the consumer's side ----------------------------------------------------
 
     async def head(self) -> ResponseHead:
-        if self._head.done():
-            return self._head.result()
+        """The response head, handed over once: the stream lets it go."""
+        future = self._head
+        if future is None:
+            raise RuntimeError("the response head was already taken")
         # Shielded: a waiter's cancellation must not cancel the head itself.
-        return await asyncio.shield(self._head)
+        head = future.result() if future.done() else await asyncio.shield(future)
+        self._head = None
+        return head
 
     async def read(self) -> bytes:
         while True:
@@ -157,9 +165,9 @@ class H2ResponseStream:
         if not (self._ended or self._error is not None):
             self._conn.reset_stream(self.stream_id)
         self._release_buffer()
-        if not self._head.done():
-            self._head.set_exception(UpstreamStreamReset("stream was reset by the gateway"))
-            self._head.exception()
+        if (waiting := self._head_waiting()) is not None:
+            waiting.set_exception(UpstreamStreamReset("stream was reset by the gateway"))
+            waiting.exception()
         self._wake()
 
     def release(self) -> None:
@@ -169,6 +177,11 @@ class H2ResponseStream:
         self._release_buffer()
 
     # -- internals -------------------------------------------------------------
+
+    def _head_waiting(self) -> asyncio.Future[ResponseHead] | None:
+        """The head's future while it has no outcome yet."""
+        head = self._head
+        return None if head is None or head.done() else head
 
     def _new_waiter(self) -> asyncio.Future[None]:
         """Resolved by the next frame, the end or a failure (``_wake``).
@@ -191,10 +204,10 @@ class H2ResponseStream:
         self._first_timer = None
         if self._got_data or self._chunks or self._ended or self._finished or self._error is not None:
             return
-        if not self._head.done():
+        if (waiting := self._head_waiting()) is not None:
             timeout = UpstreamTimeout("upstream sent no response headers in time")
-            self._head.set_exception(timeout)
-            self._head.exception()  # retrieved: the consumer may be gone
+            waiting.set_exception(timeout)
+            waiting.exception()  # retrieved: the consumer may be gone
         else:
             timeout = UpstreamTimeout("upstream stream sent no data past its timeout")
         self.reset()
