@@ -25,6 +25,7 @@ from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
 from gateway.sse import Keepalive
 from gateway.state import STATE, GatewayState
+from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
 from gateway.upstream.source import SourceTimeouts
@@ -83,6 +84,9 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             ),
         )
         stack.push_async_callback(transport.aclose)
+        # Closed after the registry, which resets every source still open.
+        deadlines = Deadlines()
+        stack.callback(deadlines.close)
         admission = AdmissionQueue(
             max_inflight=settings.max_inflight,
             max_queue=settings.max_queue,
@@ -117,6 +121,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
                 first_token_s=settings.upstream_first_token_timeout_ms / 1000,
                 idle_s=settings.upstream_idle_timeout_ms / 1000,
             ),
+            deadlines=deadlines,
         )
         app[STATE] = state
         metrics.bind_live_state(

@@ -12,6 +12,7 @@ from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.sse import Keepalive
 from gateway.upstream.base import Transport
+from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.providers.base import Provider
 from gateway.upstream.source import SourceTimeouts
 
@@ -29,6 +30,8 @@ class GatewayState:
     #: Where requests go, for /readyz and the start-up line (no credentials).
     upstream_url: str
     source_timeouts: SourceTimeouts
+    #: The read deadlines of every open upstream stream, on one loop timer.
+    deadlines: Deadlines
     #: Pings every open event stream that has gone silent.
     keepalive: Keepalive
     active_streams: int = 0

@@ -64,6 +64,7 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
             state.provider,
             upstream_request,
             timeouts=state.source_timeouts,
+            deadlines=state.deadlines,
             on_status=state.metrics.upstream_status,
         ),
         request_id=record.request_id,

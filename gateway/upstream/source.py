@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from actors.deltas import Delta
 from gateway.errors import UpstreamError, UpstreamStreamRefused, UpstreamTimeout
 from gateway.upstream.base import ResponseStream, Transport, UpstreamRequest
+from gateway.upstream.deadlines import Deadline, Deadlines
 from gateway.upstream.providers.base import Provider, ProviderDecoder
 
 #: How much of an error response we read to find the provider's message.
@@ -42,6 +43,7 @@ class UpstreamSource:
         "_reset",
         "_read_started",
         "_reading",
+        "_deadlines",
         "_watchdog",
         "_timed_out",
         "__weakref__",  # tests check that a finished source is let go
@@ -54,6 +56,7 @@ class UpstreamSource:
         request: UpstreamRequest,
         *,
         timeouts: SourceTimeouts | None = None,
+        deadlines: Deadlines | None = None,
         on_status: Callable[[str], None] = lambda status: None,
     ) -> None:
         self._transport = transport
@@ -82,10 +85,13 @@ class UpstreamSource:
         self._head_checked = False
         self._eof = False
         self._reset = False
-        # The read deadline, kept by one lazily moved timer (__anext__).
+        # The read deadline, kept by one lazily moved watchdog (__anext__)
+        # in the deadlines the gateway's sources share (one loop timer for
+        # them all), or in ones of its own.
         self._read_started = 0.0
         self._reading = False
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._deadlines = Deadlines() if deadlines is None else deadlines
+        self._watchdog: Deadline | None = None
         self._timed_out = False
 
     async def start(self) -> None:
@@ -146,10 +152,9 @@ class UpstreamSource:
     def _start_read(self) -> Awaitable[bytes]:
         """Note the read's start for the watchdog; the read to await."""
         assert self._stream is not None, "start() first"
-        loop = asyncio.get_running_loop()
-        self._read_started = loop.time()
+        self._read_started = asyncio.get_running_loop().time()
         if self._watchdog is None:
-            self._arm(loop)
+            self._arm()
         self._reading = True
         return self._stream.read()
 
@@ -181,25 +186,25 @@ class UpstreamSource:
         idle = self._timeouts.idle_s
         return None if idle is None else self._read_started + idle
 
-    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _arm(self) -> None:
         deadline = self._deadline()
         if deadline is not None:
-            self._watchdog = loop.call_at(deadline, self._on_watchdog, loop)
+            self._watchdog = self._deadlines.call_at(deadline, self._on_watchdog)
 
     def _disarm(self) -> None:
         if self._watchdog is not None:
-            self._watchdog.cancel()
+            self._deadlines.cancel(self._watchdog)
             self._watchdog = None
 
-    def _on_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _on_watchdog(self) -> None:
         self._watchdog = None
         if self._eof or self._reset or self._stream is None or not self._reading:
             # Only a pending read can time out: time the consumer spends
             # between reads is not the upstream's (the next read re-arms).
             return
         deadline = self._deadline()
-        if deadline is not None and loop.time() < deadline:
-            self._arm(loop)  # reads went on meanwhile: the deadline moved
+        if deadline is not None and asyncio.get_running_loop().time() < deadline:
+            self._arm()  # reads went on meanwhile: the deadline moved
         elif deadline is not None:
             self._timed_out = True
             self._stream.reset()  # the pending read returns; it raises the timeout
@@ -261,12 +266,15 @@ def source_opener(
     request: UpstreamRequest,
     *,
     timeouts: SourceTimeouts | None = None,
+    deadlines: Deadlines | None = None,
     on_status: Callable[[str], None] = lambda status: None,
 ) -> Callable[[], Awaitable[UpstreamSource]]:
     """The ``open_source`` callable the registry's actor calls after admission."""
 
     async def open_source() -> UpstreamSource:
-        source = UpstreamSource(transport, provider, request, timeouts=timeouts, on_status=on_status)
+        source = UpstreamSource(
+            transport, provider, request, timeouts=timeouts, deadlines=deadlines, on_status=on_status
+        )
         try:
             await source.start()
         except UpstreamError:

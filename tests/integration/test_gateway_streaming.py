@@ -455,4 +455,7 @@ async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
             # bytes, a written frame) while they wait.
             assert _bytes_held(actor) == []
             assert _bytes_held(handler) == []
+            # The stream's read deadline is an entry in the gateway's shared
+            # deadlines, not a loop timer of its own.
+            assert len(gateway.state.deadlines) == 1
     await _wait_idle(gateway)
