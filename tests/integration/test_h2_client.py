@@ -105,6 +105,19 @@ async def test_the_head_is_handed_over_once_and_not_kept(fast_sim, pools):
     assert decoded_text(await read_all(stream)) == expected_text("head once", FAST.tokens)
 
 
+async def test_the_first_byte_deadline_is_an_entry_of_the_pool_until_the_first_data(fast_sim, pools):
+    """Not a loop timer per waiting stream: the pool's shared deadlines."""
+    pool = pools(fast_sim)
+    streams = [await pool.open(chat_request(f"deadline {i}")) for i in range(3)]
+    assert len(pool._deadlines) == 3
+    for stream in streams:
+        assert (await stream.head()).status == 200
+        assert await stream.read()
+    assert len(pool._deadlines) == 0
+    for stream in streams:
+        stream.release()
+
+
 async def test_streams_beyond_max_concurrent_open_a_second_connection_then_wait(sim_factory, pools):
     sim = await sim_factory(dataclasses.replace(FAST, max_concurrent_streams=10))
     pool = pools(sim, max_connections=2)

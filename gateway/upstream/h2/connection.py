@@ -27,6 +27,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.h2.h2_state import code_name, new_client_state_machine, reset_error, response_head
 from gateway.upstream.h2.stream import H2ResponseStream
 
@@ -60,16 +61,16 @@ class H2ClientConnection(asyncio.Protocol):
         *,
         authority: str,
         scheme: str,
-        first_byte_timeout: float | None,
         idle_timeout: float | None,
+        deadlines: Deadlines,
         keepalive_s: float | None = 20.0,
         on_capacity: Callable[[], None] = lambda: None,
     ) -> None:
         self._h2 = new_client_state_machine()
         self._authority = authority.encode()
         self._scheme = scheme.encode()
-        self._first_byte_timeout = first_byte_timeout
         self._idle_timeout = idle_timeout
+        self._deadlines = deadlines
         self._keepalive_s = keepalive_s
         # Called when a stream slot frees up or the connection's state changes,
         # so the pool can hand the slot to the next waiter.
@@ -268,8 +269,9 @@ class H2ClientConnection(asyncio.Protocol):
         """Send a request; return once HEADERS (and the body) are written or
         queued: the first request of a loop iteration leaves at once, the
         others opened in it together at its end (``_flush_request``).
-        A body that must wait for window waits until ``deadline`` (the
-        loop's clock) at most.
+        ``deadline`` (the loop's clock) is the request's first-byte one: a
+        body that must wait for window waits until then at most, and the
+        stream's head and first DATA must come by then.
 
         The caller (the pool) checked ``free_streams`` just before; nothing
         awaits between that check and ``send_headers``, so the slot is ours.
@@ -289,8 +291,9 @@ class H2ClientConnection(asyncio.Protocol):
         stream = H2ResponseStream(
             self,
             stream_id,
-            first_byte_timeout=self._first_byte_timeout,
+            first_byte_deadline=deadline,
             idle_timeout=self._idle_timeout,
+            deadlines=self._deadlines,
         )
         try:
             self._h2.send_headers(stream_id, headers, end_stream=not request.body)

@@ -21,6 +21,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.h2.connection import H2ClientConnection
 from gateway.upstream.h2.stream import H2ResponseStream
 from gateway.upstream.origin import Origin
@@ -52,6 +53,8 @@ class H2Pool:
         self._connections: list[H2ClientConnection] = []
         self._connecting: asyncio.Task[H2ClientConnection] | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Every stream's first-byte deadline, on one loop timer.
+        self._deadlines = Deadlines()
         self._closed = False
 
     def connection_count(self) -> int:
@@ -151,8 +154,8 @@ class H2Pool:
         return H2ClientConnection(
             authority=self._origin.authority,
             scheme=self._origin.scheme,
-            first_byte_timeout=self._first_byte_timeout,
             idle_timeout=self._idle_timeout,
+            deadlines=self._deadlines,
             keepalive_s=self._keepalive_s,
             on_capacity=self._on_capacity,
         )
@@ -209,3 +212,4 @@ class H2Pool:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        self._deadlines.close()

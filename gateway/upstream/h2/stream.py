@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from gateway.errors import UpstreamError, UpstreamStreamReset, UpstreamTimeout
 from gateway.upstream.base import ResponseHead
+from gateway.upstream.deadlines import Deadline, Deadlines
 
 if TYPE_CHECKING:
     from gateway.upstream.h2.connection import H2ClientConnection
@@ -35,7 +36,8 @@ class H2ResponseStream:
         "_finished",
         "_idle_timeout",
         "_got_data",
-        "_first_timer",
+        "_deadlines",
+        "_first_deadline",
     )
 
     def __init__(
@@ -43,8 +45,9 @@ class H2ResponseStream:
         conn: H2ClientConnection,
         stream_id: int,
         *,
-        first_byte_timeout: float | None,
+        first_byte_deadline: float | None,
         idle_timeout: float | None,
+        deadlines: Deadlines,
     ) -> None:
         self.stream_id = stream_id
         self._conn = conn
@@ -66,15 +69,15 @@ class H2ResponseStream:
         self._finished = False
         self._idle_timeout = idle_timeout
         self._got_data = False
-        # One deadline for the head and the first DATA together (the first
-        # token must come within the first-byte timeout of the request), kept
-        # by one timer rather than a timeout context around each wait: two
-        # per request, and one held by every stream still waiting.
-        self._first_timer: asyncio.TimerHandle | None = None
-        if first_byte_timeout is not None:
-            self._first_timer = asyncio.get_running_loop().call_later(
-                first_byte_timeout, self._first_deadline_passed
-            )
+        # One deadline for the head and the first DATA together (the pool's
+        # first-byte deadline for the request), rather than a timeout context
+        # around each wait: two per request. It is an entry in the pool's
+        # shared deadlines, not a loop timer of its own (~580 bytes under
+        # uvloop, held by every stream still waiting).
+        self._deadlines = deadlines
+        self._first_deadline: Deadline | None = None
+        if first_byte_deadline is not None:
+            self._first_deadline = deadlines.call_at(first_byte_deadline, self._first_deadline_passed)
 
     # -- fed by the connection's read path (synchronous) ------------------------
 
@@ -201,7 +204,7 @@ class H2ResponseStream:
     def _first_deadline_passed(self) -> None:
         """The first-byte timeout: no head, or no DATA yet, at its deadline.
         Reset the stream; the consumer's wait ends with the timeout."""
-        self._first_timer = None
+        self._first_deadline = None
         if self._got_data or self._chunks or self._ended or self._finished or self._error is not None:
             return
         if (waiting := self._head_waiting()) is not None:
@@ -216,9 +219,9 @@ class H2ResponseStream:
         self._error = timeout
 
     def _stop_first_timer(self) -> None:
-        if self._first_timer is not None:
-            self._first_timer.cancel()
-            self._first_timer = None
+        if self._first_deadline is not None:
+            self._deadlines.cancel(self._first_deadline)
+            self._first_deadline = None
 
     def _wake(self) -> None:
         waiter = self._waiter
