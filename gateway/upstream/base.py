@@ -7,6 +7,7 @@ reset it synchronously from the first moment (RFC 9113 §5.4.2, RST_STREAM).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,7 +47,7 @@ class ResponseStream(Protocol):
         over (every open stream would hold the headers)."""
         ...
 
-    async def read(self) -> bytes:
+    def read(self) -> Awaitable[bytes]:
         """The next piece of the body as it arrives, ``b""`` at its end.
 
         Flow-control credit is returned as the caller takes each piece, so a

@@ -246,6 +246,61 @@ async def test_a_body_the_peer_never_opens_a_window_for_times_out(answers_early)
         await server.wait_closed()
 
 
+@pytest.mark.parametrize(
+    ("then", "timeouts", "expected"),
+    [
+        ("head only", {"first_byte_timeout": 0.3, "idle_timeout": None}, "no data past its timeout"),
+        ("data, then silence", {"first_byte_timeout": 5.0, "idle_timeout": 0.3}, "went idle past"),
+    ],
+)
+async def test_a_read_pending_at_a_deadline_ends_with_the_timeout(then, timeouts, expected):
+    """A read waiting when the first-byte or the idle deadline passes is
+    answered with the timeout (never with a clean end), later reads too, and
+    the peer gets RST_STREAM. A bare h2 peer that answers, then goes quiet."""
+    resets: asyncio.Queue[int] = asyncio.Queue()
+    peer_done = asyncio.Event()
+
+    async def quiet_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        try:
+            while data := await reader.read(65_536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        assert event.stream_id is not None
+                        conn.send_headers(event.stream_id, [(":status", "200")])
+                        if then != "head only":
+                            conn.send_data(event.stream_id, b"data: {}\n\n")
+                    elif isinstance(event, h2.events.StreamReset):
+                        resets.put_nowait(event.stream_id)
+                writer.write(conn.data_to_send())
+        finally:
+            writer.close()
+            peer_done.set()
+
+    server = await asyncio.start_server(quiet_peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = H2Pool(Origin.parse(f"http://127.0.0.1:{port}"), **timeouts)  # type: ignore[arg-type]
+    try:
+        stream = await pool.open(chat_request("then quiet"))
+        assert (await stream.head()).status == 200
+        if then != "head only":
+            assert await stream.read() == b"data: {}\n\n"
+        pending = stream.read()
+        assert not pending.done()
+        with pytest.raises(UpstreamTimeout, match=expected):
+            await asyncio.wait_for(pending, 5)  # generous: the deadline is 0.3 s
+        with pytest.raises(UpstreamTimeout, match=expected):
+            await stream.read()
+        assert await asyncio.wait_for(resets.get(), 5) == 1
+    finally:
+        await pool.aclose()
+        await asyncio.wait_for(peer_done.wait(), 5)
+        server.close()
+        await server.wait_closed()
+
+
 async def test_goaway_refused_stream_is_retryable_and_next_stream_uses_a_new_connection(fast_sim, pools):
     pool = pools(fast_sim)
     warmup = await pool.open(chat_request("warm up"))

@@ -38,6 +38,7 @@ class H2ResponseStream:
         "_got_data",
         "_deadlines",
         "_first_deadline",
+        "_idle_deadline",
     )
 
     def __init__(
@@ -62,7 +63,7 @@ class H2ResponseStream:
         # block (~760 bytes) that every idle stream would hold.
         self._chunks: list[bytes] = []
         self._unacknowledged = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bytes] | None = None
         self._ended = False
         self._error: UpstreamError | None = None
         # Reset by us, failed, or ended and fully read: nothing more to do.
@@ -76,6 +77,7 @@ class H2ResponseStream:
         # uvloop, held by every stream still waiting).
         self._deadlines = deadlines
         self._first_deadline: Deadline | None = None
+        self._idle_deadline: Deadline | None = None
         if first_byte_deadline is not None:
             self._first_deadline = deadlines.call_at(first_byte_deadline, self._first_deadline_passed)
 
@@ -130,34 +132,21 @@ class H2ResponseStream:
         self._head = None
         return head
 
-    async def read(self) -> bytes:
-        while True:
-            if self._chunks:
-                # Everything buffered at once: the decoder takes any split,
-                # and under load one read per burst beats one per frame.
-                chunks, self._chunks = self._chunks, []
-                if not self._got_data:
-                    self._got_data = True
-                    self._stop_first_timer()
-                length, self._unacknowledged = self._unacknowledged, 0
-                self._conn.consumed(self.stream_id, length)
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if self._error is not None:
-                raise self._error
-            if self._ended or self._finished:
-                if not self._finished:
-                    self._finished = True
-                    self._acknowledge_buffered()  # settles what reads left owed
-                return b""
+    def read(self) -> asyncio.Future[bytes]:
+        """The next piece of the body, ``b""`` at its end, as a future: a
+        plain function hands it out, so neither a read nor a waiting stream
+        costs a coroutine (tests/perf/PROFILES.md, item 19). A pending read
+        is given its data by the read path (``_wake``) as it arrives."""
+        waiter = asyncio.get_running_loop().create_future()
+        if not self._settle(waiter):
+            self._waiter = waiter
             if self._got_data and self._idle_timeout is not None:
-                await self._wait_for_frames_in_time()
-            else:
-                # Before the first DATA the first-byte timer keeps the time;
-                # after it, without an idle timeout of ours (the gateway's
-                # source times idle gaps), nothing does here. No timeout
-                # context (it would cost every chunk a bit), and no
-                # coroutine of its own: one frame less per waiting stream.
-                await self._new_waiter()
+                # Before the first DATA the first-byte deadline keeps the
+                # time; after it, without an idle timeout of ours (the
+                # gateway's source times idle gaps), nothing does here.
+                when = asyncio.get_running_loop().time() + self._idle_timeout
+                self._idle_deadline = self._deadlines.call_at(when, self._idle_deadline_passed)
+        return waiter
 
     def reset(self) -> None:
         """Send RST_STREAM(CANCEL) now (RFC 9113 §6.4): it is on the socket
@@ -186,20 +175,44 @@ class H2ResponseStream:
         head = self._head
         return None if head is None or head.done() else head
 
-    def _new_waiter(self) -> asyncio.Future[None]:
-        """Resolved by the next frame, the end or a failure (``_wake``).
-        Once done it may stay here: ``_wake`` skips a done waiter."""
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        return waiter
+    def _settle(self, waiter: asyncio.Future[bytes]) -> bool:
+        """Give ``waiter`` what a read gets now, if there is anything."""
+        if self._chunks:
+            # Everything buffered at once: the decoder takes any split, and
+            # under load one read per burst beats one per frame.
+            chunks, self._chunks = self._chunks, []
+            if not self._got_data:
+                self._got_data = True
+                self._stop_first_timer()
+            length, self._unacknowledged = self._unacknowledged, 0
+            self._conn.consumed(self.stream_id, length)
+            waiter.set_result(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        elif self._error is not None:
+            waiter.set_exception(self._error)
+        elif self._ended or self._finished:
+            if not self._finished:
+                self._finished = True
+                self._acknowledge_buffered()  # settles what reads left owed
+            waiter.set_result(b"")
+        else:
+            return False
+        self._stop_idle_timer()
+        return True
 
-    async def _wait_for_frames_in_time(self) -> None:
-        assert self._idle_timeout is not None
-        try:
-            async with asyncio.timeout(self._idle_timeout):
-                await self._new_waiter()
-        except TimeoutError as exc:
-            self.reset()
-            raise UpstreamTimeout("upstream stream went idle past its timeout") from exc
+    def _idle_deadline_passed(self) -> None:
+        self._idle_deadline = None
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():
+            return  # the read was answered or abandoned meanwhile
+        self.reset()  # its wake finds no waiter: the timeout is the answer
+        # Set after reset() (see _first_deadline_passed): later reads raise it too.
+        self._error = UpstreamTimeout("upstream stream went idle past its timeout")
+        waiter.set_exception(self._error)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle_deadline is not None:
+            self._deadlines.cancel(self._idle_deadline)
+            self._idle_deadline = None
 
     def _first_deadline_passed(self) -> None:
         """The first-byte timeout: no head, or no DATA yet, at its deadline.
@@ -213,10 +226,15 @@ class H2ResponseStream:
             waiting.exception()  # retrieved: the consumer may be gone
         else:
             timeout = UpstreamTimeout("upstream stream sent no data past its timeout")
+        # A pending read is held back from reset()'s wake (it would answer
+        # with the end) and answered with the timeout.
+        waiter, self._waiter = self._waiter, None
         self.reset()
         # Set after reset(), which sends RST_STREAM only to a stream without
         # an error; it is what a pending or later read raises.
         self._error = timeout
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(timeout)
 
     def _stop_first_timer(self) -> None:
         if self._first_deadline is not None:
@@ -224,14 +242,20 @@ class H2ResponseStream:
             self._first_deadline = None
 
     def _wake(self) -> None:
+        """Answer a pending read with what just came (data, end, failure)."""
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is None:
+            return
+        if waiter.done():
+            self._waiter = None  # abandoned: its reader was cancelled
+        elif self._settle(waiter):
+            self._waiter = None  # answered: not to keep its data alive here
 
     def _release_buffer(self) -> None:
         """Acknowledge what will never be read, so the connection window
         stays whole."""
         self._stop_first_timer()
+        self._stop_idle_timer()
         self._chunks.clear()
         self._acknowledge_buffered()
 
