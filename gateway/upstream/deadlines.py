@@ -37,7 +37,10 @@ class Deadline:
         self.callback: Callable[[], None] | None = callback
 
     def __lt__(self, other: Deadline) -> bool:
-        return (self.when, self.seq) < (other.when, other.seq)
+        # No tuples: heappush calls this a few times per deadline set.
+        if self.when != other.when:
+            return self.when < other.when
+        return self.seq < other.seq
 
 
 class Deadlines:
