@@ -301,6 +301,23 @@ async def test_a_read_pending_at_a_deadline_ends_with_the_timeout(then, timeouts
         await server.wait_closed()
 
 
+async def test_an_abandoned_read_leaves_no_idle_deadline_behind(fast_sim, pools):
+    """A read whose reader left must not time the next read with its own
+    (earlier) idle deadline."""
+    pool = pools(fast_sim, idle_timeout=30.0)
+    stream = await pool.open(chat_request("then silence", ttft_ms=0, itl_ms=60_000, tokens=3))
+    assert (await stream.head()).status == 200
+    while (read := stream.read()).done():
+        assert read.result()  # what came at once; then the silence
+    assert len(pool._deadlines) == 1  # this read's idle deadline
+    read.cancel()  # its reader leaves
+    pending = stream.read()
+    assert len(pool._deadlines) == 1  # the new read's own, nothing of the first
+    stream.reset()
+    assert await pending == b""
+    assert len(pool._deadlines) == 0
+
+
 async def test_goaway_refused_stream_is_retryable_and_next_stream_uses_a_new_connection(fast_sim, pools):
     pool = pools(fast_sim)
     warmup = await pool.open(chat_request("warm up"))

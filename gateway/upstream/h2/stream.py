@@ -138,6 +138,9 @@ class H2ResponseStream:
         costs a coroutine (tests/perf/PROFILES.md, item 19). A pending read
         is given its data by the read path (``_wake``) as it arrives."""
         waiter = asyncio.get_running_loop().create_future()
+        # A read abandoned before (its reader cancelled) may have left its
+        # idle deadline behind: it must not time this one.
+        self._stop_idle_timer()
         if not self._settle(waiter):
             self._waiter = waiter
             if self._got_data and self._idle_timeout is not None:
