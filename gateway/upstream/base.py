@@ -51,7 +51,9 @@ class ResponseStream(Protocol):
         """The next piece of the body as it arrives, ``b""`` at its end.
 
         Flow-control credit is returned as the caller takes each piece, so a
-        slow reader slows only its own stream (RFC 9113 §5.2)."""
+        slow reader slows only its own stream (RFC 9113 §5.2). A read that is
+        cancelled may lose what it was given: cancel one only to abandon the
+        response (``reset()``)."""
         ...
 
     def reset(self) -> None:

@@ -15,15 +15,23 @@ at most about twice the live deadlines.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import math
 from collections.abc import Callable
 from itertools import count
 
-__all__ = ["Deadline", "Deadlines"]
+__all__ = ["RESOLUTION", "Deadline", "Deadlines"]
 
 #: Below this many cancelled entries the heap is never rebuilt.
 _COMPACT_MIN = 64
+
+#: A deadline within this of the loop's clock counts as due. uvloop keeps
+#: its clock and its timers in whole milliseconds, so a timer may fire up to
+#: half a millisecond before its time; without the slack the timer would be
+#: set again for a deadline already in the past, as a ``call_soon``, and spin
+#: until the clock ticks over.
+RESOLUTION = 0.001
 
 
 class Deadline:
@@ -46,7 +54,7 @@ class Deadline:
 class Deadlines:
     """``call_at`` and ``cancel`` in the loop's clock (``loop.time()``)."""
 
-    __slots__ = ("_cancelled", "_heap", "_seq", "_timer", "_timer_at")
+    __slots__ = ("_cancelled", "_context", "_heap", "_seq", "_timer", "_timer_at")
 
     def __init__(self) -> None:
         self._heap: list[Deadline] = []
@@ -54,6 +62,9 @@ class Deadlines:
         self._seq = count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        # The callbacks run in a context of their own, not in a copy of
+        # whichever task's happened to set the timer.
+        self._context = contextvars.Context()
 
     def __len__(self) -> int:
         """Deadlines set and neither run nor cancelled yet."""
@@ -72,8 +83,12 @@ class Deadlines:
             return
         deadline.callback = None
         self._cancelled += 1
-        if self._cancelled > _COMPACT_MIN and 2 * self._cancelled > len(self._heap):
-            self._heap = [entry for entry in self._heap if entry.callback is not None]
+        heap = self._heap
+        while heap and heap[0].callback is None:
+            heapq.heappop(heap)  # off the top at once: no wake-up for it
+            self._cancelled -= 1
+        if self._cancelled > _COMPACT_MIN and 2 * self._cancelled > len(heap):
+            self._heap = [entry for entry in heap if entry.callback is not None]
             heapq.heapify(self._heap)
             self._cancelled = 0
         # The loop timer stays as it is: at worst it fires early, finds
@@ -93,30 +108,32 @@ class Deadlines:
     def _arm(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_at(when, self._run_due)
+        self._timer = asyncio.get_running_loop().call_at(when, self._run_due, context=self._context)
         self._timer_at = when
 
     def _run_due(self) -> None:
         self._timer = None
         self._timer_at = math.inf
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        # self._heap, not a local: a callback's cancel() may rebuild it.
-        while self._heap and self._heap[0].when <= now:
-            entry = heapq.heappop(self._heap)
-            callback, entry.callback = entry.callback, None
-            if callback is None:
-                self._cancelled -= 1
-                continue
-            try:
-                callback()
-            except Exception as exc:
-                # As the loop does for its own callbacks: report it, and
-                # every other deadline still runs.
-                loop.call_exception_handler(
-                    {"message": "deadline callback failed", "exception": exc}
-                )
-        # A callback may have set a deadline (and the timer) meanwhile: the
-        # timer goes to whichever is earliest.
-        if self._heap and self._heap[0].when < self._timer_at:
-            self._arm(self._heap[0].when)
+        due_by = loop.time() + RESOLUTION
+        try:
+            # self._heap, not a local: a callback's cancel() may rebuild it.
+            while self._heap and self._heap[0].when <= due_by:
+                entry = heapq.heappop(self._heap)
+                callback, entry.callback = entry.callback, None
+                if callback is None:
+                    self._cancelled -= 1
+                    continue
+                try:
+                    callback()
+                except Exception as exc:
+                    # As the loop does for its own callbacks: report it, and
+                    # every other deadline still runs.
+                    loop.call_exception_handler(
+                        {"message": "deadline callback failed", "exception": exc}
+                    )
+        finally:
+            # A callback may have set a deadline (and the timer) meanwhile,
+            # or raised past the loop: the timer goes to the earliest left.
+            if self._heap and self._heap[0].when < self._timer_at:
+                self._arm(self._heap[0].when)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from actors.deltas import Delta
 from gateway.errors import UpstreamError, UpstreamStreamRefused, UpstreamTimeout
 from gateway.upstream.base import ResponseStream, Transport, UpstreamRequest
-from gateway.upstream.deadlines import Deadline, Deadlines
+from gateway.upstream.deadlines import RESOLUTION, Deadline, Deadlines
 from gateway.upstream.providers.base import Provider, ProviderDecoder
 
 #: How much of an error response we read to find the provider's message.
@@ -126,7 +126,10 @@ class UpstreamSource:
                 try:
                     data = await self._start_read()
                 except UpstreamError as exc:
-                    if self._timed_out:
+                    # The transport's own first-byte deadline is set from the
+                    # same moment and may fire first: either way, the
+                    # source's words for it.
+                    if self._timed_out or isinstance(exc, UpstreamTimeout):
                         raise self._timeout_error() from exc
                     raise
                 finally:
@@ -203,7 +206,9 @@ class UpstreamSource:
             # between reads is not the upstream's (the next read re-arms).
             return
         deadline = self._deadline()
-        if deadline is not None and asyncio.get_running_loop().time() < deadline:
+        # Due within the deadlines' resolution, as they count it: re-armed
+        # there, it would run again in the same pass, without end.
+        if deadline is not None and asyncio.get_running_loop().time() + RESOLUTION < deadline:
             self._arm()  # reads went on meanwhile: the deadline moved
         elif deadline is not None:
             self._timed_out = True

@@ -309,7 +309,8 @@ async def test_an_abandoned_read_leaves_no_idle_deadline_behind(fast_sim, pools)
     assert (await stream.head()).status == 200
     while (read := stream.read()).done():
         assert read.result()  # what came at once; then the silence
-    assert len(pool._deadlines) == 1  # this read's idle deadline
+    assert stream._idle_deadline is not None  # this read's (the first DATA came)
+    assert len(pool._deadlines) == 1
     read.cancel()  # its reader leaves
     pending = stream.read()
     assert len(pool._deadlines) == 1  # the new read's own, nothing of the first

@@ -136,7 +136,9 @@ class H2ResponseStream:
         """The next piece of the body, ``b""`` at its end, as a future: a
         plain function hands it out, so neither a read nor a waiting stream
         costs a coroutine (tests/perf/PROFILES.md, item 19). A pending read
-        is given its data by the read path (``_wake``) as it arrives."""
+        is given its data by the read path (``_wake``) as it arrives, so a
+        read cancelled once given its data loses it: cancel a read only to
+        abandon the stream, and reset it (as the gateway's actor does)."""
         waiter = asyncio.get_running_loop().create_future()
         # A read abandoned before (its reader cancelled) may have left its
         # idle deadline behind: it must not time this one.
