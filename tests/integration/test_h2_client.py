@@ -28,6 +28,7 @@ from gateway.upstream.h2 import connection as h2_connection
 from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
+from tests.integration.quiet_h2_peer import quiet_h2_peer
 
 FAST = SimProfile(ttft_ms=2, ttft_jitter_ms=0, itl_ms=0, itl_jitter_ms=0, tokens=16)
 
@@ -257,48 +258,23 @@ async def test_a_read_pending_at_a_deadline_ends_with_the_timeout(then, timeouts
     """A read waiting when the first-byte or the idle deadline passes is
     answered with the timeout (never with a clean end), later reads too, and
     the peer gets RST_STREAM. A bare h2 peer that answers, then goes quiet."""
-    resets: asyncio.Queue[int] = asyncio.Queue()
-    peer_done = asyncio.Event()
-
-    async def quiet_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
+    first_data = None if then == "head only" else b"data: {}\n\n"
+    async with quiet_h2_peer(first_data=first_data) as peer:
+        pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), **timeouts)  # type: ignore[arg-type]
         try:
-            while data := await reader.read(65_536):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
-                        assert event.stream_id is not None
-                        conn.send_headers(event.stream_id, [(":status", "200")])
-                        if then != "head only":
-                            conn.send_data(event.stream_id, b"data: {}\n\n")
-                    elif isinstance(event, h2.events.StreamReset):
-                        resets.put_nowait(event.stream_id)
-                writer.write(conn.data_to_send())
+            stream = await pool.open(chat_request("then quiet"))
+            assert (await stream.head()).status == 200
+            if first_data is not None:
+                assert await stream.read() == first_data
+            pending = stream.read()
+            assert not pending.done()
+            with pytest.raises(UpstreamTimeout, match=expected):
+                await asyncio.wait_for(pending, 5)  # generous: the deadline is 0.3 s
+            with pytest.raises(UpstreamTimeout, match=expected):
+                await stream.read()
+            assert await asyncio.wait_for(peer.resets.get(), 5) == 1
         finally:
-            writer.close()
-            peer_done.set()
-
-    server = await asyncio.start_server(quiet_peer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    pool = H2Pool(Origin.parse(f"http://127.0.0.1:{port}"), **timeouts)  # type: ignore[arg-type]
-    try:
-        stream = await pool.open(chat_request("then quiet"))
-        assert (await stream.head()).status == 200
-        if then != "head only":
-            assert await stream.read() == b"data: {}\n\n"
-        pending = stream.read()
-        assert not pending.done()
-        with pytest.raises(UpstreamTimeout, match=expected):
-            await asyncio.wait_for(pending, 5)  # generous: the deadline is 0.3 s
-        with pytest.raises(UpstreamTimeout, match=expected):
-            await stream.read()
-        assert await asyncio.wait_for(resets.get(), 5) == 1
-    finally:
-        await pool.aclose()
-        await asyncio.wait_for(peer_done.wait(), 5)
-        server.close()
-        await server.wait_closed()
+            await pool.aclose()
 
 
 async def test_an_abandoned_read_leaves_no_idle_deadline_behind(fast_sim, pools):

@@ -19,6 +19,7 @@ from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
 from gateway.upstream.source import SourceTimeouts, UpstreamSource
+from tests.integration.quiet_h2_peer import quiet_h2_peer
 
 QUICK = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=5, itl_jitter_ms=0, tokens=6)
 
@@ -98,3 +99,19 @@ async def test_time_between_reads_is_not_the_upstreams(pool):
         got.append(delta.text)
         await asyncio.sleep(0.12)  # the consumer's own pace: what this test is about
     assert "".join(got)
+
+
+async def test_the_transports_first_byte_timeout_reads_as_the_sources_own():
+    """The pool's first-byte deadline and the source's first-token one are
+    set from the same moment: whichever fires first, the consumer reads the
+    source's words. Here the pool's is far earlier (a head, then nothing)."""
+    async with quiet_h2_peer(first_data=None) as peer:
+        quick_pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=0.2)
+        try:
+            source = await started(quick_pool, "head, then nothing", SourceTimeouts(30.0, 30.0))
+            with pytest.raises(UpstreamTimeout, match="sent no first token within its timeout"):
+                async with asyncio.timeout(5):  # generous: the deadline is 0.2 s
+                    await anext(source)
+            assert await asyncio.wait_for(peer.resets.get(), 5) == 1
+        finally:
+            await quick_pool.aclose()

@@ -1,0 +1,57 @@
+"""A bare HTTP/2 server that answers each request with a head (and, if
+asked, one DATA frame) and then says nothing: for the deadlines of the h2
+client and the source. The RST_STREAMs it receives are counted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+
+
+@dataclass
+class QuietPeer:
+    port: int
+    #: Stream ids the client reset, in order.
+    resets: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+
+
+@asynccontextmanager
+async def quiet_h2_peer(*, first_data: bytes | None) -> AsyncIterator[QuietPeer]:
+    """Serve until the block ends; the caller closes its client first (the
+    peer then reads the end of the connection and stops)."""
+    peer_done = asyncio.Event()
+    resets: asyncio.Queue[int] = asyncio.Queue()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        try:
+            while data := await reader.read(65_536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        assert event.stream_id is not None
+                        conn.send_headers(event.stream_id, [(":status", "200")])
+                        if first_data is not None:
+                            conn.send_data(event.stream_id, first_data)
+                    elif isinstance(event, h2.events.StreamReset):
+                        assert event.stream_id is not None
+                        resets.put_nowait(event.stream_id)
+                writer.write(conn.data_to_send())
+        finally:
+            writer.close()
+            peer_done.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield QuietPeer(server.sockets[0].getsockname()[1], resets)
+        await asyncio.wait_for(peer_done.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
