@@ -1,6 +1,8 @@
 """A bare HTTP/2 server that answers each request with a head (and, if
-asked, one DATA frame) and then says nothing: for the deadlines of the h2
-client and the source. The RST_STREAMs it receives are counted."""
+asked, one DATA frame), or not at all, and then says nothing: for the
+deadlines of the h2 client and the source. It may grant no stream window
+(SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113 §6.5.2, and never a
+WINDOW_UPDATE). The RST_STREAMs it receives are counted."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 
 
 @dataclass
@@ -22,7 +25,9 @@ class QuietPeer:
 
 
 @asynccontextmanager
-async def quiet_h2_peer(*, first_data: bytes | None) -> AsyncIterator[QuietPeer]:
+async def quiet_h2_peer(
+    *, head: bool = True, first_data: bytes | None = None, initial_window_size: int | None = None
+) -> AsyncIterator[QuietPeer]:
     """Serve until the block ends; the caller closes its client first (the
     peer then reads the end of the connection and stops)."""
     peer_done = asyncio.Event()
@@ -30,12 +35,18 @@ async def quiet_h2_peer(*, first_data: bytes | None) -> AsyncIterator[QuietPeer]
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        if initial_window_size is not None:
+            # In the first SETTINGS frame: in force from the client's first stream.
+            conn.local_settings = h2.settings.Settings(
+                client=False,
+                initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size},
+            )
         conn.initiate_connection()
         writer.write(conn.data_to_send())
         try:
             while data := await reader.read(65_536):
                 for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived):
+                    if isinstance(event, h2.events.RequestReceived) and head:
                         assert event.stream_id is not None
                         conn.send_headers(event.stream_id, [(":status", "200")])
                         if first_data is not None:

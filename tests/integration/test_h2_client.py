@@ -8,10 +8,6 @@ import gc
 import json
 import time
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.settings
 import pytest
 
 from gateway.errors import (
@@ -197,54 +193,28 @@ async def test_a_body_the_peer_never_opens_a_window_for_times_out(answers_early)
     is a bare h2 server that grants no stream window
     (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113 §6.5.2) and never a
     WINDOW_UPDATE."""
-    resets: asyncio.Queue[int] = asyncio.Queue()
-    peer_done = asyncio.Event()
-
-    async def stingy_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        # In the first SETTINGS frame: the client never has a window to use.
-        conn.local_settings = h2.settings.Settings(
-            client=False, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
-        )
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
+    peer_answers = quiet_h2_peer(
+        head=answers_early, first_data=b"data: {}\n\n" if answers_early else None, initial_window_size=0
+    )
+    async with peer_answers as peer:
+        pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=0.3)
         try:
-            while data := await reader.read(65_536):
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived) and answers_early:
-                        assert event.stream_id is not None
-                        conn.send_headers(event.stream_id, [(":status", "200")])
-                        conn.send_data(event.stream_id, b"data: {}\n\n")
-                    elif isinstance(event, h2.events.StreamReset):
-                        resets.put_nowait(event.stream_id)
-                writer.write(conn.data_to_send())
+            # The first open connects (the pool's bounded path); the second, with
+            # a slot free, takes the path without a timeout context.
+            for attempt in range(2):
+                assert pool.connection_count() == attempt  # 0: the bounded path; 1: a slot free
+                # Silent, the stream's first-byte timer may end it first (same
+                # deadline, no head in time); answering early, only the bound
+                # on the body's wait can.
+                expected = "no window for the request body" if answers_early else "in time"
+                with pytest.raises(UpstreamTimeout, match=expected):
+                    # Bounded here too, so a wait nothing ends fails the test
+                    # rather than hanging it (generous: the deadline is 0.3 s).
+                    await asyncio.wait_for(pool.open(chat_request(f"no window for me {attempt}")), 5)
+                # RST_STREAM for each: the peer holds nothing open.
+                assert await asyncio.wait_for(peer.resets.get(), 5) == 2 * attempt + 1
         finally:
-            writer.close()
-            peer_done.set()
-
-    server = await asyncio.start_server(stingy_peer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    pool = H2Pool(Origin.parse(f"http://127.0.0.1:{port}"), first_byte_timeout=0.3)
-    try:
-        # The first open connects (the pool's bounded path); the second, with
-        # a slot free, takes the path without a timeout context.
-        for attempt in range(2):
-            assert pool.connection_count() == attempt  # 0: the bounded path; 1: a slot free
-            # Silent, the stream's first-byte timer may end it first (same
-            # deadline, no head in time); answering early, only the bound
-            # on the body's wait can.
-            expected = "no window for the request body" if answers_early else "in time"
-            with pytest.raises(UpstreamTimeout, match=expected):
-                # Bounded here too, so a wait nothing ends fails the test
-                # rather than hanging it (generous: the deadline is 0.3 s).
-                await asyncio.wait_for(pool.open(chat_request(f"no window for me {attempt}")), 5)
-            # RST_STREAM for each: the peer holds nothing open.
-            assert await asyncio.wait_for(resets.get(), 5) == 2 * attempt + 1
-    finally:
-        await pool.aclose()  # the peer reads the end of the connection and stops
-        await asyncio.wait_for(peer_done.wait(), 5)
-        server.close()
-        await server.wait_closed()
+            await pool.aclose()  # the peer reads the end of the connection and stops
 
 
 @pytest.mark.parametrize(
