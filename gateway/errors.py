@@ -162,6 +162,12 @@ class UpstreamTimeout(UpstreamError):
     retryable = True
 
 
+class UpstreamFirstByteTimeout(UpstreamTimeout):
+    """A response head, then no body within the first-byte timeout: the
+    source words it as its own first-token timeout, set from the same
+    moment (gateway/upstream/source.py)."""
+
+
 class UpstreamStatusError(UpstreamError):
     """The provider answered with an error status. 4xx keep their status (and a
     429 its Retry-After); 5xx become 502."""

@@ -7,9 +7,11 @@ a copy of the context, the arguments), held by every idle stream; an entry
 in one heap costs ~200 (tests/perf/PROFILES.md, item 19). nginx keeps its
 timers the same way: one tree, one timeout for the earliest.
 
-A cancelled entry stays in the heap with its callback cleared, and the heap
-is rebuilt without such entries once they outnumber the live ones: it holds
-at most about twice the live deadlines.
+A cancelled entry stays in the heap with its callback cleared (the timer
+stays as it is too), and the heap is rebuilt without such entries once they
+outnumber the live ones: it holds at most about twice the live deadlines.
+The timer is set for the earliest live entry whenever it fires, so an entry
+cancelled early costs at most the one wake-up it was the target of.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class Deadlines:
         return len(self._heap) - self._cancelled
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Deadline:
+        """Run ``callback`` at ``when`` (within ``RESOLUTION``). One set by a
+        callback for a time already due runs in the same pass."""
         deadline = Deadline(when, next(self._seq), callback)
         heapq.heappush(self._heap, deadline)
         if when < self._timer_at:
@@ -83,16 +87,10 @@ class Deadlines:
             return
         deadline.callback = None
         self._cancelled += 1
-        heap = self._heap
-        while heap and heap[0].callback is None:
-            heapq.heappop(heap)  # off the top at once: no wake-up for it
-            self._cancelled -= 1
-        if self._cancelled > _COMPACT_MIN and 2 * self._cancelled > len(heap):
-            self._heap = [entry for entry in heap if entry.callback is not None]
+        if self._cancelled > _COMPACT_MIN and 2 * self._cancelled > len(self._heap):
+            self._heap = [entry for entry in self._heap if entry.callback is not None]
             heapq.heapify(self._heap)
             self._cancelled = 0
-        # The loop timer stays as it is: at worst it fires early, finds
-        # nothing due and is set again for the earliest live deadline.
 
     def close(self) -> None:
         """Drop every deadline and the loop timer (the owner shuts down)."""
@@ -134,6 +132,11 @@ class Deadlines:
                     )
         finally:
             # A callback may have set a deadline (and the timer) meanwhile,
-            # or raised past the loop: the timer goes to the earliest left.
-            if self._heap and self._heap[0].when < self._timer_at:
-                self._arm(self._heap[0].when)
+            # or raised past the loop: the timer goes to the earliest live
+            # entry left (cancelled ones on top would only wake it in vain).
+            heap = self._heap
+            while heap and heap[0].callback is None:
+                heapq.heappop(heap)
+                self._cancelled -= 1
+            if heap and heap[0].when < self._timer_at:
+                self._arm(heap[0].when)

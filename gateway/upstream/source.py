@@ -15,7 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from actors.deltas import Delta
-from gateway.errors import UpstreamError, UpstreamStreamRefused, UpstreamTimeout
+from gateway.errors import (
+    UpstreamError,
+    UpstreamFirstByteTimeout,
+    UpstreamStreamRefused,
+    UpstreamTimeout,
+)
 from gateway.upstream.base import ResponseStream, Transport, UpstreamRequest
 from gateway.upstream.deadlines import RESOLUTION, Deadline, Deadlines
 from gateway.upstream.providers.base import Provider, ProviderDecoder
@@ -126,10 +131,11 @@ class UpstreamSource:
                 try:
                     data = await self._start_read()
                 except UpstreamError as exc:
-                    # The transport's own first-byte deadline is set from the
-                    # same moment and may fire first: either way, the
-                    # source's words for it.
-                    if self._timed_out or isinstance(exc, UpstreamTimeout):
+                    # The transport's first-byte deadline is set from the same
+                    # moment as our first-token one and may fire first: either
+                    # way, the source's words for it. (Its idle timeout keeps
+                    # its own words: ours had not passed.)
+                    if self._timed_out or isinstance(exc, UpstreamFirstByteTimeout):
                         raise self._timeout_error() from exc
                     raise
                 finally:
@@ -207,7 +213,8 @@ class UpstreamSource:
             return
         deadline = self._deadline()
         # Due within the deadlines' resolution, as they count it: re-armed
-        # there, it would run again in the same pass, without end.
+        # there, it would run again in the same pass, again and again until
+        # uvloop's millisecond clock ticks over.
         if deadline is not None and asyncio.get_running_loop().time() + RESOLUTION < deadline:
             self._arm()  # reads went on meanwhile: the deadline moved
         elif deadline is not None:

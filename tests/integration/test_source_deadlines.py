@@ -106,12 +106,49 @@ async def test_the_transports_first_byte_timeout_reads_as_the_sources_own():
     set from the same moment: whichever fires first, the consumer reads the
     source's words. Here the pool's is far earlier (a head, then nothing)."""
     async with quiet_h2_peer(first_data=None) as peer:
-        quick_pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=0.2)
+        # Generous against a slow machine: the deadline also covers the
+        # connection and the head (a late head would raise its own error).
+        quick_pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=1.0)
         try:
             source = await started(quick_pool, "head, then nothing", SourceTimeouts(30.0, 30.0))
             with pytest.raises(UpstreamTimeout, match="sent no first token within its timeout"):
-                async with asyncio.timeout(5):  # generous: the deadline is 0.2 s
+                async with asyncio.timeout(10):  # generous: the deadline is 1 s
                     await anext(source)
             assert await asyncio.wait_for(peer.resets.get(), 5) == 1
         finally:
             await quick_pool.aclose()
+
+
+def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
+    """uvloop's timers fire up to half a millisecond early: a watchdog that
+    re-checked its deadline without the deadlines' resolution would re-arm
+    for a time already due and run again in the same pass, hundreds of
+    times, until the clock ticked over."""
+    uvloop = pytest.importorskip("uvloop")
+
+    class CountedSource(UpstreamSource):
+        watchdog_runs = 0
+
+        def _on_watchdog(self) -> None:
+            CountedSource.watchdog_runs += 1
+            super()._on_watchdog()
+
+    async def main() -> None:
+        async with quiet_h2_peer(first_data=None) as peer:
+            # Only the source keeps a deadline: the pool's first-byte one is off.
+            quiet_pool = H2Pool(
+                Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=None, idle_timeout=None
+            )
+            try:
+                source = CountedSource(
+                    quiet_pool, get_provider("openai"), chat("watched"), timeouts=SourceTimeouts(0.05, 30.0)
+                )
+                await source.start()
+                with pytest.raises(UpstreamTimeout, match="sent no first token"):
+                    async with asyncio.timeout(10):
+                        await anext(source)
+            finally:
+                await quiet_pool.aclose()
+
+    uvloop.run(main())
+    assert CountedSource.watchdog_runs == 1

@@ -116,23 +116,42 @@ async def test_close_drops_every_deadline_and_the_loop_timer():
     assert ran == []
 
 
+class CountedDeadlines(Deadlines):
+    """Counts the loop timer's wake-ups."""
+
+    fires = 0
+
+    def _run_due(self) -> None:
+        self.fires += 1
+        super()._run_due()
+
+
+async def test_cancelled_entries_cost_at_most_the_one_wake_up_they_were_the_target_of():
+    loop = asyncio.get_running_loop()
+    deadlines = CountedDeadlines()
+    done = asyncio.Event()
+    start = loop.time()
+    cancelled = [deadlines.call_at(start + 0.01 + i * 0.002, lambda: None) for i in range(10)]
+    deadlines.call_at(start + 0.06, done.set)
+    for entry in cancelled:
+        deadlines.cancel(entry)
+    await asyncio.wait_for(done.wait(), 5)
+    # The wake-up set for the first cancelled entry, then the live one's:
+    # not one for each cancelled entry on the way.
+    assert deadlines.fires == 2
+
+
 def test_under_uvloop_the_timer_fires_about_once_per_deadline_not_in_a_spin():
     """uvloop's timers work in whole milliseconds and may fire early: a
     deadline not counted as due then would set the timer again, as a
     call_soon, until the clock ticks over (tens of thousands of wake-ups
-    for 200 deadlines; RESOLUTION). Cancelled entries wake nothing."""
+    for 200 deadlines; RESOLUTION)."""
     uvloop = pytest.importorskip("uvloop")
 
-    class Counted(Deadlines):
-        fires = 0
-
-        def _run_due(self) -> None:
-            Counted.fires += 1
-            super()._run_due()
+    deadlines = CountedDeadlines()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        deadlines = Counted()
         done = asyncio.Event()
         start = loop.time()
         ran = []
@@ -147,4 +166,4 @@ def test_under_uvloop_the_timer_fires_about_once_per_deadline_not_in_a_spin():
 
     uvloop.run(main())
     # ~60 ms of deadlines: about one wake-up per millisecond at most.
-    assert Counted.fires < 200
+    assert deadlines.fires < 200

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from gateway.errors import UpstreamError, UpstreamStreamReset, UpstreamTimeout
+from gateway.errors import UpstreamError, UpstreamFirstByteTimeout, UpstreamStreamReset, UpstreamTimeout
 from gateway.upstream.base import ResponseHead
 from gateway.upstream.deadlines import Deadline, Deadlines
 
@@ -230,7 +230,7 @@ class H2ResponseStream:
             waiting.set_exception(timeout)
             waiting.exception()  # retrieved: the consumer may be gone
         else:
-            timeout = UpstreamTimeout("upstream stream sent no data past its timeout")
+            timeout = UpstreamFirstByteTimeout("upstream stream sent no data past its timeout")
         # A pending read is held back from reset()'s wake (it would answer
         # with the end) and answered with the timeout.
         waiter, self._waiter = self._waiter, None
