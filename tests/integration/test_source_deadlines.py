@@ -140,15 +140,28 @@ def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
                 Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=None, idle_timeout=None
             )
             try:
-                source = CountedSource(
-                    quiet_pool, get_provider("openai"), chat("watched"), timeouts=SourceTimeouts(0.05, 30.0)
-                )
-                await source.start()
-                with pytest.raises(UpstreamTimeout, match="sent no first token"):
-                    async with asyncio.timeout(10):
+                # Deadlines 0.5 ms apart over 20 ms: many fall where uvloop's
+                # rounding fires the timer early.
+                sources = [
+                    CountedSource(
+                        quiet_pool,
+                        get_provider("openai"),
+                        chat(f"watched {i}"),
+                        timeouts=SourceTimeouts(0.05 + i / 2_000, 30.0),
+                    )
+                    for i in range(40)
+                ]
+                for source in sources:
+                    await source.start()
+
+                async def times_out(source: UpstreamSource) -> None:
+                    with pytest.raises(UpstreamTimeout, match="sent no first token"):
                         await anext(source)
+
+                async with asyncio.timeout(10):
+                    await asyncio.gather(*(times_out(source) for source in sources))
             finally:
                 await quiet_pool.aclose()
 
     uvloop.run(main())
-    assert CountedSource.watchdog_runs == 1
+    assert CountedSource.watchdog_runs == 40  # once each
