@@ -112,13 +112,14 @@ class UpstreamSource:
 
         The read is bounded by the deadline in force: the first-token one
         until content flows, then the idle timeout from the read's start.
-        One timer per stream keeps it, moved lazily: a read only notes when
-        it started; the timer, when it fires, re-arms itself at the deadline
-        now in force, or resets the stream if that has passed, which ends
-        the pending read. An ``asyncio.timeout`` per read (a timer armed and
-        cancelled per chunk) was ~17 % of the gateway's CPU while relaying
-        (tests/perf/PROFILES.md). The read is awaited right here, not in a
-        helper coroutine: every idle stream holds this await chain.
+        One watchdog per stream keeps it (an entry in the shared deadlines),
+        moved lazily: a read only notes when it started; the watchdog, when
+        it runs, sets itself again at the deadline now in force, or resets
+        the stream if that has passed, which ends the pending read. An
+        ``asyncio.timeout`` per read (a timer armed and cancelled per chunk)
+        was ~17 % of the gateway's CPU while relaying (tests/perf/PROFILES.md).
+        The read is awaited right here, not in a helper coroutine: every idle
+        stream holds this await chain.
         """
         while self._next == len(self._pending):
             if self._eof or self._reset:
