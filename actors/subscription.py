@@ -2,8 +2,9 @@
 
 Reading never copies a chunk: ``__anext__`` hands out the logged Delta itself
 and ``read_batch`` (or ``take_batch``) a slice of references, and every
-subscriber of a stream gets the very same objects. At the end of the log a subscription either stops
-(complete) or raises the stream's failure, after every delta logged before it.
+subscriber of a stream gets the very same objects. At the end of the log a
+subscription either stops (complete) or raises the stream's failure, after
+every delta logged before it.
 
 Leaving is synchronous (``close()``), so a handler can leave from a ``finally``
 or ``__aexit__`` while being cancelled; if it was the last subscriber, the

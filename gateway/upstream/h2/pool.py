@@ -61,8 +61,9 @@ class H2Pool:
         return len(self._connections)
 
     async def open(self, request: UpstreamRequest) -> H2ResponseStream:
-        # Waiting for a stream slot, and for window to send the body, are
-        # part of the time to the first byte: one deadline bounds both.
+        # Waiting for a stream slot and for window to send the body are part
+        # of the time to the first byte: one deadline bounds them, and then
+        # the stream's head and first DATA (H2ResponseStream).
         timeout = self._first_byte_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         connection = None if self._closed else self._pick()

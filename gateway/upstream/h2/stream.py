@@ -102,7 +102,7 @@ class H2ResponseStream:
 
     def on_end(self) -> None:
         self._ended = True
-        self._stop_first_timer()
+        self._stop_first_deadline()
         self._wake()
 
     def on_error(self, exc: UpstreamError) -> None:
@@ -142,7 +142,7 @@ class H2ResponseStream:
         waiter = asyncio.get_running_loop().create_future()
         # A read abandoned before (its reader cancelled) may have left its
         # idle deadline behind: it must not time this one.
-        self._stop_idle_timer()
+        self._stop_idle_deadline()
         if not self._settle(waiter):
             self._waiter = waiter
             if self._got_data and self._idle_timeout is not None:
@@ -188,7 +188,7 @@ class H2ResponseStream:
             chunks, self._chunks = self._chunks, []
             if not self._got_data:
                 self._got_data = True
-                self._stop_first_timer()
+                self._stop_first_deadline()
             length, self._unacknowledged = self._unacknowledged, 0
             self._conn.consumed(self.stream_id, length)
             waiter.set_result(chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -201,7 +201,7 @@ class H2ResponseStream:
             waiter.set_result(b"")
         else:
             return False
-        self._stop_idle_timer()
+        self._stop_idle_deadline()
         return True
 
     def _idle_deadline_passed(self) -> None:
@@ -214,7 +214,7 @@ class H2ResponseStream:
         self._error = UpstreamTimeout("upstream stream went idle past its timeout")
         waiter.set_exception(self._error)
 
-    def _stop_idle_timer(self) -> None:
+    def _stop_idle_deadline(self) -> None:
         if self._idle_deadline is not None:
             self._deadlines.cancel(self._idle_deadline)
             self._idle_deadline = None
@@ -241,7 +241,7 @@ class H2ResponseStream:
         if waiter is not None and not waiter.done():
             waiter.set_exception(timeout)
 
-    def _stop_first_timer(self) -> None:
+    def _stop_first_deadline(self) -> None:
         if self._first_deadline is not None:
             self._deadlines.cancel(self._first_deadline)
             self._first_deadline = None
@@ -259,8 +259,8 @@ class H2ResponseStream:
     def _release_buffer(self) -> None:
         """Acknowledge what will never be read, so the connection window
         stays whole."""
-        self._stop_first_timer()
-        self._stop_idle_timer()
+        self._stop_first_deadline()
+        self._stop_idle_deadline()
         self._chunks.clear()
         self._acknowledge_buffered()
 
