@@ -74,6 +74,7 @@ class _EventStream(EventSourceResponse):
         # timeout again there, only to restore it, cost four syscalls.
         if not self.prepared:
             self._hold_hung_peer_timeout(request)
+            _drop_connection_idle_timer(request)
         return await StreamResponse.prepare(self, request)
 
     def _hold_hung_peer_timeout(self, request: BaseRequest) -> None:
@@ -117,6 +118,21 @@ class _EventStream(EventSourceResponse):
             await self.write(PING)
         except (ConnectionResetError, RuntimeError):
             pass  # gone, or the body already ended: its handler sees to it
+
+
+def _drop_connection_idle_timer(request: BaseRequest) -> None:
+    """Cancel the connection's idle timer for the life of a stream.
+
+    aiohttp arms a timer per connection (``keepalive_timeout``) to close one
+    that sends no request, and leaves it armed while a request is served;
+    for a stream that is a loop timer per stream for minutes (~600 bytes of
+    each idle stream under uvloop, tests/perf/PROFILES.md). Its
+    ``keep_alive()`` cancels it, as aiohttp's own websocket response does,
+    and changes nothing else while the handler runs: keep-alive is decided
+    again from the response when the handler returns, and the timer
+    armed again then for a connection kept alive.
+    """
+    request.protocol.keep_alive(True)
 
 
 class Keepalive:
