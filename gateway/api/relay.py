@@ -23,7 +23,7 @@ from actors.subscription import Subscription
 from gateway.errors import GatewayError
 from gateway.metrics import outcome_of
 from gateway.sse import PING, close_event_stream, open_event_stream
-from gateway.state import RECORD, STATE
+from gateway.state import RECORD, STATE, RequestRecord
 
 log = structlog.get_logger("gateway")
 
@@ -62,16 +62,16 @@ class SharedFrames:
             frame = memo[key] = encode(seq, delta)
         return cast(bytes, frame)
 
-    def stream_constant(self, name: str, make: Callable[[], object]) -> object:
-        """A value every subscriber's frames must agree on (say, a timestamp)."""
-        return self._subscription.memo.setdefault((self._api, name), make())
-
 
 async def relay(request: web.Request, subscription: Subscription, encoder: StreamEncoder) -> (
     web.StreamResponse
 ):
+    """Relay the stream. One coroutine, the loop included: each parked stream
+    holds this frame and its callers' while it waits (a helper coroutine for
+    the loop was ~340 bytes more per idle stream, tests/perf/PROFILES.md)."""
     state = request.app[STATE]
     record = request[RECORD]
+    ttft_ms: float | None = None
     last_frame: bytes | None = None
     async with subscription:
         # One yield first: the actor task (just started) sends the upstream
@@ -84,74 +84,67 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         record.bytes_sent += len(PING)
         state.active_streams += 1
         try:
-            last_frame = await _pump(request, subscription, encoder, response)
+            while True:
+                batch = subscription.take_batch()
+                if batch is None:
+                    # The actor's future, awaited here and not through
+                    # read_batch(): a coroutine less per batch and per
+                    # parked stream (tests/perf/PROFILES.md, item 19).
+                    await subscription.readable()
+                    continue
+                if not batch:
+                    break
+                frames = encoder.deltas(subscription.cursor - len(batch) + 1, batch)
+                if ttft_ms is None and any(delta.is_content for delta in batch):
+                    ttft_ms = _first_token(request, subscription)
+                    queue_wait_ms = note_queue_wait(request, subscription) or 0.0
+                    frames = encoder.meta(subscription, ttft_ms, queue_wait_ms) + frames
+                if frames:
+                    record.bytes_sent += len(frames)
+                    await response.write(frames)
+                del frames  # written: not held while this stream waits
+            if subscription.outcome == "cancelled":
+                record.outcome = "cancelled"
+            total_ms = round((time.monotonic() - record.arrived_at) * 1000, 2)
+            last_frame = encoder.end(subscription, ttft_ms, total_ms)
+        except GatewayError as exc:
+            record.outcome = outcome_of(exc.status, exc.code)
+            record.error_code = exc.code
+            last_frame = encoder.error(exc)
         except ConnectionResetError:
             # The client went away between two writes: a cancel, not an error.
             record.outcome = "cancelled"
+        except Exception as exc:  # a bug, not an upstream failure: say so in-stream
+            last_frame = encoder.error(_internal_error(record, exc))
         finally:
+            # Admitted but failed (or left) before the first token: still a wait.
+            note_queue_wait(request, subscription)
             state.active_streams -= 1
             # No pings after this, on every way out, cancellation included.
             state.keepalive.forget(response)
     if last_frame is not None:
+        # The API's end, or its in-stream error: it leaves together with
+        # the end of the body.
         record.bytes_sent += len(last_frame)
         await close_event_stream(response, state.keepalive, last_frame)
     return response
 
 
-async def _pump(
-    request: web.Request,
-    subscription: Subscription,
-    encoder: StreamEncoder,
-    response: web.StreamResponse,
-) -> bytes:
-    """Relay the stream; return its last frame (the API's end, or its
-    in-stream error), which leaves together with the end of the body."""
-    state = request.app[STATE]
+def _first_token(request: web.Request, subscription: Subscription) -> float:
+    """Record the time to first token; returns it in milliseconds."""
     record = request[RECORD]
-    arrived_at = record.arrived_at
-    ttft_ms: float | None = None
-    try:
-        while True:
-            batch = subscription.take_batch()
-            if batch is None:
-                # The actor's future, awaited here and not through
-                # read_batch(): a coroutine less per batch and per parked
-                # stream (tests/perf/PROFILES.md, item 19).
-                await subscription.readable()
-                continue
-            if not batch:
-                break
-            first_seq = subscription.cursor - len(batch) + 1
-            frames = encoder.deltas(first_seq, batch)
-            if ttft_ms is None and any(delta.is_content for delta in batch):
-                ttft_s = time.monotonic() - arrived_at
-                ttft_ms = record.ttft_ms = round(ttft_s * 1000, 2)
-                state.metrics.first_token(record.api, subscription.role, ttft_s)
-                queue_wait_ms = note_queue_wait(request, subscription) or 0.0
-                frames = encoder.meta(subscription, ttft_ms, queue_wait_ms) + frames
-            if frames:
-                record.bytes_sent += len(frames)
-                await response.write(frames)
-            del frames  # written: not held while this stream waits
-        if subscription.outcome == "cancelled":
-            record.outcome = "cancelled"
-        total_ms = round((time.monotonic() - arrived_at) * 1000, 2)
-        return encoder.end(subscription, ttft_ms, total_ms)
-    except GatewayError as exc:
-        record.outcome = outcome_of(exc.status, exc.code)
-        record.error_code = exc.code
-        return encoder.error(exc)
-    except ConnectionResetError:
-        raise  # the client left between two writes: relay() records a cancel
-    except Exception as exc:  # a bug, not an upstream failure: say so in-stream
-        log.exception("stream failed")
-        record.outcome, record.error_code = "error", "internal_error"
-        internal = GatewayError("internal error", code="internal_error")
-        internal.__cause__ = exc
-        return encoder.error(internal)
-    finally:
-        # Admitted but failed (or left) before the first token: still a wait.
-        note_queue_wait(request, subscription)
+    ttft_s = time.monotonic() - record.arrived_at
+    ttft_ms = record.ttft_ms = round(ttft_s * 1000, 2)
+    request.app[STATE].metrics.first_token(record.api, subscription.role, ttft_s)
+    return ttft_ms
+
+
+def _internal_error(record: RequestRecord, exc: Exception) -> GatewayError:
+    log.exception("stream failed")
+    record.outcome, record.error_code = "error", "internal_error"
+    internal = GatewayError("internal error", code="internal_error")
+    internal.__cause__ = exc
+    return internal
 
 
 def note_queue_wait(request: web.Request, subscription: Subscription) -> float | None:
