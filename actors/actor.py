@@ -25,6 +25,7 @@ resets the source before ``leave()`` returns.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -70,6 +71,7 @@ class StreamActor:
         "key",
         "stream_id",
         "shared",
+        "created",
         "memo",
         "_max_replay_bytes",
         "_report",
@@ -116,6 +118,9 @@ class StreamActor:
         self._source: Source | None = None
         self._task: asyncio.Task[None] | None = None
         self._end: StreamEnd | None = None
+        #: Unix seconds at the stream's start, one value for all its
+        #: subscribers (OpenAI's ``created``): their frames are shared.
+        self.created = int(time.time())
         #: Scratch space for whoever encodes this stream's deltas (the HTTP
         #: face keeps each frame here, encoded once for every subscriber).
         #: Opaque to the actor; freed with the log.

@@ -91,6 +91,11 @@ class Subscription:
         return self._actor.subscriber_count
 
     @property
+    def created(self) -> int:
+        """Unix seconds at the stream's start, the same for every subscriber."""
+        return self._actor.created
+
+    @property
     def memo(self) -> dict[object, object]:
         """The stream's scratch space, shared by all its subscribers (for
         encoding a delta once, however many read it)."""

@@ -57,8 +57,8 @@ class ChunkEncoder:
         self._base = {
             "id": completion_id(subscription),
             "object": "chat.completion.chunk",
-            # One creation time per stream: shared frames must be identical.
-            "created": self._shared.stream_constant("created", lambda: int(time.time())),
+            # The stream's, not this request's: shared frames must be identical.
+            "created": subscription.created,
             "model": model,
         }
         self._include_usage = include_usage
