@@ -403,6 +403,47 @@ async def test_one_task_pings_every_open_stream(gateway_factory):
     await _wait_idle(gateway)
 
 
+async def test_an_open_stream_holds_no_connection_idle_timer(gateway):
+    """aiohttp arms a keep-alive timer per connection and leaves it armed
+    while a request is served: a loop timer per open stream, for as long as
+    it streams. The stream drops it (tests/perf/PROFILES.md, memory per idle
+    stream); a connection kept alive after its stream has it again, so an
+    idle client is still closed in time."""
+    before = _connection_idle_timers()
+    slow = "idle timer [sim ttft_ms=0 itl_ms=60000 tokens=2]"
+    async with aiohttp.ClientSession() as http:
+        responses = [
+            await http.post(gateway.v1 + "/chat/completions", json=chat(f"{slow} {i}")).__aenter__()
+            for i in range(3)
+        ]
+        for resp in responses:
+            ping = await FrameReader(resp).next()
+            assert ping is not None and ping.comment == "ping"
+        assert _connection_idle_timers() == before  # not before + 3
+        for resp in responses:
+            resp.close()
+    await _wait_idle(gateway)
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(gateway.v1 + "/chat/completions", json=chat("kept alive")) as resp:
+            assert openai_text(await FrameReader(resp).rest()) == expected("kept alive")
+        # The handler returns after the last bytes went out: a few ticks.
+        for _ in range(1000):
+            if _connection_idle_timers() == before + 1:
+                break
+            await asyncio.sleep(0)
+        assert _connection_idle_timers() == before + 1
+
+
+def _connection_idle_timers() -> int:
+    """aiohttp's per-connection keep-alive timers armed in this loop."""
+    scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+    return sum(
+        not handle.cancelled() and getattr(handle._callback, "__name__", "") == "_process_keepalive"
+        for handle in scheduled
+    )
+
+
 def _await_chain(task: asyncio.Task) -> list[str]:
     """The coroutines a suspended task waits through, outermost first."""
     chain = []
@@ -411,6 +452,14 @@ def _await_chain(task: asyncio.Task) -> list[str]:
         chain.append(coro.cr_code.co_qualname)
         coro = coro.cr_await
     return chain
+
+
+def _local(task: asyncio.Task, qualname: str, name: str) -> object:
+    """A local of one coroutine in a suspended task's await chain."""
+    coro = task.get_coro()
+    while coro.cr_code.co_qualname != qualname:  # type: ignore[union-attr]
+        coro = coro.cr_await  # type: ignore[union-attr]
+    return coro.cr_frame.f_locals[name]  # type: ignore[union-attr]
 
 
 def _bytes_held(task: asyncio.Task) -> list[str]:
@@ -445,12 +494,15 @@ async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
             tasks = asyncio.all_tasks()
             (actor,) = [task for task in tasks if task.get_name().startswith("stream-actor-")]
             assert _await_chain(actor) == ["StreamActor._run", "UpstreamSource.__anext__"]
-            (handler,) = [task for task in tasks if _await_chain(task)[-1:] == ["_pump"]]
-            assert _await_chain(handler)[-3:] == ["chat_completions", "relay", "_pump"]
+            (handler,) = [task for task in tasks if _await_chain(task)[-1:] == ["relay"]]
+            assert _await_chain(handler)[-3:] == ["envelope", "chat_completions", "relay"]
             # Nor do their frames keep what went through them (a read's
             # bytes, a written frame) while they wait.
             assert _bytes_held(actor) == []
             assert _bytes_held(handler) == []
+            # Read by one client, the stream shares no frame and keeps none:
+            # its memo stays empty (OpenAI's "created" is the stream's own).
+            assert _local(handler, "relay", "subscription").memo == {}
             # The stream's read deadline is an entry in the gateway's shared
             # deadlines, not a loop timer of its own.
             assert len(gateway.state.deadlines) == 1
