@@ -124,13 +124,13 @@ def _drop_connection_idle_timer(request: BaseRequest) -> None:
     """Cancel the connection's idle timer for the life of a stream.
 
     aiohttp arms a timer per connection (``keepalive_timeout``) to close one
-    that sends no request, and leaves it armed while a request is served;
-    for a stream that is a loop timer per stream for minutes (~600 bytes of
-    each idle stream under uvloop, tests/perf/PROFILES.md). Its
-    ``keep_alive()`` cancels it, as aiohttp's own websocket response does,
-    and changes nothing else while the handler runs: keep-alive is decided
-    again from the response when the handler returns, and the timer
-    armed again then for a connection kept alive.
+    that sends no request, and leaves it armed while a request is served:
+    for a stream, a loop timer per stream for minutes (~600 bytes of each
+    idle stream under uvloop, tests/perf/PROFILES.md item 21). Its
+    ``keep_alive()`` cancels it (aiohttp's websocket response makes the
+    same call, with False) and changes nothing else while the handler
+    runs: keep-alive is decided again from the response when the handler
+    returns, and the timer armed again then for a connection kept alive.
     """
     request.protocol.keep_alive(True)
 

@@ -8,7 +8,6 @@ stream receives the same completion, byte for byte after the meta comment.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,7 +172,7 @@ def _completion(subscription: Subscription, chat: ChatRequest, deltas: list[Delt
     body: dict[str, Any] = {
         "id": completion_id(subscription),
         "object": "chat.completion",
-        "created": int(time.time()),
+        "created": subscription.created,
         "model": chat.model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason or "stop"}],
     }

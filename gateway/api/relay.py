@@ -68,7 +68,8 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
 ):
     """Relay the stream. One coroutine, the loop included: each parked stream
     holds this frame and its callers' while it waits (a helper coroutine for
-    the loop was ~340 bytes more per idle stream, tests/perf/PROFILES.md)."""
+    the loop was ~300 bytes more per idle stream, tests/perf/PROFILES.md
+    item 21)."""
     state = request.app[STATE]
     record = request[RECORD]
     ttft_ms: float | None = None
@@ -117,11 +118,11 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         except Exception as exc:  # a bug, not an upstream failure: say so in-stream
             last_frame = encoder.error(_internal_error(record, exc))
         finally:
-            # Admitted but failed (or left) before the first token: still a wait.
-            note_queue_wait(request, subscription)
             state.active_streams -= 1
             # No pings after this, on every way out, cancellation included.
             state.keepalive.forget(response)
+            # Admitted but failed (or left) before the first token: still a wait.
+            note_queue_wait(request, subscription)
     if last_frame is not None:
         # The API's end, or its in-stream error: it leaves together with
         # the end of the body.

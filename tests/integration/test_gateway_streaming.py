@@ -250,11 +250,14 @@ async def test_explicit_cancel_ends_the_stream_with_cancelled(gateway):
 
 async def test_streaming_and_non_streaming_share_one_call(gateway):
     prompt = "mixed [sim ttft_ms=150]"
+    created: set[int] = set()
     async with aiohttp.ClientSession() as http:
 
         async def streaming() -> str:
             async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt)) as r:
-                return openai_text(await FrameReader(r).rest())
+                frames = await FrameReader(r).rest()
+            created.update(f.json()["created"] for f in frames if f.data and f.data != "[DONE]")
+            return openai_text(frames)
 
         async def whole() -> str:
             async with http.post(gateway.v1 + "/chat/completions",
@@ -262,11 +265,14 @@ async def test_streaming_and_non_streaming_share_one_call(gateway):
                 body = await r.json()
             assert body["object"] == "chat.completion"
             assert body["usage"]["completion_tokens"] == FAST_SIM.tokens
+            created.add(body["created"])
             return body["choices"][0]["message"]["content"]
 
         texts = await asyncio.gather(streaming(), whole(), streaming(), whole())
     assert texts == [expected(prompt)] * 4
     assert len(gateway.sim.log.records) == 1
+    # One stream, one creation time, in every frame and body.
+    assert len(created) == 1
 
 
 async def test_coalesce_off_header_gets_a_private_call(gateway):
@@ -409,7 +415,8 @@ async def test_an_open_stream_holds_no_connection_idle_timer(gateway):
     it streams. The stream drops it (tests/perf/PROFILES.md, memory per idle
     stream); a connection kept alive after its stream has it again, so an
     idle client is still closed in time."""
-    before = _connection_idle_timers()
+    port = int(gateway.url.rsplit(":", 1)[1])
+    before = _connection_idle_timers(port)
     slow = "idle timer [sim ttft_ms=0 itl_ms=60000 tokens=2]"
     async with aiohttp.ClientSession() as http:
         responses = [
@@ -419,7 +426,7 @@ async def test_an_open_stream_holds_no_connection_idle_timer(gateway):
         for resp in responses:
             ping = await FrameReader(resp).next()
             assert ping is not None and ping.comment == "ping"
-        assert _connection_idle_timers() == before  # not before + 3
+        assert _connection_idle_timers(port) == before  # not before + 3
         for resp in responses:
             resp.close()
     await _wait_idle(gateway)
@@ -429,19 +436,23 @@ async def test_an_open_stream_holds_no_connection_idle_timer(gateway):
             assert openai_text(await FrameReader(resp).rest()) == expected("kept alive")
         # The handler returns after the last bytes went out: a few ticks.
         for _ in range(1000):
-            if _connection_idle_timers() == before + 1:
+            if _connection_idle_timers(port) == before + 1:
                 break
             await asyncio.sleep(0)
-        assert _connection_idle_timers() == before + 1
+        assert _connection_idle_timers(port) == before + 1
 
 
-def _connection_idle_timers() -> int:
-    """aiohttp's per-connection keep-alive timers armed in this loop."""
-    scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
-    return sum(
-        not handle.cancelled() and getattr(handle._callback, "__name__", "") == "_process_keepalive"
-        for handle in scheduled
-    )
+def _connection_idle_timers(port: int) -> int:
+    """aiohttp's keep-alive timers armed in this loop for connections to
+    ``port`` (not the simulator's, whatever its protocol)."""
+    count = 0
+    for handle in asyncio.get_running_loop()._scheduled:  # type: ignore[attr-defined]
+        callback = handle._callback
+        if handle.cancelled() or getattr(callback, "__name__", "") != "_process_keepalive":
+            continue
+        transport = callback.__self__.transport
+        count += transport is not None and transport.get_extra_info("sockname")[1] == port
+    return count
 
 
 def _await_chain(task: asyncio.Task) -> list[str]:
