@@ -1,11 +1,11 @@
 """What an idle open stream costs in the gateway's own objects.
 
 The memory target (<= 20 KiB of RSS per idle stream, ``make bench``) is met,
-or missed, by a few hundred bytes. aiohttp's and uvloop's share of it is fixed, so a
-regression in ours is what would tip it (tests/perf/PROFILES.md, items 8, 16,
-19 and 21). tracemalloc counts the bytes still held that were allocated with
-a frame of the gateway's or the actors' code innermost: the coroutines, the
-per-stream objects, the tables they grow.
+or missed, by a few hundred bytes. aiohttp's and uvloop's share of it is
+fixed, so a regression in ours is what would tip it (tests/perf/PROFILES.md,
+items 8, 16, 19 and 21). tracemalloc counts the bytes still held that were
+allocated with a frame of the gateway's or the actors' code innermost: the
+coroutines, the per-stream objects, the tables they grow.
 """
 
 from __future__ import annotations
