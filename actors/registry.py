@@ -103,7 +103,7 @@ class Registry:
         self._tasks: set[asyncio.Task[None]] = set()
         # Every running actor's task holds its done-callback while its stream
         # is open: one bound method for them all, run in an empty context of
-        # its own rather than a copy of the caller's (~120 bytes per stream).
+        # its own rather than a copy of the caller's (~130 bytes per stream).
         self._discard_task = self._tasks.discard
         self._callback_context = contextvars.Context()
         self._failures: dict[str, _RememberedFailure] = {}

@@ -1,9 +1,9 @@
 """What an idle open stream costs in the gateway's own objects.
 
-The memory target (<= 20 KiB of RSS per idle stream, ``make bench``) is met,
-or missed, by a few hundred bytes. aiohttp's and uvloop's share of it is
-fixed, so a regression in ours is what would tip it (tests/perf/PROFILES.md,
-items 8, 16, 19 and 21). tracemalloc counts the bytes still held that were
+The memory target (<= 20 KiB of RSS per idle stream, ``make bench``) is met
+by ~0.2 KiB. The rest of the figure is aiohttp's and uvloop's, so a
+regression in ours is what would tip it (tests/perf/PROFILES.md, items 8,
+16, 19 and 21). tracemalloc counts the bytes still held that were
 allocated with a frame of the gateway's or the actors' code innermost: the
 coroutines, the per-stream objects, the tables they grow.
 """
@@ -11,10 +11,13 @@ coroutines, the per-stream objects, the tables they grow.
 from __future__ import annotations
 
 import gc
+import os
 import tracemalloc
+from pathlib import Path
 
 import aiohttp
 
+import actors
 from tests.integration.sse_frames import FrameReader
 
 STREAMS = 100
@@ -28,9 +31,14 @@ def _chat(prompt: str) -> dict[str, object]:
     return {"model": "sim", "messages": [{"role": "user", "content": prompt}], "stream": True}
 
 
+# As the code objects name their files: the same path the packages came from.
+_ROOT = Path(actors.__file__).parent.parent
+_OURS = (f"{_ROOT / 'gateway'}{os.sep}", f"{_ROOT / 'actors'}{os.sep}")
+_SIMULATOR = f"{_ROOT / 'gateway' / 'sim'}{os.sep}"
+
+
 def _ours(filename: str) -> bool:
-    filename = filename.replace("\\", "/")
-    return ("/gateway/" in filename or "/actors/" in filename) and "/gateway/sim/" not in filename
+    return filename.startswith(_OURS) and not filename.startswith(_SIMULATOR)
 
 
 async def test_an_idle_stream_holds_few_of_the_gateways_own_bytes(gateway):
@@ -70,4 +78,5 @@ async def test_an_idle_stream_holds_few_of_the_gateways_own_bytes(gateway):
         for resp in warm + idle:
             resp.close()
     own = sum(stat.size for stat in snapshot.statistics("filename") if _ours(stat.traceback[0].filename))
-    assert own / STREAMS <= MAX_OWN_BYTES_PER_STREAM, f"{own / STREAMS:,.0f} bytes a stream"
+    # The floor: the filter found the gateway's files at all.
+    assert 2_000 <= own / STREAMS <= MAX_OWN_BYTES_PER_STREAM, f"{own / STREAMS:,.0f} bytes a stream"
