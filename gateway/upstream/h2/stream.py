@@ -209,10 +209,7 @@ class H2ResponseStream:
         waiter, self._waiter = self._waiter, None
         if waiter is None or waiter.done():
             return  # the read was answered or abandoned meanwhile
-        self.reset()  # its wake finds no waiter: the timeout is the answer
-        # Set after reset() (see _first_deadline_passed): later reads raise it too.
-        self._error = UpstreamTimeout("upstream stream went idle past its timeout")
-        waiter.set_exception(self._error)
+        self._time_out(UpstreamTimeout("upstream stream went idle past its timeout"), waiter)
 
     def _stop_idle_deadline(self) -> None:
         if self._idle_deadline is not None:
@@ -231,12 +228,16 @@ class H2ResponseStream:
             waiting.exception()  # retrieved: the consumer may be gone
         else:
             timeout = UpstreamFirstByteTimeout("upstream stream sent no data past its timeout")
-        # A pending read is held back from reset()'s wake (it would answer
-        # with the end) and answered with the timeout.
         waiter, self._waiter = self._waiter, None
+        self._time_out(timeout, waiter)
+
+    def _time_out(self, timeout: UpstreamTimeout, waiter: asyncio.Future[bytes] | None) -> None:
+        """Reset the stream at a deadline; the pending read (``waiter``, held
+        back from reset()'s wake, which would answer it with the end) and
+        every later one raise ``timeout``."""
         self.reset()
         # Set after reset(), which sends RST_STREAM only to a stream without
-        # an error; it is what a pending or later read raises.
+        # an error.
         self._error = timeout
         if waiter is not None and not waiter.done():
             waiter.set_exception(timeout)
