@@ -1,0 +1,106 @@
+"""What the official OpenAI SDK sees besides the text: the resolved model,
+the fingerprint, log probabilities, refusals and usage details, relayed from
+the upstream streaming and not, and the model list."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from gateway.sim.content import answer_tokens
+from gateway.sim.formats import token_logprob
+from tests.integration.conftest import FAST_SIM
+
+EXTRAS = (
+    "[sim resolved_model=gpt-real-2025 fingerprint=fp_sim logprobs=1 cached_tokens=3"
+    " reasoning_tokens=2]"
+)
+
+
+def tokens(prompt: str) -> list[str]:
+    return answer_tokens([{"role": "user", "content": prompt}], FAST_SIM.tokens)
+
+
+@pytest.fixture
+async def client(gateway):
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    yield sdk
+    await sdk.close()
+
+
+async def test_stream_relays_model_fingerprint_logprobs_and_usage_details(client):
+    prompt = "extras " + EXTRAS
+    stream = await client.chat.completions.create(
+        model="gpt-real", messages=[{"role": "user", "content": prompt}], stream=True,
+        logprobs=True, stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert {c.model for c in chunks} == {"gpt-real-2025"}
+    assert {c.system_fingerprint for c in chunks} == {"fp_sim"}
+    logprobs = [
+        entry for c in chunks if c.choices and c.choices[0].logprobs
+        for entry in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in logprobs] == [token_logprob(t) for t in tokens(prompt)]
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == 3
+    assert usage.completion_tokens_details.reasoning_tokens == 2
+
+
+async def test_completion_relays_model_fingerprint_logprobs_and_usage_details(client):
+    prompt = "whole extras " + EXTRAS
+    completion = await client.chat.completions.create(
+        model="gpt-real", messages=[{"role": "user", "content": prompt}], logprobs=True,
+    )
+    assert completion.model == "gpt-real-2025"
+    assert completion.system_fingerprint == "fp_sim"
+    choice = completion.choices[0]
+    assert choice.message.content == "".join(tokens(prompt))
+    assert [e.model_dump() for e in choice.logprobs.content] == [
+        token_logprob(t) for t in tokens(prompt)
+    ]
+    assert choice.logprobs.refusal is None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 3
+    assert completion.usage.completion_tokens_details.reasoning_tokens == 2
+
+
+async def test_without_details_none_are_made_up(client):
+    completion = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "plain"}],
+    )
+    assert completion.model == "sim"
+    assert completion.system_fingerprint is None
+    assert completion.choices[0].logprobs is None
+    assert completion.usage.prompt_tokens_details is None
+    assert completion.usage.completion_tokens_details is None
+
+
+async def test_a_refusal_is_relayed_streaming_and_not(client):
+    prompt = "refuse [sim refusal=1]"
+    stream = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": prompt}], stream=True,
+    )
+    chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.refusal or "" for d in deltas) == "".join(tokens(prompt))
+    assert all(not d.content for d in deltas)
+    completion = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": prompt}],
+    )
+    message = completion.choices[0].message
+    assert (message.content, message.refusal) == (None, "".join(tokens(prompt)))
+
+
+async def test_anthropic_upstream_model_and_cache_reads_are_relayed(gateway_factory):
+    gateway = await gateway_factory(upstream_format="anthropic")
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    try:
+        completion = await sdk.chat.completions.create(
+            model="claude-x",
+            messages=[{"role": "user",
+                       "content": "cached [sim resolved_model=claude-x-1 cached_tokens=2]"}],
+        )
+    finally:
+        await sdk.close()
+    assert completion.model == "claude-x-1"
+    assert completion.usage.prompt_tokens_details.cached_tokens == 2
