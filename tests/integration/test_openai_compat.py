@@ -7,6 +7,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from gateway.sim.app import MODELS
 from gateway.sim.content import answer_tokens
 from gateway.sim.formats import token_logprob
 from tests.integration.conftest import FAST_SIM
@@ -104,3 +105,41 @@ async def test_anthropic_upstream_model_and_cache_reads_are_relayed(gateway_fact
         await sdk.close()
     assert completion.model == "claude-x-1"
     assert completion.usage.prompt_tokens_details.cached_tokens == 2
+
+
+# -- models -----------------------------------------------------------------------
+
+
+async def test_models_keep_the_upstreams_created_and_owner(client):
+    page = await client.models.list()
+    assert [(m.id, m.created, m.owned_by) for m in page.data] == [
+        (m["id"], m["created"], m["owned_by"]) for m in MODELS
+    ]
+
+
+async def test_models_retrieve_by_id_and_404_for_an_unknown_one(client, gateway):
+    for listed in MODELS:
+        retrieved = await client.models.retrieve(listed["id"])
+        assert retrieved.model_dump(exclude_none=True) == listed
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.models.retrieve("no-such-model")
+    assert caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
+    assert "no-such-model" in caught.value.message
+    # The gateway keeps serving.
+    assert (await client.models.retrieve("sim-1")).id == "sim-1"
+
+
+async def test_anthropic_models_are_listed_in_openai_shape(gateway_factory):
+    gateway = await gateway_factory(upstream_format="anthropic")
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    try:
+        page = await sdk.models.list()
+        retrieved = await sdk.models.retrieve("sim-org/sim-2")
+    finally:
+        await sdk.close()
+    # Anthropic names no owner and dates models in RFC 3339.
+    assert [(m.id, m.created, m.owned_by) for m in page.data] == [
+        (m["id"], m["created"], "anthropic") for m in MODELS
+    ]
+    assert (retrieved.id, retrieved.created) == ("sim-org/sim-2", MODELS[1]["created"])
