@@ -143,3 +143,31 @@ async def test_anthropic_models_are_listed_in_openai_shape(gateway_factory):
         (m["id"], m["created"], "anthropic") for m in MODELS
     ]
     assert (retrieved.id, retrieved.created) == ("sim-org/sim-2", MODELS[1]["created"])
+
+
+# -- an Anthropic upstream: translated or refused, never dropped ---------------------
+
+
+async def test_anthropic_upstream_refuses_a_seed_and_takes_a_schema(gateway_factory):
+    gateway = await gateway_factory(upstream_format="anthropic")
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    messages = [{"role": "user", "content": "structured"}]
+    try:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk.chat.completions.create(model="m", messages=messages, seed=7)
+        assert caught.value.code == "unsupported_parameter"
+        assert "'seed'" in caught.value.message
+        with pytest.raises(openai.BadRequestError, match="json_object"):
+            await sdk.chat.completions.create(
+                model="m", messages=messages, response_format={"type": "json_object"}
+            )
+        completion = await sdk.chat.completions.create(
+            model="m", messages=messages,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "a", "schema": {"type": "object", "additionalProperties": False}}},
+        )
+    finally:
+        await sdk.close()
+    assert completion.choices[0].message.content == "".join(tokens("structured"))
+    # The refused requests never reached the upstream.
+    assert len(gateway.sim.log.records) == 1
