@@ -47,9 +47,11 @@ TEXT_STREAM = (
     b"data: [DONE]\n\n"
 )  # fmt: skip
 TEXT_DELTAS = [
-    # The role chunk says nothing but the model that served the answer.
-    Delta(info=StreamInfo(model="gpt-4o-mini-2024-07-18", system_fingerprint="fp_1bb46167f9")),
-    Delta(text="Grüße"),
+    # The model that served the answer rides on the first delta: no delta of its own.
+    Delta(
+        text="Grüße",
+        info=StreamInfo(model="gpt-4o-mini-2024-07-18", system_fingerprint="fp_1bb46167f9"),
+    ),
     Delta(text=", 世界 👋\n"),
     Delta(finish_reason="stop"),
     Delta(usage=Usage(prompt_tokens=9, completion_tokens=12, cached_tokens=0)),

@@ -115,23 +115,23 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         if kind == "content_block_start":
             return self._on_block_start(payload)
         if kind == "message_start":
-            return self._on_message_start(payload)
-        if kind == "message_delta":
+            self._on_message_start(payload)
+        elif kind == "message_delta":
             return self._on_message_delta(payload)
-        if kind == "message_stop":
+        elif kind == "message_stop":
             self.finish()
         elif kind == "error":
             raise _in_stream_error(payload)
         return None
 
-    def _on_message_start(self, payload: wire.JsonObject) -> Delta | None:
+    def _on_message_start(self, payload: wire.JsonObject) -> None:
         message = wire.get_object(payload, "message") or {}
         usage = wire.get_object(message, "usage")
         if usage is not None:
             self._take_usage(usage)
         # The model that serves the answer (an alias resolves to a dated name).
-        model = wire.get_str(message, "model")
-        return Delta(info=StreamInfo(model=model)) if model else None
+        if model := wire.get_str(message, "model"):
+            self.announce(StreamInfo(model=model))
 
     def _on_block_start(self, payload: wire.JsonObject) -> Delta | None:
         index = _block_index(payload)

@@ -97,11 +97,10 @@ class OpenAIStreamDecoder(EventStreamDecoder):
                 message or "upstream reported an error mid-stream",
                 code=code,
             )
-        info = None
-        if not self._info_seen:
-            info = _stream_info(chunk)
-            self._info_seen = info is not None
-        return _delta_from_chunk(chunk, info)
+        if not self._info_seen and (info := _stream_info(chunk)) is not None:
+            self._info_seen = True
+            self.announce(info)
+        return _delta_from_chunk(chunk)
 
 
 def _stream_info(chunk: wire.JsonObject) -> StreamInfo | None:
@@ -112,7 +111,7 @@ def _stream_info(chunk: wire.JsonObject) -> StreamInfo | None:
     return StreamInfo(model=model, system_fingerprint=fingerprint)
 
 
-def _delta_from_chunk(chunk: wire.JsonObject, info: StreamInfo | None) -> Delta | None:
+def _delta_from_chunk(chunk: wire.JsonObject) -> Delta | None:
     text = reasoning = refusal = ""
     tool_calls: tuple[ToolCallDelta, ...] = ()
     finish_reason: str | None = None
@@ -133,7 +132,7 @@ def _delta_from_chunk(chunk: wire.JsonObject, info: StreamInfo | None) -> Delta 
     usage = _usage(chunk)
     if not (
         text or reasoning or refusal or tool_calls or finish_reason or usage is not None
-        or logprobs is not None or info is not None
+        or logprobs is not None
     ):
         return None  # role-only or empty chunk
     return Delta(
@@ -144,7 +143,6 @@ def _delta_from_chunk(chunk: wire.JsonObject, info: StreamInfo | None) -> Delta 
         finish_reason=finish_reason,
         refusal=refusal,
         logprobs=logprobs,
-        info=info,
     )
 
 
