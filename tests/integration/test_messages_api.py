@@ -343,3 +343,25 @@ async def test_a_tool_conversation_is_translated_for_the_upstream(tool_peer):
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
     assert (chat["tool_choice"], chat["parallel_tool_calls"]) == ("required", False)
     assert (chat["stop"], chat["user"]) == (["END"], "u1")
+
+
+async def test_an_explicit_cancel_closes_the_block_and_says_cancelled(gateway):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.v1 + "/messages",
+            json=message("cancel me [sim itl_ms=30 tokens=300]", stream=True),
+        ) as resp:
+            request_id = resp.headers["X-Request-Id"]
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and (
+                frame.event != "content_block_delta"
+            ):
+                pass
+            async with http.post(gateway.v1 + f"/requests/{request_id}/cancel") as cancel:
+                assert cancel.status == 202
+            frames = await reader.rest()
+    events = [f.event for f in frames if f.event]
+    assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert frames[-2].json()["delta"]["stop_reason"] == "cancelled"
+    (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
+    assert record.tokens_sent < 300
