@@ -138,26 +138,33 @@ def _model_entry(item: object, provider: str) -> dict[str, object]:
     }
 
 
-async def models(request: web.Request) -> web.Response:
-    """The upstream's model list, in OpenAI's shape whatever the provider."""
-    state = request.app[STATE]
+async def _listed_models(state: GatewayState) -> list[dict[str, object]]:
     status, body = await _upstream_get(state, "/models")
     try:
         if status != 200:
             raise ValueError(f"upstream answered {status}")
-        data = [_model_entry(item, state.provider.name) for item in json.loads(body)["data"]]
+        return [_model_entry(item, state.provider.name) for item in json.loads(body)["data"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise UpstreamProtocolError("upstream model list is not in the expected shape") from exc
+
+
+async def models(request: web.Request) -> web.Response:
+    """The upstream's model list, in OpenAI's shape whatever the provider."""
+    data = await _listed_models(request.app[STATE])
     return web.json_response({"object": "list", "data": data})
 
 
 async def model(request: web.Request) -> web.Response:
     """One model (``models.retrieve``), asked of the upstream by id: a list
-    may be paginated (Anthropic's is), the model's own URL is not."""
+    may be paginated (Anthropic's is), the model's own URL is not. Servers
+    without that URL (a 404) are answered from their list."""
     state = request.app[STATE]
     model_id = request.match_info["model_id"]
     status, body = await _upstream_get(state, "/models/" + quote(model_id, safe=""))
     if status == 404:
+        for entry in await _listed_models(state):
+            if entry["id"] == model_id:
+                return web.json_response(entry)
         raise NotFound(f"The model '{model_id}' does not exist", code="model_not_found")
     try:
         entry = _model_entry(json.loads(body), state.provider.name)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import openai
 import pytest
+from aiohttp import web
 
+from gateway.app import running_gateway
+from gateway.config import Settings
 from gateway.sim.app import MODELS
 from gateway.sim.content import answer_tokens
 from gateway.sim.formats import token_logprob
@@ -171,3 +174,33 @@ async def test_anthropic_upstream_refuses_a_seed_and_takes_a_schema(gateway_fact
     assert completion.choices[0].message.content == "".join(tokens("structured"))
     # The refused requests never reached the upstream.
     assert len(gateway.sim.log.records) == 1
+
+
+async def test_a_server_without_model_urls_is_answered_from_its_list():
+    """vLLM-style servers list models but have no /models/{id}: the gateway
+    finds the model in the list instead."""
+    listed = {"id": "meta/llama-3", "object": "model", "created": 1715000000, "owned_by": "vllm"}
+
+    async def list_models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [listed]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", list_models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+    try:
+        async with running_gateway(settings) as (_, url):
+            sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+            try:
+                retrieved = await sdk.models.retrieve("meta/llama-3")
+                with pytest.raises(openai.NotFoundError) as caught:
+                    await sdk.models.retrieve("meta/other")
+            finally:
+                await sdk.close()
+    finally:
+        await runner.cleanup()
+    assert retrieved.model_dump(exclude_none=True) == listed
+    assert caught.value.code == "model_not_found"

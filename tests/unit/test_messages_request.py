@@ -12,6 +12,7 @@ from gateway.api.chat_request import parse_chat_request
 from gateway.api.messages_request import parse_messages_request
 from gateway.errors import BadRequest
 from gateway.keys import prompt_key
+from gateway.upstream.providers.anthropic_request import translate_chat
 
 
 def read(body: dict[str, Any]) -> dict[str, Any]:
@@ -89,3 +90,28 @@ def test_images_cache_marks_and_output_format_are_kept() -> None:
 def test_what_has_no_equivalent_is_refused_by_name(body: dict[str, Any], named: str) -> None:
     with pytest.raises(BadRequest, match=named):
         read(body)
+
+
+def test_an_anthropic_upstream_gets_back_what_the_client_sent() -> None:
+    """Messages body -> chat request -> Messages body: the parts both APIs
+    can say come back as they were sent."""
+    mark = {"type": "ephemeral"}
+    schema = {"type": "object", "additionalProperties": False}
+    sent = {
+        **BASE, "top_k": 4, "temperature": 0.5, "stop_sequences": ["END"],
+        "system": [{"type": "text", "text": "Manual", "cache_control": mark}],
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+        "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {}},
+                   "cache_control": mark}],
+        "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+        "metadata": {"user_id": "u"},
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Q", "cache_control": mark}]},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "R"}]},
+        ],
+    }  # fmt: skip
+    back = translate_chat(read(sent))
+    assert back == {**sent, "stream": True}
