@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from actors.deltas import Delta
+from actors.deltas import Delta, StreamInfo
 from actors.messages import (
     Abandoned,
     ActorEvent,
@@ -72,6 +72,7 @@ class StreamActor:
         "stream_id",
         "shared",
         "created",
+        "info",
         "memo",
         "_max_replay_bytes",
         "_report",
@@ -121,6 +122,10 @@ class StreamActor:
         #: Unix seconds at the stream's start, one value for all its
         #: subscribers (OpenAI's ``created``): their frames are shared.
         self.created = int(time.time())
+        #: What the upstream said about the whole answer (its resolved
+        #: model), from the first delta that carried it; kept when the log
+        #: is trimmed, so a subscriber at any cursor reads the same.
+        self.info: StreamInfo | None = None
         #: Scratch space for whoever encodes this stream's deltas (the HTTP
         #: face keeps each frame here, encoded once for every subscriber).
         #: Opaque to the actor; freed with the log.
@@ -225,6 +230,8 @@ class StreamActor:
         return self._task
 
     def _append(self, delta: Delta) -> None:
+        if delta.info is not None and self.info is None:
+            self.info = delta.info
         self._log.append(delta)
         self._log_bytes += delta.replay_size()
         if self._accepting and self._log_bytes > self._max_replay_bytes:

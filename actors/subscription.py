@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Literal, NoReturn
 
 from actors.actor import StreamActor
-from actors.deltas import Delta
+from actors.deltas import Delta, StreamInfo
 from actors.messages import Abandoned, Completed, Failed, Shutdown, StreamEnd
 
 __all__ = ["Outcome", "Role", "Subscription"]
@@ -94,6 +94,12 @@ class Subscription:
     def created(self) -> int:
         """Unix seconds at the stream's start, the same for every subscriber."""
         return self._actor.created
+
+    @property
+    def info(self) -> StreamInfo | None:
+        """What the upstream said about the whole answer (its resolved model):
+        the same for every subscriber, a resumed one included."""
+        return self._actor.info
 
     @property
     def memo(self) -> dict[object, object]:

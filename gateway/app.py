@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
-from gateway.api import native, openai, ops
+from gateway.api import messages, native, openai, ops
 from gateway.config import Settings
 from gateway.errors import QueueTimeout, ShuttingDown
 from gateway.metrics import GatewayMetrics, LiveState
@@ -45,6 +45,8 @@ def make_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(add_request_id)
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/stream", native.stream)
+    # Anthropic's Messages API, for its SDK's clients (Anthropic-shaped errors).
+    app.router.add_post("/v1/messages", messages.messages)
     ops.add_routes(app)
     return app
 

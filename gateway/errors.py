@@ -32,6 +32,25 @@ class GatewayError(Exception):
     def to_json(self) -> dict[str, dict[str, str | None]]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
+    def to_anthropic_json(self) -> dict[str, object]:
+        """Anthropic's error shape (API reference, "Errors"), for the
+        Messages API: its SDK picks the exception by status, shows the type."""
+        kind = _ANTHROPIC_TYPES.get(self.status)
+        if kind is None:
+            kind = "api_error" if self.status >= 500 else "invalid_request_error"
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
 
 # -- the client's fault -------------------------------------------------------
 

@@ -28,7 +28,7 @@ QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 CANCEL_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 1.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-APIS = ("openai", "native")
+APIS = ("openai", "native", "anthropic")
 ROLES = ("leader", "follower")
 #: How a request ended. Only "error" and "shed" count against the error ratio;
 #: "cancelled" (the client left) and "rejected" (its request was invalid) do

@@ -37,8 +37,13 @@ _PROTECTED_PREFIX = "/v1/"
 TENANT = web.RequestKey("gateway_tenant", str)
 
 
-def error_response(exc: GatewayError) -> web.Response:
-    return web.json_response(exc.to_json(), status=exc.status, headers=exc.headers())
+#: The route of Anthropic's Messages API: its errors take Anthropic's shape.
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def error_response(exc: GatewayError, *, anthropic: bool = False) -> web.Response:
+    body = exc.to_anthropic_json() if anthropic else exc.to_json()
+    return web.json_response(body, status=exc.status, headers=exc.headers())
 
 
 def _from_trusted_proxy(request: web.Request) -> bool:
@@ -105,19 +110,22 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         record.status, record.error_code = exc.status, exc.code
         if record.outcome == "ok":
             record.outcome = outcome_of(exc.status, exc.code)
-        return error_response(exc)
+        return error_response(exc, anthropic=request.path == ANTHROPIC_PATH)
     except web.HTTPException as exc:
         translated = _translate_http_exception(exc)
         record.status, record.error_code = translated.status, translated.code
         record.outcome = "rejected"
-        return error_response(translated)
+        return error_response(translated, anthropic=request.path == ANTHROPIC_PATH)
     except asyncio.CancelledError:
         record.outcome = "cancelled"
         raise
     except Exception:
         log.exception("unhandled error")
         record.status, record.outcome, record.error_code = 500, "error", "internal_error"
-        return error_response(GatewayError("internal error", code="internal_error"))
+        return error_response(
+            GatewayError("internal error", code="internal_error"),
+            anthropic=request.path == ANTHROPIC_PATH,
+        )
     finally:
         _finish(request, record, _client_address(request, trusted))
 

@@ -23,6 +23,11 @@ KEY_PREFIX = 12
 
 
 async def read_chat(request: web.Request) -> ChatRequest:
+    return parse_chat_request(await read_body(request))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The JSON body, within MAX_BODY_BYTES (413 past it, 415 if not JSON)."""
     state = request.app[STATE]
     if state.draining:
         raise ShuttingDown("the gateway is shutting down; retry on another instance")
@@ -40,12 +45,15 @@ async def read_chat(request: web.Request) -> ChatRequest:
         if size > limit:
             raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
         parts.append(chunk)
-    return parse_chat_request(b"".join(parts))
+    return b"".join(parts)
 
 
-def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Subscription:
+def subscribe(
+    request: web.Request, chat: ChatRequest, *, streaming: bool, resumable: bool = True
+) -> Subscription:
     """Join the stream for this prompt, or lead a new one. Raises QueueFull
-    (429) synchronously when a new upstream call cannot even queue."""
+    (429) synchronously when a new upstream call cannot even queue.
+    ``resumable``: whether a Last-Event-ID header may set the start."""
     state = request.app[STATE]
     record = request[RECORD]
     tenant = request.get(TENANT) if state.settings.coalesce_scope == "key" else None
@@ -71,7 +79,7 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
         arrived_at=record.arrived_at,
         streaming=streaming,
         coalesce=request.headers.get("X-Coalesce", "").lower() != "off",
-        resume_after=_last_event_id(request),
+        resume_after=_last_event_id(request) if resumable else 0,
     )
     subscription.owner = owner_of(request)
     record.role = subscription.role

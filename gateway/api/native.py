@@ -83,6 +83,8 @@ def _delta_frame(seq: int, delta: Delta) -> bytes:
         body["text"] = delta.text
     if delta.reasoning:
         body["reasoning"] = delta.reasoning
+    if delta.refusal:
+        body["refusal"] = delta.refusal
     if delta.tool_calls:
         body["tool_calls"] = [
             {"index": c.index, "id": c.id, "name": c.name, "arguments": c.arguments}

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import Delta, Logprobs, StreamInfo, TokenLogprob, ToolCallDelta, Usage
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest
 from gateway.api.intake import read_chat, subscribe
@@ -37,33 +37,93 @@ def _tool_call(call: ToolCallDelta) -> dict[str, Any]:
     return out
 
 
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
+def _usage(usage: Usage) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+    # The details only when the upstream reported them: a 0 made up here
+    # would claim "no cache hit" where the truth is "not said".
+    if usage.cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    if usage.reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
+
+
+def _token_logprobs(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": entry.token,
+            "logprob": entry.logprob,
+            "bytes": None if entry.bytes is None else list(entry.bytes),
+            "top_logprobs": [
+                {
+                    "token": top.token,
+                    "logprob": top.logprob,
+                    "bytes": None if top.bytes is None else list(top.bytes),
+                }
+                for top in entry.top_logprobs
+            ],
+        }
+        for entry in entries
+    ]
+
+
+def _logprobs(content: Sequence[TokenLogprob], refusal: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """``choice.logprobs`` as OpenAI shapes it: each list, or null when empty."""
+    return {
+        "content": _token_logprobs(content) if content else None,
+        "refusal": _token_logprobs(refusal) if refusal else None,
+    }
+
+
+def _envelope(info: StreamInfo | None, model: str) -> dict[str, Any]:
+    """The model the upstream says served the answer (``gpt-x`` resolves to
+    ``gpt-x-2025-01-01``), else the one asked for; its fingerprint if told."""
+    out: dict[str, Any] = {"model": (info.model if info else None) or model}
+    if info is not None and info.system_fingerprint is not None:
+        out["system_fingerprint"] = info.system_fingerprint
+    return out
 
 
 class ChunkEncoder:
     """``data: {chat.completion.chunk}`` frames for one subscriber; the
     frames of the stream's deltas are shared with its other subscribers."""
 
-    __slots__ = ("_shared", "_base", "_include_usage")
+    __slots__ = ("_shared", "_base", "_include_usage", "_subscription", "_resolved")
 
     def __init__(self, subscription: Subscription, *, model: str, include_usage: bool):
         self._shared = SharedFrames(subscription, API)
-        self._base = {
+        self._subscription = subscription
+        self._base: dict[str, Any] = {
             "id": completion_id(subscription),
             "object": "chat.completion.chunk",
             # The stream's, not this request's: shared frames must be identical.
             "created": subscription.created,
             "model": model,
         }
+        # Until the upstream has named its model, frames carry the asked-for one.
+        self._resolved = False
         self._include_usage = include_usage
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    def _resolve(self) -> None:
+        info = self._subscription.info
+        if info is not None:
+            self._base.update(_envelope(info, self._base["model"]))
+            self._resolved = True
+
+    def _chunk(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        logprobs: Logprobs | None = None,
+    ) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        if logprobs is not None:
+            choice["logprobs"] = _logprobs(logprobs.content, logprobs.refusal)
+        choice["finish_reason"] = finish_reason
         return data_frame({**self._base, "choices": [choice]})
 
     def meta(self, subscription: Subscription, ttft_ms: float, queue_wait_ms: float) -> bytes:
@@ -80,6 +140,8 @@ class ChunkEncoder:
         )
 
     def deltas(self, first_seq: int, deltas: Sequence[Delta]) -> bytes:
+        if not self._resolved:
+            self._resolve()
         frames = []
         for seq, delta in enumerate(deltas, start=first_seq):
             frames.append(self._shared.frame(seq, delta, self._encode))
@@ -93,10 +155,12 @@ class ChunkEncoder:
             body["content"] = delta.text
         if delta.reasoning:
             body["reasoning_content"] = delta.reasoning
+        if delta.refusal:
+            body["refusal"] = delta.refusal
         if delta.tool_calls:
             body["tool_calls"] = [_tool_call(call) for call in delta.tool_calls]
-        if body or delta.finish_reason:
-            return self._chunk(body, delta.finish_reason)
+        if body or delta.finish_reason or delta.logprobs is not None:
+            return self._chunk(body, delta.finish_reason, delta.logprobs)
         return b""
 
     def end(self, subscription: Subscription, ttft_ms: float | None, total_ms: float) -> bytes:
@@ -149,6 +213,9 @@ async def _complete(
 def _completion(subscription: Subscription, chat: ChatRequest, deltas: list[Delta]) -> dict[str, Any]:
     text = "".join(d.text for d in deltas)
     reasoning = "".join(d.reasoning for d in deltas)
+    refusal = "".join(d.refusal for d in deltas)
+    content_logprobs = [e for d in deltas if d.logprobs for e in d.logprobs.content]
+    refusal_logprobs = [e for d in deltas if d.logprobs for e in d.logprobs.refusal]
     finish_reason = next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None)
     usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
     calls: dict[int, dict[str, Any]] = {}
@@ -162,19 +229,28 @@ def _completion(subscription: Subscription, chat: ChatRequest, deltas: list[Delt
             if call.name is not None:
                 merged["function"]["name"] += call.name
             merged["function"]["arguments"] += call.arguments
-    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text if text or not (calls or refusal) else None,
+    }
     if reasoning:
         message["reasoning_content"] = reasoning
+    if refusal:
+        message["refusal"] = refusal
     if calls:
         message["tool_calls"] = [calls[index] for index in sorted(calls)]
     if subscription.outcome == "cancelled":
         finish_reason = "cancelled"
+    choice: dict[str, Any] = {"index": 0, "message": message}
+    if content_logprobs or refusal_logprobs:
+        choice["logprobs"] = _logprobs(content_logprobs, refusal_logprobs)
+    choice["finish_reason"] = finish_reason or "stop"
     body: dict[str, Any] = {
         "id": completion_id(subscription),
         "object": "chat.completion",
         "created": subscription.created,
-        "model": chat.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason or "stop"}],
+        **_envelope(subscription.info, chat.model),
+        "choices": [choice],
     }
     if usage is not None:
         body["usage"] = _usage(usage)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -14,7 +16,7 @@ from gateway.api.intake import owner_of
 from gateway.errors import NotFound, UpstreamProtocolError
 from gateway.metrics import percentile
 from gateway.sse import dumps
-from gateway.state import RECORD, STATE
+from gateway.state import RECORD, STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.origin import Origin
 from gateway.upstream.source import read_bounded
@@ -90,9 +92,9 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=dumps)
 
 
-async def models(request: web.Request) -> web.Response:
-    """The upstream's model list, in OpenAI's shape whatever the provider."""
-    state = request.app[STATE]
+async def _upstream_get(state: GatewayState, path: str) -> tuple[int, bytes]:
+    """GET a small JSON document from the upstream: (status, body). A non-2xx
+    answer raises the provider's error, except 404, which the caller names."""
     headers = state.provider.build_request(
         {"model": "", "messages": []},
         base_path=state.base_path,
@@ -101,27 +103,74 @@ async def models(request: web.Request) -> web.Response:
     wanted = tuple((k, v) for k, v in headers if k in ("authorization", "x-api-key",
                                                        "anthropic-version"))
     stream = await state.transport.open(
-        UpstreamRequest("GET", state.base_path + "/models", wanted + (("accept", "application/json"),))
+        UpstreamRequest("GET", state.base_path + path, wanted + (("accept", "application/json"),))
     )
     try:
         head = await stream.head()
         body = await read_bounded(stream, MAX_MODELS_BODY)
     finally:
         stream.release()
-    if head.status != 200:
+    if head.status not in (200, 404):
         raise state.provider.error_from_response(head, body)
+    return head.status, body
+
+
+def _model_entry(item: object, provider: str) -> dict[str, object]:
+    """One model in OpenAI's shape, from OpenAI's (``created`` in Unix
+    seconds, ``owned_by``) or Anthropic's (``created_at`` in RFC 3339, no
+    owner: the provider owns it). Raises KeyError/TypeError/ValueError on a
+    shape that is neither."""
+    if not isinstance(item, dict):
+        raise TypeError("model entry is not an object")
+    created = item.get("created")
+    if not isinstance(created, int) or isinstance(created, bool):
+        created_at = item.get("created_at")
+        created = (
+            int(datetime.fromisoformat(created_at).timestamp())
+            if isinstance(created_at, str) else 0
+        )
+    owned_by = item.get("owned_by")
+    return {
+        "id": str(item["id"]),
+        "object": "model",
+        "created": created,
+        "owned_by": owned_by if isinstance(owned_by, str) else provider,
+    }
+
+
+async def _listed_models(state: GatewayState) -> list[dict[str, object]]:
+    status, body = await _upstream_get(state, "/models")
     try:
-        listed = json.loads(body)["data"]
-        ids = [str(item["id"]) for item in listed]
+        if status != 200:
+            raise ValueError(f"upstream answered {status}")
+        return [_model_entry(item, state.provider.name) for item in json.loads(body)["data"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise UpstreamProtocolError("upstream model list is not in the expected shape") from exc
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [{"id": i, "object": "model", "created": 0, "owned_by": state.provider.name}
-                     for i in ids],
-        }
-    )
+
+
+async def models(request: web.Request) -> web.Response:
+    """The upstream's model list, in OpenAI's shape whatever the provider."""
+    data = await _listed_models(request.app[STATE])
+    return web.json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One model (``models.retrieve``), asked of the upstream by id: a list
+    may be paginated (Anthropic's is), the model's own URL is not. Servers
+    without that URL (a 404) are answered from their list."""
+    state = request.app[STATE]
+    model_id = request.match_info["model_id"]
+    status, body = await _upstream_get(state, "/models/" + quote(model_id, safe=""))
+    if status == 404:
+        for entry in await _listed_models(state):
+            if entry["id"] == model_id:
+                return web.json_response(entry)
+        raise NotFound(f"The model '{model_id}' does not exist", code="model_not_found")
+    try:
+        entry = _model_entry(json.loads(body), state.provider.name)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UpstreamProtocolError("upstream model is not in the expected shape") from exc
+    return web.json_response(entry)
 
 
 async def cancel(request: web.Request) -> web.Response:
@@ -142,6 +191,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/stats", stats)
     app.router.add_get("/v1/models", models)
+    # Model ids may hold a slash (``org/name``), sent encoded or not.
+    app.router.add_get("/v1/models/{model_id:.+}", model)
     app.router.add_post("/v1/requests/{request_id}/cancel", cancel)
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC, append_version=False)

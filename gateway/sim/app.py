@@ -9,8 +9,10 @@ read (``GET``/``DELETE /admin/requests``, long-poll ``/admin/requests/wait``).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 from gateway.sim.formats import DEFAULT_MODEL, Format, error_body
 from gateway.sim.generate import JSON_CONTENT_TYPE, serve_completion
@@ -25,12 +27,23 @@ _JSON_HEADERS = (("content-type", JSON_CONTENT_TYPE),)
 _DEFAULT_WAIT_MS = 5000
 MAX_REQUEST_BODY = 16 * 1024 * 1024
 
-_MODELS_BODY = json.dumps(
+#: The simulator's models, as an upstream lists them: OpenAI's shape by
+#: default, Anthropic's (``created_at`` in RFC 3339) to a client that sends
+#: ``anthropic-version``.
+MODELS: tuple[dict[str, Any], ...] = (
+    {"id": DEFAULT_MODEL, "object": "model", "created": 1_700_000_000, "owned_by": "upstream-sim"},
+    {"id": "sim-org/sim-2", "object": "model", "created": 1_710_000_000, "owned_by": "sim-org"},
+)
+_ANTHROPIC_MODELS = tuple(
     {
-        "object": "list",
-        "data": [{"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "upstream-sim"}],
+        "type": "model",
+        "id": model["id"],
+        "display_name": model["id"],
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model["created"])),
     }
-).encode()
+    for model in MODELS
+)
+_MODELS_PREFIX = "/v1/models/"
 
 
 class BadQuery(ValueError):
@@ -70,6 +83,8 @@ class SimApp:
 
     async def handle(self, request: SimRequest, sink: ResponseSink) -> None:
         methods = self._routes.get(request.path)
+        if methods is None and request.path.startswith(_MODELS_PREFIX):
+            methods = {"GET": self._model}
         try:
             if methods is None:
                 await _error(sink, 404, f"no route for {request.path}")
@@ -96,7 +111,30 @@ class SimApp:
         return route
 
     async def _models(self, request: SimRequest, sink: ResponseSink) -> None:
-        await respond(sink, 200, _JSON_HEADERS, _MODELS_BODY)
+        if "anthropic-version" in request.headers:
+            body: dict[str, Any] = {
+                "data": list(_ANTHROPIC_MODELS),
+                "has_more": False,
+                "first_id": _ANTHROPIC_MODELS[0]["id"],
+                "last_id": _ANTHROPIC_MODELS[-1]["id"],
+            }
+        else:
+            body = {"object": "list", "data": list(MODELS)}
+        await _json(sink, 200, body)
+
+    async def _model(self, request: SimRequest, sink: ResponseSink) -> None:
+        """``GET /v1/models/{id}`` (ids may hold a slash: ``org/name``)."""
+        model_id = unquote(request.path[len(_MODELS_PREFIX):])
+        anthropic = "anthropic-version" in request.headers
+        models = _ANTHROPIC_MODELS if anthropic else MODELS
+        for model in models:
+            if model["id"] == model_id:
+                await _json(sink, 200, model)
+                return
+        message = f"model {model_id!r} not found"
+        await respond(
+            sink, 404, _JSON_HEADERS, error_body("anthropic" if anthropic else "openai", 404, message)
+        )
 
     async def _healthz(self, request: SimRequest, sink: ResponseSink) -> None:
         await _json(sink, 200, {"status": "ok"})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -112,6 +113,37 @@ def parse_anthropic(body: bytes) -> CompletionRequest:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerExtras:
+    """What an answer may carry besides its text, as a real upstream's does
+    (set per request by sim knobs): tests check that a gateway relays them."""
+
+    #: The model named in the answer (a real upstream resolves an alias to a
+    #: dated name); None: the requested one.
+    resolved_model: str | None = None
+    #: OpenAI's ``system_fingerprint`` in every chunk; None: not sent.
+    fingerprint: str | None = None
+    #: Per-token ``logprobs`` (OpenAI format).
+    logprobs: bool = False
+    #: The answer is a refusal (OpenAI ``refusal`` deltas; Anthropic
+    #: stop_reason ``refusal``).
+    refusal: bool = False
+    #: Usage details: prompt tokens read from a cache, completion tokens
+    #: spent reasoning (OpenAI details; Anthropic ``cache_read_input_tokens``).
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+def token_logprob(token: str) -> dict[str, Any]:
+    """A made-up but deterministic log probability entry for one token."""
+    return {
+        "token": token,
+        "logprob": -round(len(token) / 64, 6),
+        "bytes": list(token.encode()),
+        "top_logprobs": [],
+    }
+
+
 # -- encoding ---------------------------------------------------------------------
 
 _SLOT = "\x00token\x00"
@@ -151,40 +183,73 @@ class WireEncoder(Protocol):
         """A data line that is not valid JSON, where a token would be."""
         ...
 
-    def message(self, text: str, finish: FinishReason, completion_tokens: int) -> bytes:
+    def message(self, tokens: Sequence[str], finish: FinishReason, completion_tokens: int) -> bytes:
         """The whole answer as one non-streaming JSON body."""
         ...
 
 
 class OpenAIEncoder:
     def __init__(
-        self, response_id: str, model: str, created: int, prompt_tokens: int, include_usage: bool
+        self,
+        response_id: str,
+        model: str,
+        created: int,
+        prompt_tokens: int,
+        include_usage: bool,
+        extras: AnswerExtras = AnswerExtras(),
     ) -> None:
         self._envelope: dict[str, Any] = {
             "id": response_id,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": model,
+            "model": extras.resolved_model or model,
         }
+        if extras.fingerprint is not None:
+            self._envelope["system_fingerprint"] = extras.fingerprint
         self._prompt_tokens = prompt_tokens
         self._include_usage = include_usage
-        self._token_head, self._token_tail = _template("data: ", self._chunk({"content": _SLOT}))
+        self._extras = extras
+        #: Where a token goes: OpenAI streams a refusal in its own field.
+        self._field = "refusal" if extras.refusal else "content"
+        self._token_head, self._token_tail = _template(
+            "data: ", self._chunk({self._field: _SLOT})
+        )
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def _chunk(
+        self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**self._envelope, "choices": [choice]}
 
-    def _usage(self, completion_tokens: int) -> dict[str, int]:
-        return {
+    def _logprobs(self, tokens: Sequence[str]) -> dict[str, Any] | None:
+        if not self._extras.logprobs:
+            return None
+        entries = [token_logprob(token) for token in tokens]
+        if self._extras.refusal:
+            return {"content": None, "refusal": entries}
+        return {"content": entries, "refusal": None}
+
+    def _usage(self, completion_tokens: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {
             "prompt_tokens": self._prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": self._prompt_tokens + completion_tokens,
         }
+        if self._extras.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self._extras.cached_tokens}
+        if self._extras.reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {
+                "reasoning_tokens": self._extras.reasoning_tokens
+            }
+        return usage
 
     def stream_open(self) -> bytes:
         return f"data: {_dumps(self._chunk({'role': 'assistant', 'content': ''}))}\n\n".encode()
 
     def token(self, text: str) -> bytes:
+        if self._extras.logprobs:
+            chunk = self._chunk({self._field: text}, logprobs=self._logprobs([text]))
+            return f"data: {_dumps(chunk)}\n\n".encode()
         return self._token_head + _json_string(text) + self._token_tail
 
     def stream_close(self, finish: FinishReason, completion_tokens: int) -> bytes:
@@ -198,11 +263,15 @@ class OpenAIEncoder:
     def malformed(self) -> bytes:
         return b'data: {"malformed\n\n'
 
-    def message(self, text: str, finish: FinishReason, completion_tokens: int) -> bytes:
+    def message(self, tokens: Sequence[str], finish: FinishReason, completion_tokens: int) -> bytes:
+        text = "".join(tokens)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self._extras.refusal:
+            message.update(content=None, refusal=text)
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "message": message,
+            "logprobs": self._logprobs(tokens),
             "finish_reason": finish,
         }
         body = {
@@ -222,10 +291,17 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 
 class AnthropicEncoder:
-    def __init__(self, response_id: str, model: str, prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        response_id: str,
+        model: str,
+        prompt_tokens: int,
+        extras: AnswerExtras = AnswerExtras(),
+    ) -> None:
         self._response_id = response_id
-        self._model = model
+        self._model = extras.resolved_model or model
         self._prompt_tokens = prompt_tokens
+        self._extras = extras
         delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": _SLOT}}
         self._token_head, self._token_tail = _template("event: content_block_delta\ndata: ", delta)
 
@@ -238,8 +314,19 @@ class AnthropicEncoder:
             "content": content,
             "stop_reason": stop,
             "stop_sequence": None,
-            "usage": {"input_tokens": self._prompt_tokens, "output_tokens": output},
+            "usage": self._usage(output),
         }
+
+    def _usage(self, output: int) -> dict[str, int]:
+        usage = {"input_tokens": self._prompt_tokens, "output_tokens": output}
+        if self._extras.cached_tokens is not None:
+            # Anthropic's input_tokens leave out the tokens read from the cache.
+            usage["input_tokens"] = max(self._prompt_tokens - self._extras.cached_tokens, 0)
+            usage["cache_read_input_tokens"] = self._extras.cached_tokens
+        return usage
+
+    def _stop(self, finish: FinishReason) -> str:
+        return "refusal" if self._extras.refusal else _ANTHROPIC_STOP[finish]
 
     def stream_open(self) -> bytes:
         return (
@@ -255,7 +342,7 @@ class AnthropicEncoder:
         return self._token_head + _json_string(text) + self._token_tail
 
     def stream_close(self, finish: FinishReason, completion_tokens: int) -> bytes:
-        stop = {"stop_reason": _ANTHROPIC_STOP[finish], "stop_sequence": None}
+        stop = {"stop_reason": self._stop(finish), "stop_sequence": None}
         return (
             _event("content_block_stop", {"type": "content_block_stop", "index": 0})
             + _event(
@@ -268,18 +355,28 @@ class AnthropicEncoder:
     def malformed(self) -> bytes:
         return b'event: content_block_delta\ndata: {"malformed\n\n'
 
-    def message(self, text: str, finish: FinishReason, completion_tokens: int) -> bytes:
-        content = [{"type": "text", "text": text}]
-        return _dumps(self._message(content, _ANTHROPIC_STOP[finish], completion_tokens)).encode()
+    def message(self, tokens: Sequence[str], finish: FinishReason, completion_tokens: int) -> bytes:
+        content = [{"type": "text", "text": "".join(tokens)}]
+        return _dumps(self._message(content, self._stop(finish), completion_tokens)).encode()
 
 
 def make_encoder(
-    request: CompletionRequest, *, request_id: int, created: int, prompt_tokens: int
+    request: CompletionRequest,
+    *,
+    request_id: int,
+    created: int,
+    prompt_tokens: int,
+    extras: AnswerExtras = AnswerExtras(),
 ) -> WireEncoder:
     if request.format == "anthropic":
-        return AnthropicEncoder(f"msg_sim{request_id:012d}", request.model, prompt_tokens)
+        return AnthropicEncoder(f"msg_sim{request_id:012d}", request.model, prompt_tokens, extras)
     return OpenAIEncoder(
-        f"chatcmpl-sim{request_id}", request.model, created, prompt_tokens, request.include_usage
+        f"chatcmpl-sim{request_id}",
+        request.model,
+        created,
+        prompt_tokens,
+        request.include_usage,
+        extras,
     )
 
 

@@ -25,6 +25,7 @@ from gateway.sim.content import (
     tokens_from_digest,
 )
 from gateway.sim.formats import (
+    AnswerExtras,
     CompletionRequest,
     FinishReason,
     Format,
@@ -149,6 +150,14 @@ async def _serve(
             request_id=record.id,
             created=int(record.arrival_wall),
             prompt_tokens=prompt_token_count(completion.messages),
+            extras=AnswerExtras(
+                resolved_model=profile.resolved_model,
+                fingerprint=profile.fingerprint,
+                logprobs=profile.logprobs,
+                refusal=profile.refusal,
+                cached_tokens=profile.cached_tokens,
+                reasoning_tokens=profile.reasoning_tokens,
+            ),
         ),
     )
     # The queue wait counts before the TTFT: the schedule starts in the slot.
@@ -289,7 +298,7 @@ class _Generation:
                 await self._send_head(200, self._headers(JSON_CONTENT_TYPE))
             await self._inject(fault, _MALFORMED_JSON)
             return
-        body = self._encoder.message("".join(self._tokens), self._finish, n_tokens)
+        body = self._encoder.message(self._tokens, self._finish, n_tokens)
         await self._send_head(200, self._headers(JSON_CONTENT_TYPE), len(body))
         self._record.first_token = time.monotonic()
         await self._sink.finish(body)

@@ -49,6 +49,15 @@ def _optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
     return parse_optional
 
 
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError("expected 1 or 0")
+
+
 def _parse_goaway(text: str) -> GoawayMode:
     for mode in GOAWAY_MODES:
         if text == mode:
@@ -113,6 +122,20 @@ class SimProfile:
         None, _optional(_parse_int), "after K tokens: one data line that is not JSON, then end"
     )
     seed: int = _knob(0, _parse_int, "seed of the timing jitter (content depends on the prompt)")
+    resolved_model: str | None = _knob(
+        None, _optional(str), "model name the answer reports (default: the requested one)"
+    )
+    fingerprint: str | None = _knob(
+        None, _optional(str), "OpenAI system_fingerprint sent in every chunk"
+    )
+    logprobs: bool = _knob(False, _parse_bool, "OpenAI per-token logprobs (1 or 0)")
+    refusal: bool = _knob(False, _parse_bool, "answer as a refusal (1 or 0)")
+    cached_tokens: int | None = _knob(
+        None, _optional(_parse_int), "usage: prompt tokens read from a cache"
+    )
+    reasoning_tokens: int | None = _knob(
+        None, _optional(_parse_int), "usage: completion tokens spent reasoning (OpenAI)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "ttft_jitter_ms", "itl_ms", "itl_jitter_ms"):
@@ -121,7 +144,10 @@ class SimProfile:
         for name in ("tokens", "max_concurrency", "retry_after_s"):
             if getattr(self, name) < 0:
                 raise KnobError(f"{name} must be >= 0")
-        for name in ("token_size", "reset_after", "kill_after", "malformed_after"):
+        for name in (
+            "token_size", "reset_after", "kill_after", "malformed_after",
+            "cached_tokens", "reasoning_tokens",
+        ):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise KnobError(f"{name} must be >= 0")

@@ -47,7 +47,7 @@ async def test_every_metric_of_the_architecture_table_is_exposed(gateway):
     assert metrics.types["gateway_coalesce"] == "counter"
     assert metrics.types["gateway_error_ratio_last_100"] == "gauge"
     # The labelled children exist from the start, so rate() has a zero to start from.
-    assert metrics.label_values("gateway_requests_total", "api") == {"openai", "native"}
+    assert metrics.label_values("gateway_requests_total", "api") == {"openai", "native", "anthropic"}
     assert metrics.label_values("gateway_ttft_seconds_count", "role") == {"leader", "follower"}
     assert metrics.value("gateway_requests_total") == 0
     assert metrics.one("gateway_error_ratio_last_100") == 0

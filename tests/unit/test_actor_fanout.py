@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import Delta, StreamInfo, ToolCallDelta, Usage
 from actors.registry import Registry
 from actors.subscription import Subscription
 from gateway.admission import AdmissionQueue
@@ -220,4 +221,30 @@ async def test_past_the_budget_the_read_prefix_is_dropped(upstream: MemoryUpstre
     source.finish()
     assert await read_all(reader) == []
     assert reader.outcome == "complete"
+    await registry.aclose()
+
+
+async def test_the_streams_info_outlives_the_trimmed_log(upstream: MemoryUpstream) -> None:
+    """The upstream's resolved model rides on the first delta only; every
+    reader sees it, at any cursor, after the delta that carried it is gone."""
+    registry = Registry(
+        admission=AdmissionQueue(max_inflight=8, max_queue=8, queue_timeout_s=30),
+        max_replay_bytes=0,
+    )
+    opened = asyncio.ensure_future(upstream.next_source())
+    reader = subscribe(registry, upstream, "r1")
+    source = await opened
+    assert reader.info is None
+    info = StreamInfo(model="gpt-real-2025", system_fingerprint="fp_1")
+    first, *rest = text(*(f"{n:02}" for n in range(40)))
+    for chunk in (replace(first, info=info), *rest):
+        source.push(chunk)
+        assert await anext(reader) is chunk
+    assert registry.statistics().replay_bytes < 16 * first.replay_size()
+    # A later info (a model named again) does not replace the first.
+    source.push(Delta(text="x", info=StreamInfo(model="other")))
+    assert (await anext(reader)).text == "x"
+    assert reader.info == info
+    source.finish()
+    assert await read_all(reader) == []
     await registry.aclose()

@@ -5,11 +5,13 @@ use, error events)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import Delta, StreamInfo, ToolCallDelta, Usage
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.providers import AnthropicProvider
 from tests.unit.splits import decode_all, every_split, head, split_at
@@ -43,7 +45,7 @@ TEXT_STREAM = (
 TEXT_DELTAS = [
     Delta(text="Hello"),
     Delta(text=", wörld 🌍"),
-    Delta(finish_reason="stop", usage=Usage(prompt_tokens=25, completion_tokens=15)),
+    Delta(finish_reason="stop", usage=Usage(prompt_tokens=25, completion_tokens=15, cached_tokens=0)),
 ]
 
 THINKING_STREAM = (
@@ -79,7 +81,7 @@ THINKING_DELTAS = [
     Delta(reasoning="Let me solve this step by step:\n\n1. First break down 27 * 453"),
     Delta(reasoning="\n2. 453 = 400 + 50 + 3"),
     Delta(text="27 × 453 = 12,231"),
-    Delta(finish_reason="length", usage=Usage(prompt_tokens=55, completion_tokens=120)),
+    Delta(finish_reason="length", usage=Usage(prompt_tokens=55, completion_tokens=120, cached_tokens=10)),
 ]
 
 TOOL_STREAM = (
@@ -121,7 +123,7 @@ TOOL_DELTAS = [
     Delta(tool_calls=(ToolCallDelta(0, arguments=' "San Francisco, CA", "unit": "fahrenheit"}'),)),
     Delta(tool_calls=(ToolCallDelta(1, id="toolu_02", name="get_time"),)),
     Delta(tool_calls=(ToolCallDelta(1, arguments='{"tz": "PST"}'),)),
-    Delta(finish_reason="tool_calls", usage=Usage(prompt_tokens=25, completion_tokens=89)),
+    Delta(finish_reason="tool_calls", usage=Usage(prompt_tokens=25, completion_tokens=89, cached_tokens=0)),
 ]
 
 STREAMS = {
@@ -135,7 +137,9 @@ STREAMS = {
 
 
 def decode(chunks: list[bytes]) -> list[Delta]:
-    return decode_all(AnthropicProvider(), chunks)
+    """The answer's deltas, without the model that message_start names
+    (carried by the first delta; tested apart)."""
+    return [replace(d, info=None) for d in decode_all(AnthropicProvider(), chunks)]
 
 
 
@@ -176,7 +180,10 @@ def test_stop_reasons_map_to_finish_reasons(stop_reason: str, finish_reason: str
         + b'"},"usage":{"output_tokens":3}}\n\n'
     )
     assert decode([MESSAGE_START + event + MESSAGE_STOP]) == [
-        Delta(finish_reason=finish_reason, usage=Usage(prompt_tokens=25, completion_tokens=3))
+        Delta(
+            finish_reason=finish_reason,
+            usage=Usage(prompt_tokens=25, completion_tokens=3, cached_tokens=0),
+        )
     ]
 
 
@@ -235,7 +242,9 @@ def test_error_event_raises_with_the_status_of_its_type(
     )
     decoder = AnthropicProvider().decoder()
     before_block_stop = TEXT_STREAM[: TEXT_STREAM.index(b"event: content_block_stop")]
-    assert decoder.feed(before_block_stop) == TEXT_DELTAS[:2]
+    assert decoder.feed(before_block_stop) == [
+        replace(TEXT_DELTAS[0], info=StreamInfo(model="claude-sonnet-4-5")), TEXT_DELTAS[1]
+    ]
     with pytest.raises(UpstreamStatusError) as caught:
         decoder.feed(error_event)
     error = caught.value
@@ -269,7 +278,7 @@ def test_usage_in_message_delta_may_update_the_input_count() -> None:
         b'"usage":{"input_tokens":30,"cache_read_input_tokens":2,"output_tokens":4}}\n\n'
     )
     assert decode([MESSAGE_START + event + MESSAGE_STOP]) == [
-        Delta(finish_reason="stop", usage=Usage(prompt_tokens=32, completion_tokens=4))
+        Delta(finish_reason="stop", usage=Usage(prompt_tokens=32, completion_tokens=4, cached_tokens=2))
     ]
 
 

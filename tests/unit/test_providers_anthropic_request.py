@@ -249,3 +249,110 @@ def test_non_function_tools_and_odd_tool_choice_are_bad_requests() -> None:
         translate({**base, "tools": [{"type": "web_search"}]})
     with pytest.raises(BadRequest, match="tool_choice"):
         translate({**base, "tool_choice": "sometimes"})
+
+
+# -- prompt caching, structured outputs, what has no equivalent ------------------------
+
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def test_cache_control_stays_on_the_block_it_marks() -> None:
+    body = translate({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": [
+                {"type": "text", "text": "A long manual.", "cache_control": EPHEMERAL},
+            ]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Question", "cache_control": {"type": "ephemeral",
+                                                                        "ttl": "1h"}},
+            ]},
+            {"role": "assistant", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            ]},
+            {"role": "tool", "tool_call_id": "c1", "content": [
+                {"type": "text", "text": "result", "cache_control": EPHEMERAL},
+            ]},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"},
+                 "cache_control": EPHEMERAL},
+            ]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f"}, "cache_control": EPHEMERAL}],
+    })  # fmt: skip
+    assert body["system"] == [{"type": "text", "text": "A long manual.", "cache_control": EPHEMERAL}]
+    assert body["messages"] == [
+        {"role": "user", "content": [
+            {"type": "text", "text": "Question", "cache_control": {"type": "ephemeral", "ttl": "1h"}},
+        ]},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "c1", "name": "f", "input": {}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "c1", "content": [
+                {"type": "text", "text": "result", "cache_control": EPHEMERAL},
+            ]},
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"},
+             "cache_control": EPHEMERAL},
+        ]},
+    ]  # fmt: skip
+    assert body["tools"] == [
+        {"name": "f", "input_schema": {"type": "object", "properties": {}},
+         "cache_control": EPHEMERAL}
+    ]  # fmt: skip
+
+
+def test_without_cache_marks_system_stays_a_string() -> None:
+    body = translate({"model": "m", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "developer", "content": "c"},
+        {"role": "user", "content": "x"},
+    ]})  # fmt: skip
+    assert body["system"] == "a\nb\n\nc"
+
+
+def test_a_cache_mark_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(BadRequest, match="cache_control"):
+        translate({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": "yes"}]},
+        ]})  # fmt: skip
+
+
+def test_json_schema_response_format_becomes_output_config() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+              "additionalProperties": False}
+    body = translate({
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "top_k": 5,
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "answer", "strict": True, "schema": schema}},
+    })  # fmt: skip
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert body["top_k"] == 5
+    plain = translate({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                       "response_format": {"type": "text"}, "frequency_penalty": 0,
+                       "logprobs": False, "n": 1, "seed": None})
+    assert "output_config" not in plain
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"seed": 7}, "'seed'"),
+        ({"response_format": {"type": "json_object"}}, "'json_object'"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "json_schema.schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"logprobs": True}, "'logprobs'"),
+        ({"top_logprobs": 2}, "'top_logprobs'"),
+        ({"presence_penalty": 0.5}, "'presence_penalty'"),
+        ({"logit_bias": {"1": 5}}, "'logit_bias'"),
+        ({"n": 2}, "'n'"),
+        ({"brand_new_knob": 1}, "'brand_new_knob'"),
+    ],
+)  # fmt: skip
+def test_what_anthropic_cannot_do_is_refused_naming_the_field(
+    extra: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(BadRequest, match=named) as caught:
+        translate({"model": "m", "messages": [{"role": "user", "content": "x"}], **extra})
+    assert caught.value.status == 400

@@ -13,7 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import (
+    Delta,
+    Logprobs,
+    StreamInfo,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.providers import OpenAIProvider, get_provider
 from tests.unit.splits import decode_all, every_split, head, split_at
@@ -39,10 +47,14 @@ TEXT_STREAM = (
     b"data: [DONE]\n\n"
 )  # fmt: skip
 TEXT_DELTAS = [
-    Delta(text="Grüße"),
+    # The model that served the answer rides on the first delta: no delta of its own.
+    Delta(
+        text="Grüße",
+        info=StreamInfo(model="gpt-4o-mini-2024-07-18", system_fingerprint="fp_1bb46167f9"),
+    ),
     Delta(text=", 世界 👋\n"),
     Delta(finish_reason="stop"),
-    Delta(usage=Usage(prompt_tokens=9, completion_tokens=12)),
+    Delta(usage=Usage(prompt_tokens=9, completion_tokens=12, cached_tokens=0)),
 ]
 
 TOOL_STREAM = (
@@ -330,3 +342,56 @@ def test_get_provider() -> None:
     assert get_provider("anthropic").name == "anthropic"
     with pytest.raises(ValueError, match="expected one of openai, anthropic"):
         get_provider("gemini")
+
+
+# -- what the answer says besides its text ----------------------------------------
+
+# A refusal with logprobs asked for, then o-series usage details (OpenAI API
+# reference: "The chat completion chunk object", "logprobs", "usage").
+REFUSAL_STREAM = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-real-2025",'
+    b'"system_fingerprint":"fp_x","choices":[{"index":0,"delta":{"role":"assistant",'
+    b'"refusal":"No"},"logprobs":{"content":null,"refusal":[{"token":"No","logprob":-0.5,'
+    b'"bytes":[78,111],"top_logprobs":[{"token":"No","logprob":-0.5,"bytes":[78,111]},'
+    b'{"token":"Yes","logprob":-1,"bytes":null}]}]},"finish_reason":null}]}\n\n'
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-real-2025",'
+    b'"system_fingerprint":"fp_x","choices":[{"index":0,"delta":{"content":"ok"},'
+    b'"logprobs":{"content":[{"token":"ok","logprob":-0.25,"bytes":[111,107],'
+    b'"top_logprobs":[]}]},"finish_reason":"stop"}]}\n\n'
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-real-2025",'
+    b'"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":7,"total_tokens":27,'
+    b'"prompt_tokens_details":{"cached_tokens":16},'
+    b'"completion_tokens_details":{"reasoning_tokens":5}}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def test_refusal_logprobs_model_and_usage_details_are_decoded() -> None:
+    no = TokenLogprob(
+        token="No", logprob=-0.5, bytes=(78, 111),
+        top_logprobs=(TopLogprob("No", -0.5, (78, 111)), TopLogprob("Yes", -1.0, None)),
+    )
+    assert decode([REFUSAL_STREAM]) == [
+        Delta(
+            refusal="No",
+            logprobs=Logprobs(refusal=(no,)),
+            info=StreamInfo(model="gpt-real-2025", system_fingerprint="fp_x"),
+        ),
+        Delta(
+            text="ok",
+            finish_reason="stop",
+            logprobs=Logprobs(content=(TokenLogprob("ok", -0.25, (111, 107)),)),
+        ),
+        Delta(usage=Usage(prompt_tokens=20, completion_tokens=7, cached_tokens=16,
+                          reasoning_tokens=5)),
+    ]
+    assert decode([REFUSAL_STREAM])[0].is_content
+
+
+def test_a_logprob_that_is_not_a_number_is_a_protocol_error() -> None:
+    stream = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"a"},'
+        b'"logprobs":{"content":[{"token":"a","logprob":"high"}]}}]}\n\n'
+    )
+    with pytest.raises(UpstreamProtocolError, match="logprob"):
+        decode([stream])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import Delta, StreamInfo, ToolCallDelta, Usage
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.base import ResponseHead, UpstreamRequest
 from gateway.upstream.providers import wire
@@ -91,13 +91,14 @@ class AnthropicProvider:
 
 
 class AnthropicStreamDecoder(EventStreamDecoder):
-    __slots__ = ("_prompt_tokens", "_completion_tokens", "_tool_ordinals")
+    __slots__ = ("_prompt_tokens", "_completion_tokens", "_cached_tokens", "_tool_ordinals")
     terminator = "message_stop"
 
     def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
         super().__init__(max_event_bytes=max_event_bytes)
         self._prompt_tokens = 0
         self._completion_tokens = 0
+        self._cached_tokens: int | None = None
         # Content block index -> tool-call ordinal: OpenAI numbers tool calls
         # 0, 1, 2..., Anthropic numbers all blocks (text, thinking, tool_use).
         self._tool_ordinals: dict[int, int] = {}
@@ -128,6 +129,9 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         usage = wire.get_object(message, "usage")
         if usage is not None:
             self._take_usage(usage)
+        # The model that serves the answer (an alias resolves to a dated name).
+        if model := wire.get_str(message, "model"):
+            self.announce(StreamInfo(model=model))
 
     def _on_block_start(self, payload: wire.JsonObject) -> Delta | None:
         index = _block_index(payload)
@@ -178,7 +182,9 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         return Delta(
             finish_reason=STOP_REASONS.get(stop_reason, "stop") if stop_reason else None,
             usage=Usage(
-                prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens
+                prompt_tokens=self._prompt_tokens,
+                completion_tokens=self._completion_tokens,
+                cached_tokens=self._cached_tokens,
             ),
         )
 
@@ -188,11 +194,15 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         OpenAI's prompt_tokens include cached tokens, Anthropic's input_tokens
         do not: the cache reads and writes are added back in."""
         input_tokens = wire.get_int(usage, "input_tokens")
+        cache_read = wire.get_int(usage, "cache_read_input_tokens")
+        if cache_read is not None:
+            # OpenAI's prompt_tokens_details.cached_tokens: read from the cache.
+            self._cached_tokens = cache_read
         if input_tokens is not None:
             self._prompt_tokens = (
                 input_tokens
                 + (wire.get_int(usage, "cache_creation_input_tokens") or 0)
-                + (wire.get_int(usage, "cache_read_input_tokens") or 0)
+                + (cache_read or 0)
             )
         output_tokens = wire.get_int(usage, "output_tokens")
         if output_tokens is not None:

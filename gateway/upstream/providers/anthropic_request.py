@@ -8,10 +8,16 @@ reference, "Messages"):
   a *user* turn, which is where Anthropic expects a tool's answer;
 - consecutive messages of one role are merged into one turn (several tool
   results answering one assistant turn must travel together);
-- ``max_tokens`` is required, so a default is filled in.
+- ``max_tokens`` is required, so a default is filled in;
+- ``cache_control`` on a content part (and on a tool) is Anthropic's own
+  prompt-caching mark ("Prompt caching"): it stays on the block it marks;
+- ``response_format`` ``json_schema`` becomes ``output_config.format``
+  ("Structured outputs"); ``text`` is the default and says nothing.
 
 What cannot be said in the Messages API (audio, files, legacy ``function``
-messages) is the client's mistake for this upstream: ``BadRequest``.
+messages, a seed, logprobs, penalties, ``json_object`` without a schema) is
+the client's mistake for this upstream: ``BadRequest`` naming the field,
+never a parameter dropped on the way.
 """
 
 from __future__ import annotations
@@ -25,11 +31,35 @@ from gateway.errors import BadRequest
 #: Anthropic requires max_tokens; OpenAI clients usually leave it out.
 DEFAULT_MAX_TOKENS = 4096
 
+#: Request fields translated below, or with no meaning to the upstream's
+#: answer (delivery, OpenAI-side storage): nothing of them is lost.
+_TRANSLATED = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "top_k", "stop", "tools", "tool_choice", "parallel_tool_calls", "user", "stream",
+    "stream_options", "response_format", "n", "logprobs", "store", "metadata",
+})  # fmt: skip
+
+#: Fields the Messages API has no equivalent for, and why (the 400's words).
+_UNTRANSLATABLE = {
+    "seed": "Anthropic's Messages API has no seed: sampling cannot be made repeatable",
+    "top_logprobs": "Anthropic's Messages API returns no log probabilities",
+    "logit_bias": "Anthropic's Messages API has no logit bias",
+    "frequency_penalty": "Anthropic's Messages API has no frequency penalty",
+    "presence_penalty": "Anthropic's Messages API has no presence penalty",
+    "audio": "Anthropic's Messages API produces no audio",
+    "modalities": "Anthropic's Messages API answers in text only",
+    "prediction": "Anthropic's Messages API has no predicted outputs",
+    "reasoning_effort": "use an OpenAI-compatible upstream for reasoning_effort",
+    "functions": "legacy functions cannot be sent to an Anthropic upstream; use tools",
+    "function_call": "legacy function_call cannot be sent to an Anthropic upstream; use tool_choice",
+}
+
 Block = dict[str, Any]
 
 
 def translate_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
     """The streaming Messages request body for a validated OpenAI chat request."""
+    _refuse_untranslatable(chat)
     system, messages = _translate_messages(chat.get("messages") or [])
     body: dict[str, Any] = {"model": chat.get("model")}
     if system:
@@ -38,7 +68,7 @@ def translate_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
     body["max_tokens"] = (
         chat.get("max_completion_tokens") or chat.get("max_tokens") or DEFAULT_MAX_TOKENS
     )
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "top_k"):
         if chat.get(name) is not None:
             body[name] = chat[name]
     stop = chat.get("stop")
@@ -53,21 +83,86 @@ def translate_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
         body["tool_choice"] = tool_choice
     if chat.get("user"):
         body["metadata"] = {"user_id": chat["user"]}
+    output_format = _translate_response_format(chat.get("response_format"))
+    if output_format is not None:
+        body["output_config"] = {"format": output_format}
     body["stream"] = True
     return body
 
 
-def _translate_messages(raw_messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
-    system_parts: list[str] = []
+def _refuse_untranslatable(chat: Mapping[str, Any]) -> None:
+    """400 for a field the upstream would not get; absent, null and no-op
+    values (a penalty of 0, ``logprobs: false``, ``n: 1``) are fine."""
+    for name, value in chat.items():
+        if value is None:
+            continue
+        if name in _UNTRANSLATABLE:
+            if name.endswith("_penalty") and value == 0:
+                continue
+            if name == "modalities" and value == ["text"]:
+                continue
+            raise BadRequest(
+                f"'{name}' cannot be sent to an Anthropic upstream: {_UNTRANSLATABLE[name]}",
+                code="unsupported_parameter",
+            )
+        if name not in _TRANSLATED:
+            raise BadRequest(
+                f"'{name}' is not known to this gateway's Anthropic translation "
+                "and would be dropped; leave it out",
+                code="unsupported_parameter",
+            )
+    if chat.get("logprobs"):
+        raise BadRequest(
+            "'logprobs' cannot be sent to an Anthropic upstream: "
+            "Anthropic's Messages API returns no log probabilities",
+            code="unsupported_parameter",
+        )
+    n = chat.get("n")
+    if n is not None and n != 1:
+        raise BadRequest(
+            "'n' must be 1 for an Anthropic upstream: it answers one choice",
+            code="unsupported_parameter",
+        )
+
+
+def _translate_response_format(response_format: Any) -> Block | None:
+    """OpenAI ``response_format`` -> Anthropic ``output_config.format``."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise BadRequest(
+                "'response_format.json_schema.schema' must be an object", code="invalid_value"
+            )
+        return {"type": "json_schema", "schema": schema}
+    if kind == "json_object":
+        raise BadRequest(
+            "'response_format' of type 'json_object' cannot be sent to an Anthropic upstream: "
+            "its structured outputs need a schema; use type 'json_schema'",
+            code="unsupported_parameter",
+        )
+    raise BadRequest(
+        "'response_format.type' must be 'text', 'json_schema' or 'json_object'",
+        code="invalid_value",
+    )
+
+def _translate_messages(
+    raw_messages: list[Any],
+) -> tuple[str | list[Block], list[dict[str, Any]]]:
+    system_messages: list[list[Block]] = []
     turns: list[tuple[str, list[Block]]] = []
     for message in raw_messages:
         if not isinstance(message, Mapping):
             raise BadRequest("each message must be an object")
         role = message.get("role")
         if role in ("system", "developer"):
-            text = _plain_text(message.get("content"), role=role)
-            if text:
-                system_parts.append(text)
+            if blocks := _text_blocks(message.get("content"), role=role):
+                system_messages.append(blocks)
             continue
         if role == "user":
             turn_role, blocks = "user", _content_blocks(message.get("content"))
@@ -86,15 +181,34 @@ def _translate_messages(raw_messages: list[Any]) -> tuple[str, list[dict[str, An
         else:
             turns.append((turn_role, blocks))
     messages = [{"role": role, "content": _compact(blocks)} for role, blocks in turns]
-    return "\n\n".join(system_parts), messages
+    system: str | list[Block]
+    if any("cache_control" in block for blocks in system_messages for block in blocks):
+        # Blocks, so the cache breakpoint stays where the client put it.
+        system = [block for blocks in system_messages for block in blocks]
+    else:
+        system = "\n\n".join(
+            "\n".join(block["text"] for block in blocks) for blocks in system_messages
+        )
+    return system, messages
 
 
 def _compact(blocks: list[Block]) -> str | list[Block]:
-    """A lone text block is sent as a plain string, the API's short form."""
-    if len(blocks) == 1 and blocks[0]["type"] == "text":
+    """A lone text block is sent as a plain string, the API's short form
+    (unless it carries a cache mark, which only a block can)."""
+    if len(blocks) == 1 and blocks[0]["type"] == "text" and "cache_control" not in blocks[0]:
         text: str = blocks[0]["text"]
         return text
     return blocks
+
+
+def _cache_control(part: Mapping[str, Any], block: Block) -> Block:
+    """Keep a content part's ``cache_control`` on the block made from it."""
+    mark = part.get("cache_control")
+    if mark is not None:
+        if not isinstance(mark, Mapping):
+            raise BadRequest("'cache_control' must be an object", code="invalid_value")
+        block["cache_control"] = dict(mark)
+    return block
 
 
 def _content_blocks(content: Any) -> list[Block]:
@@ -107,9 +221,9 @@ def _content_blocks(content: Any) -> list[Block]:
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text":
             if part.get("text"):
-                blocks.append({"type": "text", "text": part["text"]})
+                blocks.append(_cache_control(part, {"type": "text", "text": part["text"]}))
         elif kind == "image_url":
-            blocks.append(_image_block(part.get("image_url") or {}))
+            blocks.append(_cache_control(part, _image_block(part.get("image_url") or {})))
         elif kind == "refusal":
             continue  # the assistant's earlier refusal carries no content to resend
         else:
@@ -134,16 +248,17 @@ def _image_block(image_url: Mapping[str, Any]) -> Block:
     return {"type": "image", "source": {"type": "url", "url": url}}
 
 
-def _plain_text(content: Any, *, role: str) -> str:
-    """System and tool content: a string, or text parts joined."""
+def _text_blocks(content: Any, *, role: str) -> list[Block]:
+    """System and tool content: text blocks, cache marks kept."""
     if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
+        return [{"type": "text", "text": content}] if content else []
+    blocks = []
     for part in content:
         if not isinstance(part, Mapping) or part.get("type") != "text":
             raise BadRequest(f"{role} messages may only contain text for an Anthropic upstream")
-        texts.append(part.get("text") or "")
-    return "\n".join(texts)
+        if part.get("text"):
+            blocks.append(_cache_control(part, {"type": "text", "text": part["text"]}))
+    return blocks
 
 
 def _tool_use_block(call: Mapping[str, Any]) -> Block:
@@ -164,10 +279,16 @@ def _tool_use_block(call: Mapping[str, Any]) -> Block:
 
 
 def _tool_result_block(message: Mapping[str, Any]) -> Block:
+    blocks = _text_blocks(message.get("content"), role="tool")
+    content: str | list[Block]
+    if any("cache_control" in block for block in blocks):
+        content = blocks
+    else:
+        content = "\n".join(block["text"] for block in blocks)
     return {
         "type": "tool_result",
         "tool_use_id": message.get("tool_call_id"),
-        "content": _plain_text(message.get("content"), role="tool"),
+        "content": content,
     }
 
 
@@ -183,7 +304,8 @@ def _translate_tool(tool: Mapping[str, Any]) -> Block:
         "type": "object",
         "properties": {},
     }
-    return translated
+    # A cache breakpoint after the tool definitions, where clients put one.
+    return _cache_control(tool, translated)
 
 
 def _translate_tool_choice(choice: Any, parallel_tool_calls: Any) -> Block | None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
-from actors.deltas import Delta
+from actors.deltas import Delta, StreamInfo
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.base import ResponseHead, UpstreamRequest
 from gateway.upstream.sse_decoder import SSEDecoder, SSEEvent
@@ -77,7 +78,7 @@ class EventStreamDecoder(ABC):
     is complete and a trailing keepalive must not turn it into an error.
     """
 
-    __slots__ = ("_sse", "_done")
+    __slots__ = ("_sse", "_done", "_info")
 
     #: How the terminator is named in the truncation error message.
     terminator: str = "its terminator"
@@ -85,6 +86,7 @@ class EventStreamDecoder(ABC):
     def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
         self._sse = SSEDecoder(max_event_bytes=max_event_bytes)
         self._done = False
+        self._info: StreamInfo | None = None
 
     @property
     def done(self) -> bool:
@@ -97,6 +99,8 @@ class EventStreamDecoder(ABC):
         for event in self._sse.feed(data):
             delta = self.handle_event(event)
             if delta is not None:
+                if self._info is not None:
+                    delta, self._info = replace(delta, info=self._info), None
                 deltas.append(delta)
             if self._done:
                 break
@@ -110,6 +114,11 @@ class EventStreamDecoder(ABC):
 
     def finish(self) -> None:
         self._done = True
+
+    def announce(self, info: StreamInfo) -> None:
+        """Carry ``info`` on the next delta: no delta of its own, so sequence
+        numbers count only what the answer says."""
+        self._info = info
 
     @abstractmethod
     def handle_event(self, event: SSEEvent) -> Delta | None:

@@ -15,7 +15,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import (
+    Delta,
+    Logprobs,
+    StreamInfo,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.base import ResponseHead, UpstreamRequest
 from gateway.upstream.providers import wire
@@ -66,8 +74,13 @@ class OpenAIProvider:
 
 
 class OpenAIStreamDecoder(EventStreamDecoder):
-    __slots__ = ()
+    __slots__ = ("_info_seen",)
     terminator = "data: [DONE]"
+
+    def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
+        super().__init__(max_event_bytes=max_event_bytes)
+        # Every chunk repeats the model and fingerprint; the first says it.
+        self._info_seen = False
 
     def handle_event(self, event: SSEEvent) -> Delta | None:
         data = event.data
@@ -84,13 +97,25 @@ class OpenAIStreamDecoder(EventStreamDecoder):
                 message or "upstream reported an error mid-stream",
                 code=code,
             )
+        if not self._info_seen and (info := _stream_info(chunk)) is not None:
+            self._info_seen = True
+            self.announce(info)
         return _delta_from_chunk(chunk)
 
 
+def _stream_info(chunk: wire.JsonObject) -> StreamInfo | None:
+    model = wire.get_str(chunk, "model") or None
+    fingerprint = wire.get_str(chunk, "system_fingerprint") or None
+    if model is None and fingerprint is None:
+        return None
+    return StreamInfo(model=model, system_fingerprint=fingerprint)
+
+
 def _delta_from_chunk(chunk: wire.JsonObject) -> Delta | None:
-    text = reasoning = ""
+    text = reasoning = refusal = ""
     tool_calls: tuple[ToolCallDelta, ...] = ()
     finish_reason: str | None = None
+    logprobs: Logprobs | None = None
     choice = _first_choice(chunk)
     if choice is not None:
         finish_reason = wire.get_str(choice, "finish_reason") or None
@@ -101,9 +126,14 @@ def _delta_from_chunk(chunk: wire.JsonObject) -> Delta | None:
             reasoning = (
                 wire.get_str(delta, "reasoning_content") or wire.get_str(delta, "reasoning") or ""
             )
+            refusal = wire.get_str(delta, "refusal") or ""
             tool_calls = _tool_call_deltas(delta)
+        logprobs = _logprobs(choice)
     usage = _usage(chunk)
-    if not (text or reasoning or tool_calls or finish_reason or usage is not None):
+    if not (
+        text or reasoning or refusal or tool_calls or finish_reason or usage is not None
+        or logprobs is not None
+    ):
         return None  # role-only or empty chunk
     return Delta(
         text=text,
@@ -111,7 +141,65 @@ def _delta_from_chunk(chunk: wire.JsonObject) -> Delta | None:
         tool_calls=tool_calls,
         usage=usage,
         finish_reason=finish_reason,
+        refusal=refusal,
+        logprobs=logprobs,
     )
+
+
+def _logprobs(choice: wire.JsonObject) -> Logprobs | None:
+    """``choice.logprobs`` ("The chat completion chunk object"): per-token
+    entries of the content and of the refusal; None when absent or empty."""
+    raw = wire.get_object(choice, "logprobs")
+    if raw is None:
+        return None
+    content = _token_logprobs(raw, "content")
+    refusal = _token_logprobs(raw, "refusal")
+    if not (content or refusal):
+        return None
+    return Logprobs(content=content, refusal=refusal)
+
+
+def _token_logprobs(raw: wire.JsonObject, key: str) -> tuple[TokenLogprob, ...]:
+    entries = []
+    for entry in wire.get_list(raw, key) or ():
+        if not isinstance(entry, dict):
+            raise UpstreamProtocolError(f"upstream logprobs.{key} entry is not an object")
+        top = []
+        for alternative in wire.get_list(entry, "top_logprobs") or ():
+            if not isinstance(alternative, dict):
+                raise UpstreamProtocolError("upstream top_logprobs entry is not an object")
+            top.append(
+                TopLogprob(
+                    token=wire.get_str(alternative, "token") or "",
+                    logprob=_number(alternative, "logprob"),
+                    bytes=_bytes(alternative),
+                )
+            )
+        entries.append(
+            TokenLogprob(
+                token=wire.get_str(entry, "token") or "",
+                logprob=_number(entry, "logprob"),
+                bytes=_bytes(entry),
+                top_logprobs=tuple(top),
+            )
+        )
+    return tuple(entries)
+
+
+def _number(obj: wire.JsonObject, key: str) -> float:
+    value = obj.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise UpstreamProtocolError(f"upstream field {key!r} is not a number")
+
+
+def _bytes(obj: wire.JsonObject) -> tuple[int, ...] | None:
+    raw = wire.get_list(obj, "bytes")
+    if raw is None:
+        return None
+    if not all(isinstance(b, int) and not isinstance(b, bool) for b in raw):
+        raise UpstreamProtocolError("upstream field 'bytes' is not a list of integers")
+    return tuple(raw)
 
 
 def _first_choice(chunk: wire.JsonObject) -> wire.JsonObject | None:
@@ -150,9 +238,13 @@ def _usage(chunk: wire.JsonObject) -> Usage | None:
     usage = wire.get_object(chunk, "usage")
     if usage is None:
         return None
+    prompt_details = wire.get_object(usage, "prompt_tokens_details") or {}
+    completion_details = wire.get_object(usage, "completion_tokens_details") or {}
     return Usage(
         prompt_tokens=wire.get_int(usage, "prompt_tokens") or 0,
         completion_tokens=wire.get_int(usage, "completion_tokens") or 0,
+        cached_tokens=wire.get_int(prompt_details, "cached_tokens"),
+        reasoning_tokens=wire.get_int(completion_details, "reasoning_tokens"),
     )
 
 

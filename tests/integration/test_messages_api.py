@@ -1,0 +1,367 @@
+"""POST /v1/messages, Anthropic's Messages API, over real sockets: the
+official ``anthropic`` SDK and raw HTTP, exact event sequences, Anthropic-
+shaped errors, and one upstream call for a burst through both APIs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from aiohttp import web
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from gateway.app import running_gateway
+from gateway.config import Settings
+from gateway.sim.content import answer_tokens
+from tests.integration.conftest import FAST_SIM
+from tests.integration.sse_frames import FrameReader, openai_text
+
+
+def expected(prompt: str, tokens: int = FAST_SIM.tokens) -> str:
+    return "".join(answer_tokens([{"role": "user", "content": prompt}], tokens))
+
+
+def message(prompt: str, **extra: object) -> dict[str, object]:
+    return {"model": "sim", "max_tokens": 100, "messages": [{"role": "user", "content": prompt}],
+            **extra}
+
+
+@pytest.fixture
+async def client(gateway):
+    sdk = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="k", max_retries=0)
+    yield sdk
+    await sdk.close()
+
+
+@pytest.mark.parametrize("upstream_format", ["openai", "anthropic"])
+async def test_anthropic_sdk_creates_and_streams(gateway_factory, upstream_format):
+    gateway = await gateway_factory(upstream_format=upstream_format)
+    sdk = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="k", max_retries=0)
+    try:
+        prompt = f"messages via {upstream_format} [sim resolved_model=sim-2025 cached_tokens=1]"
+        whole = await sdk.messages.create(**message(prompt))
+        async with sdk.messages.stream(**message(prompt + "!")) as stream:
+            text = "".join([piece async for piece in stream.text_stream])
+            final = await stream.get_final_message()
+    finally:
+        await sdk.close()
+    assert [(b.type, b.text) for b in whole.content] == [("text", expected(prompt))]
+    assert (whole.model, whole.stop_reason, whole.role) == ("sim-2025", "end_turn", "assistant")
+    assert whole.usage.output_tokens == FAST_SIM.tokens
+    assert whole.usage.cache_read_input_tokens == 1
+    assert text == expected(prompt + "!")
+    assert final.content[0].text == text and final.stop_reason == "end_turn"
+    assert final.model == "sim-2025"
+    assert final.usage.output_tokens == FAST_SIM.tokens
+    paths = {r.path for r in gateway.sim.log.records}
+    assert paths == {"/v1/messages" if upstream_format == "anthropic" else "/v1/chat/completions"}
+
+
+async def test_stream_events_in_anthropic_order(gateway):
+    async with aiohttp.ClientSession() as http, http.post(
+        gateway.v1 + "/messages", json=message("event order", stream=True)
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        frames = await FrameReader(resp).rest()
+    assert frames[0].raw == b": ping\n\n"
+    assert frames[1].comment.startswith("meta ")
+    events = [f.event for f in frames if f.event]
+    assert events == (
+        ["message_start", "content_block_start"]
+        + ["content_block_delta"] * FAST_SIM.tokens
+        + ["content_block_stop", "message_delta", "message_stop"]
+    )
+    by_event = [(f.event, f.json()) for f in frames if f.event]
+    for name, data in by_event:
+        assert data["type"] == name
+    start = by_event[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["model"] == "sim"
+    assert start["id"].startswith("msg_")
+    assert by_event[1][1] == {"type": "content_block_start", "index": 0,
+                              "content_block": {"type": "text", "text": ""}}
+    text = "".join(d["delta"]["text"] for n, d in by_event if n == "content_block_delta")
+    assert text == expected("event order")
+    assert by_event[-3][1] == {"type": "content_block_stop", "index": 0}
+    delta = by_event[-2][1]
+    assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert delta["usage"]["output_tokens"] == FAST_SIM.tokens
+    assert frames[-1].raw == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+async def test_a_burst_through_both_apis_is_one_upstream_call(gateway):
+    prompt = "both apis [sim ttft_ms=150]"
+    chat = {"model": "sim", "max_tokens": 100, "messages": [{"role": "user", "content": prompt}]}
+    async with aiohttp.ClientSession() as http:
+
+        async def via_chat(stream: bool) -> str:
+            async with http.post(gateway.v1 + "/chat/completions",
+                                 json={**chat, "stream": stream}) as r:
+                if stream:
+                    return openai_text(await FrameReader(r).rest())
+                return (await r.json())["choices"][0]["message"]["content"]
+
+        async def via_messages(stream: bool) -> str:
+            async with http.post(gateway.v1 + "/messages",
+                                 json=message(prompt, stream=stream)) as r:
+                if stream:
+                    frames = await FrameReader(r).rest()
+                    return "".join(f.json()["delta"]["text"] for f in frames
+                                   if f.event == "content_block_delta")
+                return (await r.json())["content"][0]["text"]
+
+        burst = [
+            call(stream) for _ in range(5) for call in (via_chat, via_messages)
+            for stream in (True, False)
+        ]
+        texts = await asyncio.gather(*burst)
+    assert texts == [expected(prompt)] * len(burst)
+    assert len(gateway.sim.log.records) == 1
+    stats = gateway.state.registry.statistics()
+    assert (stats.leaders_total, stats.followers_total) == (1, len(burst) - 1)
+
+
+async def test_errors_before_the_200_are_anthropic_shaped(gateway, client):
+    async with aiohttp.ClientSession() as http:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            async with http.post(gateway.v1 + "/messages",
+                                 json={"model": "sim", "messages": []}) as resp:
+                body = await resp.json()
+        assert resp.status == 400
+        assert body == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "'max_tokens' must be a positive integer"}}
+        assert [entry["status"] for entry in logs if entry["event"] == "request"] == [400]
+        async with http.post(gateway.v1 + "/messages", data=b"{not json",
+                             headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+        async with http.get(gateway.v1 + "/messages") as resp:
+            assert resp.status == 405
+            assert (await resp.json())["type"] == "error"
+    with pytest.raises(anthropic.BadRequestError, match="thinking"):
+        await client.messages.create(
+            **message("x"), thinking={"type": "enabled", "budget_tokens": 1024}
+        )
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        await client.messages.create(**message("limited [sim fail_status=429]"))
+    assert caught.value.body["error"]["type"] == "rate_limit_error"
+    # Still serving.
+    answer = await client.messages.create(**message("after errors"))
+    assert answer.content[0].text == expected("after errors")
+
+
+async def test_an_upstream_failure_mid_stream_is_an_error_event(gateway, client):
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        async with client.messages.stream(**message("cut [sim reset_after=2]")) as stream:
+            async for _ in stream:
+                pass
+    assert caught.value.body["type"] == "error"
+    async with aiohttp.ClientSession() as http, http.post(
+        gateway.v1 + "/messages", json=message("cut again [sim reset_after=2]", stream=True)
+    ) as resp:
+        frames = await FrameReader(resp).rest()
+    events = [f.event for f in frames if f.event]
+    assert events[-1] == "error" and "message_stop" not in events
+    error = frames[-1].json()
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+
+
+async def test_keys_require_the_anthropic_header_or_bearer(gateway_factory):
+    gateway = await gateway_factory(gateway_api_keys=("good",))
+    bad = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="bad", max_retries=0)
+    good = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="good", max_retries=0)
+    try:
+        with pytest.raises(anthropic.AuthenticationError) as caught:
+            await bad.messages.create(**message("auth"))
+        assert caught.value.body["error"]["type"] == "authentication_error"
+        assert (await good.messages.create(**message("auth"))).content[0].text == expected("auth")
+    finally:
+        await bad.close()
+        await good.close()
+
+
+async def test_cache_control_and_system_reach_an_anthropic_upstream(gateway_factory):
+    """The same request through both APIs: one key, so one upstream call."""
+    gateway = await gateway_factory(upstream_format="anthropic")
+    system = [{"type": "text", "text": "A long manual.", "cache_control": {"type": "ephemeral"}}]
+    sdk = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="k", max_retries=0)
+    oai = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    prompt = "cached question [sim ttft_ms=150]"
+    try:
+        native, chat = await asyncio.gather(
+            sdk.messages.create(**message(prompt), system=system),
+            oai.chat.completions.create(
+                model="sim", max_tokens=100,
+                messages=[{"role": "system", "content": system},
+                          {"role": "user", "content": prompt}],
+            ),
+        )
+    finally:
+        await sdk.close()
+        await oai.close()
+    assert native.content[0].text == chat.choices[0].message.content
+    (record,) = gateway.sim.log.records
+    assert record.path == "/v1/messages"
+
+
+# -- thinking and tool calls, from a real OpenAI-style peer ----------------------------
+
+_CHUNK = '{"id":"c","object":"chat.completion.chunk","created":1,"model":"real-1",'
+TOOL_ANSWER = "".join(
+    f"data: {_CHUNK}{rest}}}\n\n" for rest in (
+        '"choices":[{"index":0,"delta":{"role":"assistant","reasoning_content":"Think"}}]',
+        '"choices":[{"index":0,"delta":{"reasoning_content":"ing."}}]',
+        '"choices":[{"index":0,"delta":{"content":"Calling."}}]',
+        '"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_A","type":"function",'
+        '"function":{"name":"get_weather","arguments":""}}]}}]',
+        '"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
+        '{"arguments":"{\\"city\\":"}}]}}]',
+        '"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":'
+        '{"arguments":"\\"Paris\\"}"}}]}}]',
+        '"choices":[{"index":0,"delta":{"tool_calls":[{"index":1,"id":"call_B","type":"function",'
+        '"function":{"name":"get_time","arguments":"{}"}}]}}]',
+        '"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]',
+        '"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":20}',
+    )
+) + "data: [DONE]\n\n"  # fmt: skip
+
+
+@pytest.fixture
+async def tool_peer():
+    """A real OpenAI-style server (HTTP/1.1) that answers every request with
+    reasoning, text and two tool calls; counts what it was asked."""
+    asked: list[dict] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        asked.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(TOOL_ANSWER.encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+    async with running_gateway(settings) as (_, url):
+        yield url, asked
+    await runner.cleanup()
+
+
+async def test_thinking_and_tool_calls_become_content_blocks(tool_peer):
+    url, asked = tool_peer
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=message("tools", stream=True)) as resp:
+            frames = await FrameReader(resp).rest()
+        async with http.post(url + "/v1/messages", json=message("tools")) as resp:
+            whole = await resp.json()
+    events = [(f.event, f.json()) for f in frames if f.event]
+    assert [
+        (name, data.get("index"), data.get("content_block") or data.get("delta"))
+        for name, data in events[1:-2]
+    ] == [
+        ("content_block_start", 0, {"type": "thinking", "thinking": "", "signature": ""}),
+        ("content_block_delta", 0, {"type": "thinking_delta", "thinking": "Think"}),
+        ("content_block_delta", 0, {"type": "thinking_delta", "thinking": "ing."}),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, {"type": "text", "text": ""}),
+        ("content_block_delta", 1, {"type": "text_delta", "text": "Calling."}),
+        ("content_block_stop", 1, None),
+        ("content_block_start", 2, {"type": "tool_use", "id": "call_A", "name": "get_weather",
+                                    "input": {}}),
+        ("content_block_delta", 2, {"type": "input_json_delta", "partial_json": '{"city":'}),
+        ("content_block_delta", 2, {"type": "input_json_delta", "partial_json": '"Paris"}'}),
+        ("content_block_stop", 2, None),
+        ("content_block_start", 3, {"type": "tool_use", "id": "call_B", "name": "get_time",
+                                    "input": {}}),
+        ("content_block_delta", 3, {"type": "input_json_delta", "partial_json": "{}"}),
+        ("content_block_stop", 3, None),
+    ]  # fmt: skip
+    assert events[0][1]["message"]["model"] == "real-1"
+    assert events[-2][1] == {
+        "type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"input_tokens": 9, "output_tokens": 20},
+    }  # fmt: skip
+    assert whole["content"] == [
+        {"type": "thinking", "thinking": "Thinking.", "signature": ""},
+        {"type": "text", "text": "Calling."},
+        {"type": "tool_use", "id": "call_A", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "call_B", "name": "get_time", "input": {}},
+    ]
+    assert (whole["model"], whole["stop_reason"]) == ("real-1", "tool_use")
+    assert whole["usage"] == {"input_tokens": 9, "output_tokens": 20}
+    # What the peer was asked: the Messages request read as a chat request.
+    assert asked[0]["messages"] == [{"role": "user", "content": "tools"}]
+    assert asked[0]["max_tokens"] == 100 and asked[0]["stream"] is True
+
+
+async def test_a_tool_conversation_is_translated_for_the_upstream(tool_peer):
+    url, asked = tool_peer
+    body = {
+        "model": "sim", "max_tokens": 50,
+        "system": "Be brief.",
+        "tools": [{"name": "get_weather", "description": "Weather",
+                   "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "stop_sequences": ["END"],
+        "metadata": {"user_id": "u1"},
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "call_A", "name": "get_weather",
+                 "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_A", "content": "Sunny"},
+                {"type": "text", "text": "And so?"}]},
+        ],
+    }  # fmt: skip
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=body) as resp:
+            assert resp.status == 200
+    (chat,) = asked
+    assert chat["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "call_A", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_A", "content": "Sunny"},
+        {"role": "user", "content": "And so?"},
+    ]  # fmt: skip
+    assert chat["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    assert (chat["tool_choice"], chat["parallel_tool_calls"]) == ("required", False)
+    assert (chat["stop"], chat["user"]) == (["END"], "u1")
+
+
+async def test_an_explicit_cancel_closes_the_block_and_says_cancelled(gateway):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.v1 + "/messages",
+            json=message("cancel me [sim itl_ms=30 tokens=300]", stream=True),
+        ) as resp:
+            request_id = resp.headers["X-Request-Id"]
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and (
+                frame.event != "content_block_delta"
+            ):
+                pass
+            async with http.post(gateway.v1 + f"/requests/{request_id}/cancel") as cancel:
+                assert cancel.status == 202
+            frames = await reader.rest()
+    events = [f.event for f in frames if f.event]
+    assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert frames[-2].json()["delta"]["stop_reason"] == "cancelled"
+    (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
+    assert record.tokens_sent < 300

@@ -1,0 +1,206 @@
+"""What the official OpenAI SDK sees besides the text: the resolved model,
+the fingerprint, log probabilities, refusals and usage details, relayed from
+the upstream streaming and not, and the model list."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from aiohttp import web
+
+from gateway.app import running_gateway
+from gateway.config import Settings
+from gateway.sim.app import MODELS
+from gateway.sim.content import answer_tokens
+from gateway.sim.formats import token_logprob
+from tests.integration.conftest import FAST_SIM
+
+EXTRAS = (
+    "[sim resolved_model=gpt-real-2025 fingerprint=fp_sim logprobs=1 cached_tokens=3"
+    " reasoning_tokens=2]"
+)
+
+
+def tokens(prompt: str) -> list[str]:
+    return answer_tokens([{"role": "user", "content": prompt}], FAST_SIM.tokens)
+
+
+@pytest.fixture
+async def client(gateway):
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    yield sdk
+    await sdk.close()
+
+
+async def test_stream_relays_model_fingerprint_logprobs_and_usage_details(client):
+    prompt = "extras " + EXTRAS
+    stream = await client.chat.completions.create(
+        model="gpt-real", messages=[{"role": "user", "content": prompt}], stream=True,
+        logprobs=True, stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert {c.model for c in chunks} == {"gpt-real-2025"}
+    assert {c.system_fingerprint for c in chunks} == {"fp_sim"}
+    logprobs = [
+        entry for c in chunks if c.choices and c.choices[0].logprobs
+        for entry in c.choices[0].logprobs.content
+    ]
+    assert [e.model_dump() for e in logprobs] == [token_logprob(t) for t in tokens(prompt)]
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == 3
+    assert usage.completion_tokens_details.reasoning_tokens == 2
+
+
+async def test_completion_relays_model_fingerprint_logprobs_and_usage_details(client):
+    prompt = "whole extras " + EXTRAS
+    completion = await client.chat.completions.create(
+        model="gpt-real", messages=[{"role": "user", "content": prompt}], logprobs=True,
+    )
+    assert completion.model == "gpt-real-2025"
+    assert completion.system_fingerprint == "fp_sim"
+    choice = completion.choices[0]
+    assert choice.message.content == "".join(tokens(prompt))
+    assert [e.model_dump() for e in choice.logprobs.content] == [
+        token_logprob(t) for t in tokens(prompt)
+    ]
+    assert choice.logprobs.refusal is None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 3
+    assert completion.usage.completion_tokens_details.reasoning_tokens == 2
+
+
+async def test_without_details_none_are_made_up(client):
+    completion = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "plain"}],
+    )
+    assert completion.model == "sim"
+    assert completion.system_fingerprint is None
+    assert completion.choices[0].logprobs is None
+    assert completion.usage.prompt_tokens_details is None
+    assert completion.usage.completion_tokens_details is None
+
+
+async def test_a_refusal_is_relayed_streaming_and_not(client):
+    prompt = "refuse [sim refusal=1]"
+    stream = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": prompt}], stream=True,
+    )
+    chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.refusal or "" for d in deltas) == "".join(tokens(prompt))
+    assert all(not d.content for d in deltas)
+    completion = await client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": prompt}],
+    )
+    message = completion.choices[0].message
+    assert (message.content, message.refusal) == (None, "".join(tokens(prompt)))
+
+
+async def test_anthropic_upstream_model_and_cache_reads_are_relayed(gateway_factory):
+    gateway = await gateway_factory(upstream_format="anthropic")
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    try:
+        completion = await sdk.chat.completions.create(
+            model="claude-x",
+            messages=[{"role": "user",
+                       "content": "cached [sim resolved_model=claude-x-1 cached_tokens=2]"}],
+        )
+    finally:
+        await sdk.close()
+    assert completion.model == "claude-x-1"
+    assert completion.usage.prompt_tokens_details.cached_tokens == 2
+
+
+# -- models -----------------------------------------------------------------------
+
+
+async def test_models_keep_the_upstreams_created_and_owner(client):
+    page = await client.models.list()
+    assert [(m.id, m.created, m.owned_by) for m in page.data] == [
+        (m["id"], m["created"], m["owned_by"]) for m in MODELS
+    ]
+
+
+async def test_models_retrieve_by_id_and_404_for_an_unknown_one(client, gateway):
+    for listed in MODELS:
+        retrieved = await client.models.retrieve(listed["id"])
+        assert retrieved.model_dump(exclude_none=True) == listed
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.models.retrieve("no-such-model")
+    assert caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
+    assert "no-such-model" in caught.value.message
+    # The gateway keeps serving.
+    assert (await client.models.retrieve("sim-1")).id == "sim-1"
+
+
+async def test_anthropic_models_are_listed_in_openai_shape(gateway_factory):
+    gateway = await gateway_factory(upstream_format="anthropic")
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    try:
+        page = await sdk.models.list()
+        retrieved = await sdk.models.retrieve("sim-org/sim-2")
+    finally:
+        await sdk.close()
+    # Anthropic names no owner and dates models in RFC 3339.
+    assert [(m.id, m.created, m.owned_by) for m in page.data] == [
+        (m["id"], m["created"], "anthropic") for m in MODELS
+    ]
+    assert (retrieved.id, retrieved.created) == ("sim-org/sim-2", MODELS[1]["created"])
+
+
+# -- an Anthropic upstream: translated or refused, never dropped ---------------------
+
+
+async def test_anthropic_upstream_refuses_a_seed_and_takes_a_schema(gateway_factory):
+    gateway = await gateway_factory(upstream_format="anthropic")
+    sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
+    messages = [{"role": "user", "content": "structured"}]
+    try:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await sdk.chat.completions.create(model="m", messages=messages, seed=7)
+        assert caught.value.code == "unsupported_parameter"
+        assert "'seed'" in caught.value.message
+        with pytest.raises(openai.BadRequestError, match="json_object"):
+            await sdk.chat.completions.create(
+                model="m", messages=messages, response_format={"type": "json_object"}
+            )
+        completion = await sdk.chat.completions.create(
+            model="m", messages=messages,
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "a", "schema": {"type": "object", "additionalProperties": False}}},
+        )
+    finally:
+        await sdk.close()
+    assert completion.choices[0].message.content == "".join(tokens("structured"))
+    # The refused requests never reached the upstream.
+    assert len(gateway.sim.log.records) == 1
+
+
+async def test_a_server_without_model_urls_is_answered_from_its_list():
+    """vLLM-style servers list models but have no /models/{id}: the gateway
+    finds the model in the list instead."""
+    listed = {"id": "meta/llama-3", "object": "model", "created": 1715000000, "owned_by": "vllm"}
+
+    async def list_models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [listed]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", list_models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+    try:
+        async with running_gateway(settings) as (_, url):
+            sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+            try:
+                retrieved = await sdk.models.retrieve("meta/llama-3")
+                with pytest.raises(openai.NotFoundError) as caught:
+                    await sdk.models.retrieve("meta/other")
+            finally:
+                await sdk.close()
+    finally:
+        await runner.cleanup()
+    assert retrieved.model_dump(exclude_none=True) == listed
+    assert caught.value.code == "model_not_found"
