@@ -346,9 +346,11 @@ class H2ClientProtocol:
     def _on_data(self, stream_id: int, data: bytes, flow_length: int, events: list[Event]) -> None:
         stream = self._streams.get(stream_id)
         if stream is None or not data:
-            # A stream already let go, or nothing to read (an empty or
-            # padding-only frame): h2 counted the frame against our windows,
-            # so its credit goes back now, or the connection window leaks.
+            # Nothing anyone will read: an empty or padding-only frame (legal,
+            # and not the end of the body). h2 counted it against our
+            # windows, so its credit goes back now, or the connection window
+            # leaks. (DATA for a stream h2 has closed -- one we reset --
+            # never gets here: h2 credits it itself.)
             self._h2.acknowledge_received_data(flow_length, stream_id)
             return
         if flow_length > len(data):
