@@ -332,3 +332,29 @@ async def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(sim_factory, 
     assert decoded_text(await read_all(stream)) == expected_text("second waiter", 16)
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_streams_spread_over_the_connections_so_a_loss_takes_only_a_share(fast_sim, pools):
+    """40 streams with max_connections=4 go to the connection carrying the
+    fewest, a new one opening in the background while every one carries
+    some: 4 connections share them. A connection killed under them fails
+    its own streams only."""
+    pool = pools(fast_sim, max_connections=4)
+    waiting = []
+    for i in range(40):
+        waiting.append(await pool.open(chat_request(f"spread {i}", ttft_ms=60_000)))
+        await fast_sim.log.wait_for_arrivals(i + 1)
+    assert pool.connection_count() == 4
+    per_connection: dict[int, int] = {}
+    for record in fast_sim.log.records:
+        per_connection[record.connection_id] = per_connection.get(record.connection_id, 0) + 1
+    assert len(per_connection) == 4 and max(per_connection.values()) <= 20, per_connection
+    victim = await pool.open(chat_request("victim", ttft_ms=0, itl_ms=1, tokens=50, kill_after=2))
+    victims_connection = (await fast_sim.log.wait_for_arrivals(41))[-1].connection_id
+    with pytest.raises(ConnectionLost):
+        await read_all(victim)
+    lost = [stream for stream in waiting if isinstance(stream.error, ConnectionLost)]
+    assert len(lost) == per_connection[victims_connection] < 20
+    assert all(stream.error is None for stream in waiting if stream not in lost)
+    for stream in waiting:
+        stream.reset()
