@@ -44,7 +44,8 @@ MAX_ERROR_BODY = 64 * 1024
 
 
 class UpstreamSource:
-    # Slots: every open stream holds one (tests/perf/PROFILES.md, memory).
+    # Slots: every open stream holds one, and an instance dict would cost
+    # each idle stream ~100 bytes more.
     __slots__ = (
         "_transport",
         "_provider",
@@ -75,7 +76,7 @@ class UpstreamSource:
         request: UpstreamRequest,
         *,
         timeouts: SourceTimeouts,
-        deadlines: Deadlines | None = None,
+        deadlines: Deadlines,
         on_status: Callable[[str], None] = lambda status: None,
     ) -> None:
         self._transport = transport
@@ -104,11 +105,11 @@ class UpstreamSource:
         self._eof = False
         self._reset = False
         # The read deadline, kept by one lazily moved watchdog (__anext__)
-        # in the deadlines the gateway's sources share (one loop timer for
-        # them all), or in ones of its own.
+        # in the deadlines the gateway's sources share: one loop timer for
+        # them all, owned by the app.
         self._read_started = 0.0
         self._reading = False
-        self._deadlines = Deadlines() if deadlines is None else deadlines
+        self._deadlines = deadlines
         self._watchdog: Deadline | None = None
         self._timed_out = False
 
@@ -323,7 +324,7 @@ def source_opener(
     request: UpstreamRequest,
     *,
     timeouts: SourceTimeouts,
-    deadlines: Deadlines | None = None,
+    deadlines: Deadlines,
     on_status: Callable[[str], None] = lambda status: None,
 ) -> Callable[[], Awaitable[UpstreamSource]]:
     """The ``open_source`` callable the registry's actor calls after admission."""

@@ -15,6 +15,7 @@ import pytest
 from gateway.errors import UpstreamTimeout
 from gateway.sim.profile import SimProfile
 from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.providers import get_provider
 from gateway.upstream.source import SourceTimeouts, UpstreamSource
@@ -40,7 +41,10 @@ async def pool(sim_factory):
 
 
 async def started(pool: H2Pool, prompt: str, timeouts: SourceTimeouts) -> UpstreamSource:
-    source = UpstreamSource(pool, get_provider("openai"), chat(prompt), timeouts=timeouts)
+    # Deadlines of its own (the gateway shares one among all its sources).
+    source = UpstreamSource(
+        pool, get_provider("openai"), chat(prompt), timeouts=timeouts, deadlines=Deadlines()
+    )
     await source.start()
     return source
 
@@ -135,6 +139,7 @@ def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
     async def main() -> None:
         async with quiet_h2_peer(first_data=None) as peer:
             quiet_pool = h2_pool(f"http://127.0.0.1:{peer.port}")
+            shared = Deadlines()
             try:
                 # Deadlines 0.5 ms apart over 20 ms: many fall where uvloop's
                 # rounding fires the timer early.
@@ -144,6 +149,7 @@ def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
                         get_provider("openai"),
                         chat(f"watched {i}"),
                         timeouts=SourceTimeouts(0.05 + i / 2_000, 30.0),
+                        deadlines=shared,
                     )
                     for i in range(40)
                 ]
@@ -157,6 +163,7 @@ def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
                 async with asyncio.timeout(10):
                     await asyncio.gather(*(times_out(source) for source in sources))
             finally:
+                shared.close()
                 await quiet_pool.aclose()
 
     uvloop.run(main())
