@@ -60,6 +60,7 @@ def transport_options(settings: Settings) -> TransportOptions:
         wait_timeout=settings.upstream_first_token_timeout_ms / 1000,
         ping_interval=settings.upstream_ping_interval_s,
         ping_timeout=settings.upstream_ping_timeout_s,
+        max_streams_per_connection=settings.upstream_max_streams_per_connection,
     )
 
 

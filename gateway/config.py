@@ -48,6 +48,10 @@ class Settings:
     #: peer is found within 15 s, half the idle timeout.
     upstream_ping_interval_s: float = 10.0
     upstream_ping_timeout_s: float = 5.0
+    #: Streams one HTTP/2 connection opens before a fresh one takes over
+    #: (not read from the environment): below the 1,000 requests at which
+    #: hypercorn and nginx end a connection.
+    upstream_max_streams_per_connection: int = 500
     coalesce_enabled: bool = True
     stream_fanout_enabled: bool = True
     coalesce_scope: str = "key"

@@ -38,6 +38,8 @@ class TransportOptions:
     ping_interval: float | None
     #: ...and the connection counts as lost after this long without an answer.
     ping_timeout: float
+    #: HTTP/2: streams one connection opens before the next one takes over.
+    max_streams_per_connection: int | None
     #: For tests against a local TLS endpoint: a CA bundle to trust.
     cafile: str | None = None
 
@@ -57,6 +59,7 @@ def make_transport(origin: Origin, protocol: str, options: TransportOptions) -> 
             slot_timeout=options.wait_timeout,
             ping_interval=options.ping_interval,
             ping_timeout=options.ping_timeout,
+            max_streams_per_connection=options.max_streams_per_connection,
             ssl_context=context,
         )
 

@@ -3,11 +3,17 @@
 Each request is answered with ``tokens`` chat-completion chunks ("t0 ",
 "t1 ", ...) and ``data: [DONE]``. Two kinds of misbehaviour:
 
-- ``goaway_after=N``: like hypercorn (and nginx's ``keepalive_requests``), a
-  connection serves N requests. At the arrival of request N + 1 it sends
-  GOAWAY with the Nth stream as last-stream-id, so that request and any
-  after it are above it and never answered (RFC 9113 §6.8); once its first
-  N answers are done it closes the connection.
+- ``refuse_first=K``: the first K requests get RST_STREAM(REFUSED_STREAM)
+  (RFC 9113 §8.7), unprocessed.
+- ``goaway_after=N``: a connection serves N requests (nginx's
+  ``keepalive_requests``, hypercorn's ``keep_alive_max_requests``). At the
+  arrival of request N + 1 it sends GOAWAY. ``goaway_style="rfc"``: with the
+  Nth stream as last-stream-id, so that request and any after it are above
+  it and never answered (RFC 9113 §6.8); once its first N answers are done
+  it closes the connection. ``goaway_style="hypercorn"``: as hypercorn does,
+  through h2's ``close_connection()``, whose last-stream-id covers every
+  request received, and with h2's state closed the answers in flight are
+  dropped: the connection closes under them.
 - ``fault``: after ``tokens_before_fault`` chunks of an answer, and once the
   test sets ``go``, the connection ``kill``s (TCP abort), sends a GOAWAY with
   an error code and closes (``goaway_error``), breaks the protocol (a
@@ -55,6 +61,8 @@ class FaultyPeer:
     goaways: int = 0
     #: Requests above a GOAWAY's last-stream-id: never answered.
     unanswered: int = 0
+    #: Requests refused with RST_STREAM(REFUSED_STREAM).
+    refused: int = 0
     #: Set when a fault has happened.
     faulted: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -63,7 +71,10 @@ class FaultyPeer:
 async def faulty_h2_peer(
     *,
     tokens: int = 5,
+    token_gap_s: float = 0.001,
+    refuse_first: int = 0,
     goaway_after: int | None = None,
+    goaway_style: Literal["rfc", "hypercorn"] = "rfc",
     fault: Fault | None = None,
     tokens_before_fault: int = 2,
     wait_for_go: bool = False,
@@ -115,7 +126,7 @@ async def faulty_h2_peer(
                     return
                 conn.send_data(stream_id, chunk(f"t{i} "))
                 flush()
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(token_gap_s)
             conn.send_data(stream_id, b"data: [DONE]\n\n", end_stream=True)
             flush()
 
@@ -141,6 +152,16 @@ async def faulty_h2_peer(
                     if last_id is not None:
                         peer.unanswered += 1
                         continue
+                    if peer.refused < refuse_first:
+                        peer.refused += 1
+                        conn.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+                        continue
+                    if goaway_after is not None and served == goaway_after and goaway_style == "hypercorn":
+                        conn.close_connection()
+                        flush()
+                        peer.goaways += 1
+                        stopped.set()
+                        break
                     if goaway_after is not None and served == goaway_after:
                         # This request arrived after the connection's quota:
                         # GOAWAY names the last one served, below it.

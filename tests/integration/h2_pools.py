@@ -18,6 +18,7 @@ def h2_pool(url: str, **overrides: Any) -> H2Pool:
         "slot_timeout": options.wait_timeout,
         "ping_interval": options.ping_interval,
         "ping_timeout": options.ping_timeout,
+        "max_streams_per_connection": options.max_streams_per_connection,
     }
     settings.update(overrides)
     return H2Pool(Origin.parse(url), **settings)

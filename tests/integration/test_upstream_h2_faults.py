@@ -1,12 +1,15 @@
 """The gateway in front of an HTTP/2 upstream that misbehaves on purpose
 (tests/integration/faulty_h2_peer.py), over real sockets: GOAWAY after N
-requests costs no request; a connection lost, a GOAWAY with an error code,
+requests costs no request, whether the peer ends its connections as RFC
+9113 §6.8 says or as hypercorn does; REFUSED_STREAM is sent again; a
+connection lost, a GOAWAY with an error code,
 a protocol error or a dead peer ends every coalesced subscriber with the
 in-stream error, never with [DONE]."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +21,11 @@ import pytest
 from gateway.app import running_gateway
 from gateway.config import Settings
 from gateway.state import STATE, GatewayState
+from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.errors import ConnectionLost
+from gateway.upstream.h2.stream import H2ResponseStream
 from tests.integration.faulty_h2_peer import FaultyPeer, answer_text, faulty_h2_peer
+from tests.integration.h2_pools import h2_pool
 from tests.integration.sse_frames import Frame, FrameReader, openai_text
 
 DONE = b"data: [DONE]\n\n"
@@ -26,6 +33,18 @@ DONE = b"data: [DONE]\n\n"
 
 def chat(prompt: str) -> dict[str, object]:
     return {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": True}
+
+
+def request(prompt: str) -> UpstreamRequest:
+    body = json.dumps(chat(prompt)).encode()
+    return UpstreamRequest("POST", "/v1/chat/completions", (("content-type", "application/json"),), body)
+
+
+async def read_all(stream: H2ResponseStream) -> bytes:
+    parts = []
+    while data := await stream.read():
+        parts.append(data)
+    return b"".join(parts)
 
 
 @asynccontextmanager
@@ -71,6 +90,69 @@ async def test_goaway_after_every_50_requests_fails_no_request():
     # refused request was answered after all.
     assert peer.unanswered >= peer.goaways
     assert peer.requests == 600 + peer.unanswered
+
+
+async def test_no_connection_reaches_a_hypercorn_style_request_limit():
+    """An upstream that, like hypercorn, drops the answers in flight when a
+    connection passes its request quota (50 here, 1,000 in hypercorn): the
+    client opens at most 40 streams on a connection
+    (upstream_max_streams_per_connection, 500 by default), so no connection
+    ever reaches the quota, and 600 requests, 30 at a time, all complete."""
+    peer_with_quota = faulty_h2_peer(goaway_after=50, goaway_style="hypercorn")
+    async with peer_with_quota as peer, gateway_on(peer, upstream_max_streams_per_connection=40) as (_, v1):
+        results: list[tuple[int, str, bytes]] = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+            async def client(number: int) -> None:
+                for request in range(20):
+                    async with http.post(v1 + "/chat/completions", json=chat(f"c{number} r{request}")) as r:
+                        frames = await FrameReader(r).rest()
+                    results.append((r.status, openai_text(frames), frames[-1].raw))
+
+            await asyncio.gather(*(client(number) for number in range(30)))
+    failures = [result for result in results if result != (200, answer_text(5), DONE)]
+    print(f"{peer.connections} connections, {len(failures)} failures")
+    assert len(results) == 600 and failures == []
+    assert peer.goaways == 0 and peer.requests == 600
+    assert peer.connections >= 600 // 40
+
+
+async def test_a_hypercorn_style_quota_drops_the_streams_in_flight():
+    """What the cap avoids: at its quota such a peer closes the connection
+    under the streams in flight, all at or below its GOAWAY's last-stream-id
+    (so possibly processed, and not sent again): each fails as a lost
+    connection. With the cap at the quota, the next stream goes to a new
+    connection and every stream completes."""
+    for cap, expected in ((None, ["lost"] * 6), (5, ["ok"] * 6)):
+        async with faulty_h2_peer(goaway_after=5, goaway_style="hypercorn", token_gap_s=0.05) as peer:
+            pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1,
+                           max_streams_per_connection=cap)
+            try:
+                streams = [await pool.open(request(f"in flight {i}")) for i in range(6)]
+                outcomes = []
+                for stream in streams:
+                    try:
+                        await read_all(stream)
+                        outcomes.append("ok")
+                    except ConnectionLost:
+                        outcomes.append("lost")
+            finally:
+                await pool.aclose()
+        assert outcomes == expected, cap
+        assert peer.goaways == (1 if cap is None else 0)
+
+
+async def test_refused_streams_are_sent_again_and_answered():
+    """The upstream refuses the first two sends of a request with
+    RST_STREAM(REFUSED_STREAM) (RFC 9113 §8.7: not processed): the client
+    sends it again, and the third send is answered in full."""
+    async with faulty_h2_peer(refuse_first=2) as peer, gateway_on(peer) as (_, v1):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(v1 + "/chat/completions", json=chat("refused twice")) as response:
+                frames = await FrameReader(response).rest()
+    assert response.status == 200
+    assert openai_text(frames) == answer_text(5) and frames[-1].raw == DONE
+    assert peer.refused == 2 and peer.requests == 3
 
 
 async def first_tokens(http: aiohttp.ClientSession, v1: str, prompt: str, text: str) -> FrameReader:

@@ -390,3 +390,22 @@ def test_window_updates_wake_body_senders(core) -> None:
     assert core.receive(window_update(stream_id, 10), now=1.0) == [WindowOpened(stream_id)]
     assert core.receive(window_update(0, 10), now=1.0) == [WindowOpened(0)]
 
+
+
+def test_past_max_streams_the_connection_takes_no_more_and_closes_when_drained(peer) -> None:
+    """A connection that has opened max_streams streams takes no new one;
+    once they have ended it closes politely, like one after a GOAWAY."""
+    core = H2ClientProtocol(
+        authority="upstream.test", scheme="http", ping_interval=None, ping_timeout=5.0, max_streams=2
+    )
+    core.initiate(now=0.0)
+    core.receive(SettingsFrame(0).serialize(), now=0.0)
+    core.data_to_send()
+    first, second = open_streams(core, 2)
+    assert core.is_draining and not core.is_usable
+    with pytest.raises(StreamRefused):
+        core.start_request(REQUEST)
+    core.receive(peer.headers(first, end_stream=True), now=1.0)
+    events = core.receive(peer.headers(second, end_stream=True), now=1.0)
+    assert events[-1] == ConnectionEnded(None)
+    assert core.data_to_send().endswith(goaway(0))

@@ -48,6 +48,7 @@ class H2ClientConnection(asyncio.Protocol):
         scheme: str,
         ping_interval: float | None,
         ping_timeout: float,
+        max_streams: int | None = None,
         on_capacity: Callable[[], None] = lambda: None,
         connection_window: int = CONNECTION_WINDOW,
     ) -> None:
@@ -56,6 +57,7 @@ class H2ClientConnection(asyncio.Protocol):
             scheme=scheme,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            max_streams=max_streams,
             connection_window=connection_window,
         )
         # Called when a stream slot frees up or the connection's state

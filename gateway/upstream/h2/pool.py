@@ -8,8 +8,13 @@ and losing one connection does not fail every stream. When no slot is free
 anywhere, openers wait, woken in arrival order (a woken opener can still
 lose the slot to a newcomer and waits again).
 
-A connection that received GOAWAY takes no new stream and does not count
-against ``max_connections`` while it finishes the streams it has. A stream
+A connection that received GOAWAY, or has opened
+``max_streams_per_connection`` streams, takes no new stream and does not
+count against ``max_connections`` while it finishes the streams it has. The
+cap keeps the client below the per-connection request limit of servers that
+end a connection abruptly when it is reached: hypercorn, at 1,000 requests,
+sends GOAWAY with its h2 state machine closed and drops the responses still
+in flight. A stream
 it refused (above the GOAWAY's last-stream-id, §6.8), or that the peer
 refused with REFUSED_STREAM (§8.7), is sent again here, on a connection
 that takes it: the consumer of the stream does not see the refusal.
@@ -55,6 +60,7 @@ class H2Pool:
         slot_timeout: float,
         ping_interval: float | None,
         ping_timeout: float,
+        max_streams_per_connection: int | None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if origin.is_tls and ssl_context is None:
@@ -65,6 +71,7 @@ class H2Pool:
         self._slot_timeout = slot_timeout
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
+        self._max_streams_per_connection = max_streams_per_connection
         self._ssl_context = ssl_context if origin.is_tls else None
         self._connections: list[H2ClientConnection] = []
         self._connecting: asyncio.Task[H2ClientConnection] | None = None
@@ -198,6 +205,7 @@ class H2Pool:
             scheme=self._origin.scheme,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
+            max_streams=self._max_streams_per_connection,
             on_capacity=self._on_capacity,
         )
 

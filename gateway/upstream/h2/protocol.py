@@ -15,6 +15,9 @@ What the core owns, on top of h2's state machine:
 - GOAWAY (RFC 9113 §6.8): no new stream afterwards; streams above the
   last-stream-id fail as refused, so they can be sent again elsewhere; the
   connection closes once the rest have finished;
+- a cap on the streams one connection opens in its life (``max_streams``):
+  past it the connection takes no more and closes once its streams have
+  ended, before a server's own per-connection request limit is reached;
 - liveness: after ``ping_interval`` seconds without a frame from the peer a
   PING goes out (§6.7), and without any frame ``ping_timeout`` seconds
   later the connection is declared lost, failing its streams well before
@@ -95,6 +98,7 @@ class H2ClientProtocol:
         scheme: str,
         ping_interval: float | None,
         ping_timeout: float,
+        max_streams: int | None = None,
         connection_window: int = CONNECTION_WINDOW,
     ) -> None:
         self._h2 = client_state_machine()
@@ -113,8 +117,11 @@ class H2ClientProtocol:
         self._closed = False
         # The lowest last-stream-id of the GOAWAYs received, if any.
         self._goaway_last: int | None = None
-        # Set when h2 refuses to open another stream (ids exhausted, §5.1.1).
+        # Set when h2 refuses to open another stream (ids exhausted, §5.1.1),
+        # or when ``max_streams`` have been opened.
         self._exhausted = False
+        self._max_streams = max_streams
+        self._opened = 0
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._ping_ids = itertools.count(1)
@@ -244,6 +251,9 @@ class H2ClientProtocol:
             raise StreamRefused(f"connection cannot open a stream: {exc}") from exc
         self._streams[stream_id] = _Stream()
         self._active += 1
+        self._opened += 1
+        if self._max_streams is not None and self._opened >= self._max_streams:
+            self._exhausted = True
         return stream_id
 
     def can_send(self, stream_id: int) -> bool:
