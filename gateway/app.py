@@ -51,6 +51,28 @@ def make_app(settings: Settings) -> web.Application:
     return app
 
 
+def transport_options(settings: Settings) -> TransportOptions:
+    """The transports' options from the settings. A stream slot (HTTP/2) or
+    a response head (HTTP/1.1) is waited for as long as a first token may
+    take: that wait ends before the source's first-token deadline starts to
+    be checked, so the two never race."""
+    return TransportOptions(
+        max_connections=settings.upstream_max_connections,
+        connect_timeout=settings.upstream_connect_timeout_ms / 1000,
+        wait_timeout=settings.upstream_first_token_timeout_ms / 1000,
+        ping_interval=settings.upstream_ping_interval_s,
+        ping_timeout=settings.upstream_ping_timeout_s,
+        max_streams_per_connection=settings.upstream_max_streams_per_connection,
+    )
+
+
+def source_timeouts(settings: Settings) -> SourceTimeouts:
+    return SourceTimeouts(
+        first_token_s=settings.upstream_first_token_timeout_ms / 1000,
+        idle_s=settings.upstream_idle_timeout_ms / 1000,
+    )
+
+
 def _remember_failure(exc: BaseException) -> bool:
     # The error TTL is for the upstream's failures. Our own overload (a queue
     # timeout) and our own shutdown are not facts about the prompt.
@@ -73,18 +95,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         else:
             upstream_url, protocol = settings.upstream_url, settings.upstream_protocol
         origin = Origin.parse(upstream_url)
-        transport = make_transport(
-            origin,
-            protocol,
-            TransportOptions(
-                max_connections=settings.upstream_max_connections,
-                connect_timeout=settings.upstream_connect_timeout_ms / 1000,
-                first_byte_timeout=settings.upstream_first_token_timeout_ms / 1000,
-                # Idle gaps are timed by the source, which knows a token from
-                # a role chunk or a keepalive (gateway/upstream/source.py).
-                idle_timeout=None,
-            ),
-        )
+        transport = make_transport(origin, protocol, transport_options(settings))
         stack.push_async_callback(transport.aclose)
         # Closed after the registry, which resets every source still open.
         deadlines = Deadlines()
@@ -119,10 +130,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             # of /readyz, the start-up line and the logs.
             upstream_url=origin.base_url + origin.base_path,
             keepalive=keepalive,
-            source_timeouts=SourceTimeouts(
-                first_token_s=settings.upstream_first_token_timeout_ms / 1000,
-                idle_s=settings.upstream_idle_timeout_ms / 1000,
-            ),
+            source_timeouts=source_timeouts(settings),
             deadlines=deadlines,
         )
         app[STATE] = state

@@ -42,6 +42,16 @@ class Settings:
     upstream_connect_timeout_ms: int = 5000
     upstream_first_token_timeout_ms: int = 60000
     upstream_idle_timeout_ms: int = 30000
+    #: HTTP/2 liveness, not read from the environment: a PING after this long
+    #: without a frame from the upstream, and the connection (with its
+    #: streams) counted lost when no frame follows within the timeout. A dead
+    #: peer is found within 15 s, half the idle timeout.
+    upstream_ping_interval_s: float = 10.0
+    upstream_ping_timeout_s: float = 5.0
+    #: Streams one HTTP/2 connection opens before a fresh one takes over
+    #: (not read from the environment): below the 1,000 requests at which
+    #: hypercorn and nginx end a connection.
+    upstream_max_streams_per_connection: int = 500
     coalesce_enabled: bool = True
     stream_fanout_enabled: bool = True
     coalesce_scope: str = "key"

@@ -1,6 +1,8 @@
 """The gateway's error hierarchy: one module, translated at the boundaries.
 
 Lower layers raise these (with ``raise ... from exc`` so the cause survives);
+the upstream transports have their own errors, by cause and without HTTP
+statuses (``gateway.upstream.errors``), which the source translates here;
 the HTTP face turns any of them into the OpenAI error shape
 ``{"error": {"message", "type", "code"}}`` with ``status``, or into the
 in-stream error of its API once the 200 has gone out. Messages never carry
@@ -146,7 +148,8 @@ class UpstreamConnectionLost(UpstreamError):
 
 class UpstreamStreamRefused(UpstreamError):
     """The stream never reached the provider's application (REFUSED_STREAM, or
-    above a GOAWAY's last_stream_id; RFC 9113 §6.8): safe to send again."""
+    above a GOAWAY's last_stream_id; RFC 9113 §6.8), and the HTTP/2 pool's
+    own attempts to send it again were refused too."""
 
     code = "upstream_stream_refused"
     retryable = True
@@ -179,12 +182,6 @@ class UpstreamTimeout(UpstreamError):
     type = "timeout_error"
     code = "upstream_timeout"
     retryable = True
-
-
-class UpstreamFirstByteTimeout(UpstreamTimeout):
-    """A response head, then no body within the first-byte timeout: the
-    source words it as its own first-token timeout, set from the same
-    moment (gateway/upstream/source.py)."""
 
 
 class UpstreamStatusError(UpstreamError):

@@ -19,7 +19,7 @@ from gateway.sse import dumps
 from gateway.state import RECORD, STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.origin import Origin
-from gateway.upstream.source import read_bounded
+from gateway.upstream.source import fetch
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 #: A model list is small; a body past this is not one.
@@ -102,14 +102,11 @@ async def _upstream_get(state: GatewayState, path: str) -> tuple[int, bytes]:
     ).headers
     wanted = tuple((k, v) for k, v in headers if k in ("authorization", "x-api-key",
                                                        "anthropic-version"))
-    stream = await state.transport.open(
-        UpstreamRequest("GET", state.base_path + path, wanted + (("accept", "application/json"),))
+    head, body = await fetch(
+        state.transport,
+        UpstreamRequest("GET", state.base_path + path, wanted + (("accept", "application/json"),)),
+        MAX_MODELS_BODY,
     )
-    try:
-        head = await stream.head()
-        body = await read_bounded(stream, MAX_MODELS_BODY)
-    finally:
-        stream.release()
     if head.status not in (200, 404):
         raise state.provider.error_from_response(head, body)
     return head.status, body

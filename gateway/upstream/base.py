@@ -3,11 +3,13 @@
 A transport opens one request and hands back a ``ResponseStream`` as soon as
 the request is on the wire, before any answer: that is what lets the caller
 reset it synchronously from the first moment (RFC 9113 §5.4.2, RST_STREAM).
+Transports raise ``gateway.upstream.errors.TransportError``s only, and time
+only their own waits (connecting, a free stream slot); how long an answer
+may take is the caller's to decide (``gateway.upstream.source``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,18 +44,17 @@ class ResponseStream(Protocol):
     """One request in flight: its head, its body, and a synchronous reset."""
 
     async def head(self) -> ResponseHead:
-        """Wait for the status line and headers (first-byte timeout applies).
-        Once per stream: a stream need not keep the head after handing it
-        over (every open stream would hold the headers)."""
+        """Wait for the status line and headers. Once per stream: a stream
+        need not keep the head after handing it over (every open stream
+        would hold the headers)."""
         ...
 
-    def read(self) -> Awaitable[bytes]:
+    async def read(self) -> bytes:
         """The next piece of the body as it arrives, ``b""`` at its end.
 
         Flow-control credit is returned as the caller takes each piece, so a
-        slow reader slows only its own stream (RFC 9113 §5.2). A read that is
-        cancelled may lose what it was given: cancel one only to abandon the
-        response (``reset()``)."""
+        slow reader slows only its own stream (RFC 9113 §5.2). Safe to
+        cancel: what has arrived stays buffered for the next read."""
         ...
 
     def reset(self) -> None:

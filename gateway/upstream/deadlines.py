@@ -4,8 +4,8 @@ Every open upstream stream keeps a read deadline (the first token's, then
 the idle gap's: gateway/upstream/source.py), and almost none ever fires. A
 loop timer each costs ~580 bytes under uvloop (the handle, the libuv timer,
 a copy of the context, the arguments), held by every idle stream; an entry
-in one heap ~145 (tests/perf/PROFILES.md, item 19). nginx keeps its
-timers the same way: one tree, one timeout for the earliest.
+in one heap ~145. nginx keeps its timers the same way: one tree, one
+timeout for the earliest.
 
 A cancelled entry stays in the heap with its callback cleared (the timer
 stays as it is too), and the heap is rebuilt without such entries once they

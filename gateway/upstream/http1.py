@@ -3,6 +3,10 @@
 One request per connection at a time, so cancelling is closing: ``reset()``
 drops the connection instead of returning it to the pool, and the server sees
 the disconnect at once (uvicorn turns it into ``http.disconnect``).
+
+aiohttp hands the response over only once its head has arrived, so the wait
+for the head is timed here (``head_timeout``); reads are not timed here at
+all: the caller owns the first-token and idle deadlines.
 """
 
 from __future__ import annotations
@@ -13,12 +17,8 @@ from collections.abc import Callable
 
 import aiohttp
 
-from gateway.errors import (
-    UpstreamConnectError,
-    UpstreamConnectionLost,
-    UpstreamTimeout,
-)
 from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.errors import ConnectFailed, ConnectionLost, TransportTimeout
 from gateway.upstream.origin import Origin
 
 _READ_SIZE = 64 * 1024
@@ -27,28 +27,11 @@ _READ_SIZE = 64 * 1024
 class Http1ResponseStream:
     """Implements ``gateway.upstream.base.ResponseStream`` over aiohttp."""
 
-    __slots__ = (
-        "_response",
-        "_idle_timeout",
-        "_first_byte_timeout",
-        "_got_data",
-        "_head",
-        "_on_done",
-    )
+    __slots__ = ("_response", "_head", "_on_done")
 
-    def __init__(
-        self,
-        response: aiohttp.ClientResponse,
-        *,
-        first_byte_timeout: float | None,
-        idle_timeout: float | None,
-        on_done: Callable[[], None],
-    ) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, *, on_done: Callable[[], None]) -> None:
         self._response = response
         self._on_done: Callable[[], None] | None = on_done
-        self._first_byte_timeout = first_byte_timeout
-        self._idle_timeout = idle_timeout
-        self._got_data = False
         self._head = ResponseHead(
             status=response.status,
             headers=tuple((k.lower(), v) for k, v in response.headers.items()),
@@ -59,24 +42,15 @@ class Http1ResponseStream:
         return self._head
 
     async def read(self) -> bytes:
-        timeout = self._idle_timeout if self._got_data else self._first_byte_timeout
+        """The next piece of the body, ``b""`` at its end. aiohttp's buffer
+        keeps what has arrived until it is read, so a cancelled read loses
+        nothing."""
         try:
-            if timeout is None:
-                # No deadline of ours (the source times idle gaps): no timeout
-                # context either, it would cost every read a timer object.
-                data = await self._response.content.readany()
-            else:
-                async with asyncio.timeout(timeout):
-                    data = await self._response.content.readany()
-        except TimeoutError as exc:
-            self.reset()
-            raise UpstreamTimeout("upstream stream went idle past its timeout") from exc
+            data = await self._response.content.readany()
         except aiohttp.ClientError as exc:
             self.reset()
-            raise UpstreamConnectionLost(f"upstream connection failed: {exc}") from exc
-        if data:
-            self._got_data = True
-        else:
+            raise ConnectionLost("upstream connection failed mid-response") from exc
+        if not data:
             self._response.release()
             self._done()
         return data
@@ -107,15 +81,13 @@ class Http1Transport:
         self,
         origin: Origin,
         *,
-        connect_timeout: float = 5.0,
-        first_byte_timeout: float | None = 60.0,
-        idle_timeout: float | None = 30.0,
+        connect_timeout: float,
+        head_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._origin = origin
         self._connect_timeout = connect_timeout
-        self._first_byte_timeout = first_byte_timeout
-        self._idle_timeout = idle_timeout
+        self._head_timeout = head_timeout
         self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
         # Connections busy with a response; idle keep-alive ones are not counted.
@@ -148,30 +120,25 @@ class Http1Transport:
     async def open(self, request: UpstreamRequest) -> Http1ResponseStream:
         session = self._get_session()
         try:
-            async with asyncio.timeout(self._first_byte_timeout):
+            async with asyncio.timeout(self._head_timeout):
                 response = await session.request(
                     request.method,
                     request.path,
                     headers=dict(request.headers),
                     data=request.body or None,
                 )
-        except TimeoutError as exc:
-            raise UpstreamTimeout("upstream sent no response headers in time") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamConnectError(
-                f"cannot connect to {self._origin.authority}: {exc.os_error}"
-            ) from exc
-        except aiohttp.ServerTimeoutError as exc:
-            raise UpstreamTimeout(f"upstream timed out: {exc}") from exc
+            raise ConnectFailed(f"cannot connect to {self._origin.authority}: {exc.os_error}") from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise TransportTimeout(f"connecting to {self._origin.authority} timed out") from exc
+        except TimeoutError as exc:
+            # Ours (asyncio.timeout), or aiohttp's socket read timeout: its
+            # ServerTimeoutError is a TimeoutError too.
+            raise TransportTimeout("upstream sent no response headers in time") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamConnectionLost(f"upstream request failed: {exc}") from exc
+            raise ConnectionLost("upstream closed the connection before its response head") from exc
         self._in_flight += 1
-        return Http1ResponseStream(
-            response,
-            first_byte_timeout=self._first_byte_timeout,
-            idle_timeout=self._idle_timeout,
-            on_done=self._stream_done,
-        )
+        return Http1ResponseStream(response, on_done=self._stream_done)
 
     async def aclose(self) -> None:
         if self._session is not None:

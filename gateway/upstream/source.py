@@ -1,11 +1,11 @@
 """An upstream answer as the actor sees it: an async iterator of Deltas with
 a synchronous ``reset()`` (``actors.ports.Source``).
 
-Composes a transport (the bytes) with a provider (the format). The one retry
-the gateway allows happens here, because only here is it known that nothing
-has reached a client yet: a stream the upstream refused before processing it
-(REFUSED_STREAM, or above a GOAWAY's last_stream_id; RFC 9113 §8.7) is sent
-once more, and the pool puts it on another connection.
+Composes a transport (the bytes) with a provider (the format), and owns
+the two deadlines of an answer: the first token's, from the moment the
+source is made until the first content delta, and the idle gap's between
+reads after it. The transport's own failures (``gateway.upstream.errors``)
+are translated here, once, into the gateway's errors (``gateway_error``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,27 @@ from dataclasses import dataclass
 
 from actors.deltas import Delta
 from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamConnectionLost,
     UpstreamError,
-    UpstreamFirstByteTimeout,
+    UpstreamProtocolError,
+    UpstreamProtocolMismatch,
     UpstreamStreamRefused,
+    UpstreamStreamReset,
     UpstreamTimeout,
 )
-from gateway.upstream.base import ResponseStream, Transport, UpstreamRequest
+from gateway.upstream.base import ResponseHead, ResponseStream, Transport, UpstreamRequest
 from gateway.upstream.deadlines import RESOLUTION, Deadline, Deadlines
+from gateway.upstream.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolMismatch,
+    ProtocolViolation,
+    StreamRefused,
+    StreamReset,
+    TransportError,
+    TransportTimeout,
+)
 from gateway.upstream.providers.base import Provider, ProviderDecoder
 
 #: How much of an error response we read to find the provider's message.
@@ -30,7 +44,8 @@ MAX_ERROR_BODY = 64 * 1024
 
 
 class UpstreamSource:
-    # Slots: every open stream holds one (tests/perf/PROFILES.md, memory).
+    # Slots: every open stream holds one, and an instance dict would cost
+    # each idle stream ~100 bytes more.
     __slots__ = (
         "_transport",
         "_provider",
@@ -60,16 +75,15 @@ class UpstreamSource:
         provider: Provider,
         request: UpstreamRequest,
         *,
-        timeouts: SourceTimeouts | None = None,
-        deadlines: Deadlines | None = None,
+        timeouts: SourceTimeouts,
+        deadlines: Deadlines,
         on_status: Callable[[str], None] = lambda status: None,
     ) -> None:
         self._transport = transport
         self._provider = provider
-        # Kept for the one retry, then let go: a prompt can be large, and an
-        # open stream should not hold it once the upstream has answered.
+        # Let go once sent: a prompt can be large.
         self._request: UpstreamRequest | None = request
-        self._timeouts = timeouts or SourceTimeouts()
+        self._timeouts = timeouts
         # Until the first content delta the first-token deadline holds (role
         # chunks, pings and empty deltas do not count); after it, each gap
         # between reads is bounded by the idle timeout.
@@ -91,18 +105,22 @@ class UpstreamSource:
         self._eof = False
         self._reset = False
         # The read deadline, kept by one lazily moved watchdog (__anext__)
-        # in the deadlines the gateway's sources share (one loop timer for
-        # them all), or in ones of its own.
+        # in the deadlines the gateway's sources share: one loop timer for
+        # them all, owned by the app.
         self._read_started = 0.0
         self._reading = False
-        self._deadlines = Deadlines() if deadlines is None else deadlines
+        self._deadlines = deadlines
         self._watchdog: Deadline | None = None
         self._timed_out = False
 
     async def start(self) -> None:
         """Send the request; returns once it is on the wire."""
-        assert self._request is not None, "start() once"
-        self._stream = await self._transport.open(self._request)
+        request, self._request = self._request, None
+        assert request is not None, "start() once"
+        try:
+            self._stream = await self._transport.open(request)
+        except TransportError as exc:
+            raise gateway_error(exc) from exc
 
     def __aiter__(self) -> UpstreamSource:
         return self
@@ -110,16 +128,15 @@ class UpstreamSource:
     async def __anext__(self) -> Delta:
         """The next delta; when none is left, one read, decoded.
 
-        The read is bounded by the deadline in force: the first-token one
-        until content flows, then the idle timeout from the read's start.
-        One watchdog per stream keeps it (an entry in the shared deadlines),
-        moved lazily: a read only notes when it started; the watchdog, when
-        it runs, sets itself again at the deadline now in force, or resets
-        the stream if that has passed, which ends the pending read. An
-        ``asyncio.timeout`` per read (a timer armed and cancelled per chunk)
-        was ~17 % of the gateway's CPU while relaying (tests/perf/PROFILES.md).
-        The read is awaited right here, not in a helper coroutine: every idle
-        stream holds this await chain.
+        The response head and every read are bounded by the deadline in
+        force: the first-token one until content flows, then the idle
+        timeout from the read's start. One watchdog per stream keeps it (an
+        entry in the shared deadlines), moved lazily: a wait only notes when
+        it started; the watchdog, when it runs, sets itself again at the
+        deadline now in force, or resets the stream if that has passed,
+        which ends the pending wait. That spares a loop timer armed and
+        cancelled per chunk. The read is awaited right here, not in a helper
+        coroutine: every idle stream holds this await chain.
         """
         while self._next == len(self._pending):
             if self._eof or self._reset:
@@ -127,23 +144,19 @@ class UpstreamSource:
             self._pending.clear()
             self._next = 0
             try:
-                if not self._head_checked:
-                    await self._check_head()
                 try:
-                    data = await self._start_read()
-                except UpstreamError as exc:
-                    # The transport's first-byte deadline is set from the same
-                    # moment as our first-token one and may fire first: either
-                    # way, the source's words for it. (Its idle timeout keeps
-                    # its own words: ours had not passed.)
-                    if self._timed_out or isinstance(exc, UpstreamFirstByteTimeout):
+                    if not self._head_checked:
+                        self._start_wait()
+                        await self._check_head()
+                    self._start_wait()
+                    data = await self._stream_read()
+                except TransportError as exc:
+                    if self._timed_out:
                         raise self._timeout_error() from exc
-                    raise
+                    raise gateway_error(exc) from exc
                 finally:
                     self._reading = False
                 self._decode(data)
-                # Else this frame keeps the bytes while the next read waits.
-                del data
             except Exception:
                 # A source that fails cleans up after itself (actors.ports):
                 # a stream we can no longer decode must not stay open upstream.
@@ -159,13 +172,15 @@ class UpstreamSource:
         if self._stream is not None:
             self._stream.reset()
 
-    def _start_read(self) -> Awaitable[bytes]:
-        """Note the read's start for the watchdog; the read to await."""
-        assert self._stream is not None, "start() first"
+    def _start_wait(self) -> None:
+        """Note when a wait on the upstream starts, for the watchdog."""
         self._read_started = asyncio.get_running_loop().time()
         if self._watchdog is None:
             self._arm()
         self._reading = True
+
+    def _stream_read(self) -> Awaitable[bytes]:
+        assert self._stream is not None, "start() first"
         return self._stream.read()
 
     def _decode(self, data: bytes) -> None:
@@ -209,7 +224,7 @@ class UpstreamSource:
     def _on_watchdog(self) -> None:
         self._watchdog = None
         if self._eof or self._reset or self._stream is None or not self._reading:
-            # Only a pending read can time out: time the consumer spends
+            # Only a pending wait can time out: time the consumer spends
             # between reads is not the upstream's (the next read re-arms).
             return
         deadline = self._deadline()
@@ -220,7 +235,7 @@ class UpstreamSource:
             self._arm()  # reads went on meanwhile: the deadline moved
         elif deadline is not None:
             self._timed_out = True
-            self._stream.reset()  # the pending read returns; it raises the timeout
+            self._stream.reset()  # the pending wait ends; it raises the timeout
 
     def _timeout_error(self) -> UpstreamTimeout:
         what = "went idle" if self._got_content else "sent no first token"
@@ -229,19 +244,11 @@ class UpstreamSource:
     async def _check_head(self) -> None:
         assert self._stream is not None
         try:
-            try:
-                head = await self._stream.head()
-            except UpstreamStreamRefused:
-                # Never processed upstream and nothing sent to any client: once.
-                self._on_status("refused")
-                assert self._request is not None
-                self._stream = await self._transport.open(self._request)
-                head = await self._stream.head()
-        except UpstreamError:
+            head = await self._stream.head()
+        except TransportError:
             self._on_status("error")
             raise
         self._head_checked = True
-        self._request = None  # answered: no retry any more
         self._on_status(str(head.status))
         if head.status != 200:
             body = await self._read_error_body()
@@ -265,12 +272,50 @@ async def read_bounded(stream: ResponseStream, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
+async def fetch(transport: Transport, request: UpstreamRequest, limit: int) -> tuple[ResponseHead, bytes]:
+    """One whole (small) response: its head and the first ``limit`` bytes of
+    its body. For requests outside a stream, such as the model list."""
+    try:
+        stream = await transport.open(request)
+        try:
+            return await stream.head(), await read_bounded(stream, limit)
+        finally:
+            stream.release()
+    except TransportError as exc:
+        raise gateway_error(exc) from exc
+
+
+#: The transport's causes, as the gateway's errors (and so HTTP statuses and
+#: error codes) say them. Order matters: a subclass before its base.
+_AS_GATEWAY_ERROR: tuple[tuple[type[TransportError], type[UpstreamError]], ...] = (
+    (ConnectFailed, UpstreamConnectError),
+    (ConnectionLost, UpstreamConnectionLost),
+    (StreamRefused, UpstreamStreamRefused),
+    (StreamReset, UpstreamStreamReset),
+    (ProtocolViolation, UpstreamProtocolError),
+    (TransportTimeout, UpstreamTimeout),
+)
+
+
+def gateway_error(exc: TransportError) -> UpstreamError:
+    """The gateway's error for a transport failure, with the same message."""
+    message = str(exc)
+    if isinstance(exc, ProtocolMismatch):
+        return UpstreamProtocolMismatch(message, negotiated=exc.negotiated)
+    for cause, error in _AS_GATEWAY_ERROR:
+        if isinstance(exc, cause):
+            return error(message)
+    return UpstreamError(message)
+
+
 @dataclass(frozen=True, slots=True)
 class SourceTimeouts:
+    """The gateway's settings give the values (``gateway.config.Settings``)."""
+
     #: From sending the request to the first content delta.
-    first_token_s: float | None = 60.0
+    first_token_s: float | None
     #: Between two reads once content flows.
-    idle_s: float | None = 30.0
+    idle_s: float | None
 
 
 def source_opener(
@@ -278,8 +323,8 @@ def source_opener(
     provider: Provider,
     request: UpstreamRequest,
     *,
-    timeouts: SourceTimeouts | None = None,
-    deadlines: Deadlines | None = None,
+    timeouts: SourceTimeouts,
+    deadlines: Deadlines,
     on_status: Callable[[str], None] = lambda status: None,
 ) -> Callable[[], Awaitable[UpstreamSource]]:
     """The ``open_source`` callable the registry's actor calls after admission."""

@@ -54,7 +54,7 @@ class SSEDecoder:
     """Feed body bytes as they arrive; get back the events they complete."""
 
     # Slots, as for every object an open stream holds: ~100 bytes less each
-    # than an instance dict, times every idle stream (tests/perf/PROFILES.md).
+    # than an instance dict, times every idle stream.
     __slots__ = (
         "_max_event_bytes",
         "_partial",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from gateway.errors import UpstreamProtocolMismatch
 from gateway.upstream.base import ResponseStream, Transport, UpstreamRequest
+from gateway.upstream.errors import ProtocolMismatch
 from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.http1 import Http1Transport
 from gateway.upstream.origin import Origin, client_ssl_context
@@ -24,10 +24,22 @@ PROTOCOLS = ("auto", "h2", "h2c", "http1")
 
 @dataclass(frozen=True, slots=True)
 class TransportOptions:
-    max_connections: int = 4
-    connect_timeout: float = 5.0
-    first_byte_timeout: float | None = 60.0
-    idle_timeout: float | None = 30.0
+    """What the transports need; the defaults are the gateway's settings
+    (``gateway.config.Settings``)."""
+
+    max_connections: int
+    #: TCP, TLS and, for HTTP/2, the peer's preface.
+    connect_timeout: float
+    #: HTTP/2: waiting for a stream slot and for window to send the body.
+    #: HTTP/1.1: waiting for the response head, which aiohttp hands over
+    #: only with the response.
+    wait_timeout: float
+    #: HTTP/2 liveness: a PING after this long without a frame...
+    ping_interval: float | None
+    #: ...and the connection counts as lost after this long without an answer.
+    ping_timeout: float
+    #: HTTP/2: streams one connection opens before the next one takes over.
+    max_streams_per_connection: int | None
     #: For tests against a local TLS endpoint: a CA bundle to trust.
     cafile: str | None = None
 
@@ -44,8 +56,10 @@ def make_transport(origin: Origin, protocol: str, options: TransportOptions) -> 
             origin,
             max_connections=options.max_connections,
             connect_timeout=options.connect_timeout,
-            first_byte_timeout=options.first_byte_timeout,
-            idle_timeout=options.idle_timeout,
+            slot_timeout=options.wait_timeout,
+            ping_interval=options.ping_interval,
+            ping_timeout=options.ping_timeout,
+            max_streams_per_connection=options.max_streams_per_connection,
             ssl_context=context,
         )
 
@@ -53,8 +67,7 @@ def make_transport(origin: Origin, protocol: str, options: TransportOptions) -> 
         return Http1Transport(
             origin,
             connect_timeout=options.connect_timeout,
-            first_byte_timeout=options.first_byte_timeout,
-            idle_timeout=options.idle_timeout,
+            head_timeout=options.wait_timeout,
             ssl_context=context,
         )
 
@@ -83,7 +96,7 @@ class AlpnTransport:
         if not self._use_http1:
             try:
                 return await self._h2.open(request)
-            except UpstreamProtocolMismatch:
+            except ProtocolMismatch:
                 self._use_http1 = True
         return await self._http1.open(request)
 

@@ -487,9 +487,9 @@ def _bytes_held(task: asyncio.Task) -> list[str]:
 
 async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
     """Every coroutine in a waiting task's chain is a frame (~230 bytes)
-    that each idle stream holds: the actor waits on the h2 stream through
-    its source alone, the handler on the subscription through the relay
-    (tests/perf/PROFILES.md, memory per idle stream)."""
+    that each idle stream holds: the actor waits on the h2 stream's read
+    (a coroutine, so that cancelling it loses no data) through its source
+    alone, the handler on the subscription through the relay."""
     gateway = await gateway_factory()
     prompt = "idle chain [sim ttft_ms=0 itl_ms=60000 tokens=2]"  # then a minute's wait
     async with aiohttp.ClientSession() as http:
@@ -504,7 +504,11 @@ async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
             # each in the same step, so both tasks wait now.
             tasks = asyncio.all_tasks()
             (actor,) = [task for task in tasks if task.get_name().startswith("stream-actor-")]
-            assert _await_chain(actor) == ["StreamActor._run", "UpstreamSource.__anext__"]
+            assert _await_chain(actor) == [
+                "StreamActor._run",
+                "UpstreamSource.__anext__",
+                "H2ResponseStream.read",
+            ]
             (handler,) = [task for task in tasks if _await_chain(task)[-1:] == ["relay"]]
             assert _await_chain(handler)[-3:] == ["envelope", "chat_completions", "relay"]
             # Nor do their frames keep what went through them (a read's

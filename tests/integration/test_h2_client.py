@@ -10,20 +10,15 @@ import time
 
 import pytest
 
-from gateway.errors import (
-    UpstreamConnectionLost,
-    UpstreamStreamRefused,
-    UpstreamStreamReset,
-    UpstreamTimeout,
-)
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
 from gateway.sim.server import SimServer
 from gateway.upstream.base import ResponseStream, UpstreamRequest
-from gateway.upstream.h2 import connection as h2_connection
+from gateway.upstream.errors import ConnectionLost, StreamRefused, StreamReset, TransportTimeout
 from gateway.upstream.h2.pool import H2Pool
-from gateway.upstream.origin import Origin
+from gateway.upstream.h2.stream import MAX_SENDS
 from gateway.upstream.providers import get_provider
+from tests.integration.h2_pools import h2_pool
 from tests.integration.quiet_h2_peer import quiet_h2_peer
 
 FAST = SimProfile(ttft_ms=2, ttft_jitter_ms=0, itl_ms=0, itl_jitter_ms=0, tokens=16)
@@ -65,7 +60,7 @@ async def pools():
     opened: list[H2Pool] = []
 
     def make(sim: SimServer, **kwargs: object) -> H2Pool:
-        opened.append(H2Pool(Origin.parse(sim.url), **kwargs))  # type: ignore[arg-type]
+        opened.append(h2_pool(sim.url, **kwargs))
         return opened[-1]
 
     yield make
@@ -100,19 +95,6 @@ async def test_the_head_is_handed_over_once_and_not_kept(fast_sim, pools):
     with pytest.raises(RuntimeError, match="already taken"):
         await stream.head()
     assert decoded_text(await read_all(stream)) == expected_text("head once", FAST.tokens)
-
-
-async def test_the_first_byte_deadline_is_an_entry_of_the_pool_until_the_first_data(fast_sim, pools):
-    """Not a loop timer per waiting stream: the pool's shared deadlines."""
-    pool = pools(fast_sim)
-    streams = [await pool.open(chat_request(f"deadline {i}")) for i in range(3)]
-    assert len(pool._deadlines) == 3
-    for stream in streams:
-        assert (await stream.head()).status == 200
-        assert await stream.read()
-    assert len(pool._deadlines) == 0
-    for stream in streams:
-        stream.release()
 
 
 async def test_streams_beyond_max_concurrent_open_a_second_connection_then_wait(sim_factory, pools):
@@ -156,7 +138,7 @@ async def test_reset_before_the_first_byte_reaches_the_simulator(fast_sim, pools
     (record,) = await fast_sim.log.wait_for(1, outcome="reset")
     assert record.first_token is None and record.tokens_sent == 0
     assert (record.end - aborted_at) < 0.1
-    with pytest.raises(UpstreamStreamReset):
+    with pytest.raises(StreamReset):
         await stream.head()
 
 
@@ -185,29 +167,21 @@ async def test_a_request_body_larger_than_the_peers_window_is_sent_whole(fast_si
 
 @pytest.mark.parametrize("answers_early", [False, True], ids=["silent", "answers-early"])
 async def test_a_body_the_peer_never_opens_a_window_for_times_out(answers_early):
-    """The wait for window to send a request body is bounded by the
-    first-byte timeout, on either of the pool's paths (a free slot takes no
-    timeout context of its own), also when the peer has already answered
-    with HEADERS and DATA: then the stream's first-byte timer has nothing
-    left to time, and the bound on the body's wait is all there is. The peer
-    is a bare h2 server that grants no stream window
-    (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113 §6.5.2) and never a
+    """The wait for window to send a request body is the pool's, bounded by
+    its slot timeout on either of its paths (the first open connects, the
+    second finds a slot free), also when the peer has already answered with
+    HEADERS and DATA. The peer is a bare h2 server that grants no stream
+    window (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113 §6.5.2) and never a
     WINDOW_UPDATE."""
     peer_answers = quiet_h2_peer(
         head=answers_early, first_data=b"data: {}\n\n" if answers_early else None, initial_window_size=0
     )
     async with peer_answers as peer:
-        pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=0.3)
+        pool = h2_pool(f"http://127.0.0.1:{peer.port}", slot_timeout=0.3)
         try:
-            # The first open connects (the pool's bounded path); the second, with
-            # a slot free, takes the path without a timeout context.
             for attempt in range(2):
-                assert pool.connection_count() == attempt  # 0: the bounded path; 1: a slot free
-                # Silent, the stream's first-byte timer may end it first (same
-                # deadline, no head in time); answering early, only the bound
-                # on the body's wait can.
-                expected = "no window for the request body" if answers_early else "in time"
-                with pytest.raises(UpstreamTimeout, match=expected):
+                assert pool.connection_count() == attempt  # 0: connects first; 1: a slot free
+                with pytest.raises(TransportTimeout, match="no window for the request body"):
                     # Bounded here too, so a wait nothing ends fails the test
                     # rather than hanging it (generous: the deadline is 0.3 s).
                     await asyncio.wait_for(pool.open(chat_request(f"no window for me {attempt}")), 5)
@@ -217,66 +191,51 @@ async def test_a_body_the_peer_never_opens_a_window_for_times_out(answers_early)
             await pool.aclose()  # the peer reads the end of the connection and stops
 
 
-@pytest.mark.parametrize(
-    ("then", "timeouts", "expected"),
-    [
-        ("head only", {"first_byte_timeout": 0.3, "idle_timeout": None}, "no data past its timeout"),
-        ("data, then silence", {"first_byte_timeout": 5.0, "idle_timeout": 0.3}, "went idle past"),
-    ],
-)
-async def test_a_read_pending_at_a_deadline_ends_with_the_timeout(then, timeouts, expected):
-    """A read waiting when the first-byte or the idle deadline passes is
-    answered with the timeout (never with a clean end), later reads too, and
-    the peer gets RST_STREAM. A bare h2 peer that answers, then goes quiet."""
-    first_data = None if then == "head only" else b"data: {}\n\n"
-    async with quiet_h2_peer(first_data=first_data) as peer:
-        pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), **timeouts)  # type: ignore[arg-type]
-        try:
-            stream = await pool.open(chat_request("then quiet"))
-            assert (await stream.head()).status == 200
-            if first_data is not None:
-                assert await stream.read() == first_data
-            pending = stream.read()
-            assert not pending.done()
-            with pytest.raises(UpstreamTimeout, match=expected):
-                await asyncio.wait_for(pending, 5)  # generous: the deadline is 0.3 s
-            with pytest.raises(UpstreamTimeout, match=expected):
-                await stream.read()
-            assert await asyncio.wait_for(peer.resets.get(), 5) == 1
-        finally:
-            await pool.aclose()
-
-
-async def test_an_abandoned_read_leaves_no_idle_deadline_behind(fast_sim, pools):
-    """A read whose reader left must not time the next read with its own
-    (earlier) idle deadline."""
-    pool = pools(fast_sim, idle_timeout=30.0)
-    stream = await pool.open(chat_request("then silence", ttft_ms=0, itl_ms=60_000, tokens=3))
+async def test_a_read_cancelled_while_waiting_loses_nothing(fast_sim, pools):
+    """``read()`` is a coroutine that takes data only when it returns: one
+    cancelled while it waits leaves what arrives for the next read, and the
+    body still reads exact."""
+    pool = pools(fast_sim)
+    prompt = "cancel my reads"
+    stream = await pool.open(chat_request(prompt, ttft_ms=0, itl_ms=20, tokens=10))
     assert (await stream.head()).status == 200
-    while (read := stream.read()).done():
-        assert read.result()  # what came at once; then the silence
-    assert stream._idle_deadline is not None  # this read's (the first DATA came)
-    assert len(pool._deadlines) == 1
-    read.cancel()  # its reader leaves
-    pending = stream.read()
-    assert len(pool._deadlines) == 1  # the new read's own, nothing of the first
-    stream.reset()
-    assert await pending == b""
-    assert len(pool._deadlines) == 0
+    parts = []
+    cancelled = 0
+    while True:
+        read = asyncio.ensure_future(stream.read())
+        await asyncio.sleep(0)  # the read starts, and waits if nothing is buffered
+        if not read.done():
+            read.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await read
+            cancelled += 1
+            await asyncio.sleep(0.03)  # a token arrives meanwhile
+            continue
+        if not (data := read.result()):
+            break
+        parts.append(data)
+    assert cancelled > 0
+    assert decoded_text(b"".join(parts)) == expected_text(prompt, 10)
 
 
-async def test_goaway_refused_stream_is_retryable_and_next_stream_uses_a_new_connection(fast_sim, pools):
+async def test_a_refused_stream_is_sent_again_on_a_new_connection_a_bounded_number_of_times(
+    fast_sim, pools
+):
+    """The simulator refuses this request wherever it arrives, with a GOAWAY
+    whose last-stream-id is below its stream (RFC 9113 §6.8: not processed).
+    The pool sends it again on a new connection each time, MAX_SENDS times
+    in all, then the consumer gets the refusal; the next request goes to a
+    fresh connection and is answered."""
     pool = pools(fast_sim)
     warmup = await pool.open(chat_request("warm up"))
     await read_all(warmup)
-    refused = await pool.open(chat_request("refuse me", goaway="refuse"))
-    with pytest.raises(UpstreamStreamRefused) as info:
-        await refused.head()
-    assert info.value.retryable
-    again = await pool.open(chat_request("after goaway"))
-    assert decoded_text(await read_all(again)) == expected_text("after goaway", 16)
-    records = await fast_sim.log.wait_for(2, outcome="complete")
-    assert len({r.connection_id for r in records}) == 2
+    stream = await pool.open(chat_request("refuse me", goaway="refuse"))
+    with pytest.raises(StreamRefused):
+        await stream.head()
+    refused = await fast_sim.log.wait_for(MAX_SENDS, outcome="failed")
+    assert len({r.connection_id for r in refused}) == MAX_SENDS
+    after = await pool.open(chat_request("after goaway"))
+    assert decoded_text(await read_all(after)) == expected_text("after goaway", 16)
     assert pool.connection_count() == 1
 
 
@@ -294,9 +253,9 @@ async def test_a_killed_connection_fails_all_its_streams_and_the_pool_recovers(f
     pool = pools(fast_sim, max_connections=1)
     bystander = await pool.open(chat_request("bystander", itl_ms=50, tokens=200))
     victim = await pool.open(chat_request("victim", itl_ms=1, tokens=200, kill_after=3))
-    with pytest.raises(UpstreamConnectionLost):
+    with pytest.raises(ConnectionLost):
         await read_all(victim)
-    with pytest.raises(UpstreamConnectionLost):
+    with pytest.raises(ConnectionLost):
         await read_all(bystander)
     assert pool.connection_count() == 0
     fresh = await pool.open(chat_request("fresh"))
@@ -307,7 +266,7 @@ async def test_a_killed_connection_fails_all_its_streams_and_the_pool_recovers(f
 async def test_an_upstream_reset_after_some_tokens_is_reported(fast_sim, pools):
     pool = pools(fast_sim)
     stream = await pool.open(chat_request("reset by peer", reset_after=3))
-    with pytest.raises(UpstreamStreamReset):
+    with pytest.raises(StreamReset):
         await read_all(stream)
     # The connection survives a stream reset.
     other = await pool.open(chat_request("still fine"))
@@ -317,7 +276,7 @@ async def test_an_upstream_reset_after_some_tokens_is_reported(fast_sim, pools):
 
 async def test_abandoned_streams_do_not_leak_the_connection_window(fast_sim, pools):
     """Reset 300 streams that each received data nobody read: the
-    connection window must come back (FIELD-NOTES: acknowledge everything)."""
+    connection window must come back (h2 counts their DATA against it: everything must be credited)."""
     pool = pools(fast_sim, max_connections=1)
     for i in range(300):
         stream = await pool.open(chat_request(f"abandon {i}", tokens=64, token_size=256))
@@ -340,72 +299,8 @@ async def test_a_stream_many_windows_long_in_small_frames_reads_to_its_end(fast_
         body = await read_all(stream)
     assert len(body) > 7 * 65_535
     assert decoded_text(body) == expected_text("a long one", 3000)
-    connection = stream._conn  # type: ignore[attr-defined]
-    assert connection._owed == {} and connection._owed_total == 0
-
-
-async def test_what_open_streams_owe_together_is_settled_at_the_limit(fast_sim, pools, monkeypatch):
-    """Each stream owes less than a batch, but together they reach the
-    connection's limit: everything owed is credited then (else small debts
-    on many streams could exhaust the connection window)."""
-    monkeypatch.setattr(h2_connection, "_OWED_LIMIT", 4096)
-    pool = pools(fast_sim, max_connections=1)
-    streams = [await pool.open(chat_request(f"owing {i}", itl_ms=60_000)) for i in range(40)]
-    read = 0
-    for stream in streams:
-        read += len(await stream.read())  # the first token; the next one is a minute away
-    connection = streams[0]._conn  # type: ignore[attr-defined]
-    assert read > 4096  # so the limit was reached at least once
-    assert connection._owed_total < 4096
-    assert 0 < len(connection._owed) < len(streams)
-    for stream in streams:
-        stream.reset()
-    assert connection._owed == {} and connection._owed_total == 0
-
-
-async def test_streams_left_unread_cannot_starve_a_reader_of_the_connection_window(
-    fast_sim, pools, monkeypatch
-):
-    """Three streams nobody reads hold 192 KiB of a (shrunk) 256 KiB
-    connection window: below the floor, what the one reader consumes is
-    credited at every read again, so h2 can reopen the window and the
-    reader's stream flows to its end instead of stalling with credit owed."""
-    monkeypatch.setattr(h2_connection, "CONNECTION_WINDOW", 256 * 1024)
-    monkeypatch.setattr(h2_connection, "_OWED_LIMIT", 64 * 1024)
-    pool = pools(fast_sim, max_connections=1)
-    unread = [await pool.open(chat_request(f"left unread {i}", tokens=2000)) for i in range(3)]
-    reader = await pool.open(chat_request("read to the end", tokens=6000))
-    async with asyncio.timeout(30):
-        body = await read_all(reader)
-    assert decoded_text(body) == expected_text("read to the end", 6000)
-    for stream in unread:
-        stream.reset()
-
-
-async def test_no_response_head_within_the_first_byte_timeout(sim_factory, pools):
-    """The simulator generates one answer at a time: the second request
-    waits there without a response head, past the first-byte timeout."""
-    sim = await sim_factory(dataclasses.replace(FAST, max_concurrency=1))
-    pool = pools(sim, max_connections=1, first_byte_timeout=1.0)
-    holder = await pool.open(chat_request("holds the generator", ttft_ms=0, itl_ms=60_000))
-    assert await holder.read()
-    waiting = await pool.open(chat_request("waits for it"))
-    async with asyncio.timeout(10):  # generous: the point is "at the deadline, not never"
-        with pytest.raises(UpstreamTimeout, match="no response headers"):
-            await waiting.head()
-        with pytest.raises(UpstreamTimeout):
-            await waiting.read()
-    holder.reset()
-    after = await pool.open(chat_request("the connection goes on"))
-    assert decoded_text(await read_all(after)) == expected_text("the connection goes on", 16)
-
-
-async def test_the_first_byte_timeout_ends_with_the_first_data(fast_sim, pools):
-    """Once data came, gaps longer than the first-byte timeout are the idle
-    timeout's business (none here), not a late first-byte deadline."""
-    pool = pools(fast_sim, max_connections=1, first_byte_timeout=1.0, idle_timeout=None)
-    stream = await pool.open(chat_request("slow but steady", ttft_ms=0, itl_ms=1300, tokens=3))
-    assert decoded_text(await read_all(stream)) == expected_text("slow but steady", 3)
+    (connection,) = pool._connections
+    assert connection._core._owed_total == 0
 
 
 async def test_a_connection_draining_after_goaway_does_not_block_new_streams(fast_sim, pools):
@@ -437,3 +332,31 @@ async def test_a_woken_waiter_that_is_cancelled_passes_the_slot_on(sim_factory, 
     assert decoded_text(await read_all(stream)) == expected_text("second waiter", 16)
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_streams_spread_over_the_connections_so_a_loss_takes_only_a_share(fast_sim, pools):
+    """40 streams with max_connections=4 go to the connection carrying the
+    fewest, a new one opening in the background while every one carries
+    some: 4 connections share them. A connection killed under them fails
+    its own streams only."""
+    pool = pools(fast_sim, max_connections=4)
+    waiting = []
+    for i in range(40):
+        waiting.append(await pool.open(chat_request(f"spread {i}", ttft_ms=60_000)))
+        await fast_sim.log.wait_for_arrivals(i + 1)
+    assert pool.connection_count() == 4
+    per_connection: dict[int, int] = {}
+    for record in fast_sim.log.records:
+        per_connection[record.connection_id] = per_connection.get(record.connection_id, 0) + 1
+    # Even, give or take the streams placed while the other connections
+    # were still connecting.
+    assert len(per_connection) == 4 and max(per_connection.values()) <= 30, per_connection
+    victim = await pool.open(chat_request("victim", ttft_ms=0, itl_ms=1, tokens=50, kill_after=2))
+    victims_connection = (await fast_sim.log.wait_for_arrivals(41))[-1].connection_id
+    with pytest.raises(ConnectionLost):
+        await read_all(victim)
+    lost = [stream for stream in waiting if isinstance(stream.error, ConnectionLost)]
+    assert len(lost) == per_connection[victims_connection] <= 30
+    assert all(stream.error is None for stream in waiting if stream not in lost)
+    for stream in waiting:
+        stream.reset()

@@ -15,10 +15,11 @@ import pytest
 from gateway.errors import UpstreamTimeout
 from gateway.sim.profile import SimProfile
 from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.h2.pool import H2Pool
-from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
 from gateway.upstream.source import SourceTimeouts, UpstreamSource
+from tests.integration.h2_pools import h2_pool
 from tests.integration.quiet_h2_peer import quiet_h2_peer
 
 QUICK = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=5, itl_jitter_ms=0, tokens=6)
@@ -34,13 +35,16 @@ def chat(prompt: str) -> UpstreamRequest:
 @pytest.fixture
 async def pool(sim_factory):
     sim = await sim_factory(QUICK)
-    pool = H2Pool(Origin.parse(sim.url), idle_timeout=None)
+    pool = h2_pool(sim.url)
     yield pool
     await pool.aclose()
 
 
 async def started(pool: H2Pool, prompt: str, timeouts: SourceTimeouts) -> UpstreamSource:
-    source = UpstreamSource(pool, get_provider("openai"), chat(prompt), timeouts=timeouts)
+    # Deadlines of its own (the gateway shares one among all its sources).
+    source = UpstreamSource(
+        pool, get_provider("openai"), chat(prompt), timeouts=timeouts, deadlines=Deadlines()
+    )
     await source.start()
     return source
 
@@ -101,22 +105,21 @@ async def test_time_between_reads_is_not_the_upstreams(pool):
     assert "".join(got)
 
 
-async def test_the_transports_first_byte_timeout_reads_as_the_sources_own():
-    """The pool's first-byte deadline and the source's first-token one are
-    set from the same moment: whichever fires first, the consumer reads the
-    source's words. Here the pool's is far earlier (a head, then nothing)."""
-    async with quiet_h2_peer(first_data=None) as peer:
-        # Generous against a slow machine: the deadline also covers the
-        # connection and the head (a late head would raise its own error).
-        quick_pool = H2Pool(Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=1.0)
+@pytest.mark.parametrize("head", [True, False], ids=["head-then-nothing", "no-head"])
+async def test_the_first_token_deadline_covers_the_head_and_the_first_data(head):
+    """The source alone times an answer: a peer that sends a head and then
+    nothing, or no head at all, ends at the first-token deadline with the
+    source's words, and gets RST_STREAM."""
+    async with quiet_h2_peer(head=head, first_data=None) as peer:
+        quiet_pool = h2_pool(f"http://127.0.0.1:{peer.port}")
         try:
-            source = await started(quick_pool, "head, then nothing", SourceTimeouts(30.0, 30.0))
+            source = await started(quiet_pool, "then nothing", SourceTimeouts(0.3, 30.0))
             with pytest.raises(UpstreamTimeout, match="sent no first token within its timeout"):
-                async with asyncio.timeout(10):  # generous: the deadline is 1 s
+                async with asyncio.timeout(10):  # generous: the deadline is 0.3 s
                     await anext(source)
             assert await asyncio.wait_for(peer.resets.get(), 5) == 1
         finally:
-            await quick_pool.aclose()
+            await quiet_pool.aclose()
 
 
 def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
@@ -135,10 +138,8 @@ def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
 
     async def main() -> None:
         async with quiet_h2_peer(first_data=None) as peer:
-            # Only the source keeps a deadline: the pool's first-byte one is off.
-            quiet_pool = H2Pool(
-                Origin.parse(f"http://127.0.0.1:{peer.port}"), first_byte_timeout=None, idle_timeout=None
-            )
+            quiet_pool = h2_pool(f"http://127.0.0.1:{peer.port}")
+            shared = Deadlines()
             try:
                 # Deadlines 0.5 ms apart over 20 ms: many fall where uvloop's
                 # rounding fires the timer early.
@@ -148,6 +149,7 @@ def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
                         get_provider("openai"),
                         chat(f"watched {i}"),
                         timeouts=SourceTimeouts(0.05 + i / 2_000, 30.0),
+                        deadlines=shared,
                     )
                     for i in range(40)
                 ]
@@ -161,6 +163,7 @@ def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
                 async with asyncio.timeout(10):
                     await asyncio.gather(*(times_out(source) for source in sources))
             finally:
+                shared.close()
                 await quiet_pool.aclose()
 
     uvloop.run(main())

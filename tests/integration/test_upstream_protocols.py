@@ -3,6 +3,7 @@ each against the simulator over real sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 import time
@@ -10,10 +11,12 @@ import time
 import pytest
 import trustme
 
-from gateway.errors import UpstreamConnectError, UpstreamProtocolMismatch
+from gateway.app import transport_options
+from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
 from gateway.upstream.base import ResponseStream, UpstreamRequest
+from gateway.upstream.errors import ConnectFailed, ProtocolMismatch
 from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.http1 import Http1Transport
 from gateway.upstream.origin import Origin
@@ -37,6 +40,11 @@ async def text_of(stream: ResponseStream) -> str:
         deltas += decoder.feed(data)
     deltas += decoder.close()
     return "".join(d.text for d in deltas)
+
+
+def options(**overrides: object) -> TransportOptions:
+    """The gateway's defaults, with ``overrides``."""
+    return dataclasses.replace(transport_options(Settings()), **overrides)  # type: ignore[arg-type]
 
 
 def expected(prompt: str) -> str:
@@ -65,7 +73,7 @@ def server_context(ca: trustme.CA, alpn: list[str]) -> ssl.SSLContext:
 async def test_tls_alpn_h2_is_used_when_the_server_offers_it(sim_factory, ca, ca_file):
     sim = await sim_factory(FAST, ssl=server_context(ca, ["h2", "http/1.1"]))
     assert sim.url.startswith("https://")
-    transport = make_transport(Origin.parse(sim.url), "auto", TransportOptions(cafile=ca_file))
+    transport = make_transport(Origin.parse(sim.url), "auto", options(cafile=ca_file))
     try:
         assert isinstance(transport, AlpnTransport)
         stream = await transport.open(request("over tls"))
@@ -79,7 +87,7 @@ async def test_tls_alpn_h2_is_used_when_the_server_offers_it(sim_factory, ca, ca
 
 async def test_auto_falls_back_to_http1_when_alpn_says_so(sim_factory, ca, ca_file):
     sim = await sim_factory(FAST, ssl=server_context(ca, ["http/1.1"]))
-    transport = make_transport(Origin.parse(sim.url), "auto", TransportOptions(cafile=ca_file))
+    transport = make_transport(Origin.parse(sim.url), "auto", options(cafile=ca_file))
     try:
         for prompt in ("first", "second"):
             stream = await transport.open(request(prompt))
@@ -93,10 +101,10 @@ async def test_auto_falls_back_to_http1_when_alpn_says_so(sim_factory, ca, ca_fi
 
 async def test_h2_required_refuses_a_server_without_h2(sim_factory, ca, ca_file):
     sim = await sim_factory(FAST, ssl=server_context(ca, ["http/1.1"]))
-    transport = make_transport(Origin.parse(sim.url), "h2", TransportOptions(cafile=ca_file))
+    transport = make_transport(Origin.parse(sim.url), "h2", options(cafile=ca_file))
     try:
         assert isinstance(transport, H2Pool)
-        with pytest.raises(UpstreamProtocolMismatch) as info:
+        with pytest.raises(ProtocolMismatch) as info:
             await transport.open(request("needs h2"))
         # No common protocol: OpenSSL selects none (a server may also pick http/1.1).
         assert info.value.negotiated in (None, "http/1.1")
@@ -107,9 +115,9 @@ async def test_h2_required_refuses_a_server_without_h2(sim_factory, ca, ca_file)
 
 async def test_an_untrusted_certificate_is_refused(sim_factory, ca):
     sim = await sim_factory(FAST, ssl=server_context(ca, ["h2"]))
-    transport = make_transport(Origin.parse(sim.url), "h2", TransportOptions())
+    transport = make_transport(Origin.parse(sim.url), "h2", options())
     try:
-        with pytest.raises(UpstreamConnectError):
+        with pytest.raises(ConnectFailed):
             await transport.open(request("untrusted"))
     finally:
         await transport.aclose()
@@ -117,7 +125,7 @@ async def test_an_untrusted_certificate_is_refused(sim_factory, ca):
 
 async def test_http1_streams_exactly_and_reset_closes_the_connection(sim_factory):
     sim = await sim_factory(FAST)
-    transport = Http1Transport(Origin.parse(sim.url))
+    transport = Http1Transport(Origin.parse(sim.url), connect_timeout=5.0, head_timeout=60.0)
     try:
         stream = await transport.open(request("plain http/1.1"))
         assert await text_of(stream) == expected("plain http/1.1")

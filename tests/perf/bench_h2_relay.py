@@ -14,8 +14,8 @@ import time
 
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.h2.pool import H2Pool
-from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
+from tests.integration.h2_pools import h2_pool
 from tests.perf import procs
 
 
@@ -41,7 +41,7 @@ async def bench_h2_relay(streams: int = 50, tokens: int = 2000) -> dict[str, flo
         core=cores[-1] if len(cores) > 1 else None,
         ttft_ms=0, ttft_jitter_ms=0, itl_ms=0, itl_jitter_ms=0, tokens=tokens,
     ) as sim:
-        pool = H2Pool(Origin.parse(sim.url + "/v1"), max_connections=1)
+        pool = h2_pool(sim.url + "/v1", max_connections=1)
         try:
             await _relay(pool, "warm up")
             cpu_before = time.process_time()

@@ -1,11 +1,27 @@
 """A pool of HTTP/2 connections to one origin.
 
-Streams fill a connection up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS
-(RFC 9113 §6.5.2), then another connection is opened, up to
-``max_connections``; beyond that, openers wait for a slot, woken in arrival
-order (a woken opener can still lose the slot to a newcomer and waits again).
-Connecting runs in a task the pool owns, shared by everyone who needs the
-connection, so a caller that gives up does not abort it for the others.
+Streams go to the usable connection carrying the fewest, up to the peer's
+SETTINGS_MAX_CONCURRENT_STREAMS on each (RFC 9113 §6.5.2). While every
+connection carries a stream and fewer than ``max_connections`` serve, one
+more is opened in the background, so streams spread over the connections
+and losing one connection does not fail every stream. When no slot is free
+anywhere, openers wait, woken in arrival order (a woken opener can still
+lose the slot to a newcomer and waits again).
+
+A connection that received GOAWAY, or has opened
+``max_streams_per_connection`` streams, takes no new stream and does not
+count against ``max_connections`` while it finishes the streams it has. The
+cap keeps the client below the per-connection request limit of servers that
+end a connection abruptly when it is reached: hypercorn, at 1,000 requests,
+sends GOAWAY with its h2 state machine closed and drops the responses still
+in flight. A stream
+it refused (above the GOAWAY's last-stream-id, §6.8), or that the peer
+refused with REFUSED_STREAM (§8.7), is sent again here, on a connection
+that takes it: the consumer of the stream does not see the refusal.
+
+The pool owns two timeouts: connecting (TCP, TLS and the peer's preface)
+and waiting to get a request on the wire (a stream slot, and send window
+for its body). Everything after that is timed by the caller.
 """
 
 from __future__ import annotations
@@ -14,31 +30,37 @@ import asyncio
 import ssl
 from collections import deque
 
-from gateway.errors import (
-    UpstreamConnectError,
-    UpstreamConnectionLost,
-    UpstreamError,
-    UpstreamTimeout,
-)
 from gateway.upstream.base import UpstreamRequest
-from gateway.upstream.deadlines import Deadlines
+from gateway.upstream.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    StreamRefused,
+    TransportError,
+    TransportTimeout,
+)
 from gateway.upstream.h2.connection import H2ClientConnection
 from gateway.upstream.h2.stream import H2ResponseStream
 from gateway.upstream.origin import Origin
 
+#: After a connection attempt failed, no extra connection is opened just to
+#: spread streams for this long (streams still go where a slot is free).
+_SPREAD_BACKOFF_S = 1.0
+
 
 class H2Pool:
-    """Implements ``gateway.upstream.base.Transport`` over HTTP/2."""
+    """Implements ``gateway.upstream.base.Transport`` over HTTP/2; implements
+    ``Resender`` for its streams."""
 
     def __init__(
         self,
         origin: Origin,
         *,
-        max_connections: int = 4,
-        connect_timeout: float = 5.0,
-        first_byte_timeout: float | None = 60.0,
-        idle_timeout: float | None = 30.0,
-        keepalive_s: float | None = 20.0,
+        max_connections: int,
+        connect_timeout: float,
+        slot_timeout: float,
+        ping_interval: float | None,
+        ping_timeout: float,
+        max_streams_per_connection: int | None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if origin.is_tls and ssl_context is None:
@@ -46,43 +68,56 @@ class H2Pool:
         self._origin = origin
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
-        self._first_byte_timeout = first_byte_timeout
-        self._idle_timeout = idle_timeout
-        self._keepalive_s = keepalive_s
+        self._slot_timeout = slot_timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._max_streams_per_connection = max_streams_per_connection
         self._ssl_context = ssl_context if origin.is_tls else None
         self._connections: list[H2ClientConnection] = []
         self._connecting: asyncio.Task[H2ClientConnection] | None = None
+        self._connect_failed_at = -_SPREAD_BACKOFF_S
         self._waiters: deque[asyncio.Future[None]] = deque()
-        # Every stream's first-byte deadline, on one loop timer.
-        self._deadlines = Deadlines()
         self._closed = False
 
     def connection_count(self) -> int:
         return len(self._connections)
 
     async def open(self, request: UpstreamRequest) -> H2ResponseStream:
-        # Waiting for a stream slot and for window to send the body are part
-        # of the time to the first byte: one deadline bounds them, and then
-        # the stream's head and first DATA (H2ResponseStream).
-        timeout = self._first_byte_timeout
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        connection = None if self._closed else self._pick()
-        if connection is None:
-            # With a slot free there is no timeout context at all (~1.5 %
-            # of the CPU of a request).
+        """Send ``request``; return its stream once it is on the wire."""
+        stream = H2ResponseStream(request, self)
+        await self._send(stream)
+        return stream
+
+    async def resend(self, stream: H2ResponseStream) -> None:
+        await self._send(stream)
+
+    async def _send(self, stream: H2ResponseStream) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._slot_timeout
+        while True:
+            connection = None if self._closed else self._pick()
+            if connection is None:
+                # With a slot free there is no timeout context at all.
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        connection = await self._wait_for_slot()
+                except TimeoutError as exc:
+                    raise TransportTimeout("no upstream stream slot came free in time") from exc
             try:
-                async with asyncio.timeout_at(deadline):
-                    connection = await self._wait_for_slot()
-            except TimeoutError as exc:
-                raise UpstreamTimeout("no upstream stream slot came free in time") from exc
-        # No await between picking the connection and send_headers: the slot
-        # is ours.
-        return await connection.open_stream(request, deadline)
+                # No await between picking the connection and its HEADERS:
+                # the slot is ours.
+                await connection.send(stream, stream.request, deadline)
+                return
+            except StreamRefused:
+                # This connection stopped taking streams meanwhile, or refused
+                # this one while its body was going out: another will take it.
+                if not (stream.error is None or stream.may_resend):
+                    raise
 
     async def _wait_for_slot(self) -> H2ClientConnection:
         while True:
             if self._closed:
-                raise UpstreamConnectionLost("the upstream pool is closed")
+                raise ConnectionLost("the upstream pool is closed")
             connection = self._pick()
             if connection is not None:
                 return connection
@@ -98,11 +133,23 @@ class H2Pool:
         return serving < self._max_connections
 
     def _pick(self) -> H2ClientConnection | None:
-        # Fill the oldest connection first: fewer connections, fuller frames.
+        """The usable connection with a free slot carrying fewest streams;
+        opens one more in the background when every one carries some."""
+        best: H2ClientConnection | None = None
         for connection in self._connections:
-            if connection.is_usable and connection.free_streams > 0:
-                return connection
-        return None
+            if connection.is_usable and connection.free_streams > 0 and (
+                best is None or connection.active_streams < best.active_streams
+            ):
+                best = connection
+        if (
+            best is not None
+            and best.active_streams > 0
+            and self._connecting is None
+            and self._can_add_connection()
+            and asyncio.get_running_loop().time() - self._connect_failed_at >= _SPREAD_BACKOFF_S
+        ):
+            self._connect()
+        return best
 
     def _connect(self) -> asyncio.Task[H2ClientConnection]:
         if self._connecting is None:
@@ -112,10 +159,11 @@ class H2Pool:
 
     def _connect_done(self, task: asyncio.Task[H2ClientConnection]) -> None:
         self._connecting = None
-        if not task.cancelled():
-            # Retrieved here so a connect that nobody waits for any more does
-            # not log "exception was never retrieved"; waiters get it anyway.
-            task.exception()
+        if not task.cancelled() and task.exception() is not None:
+            # Retrieved here so a connect nobody waits for (one opened to
+            # spread streams) does not log "exception was never retrieved";
+            # waiters get it anyway.
+            self._connect_failed_at = asyncio.get_running_loop().time()
         self._wake_waiters()
 
     async def _establish(self) -> H2ClientConnection:
@@ -136,18 +184,18 @@ class H2Pool:
         except TimeoutError as exc:
             if transport is not None:
                 transport.abort()
-            raise UpstreamTimeout(f"connecting to {origin.authority} timed out") from exc
-        except UpstreamError:
+            raise TransportTimeout(f"connecting to {origin.authority} timed out") from exc
+        except TransportError:
             raise
         except OSError as exc:  # ssl.SSLError included
-            raise UpstreamConnectError(f"cannot connect to {origin.authority}: {exc}") from exc
+            raise ConnectFailed(f"cannot connect to {origin.authority}: {exc}") from exc
         except BaseException:
             if transport is not None:
                 transport.abort()
             raise
         if self._closed:
             connection.close()
-            raise UpstreamConnectionLost("the upstream pool is closed")
+            raise ConnectionLost("the upstream pool is closed")
         self._connections.append(connection)
         return connection
 
@@ -155,9 +203,9 @@ class H2Pool:
         return H2ClientConnection(
             authority=self._origin.authority,
             scheme=self._origin.scheme,
-            idle_timeout=self._idle_timeout,
-            deadlines=self._deadlines,
-            keepalive_s=self._keepalive_s,
+            ping_interval=self._ping_interval,
+            ping_timeout=self._ping_timeout,
+            max_streams=self._max_streams_per_connection,
             on_capacity=self._on_capacity,
         )
 
@@ -180,7 +228,7 @@ class H2Pool:
                 self._waiters.remove(waiter)
 
     def _on_capacity(self) -> None:
-        """A connection freed a slot, changed its settings, or died."""
+        """A connection freed a slot, changed its settings, or ended."""
         self._connections = [c for c in self._connections if not c.is_closed]
         self._wake_waiters()
 
@@ -213,4 +261,3 @@ class H2Pool:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        self._deadlines.close()

@@ -1,0 +1,453 @@
+"""The HTTP/2 client's protocol core, without I/O.
+
+Bytes received go in with the clock's value (``receive(data, now)``), and
+so do timer ticks (``on_timer(now)``); what comes out is a list of events
+(``gateway.upstream.h2.events``) and the bytes to send (``data_to_send()``).
+No event loop, no futures, no transport: the asyncio adapter
+(``connection.py``) does the I/O, and tests drive this object frame by
+frame.
+
+What the core owns, on top of h2's state machine:
+
+- the streams it opened, each with the flow-control credit it still owes
+  the peer, returned in batches as the reader consumes data and in full
+  when the reader lets the stream go (reset, failed, or read to its end);
+- GOAWAY (RFC 9113 §6.8): no new stream afterwards; streams above the
+  last-stream-id fail as refused, so they can be sent again elsewhere; the
+  connection closes once the rest have finished;
+- a cap on the streams one connection opens in its life (``max_streams``):
+  past it the connection takes no more and closes once its streams have
+  ended, before a server's own per-connection request limit is reached;
+- liveness: after ``ping_interval`` seconds without a frame from the peer a
+  PING goes out (§6.7), and without any frame ``ping_timeout`` seconds
+  later the connection is declared lost, failing its streams well before
+  an idle timeout would.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Final
+
+import h2.events
+import h2.exceptions
+from h2.errors import ErrorCodes
+
+from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.errors import (
+    ConnectionLost,
+    ProtocolViolation,
+    StreamRefused,
+    StreamReset,
+    TransportError,
+)
+from gateway.upstream.h2.events import (
+    CapacityChanged,
+    ConnectionEnded,
+    DataReceived,
+    Event,
+    HeadReceived,
+    Ready,
+    StreamEnded,
+    StreamFailed,
+    WindowOpened,
+)
+from gateway.upstream.h2.machine import client_state_machine
+
+#: The connection-level receive window we advertise. Stream windows stay at
+#: the default 65,535 bytes, so one stalled stream buffers little, but the
+#: connection window must be large enough that a few stalled streams cannot
+#: starve the others (RFC 9113 §5.2: both windows apply to every DATA frame).
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+DEFAULT_WINDOW: Final = 65_535
+
+#: Consumed bytes are credited to h2 in batches of this much per stream
+#: rather than at every read, which keeps h2's bookkeeping off the per-chunk
+#: path. Flow control stays live (RFC 9113 §6.9): h2 sends a WINDOW_UPDATE
+#: once half a window is credited, so a stream's peer keeps at least
+#: 65,535 - 32,767 - ACK_BATCH_BYTES of window while its reader keeps up.
+ACK_BATCH_BYTES: Final = 8192
+
+#: A deadline this close to the clock counts as reached: uvloop fires timers
+#: up to half a millisecond early, and re-arming for a deadline that has not
+#: quite come would spin.
+_CLOCK_SLACK: Final = 0.001
+
+
+class _Stream:
+    """What the core keeps per stream until its reader lets it go."""
+
+    __slots__ = ("open", "owed", "unconsumed")
+
+    def __init__(self) -> None:
+        #: Neither ended, reset nor failed: it holds a concurrency slot.
+        self.open = True
+        #: Received, not yet consumed by the reader.
+        self.unconsumed = 0
+        #: Consumed, not yet credited to h2 (below a batch).
+        self.owed = 0
+
+
+class H2ClientProtocol:
+    """One client connection's HTTP/2 state."""
+
+    def __init__(
+        self,
+        *,
+        authority: str,
+        scheme: str,
+        ping_interval: float | None,
+        ping_timeout: float,
+        max_streams: int | None = None,
+        connection_window: int = CONNECTION_WINDOW,
+    ) -> None:
+        self._h2 = client_state_machine()
+        self._authority = authority.encode()
+        self._scheme = scheme.encode()
+        self._connection_window = connection_window
+        # Once all streams together owe this much, or the peer's view of our
+        # connection window falls below it, everything owed is credited at
+        # every read: small debts on many streams must not exhaust the
+        # shared window.
+        self._owed_limit = connection_window // 4
+        self._streams: dict[int, _Stream] = {}
+        self._active = 0
+        self._owed_total = 0
+        self._ready = False
+        self._closed = False
+        # The lowest last-stream-id of the GOAWAYs received, if any.
+        self._goaway_last: int | None = None
+        # Set when h2 refuses to open another stream (ids exhausted, §5.1.1),
+        # or when ``max_streams`` have been opened.
+        self._exhausted = False
+        self._max_streams = max_streams
+        self._opened = 0
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._ping_ids = itertools.count(1)
+        self._last_heard = 0.0
+        self._ping_sent_at: float | None = None
+
+    # -- what the adapter and the pool read ---------------------------------------
+
+    @property
+    def is_usable(self) -> bool:
+        """Takes new streams: preface received, alive, no GOAWAY."""
+        return self._ready and not (self._closed or self._exhausted) and self._goaway_last is None
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def is_draining(self) -> bool:
+        """Alive but taking no new streams: finishing those it has."""
+        return not self._closed and (self._goaway_last is not None or self._exhausted)
+
+    @property
+    def active_streams(self) -> int:
+        """Streams holding a concurrency slot (neither ended nor reset)."""
+        return self._active
+
+    @property
+    def free_streams(self) -> int:
+        if not self.is_usable:
+            return 0
+        return max(0, self._h2.remote_settings.max_concurrent_streams - self._active)
+
+    def data_to_send(self) -> bytes:
+        return self._h2.data_to_send()
+
+    # -- the connection -------------------------------------------------------------
+
+    def initiate(self, now: float) -> None:
+        """The client preface and our SETTINGS, and the connection window
+        raised from its default (RFC 9113 §6.9.2)."""
+        self._h2.initiate_connection()
+        if self._connection_window > DEFAULT_WINDOW:
+            self._h2.increment_flow_control_window(self._connection_window - DEFAULT_WINDOW)
+        self._last_heard = now
+
+    def receive(self, data: bytes, now: float) -> list[Event]:
+        if self._closed:
+            return []
+        try:
+            received = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 has queued GOAWAY(PROTOCOL_ERROR) for the peer (§5.4.1).
+            return self._end(ProtocolViolation(f"HTTP/2 protocol error from upstream: {exc}"))
+        # Any frame proves the peer alive: a PING is for silence only.
+        self._last_heard = now
+        self._ping_sent_at = None
+        events: list[Event] = []
+        for event in received:
+            self._translate(event, events)
+        return events
+
+    def lose(self, error: TransportError) -> list[Event]:
+        """The transport is gone (or unusable, ``error`` says why)."""
+        return self._end(error)
+
+    def close(self) -> list[Event]:
+        """Close politely: GOAWAY(NO_ERROR); streams still open fail."""
+        if self._closed:
+            return []
+        try:
+            self._h2.close_connection()
+        except h2.exceptions.ProtocolError:
+            pass  # h2's state is already closed: nothing to say to the peer
+        return self._end(ConnectionLost("upstream connection was closed"), polite=True)
+
+    # -- liveness -------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When ``on_timer`` has something to decide, on the clock of ``now``."""
+        if self._closed or self._ping_interval is None:
+            return None
+        if self._ping_sent_at is not None:
+            return self._ping_sent_at + self._ping_timeout
+        return self._last_heard + self._ping_interval
+
+    def on_timer(self, now: float) -> list[Event]:
+        """A PING after ``ping_interval`` of silence; the connection lost
+        when nothing at all came for ``ping_timeout`` after it."""
+        if self._closed or self._ping_interval is None:
+            return []
+        due = now + _CLOCK_SLACK
+        if self._ping_sent_at is not None:
+            if due >= self._ping_sent_at + self._ping_timeout:
+                return self._end(
+                    ConnectionLost(f"upstream did not answer a PING within {self._ping_timeout:g} s")
+                )
+        elif due >= self._last_heard + self._ping_interval:
+            self._h2.ping(next(self._ping_ids).to_bytes(8, "big"))
+            self._ping_sent_at = now
+        return []
+
+    # -- streams --------------------------------------------------------------------
+
+    def start_request(self, request: UpstreamRequest) -> int:
+        """HEADERS for ``request`` (with END_STREAM when it has no body);
+        returns the new stream's id. Raises ``StreamRefused`` when the
+        connection takes no more streams: another one will."""
+        if not self.is_usable:
+            raise StreamRefused("connection no longer takes new streams")
+        stream_id = self._h2.get_next_available_stream_id()
+        headers = [
+            (b":method", request.method.encode()),
+            (b":scheme", self._scheme),
+            (b":authority", self._authority),
+            (b":path", request.path.encode()),
+        ]
+        headers.extend((name.encode(), value.encode()) for name, value in request.headers)
+        if request.body:
+            headers.append((b"content-length", str(len(request.body)).encode()))
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=not request.body)
+        except h2.exceptions.ProtocolError as exc:
+            # Stream ids exhausted (2^31, RFC 9113 §5.1.1) or the peer's
+            # limit reached: this connection takes no more.
+            self._exhausted = True
+            raise StreamRefused(f"connection cannot open a stream: {exc}") from exc
+        self._streams[stream_id] = _Stream()
+        self._active += 1
+        self._opened += 1
+        if self._max_streams is not None and self._opened >= self._max_streams:
+            self._exhausted = True
+        return stream_id
+
+    def can_send(self, stream_id: int) -> bool:
+        """The stream is still open for its request body."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.open and not self._closed
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, *, end_stream: bool) -> int:
+        """As much of ``data`` as the send windows allow (RFC 9113 §6.9.1),
+        END_STREAM with the last of it when ``end_stream``; returns how many
+        bytes went. 0: wait for ``WindowOpened``."""
+        window = min(self._h2.local_flow_control_window(stream_id), self._h2.max_outbound_frame_size)
+        if window <= 0:
+            return 0
+        piece = data[:window]
+        self._h2.send_data(stream_id, bytes(piece), end_stream=end_stream and len(piece) == len(data))
+        return len(piece)
+
+    def consumed(self, stream_id: int, length: int) -> None:
+        """The reader took ``length`` bytes of the stream: credit them to the
+        peer's windows, a batch at a time."""
+        stream = self._streams.get(stream_id)
+        if stream is None or length == 0 or self._closed:
+            return
+        stream.unconsumed -= length
+        owed = stream.owed + length
+        self._owed_total += length
+        window_left = self._owed_total < self._owed_limit and (
+            self._h2.inbound_flow_control_window >= self._owed_limit
+        )
+        if owed < ACK_BATCH_BYTES and window_left:
+            stream.owed = owed
+        elif window_left:
+            stream.owed = 0
+            self._owed_total -= owed
+            self._h2.acknowledge_received_data(owed, stream_id)
+        else:
+            stream.owed = owed
+            self._settle_all_owed()
+
+    def release(self, stream_id: int) -> list[Event]:
+        """The reader needs nothing more from the stream: RST_STREAM(CANCEL)
+        if it is still open (in ``data_to_send()`` when this returns; RFC
+        9113 §8.7), and every byte it received and did not credit yet is
+        credited now, consumed or not, so the connection window stays whole.
+        A no-op for a stream already released."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is None or self._closed:
+            return []
+        events: list[Event] = []
+        if stream.open:
+            self._active -= 1
+            try:
+                self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
+            except h2.exceptions.StreamClosedError:
+                pass  # closed by the peer in the frames just read
+            events.append(CapacityChanged())
+        self._owed_total -= stream.owed
+        if credit := stream.owed + stream.unconsumed:
+            self._h2.acknowledge_received_data(credit, stream_id)
+        if self.is_draining and self._active == 0:
+            events.extend(self.close())
+        return events
+
+    # -- h2's events, translated ----------------------------------------------------
+
+    def _translate(self, event: h2.events.Event, events: list[Event]) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None and event.flow_controlled_length is not None
+            self._on_data(event.stream_id, event.data or b"", event.flow_controlled_length, events)
+        elif isinstance(event, h2.events.ResponseReceived):
+            assert event.stream_id is not None and event.headers is not None
+            if event.stream_id in self._streams:
+                events.append(HeadReceived(event.stream_id, response_head(event.headers)))
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            if self._close_stream(event.stream_id):
+                events.append(StreamEnded(event.stream_id))
+                self._after_stream_closed(events)
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            if self._close_stream(event.stream_id):
+                events.append(StreamFailed(event.stream_id, reset_error(event.error_code)))
+                self._after_stream_closed(events)
+        elif isinstance(event, h2.events.WindowUpdated):
+            events.append(WindowOpened(event.stream_id or 0))
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            if not self._ready:
+                self._ready = True
+                events.append(Ready())
+            # INITIAL_WINDOW_SIZE and MAX_CONCURRENT_STREAMS may have grown.
+            events.append(WindowOpened(0))
+            events.append(CapacityChanged())
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._on_goaway(event.last_stream_id or 0, event.error_code, events)
+        # PING is answered by h2 itself, and a PING ACK needs nothing more
+        # than the liveness noted in receive(). Trailers, SETTINGS ACKs and
+        # priority frames need nothing from a client that relays the body.
+
+    def _on_data(self, stream_id: int, data: bytes, flow_length: int, events: list[Event]) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or not data:
+            # Nothing anyone will read: an empty or padding-only frame (legal,
+            # and not the end of the body). h2 counted it against our
+            # windows, so its credit goes back now, or the connection window
+            # leaks. (DATA for a stream h2 has closed -- one we reset --
+            # never gets here: h2 credits it itself.)
+            self._h2.acknowledge_received_data(flow_length, stream_id)
+            return
+        if flow_length > len(data):
+            # Padding is never read: credited at once.
+            self._h2.acknowledge_received_data(flow_length - len(data), stream_id)
+        stream.unconsumed += len(data)
+        events.append(DataReceived(stream_id, data))
+
+    def _close_stream(self, stream_id: int) -> bool:
+        """Mark an open stream closed; False if it was not open."""
+        stream = self._streams.get(stream_id)
+        if stream is None or not stream.open:
+            return False
+        stream.open = False
+        self._active -= 1
+        return True
+
+    def _after_stream_closed(self, events: list[Event]) -> None:
+        events.append(CapacityChanged())
+        if self.is_draining and self._active == 0:
+            events.extend(self.close())
+
+    def _on_goaway(self, last_stream_id: int, error_code: int | None, events: list[Event]) -> None:
+        """RFC 9113 §6.8: streams above ``last_stream_id`` were not processed
+        and fail as refused; those at or below it run to completion, unless
+        the GOAWAY carries an error, which ends the connection."""
+        if self._goaway_last is None or last_stream_id < self._goaway_last:
+            self._goaway_last = last_stream_id
+        refused = StreamRefused("upstream sent GOAWAY before processing the stream")
+        for stream_id in [sid for sid, s in self._streams.items() if s.open and sid > last_stream_id]:
+            self._close_stream(stream_id)
+            events.append(StreamFailed(stream_id, refused))
+        if error_code not in (None, ErrorCodes.NO_ERROR):
+            events.extend(self._end(ConnectionLost(f"upstream sent GOAWAY ({code_name(error_code)})")))
+            return
+        self._after_stream_closed(events)
+
+    def _end(self, error: TransportError, *, polite: bool = False) -> list[Event]:
+        """The connection is over: every stream still open fails (as refused
+        if a GOAWAY said it was not processed), and nothing is owed."""
+        if self._closed:
+            return []
+        self._closed = True
+        events: list[Event] = []
+        refused = StreamRefused("upstream closed the connection before processing the stream")
+        last = self._goaway_last
+        for stream_id, stream in self._streams.items():
+            if stream.open:
+                unprocessed = last is not None and stream_id > last
+                events.append(StreamFailed(stream_id, refused if unprocessed else error))
+        self._streams.clear()
+        self._active = 0
+        self._owed_total = 0
+        events.append(ConnectionEnded(None if polite else error))
+        return events
+
+    def _settle_all_owed(self) -> None:
+        for stream_id, stream in self._streams.items():
+            if stream.owed:
+                self._h2.acknowledge_received_data(stream.owed, stream_id)
+                stream.owed = 0
+        self._owed_total = 0
+
+
+def response_head(raw_headers: list[tuple[bytes, bytes]]) -> ResponseHead:
+    status = 0
+    headers: list[tuple[str, str]] = []
+    for name, value in raw_headers:
+        if name == b":status":
+            status = int(value)
+        elif not name.startswith(b":"):
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    return ResponseHead(status=status, headers=tuple(headers), http_version="HTTP/2")
+
+
+def reset_error(error_code: int | None) -> TransportError:
+    if error_code == ErrorCodes.REFUSED_STREAM:
+        # RFC 9113 §8.7: no application processing happened, so the request
+        # may be sent again.
+        return StreamRefused("upstream refused the stream")
+    return StreamReset(f"upstream reset the stream ({code_name(error_code)})", error_code=error_code)
+
+
+def code_name(error_code: int | None) -> str:
+    if error_code is None:
+        return "no error code"
+    try:
+        return ErrorCodes(error_code).name
+    except ValueError:
+        return f"error code {error_code}"

@@ -1,0 +1,230 @@
+"""The gateway in front of an HTTP/2 upstream that misbehaves on purpose
+(tests/integration/faulty_h2_peer.py), over real sockets: GOAWAY after N
+requests costs no request, whether the peer ends its connections as RFC
+9113 §6.8 says or as hypercorn does; REFUSED_STREAM is sent again; a
+connection lost, a GOAWAY with an error code,
+a protocol error or a dead peer ends every coalesced subscriber with the
+in-stream error, never with [DONE]."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import running_gateway
+from gateway.config import Settings
+from gateway.state import STATE, GatewayState
+from gateway.upstream.base import UpstreamRequest
+from gateway.upstream.errors import ConnectionLost
+from gateway.upstream.h2.stream import H2ResponseStream
+from tests.integration.faulty_h2_peer import FaultyPeer, answer_text, faulty_h2_peer
+from tests.integration.h2_pools import h2_pool
+from tests.integration.sse_frames import Frame, FrameReader, openai_text
+
+DONE = b"data: [DONE]\n\n"
+
+
+def chat(prompt: str) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": True}
+
+
+def request(prompt: str) -> UpstreamRequest:
+    body = json.dumps(chat(prompt)).encode()
+    return UpstreamRequest("POST", "/v1/chat/completions", (("content-type", "application/json"),), body)
+
+
+async def read_all(stream: H2ResponseStream) -> bytes:
+    parts = []
+    while data := await stream.read():
+        parts.append(data)
+    return b"".join(parts)
+
+
+@asynccontextmanager
+async def gateway_on(peer: FaultyPeer, **settings: Any) -> AsyncIterator[tuple[GatewayState, str]]:
+    """The gateway with the peer as its upstream over h2c; yields its state
+    and its /v1 URL."""
+    async with running_gateway(
+        Settings(
+            host="127.0.0.1",
+            port=0,
+            upstream_url=f"http://127.0.0.1:{peer.port}/v1",
+            upstream_protocol="h2c",
+            **settings,
+        )
+    ) as (app, url):
+        yield app[STATE], url + "/v1"
+
+
+async def test_goaway_after_every_50_requests_fails_no_request():
+    """600 requests, 30 at a time, to an upstream whose connections serve 50
+    requests each and refuse the next with GOAWAY (as hypercorn does at
+    1,000): every refused stream is sent again on another connection, and
+    every request gets its whole answer and [DONE]. RFC 9113 §6.8."""
+    async with faulty_h2_peer(goaway_after=50) as peer, gateway_on(peer) as (_, v1):
+        results: list[tuple[int, str, bytes]] = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+            async def client(number: int) -> None:
+                for request in range(20):
+                    async with http.post(v1 + "/chat/completions", json=chat(f"c{number} r{request}")) as r:
+                        frames = await FrameReader(r).rest()
+                    results.append((r.status, openai_text(frames), frames[-1].raw))
+
+            await asyncio.gather(*(client(number) for number in range(30)))
+    failures = [result for result in results if result != (200, answer_text(5), DONE)]
+    print(f"{peer.goaways} GOAWAYs, {peer.unanswered} streams refused and sent again, "
+          f"{peer.connections} connections, {len(failures)} failures")
+    assert len(results) == 600 and failures == []
+    # Up to four connections (UPSTREAM_MAX_CONNECTIONS) end the run short
+    # of their quota; the others all reached it.
+    assert peer.goaways >= 600 // 51 - 4
+    # Each GOAWAY refused at least the request that triggered it, and each
+    # refused request was answered after all.
+    assert peer.unanswered >= peer.goaways
+    assert peer.requests == 600 + peer.unanswered
+
+
+async def test_no_connection_reaches_a_hypercorn_style_request_limit():
+    """An upstream that, like hypercorn, drops the answers in flight when a
+    connection passes its request quota (50 here, 1,000 in hypercorn): the
+    client opens at most 40 streams on a connection
+    (upstream_max_streams_per_connection, 500 by default), so no connection
+    ever reaches the quota, and 600 requests, 30 at a time, all complete."""
+    peer_with_quota = faulty_h2_peer(goaway_after=50, goaway_style="hypercorn")
+    async with peer_with_quota as peer, gateway_on(peer, upstream_max_streams_per_connection=40) as (_, v1):
+        results: list[tuple[int, str, bytes]] = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+            async def client(number: int) -> None:
+                for request in range(20):
+                    async with http.post(v1 + "/chat/completions", json=chat(f"c{number} r{request}")) as r:
+                        frames = await FrameReader(r).rest()
+                    results.append((r.status, openai_text(frames), frames[-1].raw))
+
+            await asyncio.gather(*(client(number) for number in range(30)))
+    failures = [result for result in results if result != (200, answer_text(5), DONE)]
+    print(f"{peer.connections} connections, {len(failures)} failures")
+    assert len(results) == 600 and failures == []
+    assert peer.goaways == 0 and peer.requests == 600
+    assert peer.connections >= 600 // 40
+
+
+async def test_a_hypercorn_style_quota_drops_the_streams_in_flight():
+    """What the cap avoids: at its quota such a peer closes the connection
+    under the streams in flight, all at or below its GOAWAY's last-stream-id
+    (so possibly processed, and not sent again): each fails as a lost
+    connection. With the cap at the quota, the next stream goes to a new
+    connection and every stream completes."""
+    for cap, expected in ((None, ["lost"] * 6), (5, ["ok"] * 6)):
+        async with faulty_h2_peer(goaway_after=5, goaway_style="hypercorn", token_gap_s=0.2) as peer:
+            pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1,
+                           max_streams_per_connection=cap)
+            try:
+                streams = [await pool.open(request(f"in flight {i}")) for i in range(6)]
+                outcomes = []
+                for stream in streams:
+                    try:
+                        await read_all(stream)
+                        outcomes.append("ok")
+                    except ConnectionLost:
+                        outcomes.append("lost")
+            finally:
+                await pool.aclose()
+        assert outcomes == expected, cap
+        assert peer.goaways == (1 if cap is None else 0)
+
+
+async def test_refused_streams_are_sent_again_and_answered():
+    """The upstream refuses the first two sends of a request with
+    RST_STREAM(REFUSED_STREAM) (RFC 9113 §8.7: not processed): the client
+    sends it again, and the third send is answered in full."""
+    async with faulty_h2_peer(refuse_first=2) as peer, gateway_on(peer) as (_, v1):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(v1 + "/chat/completions", json=chat("refused twice")) as response:
+                frames = await FrameReader(response).rest()
+    assert response.status == 200
+    assert openai_text(frames) == answer_text(5) and frames[-1].raw == DONE
+    assert peer.refused == 2 and peer.requests == 3
+
+
+async def first_tokens(http: aiohttp.ClientSession, v1: str, prompt: str, text: str) -> FrameReader:
+    """A streaming request, read until ``text`` has come."""
+    response = await http.post(v1 + "/chat/completions", json=chat(prompt))
+    assert response.status == 200
+    reader = FrameReader(response)
+    while openai_text(reader.frames) != text:
+        assert await reader.next() is not None
+    return reader
+
+
+def in_stream_error(frames: list[Frame]) -> str:
+    assert all(frame.raw != DONE for frame in frames)
+    code = frames[-1].json()["error"]["code"]
+    assert isinstance(code, str)
+    return code
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        ("kill", "upstream_connection_lost"),
+        ("goaway_error", "upstream_connection_lost"),
+        ("protocol_error", "upstream_protocol_error"),
+        ("silent", "upstream_connection_lost"),
+    ],
+)
+async def test_coalesced_subscribers_of_a_failed_connection_each_get_the_error(fault, code):
+    """20 clients share one upstream stream (coalesced); two tokens in, its
+    connection fails (TCP abort, GOAWAY(INTERNAL_ERROR), a frame HTTP/2
+    forbids, or a peer that stops answering anything, PINGs included).
+    Each client ends with the in-stream error and none with [DONE]; the
+    upstream saw one request."""
+    peer_fails = faulty_h2_peer(fault=fault, tokens=10, tokens_before_fault=2, wait_for_go=True)
+    async with peer_fails as peer, gateway_on(
+        peer, upstream_ping_interval_s=0.2, upstream_ping_timeout_s=0.3
+    ) as (_, v1):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            readers = [await first_tokens(http, v1, "shared", "t0 t1 ") for _ in range(20)]
+            peer.go.set()
+            async with asyncio.timeout(20):  # generous: a dead peer is found in 0.5 s
+                endings = await asyncio.gather(*(reader.rest() for reader in readers))
+            for reader in readers:
+                reader.response.close()
+    assert [in_stream_error(frames) for frames in endings] == [code] * 20
+    assert [openai_text(frames) for frames in endings] == ["t0 t1 "] * 20
+    assert peer.requests == 1
+
+
+async def test_a_dead_peer_is_found_by_ping_long_before_the_idle_timeout():
+    """An upstream that stops sending anything, PING ACKs included, without
+    closing the connection: with the idle timeout at its 30 s default and
+    PINGs after 0.2 s of silence, unanswered for 0.3 s, the stream ends with
+    upstream_connection_lost within about half a second. (The defaults are
+    a PING after 10 s, lost 5 s later: 15 s at most, half the idle timeout.)"""
+    peer_goes_silent = faulty_h2_peer(fault="silent", tokens=10, tokens_before_fault=2, wait_for_go=True)
+    async with peer_goes_silent as peer, gateway_on(
+        peer, upstream_ping_interval_s=0.2, upstream_ping_timeout_s=0.3
+    ) as (state, v1):
+        assert state.settings.upstream_idle_timeout_ms == 30_000
+        async with aiohttp.ClientSession() as http:
+            reader = await first_tokens(http, v1, "then silence", "t0 t1 ")
+            peer.go.set()
+            silent_at = time.monotonic()
+            async with asyncio.timeout(20):
+                frames = await reader.rest()
+            found_after = time.monotonic() - silent_at
+            reader.response.close()
+    print(f"dead peer found after {found_after * 1000:.0f} ms")
+    assert in_stream_error(frames) == "upstream_connection_lost"
+    assert "did not answer a PING" in frames[-1].json()["error"]["message"]
+    # Far below the idle timeout (generous for a loaded machine: the point
+    # is "not 30 s").
+    assert found_after < 10

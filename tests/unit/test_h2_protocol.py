@@ -1,0 +1,411 @@
+"""The HTTP/2 client's protocol core, frame by frame: hyperframe bytes in
+(with a clock value), our events and exact bytes out; no sockets, no loop.
+One rule per test, in the manner of python-hyper/h2's own tests."""
+
+from __future__ import annotations
+
+import hpack
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.errors import (
+    ConnectionLost,
+    ProtocolViolation,
+    StreamRefused,
+    StreamReset,
+)
+from gateway.upstream.h2.events import (
+    CapacityChanged,
+    ConnectionEnded,
+    DataReceived,
+    HeadReceived,
+    StreamEnded,
+    StreamFailed,
+    WindowOpened,
+)
+from gateway.upstream.h2.protocol import ACK_BATCH_BYTES, H2ClientProtocol
+
+REQUEST = UpstreamRequest("GET", "/v1/models", (("accept", "application/json"),))
+#: The default window (RFC 9113 §6.9.2) for the connection too, so h2's
+#: half-window rule for WINDOW_UPDATE applies to both at 32,767 bytes.
+WINDOW = 65_535
+
+
+class Peer:
+    """The server side, as frames: what a test feeds the core."""
+
+    def __init__(self) -> None:
+        self._encoder = hpack.Encoder()
+
+    def headers(self, stream_id: int, status: int = 200, *, end_stream: bool = False) -> bytes:
+        frame = HeadersFrame(stream_id)
+        frame.data = self._encoder.encode([(":status", str(status)), ("content-type", "text/plain")])
+        frame.flags.add("END_HEADERS")
+        if end_stream:
+            frame.flags.add("END_STREAM")
+        return frame.serialize()
+
+
+def frame_bytes(*frames: Frame) -> bytes:
+    return b"".join(frame.serialize() for frame in frames)
+
+
+def data(stream_id: int, payload: bytes, *, end_stream: bool = False) -> bytes:
+    frame = DataFrame(stream_id, payload)
+    if end_stream:
+        frame.flags.add("END_STREAM")
+    return frame.serialize()
+
+
+def data_of(stream_id: int, length: int) -> bytes:
+    """``length`` bytes of DATA on the stream, in frames of at most 16,384."""
+    frames = []
+    while length > 0:
+        size = min(length, 16_384)
+        frames.append(data(stream_id, b"x" * size))
+        length -= size
+    return b"".join(frames)
+
+
+def rst(stream_id: int, code: ErrorCodes) -> bytes:
+    return RstStreamFrame(stream_id, error_code=code).serialize()
+
+
+def goaway(last_stream_id: int, code: ErrorCodes = ErrorCodes.NO_ERROR) -> bytes:
+    return GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code).serialize()
+
+
+def window_update(stream_id: int, increment: int) -> bytes:
+    return WindowUpdateFrame(stream_id, window_increment=increment).serialize()
+
+
+@pytest.fixture
+def peer() -> Peer:
+    return Peer()
+
+
+@pytest.fixture
+def core() -> H2ClientProtocol:
+    """A core past the preface: our SETTINGS sent, the server's received and
+    acknowledged, nothing left to send."""
+    core = H2ClientProtocol(
+        authority="upstream.test",
+        scheme="http",
+        ping_interval=10.0,
+        ping_timeout=5.0,
+        connection_window=WINDOW,
+    )
+    core.initiate(now=0.0)
+    core.data_to_send()
+    core.receive(SettingsFrame(0).serialize(), now=0.0)
+    core.data_to_send()  # the SETTINGS ACK
+    return core
+
+
+def open_streams(core: H2ClientProtocol, count: int) -> list[int]:
+    ids = [core.start_request(REQUEST) for _ in range(count)]
+    core.data_to_send()  # their HEADERS
+    return ids
+
+
+# -- opening -------------------------------------------------------------------
+
+
+def test_no_stream_opens_before_the_servers_preface() -> None:
+    """Streams wait for the server's SETTINGS (RFC 9113 §3.4): until then the
+    connection takes none."""
+    core = H2ClientProtocol(authority="a", scheme="http", ping_interval=None, ping_timeout=5.0)
+    core.initiate(now=0.0)
+    assert not core.is_usable and core.free_streams == 0
+    with pytest.raises(StreamRefused):
+        core.start_request(REQUEST)
+
+
+def test_the_response_head_and_body_come_as_events(core, peer) -> None:
+    """HEADERS, DATA and END_STREAM become HeadReceived, DataReceived and
+    StreamEnded for the stream; its slot frees."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(peer.headers(stream_id) + data(stream_id, b"hello", end_stream=True), now=1.0)
+    assert events == [
+        HeadReceived(stream_id, ResponseHead(200, (("content-type", "text/plain"),), "HTTP/2")),
+        DataReceived(stream_id, b"hello"),
+        StreamEnded(stream_id),
+        CapacityChanged(),
+    ]
+    assert core.active_streams == 0
+
+
+# -- resets ----------------------------------------------------------------------
+
+
+def test_a_reset_is_written_in_the_same_call_that_cancels(core) -> None:
+    """release() on an open stream queues RST_STREAM(CANCEL) before it
+    returns (RFC 9113 §8.7): the adapter writes it in the same call."""
+    (stream_id,) = open_streams(core, 1)
+    assert core.release(stream_id) == [CapacityChanged()]
+    assert core.data_to_send() == rst(stream_id, ErrorCodes.CANCEL)
+    assert core.active_streams == 0
+
+
+def test_releasing_a_stream_that_ended_sends_no_reset(core, peer) -> None:
+    """A stream the peer ended is given back without RST_STREAM."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id, end_stream=True), now=1.0)
+    core.data_to_send()
+    assert core.release(stream_id) == []
+    assert core.data_to_send() == b""
+
+
+def test_refused_stream_fails_as_refused_and_the_connection_stays(core) -> None:
+    """RST_STREAM(REFUSED_STREAM): nothing was processed (RFC 9113 §8.7), so
+    the stream fails as StreamRefused, which may be sent again; the
+    connection still takes streams."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(rst(stream_id, ErrorCodes.REFUSED_STREAM), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, CapacityChanged]
+    assert isinstance(events[0], StreamFailed) and type(events[0].error) is StreamRefused
+    assert core.is_usable and core.free_streams > 0
+
+
+def test_another_reset_code_fails_the_stream_as_reset(core) -> None:
+    """RST_STREAM with any other code may follow processing: StreamReset,
+    carrying the code, never StreamRefused."""
+    (stream_id,) = open_streams(core, 1)
+    (failed, _) = core.receive(rst(stream_id, ErrorCodes.INTERNAL_ERROR), now=1.0)
+    assert isinstance(failed, StreamFailed) and isinstance(failed.error, StreamReset)
+    assert failed.error.error_code == ErrorCodes.INTERNAL_ERROR
+    assert "INTERNAL_ERROR" in str(failed.error)
+
+
+# -- flow-control credit ---------------------------------------------------------
+
+
+def test_credit_below_a_batch_is_held(core, peer) -> None:
+    """Consumed bytes below ACK_BATCH_BYTES are not credited yet."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id) + data_of(stream_id, 40_000), now=1.0)
+    core.consumed(stream_id, ACK_BATCH_BYTES - 1)
+    assert core.data_to_send() == b""
+
+
+def test_consumed_bytes_are_credited_to_both_windows(core, peer) -> None:
+    """Past half of each window (h2's rule), consuming the data sends
+    WINDOW_UPDATE for the connection and for the stream."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id) + data_of(stream_id, 40_000), now=1.0)
+    core.consumed(stream_id, 40_000)
+    assert core.data_to_send() == window_update(0, 40_000) + window_update(stream_id, 40_000)
+
+
+def test_credit_is_returned_when_a_stream_is_reset_unread(core, peer) -> None:
+    """Data received and never read still counts against the connection
+    window: resetting the stream credits all of it, after the RST_STREAM."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id) + data_of(stream_id, 40_000), now=1.0)
+    core.consumed(stream_id, 1_000)  # read a little: owed, below a batch
+    core.release(stream_id)
+    assert core.data_to_send() == rst(stream_id, ErrorCodes.CANCEL) + window_update(0, 40_000)
+
+
+def test_credit_is_returned_when_the_peer_resets_a_stream(core, peer) -> None:
+    """A stream the peer reset with data unread: releasing it credits the
+    connection window, with no RST_STREAM of ours."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id) + data_of(stream_id, 40_000), now=1.0)
+    core.receive(rst(stream_id, ErrorCodes.INTERNAL_ERROR), now=1.0)
+    core.release(stream_id)
+    assert core.data_to_send() == window_update(0, 40_000)
+
+
+def test_data_after_our_reset_is_credited(core, peer) -> None:
+    """DATA the peer sent before it saw our RST_STREAM still uses the
+    connection window: it is credited (by h2, for a stream it closed), and
+    it is no event of ours."""
+    (stream_id,) = open_streams(core, 1)
+    core.release(stream_id)
+    core.data_to_send()
+    assert core.receive(data_of(stream_id, 40_000), now=1.0) == []
+    # h2 answers each frame with RST_STREAM(STREAM_CLOSED) and credits the
+    # connection window, which reaches half its size at the second frame.
+    closed = rst(stream_id, ErrorCodes.STREAM_CLOSED)
+    assert core.data_to_send() == closed + window_update(0, 32_768) + closed + closed
+
+
+def test_small_debts_on_many_streams_are_settled_together(core, peer) -> None:
+    """Each stream owes less than a batch, but once all of them owe a
+    quarter of the connection window together, everything owed is
+    credited: six streams of 6,000 bytes credit 36,000 at once."""
+    ids = open_streams(core, 6)
+    for stream_id in ids:
+        core.receive(peer.headers(stream_id) + data(stream_id, b"x" * 6_000), now=1.0)
+    for stream_id in ids:
+        core.consumed(stream_id, 6_000)
+    assert core.data_to_send() == window_update(0, 36_000)
+
+
+def test_padding_is_credited_on_arrival(core, peer) -> None:
+    """Padding is never read: its part of a DATA frame is credited at once,
+    the data only as it is consumed."""
+    (stream_id,) = open_streams(core, 1)
+    frame = DataFrame(stream_id, b"x" * 100)
+    frame.flags.add("PADDED")
+    frame.pad_length = 200
+    core.receive(peer.headers(stream_id) + frame.serialize(), now=1.0)
+    core.release(stream_id)
+    # 301 bytes counted (payload, pad length byte, padding): all credited,
+    # below h2's half-window threshold for a WINDOW_UPDATE, so only the reset.
+    assert core.data_to_send() == rst(stream_id, ErrorCodes.CANCEL)
+
+
+# -- GOAWAY ----------------------------------------------------------------------
+
+
+def test_goaway_refuses_streams_above_its_last_stream_id(core, peer) -> None:
+    """GOAWAY(NO_ERROR, last=3) with streams 1, 3 and 5 open: 5 was not
+    processed (RFC 9113 §6.8) and fails as refused; 1 and 3 go on."""
+    first, second, third = open_streams(core, 3)
+    (failed, capacity) = core.receive(goaway(second), now=1.0)
+    assert isinstance(failed, StreamFailed) and failed.stream_id == third
+    assert type(failed.error) is StreamRefused
+    assert capacity == CapacityChanged()
+    assert core.active_streams == 2
+    answer = peer.headers(first) + data(first, b"still")
+    assert core.receive(answer, now=1.0)[1:] == [DataReceived(first, b"still")]
+
+
+def test_no_stream_opens_after_a_goaway(core) -> None:
+    """A connection that received GOAWAY takes no new stream."""
+    open_streams(core, 1)
+    core.receive(goaway(1), now=1.0)
+    assert core.is_draining and not core.is_usable and core.free_streams == 0
+    with pytest.raises(StreamRefused):
+        core.start_request(REQUEST)
+
+
+def test_after_goaway_the_connection_closes_when_its_last_stream_ends(core, peer) -> None:
+    """Once the streams a GOAWAY let finish have ended, the core closes the
+    connection politely: our own GOAWAY(NO_ERROR), then ConnectionEnded."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(goaway(stream_id), now=1.0)
+    events = core.receive(peer.headers(stream_id, end_stream=True), now=1.0)
+    assert events[-1] == ConnectionEnded(None)
+    assert core.data_to_send() == goaway(0)
+    assert core.is_closed
+
+
+def test_goaway_with_an_error_code_ends_the_connection(core) -> None:
+    """GOAWAY(INTERNAL_ERROR, last=1) with streams 1 and 3: 3 fails as
+    refused, 1 as a lost connection naming the code, and the connection
+    ends."""
+    first, second = open_streams(core, 2)
+    events = core.receive(goaway(first, ErrorCodes.INTERNAL_ERROR), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, StreamFailed, ConnectionEnded]
+    by_stream = {e.stream_id: e.error for e in events if isinstance(e, StreamFailed)}
+    assert type(by_stream[second]) is StreamRefused
+    assert type(by_stream[first]) is ConnectionLost
+    assert str(by_stream[first]) == "upstream sent GOAWAY (INTERNAL_ERROR)"
+    assert isinstance(events[-1], ConnectionEnded) and events[-1].error is by_stream[first]
+    assert core.is_closed
+
+
+def test_a_connection_lost_after_goaway_refuses_the_streams_above_it(core) -> None:
+    """The transport closes right after a GOAWAY(last=1): stream 3, above
+    the last id, was not processed and fails as refused; stream 1 was cut
+    off and fails as a lost connection."""
+    first, second = open_streams(core, 2)
+    core.receive(goaway(first), now=1.0)
+    events = core.lose(ConnectionLost("upstream connection was lost"))
+    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
+    assert isinstance(events[0], StreamFailed) and events[0].stream_id == first
+    assert type(events[0].error) is ConnectionLost
+
+
+# -- liveness --------------------------------------------------------------------
+
+
+def test_a_ping_goes_out_after_the_interval_of_silence(core) -> None:
+    """No frame for ping_interval (10 s): PING (RFC 9113 §6.7)."""
+    assert core.next_timer() == 10.0
+    assert core.on_timer(9.0) == [] and core.data_to_send() == b""
+    assert core.on_timer(10.0) == []
+    assert core.data_to_send() == PingFrame(0, opaque_data=(1).to_bytes(8, "big")).serialize()
+    assert core.next_timer() == 15.0
+
+
+def test_no_answer_to_a_ping_loses_the_connection_and_its_streams(core) -> None:
+    """Nothing within ping_timeout (5 s) of the PING: the connection is
+    lost, and every open stream fails with it, long before an idle timeout."""
+    (stream_id,) = open_streams(core, 1)
+    core.on_timer(10.0)
+    assert core.on_timer(14.0) == []
+    events = core.on_timer(15.0)
+    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
+    assert isinstance(events[0], StreamFailed) and events[0].stream_id == stream_id
+    assert str(events[0].error) == "upstream did not answer a PING within 5 s"
+    assert core.is_closed and core.next_timer() is None
+
+
+def test_any_frame_proves_the_peer_alive(core) -> None:
+    """Any frame after the PING (its ACK, or data) clears it: the next PING
+    is an interval after that frame."""
+    core.on_timer(10.0)
+    core.data_to_send()
+    ack = PingFrame(0, opaque_data=(1).to_bytes(8, "big"))
+    ack.flags.add("ACK")
+    core.receive(ack.serialize(), now=12.0)
+    assert core.next_timer() == 22.0
+    assert core.on_timer(15.0) == [] and not core.is_closed
+
+
+# -- protocol errors -------------------------------------------------------------
+
+
+def test_a_protocol_error_ends_the_connection_with_goaway(core) -> None:
+    """A frame the protocol forbids (HEADERS on a stream the server may not
+    open, RFC 9113 §5.1.1) fails every stream as a protocol violation, and
+    h2's GOAWAY(PROTOCOL_ERROR) is queued for the peer."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(Peer().headers(2), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
+    assert isinstance(events[0], StreamFailed) and isinstance(events[0].error, ProtocolViolation)
+    sent = GoAwayFrame(0)
+    sent.parse_body(memoryview(core.data_to_send()[9:]))
+    assert sent.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_window_updates_wake_body_senders(core) -> None:
+    """WINDOW_UPDATE becomes WindowOpened, for a stream or the connection."""
+    (stream_id,) = open_streams(core, 1)
+    assert core.receive(window_update(stream_id, 10), now=1.0) == [WindowOpened(stream_id)]
+    assert core.receive(window_update(0, 10), now=1.0) == [WindowOpened(0)]
+
+
+
+def test_past_max_streams_the_connection_takes_no_more_and_closes_when_drained(peer) -> None:
+    """A connection that has opened max_streams streams takes no new one;
+    once they have ended it closes politely, like one after a GOAWAY."""
+    core = H2ClientProtocol(
+        authority="upstream.test", scheme="http", ping_interval=None, ping_timeout=5.0, max_streams=2
+    )
+    core.initiate(now=0.0)
+    core.receive(SettingsFrame(0).serialize(), now=0.0)
+    core.data_to_send()
+    first, second = open_streams(core, 2)
+    assert core.is_draining and not core.is_usable
+    with pytest.raises(StreamRefused):
+        core.start_request(REQUEST)
+    core.receive(peer.headers(first, end_stream=True), now=1.0)
+    events = core.receive(peer.headers(second, end_stream=True), now=1.0)
+    assert events[-1] == ConnectionEnded(None)
+    assert core.data_to_send().endswith(goaway(0))
