@@ -104,7 +104,12 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
         )
-        keepalive = await stack.enter_async_context(Keepalive(settings.ping_interval_s).running())
+        keepalive = await stack.enter_async_context(
+            Keepalive(
+                settings.ping_interval_s,
+                first_token_interval_s=settings.first_token_ping_interval_ms / 1000,
+            ).running()
+        )
         state = GatewayState(
             settings=settings,
             metrics=metrics,

@@ -1,4 +1,4 @@
-"""Settings from the environment (names fixed by ARCHITECTURE.md).
+"""Settings from the environment (every variable: docs/configuration.md).
 
 ``Settings.from_env()`` reads every variable once at start; a bad value raises
 ``ConfigError`` naming the variable and what is allowed, which ``python -m
@@ -65,6 +65,11 @@ class Settings:
     #: Chunk JSON with orjson when it is installed; GATEWAY_ORJSON=0 keeps the
     #: standard library (gateway/json_codec.py).
     orjson: bool = True
+    #: While a stream waits for its first token, a ``: ping`` this often (0:
+    #: off). A proxy learns that its client has gone only when a write to it
+    #: fails, so this bounds how long an abandoned request keeps the
+    #: upstream generating (gateway/sse.py, ``Keepalive``).
+    first_token_ping_interval_ms: int = 150
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -99,6 +104,7 @@ class Settings:
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),
+            first_token_ping_interval_ms=read.integer("FIRST_TOKEN_PING_INTERVAL_MS", 150, low=0),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"
