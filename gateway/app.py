@@ -121,6 +121,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
             # of /readyz, the start-up line and the logs.
             upstream_url=origin.base_url + origin.base_path,
+            simulated=settings.upstream_url is None,
             keepalive=keepalive,
             source_timeouts=SourceTimeouts(
                 first_token_s=settings.upstream_first_token_timeout_ms / 1000,

@@ -20,7 +20,8 @@ T = TypeVar("T")
 FORMATS = ("openai", "anthropic")
 SCOPES = ("key", "global")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("json", "console")
+#: "auto": console lines on a terminal, JSON lines otherwise (gateway/logs.py).
+LOG_FORMATS = ("auto", "json", "console")
 
 
 class ConfigError(ValueError):
@@ -54,7 +55,7 @@ class Settings:
     gateway_api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 1_048_576
     log_level: str = "info"
-    log_format: str = "json"
+    log_format: str = "auto"
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -99,7 +100,7 @@ class Settings:
             gateway_api_keys=read.keys("GATEWAY_API_KEYS"),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 1_048_576, low=1024),
             log_level=read.choice("LOG_LEVEL", "info", LOG_LEVELS),
-            log_format=read.choice("LOG_FORMAT", "json", LOG_FORMATS),
+            log_format=read.choice("LOG_FORMAT", "auto", LOG_FORMATS),
             trusted_proxies=read.networks("TRUSTED_PROXIES", "127.0.0.0/8,::1/128"),
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),

@@ -14,7 +14,7 @@ from gateway.api.intake import owner_of
 from gateway.errors import NotFound, UpstreamProtocolError
 from gateway.metrics import percentile
 from gateway.sse import dumps
-from gateway.state import RECORD, STATE
+from gateway.state import RECORD, STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.origin import Origin
 from gateway.upstream.source import read_bounded
@@ -28,22 +28,30 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def upstream_kind(state: GatewayState) -> str:
+    """"simulator" when no UPSTREAM_URL is set (made-up answers), else
+    "configured". The URL itself stays out of these public answers."""
+    return "simulator" if state.simulated else "configured"
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining and the upstream accepts a TCP connection."""
     state = request.app[STATE]
     if state.draining:
         return web.json_response({"status": "draining"}, status=503)
+    upstream = upstream_kind(state)
     origin = Origin.parse(state.upstream_url)
     try:
         async with asyncio.timeout(1.0):
             _, writer = await asyncio.open_connection(origin.host, origin.port)
     except (OSError, TimeoutError) as exc:
         return web.json_response(
-            {"status": "upstream unreachable", "detail": type(exc).__name__}, status=503
+            {"status": "upstream unreachable", "detail": type(exc).__name__, "upstream": upstream},
+            status=503,
         )
     writer.close()
     await writer.wait_closed()
-    return web.json_response({"status": "ready"})
+    return web.json_response({"status": "ready", "upstream": upstream})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -86,6 +94,7 @@ async def stats(request: web.Request) -> web.Response:
         "active_actors": registry.actors,
         "queue_depth": state.admission.depth,
         "upstream_connections": state.transport.connection_count(),
+        "upstream": upstream_kind(state),
     }
     return web.json_response(body, dumps=dumps)
 
