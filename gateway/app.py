@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
@@ -46,6 +47,9 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/stream", native.stream)
     ops.add_routes(app)
+    # The app's own registry, through prometheus_client's handler: it
+    # negotiates OpenMetrics from Accept, and gzip from Accept-Encoding.
+    app.router.add_get("/metrics", make_aiohttp_handler(app[METRICS].registry))
     return app
 
 

@@ -1,4 +1,8 @@
-"""Operations: health, readiness, metrics, stats, models, cancel, the demo page."""
+"""Operations: health, readiness, stats, models, cancel, the demo page.
+
+``/metrics`` is prometheus_client's own aiohttp handler, on the app's
+registry (gateway/app.py).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import json
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.openmetrics import exposition as openmetrics
 
 from gateway.api.intake import owner_of
 from gateway.errors import NotFound, UpstreamProtocolError
@@ -52,21 +54,6 @@ async def readyz(request: web.Request) -> web.Response:
     writer.close()
     await writer.wait_closed()
     return web.json_response({"status": "ready", "upstream": upstream})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    # prometheus-async's server_stats always reads the global REGISTRY; the
-    # gateway keeps one registry per app, so it renders its own, negotiating
-    # OpenMetrics the same way.
-    registry = request.app[STATE].metrics.registry
-    accept = request.headers.get("Accept", "")
-    if "application/openmetrics-text" in accept:
-        body = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
-        content_type = openmetrics.CONTENT_TYPE_LATEST
-    else:
-        body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
-    # Set whole: the exposition version parameter matters to strict scrapers.
-    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _ms(value: float | None) -> float | None:
@@ -148,7 +135,6 @@ async def index(request: web.Request) -> web.FileResponse:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     app.router.add_get("/stats", stats)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/requests/{request_id}/cancel", cancel)
