@@ -88,7 +88,7 @@ async def test_200_concurrent_streams_share_one_connection_and_arrive_exact(fast
 
 async def test_the_head_is_handed_over_once_and_not_kept(fast_sim, pools):
     """An open stream does not hold its response headers once the consumer
-    has them: every idle stream would (tests/perf/PROFILES.md, memory)."""
+    has them: every idle stream would hold its own copy."""
     pool = pools(fast_sim)
     stream = await pool.open(chat_request("head once"))
     head = await stream.head()
@@ -317,7 +317,8 @@ async def test_an_upstream_reset_after_some_tokens_is_reported(fast_sim, pools):
 
 async def test_abandoned_streams_do_not_leak_the_connection_window(fast_sim, pools):
     """Reset 300 streams that each received data nobody read: the
-    connection window must come back (FIELD-NOTES: acknowledge everything)."""
+    connection window must come back: every DATA frame is acknowledged,
+    also on a reset stream."""
     pool = pools(fast_sim, max_connections=1)
     for i in range(300):
         stream = await pool.open(chat_request(f"abandon {i}", tokens=64, token_size=256))
