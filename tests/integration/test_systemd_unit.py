@@ -17,7 +17,7 @@ from gateway.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "llm-gateway.service"
 ENV_EXAMPLE = ROOT / "deploy" / "systemd" / "llm-gateway.env.example"
-DEPLOY_README = ROOT / "deploy" / "README.md"
+CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed"
@@ -122,8 +122,8 @@ def _documented_variables(text: str) -> Iterator[str]:
             yield from re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])
 
 
-def test_readme_configuration_table_lists_every_variable() -> None:
-    assert set(_documented_variables(DEPLOY_README.read_text())) == configuration_variables()
+def test_configuration_table_lists_every_variable() -> None:
+    assert set(_documented_variables(CONFIGURATION_DOC.read_text())) == configuration_variables()
 
 
 def _installed_copy(tmp_path: Path) -> Path:
