@@ -4,6 +4,7 @@ as data of the gateway package without a setuptools warning."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,11 @@ needs_make = pytest.mark.skipif(MAKE is None, reason="make is not installed")
 
 def _dry_run(target: str, venv: Path) -> list[str]:
     """The commands ``make <target>`` would run for a fresh clone (no venv yet)."""
+    # Not as a sub-make of `make test`: no inherited flags, no directory lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(
-        [MAKE, "-n", target, f"VENV={venv}"],  # type: ignore[list-item]
-        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+        [MAKE, "--no-print-directory", "-n", target, f"VENV={venv}"],  # type: ignore[list-item]
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True, env=env,
     )
     return result.stdout.splitlines()
 
