@@ -1,21 +1,29 @@
-# Everything runs from .venv; `make install` builds it from setup.cfg, and every
-# other target depends on it, so a fresh clone needs nothing but python3.
+# Everything runs from .venv, built from setup.cfg, so a fresh clone needs
+# nothing but python3. Two stamps: the runtime (the package and its `fast`
+# extra: what `make run` and `make ttft` need) and, on top of it, the test
+# and dev tools (pytest, playwright, mypy, py-spy: what `make test`, `make
+# lint` and `make bench` need). `make install` builds the whole of it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint ttft bench clean
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(RUNTIME_STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[fast]'
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install --quiet -e '.[test,dev,fast]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUNTIME_STAMP)
 	$(BIN)/python -m gateway
 
 test: $(STAMP)
@@ -27,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy gateway actors
 
-ttft: $(STAMP)
+ttft: $(RUNTIME_STAMP)
 	$(BIN)/python -m gateway.suite $(if $(TARGET),--target $(TARGET),)
 
 bench: $(STAMP)

@@ -66,7 +66,7 @@ def _ignore(event: ActorEvent) -> None:
 class StreamActor:
     """Owns one upstream stream from admission to its end."""
 
-    # Slots: every open stream holds one (tests/perf/PROFILES.md, memory).
+    # Slots: every open stream holds one, so its size is per-stream memory.
     __slots__ = (
         "key",
         "stream_id",

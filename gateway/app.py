@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
@@ -48,6 +49,9 @@ def make_app(settings: Settings) -> web.Application:
     # Anthropic's Messages API, for its SDK's clients (Anthropic-shaped errors).
     app.router.add_post("/v1/messages", messages.messages)
     ops.add_routes(app)
+    # The app's own registry, through prometheus_client's handler: it
+    # negotiates OpenMetrics from Accept, and gzip from Accept-Encoding.
+    app.router.add_get("/metrics", make_aiohttp_handler(app[METRICS].registry))
     return app
 
 
@@ -117,7 +121,12 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
         )
-        keepalive = await stack.enter_async_context(Keepalive(settings.ping_interval_s).running())
+        keepalive = await stack.enter_async_context(
+            Keepalive(
+                settings.ping_interval_s,
+                first_token_interval_s=settings.first_token_ping_interval_ms / 1000,
+            ).running()
+        )
         state = GatewayState(
             settings=settings,
             metrics=metrics,
@@ -129,6 +138,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
             # of /readyz, the start-up line and the logs.
             upstream_url=origin.base_url + origin.base_path,
+            simulated=settings.upstream_url is None,
             keepalive=keepalive,
             source_timeouts=source_timeouts(settings),
             deadlines=deadlines,

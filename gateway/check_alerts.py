@@ -2,10 +2,13 @@
 gateway's ``/stats``, without Prometheus.
 
 Prints one line per threshold (name, value, the line, OK/ALERT/n/a) and exits
-0 when nothing is alerting, 1 on any alert, 2 when ``/stats`` cannot be read.
-The thresholds are those of ``deploy/prometheus/alerts.yml``; the runbook is
-``deploy/ALERTING.md``. "n/a" means there is nothing to judge yet (no samples,
-or no burst for the coalescing line) and does not fail the check.
+0 when nothing is alerting, 1 on any alert, 2 when ``/stats`` or the rules
+cannot be read.
+The thresholds are read from the alert rules themselves
+(``deploy/prometheus/alerts.yml``, or ``--rules``; gateway/alert_rules.py), so
+the two cannot drift; the runbook is ``deploy/ALERTING.md``. "n/a" means
+there is nothing to judge yet (no samples, or no burst for the coalescing
+line) and does not fail the check.
 
 A command-line tool with no event loop: a plain blocking ``urllib`` call is
 the right tool here.
@@ -20,17 +23,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+from gateway import alert_rules
+from gateway.alert_rules import RulesUnreadable, Thresholds
 
-TTFT_P95_MAX_MS = 1500.0
-ERROR_RATE_MAX = 0.01
-QUEUE_WAIT_P95_MAX_MS = 1000.0
-#: Under a burst (more than this many followers), each leader must have had
-#: at least COALESCE_MIN_RATIO followers.
-BURST_MIN_FOLLOWERS = 10
-COALESCE_MIN_RATIO = 10.0
+DEFAULT_URL = "http://127.0.0.1:8080"
 
 EXIT_OK, EXIT_ALERT, EXIT_UNREADABLE = 0, 1, 2
 
@@ -70,31 +69,37 @@ def _at_most(name: str, value: float | None, limit: float, unit: str, digits: in
     return Check(name, f"{value:.{digits}f} {unit}", line, "OK" if value <= limit else "ALERT")
 
 
-def evaluate(stats: Mapping[str, Any]) -> list[Check]:
-    """The four checks for one ``/stats`` document."""
+def evaluate(stats: Mapping[str, Any], thresholds: Thresholds | None = None) -> list[Check]:
+    """The four checks for one ``/stats`` document, against ``thresholds``
+    (by default those of the shipped rules)."""
+    lines = thresholds or alert_rules.load()
     error_rate = _number(stats, "error_rate")
     leaders = _number(stats, "coalesce", "leaders") or 0.0
     followers = _number(stats, "coalesce", "followers") or 0.0
     checks = [
-        _at_most("ttft p95", _number(stats, "ttft_ms", "p95"), TTFT_P95_MAX_MS, "ms", 1),
+        _at_most("ttft p95", _number(stats, "ttft_ms", "p95"), lines.ttft_p95_max_s * 1000, "ms", 1),
         _at_most(
             "error rate",
             None if error_rate is None else error_rate * 100,
-            ERROR_RATE_MAX * 100,
+            lines.error_ratio_max * 100,
             "%",
             2,
         ),
         _at_most(
-            "queue wait p95", _number(stats, "queue_wait_ms", "p95"), QUEUE_WAIT_P95_MAX_MS, "ms", 1
+            "queue wait p95",
+            _number(stats, "queue_wait_ms", "p95"),
+            lines.queue_wait_p95_max_s * 1000,
+            "ms",
+            1,
         ),
     ]
-    line = f">= {COALESCE_MIN_RATIO:g} followers/leader under burst"
-    if followers <= BURST_MIN_FOLLOWERS:
+    line = f">= {lines.coalesce_min_ratio:g} followers/leader under burst"
+    if followers <= lines.burst_min_followers:
         checks.append(Check("coalescing", f"{followers:.0f} followers", line, "n/a"))
     else:
         # No leader at all under a burst is perfect sharing (ratio infinite).
         ratio = followers / leaders if leaders else float("inf")
-        status: Status = "OK" if ratio >= COALESCE_MIN_RATIO else "ALERT"
+        status: Status = "OK" if ratio >= lines.coalesce_min_ratio else "ALERT"
         checks.append(Check("coalescing", f"{ratio:.1f}", line, status))
     return checks
 
@@ -132,17 +137,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="check-alerts",
         description="Check a running gateway's /stats against the go/no-go alert lines "
-        "(runbook: deploy/ALERTING.md). Exit 0: all OK, 1: an alert, 2: /stats unreadable.",
+        "(runbook: deploy/ALERTING.md). Exit 0: all OK, 1: an alert, 2: /stats or the rules "
+        "unreadable.",
     )
     parser.add_argument("url", nargs="?", default=DEFAULT_URL,
                         help=f"the gateway's base URL (default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                         help="how long to wait for /stats (default 5)")
+    parser.add_argument("--rules", type=Path, default=alert_rules.DEFAULT_RULES, metavar="FILE",
+                        help="the Prometheus alert rules the thresholds are read from "
+                        "(default: deploy/prometheus/alerts.yml of this checkout)")
     args = parser.parse_args(argv)
     url = stats_url(args.url)
     try:
-        checks = evaluate(fetch_stats(url, args.timeout))
-    except StatsUnreadable as exc:
+        thresholds = alert_rules.load(args.rules)
+        checks = evaluate(fetch_stats(url, args.timeout), thresholds)
+    except (StatsUnreadable, RulesUnreadable) as exc:
         print(f"check-alerts: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
     print(render(checks))

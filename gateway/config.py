@@ -1,4 +1,4 @@
-"""Settings from the environment (names fixed by ARCHITECTURE.md).
+"""Settings from the environment (every variable: docs/configuration.md).
 
 ``Settings.from_env()`` reads every variable once at start; a bad value raises
 ``ConfigError`` naming the variable and what is allowed, which ``python -m
@@ -20,7 +20,8 @@ T = TypeVar("T")
 FORMATS = ("openai", "anthropic")
 SCOPES = ("key", "global")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOG_FORMATS = ("json", "console")
+#: "auto": console lines on a terminal, JSON lines otherwise (gateway/logs.py).
+LOG_FORMATS = ("auto", "json", "console")
 
 
 class ConfigError(ValueError):
@@ -64,7 +65,7 @@ class Settings:
     gateway_api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 1_048_576
     log_level: str = "info"
-    log_format: str = "json"
+    log_format: str = "auto"
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -75,6 +76,11 @@ class Settings:
     #: Chunk JSON with orjson when it is installed; GATEWAY_ORJSON=0 keeps the
     #: standard library (gateway/json_codec.py).
     orjson: bool = True
+    #: While a stream waits for its first token, a ``: ping`` this often (0:
+    #: off). A proxy learns that its client has gone only when a write to it
+    #: fails, so this bounds how long an abandoned request keeps the
+    #: upstream generating (gateway/sse.py, ``Keepalive``).
+    first_token_ping_interval_ms: int = 150
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -104,11 +110,12 @@ class Settings:
             gateway_api_keys=read.keys("GATEWAY_API_KEYS"),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 1_048_576, low=1024),
             log_level=read.choice("LOG_LEVEL", "info", LOG_LEVELS),
-            log_format=read.choice("LOG_FORMAT", "json", LOG_FORMATS),
+            log_format=read.choice("LOG_FORMAT", "auto", LOG_FORMATS),
             trusted_proxies=read.networks("TRUSTED_PROXIES", "127.0.0.0/8,::1/128"),
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),
+            first_token_ping_interval_ms=read.integer("FIRST_TOKEN_PING_INTERVAL_MS", 150, low=0),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"

@@ -6,7 +6,7 @@ both give the same compact UTF-8 (no spaces, non-ASCII as is) for what the
 gateway writes: strings, integers, and floats up to the spelling of an
 exponent (``1e-07`` against ``1e-7``, the same number). Encoding and
 decoding were ~16 % of the gateway's CPU per relayed chunk with the standard
-library (tests/perf/PROFILES.md). Where orjson refuses what the standard
+library. Where orjson refuses what the standard
 library accepts -- integers beyond 64 bits to encode; lone surrogates in
 ``\\u`` escapes or NaN to decode -- the standard library decides. One
 difference stays: orjson reads an integer beyond 64 bits as a float (the

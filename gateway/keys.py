@@ -4,8 +4,8 @@ Two requests share only if the upstream would be asked the same question:
 the key hashes the canonical request -- model, messages and every parameter
 that can change the output -- and leaves out only what cannot (``stream``, and
 the options that shape delivery, not content). With ``COALESCE_SCOPE=key`` the
-client's credential is part of the key, so two tenants never share an answer
-(FIELD-NOTES: sampling may be shared within a burst, never across tenants).
+client's credential is part of the key, so two tenants never share an answer:
+one sample may serve a burst of the same question, never two tenants.
 """
 
 from __future__ import annotations

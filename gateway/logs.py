@@ -28,10 +28,18 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+def resolve_format(fmt: str) -> str:
+    """LOG_FORMAT=auto: console lines for a person at a terminal, JSON lines
+    for everything else (the journal, a file, a log shipper)."""
+    if fmt == "auto":
+        return "console" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        if fmt == "console"
+        if resolve_format(fmt) == "console"
         else structlog.processors.JSONRenderer()
     )
     structlog.configure(

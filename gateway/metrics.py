@@ -1,4 +1,4 @@
-"""Prometheus collectors (names fixed by ARCHITECTURE.md) and rolling windows.
+"""Prometheus collectors (every name: docs/http-api.md, "Metrics") and rolling windows.
 
 One ``CollectorRegistry`` per app, passed in: two apps in one process (tests)
 never share a series. Label children are bound once here, never looked up per
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_async import aio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -35,6 +37,8 @@ ROLES = ("leader", "follower")
 #: not enter the window at all.
 OUTCOMES = ("ok", "error", "shed", "cancelled", "rejected")
 SERVED = frozenset({"ok", "error", "shed"})
+
+T = TypeVar("T")
 FAILED = frozenset({"error", "shed"})
 
 
@@ -127,9 +131,42 @@ class GatewayMetrics:
             registry=registry,
         )
         self._upstream = upstream
+        self.upstream_open = Histogram(
+            "gateway_upstream_open_seconds",
+            "Admission to the upstream request on the wire (connection, TLS, stream)",
+            buckets=CANCEL_BUCKETS + (3.0, 10.0),
+            registry=registry,
+        )
+        self.upstream_open_failures = Counter(
+            "gateway_upstream_open_failures",
+            "Upstream requests that could not be sent (connect, TLS, refused stream)",
+            registry=registry,
+        )
+        self.upstream_opening = Gauge(
+            "gateway_upstream_opening",
+            "Upstream requests being sent right now",
+            registry=registry,
+        )
         # Children bound once per status seen (statuses are few: HTTP codes,
         # "error", "refused"), not looked up by label on every request.
         self._upstream_by_status: dict[str, Counter] = {}
+
+    def timed_open(self, open_source: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+        """``open_source`` timed, its failures counted and its calls in
+        progress tracked, by prometheus-async. Only ``Exception``s count
+        as failures: a cancelled open (the last client left) is none."""
+
+        def opened() -> Awaitable[T]:
+            return aio.time(
+                self.upstream_open,
+                aio.count_exceptions(
+                    self.upstream_open_failures,
+                    aio.track_inprogress(self.upstream_opening, open_source()),
+                    exc=Exception,
+                ),
+            )
+
+        return opened
 
     def bind_live_state(self, live: LiveState) -> None:
         self.registry.register(_LiveCollector(live, self.windows))

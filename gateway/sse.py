@@ -6,7 +6,7 @@ a keepalive ping can never land inside one). The response is aiohttp-sse's
 ``X-Accel-Buffering: no`` for nginx) and has the kernel abort a peer that
 stops acknowledging (TCP_USER_TIMEOUT). Its per-response ping task is not
 used: one ``Keepalive`` task pings every open stream (a task per stream cost
-~1.1 KiB of each idle stream, tests/perf/PROFILES.md).
+~1.1 KiB of each idle stream).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
 
 _TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
+#: How long written bytes may go unacknowledged before the kernel aborts the
+#: connection: aiohttp-sse's default send timeout.
+SEND_TIMEOUT_S: float = EventSourceResponse.DEFAULT_SEND_TIMEOUT or 120.0
 
 
 def dumps(value: Any) -> str:
@@ -55,17 +58,21 @@ def comment_frame(text: str) -> bytes:
 
 
 class _EventStream(EventSourceResponse):
-    """aiohttp-sse's response, with three changes.
+    """aiohttp-sse's response (its SSE headers, its chunked body), used
+    through public calls only, with two changes.
 
-    The status line and headers wait for the first write -- the ping, right
-    after -- so both leave in one packet (aiohttp's own Response does the
-    same). No ping task of its own: ``Keepalive`` pings it when it has
-    been silent for a whole interval. And its hung-peer timeout is set
-    without reading the old value first.
+    No ping task of its own: ``Keepalive`` pings every stream from one
+    task. And its hung-peer timeout (aiohttp-sse's send timeout as
+    TCP_USER_TIMEOUT) is held here, without reading the old value first.
     """
 
-    _send_headers_immediately = False
     last_write = 0.0
+
+    def __init__(self, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(headers=headers, sep="\n", allow_all_methods=True,
+                         send_timeout=SEND_TIMEOUT_S)
+        self._peer: asyncio.Transport | None = None
+        self._timed_socket: socket.socket | None = None
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         # aiohttp-sse's prepare() minus its ping task. HTTP/1.1 bodies of
@@ -73,34 +80,43 @@ class _EventStream(EventSourceResponse):
         # again (and write_eof) when the handler returns: setting the
         # timeout again there, only to restore it, cost four syscalls.
         if not self.prepared:
+            self._peer = request.transport
             self._hold_hung_peer_timeout(request)
             _drop_connection_idle_timer(request)
         return await StreamResponse.prepare(self, request)
 
     def _hold_hung_peer_timeout(self, request: BaseRequest) -> None:
-        """aiohttp-sse's send timeout as TCP_USER_TIMEOUT for the stream's
-        life: the kernel aborts the connection once written bytes go
-        unacknowledged that long (or a zero window is probed that long).
+        """The send timeout as TCP_USER_TIMEOUT for the stream's life: the
+        kernel aborts the connection once written bytes go unacknowledged
+        that long (or a zero window is probed that long).
 
         aiohttp-sse reads the old value first, to restore it at the end:
         three socket calls per stream, each a socket object under uvloop
         (~1.5 % of the gateway's CPU per request). The old value is known:
         0, the kernel's default, as nothing else in the gateway sets it
-        and each stream restores it. So two calls; aiohttp-sse's
-        ``write_eof`` restores what is saved here, and a kept-alive
+        and each stream restores it. So two calls, and a kept-alive
         connection goes on as before the stream.
         """
-        if self._send_timeout is None or _TCP_USER_TIMEOUT is None or request.transport is None:
+        if _TCP_USER_TIMEOUT is None or request.transport is None:
             return
         sock = request.transport.get_extra_info("socket")
         if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(self._send_timeout * 1000))
-        self._tcp_sock, self._saved_tcp_user_timeout = sock, 0
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(SEND_TIMEOUT_S * 1000))
+        self._timed_socket = sock
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        sock, self._timed_socket = self._timed_socket, None
+        if sock is not None and _TCP_USER_TIMEOUT is not None and sock.fileno() >= 0:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, 0)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.last_write = time.monotonic()
-        await super().write(data)
+        """Writes ``data``; nothing at all when it is empty (a batch of
+        deltas an API has no frame for): silence stays silence."""
+        if data:
+            self.last_write = time.monotonic()
+            await super().write(data)
 
     async def ping(self) -> None:
         """A keepalive ping, unless the client still has bytes to take.
@@ -111,7 +127,7 @@ class _EventStream(EventSourceResponse):
         can ping every stream in turn, and a stuck client holds up no one
         (the kernel aborts it: TCP_USER_TIMEOUT, set in prepare).
         """
-        transport = self._req.transport if self._req is not None else None
+        transport = self._peer
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return
         try:
@@ -126,35 +142,58 @@ def _drop_connection_idle_timer(request: BaseRequest) -> None:
     aiohttp arms a timer per connection (``keepalive_timeout``) to close one
     that sends no request, and leaves it armed while a request is served:
     for a stream, a loop timer per stream for minutes (~600 bytes of each
-    idle stream under uvloop, tests/perf/PROFILES.md item 21). Its
-    ``keep_alive()`` cancels it (aiohttp's websocket response makes the
-    same call, with False) and changes nothing else while the handler
-    runs: keep-alive is decided again from the response when the handler
-    returns, and the timer armed again then for a connection kept alive.
+    idle stream under uvloop). Its ``keep_alive()`` cancels it (aiohttp's
+    websocket response makes the same call, with False) and changes
+    nothing else while the handler runs: keep-alive is decided again from
+    the response when the handler returns, and the timer armed again then
+    for a connection kept alive.
     """
     request.protocol.keep_alive(True)
 
 
 class Keepalive:
-    """SSE keepalive for every open stream, from one task.
+    """SSE pings for every open stream, from one task.
 
-    Every quarter interval the task pings each stream silent for a whole
-    interval (ARCHITECTURE: "again every PING_INTERVAL_S while nothing else
-    was sent"), so a silent stream hears a ping after 1 to 1.25 intervals.
+    Two cadences. A stream still waiting for its first token is pinged
+    every ``first_token_interval_s``: the only way a proxy in front learns
+    that its client has gone is a write that fails, and a TLS client that
+    sends close_notify but keeps its socket open looks alive to nginx until
+    nginx writes to it. So the ping bounds how long an abandoned request
+    keeps its upstream generation running. Once content flows, the
+    tokens themselves are those writes, and a stream is pinged only when
+    it has been silent a whole ``interval_s`` (PING_INTERVAL_S): every
+    quarter interval the task pings each such stream, so a silent stream
+    hears a ping after 1 to 1.25 intervals.
     """
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, first_token_interval_s: float | None = None) -> None:
         self.interval_s = interval_s
+        #: None or 0: a stream waiting for its first token is pinged like any other.
+        self.first_token_interval_s = first_token_interval_s or None
         self._streams: set[_EventStream] = set()
+        self._waiting: set[_EventStream] = set()
 
     def __len__(self) -> int:
         return len(self._streams)
 
+    @property
+    def waiting(self) -> int:
+        """Streams still waiting for their first token."""
+        return len(self._waiting)
+
     def watch(self, stream: _EventStream) -> None:
         self._streams.add(stream)
+        if self.first_token_interval_s is not None:
+            self._waiting.add(stream)
+
+    def answered(self, stream: _EventStream) -> None:
+        """The stream's first token is written: from now on its own writes
+        show a gone client, and it is pinged only when silent."""
+        self._waiting.discard(stream)
 
     def forget(self, stream: _EventStream) -> None:
         self._streams.discard(stream)
+        self._waiting.discard(stream)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Keepalive]:
@@ -168,13 +207,29 @@ class Keepalive:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _run(self) -> None:
+        sweep_every = self.interval_s / 4
+        tick = min(sweep_every, self.first_token_interval_s or sweep_every)
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + sweep_every
         while True:
-            await asyncio.sleep(self.interval_s / 4)
-            await self.ping_silent_streams()
+            await asyncio.sleep(tick)
+            if self._waiting:
+                await self.ping_waiting_streams()
+            if loop.time() >= next_sweep:
+                next_sweep += sweep_every
+                await self.ping_silent_streams()
+
+    async def ping_waiting_streams(self) -> None:
+        """Ping every stream still waiting for its first token, on every
+        tick: the gap between two pings is then one tick, never two."""
+        await self._ping(list(self._waiting))
 
     async def ping_silent_streams(self) -> None:
         due = time.monotonic() - self.interval_s
-        for stream in [stream for stream in self._streams if stream.last_write <= due]:
+        await self._ping([stream for stream in self._streams if stream.last_write <= due])
+
+    async def _ping(self, streams: list[_EventStream]) -> None:
+        for stream in streams:
             try:
                 await stream.ping()
             except Exception:
@@ -190,7 +245,7 @@ async def open_event_stream(
     the client (and every proxy and load balancer between) sees bytes now.
     The stream is in ``keepalive``'s care until ``close_event_stream``, or
     until the caller ``forget``s it."""
-    response = _EventStream(headers=headers, sep="\n", allow_all_methods=True)
+    response = _EventStream(headers=headers)
     await response.prepare(request)
     await response.write(PING)
     keepalive.watch(response)

@@ -29,6 +29,9 @@ class GatewayState:
     base_path: str
     #: Where requests go, for /readyz and the start-up line (no credentials).
     upstream_url: str
+    #: No UPSTREAM_URL: requests go to the built-in simulator, whose answers
+    #: are made up. Said at start, in /readyz and in /stats.
+    simulated: bool
     source_timeouts: SourceTimeouts
     #: The read deadlines of every open upstream stream, on one loop timer.
     deadlines: Deadlines

@@ -67,13 +67,15 @@ def subscribe(
     )
     subscription = state.registry.subscribe(
         key,
-        source_opener(
-            state.transport,
-            state.provider,
-            upstream_request,
-            timeouts=state.source_timeouts,
-            deadlines=state.deadlines,
-            on_status=state.metrics.upstream_status,
+        state.metrics.timed_open(
+            source_opener(
+                state.transport,
+                state.provider,
+                upstream_request,
+                timeouts=state.source_timeouts,
+                deadlines=state.deadlines,
+                on_status=state.metrics.upstream_status,
+            )
         ),
         request_id=record.request_id,
         arrived_at=record.arrived_at,

@@ -1,4 +1,8 @@
-"""Operations: health, readiness, metrics, stats, models, cancel, the demo page."""
+"""Operations: health, readiness, stats, models, cancel, the demo page.
+
+``/metrics`` is prometheus_client's own aiohttp handler, on the app's
+registry (gateway/app.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.openmetrics import exposition as openmetrics
 
 from gateway.api.intake import owner_of
 from gateway.errors import NotFound, UpstreamProtocolError
@@ -30,37 +32,30 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def upstream_kind(state: GatewayState) -> str:
+    """"simulator" when no UPSTREAM_URL is set (made-up answers), else
+    "configured". The URL itself stays out of these public answers."""
+    return "simulator" if state.simulated else "configured"
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining and the upstream accepts a TCP connection."""
     state = request.app[STATE]
     if state.draining:
         return web.json_response({"status": "draining"}, status=503)
+    upstream = upstream_kind(state)
     origin = Origin.parse(state.upstream_url)
     try:
         async with asyncio.timeout(1.0):
             _, writer = await asyncio.open_connection(origin.host, origin.port)
     except (OSError, TimeoutError) as exc:
         return web.json_response(
-            {"status": "upstream unreachable", "detail": type(exc).__name__}, status=503
+            {"status": "upstream unreachable", "detail": type(exc).__name__, "upstream": upstream},
+            status=503,
         )
     writer.close()
     await writer.wait_closed()
-    return web.json_response({"status": "ready"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    # prometheus-async's server_stats always reads the global REGISTRY; the
-    # gateway keeps one registry per app, so it renders its own, negotiating
-    # OpenMetrics the same way.
-    registry = request.app[STATE].metrics.registry
-    accept = request.headers.get("Accept", "")
-    if "application/openmetrics-text" in accept:
-        body = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
-        content_type = openmetrics.CONTENT_TYPE_LATEST
-    else:
-        body, content_type = generate_latest(registry), CONTENT_TYPE_LATEST
-    # Set whole: the exposition version parameter matters to strict scrapers.
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    return web.json_response({"status": "ready", "upstream": upstream})
 
 
 def _ms(value: float | None) -> float | None:
@@ -88,6 +83,7 @@ async def stats(request: web.Request) -> web.Response:
         "active_actors": registry.actors,
         "queue_depth": state.admission.depth,
         "upstream_connections": state.transport.connection_count(),
+        "upstream": upstream_kind(state),
     }
     return web.json_response(body, dumps=dumps)
 
@@ -185,7 +181,6 @@ async def index(request: web.Request) -> web.FileResponse:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     app.router.add_get("/stats", stats)
     app.router.add_get("/v1/models", models)
     # Model ids may hold a slash (``org/name``), sent encoded or not.

@@ -68,8 +68,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
 ):
     """Relay the stream. One coroutine, the loop included: each parked stream
     holds this frame and its callers' while it waits (a helper coroutine for
-    the loop was ~300 bytes more per idle stream, tests/perf/PROFILES.md
-    item 21)."""
+    the loop would be ~300 bytes more per idle stream)."""
     state = request.app[STATE]
     record = request[RECORD]
     ttft_ms: float | None = None
@@ -79,7 +78,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         # request before this handler spends its time on the response head
         # and the ping. The first byte leaves ~0.1 ms later, the upstream
         # request ~0.5 ms sooner on a gateway woken from idle, and TTFT is
-        # what that buys (tests/perf/PROFILES.md).
+        # what that buys.
         await asyncio.sleep(0)
         response = await open_event_stream(request, keepalive=state.keepalive)
         record.bytes_sent += len(PING)
@@ -90,20 +89,27 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
                 if batch is None:
                     # The actor's future, awaited here and not through
                     # read_batch(): a coroutine less per batch and per
-                    # parked stream (tests/perf/PROFILES.md, item 19).
+                    # parked stream.
                     await subscription.readable()
                     continue
                 if not batch:
                     break
-                frames = encoder.deltas(subscription.cursor - len(batch) + 1, batch)
+                first_seq = subscription.cursor - len(batch) + 1
+                # The frames go straight into the write, bound to no local
+                # of this coroutine: a parked stream holds no written bytes.
                 if ttft_ms is None and any(delta.is_content for delta in batch):
                     ttft_ms = _first_token(request, subscription)
                     queue_wait_ms = note_queue_wait(request, subscription) or 0.0
-                    frames = encoder.meta(subscription, ttft_ms, queue_wait_ms) + frames
-                if frames:
-                    record.bytes_sent += len(frames)
-                    await response.write(frames)
-                del frames  # written: not held while this stream waits
+                    # Tokens flow: the fast pings that show a gone client
+                    # while the first token is awaited are no longer needed.
+                    state.keepalive.answered(response)
+                    await response.write(_counted(
+                        record,
+                        encoder.meta(subscription, ttft_ms, queue_wait_ms)
+                        + encoder.deltas(first_seq, batch),
+                    ))
+                else:
+                    await response.write(_counted(record, encoder.deltas(first_seq, batch)))
             if subscription.outcome == "cancelled":
                 record.outcome = "cancelled"
             total_ms = round((time.monotonic() - record.arrived_at) * 1000, 2)
@@ -129,6 +135,11 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         record.bytes_sent += len(last_frame)
         await close_event_stream(response, state.keepalive, last_frame)
     return response
+
+
+def _counted(record: RequestRecord, frames: bytes) -> bytes:
+    record.bytes_sent += len(frames)
+    return frames
 
 
 def _first_token(request: web.Request, subscription: Subscription) -> float:

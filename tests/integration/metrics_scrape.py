@@ -14,8 +14,9 @@ from prometheus_client.samples import Sample
 
 from gateway.metrics import GatewayMetrics, LiveState
 
-#: The metric table of ARCHITECTURE.md, as exposed (counters with ``_total``).
-ARCHITECTURE_METRICS = (
+#: The metric names dashboards and alert rules depend on (docs/http-api.md,
+#: "Metrics"), as exposed (counters with ``_total``).
+CONTRACT_METRICS = (
     "gateway_requests_total",
     "gateway_ttft_seconds",
     "gateway_queue_wait_seconds",

@@ -3,7 +3,7 @@
 ``StubbornProxy`` forwards ``POST /v1/chat/completions`` to an upstream over
 HTTP/1.1 and streams the answer back -- and when its client leaves, it keeps
 reading the upstream to the end. That is the naive proxy, not a contrivance:
-aiohttp's runner defaults to ``handler_cancellation=False`` (FIELD-NOTES), so
+aiohttp's runner defaults to ``handler_cancellation=False``, so
 the handler learns of the departure only when a write fails, and a proxy that
 then "finishes cleanly" holds the upstream request (and the model's GPU time)
 for nothing. The suite must see that from the simulator's log alone.

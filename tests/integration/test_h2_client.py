@@ -83,7 +83,7 @@ async def test_200_concurrent_streams_share_one_connection_and_arrive_exact(fast
 
 async def test_the_head_is_handed_over_once_and_not_kept(fast_sim, pools):
     """An open stream does not hold its response headers once the consumer
-    has them: every idle stream would (tests/perf/PROFILES.md, memory)."""
+    has them: every idle stream would hold its own copy."""
     pool = pools(fast_sim)
     stream = await pool.open(chat_request("head once"))
     head = await stream.head()

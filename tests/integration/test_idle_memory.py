@@ -2,8 +2,7 @@
 
 The memory target (<= 20 KiB of RSS per idle stream, ``make bench``) is met
 by ~0.2 KiB. The rest of the figure is aiohttp's and uvloop's, so a
-regression in ours is what would tip it (tests/perf/PROFILES.md, items 8,
-16, 19 and 21). tracemalloc counts the bytes still held that were
+regression in ours is what would tip it. tracemalloc counts the bytes still held that were
 allocated with a frame of the gateway's or the actors' code innermost: the
 coroutines, the per-stream objects, the tables they grow.
 """
@@ -22,8 +21,8 @@ from tests.integration.sse_frames import FrameReader
 
 STREAMS = 100
 WARM = 10
-#: 5,298 bytes per stream in-process on CPython 3.11 (asyncio's loop, not
-#: uvloop), with ~7 % of slack; the code before PROFILES item 21 held 5,930.
+#: 5,353 bytes per stream in-process on CPython 3.11 (asyncio's loop, not
+#: uvloop), with ~6 % of slack.
 MAX_OWN_BYTES_PER_STREAM = 5_700
 
 

@@ -9,11 +9,15 @@ time from live state, so "back to 0" is checked after the registry is idle.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import socket
 
 import aiohttp
 
-from tests.integration.metrics_scrape import ARCHITECTURE_METRICS, Scrape, missing, scrape
+from gateway.app import running_gateway
+from gateway.config import Settings
+from tests.integration.metrics_scrape import CONTRACT_METRICS, Scrape, missing, scrape
 from tests.integration.sse_frames import FrameReader
 
 GUARD_S = 10
@@ -42,7 +46,7 @@ def assert_idle_gauges(metrics: Scrape) -> None:
 async def test_every_metric_of_the_architecture_table_is_exposed(gateway):
     async with aiohttp.ClientSession() as http:
         metrics = await scrape(http, gateway.url)
-    assert missing(ARCHITECTURE_METRICS, metrics.exposed_names()) == []
+    assert missing(CONTRACT_METRICS, metrics.exposed_names()) == []
     assert metrics.types["gateway_ttft_seconds"] == "histogram"
     assert metrics.types["gateway_coalesce"] == "counter"
     assert metrics.types["gateway_error_ratio_last_100"] == "gauge"
@@ -212,3 +216,44 @@ async def test_openmetrics_is_negotiated(gateway):
     assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
     assert body.endswith("# EOF\n")
     assert "gateway_ttft_seconds_bucket" in body
+
+
+async def test_metrics_are_compressed_when_the_scraper_asks(gateway):
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.get(gateway.url + "/metrics", headers={"Accept-Encoding": "gzip"}) as resp:
+            body = await resp.read()
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert b"gateway_ttft_seconds_bucket" in gzip.decompress(body)
+        async with http.get(gateway.url + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
+            plain = await resp.read()
+        assert "Content-Encoding" not in resp.headers
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    assert b"gateway_ttft_seconds_bucket" in plain
+
+
+async def test_the_upstream_open_is_timed_counted_and_tracked(gateway):
+    """prometheus-async around the leader's upstream open: one observation
+    per upstream call (not per subscriber), nothing in progress after."""
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(read_stream(http, gateway.v1 + "/chat/completions", "opened once")
+                               for _ in range(3)))
+        metrics = await scrape(http, gateway.url)
+    assert metrics.one("gateway_upstream_open_seconds_count") == 1
+    assert metrics.one("gateway_upstream_open_failures_total") == 0
+    assert metrics.one("gateway_upstream_opening") == 0
+
+
+async def test_an_upstream_that_refuses_the_connection_is_an_open_failure():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = Settings(host="127.0.0.1", port=0, upstream_url=f"http://127.0.0.1:{port}/v1",
+                        upstream_protocol="h2c")
+    async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/chat/completions", json=chat("refused")) as resp:
+            frames = await FrameReader(resp).rest()
+        assert json.loads(frames[-1].data)["error"]["code"] == "upstream_connect_error"
+        metrics = await scrape(http, url)
+    assert metrics.one("gateway_upstream_open_failures_total") == 1
+    assert metrics.one("gateway_upstream_open_seconds_count") == 1
+    assert metrics.one("gateway_upstream_opening") == 0

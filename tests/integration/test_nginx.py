@@ -353,3 +353,69 @@ async def test_no_gateway_listening_is_a_retryable_503(nginx_factory):
         assert resp.headers["Retry-After"] == "1"
         assert NGINX_REQUEST_ID.match(resp.headers["X-Request-Id"])
         assert (await resp.json())["error"]["code"] == "gateway_unavailable"
+
+
+async def _half_closing_client_waits_for_its_first_token(
+    proxied: Proxied, prompt: str
+) -> tuple[asyncio.StreamWriter, float]:
+    """A TLS client (asyncio's own) that has its ``: ping`` and waits for a
+    first token 5 s away, then closes as asyncio's TLS transport does: it
+    sends close_notify and keeps the TCP connection open until the peer's
+    close_notify comes back. Returns the writer and when it closed."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxied.nginx.https_port, ssl=proxied.nginx.client_ssl()
+    )
+    body = json.dumps(chat(prompt)).encode()
+    writer.write(
+        b"POST /v1/stream HTTP/1.1\r\nHost: gateway.example.com\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await reader.readuntil(b": ping\n\n")
+    await proxied.gateway.sim.log.wait_for_arrivals(1)
+    closed_at = time.monotonic()
+    writer.close()  # close_notify; the socket stays open
+    return writer, closed_at
+
+
+async def test_a_half_closing_tls_client_before_the_first_token_resets_the_upstream(proxied):
+    """nginx learns that a client which sent close_notify but kept its TCP
+    connection has gone only when a write to it fails. The pings sent while
+    the first token is awaited (FIRST_TOKEN_PING_INTERVAL_MS, 150 ms) are
+    those writes: the upstream stream is reset well within 300 ms."""
+    sim = proxied.gateway.sim
+    writer, closed_at = await _half_closing_client_waits_for_its_first_token(
+        proxied, "half-close [sim ttft_ms=5000]"
+    )
+    (record,) = await sim.log.wait_for(1, outcome="reset", timeout=3.0)
+    latency_ms = (record.end - closed_at) * 1000
+    print(f"TLS close_notify at nginx (before the first token) -> upstream RST_STREAM: "
+          f"{latency_ms:.1f} ms")
+    assert 0 <= latency_ms < 300
+    state = proxied.gateway.state
+    async with asyncio.timeout(5):
+        await state.registry.wait_idle()
+    assert state.registry.statistics().subscribers == 0 and state.active_streams == 0
+    assert state.keepalive.waiting == 0 and len(state.keepalive) == 0
+    writer.transport.abort()
+
+
+async def test_without_first_token_pings_a_half_closed_client_looks_alive(
+    gateway_factory, nginx_factory
+):
+    """The control, which shows the client above really half-closes: with
+    the first-token pings off, nothing is written to it for PING_INTERVAL_S
+    and nginx, and so the upstream, goes on for a whole second."""
+    gateway = await gateway_factory(first_token_ping_interval_ms=0)
+    proxied = Proxied(gateway, await nginx_factory(port_of(gateway.url)))
+    writer, _ = await _half_closing_client_waits_for_its_first_token(
+        proxied, "half-close, no pings [sim ttft_ms=5000]"
+    )
+    with pytest.raises(TimeoutError):
+        await gateway.sim.log.wait_for(1, timeout=1.0)
+    assert gateway.state.active_streams == 1
+    writer.transport.abort()  # a TCP FIN/RST nginx does notice
+    (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
+    assert record.outcome == "reset"

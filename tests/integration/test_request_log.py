@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from gateway.sse import PING
 from tests.integration.sse_frames import FrameReader
 
-#: The canonical fields of ARCHITECTURE.md / issue 5, plus the request id.
+#: The canonical fields of the request's log line, plus the request id.
 SUMMARY_FIELDS = {
     "api", "status", "role", "key", "queue_wait_ms", "ttft_ms", "total_ms", "bytes", "outcome",
     "request_id",

@@ -17,7 +17,7 @@ from gateway.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "llm-gateway.service"
 ENV_EXAMPLE = ROOT / "deploy" / "systemd" / "llm-gateway.env.example"
-DEPLOY_README = ROOT / "deploy" / "README.md"
+CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed"
@@ -85,7 +85,7 @@ def test_stopping_drains_before_systemd_would_kill() -> None:
     assert service["Restart"] == ["on-failure"]  # a drained stop exits 0: no restart
     # The exit status of a bad configuration value (python -m gateway).
     assert service["RestartPreventExitStatus"] == ["2"]
-    assert service["ExecStart"][0].endswith("/.venv/bin/python -m gateway")
+    assert service["ExecStart"][0].endswith("/.venv/bin/python -m gateway --require-upstream")
     assert service["EnvironmentFile"] == ["/etc/llm-gateway/llm-gateway.env"]
 
 
@@ -122,8 +122,8 @@ def _documented_variables(text: str) -> Iterator[str]:
             yield from re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])
 
 
-def test_readme_configuration_table_lists_every_variable() -> None:
-    assert set(_documented_variables(DEPLOY_README.read_text())) == configuration_variables()
+def test_configuration_table_lists_every_variable() -> None:
+    assert set(_documented_variables(CONFIGURATION_DOC.read_text())) == configuration_variables()
 
 
 def _installed_copy(tmp_path: Path) -> Path:
@@ -131,7 +131,8 @@ def _installed_copy(tmp_path: Path) -> Path:
     ExecStart program exists, so point it at this checkout's interpreter."""
     text = UNIT.read_text()
     text, found = re.subn(
-        r"^ExecStart=\S+ -m gateway$", f"ExecStart={sys.executable} -m gateway", text,
+        r"^ExecStart=\S+ -m gateway --require-upstream$",
+        f"ExecStart={sys.executable} -m gateway --require-upstream", text,
         flags=re.MULTILINE,
     )
     assert found == 1
@@ -169,3 +170,27 @@ def test_systemd_analyze_security_rates_it_ok(tmp_path: Path) -> None:
     overall = [line for line in result.stdout.splitlines() if "Overall exposure" in line]
     print(overall)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _exec_start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The unit's ExecStart, this checkout's interpreter in place of the
+    installed one, with ``env`` as its environment file."""
+    command = parse_unit(UNIT.read_text())["Service"]["ExecStart"][0].split()
+    return subprocess.run(
+        [sys.executable, *command[1:]], env={**env, "GATEWAY_PORT": "0"}, cwd=ROOT,
+        capture_output=True, text=True, timeout=30, check=False, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_the_unit_refuses_to_start_without_an_upstream() -> None:
+    """An environment file without UPSTREAM_URL would have the gateway serve
+    the simulator's made-up answers: the unit's command exits at once with
+    the status that is not restarted, naming what is missing."""
+    active, _ = env_assignments(ENV_EXAMPLE.read_text())
+    assert active["UPSTREAM_URL"]
+    without = {name: value for name, value in active.items() if name != "UPSTREAM_URL"}
+    result = _exec_start(without)
+    service = parse_unit(UNIT.read_text())["Service"]
+    assert str(result.returncode) in service["RestartPreventExitStatus"]
+    (line,) = result.stderr.splitlines()
+    assert "UPSTREAM_URL" in line and "GATEWAY_CONFIG" in line

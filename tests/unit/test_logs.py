@@ -8,12 +8,16 @@ gateway gets cached with this test's settings.
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
+from gateway.config import Settings
 from gateway.logs import configure_logging
 
 SECRET = "sk-live-abcdef0123456789"
@@ -91,3 +95,30 @@ def test_console_renderer_is_human_text_and_still_redacts(capsys):
     assert SECRET not in out
     with pytest.raises(ValueError):
         json.loads(out)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_auto_format_is_console_on_a_terminal_and_json_otherwise(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    configure_logging("info", "auto")
+    structlog.get_logger("test-auto-tty").info("request", api="native")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", terminal.getvalue())  # colours, on a terminal
+    assert "request" in text and "api=native" in text
+    with pytest.raises(ValueError):
+        json.loads(text)
+
+    piped = io.StringIO()  # the journal, a file, a pipe: not a terminal
+    monkeypatch.setattr(sys, "stderr", piped)
+    configure_logging("info", "auto")
+    structlog.get_logger("test-auto-pipe").info("request", api="native")
+    (line,) = json_lines(piped.getvalue())
+    assert line["event"] == "request" and line["api"] == "native"
+
+
+def test_log_format_defaults_to_auto():
+    assert Settings.from_env({}).log_format == "auto"

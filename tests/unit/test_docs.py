@@ -1,0 +1,70 @@
+"""The documentation stands on its own: every setting is documented, and no
+tracked file points outside the repository."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from gateway.__main__ import environment_variables
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "gateway" / "config.py"
+CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
+DOCS = ("architecture.md", "configuration.md", "http-api.md")
+
+#: A variable read by name in gateway/config.py: ``read.<type>("NAME"`` or
+#: ``env.get("NAME"`` / ``environ.get("NAME"`` / ``env["NAME"]``.
+_READ = re.compile(r"""(?:read\.\w+|\b(?:env|environ|_env)\.get)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
+                   r"""|\b(?:env|environ|_env)\[\s*["']([A-Z][A-Z0-9_]+)["']\s*\]""")
+
+
+def variables_read_by_config() -> set[str]:
+    named = {a or b for a, b in _READ.findall(CONFIG.read_text())}
+    return named | set(environment_variables())
+
+
+def test_the_scan_finds_the_variables() -> None:
+    found = variables_read_by_config()
+    assert {"GATEWAY_PORT", "UPSTREAM_URL", "FIRST_TOKEN_PING_INTERVAL_MS", "LOG_FORMAT"} <= found
+
+
+def test_every_variable_read_in_config_is_in_docs_configuration() -> None:
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", CONFIGURATION_DOC.read_text()))
+    assert sorted(variables_read_by_config() - documented) == []
+
+
+def test_the_docs_exist_and_the_readme_points_at_them() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in DOCS:
+        assert (ROOT / "docs" / name).is_file(), name
+        assert f"docs/{name}" in readme, name
+
+
+def _tracked_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+    return [ROOT / name for name in listed.stdout.decode().split("\0") if name]
+
+
+def test_no_tracked_file_points_outside_the_repository() -> None:
+    """Design notes kept beside the repository are not part of it: neither
+    the code, the docs nor the tests may send a reader there."""
+    # Spelled in pieces so that this file does not name them itself.
+    notes = ("ARCHITECTURE", "FIELD" + "-NOTES")
+    outside = re.compile(
+        r"\.\./" + "shared" + r"\b|\b(?:" + "|".join(notes) + r")(?:\.md)?\b"
+    )
+    offenders = []
+    for path in _tracked_files():
+        if path == Path(__file__).resolve() or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        relative = path.relative_to(ROOT).as_posix()
+        for n, line in enumerate(text.splitlines(), 1):
+            if outside.search(line):
+                offenders.append(f"{relative}:{n}")
+    assert offenders == []
