@@ -127,6 +127,8 @@ class ChunkEncoder:
         return data_frame({**self._base, "choices": [choice]})
 
     def meta(self, subscription: Subscription, ttft_ms: float, queue_wait_ms: float) -> bytes:
+        if not self._resolved:
+            self._resolve()
         meta = {
             "request_id": subscription.request_id,
             "role": subscription.role,
