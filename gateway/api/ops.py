@@ -11,8 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from gateway.api.intake import owner_of
-from gateway.errors import NotFound, UpstreamProtocolError
+from gateway.errors import GatewayError, NotFound, UpstreamProtocolError
 from gateway.metrics import percentile
+from gateway.routing.config import ANY_MODEL
+from gateway.routing.router import Upstream
 from gateway.sse import dumps
 from gateway.state import RECORD, STATE
 from gateway.upstream.base import UpstreamRequest
@@ -29,21 +31,36 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when not draining and the upstream accepts a TCP connection."""
+    """Ready when not draining and some upstream whose circuit is not open
+    accepts a TCP connection (each upstream serves some model)."""
     state = request.app[STATE]
     if state.draining:
         return web.json_response({"status": "draining"}, status=503)
-    origin = Origin.parse(state.upstream_url)
+    router = state.router
+    checks = [up for up in router.upstreams if not router.circuit_open(up)]
+    results = await asyncio.gather(*(_reachable(up.public_url) for up in checks))
+    upstreams = {up.name: result for up, result in zip(checks, results, strict=True)}
+    upstreams.update({up.name: "circuit open" for up in router.upstreams if up not in checks})
+    if "ok" in results:
+        return web.json_response({"status": "ready", "upstreams": upstreams})
+    detail = next((r for r in results if r != "ok"), "circuit open")
+    return web.json_response(
+        {"status": "upstream unreachable", "detail": detail, "upstreams": upstreams}, status=503
+    )
+
+
+async def _reachable(url: str) -> str:
+    """"ok", or why not: the name of the error (never its text, which may
+    carry the address of an internal host)."""
+    origin = Origin.parse(url)
     try:
         async with asyncio.timeout(1.0):
             _, writer = await asyncio.open_connection(origin.host, origin.port)
     except (OSError, TimeoutError) as exc:
-        return web.json_response(
-            {"status": "upstream unreachable", "detail": type(exc).__name__}, status=503
-        )
+        return type(exc).__name__
     writer.close()
     await writer.wait_closed()
-    return web.json_response({"status": "ready"})
+    return "ok"
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -85,23 +102,59 @@ async def stats(request: web.Request) -> web.Response:
         "active_streams": state.active_streams,
         "active_actors": registry.actors,
         "queue_depth": state.admission.depth,
-        "upstream_connections": state.transport.connection_count(),
+        "upstream_connections": sum(
+            up.transport.connection_count() for up in state.router.upstreams
+        ),
     }
     return web.json_response(body, dumps=dumps)
 
 
 async def models(request: web.Request) -> web.Response:
-    """The upstream's model list, in OpenAI's shape whatever the provider."""
+    """The models, in OpenAI's shape whatever the provider: the union of the
+    names the routing file gives and the lists of the upstreams serving any
+    model ("*"; the one upstream of UPSTREAM_* is one). An upstream that
+    cannot answer is left out, unless none could."""
     state = request.app[STATE]
-    headers = state.provider.build_request(
+    router = state.router
+    listed: dict[str, str] = {}
+    for upstream in router.upstreams:
+        for model in upstream.config.models:
+            if model != ANY_MODEL:
+                listed.setdefault(model, upstream.provider.name)
+    asked = [up for up in router.upstreams if ANY_MODEL in up.config.models]
+    answers = await asyncio.gather(*(_upstream_models(up) for up in asked),
+                                   return_exceptions=True)
+    failure: BaseException | None = None
+    for upstream, answer in zip(asked, answers, strict=True):
+        if isinstance(answer, BaseException):
+            if not isinstance(answer, GatewayError):
+                raise answer
+            failure = failure or answer
+            continue
+        for model in answer:
+            listed.setdefault(model, upstream.provider.name)
+    if not listed and failure is not None:
+        raise failure
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": owner}
+                     for i, owner in listed.items()],
+        }
+    )
+
+
+async def _upstream_models(upstream: Upstream) -> list[str]:
+    headers = upstream.provider.build_request(
         {"model": "", "messages": []},
-        base_path=state.base_path,
-        api_key=state.settings.upstream_api_key or None,
+        base_path=upstream.base_path,
+        api_key=upstream.config.api_key or None,
     ).headers
     wanted = tuple((k, v) for k, v in headers if k in ("authorization", "x-api-key",
                                                        "anthropic-version"))
-    stream = await state.transport.open(
-        UpstreamRequest("GET", state.base_path + "/models", wanted + (("accept", "application/json"),))
+    stream = await upstream.transport.open(
+        UpstreamRequest("GET", upstream.base_path + "/models",
+                        wanted + (("accept", "application/json"),))
     )
     try:
         head = await stream.head()
@@ -109,19 +162,12 @@ async def models(request: web.Request) -> web.Response:
     finally:
         stream.release()
     if head.status != 200:
-        raise state.provider.error_from_response(head, body)
+        raise upstream.provider.error_from_response(head, body)
     try:
         listed = json.loads(body)["data"]
-        ids = [str(item["id"]) for item in listed]
+        return [str(item["id"]) for item in listed]
     except (ValueError, KeyError, TypeError) as exc:
         raise UpstreamProtocolError("upstream model list is not in the expected shape") from exc
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [{"id": i, "object": "model", "created": 0, "owned_by": state.provider.name}
-                     for i in ids],
-        }
-    )
 
 
 async def cancel(request: web.Request) -> web.Response:

@@ -112,6 +112,12 @@ class SimProfile:
     malformed_after: int | None = _knob(
         None, _optional(_parse_int), "after K tokens: one data line that is not JSON, then end"
     )
+    fault_requests: int | None = _knob(
+        None,
+        _optional(_parse_int),
+        "inject the faults above into the first N model requests only, then serve",
+        per_request=False,
+    )
     seed: int = _knob(0, _parse_int, "seed of the timing jitter (content depends on the prompt)")
 
     def __post_init__(self) -> None:
@@ -121,7 +127,8 @@ class SimProfile:
         for name in ("tokens", "max_concurrency", "retry_after_s"):
             if getattr(self, name) < 0:
                 raise KnobError(f"{name} must be >= 0")
-        for name in ("token_size", "reset_after", "kill_after", "malformed_after"):
+        for name in ("token_size", "reset_after", "kill_after", "malformed_after",
+                     "fault_requests"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise KnobError(f"{name} must be >= 0")
@@ -136,6 +143,13 @@ class SimProfile:
             raise KnobError("fail_status must be an error status (400..599)")
         if self.goaway is not None and self.goaway not in GOAWAY_MODES:
             raise KnobError(f"goaway must be one of {', '.join(GOAWAY_MODES)}")
+
+    def without_faults(self) -> SimProfile:
+        """The same model, healthy: no failure knob set."""
+        return dataclasses.replace(
+            self, fail_status=None, reset_after=None, kill_after=None, goaway=None,
+            malformed_after=None,
+        )
 
     # -- changing knobs -------------------------------------------------------
 
