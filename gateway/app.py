@@ -104,7 +104,12 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             transport=first.transport,
             provider=first.provider,
             base_path=first.base_path,
-            upstream_url=", ".join(up.public_url for up in router.upstreams),
+            # One URL, or name=URL for each upstream of the routing file.
+            upstream_url=(
+                ",".join(f"{up.name}={up.public_url}" for up in router.upstreams)
+                if router.config.from_file
+                else first.public_url
+            ),
             router=router,
             keepalive=keepalive,
             source_timeouts=SourceTimeouts(

@@ -12,11 +12,13 @@ import asyncio
 import dataclasses
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
 from gateway.app import running_gateway
 from gateway.config import Settings
@@ -204,6 +206,48 @@ async def test_fallback_on_a_first_token_timeout(routed, sim_factory):
     assert all(ms >= 150 for ms in ttfts[:CIRCUIT_FAILURES])
     print(f"TTFT through the backup once the circuit is open: max {max(ttfts[CIRCUIT_FAILURES:])} ms")
     assert max(ttfts[CIRCUIT_FAILURES:]) < 5 + 95
+
+
+async def test_fallback_on_a_tls_failure(routed, sim_factory):
+    """The primary's certificate is from a CA the gateway does not trust."""
+    untrusted = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    untrusted.issue_cert("127.0.0.1").configure_cert(context)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    primary = await sim_factory(FAST_SIM, ssl=context)
+    backup = await sim_factory(FAST_SIM)
+    gateway = await routed(
+        f'[[upstream]]\nname = "primary"\nurl = "{primary.url}"\n'
+        + upstream("backup", backup.url, priority=1) + ROUTING
+    )
+    async with aiohttp.ClientSession() as http:
+        for n in range(5):
+            text, _, frames = await stream_text(http, gateway, f"tls {n}")
+            assert text == expected(f"tls {n}") and only_pings_then_the_answer(frames)
+        scraped = await metrics(http, gateway)
+    assert primary.log.records == []  # no request got past the handshake
+    assert len(backup.log.records) == 5
+    assert scraped.one("gateway_upstream_failures_total", upstream="primary",
+                       kind="connect") == CIRCUIT_FAILURES
+
+
+async def test_fallback_on_refused_streams_after_goaway(routed, sim_factory):
+    """Every stream lands above the GOAWAY's last_stream_id (RFC 9113 §6.8):
+    never processed, safe to send elsewhere."""
+    primary = await sim_factory(dataclasses.replace(FAST_SIM, goaway="refuse"))
+    backup = await sim_factory(FAST_SIM)
+    gateway = await routed(upstream("primary", primary.url)
+                           + upstream("backup", backup.url, priority=1) + ROUTING)
+    async with aiohttp.ClientSession() as http:
+        for n in range(5):
+            text, _, frames = await stream_text(http, gateway, f"goaway {n}")
+            assert text == expected(f"goaway {n}") and only_pings_then_the_answer(frames)
+        scraped = await metrics(http, gateway)
+    assert len(backup.log.records) == 5
+    assert scraped.one("gateway_upstream_retries_total", upstream="primary",
+                       reason="refused") == CIRCUIT_FAILURES
+    # The source sends a refused stream once more itself: two per request.
+    assert [r.outcome for r in primary.log.records] == ["failed"] * 2 * CIRCUIT_FAILURES
 
 
 async def test_a_stream_cut_after_its_first_tokens_is_not_retried(routed, sim_factory):

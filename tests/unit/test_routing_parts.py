@@ -1,0 +1,119 @@
+"""The router's sans-IO parts, one rule at a time: circuit breaker, retry
+budget, balancer, failure classification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.errors import (
+    BadRequest,
+    UpstreamConnectError,
+    UpstreamConnectionLost,
+    UpstreamFirstByteTimeout,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamStreamRefused,
+)
+from gateway.routing.balancer import LeastInFlight
+from gateway.routing.breaker import CircuitBreaker, CircuitState
+from gateway.routing.budget import RetryBudget
+from gateway.routing.failures import classify, parse_retry_after
+
+RETRY = frozenset({429, 500, 502, 503, 504})
+
+
+def test_the_circuit_opens_after_consecutive_failures_only() -> None:
+    breaker = CircuitBreaker(failures=3, cooldown_s=10)
+    breaker.failure(0)
+    breaker.failure(0)
+    breaker.success()  # the count is of consecutive failures
+    breaker.failure(1)
+    breaker.failure(1)
+    assert breaker.state(1) is CircuitState.CLOSED
+    breaker.failure(2)
+    assert breaker.state(2) is CircuitState.OPEN and not breaker.available(11.9)
+
+
+def test_after_the_cooldown_one_probe_goes_and_its_outcome_decides() -> None:
+    breaker = CircuitBreaker(failures=1, cooldown_s=10)
+    breaker.failure(0)
+    assert breaker.state(10) is CircuitState.HALF_OPEN
+    assert breaker.acquire(10)
+    assert not breaker.acquire(10)  # one probe at a time
+    breaker.failure(10.5)  # the probe failed: another full cooldown
+    assert not breaker.available(20) and breaker.available(20.5)
+    assert breaker.acquire(20.5)
+    breaker.success()
+    assert breaker.state(20.6) is CircuitState.CLOSED and breaker.available(20.6)
+
+
+def test_a_probe_whose_client_left_lets_another_probe() -> None:
+    breaker = CircuitBreaker(failures=1, cooldown_s=1)
+    breaker.failure(0)
+    assert breaker.acquire(1)
+    breaker.release()
+    assert breaker.acquire(1)
+
+
+def test_a_retry_after_holds_the_circuit_open_that_long() -> None:
+    breaker = CircuitBreaker(failures=5, cooldown_s=1)
+    breaker.failure(0, hold_until=30)
+    assert breaker.state(29) is CircuitState.OPEN
+    assert breaker.state(30) is CircuitState.HALF_OPEN
+
+
+def test_the_retry_budget_is_a_minimum_plus_a_share_of_requests() -> None:
+    budget = RetryBudget(ratio=0.5, minimum=2, window_s=10)
+    assert [budget.try_retry(0) for _ in range(3)] == [True, True, False]
+    for _ in range(4):
+        budget.request(1)
+    assert [budget.try_retry(1) for _ in range(3)] == [True, True, False]
+    # Ten seconds later every bucket of those seconds has gone.
+    assert [budget.try_retry(12) for _ in range(3)] == [True, True, False]
+
+
+@dataclass
+class Up:
+    name: str
+    weight: float = 1.0
+    in_flight: int = 0
+
+
+def test_least_in_flight_by_weight_and_round_robin_on_ties() -> None:
+    balancer = LeastInFlight()
+    a, b = Up("a"), Up("b", weight=2)
+    picks = []
+    for _ in range(6):
+        best = balancer.order([a, b])[0]
+        best.in_flight += 1
+        picks.append(best.name)
+    # b, with twice the weight, holds twice the streams.
+    assert (a.in_flight, b.in_flight) == (2, 4)
+    idle = [Up("x"), Up("y"), Up("z")]
+    assert {balancer.order(idle)[0].name for _ in range(3)} == {"x", "y", "z"}
+
+
+def test_failures_are_classified_on_the_gateway_errors() -> None:
+    cases = [
+        (UpstreamConnectError("x"), "connect", True),
+        (UpstreamStreamRefused("x"), "refused", True),
+        (UpstreamConnectionLost("x"), "connection_lost", True),
+        (UpstreamFirstByteTimeout("x"), "timeout", True),
+        (UpstreamStatusError(503, "x"), "5xx", True),
+        (UpstreamStatusError(501, "x"), "5xx", False),
+        (UpstreamStatusError(429, "x", retry_after="7"), "429", True),
+        (UpstreamStatusError(400, "x"), "4xx", False),
+        (UpstreamProtocolError("x"), "protocol", False),
+        (BadRequest("x"), "other", False),
+    ]
+    for error, kind, retryable in cases:
+        failure = classify(error)
+        assert (failure.kind, failure.retryable(RETRY)) == (kind, retryable), error
+    assert classify(UpstreamStatusError(429, "x", retry_after="7")).retry_after_s == 7
+    assert not classify(UpstreamStatusError(404, "x")).upstream_at_fault
+
+
+def test_retry_after_as_seconds_or_a_date() -> None:
+    assert parse_retry_after("12") == 12
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # in the past
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
