@@ -284,6 +284,27 @@ async def test_a_burst_during_a_failover_makes_one_call_on_the_backup(routed, si
     assert [r.outcome for r in backup.log.records] == ["complete"]
 
 
+# -- balancing ----------------------------------------------------------------------
+
+
+async def test_equal_priorities_share_by_weight_within_admission_limits(routed, sim_factory):
+    slow = dataclasses.replace(FAST_SIM, ttft_ms=300)
+    sims = {name: await sim_factory(slow) for name in ("one", "two", "small")}
+    gateway = await routed(
+        upstream("one", sims["one"].url, extra="weight = 1")
+        + upstream("two", sims["two"].url, extra="weight = 2")
+        + upstream("small", sims["small"].url, extra="weight = 100\nmax_inflight = 2")
+    )
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(*(stream_text(http, gateway, f"share {n}")
+                                         for n in range(11)))
+    assert [text for text, _, _ in results] == [expected(f"share {n}") for n in range(11)]
+    # "small" takes what its limit allows; the other nine go 1:2 by weight.
+    assert {name: len(sim.log.records) for name, sim in sims.items()} == {
+        "one": 3, "two": 6, "small": 2}
+    assert all(up.in_flight == 0 for up in gateway.state.router.upstreams)
+
+
 # -- routing by model --------------------------------------------------------------
 
 
