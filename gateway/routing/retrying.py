@@ -52,6 +52,8 @@ class RetryingSource:
         "_flowing",
         "_reset",
         "_transport",
+        "_attempt",
+        "_released",
         "__weakref__",
     )
 
@@ -79,8 +81,12 @@ class RetryingSource:
         self._held: list[Delta] | None = None
         self._flowing = False
         self._reset = False
-        #: The current attempt's upstream transport (see ``open``).
+        #: The current attempt's upstream transport (see ``open``), its
+        #: number, and whether its answer was complete before its first
+        #: token was handed out (released in the read that carried both).
         self._transport: Transport | None = None
+        self._attempt = 0
+        self._released = False
 
     # -- actors.ports.Source -------------------------------------------------------
 
@@ -211,6 +217,8 @@ class RetryingSource:
             router.observer.fallback(upstream.name)
         self._tried = (*self._tried, upstream)
         self._upstream = upstream
+        self._attempt += 1
+        self._released = False
         upstream.in_flight += 1
         upstream.breaker.acquire(router.clock())
         self._attempt_started = router.clock()
@@ -252,7 +260,7 @@ class RetryingSource:
         """The upstream's transport, its streams tracked: their end after the
         first token is the attempt's end (``_stream_closed``)."""
         assert self._transport is not None
-        return _TrackedStream(await self._transport.open(request), self)
+        return _TrackedStream(await self._transport.open(request), self, self._attempt)
 
     def connection_count(self) -> int:
         return 0 if self._transport is None else self._transport.connection_count()
@@ -260,12 +268,16 @@ class RetryingSource:
     async def aclose(self) -> None:
         """The upstream's transport belongs to the router, not to one request."""
 
-    def _stream_closed(self, reset: bool) -> None:
+    def _stream_closed(self, reset: bool, attempt: int) -> None:
         """The attempt's response stream was released (its answer complete)
         or reset. Before the first token the iteration itself ends the
-        attempt, with what it learnt; after it, this is the end: a reset we
-        did not ask for is the stream's failure."""
+        attempt, with what it learnt (a release is noted for the first
+        token); after it, this is the end: a reset we did not ask for is
+        the stream's failure."""
+        if attempt != self._attempt:
+            return
         if not self._flowing:
+            self._released = not reset
             return
         failure = AFTER_FIRST_TOKEN if reset and not self._reset else None
         self._attempt_ended(failure, cancelled=self._reset)
@@ -280,6 +292,8 @@ class RetryingSource:
         upstream.breaker.success()
         router = self._router
         router.observer.upstream_ttft(upstream.name, router.clock() - self._attempt_started)
+        if self._released:
+            self._attempt_ended(None)
 
     def _attempt_ended(self, failure: Failure | None, *, cancelled: bool = False) -> None:
         """Once per attempt: its slot back, its outcome to the breaker."""
@@ -333,11 +347,12 @@ class _TrackedStream:
     """A response stream that reports its release or reset, once. Its reads
     are the inner stream's own awaitables (no coroutine frame of ours)."""
 
-    __slots__ = ("_stream", "_owner")
+    __slots__ = ("_stream", "_owner", "_attempt")
 
-    def __init__(self, stream: ResponseStream, owner: RetryingSource) -> None:
+    def __init__(self, stream: ResponseStream, owner: RetryingSource, attempt: int) -> None:
         self._stream = stream
         self._owner: RetryingSource | None = owner
+        self._attempt = attempt
 
     async def head(self) -> ResponseHead:
         return await self._stream.head()
@@ -356,4 +371,4 @@ class _TrackedStream:
     def _closed(self, reset: bool) -> None:
         owner, self._owner = self._owner, None
         if owner is not None:
-            owner._stream_closed(reset)
+            owner._stream_closed(reset, self._attempt)

@@ -305,6 +305,22 @@ async def test_equal_priorities_share_by_weight_within_admission_limits(routed, 
     assert all(up.in_flight == 0 for up in gateway.state.router.upstreams)
 
 
+async def test_in_flight_returns_to_zero_when_the_answer_ends_in_its_first_read(
+        routed, sim_factory):
+    """One token and the end in the same read: the attempt's stream is
+    released before its first token is handed out, and still counted out."""
+    only = await sim_factory(dataclasses.replace(FAST_SIM, tokens=1, itl_ms=0))
+    gateway = await routed(upstream("only", only.url, extra="max_inflight = 1"))
+    async with aiohttp.ClientSession() as http:
+        for n in range(5):
+            text, _, _ = await stream_text(http, gateway, f"short {n}")
+            assert text == expected(f"short {n}", 1)
+        scraped = await metrics(http, gateway)
+    (up,) = gateway.state.router.upstreams
+    assert up.in_flight == 0 and up.admission is not None and up.admission.inflight == 0
+    assert scraped.one("gateway_upstream_in_flight", upstream="only") == 0
+
+
 # -- routing by model --------------------------------------------------------------
 
 
