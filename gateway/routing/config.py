@@ -79,9 +79,9 @@ class RetryConfig:
     #: A 429's Retry-After longer than this is not waited for.
     max_retry_after_ms: int = 10_000
     #: Statuses that move a request to the next candidate (before its first
-    #: token). The one-upstream environment setup retries none: the client
-    #: sees the upstream's status as it always did.
-    retry_statuses: frozenset[int] = frozenset({429, 500, 502, 503, 504})
+    #: token; 529 is Anthropic's "overloaded"). The one-upstream environment
+    #: setup retries none: the client sees the upstream's status as it always did.
+    retry_statuses: frozenset[int] = frozenset({429, 500, 502, 503, 504, 529})
     #: Consecutive failures that open an upstream's circuit.
     circuit_failures: int = 5
     circuit_cooldown_ms: int = 10_000

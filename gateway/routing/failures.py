@@ -12,6 +12,8 @@ import email.utils
 from dataclasses import dataclass
 
 from gateway.errors import (
+    QueueFull,
+    QueueTimeout,
     UpstreamConnectError,
     UpstreamConnectionLost,
     UpstreamProtocolError,
@@ -23,7 +25,7 @@ from gateway.errors import (
 
 #: Failure kinds, the ``reason``/``kind`` label values.
 KINDS = ("connect", "refused", "connection_lost", "reset", "timeout", "429", "5xx", "4xx",
-         "protocol", "after_first_token", "other")
+         "protocol", "busy", "after_first_token", "other")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +39,13 @@ class Failure:
     @property
     def upstream_at_fault(self) -> bool:
         """Whether it counts against the upstream's health (circuit breaker):
-        a 4xx other than 429 is about the request, not the upstream."""
-        return self.kind != "4xx"
+        a 4xx other than 429 is about the request, not the upstream, and
+        "busy" is our own limit for it (its admission queue), not its failure."""
+        return self.kind not in ("4xx", "busy")
 
     def retryable(self, retry_statuses: frozenset[int]) -> bool:
         """Safe and useful to send again before the first token."""
-        if self.kind in ("connect", "refused", "connection_lost", "reset", "timeout"):
+        if self.kind in ("connect", "refused", "connection_lost", "reset", "timeout", "busy"):
             return True
         return self.status is not None and self.status in retry_statuses
 
@@ -57,6 +60,8 @@ def classify(exc: BaseException) -> Failure:
         else:
             kind = "4xx"
         return Failure(kind, status, parse_retry_after(exc.retry_after))
+    if isinstance(exc, QueueFull | QueueTimeout):
+        return Failure("busy")
     for cls, kind in (
         (UpstreamConnectError, "connect"),
         (UpstreamStreamRefused, "refused"),

@@ -156,11 +156,6 @@ class Router:
     def circuit_open(self, upstream: Upstream) -> bool:
         return upstream.breaker.state(self.clock()) is not CircuitState.CLOSED
 
-    def ready_models(self) -> bool:
-        """Whether some model has an upstream whose circuit lets requests through."""
-        now = self.clock()
-        return any(up.breaker.available(now) for up in self.upstreams)
-
     async def aclose(self) -> None:
         for upstream in self.upstreams:
             await upstream.transport.aclose()

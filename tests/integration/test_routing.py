@@ -29,7 +29,7 @@ from gateway.sim.formats import DEFAULT_MODEL
 from gateway.state import STATE, GatewayState
 from tests.integration.conftest import FAST_SIM
 from tests.integration.metrics_scrape import Scrape, scrape
-from tests.integration.sse_frames import FrameReader, openai_text
+from tests.integration.sse_frames import FrameReader, native_text, openai_text
 
 #: The circuit opens after this many consecutive failures (the file says so).
 CIRCUIT_FAILURES = 3
@@ -319,6 +319,24 @@ async def test_in_flight_returns_to_zero_when_the_answer_ends_in_its_first_read(
     (up,) = gateway.state.router.upstreams
     assert up.in_flight == 0 and up.admission is not None and up.admission.inflight == 0
     assert scraped.one("gateway_upstream_in_flight", upstream="only") == 0
+
+
+async def test_fallback_across_formats_on_the_native_api(routed, sim_factory):
+    """An Anthropic-format upstream failing, an OpenAI-format one answering:
+    each candidate gets its own request, the client one answer."""
+    claude = await sim_factory(dataclasses.replace(FAST_SIM, fail_status=529))
+    backup = await sim_factory(FAST_SIM)
+    gateway = await routed(
+        upstream("claude", claude.url, models='["claude"]', extra='format = "anthropic"')
+        + upstream("backup", backup.url, priority=1) + ROUTING
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=chat("across", model="claude")) as resp:
+            frames = await FrameReader(resp).rest()
+    assert native_text(frames) == expected("across")
+    assert [f.event for f in frames if f.event][-1] == "done"
+    assert [(r.path, r.status) for r in claude.log.records] == [("/v1/messages", 529)]
+    assert [(r.path, r.model) for r in backup.log.records] == [("/v1/chat/completions", "claude")]
 
 
 # -- routing by model --------------------------------------------------------------

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from gateway.errors import (
     BadRequest,
+    QueueFull,
+    QueueTimeout,
     UpstreamConnectError,
     UpstreamConnectionLost,
     UpstreamFirstByteTimeout,
@@ -17,9 +19,10 @@ from gateway.errors import (
 from gateway.routing.balancer import LeastInFlight
 from gateway.routing.breaker import CircuitBreaker, CircuitState
 from gateway.routing.budget import RetryBudget
+from gateway.routing.config import RetryConfig
 from gateway.routing.failures import classify, parse_retry_after
 
-RETRY = frozenset({429, 500, 502, 503, 504})
+RETRY = RetryConfig().retry_statuses
 
 
 def test_the_circuit_opens_after_consecutive_failures_only() -> None:
@@ -101,16 +104,19 @@ def test_failures_are_classified_on_the_gateway_errors() -> None:
         (UpstreamFirstByteTimeout("x"), "timeout", True),
         (UpstreamStatusError(503, "x"), "5xx", True),
         (UpstreamStatusError(501, "x"), "5xx", False),
+        (UpstreamStatusError(529, "x"), "5xx", True),
         (UpstreamStatusError(429, "x", retry_after="7"), "429", True),
         (UpstreamStatusError(400, "x"), "4xx", False),
         (UpstreamProtocolError("x"), "protocol", False),
         (BadRequest("x"), "other", False),
+        (QueueTimeout("x"), "busy", True),
     ]
     for error, kind, retryable in cases:
         failure = classify(error)
         assert (failure.kind, failure.retryable(RETRY)) == (kind, retryable), error
     assert classify(UpstreamStatusError(429, "x", retry_after="7")).retry_after_s == 7
     assert not classify(UpstreamStatusError(404, "x")).upstream_at_fault
+    assert not classify(QueueFull("x")).upstream_at_fault
 
 
 def test_retry_after_as_seconds_or_a_date() -> None:
