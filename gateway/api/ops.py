@@ -32,12 +32,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining and some upstream whose circuit is not open
-    accepts a TCP connection (each upstream serves some model)."""
+    accepts a TCP connection (each upstream serves some model). When every
+    circuit is open the router tries them all anyway, and so does this."""
     state = request.app[STATE]
     if state.draining:
         return web.json_response({"status": "draining"}, status=503)
     router = state.router
     checks = [up for up in router.upstreams if not router.circuit_open(up)]
+    checks = checks or list(router.upstreams)
     results = await asyncio.gather(*(_reachable(up.public_url) for up in checks))
     upstreams = {up.name: result for up, result in zip(checks, results, strict=True)}
     upstreams.update({up.name: "circuit open" for up in router.upstreams if up not in checks})

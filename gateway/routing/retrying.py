@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import structlog
+
 from actors.deltas import Delta
 from gateway.admission import AdmissionTicket
 from gateway.errors import GatewayError
@@ -34,6 +36,8 @@ from gateway.routing.router import RoutePlan, Router, Upstream
 from gateway.upstream.base import ResponseHead, ResponseStream, Transport, UpstreamRequest
 from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.source import SourceTimeouts, UpstreamSource, source_opener
+
+log = structlog.get_logger("gateway.routing")
 
 
 class RetryingSource:
@@ -171,7 +175,11 @@ class RetryingSource:
                 if wait is None:
                     raise exc
                 upstream, delay = wait
-                router.observer.retry(self._tried[-1].name, failure.kind)
+                failed_on = self._tried[-1].name
+                router.observer.retry(failed_on, failure.kind)
+                log.info("upstream retry", upstream=failed_on, reason=failure.kind,
+                         status=failure.status, next=upstream.name,
+                         delay_ms=round(delay * 1000), attempt=len(self._tried) + 1)
                 if delay > 0:
                     await asyncio.sleep(delay)
             else:

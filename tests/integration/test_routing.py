@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+from structlog.testing import capture_logs
 
 from gateway.app import running_gateway
 from gateway.config import Settings
@@ -143,24 +144,30 @@ async def test_fallback_on_503_to_everything(routed, sim_factory):
     backup = await sim_factory(FAST_SIM)
     gateway = await routed(upstream("primary", primary.url)
                            + upstream("backup", backup.url, priority=1) + ROUTING)
-    async with aiohttp.ClientSession() as http:
-        for n in range(20):
-            text, _, frames = await stream_text(http, gateway, f"503 {n}")
-            assert text == expected(f"503 {n}")
-            assert only_pings_then_the_answer(frames)
-        # Non-streaming too: the client gets a 200 with the answer.
-        async with http.post(gateway.v1 + "/chat/completions",
-                             json=chat("503 whole", stream=False)) as resp:
-            assert resp.status == 200
-            body = await resp.json()
-        assert body["choices"][0]["message"]["content"] == expected("503 whole")
-        scraped = await metrics(http, gateway)
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as http:
+            for n in range(20):
+                text, _, frames = await stream_text(http, gateway, f"503 {n}")
+                assert text == expected(f"503 {n}")
+                assert only_pings_then_the_answer(frames)
+            # Non-streaming too: the client gets a 200 with the answer.
+            async with http.post(gateway.v1 + "/chat/completions",
+                                 json=chat("503 whole", stream=False)) as resp:
+                assert resp.status == 200
+                body = await resp.json()
+            assert body["choices"][0]["message"]["content"] == expected("503 whole")
+            scraped = await metrics(http, gateway)
     assert [r.status for r in primary.log.records] == [503] * CIRCUIT_FAILURES
     assert [r.outcome for r in backup.log.records] == ["complete"] * 21
     assert scraped.one("gateway_upstream_retries_total", upstream="primary",
                        reason="5xx") == CIRCUIT_FAILURES
     assert scraped.one("gateway_upstream_requests_total", upstream="primary",
                        status="503") == CIRCUIT_FAILURES
+    retries = [line for line in logs if line["event"] == "upstream retry"]
+    assert retries[0] == {"event": "upstream retry", "log_level": "info", "upstream": "primary",
+                          "reason": "5xx", "status": 503, "next": "backup", "delay_ms": 0,
+                          "attempt": 2}
+    assert len(retries) == CIRCUIT_FAILURES
 
 
 async def test_fallback_on_429_keeps_away_for_its_retry_after(routed, sim_factory):
@@ -395,7 +402,8 @@ async def test_models_lists_the_union_and_readyz_needs_one_upstream(routed, sim_
     # The names the file gives, then what the "*" upstream lists itself.
     assert listed == ["named-model", DEFAULT_MODEL]
     assert ready[0] == 200 and ready[1]["upstreams"]["named"] == "ConnectionRefusedError"
-    assert unready[0] == 503
+    assert unready[0] == 503 and unready[1]["upstreams"] == {
+        "named": "ConnectionRefusedError", "anyone": "ConnectionRefusedError"}
 
 
 # -- the circuit breaker ----------------------------------------------------------
