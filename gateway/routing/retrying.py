@@ -292,7 +292,8 @@ class RetryingSource:
 
     def _first_token(self) -> None:
         self._flowing = True
-        # The prompts of every candidate and the attempts: not needed any more.
+        # The prompts of every candidate, the attempts and the deadline of
+        # the first token: not needed any more.
         self._plan = None
         self._tried = ()
         upstream = self._upstream
@@ -300,6 +301,10 @@ class RetryingSource:
         upstream.breaker.success()
         router = self._router
         router.observer.upstream_ttft(upstream.name, router.clock() - self._attempt_started)
+        # Two floats every open stream would hold for nothing (the constant
+        # 0.0 and None are shared).
+        self._attempt_started = 0.0
+        self._deadline = None
         if self._released:
             self._attempt_ended(None)
 
