@@ -167,9 +167,9 @@ def _upstream(index: int, table: Any, env: Mapping[str, str], where: _Where) -> 
     key_env = read.text("api_key_env", required=False)
     api_key = ""
     if key_env:
-        if key_env not in env:
-            raise where.error(index, "api_key_env", f"the environment has no {key_env}")
-        api_key = env[key_env]
+        api_key = env.get(key_env, "").strip()
+        if not api_key:
+            raise where.error(index, "api_key_env", f"the environment has no {key_env} (or it is empty)")
     models = read.models()
     model_map = read.model_map()
     return UpstreamConfig(
@@ -225,6 +225,7 @@ class _KeyLines:
         for number, line in enumerate(text.splitlines(), start=1):
             header = self._HEADER.match(line)
             if header:
+                self.keys.setdefault((None, header.group(1)), number)
                 in_routing = header.group(1) == "routing"
                 if header.group(1) == "upstream" and line.lstrip().startswith("[["):
                     self.tables.append(number)

@@ -41,6 +41,8 @@ log = structlog.get_logger("gateway.routing")
 
 
 class RetryingSource:
+    """``actors.ports.Source`` over the attempts of one request's route plan."""
+
     __slots__ = (
         "_router",
         "_plan",

@@ -59,7 +59,7 @@ BAD = [
      "line 5: max_attempts: must be an integer >= 1"),
     ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\n[routing]\nretries = 3\n',
      "line 5: retries: unknown field in [routing]"),
-    ('[upstreams]\nname = "a"\n', "upstreams: unknown table or key"),
+    ('[upstreams]\nname = "a"\n', "line 1: upstreams: unknown table or key"),
     ("# nothing\n", "no [[upstream]] table"),
     ('[[upstream]]\nname = "a"\nurl = "http://h/v1\n', "not valid TOML: "),
 ]
