@@ -39,6 +39,11 @@ class CircuitBreaker:
             self._probing = False
         return self._state
 
+    @property
+    def open_until(self) -> float:
+        """When an open circuit half-opens (meaningless while closed)."""
+        return self._open_until
+
     def available(self, now: float) -> bool:
         """Whether a request may go now (without taking the probe)."""
         state = self.state(now)

@@ -146,8 +146,8 @@ class Router:
         pool = [up for up in candidates if up not in tried] or list(candidates)
         usable = [up for up in pool if up.breaker.available(now)]
         if not usable:
-            # Panic: every circuit is open; the one free soonest goes.
-            return min(pool, key=lambda up: (max(up.hold_until, now), up.priority))
+            # Panic: every circuit is open; the one that half-opens soonest goes.
+            return min(pool, key=lambda up: (up.breaker.open_until, up.priority))
         best = min(up.priority for up in usable)
         group = [up for up in usable if up.priority == best]
         with_room = [up for up in group if up.has_room()] or group

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
+from gateway.admission import AdmissionQueue
 from gateway.errors import (
     BadRequest,
+    ModelNotFound,
     QueueFull,
     QueueTimeout,
     UpstreamConnectError,
@@ -19,8 +23,10 @@ from gateway.errors import (
 from gateway.routing.balancer import LeastInFlight
 from gateway.routing.breaker import CircuitBreaker, CircuitState
 from gateway.routing.budget import RetryBudget
-from gateway.routing.config import RetryConfig
+from gateway.routing.config import RetryConfig, RoutingConfig, UpstreamConfig
 from gateway.routing.failures import classify, parse_retry_after
+from gateway.routing.router import Router, Upstream
+from gateway.upstream.providers import OpenAIProvider
 
 RETRY = RetryConfig().retry_statuses
 
@@ -123,3 +129,55 @@ def test_retry_after_as_seconds_or_a_date() -> None:
     assert parse_retry_after("12") == 12
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # in the past
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def _router(*configs: UpstreamConfig, clock: list[float]) -> Router:
+    upstreams = [
+        Upstream(config=c, transport=None, provider=OpenAIProvider(),  # type: ignore[arg-type]
+                 base_path="/v1", public_url=c.url,
+                 breaker=CircuitBreaker(failures=2, cooldown_s=10),
+                 admission=AdmissionQueue(c.max_inflight, 10, 1.0) if c.max_inflight else None)
+        for c in configs
+    ]
+    return Router(RoutingConfig(tuple(configs)), upstreams, clock=lambda: clock[0])
+
+
+def test_next_upstream_by_priority_then_untried_then_panic() -> None:
+    now = [0.0]
+    router = _router(UpstreamConfig("a", "http://a/v1"),
+                     UpstreamConfig("b", "http://b/v1", priority=1),
+                     UpstreamConfig("c", "http://c/v1", priority=2), clock=now)
+    a, b, c = router.upstreams
+    assert router.next_upstream([a, b, c], ()) is a
+    assert router.next_upstream([a, b, c], (a,)) is b
+    assert router.next_upstream([a, b, c], (a, b, c)) is a  # all tried: from the top again
+    a.breaker.failure(0)
+    a.breaker.failure(0)  # open for the cooldown, to 10
+    b.breaker.failure(0, hold_until=5)  # open for its Retry-After
+    c.breaker.failure(0, hold_until=3)
+    # Panic: every circuit open; a (cooldown to 10) is free later than c (3).
+    assert router.next_upstream([a, b, c], ()) is c
+    now[0] = 4
+    assert router.next_upstream([a, b, c], ()) is c  # half-open now: usable
+    c.breaker.acquire(4)  # its probe is out: no circuit lets requests through
+    assert router.next_upstream([a, b, c], ()) is c  # panic: still the soonest free
+
+
+def test_an_upstream_at_its_admission_limit_is_passed_over_while_another_has_room() -> None:
+    router = _router(UpstreamConfig("small", "http://s/v1", weight=100, max_inflight=1),
+                     UpstreamConfig("big", "http://b/v1"), clock=[0.0])
+    small, big = router.upstreams
+    assert router.next_upstream([small, big], ()) is small
+    assert small.admission is not None
+    ticket = small.admission.enqueue(0)
+    assert router.next_upstream([small, big], ()) is big
+    ticket.release()
+    assert router.next_upstream([small, big], ()) is small
+
+
+def test_an_unknown_model_has_no_plan() -> None:
+    router = _router(UpstreamConfig("a", "http://a/v1", models=("m",)), clock=[0.0])
+    with pytest.raises(ModelNotFound):
+        router.plan({"model": "x", "messages": []}, "x")
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    assert list(plan.candidates) == list(router.upstreams)
