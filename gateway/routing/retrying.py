@@ -60,6 +60,7 @@ class RetryingSource:
         "_transport",
         "_attempt",
         "_released",
+        "served_by",
         "__weakref__",
     )
 
@@ -93,6 +94,9 @@ class RetryingSource:
         self._transport: Transport | None = None
         self._attempt = 0
         self._released = False
+        #: The name of the upstream whose answer this is, from its first
+        #: token on (for whoever records the exchange or counts its tokens).
+        self.served_by: str | None = None
 
     # -- actors.ports.Source -------------------------------------------------------
 
@@ -300,6 +304,7 @@ class RetryingSource:
         self._tried = ()
         upstream = self._upstream
         assert upstream is not None
+        self.served_by = upstream.name
         upstream.breaker.success()
         router = self._router
         router.observer.upstream_ttft(upstream.name, router.clock() - self._attempt_started)
