@@ -52,7 +52,7 @@ class UpstreamConfig:
     priority: int = 0
     weight: float = 1.0
     #: Client model name -> the name sent upstream.
-    model_map: Mapping[str, str] = field(default_factory=dict)
+    model_map: Mapping[str, str] = field(default_factory=dict, hash=False)
     #: HTTP/2 connections to this origin (None: UPSTREAM_MAX_CONNECTIONS).
     max_connections: int | None = None
     #: Streams open on this upstream at once (0: no limit of its own).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import socket
 import ssl
@@ -310,6 +311,20 @@ async def test_equal_priorities_share_by_weight_within_admission_limits(routed, 
     assert {name: len(sim.log.records) for name, sim in sims.items()} == {
         "one": 3, "two": 6, "small": 2}
     assert all(up.in_flight == 0 for up in gateway.state.router.upstreams)
+
+
+async def test_a_full_upstream_queues_its_requests_in_order(routed, sim_factory):
+    """Its max_inflight reached and no other candidate: the next stream waits
+    for a slot (FIFO) instead of going over the limit."""
+    only = await sim_factory(dataclasses.replace(FAST_SIM, ttft_ms=50))
+    gateway = await routed(upstream("only", only.url, extra="max_inflight = 1"))
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(*(stream_text(http, gateway, f"queued {n}")
+                                         for n in range(3)))
+    assert [text for text, _, _ in results] == [expected(f"queued {n}") for n in range(3)]
+    records = sorted(only.log.records, key=lambda r: r.arrival)
+    assert all(later.arrival >= earlier.end  # type: ignore[operator]
+               for earlier, later in itertools.pairwise(records))
 
 
 async def test_in_flight_returns_to_zero_when_the_answer_ends_in_its_first_read(

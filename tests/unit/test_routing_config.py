@@ -84,6 +84,7 @@ def test_settings_read_the_file_and_refuse_it_with_upstream_url(tmp_path: Path) 
     path.write_text('[[upstream]]\nname = "a"\nurl = "http://h/v1"\napi_key_env = "K"\n')
     settings = Settings.from_env({"GATEWAY_CONFIG": str(path), "K": "secret"})
     assert settings.routing is not None and settings.routing.upstreams[0].api_key == "secret"
+    hash(settings)  # frozen settings stay hashable
     assert "secret" not in repr(settings)
     with pytest.raises(ConfigError, match="UPSTREAM_URL"):
         Settings.from_env({"GATEWAY_CONFIG": str(path), "K": "k", "UPSTREAM_URL": "http://x/v1"})
