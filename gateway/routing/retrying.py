@@ -144,10 +144,12 @@ class RetryingSource:
                 if self._held is not None:
                     return await self._pop_held()
                 raise
-            except GatewayError as exc:
+            except Exception as exc:
                 failure = classify(exc)
                 self._attempt_ended(failure)
                 self._held = None
+                if not isinstance(exc, GatewayError):
+                    raise  # not the upstream's failure: nothing to retry
                 await self._open_next((exc, failure))
                 continue
             if not delta.is_content:

@@ -139,3 +139,14 @@ async def test_a_reset_from_the_actor_ends_the_attempt_once() -> None:
     source.reset()
     source.reset()
     assert upstream.in_flight == 0 and transport.streams[0].ended == "reset"
+
+
+async def test_an_unexpected_error_before_the_first_token_ends_the_attempt() -> None:
+    transport = ScriptedTransport([chunk(finish="stop"), RuntimeError("a bug")], [DONE])
+    router, upstream = router_of(transport)
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=SourceTimeouts(), deadlines=None)
+    await source.start()
+    with pytest.raises(RuntimeError):
+        await source.__anext__()
+    assert upstream.in_flight == 0 and len(transport.streams) == 1
