@@ -16,6 +16,7 @@ from gateway.errors import (
     QueueTimeout,
     UpstreamConnectError,
     UpstreamConnectionLost,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamStreamRefused,
@@ -25,7 +26,7 @@ from gateway.errors import (
 
 #: Failure kinds, the ``reason``/``kind`` label values.
 KINDS = ("connect", "refused", "connection_lost", "reset", "timeout", "429", "5xx", "4xx",
-         "protocol", "busy", "after_first_token", "other")
+         "protocol", "busy", "after_first_token", "other", "internal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +40,10 @@ class Failure:
     @property
     def upstream_at_fault(self) -> bool:
         """Whether it counts against the upstream's health (circuit breaker):
-        a 4xx other than 429 is about the request, not the upstream, and
-        "busy" is our own limit for it (its admission queue), not its failure."""
-        return self.kind not in ("4xx", "busy")
+        a 4xx other than 429 is about the request, not the upstream, "busy"
+        is our own limit for it (its admission queue), and "internal" is an
+        error of ours, not an upstream's."""
+        return self.kind not in ("4xx", "busy", "internal")
 
     def retryable(self, retry_statuses: frozenset[int]) -> bool:
         """Safe and useful to send again before the first token."""
@@ -72,7 +74,9 @@ def classify(exc: BaseException) -> Failure:
     ):
         if isinstance(exc, cls):
             return Failure(kind)
-    return Failure("other")
+    if isinstance(exc, UpstreamError):
+        return Failure("other")
+    return Failure("internal")
 
 
 def parse_retry_after(value: str | None) -> float | None:

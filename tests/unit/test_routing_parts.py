@@ -15,6 +15,7 @@ from gateway.errors import (
     QueueTimeout,
     UpstreamConnectError,
     UpstreamConnectionLost,
+    UpstreamError,
     UpstreamFirstByteTimeout,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -114,7 +115,8 @@ def test_failures_are_classified_on_the_gateway_errors() -> None:
         (UpstreamStatusError(429, "x", retry_after="7"), "429", True),
         (UpstreamStatusError(400, "x"), "4xx", False),
         (UpstreamProtocolError("x"), "protocol", False),
-        (BadRequest("x"), "other", False),
+        (BadRequest("x"), "internal", False),
+        (UpstreamError("x"), "other", False),
         (QueueTimeout("x"), "busy", True),
     ]
     for error, kind, retryable in cases:
