@@ -8,6 +8,8 @@ import json
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import UpstreamConnectionLost
 from gateway.routing.breaker import CircuitBreaker
@@ -29,14 +31,18 @@ DONE = b"data: [DONE]\n\n"
 
 
 class ScriptedStream:
-    """One response: a 200 head, then these reads (an exception is raised)."""
+    """One response: a head (200 unless the script starts with a status),
+    then these reads (an exception is raised)."""
 
-    def __init__(self, reads: Sequence[bytes | Exception]) -> None:
-        self._reads = list(reads)
+    def __init__(self, reads: Sequence[bytes | Exception | int]) -> None:
+        self._status = reads[0] if reads and isinstance(reads[0], int) else 200
+        self._reads = [r for r in reads if not isinstance(r, int)]
         self.ended: str | None = None
 
     async def head(self) -> ResponseHead:
-        return ResponseHead(200, (("content-type", "text/event-stream"),), "HTTP/2")
+        await asyncio.sleep(0)
+        content_type = "text/event-stream" if self._status == 200 else "application/json"
+        return ResponseHead(self._status, (("content-type", content_type),), "HTTP/2")
 
     async def read(self) -> bytes:
         await asyncio.sleep(0)
@@ -53,7 +59,7 @@ class ScriptedStream:
 
 
 class ScriptedTransport:
-    def __init__(self, *responses: Sequence[bytes | Exception]) -> None:
+    def __init__(self, *responses: Sequence[bytes | Exception | int]) -> None:
         self._responses = list(responses)
         self.streams: list[ScriptedStream] = []
 
@@ -69,12 +75,13 @@ class ScriptedTransport:
         pass
 
 
-def router_of(transport: ScriptedTransport) -> tuple[Router, Upstream]:
+def router_of(transport: ScriptedTransport, attempts: int = 2) -> tuple[Router, Upstream]:
     config = UpstreamConfig(name="only", url="http://upstream/v1")
     upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
                         base_path="/v1", public_url=config.url,
-                        breaker=CircuitBreaker(failures=5, cooldown_s=10))
-    routing = RoutingConfig((config,), RetryConfig(max_attempts=2), from_file=True)
+                        breaker=CircuitBreaker(failures=1000, cooldown_s=10))
+    routing = RoutingConfig((config,), RetryConfig(max_attempts=attempts, retry_budget_min=1000),
+                            from_file=True)
     return Router(routing, [upstream]), upstream
 
 
@@ -150,3 +157,76 @@ async def test_an_unexpected_error_before_the_first_token_ends_the_attempt() -> 
     with pytest.raises(RuntimeError):
         await source.__anext__()
     assert upstream.in_flight == 0 and len(transport.streams) == 1
+
+
+# -- every script of attempts ------------------------------------------------------------
+
+ERROR_BODY = json.dumps({"error": {"message": "busy", "type": "server_error"}}).encode()
+
+#: How an attempt goes: fails before content (and how), or answers k tokens and
+#: then ends or breaks.
+attempts_strategy = st.lists(
+    st.one_of(
+        st.sampled_from(["lost", "503", "400"]).map(lambda how: ("fail", how, 0)),
+        st.tuples(st.just("answer"), st.sampled_from(["done", "lost"]),
+                  st.integers(min_value=1, max_value=4)),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def script(attempt: tuple[str, str, int], n: int) -> list[bytes | Exception | int]:
+    what, how, tokens = attempt
+    if what == "fail":
+        if how == "lost":
+            return [chunk(finish="x"), UpstreamConnectionLost("gone")]
+        return [int(how), ERROR_BODY]
+    reads: list[bytes | Exception | int] = [chunk(content=f"{n}.{i} ") for i in range(tokens)]
+    reads.append(DONE if how == "done" else UpstreamConnectionLost("gone"))
+    return reads
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(attempts=attempts_strategy, max_attempts=st.integers(min_value=1, max_value=4),
+       cancel_after=st.one_of(st.none(), st.integers(min_value=0, max_value=3)))
+def test_one_answer_only_and_every_attempt_ends(
+    attempts: list[tuple[str, str, int]], max_attempts: int, cancel_after: int | None
+) -> None:
+    """Whatever the attempts do: the deltas are those of one attempt alone,
+    no attempt is opened past max_attempts or after a failure that is not
+    retried, and every attempt ends (in-flight back to 0)."""
+
+    async def run() -> None:
+        transport = ScriptedTransport(*(script(a, n) for n, a in enumerate(attempts)))
+        router, upstream = router_of(transport, max_attempts)
+        plan = router.plan({"model": "m", "messages": []}, "m")
+        source = RetryingSource(router, plan, timeouts=SourceTimeouts(), deadlines=None)
+        texts: list[str] = []
+        error: Exception | None = None
+        try:
+            await source.start()
+            async for delta in source:
+                texts.append(delta.text)
+                if cancel_after is not None and len(texts) > cancel_after:
+                    source.reset()
+                    break
+        except Exception as exc:  # the failure the actor would share
+            error = exc
+        # Which attempt answered (if any) and which one was the last opened.
+        opened = len(transport.streams)
+        assert 1 <= opened <= max_attempts
+        for n, attempt in enumerate(attempts[: opened - 1]):
+            assert attempt[0] == "fail" and attempt[1] != "400", (n, attempts)
+        last = attempts[opened - 1]
+        if texts:
+            assert last[0] == "answer"
+            assert all(t.startswith(f"{opened - 1}.") for t in texts if t)
+        if last[0] == "fail":
+            assert error is not None and not texts
+        elif cancel_after is None:
+            assert len([t for t in texts if t]) == last[2]
+            assert (error is None) == (last[1] == "done")
+        assert upstream.in_flight == 0
+
+    asyncio.run(run())
