@@ -123,12 +123,17 @@ async def test_fallback_on_a_refused_port(routed, sim_factory):
     backup = await sim_factory(FAST_SIM)
     gateway = await routed(upstream("primary", refused_url())
                            + upstream("backup", backup.url, priority=1) + ROUTING)
+    ttfts = []
     async with aiohttp.ClientSession() as http:
         for n in range(20):
-            text, _, frames = await stream_text(http, gateway, f"refused {n}")
+            text, meta, frames = await stream_text(http, gateway, f"refused {n}")
             assert text == expected(f"refused {n}")
             assert only_pings_then_the_answer(frames)
+            ttfts.append(meta["ttft_ms"])
         scraped = await metrics(http, gateway)
+    # A refused connection costs little: the backup's own TTFT (5 ms) and tens
+    # of ms at most, even for the requests that tried the dead one first.
+    assert max(ttfts) < 5 + 95, ttfts
     assert [r.outcome for r in backup.log.records] == ["complete"] * 20
     # The dead one cost the first requests only: then its circuit is open.
     assert scraped.value("gateway_upstream_failures_total", upstream="primary") == CIRCUIT_FAILURES
@@ -147,10 +152,13 @@ async def test_fallback_on_503_to_everything(routed, sim_factory):
                            + upstream("backup", backup.url, priority=1) + ROUTING)
     with capture_logs() as logs:
         async with aiohttp.ClientSession() as http:
+            ttfts = []
             for n in range(20):
-                text, _, frames = await stream_text(http, gateway, f"503 {n}")
+                text, meta, frames = await stream_text(http, gateway, f"503 {n}")
                 assert text == expected(f"503 {n}")
                 assert only_pings_then_the_answer(frames)
+                ttfts.append(meta["ttft_ms"])
+            assert max(ttfts) < 5 + 95, ttfts  # the backup's own TTFT and tens of ms
             # Non-streaming too: the client gets a 200 with the answer.
             async with http.post(gateway.v1 + "/chat/completions",
                                  json=chat("503 whole", stream=False)) as resp:
