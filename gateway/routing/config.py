@@ -130,8 +130,10 @@ def parse_routing(text: str, env: Mapping[str, str], *, source: str = "<config>"
         key = sorted(unknown)[0]
         raise where.error(None, key, "unknown table or key (expected [[upstream]] and [routing])")
     raw_upstreams = document.get("upstream")
-    if not isinstance(raw_upstreams, list) or not raw_upstreams:
+    if raw_upstreams is None:
         raise RoutingConfigError(f"{source}: no [[upstream]] table: at least one is needed")
+    if not isinstance(raw_upstreams, list) or not raw_upstreams:
+        raise where.error(None, "upstream", "must be [[upstream]] tables")
     upstreams = tuple(
         _upstream(index, table, env, where) for index, table in enumerate(raw_upstreams)
     )

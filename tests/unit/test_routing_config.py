@@ -61,6 +61,7 @@ BAD = [
      "line 5: retries: unknown field in [routing]"),
     ('[upstreams]\nname = "a"\n', "line 1: upstreams: unknown table or key"),
     ("# nothing\n", "no [[upstream]] table"),
+    ('upstream = "x"\n', "line 1: upstream: must be [[upstream]] tables"),
     ('[[upstream]]\nname = "a"\nurl = "http://h/v1\n', "not valid TOML: "),
 ]
 
