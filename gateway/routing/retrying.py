@@ -5,8 +5,9 @@ The actor calls ``open_source()`` once and iterates what it gets
 content delta nothing has reached any client (they have seen pings only),
 so a failure there may be answered by another attempt: the next candidate
 (``Router.next_upstream``), or the same upstream when it is the only one.
-What an attempt decoded before its first token (a role chunk) is held back
-and dropped with the attempt, so the actor's log holds one answer only.
+What an attempt decoded before its first token (no content: a usage or a
+finish record) is held back and dropped with the attempt, so the actor's
+log holds one answer only.
 From the first token on, deltas pass straight through and a failure is the
 stream's failure: a second generation would be a different answer.
 
