@@ -1,7 +1,8 @@
 """``make_app(settings)``: the aiohttp application and what it owns.
 
 One ``cleanup_ctx`` owns, in order of creation: the embedded simulator (when
-no UPSTREAM_URL is set), the upstream transport, the admission queue, the
+neither UPSTREAM_URL nor GATEWAY_CONFIG is set), the router with one
+transport per upstream, the admission queue, the
 coalescing registry and the SSE keepalive task. Shutdown runs in reverse:
 the keepalive stops, the registry ends every actor (resetting upstream
 streams) before the transport closes its connections, and the simulator
@@ -24,13 +25,11 @@ from gateway.config import Settings
 from gateway.errors import QueueTimeout, ShuttingDown
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
+from gateway.routing.setup import build_router, routing_for
 from gateway.sse import Keepalive
 from gateway.state import STATE, GatewayState
 from gateway.upstream.deadlines import Deadlines
-from gateway.upstream.origin import Origin
-from gateway.upstream.providers import get_provider
 from gateway.upstream.source import SourceTimeouts
-from gateway.upstream.transport import TransportOptions, make_transport
 
 SETTINGS = web.AppKey("gateway_settings", Settings)
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
@@ -55,21 +54,6 @@ def make_app(settings: Settings) -> web.Application:
     return app
 
 
-def transport_options(settings: Settings) -> TransportOptions:
-    """The transports' options from the settings. A stream slot (HTTP/2) or
-    a response head (HTTP/1.1) is waited for as long as a first token may
-    take: that wait ends before the source's first-token deadline starts to
-    be checked, so the two never race."""
-    return TransportOptions(
-        max_connections=settings.upstream_max_connections,
-        connect_timeout=settings.upstream_connect_timeout_ms / 1000,
-        wait_timeout=settings.upstream_first_token_timeout_ms / 1000,
-        ping_interval=settings.upstream_ping_interval_s,
-        ping_timeout=settings.upstream_ping_timeout_s,
-        max_streams_per_connection=settings.upstream_max_streams_per_connection,
-    )
-
-
 def source_timeouts(settings: Settings) -> SourceTimeouts:
     return SourceTimeouts(
         first_token_s=settings.upstream_first_token_timeout_ms / 1000,
@@ -87,7 +71,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
     async with AsyncExitStack() as stack:
-        if settings.upstream_url is None:
+        if settings.upstream_url is None and settings.routing is None:
             # The embedded default: the simulator, in this process, over h2c.
             from gateway.sim.profile import SimProfile
             from gateway.sim.server import SimServer
@@ -97,10 +81,13 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             stack.push_async_callback(sim.aclose)
             upstream_url, protocol = sim.url, "h2c"
         else:
-            upstream_url, protocol = settings.upstream_url, settings.upstream_protocol
-        origin = Origin.parse(upstream_url)
-        transport = make_transport(origin, protocol, transport_options(settings))
-        stack.push_async_callback(transport.aclose)
+            upstream_url, protocol = settings.upstream_url or "", settings.upstream_protocol
+        # -- the upstreams: one per [[upstream]], or the one of UPSTREAM_* ---------------
+        router = build_router(
+            routing_for(settings, url=upstream_url, protocol=protocol), settings, metrics
+        )
+        stack.push_async_callback(router.aclose)
+        first = router.upstreams[0]
         # Closed after the registry, which resets every source still open.
         deadlines = Deadlines()
         stack.callback(deadlines.close)
@@ -132,13 +119,17 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             metrics=metrics,
             admission=admission,
             registry=registry,
-            transport=transport,
-            provider=get_provider(settings.upstream_format),
-            base_path=origin.base_path,
-            # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
-            # of /readyz, the start-up line and the logs.
-            upstream_url=origin.base_url + origin.base_path,
-            simulated=settings.upstream_url is None,
+            transport=first.transport,
+            provider=first.provider,
+            base_path=first.base_path,
+            # One URL, or name=URL for each upstream of the routing file.
+            upstream_url=(
+                ",".join(f"{up.name}={up.public_url}" for up in router.upstreams)
+                if router.config.from_file
+                else first.public_url
+            ),
+            simulated=settings.upstream_url is None and settings.routing is None,
+            router=router,
             keepalive=keepalive,
             source_timeouts=source_timeouts(settings),
             deadlines=deadlines,
@@ -149,7 +140,9 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
                 active_streams=lambda: state.active_streams,
                 active_actors=lambda: registry.statistics().actors,
                 queue_depth=lambda: admission.depth,
-                upstream_connections=transport.connection_count,
+                upstream_connections=lambda: sum(
+                    up.transport.connection_count() for up in router.upstreams
+                ),
                 coalesce_leaders=lambda: registry.statistics().leaders_total,
                 coalesce_followers=lambda: registry.statistics().followers_total,
                 upstream_resets=lambda: registry.statistics().resets_total,

@@ -7,11 +7,13 @@ gateway`` prints as one line before exiting with status 2.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gateway.routing.config import RoutingConfig, RoutingConfigError, load_routing
 from gateway.upstream.origin import Origin
 from gateway.upstream.transport import PROTOCOLS
 
@@ -81,6 +83,9 @@ class Settings:
     #: fails, so this bounds how long an abandoned request keeps the
     #: upstream generating (gateway/sse.py, ``Keepalive``).
     first_token_ping_interval_ms: int = 150
+    # -- several upstreams (GATEWAY_CONFIG; docs/routing.md) ----------------------------
+    #: The routing file's upstreams; None: the one upstream of UPSTREAM_*.
+    routing: RoutingConfig | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -123,7 +128,33 @@ class Settings:
             raise ConfigError(
                 "UPSTREAM_PROTOCOL", "h2c is cleartext; use h2 for an https:// URL", "h2c"
             )
+        return _with_routing_file(settings, env)
+
+
+def _with_routing_file(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """GATEWAY_CONFIG names the upstreams; UPSTREAM_URL then has no place
+    (which upstream would it be?). The other UPSTREAM_* values (timeouts,
+    connections) stay the defaults of every upstream in the file."""
+    path = env.get("GATEWAY_CONFIG", "").strip()
+    if not path:
         return settings
+    if settings.upstream_url is not None:
+        raise ConfigError(
+            "UPSTREAM_URL", "unset it when GATEWAY_CONFIG names the upstreams", "(set)"
+        )
+    try:
+        routing = load_routing(path, env)
+    except RoutingConfigError as exc:
+        raise FileConfigError("GATEWAY_CONFIG", str(exc)) from exc
+    return dataclasses.replace(settings, routing=routing)
+
+
+class FileConfigError(ConfigError):
+    """A bad GATEWAY_CONFIG file: the message names the file, line and field."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        ValueError.__init__(self, f"{variable}: {message}")
+        self.variable = variable
 
 
 class _Reader:

@@ -75,6 +75,12 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """No configured upstream serves the requested model (OpenAI's shape)."""
+
+    code = "model_not_found"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     type = "invalid_request_error"

@@ -126,8 +126,8 @@ class GatewayMetrics:
         )
         upstream = Counter(
             "gateway_upstream_requests",
-            "Upstream responses by status ('error' when none came)",
-            ("status",),
+            "Upstream responses by upstream and status ('error' when none came)",
+            ("upstream", "status"),
             registry=registry,
         )
         self._upstream = upstream
@@ -147,9 +147,10 @@ class GatewayMetrics:
             "Upstream requests being sent right now",
             registry=registry,
         )
-        # Children bound once per status seen (statuses are few: HTTP codes,
-        # "error", "refused"), not looked up by label on every request.
-        self._upstream_by_status: dict[str, Counter] = {}
+        # Children bound once per upstream and status seen (statuses are few:
+        # HTTP codes, "error", "refused"), not looked up on every request.
+        self._upstream_by_status: dict[tuple[str, str], Counter] = {}
+        self._init_routing(registry)
 
     def timed_open(self, open_source: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
         """``open_source`` timed, its failures counted and its calls in
@@ -171,11 +172,58 @@ class GatewayMetrics:
     def bind_live_state(self, live: LiveState) -> None:
         self.registry.register(_LiveCollector(live, self.windows))
 
-    def upstream_status(self, status: str) -> None:
-        child = self._upstream_by_status.get(status)
+    def upstream_status(self, status: str, upstream: str = "default") -> None:
+        child = self._upstream_by_status.get((upstream, status))
         if child is None:
-            child = self._upstream_by_status[status] = self._upstream.labels(status)
+            child = self._upstream_by_status[upstream, status] = self._upstream.labels(
+                upstream, status
+            )
         child.inc()
+
+    # -- routing (several upstreams): gateway.routing.router.RoutingObserver ----------
+
+    def _init_routing(self, registry: CollectorRegistry) -> None:
+        self._retries = Counter(
+            "gateway_upstream_retries",
+            "Attempts retried before the first token, by the upstream that failed and why",
+            ("upstream", "reason"),
+            registry=registry,
+        )
+        self._failures = Counter(
+            "gateway_upstream_failures",
+            "Failed upstream attempts by upstream and kind",
+            ("upstream", "kind"),
+            registry=registry,
+        )
+        self._fallbacks = Counter(
+            "gateway_upstream_fallbacks",
+            "Attempts that moved to this upstream after another one failed",
+            ("upstream",),
+            registry=registry,
+        )
+        self._upstream_ttft = Histogram(
+            "gateway_upstream_ttft_seconds",
+            "An attempt's start to its first content delta, by upstream",
+            ("upstream",),
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+
+    def failure(self, upstream: str, kind: str) -> None:
+        self._failures.labels(upstream, kind).inc()
+
+    def retry(self, upstream: str, reason: str) -> None:
+        self._retries.labels(upstream, reason).inc()
+
+    def fallback(self, upstream: str) -> None:
+        self._fallbacks.labels(upstream).inc()
+
+    def upstream_ttft(self, upstream: str, seconds: float) -> None:
+        self._upstream_ttft.labels(upstream).observe(seconds)
+
+    def bind_upstreams(self, upstreams: Callable[[], Iterable[UpstreamGauges]]) -> None:
+        """Per-upstream gauges read at scrape time (circuit state, in flight)."""
+        self.registry.register(_UpstreamCollector(upstreams))
 
     def finished(self, api: str, outcome: str, duration_s: float) -> None:
         self.requests[(api, outcome)].inc()
@@ -190,6 +238,41 @@ class GatewayMetrics:
     def admitted(self, queue_wait_s: float) -> None:
         self.queue_wait.observe(queue_wait_s)
         self.windows.queue_wait_s.append(queue_wait_s)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamGauges:
+    name: str
+    circuit_open: bool
+    in_flight: int
+    connections: int
+
+
+class _UpstreamCollector(Collector):
+    def __init__(self, upstreams: Callable[[], Iterable[UpstreamGauges]]) -> None:
+        self._upstreams = upstreams
+
+    def collect(self) -> Iterator[Metric]:
+        circuit = GaugeMetricFamily(
+            "gateway_upstream_circuit_open",
+            "1 while the upstream's circuit is open or half-open (skipped)",
+            labels=("upstream",),
+        )
+        in_flight = GaugeMetricFamily(
+            "gateway_upstream_in_flight", "Attempts open on the upstream", labels=("upstream",)
+        )
+        connections = GaugeMetricFamily(
+            "gateway_upstream_pool_connections",
+            "Open connections of the upstream's own pool",
+            labels=("upstream",),
+        )
+        for upstream in self._upstreams():
+            circuit.add_metric((upstream.name,), 1.0 if upstream.circuit_open else 0.0)
+            in_flight.add_metric((upstream.name,), upstream.in_flight)
+            connections.add_metric((upstream.name,), upstream.connections)
+        yield circuit
+        yield in_flight
+        yield connections
 
 
 class _LiveCollector(Collector):

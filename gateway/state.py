@@ -10,6 +10,7 @@ from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
+from gateway.routing.router import Router
 from gateway.sse import Keepalive
 from gateway.upstream.base import Transport
 from gateway.upstream.deadlines import Deadlines
@@ -23,15 +24,17 @@ class GatewayState:
     metrics: GatewayMetrics
     admission: AdmissionQueue
     registry: Registry
+    #: The first upstream's transport, provider and path ("/v1").
     transport: Transport
     provider: Provider
-    #: The path part of the upstream URL, e.g. "/v1".
     base_path: str
-    #: Where requests go, for /readyz and the start-up line (no credentials).
+    #: Where requests go, for the start-up line (no credentials).
     upstream_url: str
     #: No UPSTREAM_URL: requests go to the built-in simulator, whose answers
     #: are made up. Said at start, in /readyz and in /stats.
     simulated: bool
+    #: Every upstream; picks them per request (gateway/routing/).
+    router: Router
     source_timeouts: SourceTimeouts
     #: The read deadlines of every open upstream stream, on one loop timer.
     deadlines: Deadlines

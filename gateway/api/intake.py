@@ -15,8 +15,8 @@ from gateway.api.chat_request import ChatRequest, parse_chat_request
 from gateway.errors import PayloadTooLarge, ShuttingDown, UnsupportedMediaType
 from gateway.keys import prompt_key
 from gateway.middleware import TENANT
+from gateway.routing.retrying import retrying_opener
 from gateway.state import RECORD, STATE
-from gateway.upstream.source import source_opener
 
 #: How much of the key the log line shows: enough to correlate, not to replay.
 KEY_PREFIX = 12
@@ -59,22 +59,16 @@ def subscribe(
     tenant = request.get(TENANT) if state.settings.coalesce_scope == "key" else None
     key = prompt_key(chat.body, tenant=tenant)
     record.key_prefix = key[:KEY_PREFIX]
-    # Built now, though only a leader sends it: a request the provider cannot
-    # express (say, an audio part for Anthropic) must be a 400 before the 200
-    # goes out, not a failure shared by a burst and kept for the error TTL.
-    upstream_request = state.provider.build_request(
-        chat.body, base_path=state.base_path, api_key=state.settings.upstream_api_key or None
-    )
+    # Routed and built now, though only a leader sends it: an unknown model
+    # is a 404, and a request a provider cannot express (say, an audio part
+    # for Anthropic) a 400, before the 200 goes out -- not a failure shared by
+    # a burst and kept for the error TTL.
+    plan = state.router.plan(chat.body, chat.model)
     subscription = state.registry.subscribe(
         key,
         state.metrics.timed_open(
-            source_opener(
-                state.transport,
-                state.provider,
-                upstream_request,
-                timeouts=state.source_timeouts,
-                deadlines=state.deadlines,
-                on_status=state.metrics.upstream_status,
+            retrying_opener(
+                state.router, plan, timeouts=state.source_timeouts, deadlines=state.deadlines
             )
         ),
         request_id=record.request_id,

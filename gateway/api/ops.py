@@ -15,8 +15,10 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway.api.intake import owner_of
-from gateway.errors import NotFound, UpstreamProtocolError
+from gateway.errors import GatewayError, NotFound, UpstreamProtocolError
 from gateway.metrics import percentile
+from gateway.routing.config import ANY_MODEL
+from gateway.routing.router import Upstream
 from gateway.sse import dumps
 from gateway.state import RECORD, STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
@@ -39,23 +41,40 @@ def upstream_kind(state: GatewayState) -> str:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when not draining and the upstream accepts a TCP connection."""
+    """Ready when not draining and some upstream whose circuit is not open
+    accepts a TCP connection (each upstream serves some model). When every
+    circuit is open the router tries them all anyway, and so does this."""
     state = request.app[STATE]
     if state.draining:
         return web.json_response({"status": "draining"}, status=503)
-    upstream = upstream_kind(state)
-    origin = Origin.parse(state.upstream_url)
+    router = state.router
+    checks = [up for up in router.upstreams if not router.circuit_open(up)]
+    checks = checks or list(router.upstreams)
+    results = await asyncio.gather(*(_reachable(up.public_url) for up in checks))
+    upstreams = {up.name: result for up, result in zip(checks, results, strict=True)}
+    upstreams.update({up.name: "circuit open" for up in router.upstreams if up not in checks})
+    kind = upstream_kind(state)
+    if "ok" in results:
+        return web.json_response({"status": "ready", "upstream": kind, "upstreams": upstreams})
+    detail = next((r for r in results if r != "ok"), "circuit open")
+    return web.json_response(
+        {"status": "upstream unreachable", "detail": detail, "upstream": kind, "upstreams": upstreams},
+        status=503,
+    )
+
+
+async def _reachable(url: str) -> str:
+    """"ok", or why not: the name of the error (never its text, which may
+    carry the address of an internal host)."""
+    origin = Origin.parse(url)
     try:
         async with asyncio.timeout(1.0):
             _, writer = await asyncio.open_connection(origin.host, origin.port)
     except (OSError, TimeoutError) as exc:
-        return web.json_response(
-            {"status": "upstream unreachable", "detail": type(exc).__name__, "upstream": upstream},
-            status=503,
-        )
+        return type(exc).__name__
     writer.close()
     await writer.wait_closed()
-    return web.json_response({"status": "ready", "upstream": upstream})
+    return "ok"
 
 
 def _ms(value: float | None) -> float | None:
@@ -82,29 +101,31 @@ async def stats(request: web.Request) -> web.Response:
         "active_streams": state.active_streams,
         "active_actors": registry.actors,
         "queue_depth": state.admission.depth,
-        "upstream_connections": state.transport.connection_count(),
+        "upstream_connections": sum(
+            up.transport.connection_count() for up in state.router.upstreams
+        ),
         "upstream": upstream_kind(state),
     }
     return web.json_response(body, dumps=dumps)
 
 
-async def _upstream_get(state: GatewayState, path: str) -> tuple[int, bytes]:
-    """GET a small JSON document from the upstream: (status, body). A non-2xx
+async def _upstream_get(upstream: Upstream, path: str) -> tuple[int, bytes]:
+    """GET a small JSON document from one upstream: (status, body). A non-2xx
     answer raises the provider's error, except 404, which the caller names."""
-    headers = state.provider.build_request(
+    headers = upstream.provider.build_request(
         {"model": "", "messages": []},
-        base_path=state.base_path,
-        api_key=state.settings.upstream_api_key or None,
+        base_path=upstream.base_path,
+        api_key=upstream.config.api_key or None,
     ).headers
     wanted = tuple((k, v) for k, v in headers if k in ("authorization", "x-api-key",
                                                        "anthropic-version"))
     head, body = await fetch(
-        state.transport,
-        UpstreamRequest("GET", state.base_path + path, wanted + (("accept", "application/json"),)),
+        upstream.transport,
+        UpstreamRequest("GET", upstream.base_path + path, wanted + (("accept", "application/json"),)),
         MAX_MODELS_BODY,
     )
     if head.status not in (200, 404):
-        raise state.provider.error_from_response(head, body)
+        raise upstream.provider.error_from_response(head, body)
     return head.status, body
 
 
@@ -131,39 +152,74 @@ def _model_entry(item: object, provider: str) -> dict[str, object]:
     }
 
 
-async def _listed_models(state: GatewayState) -> list[dict[str, object]]:
-    status, body = await _upstream_get(state, "/models")
+async def _upstream_models(upstream: Upstream) -> list[dict[str, object]]:
+    status, body = await _upstream_get(upstream, "/models")
     try:
         if status != 200:
             raise ValueError(f"upstream answered {status}")
-        return [_model_entry(item, state.provider.name) for item in json.loads(body)["data"]]
+        return [_model_entry(item, upstream.provider.name) for item in json.loads(body)["data"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise UpstreamProtocolError("upstream model list is not in the expected shape") from exc
 
 
+async def _all_models(state: GatewayState) -> list[dict[str, object]]:
+    """The union of the lists of the upstreams serving any model ("*"; the
+    one upstream of UPSTREAM_* is one) and the names the routing file gives.
+    An upstream that cannot answer is left out, unless none could."""
+    router = state.router
+    asked = [up for up in router.upstreams if ANY_MODEL in up.config.models]
+    answers = await asyncio.gather(*(_upstream_models(up) for up in asked),
+                                   return_exceptions=True)
+    found: dict[object, dict[str, object]] = {}
+    failure: BaseException | None = None
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            if not isinstance(answer, GatewayError):
+                raise answer
+            failure = failure or answer
+            continue
+        for entry in answer:
+            found.setdefault(entry["id"], entry)
+    # The routing file's names first, as an upstream lists them if one does.
+    listed: dict[object, dict[str, object]] = {}
+    for upstream in router.upstreams:
+        for name in upstream.config.models:
+            if name != ANY_MODEL and name not in listed:
+                listed[name] = found.pop(name, None) or {
+                    "id": name, "object": "model", "created": 0, "owned_by": upstream.provider.name
+                }
+    listed.update(found)
+    if not listed and failure is not None:
+        raise failure
+    return list(listed.values())
+
+
 async def models(request: web.Request) -> web.Response:
-    """The upstream's model list, in OpenAI's shape whatever the provider."""
-    data = await _listed_models(request.app[STATE])
-    return web.json_response({"object": "list", "data": data})
+    """The models, in OpenAI's shape whatever the provider."""
+    return web.json_response({"object": "list", "data": await _all_models(request.app[STATE])})
 
 
 async def model(request: web.Request) -> web.Response:
-    """One model (``models.retrieve``), asked of the upstream by id: a list
-    may be paginated (Anthropic's is), the model's own URL is not. Servers
-    without that URL (a 404) are answered from their list."""
+    """One model (``models.retrieve``), asked by id of the upstreams that
+    serve it: a list may be paginated (Anthropic's is), the model's own URL
+    is not. Servers without that URL (a 404) are answered from the list."""
     state = request.app[STATE]
     model_id = request.match_info["model_id"]
-    status, body = await _upstream_get(state, "/models/" + quote(model_id, safe=""))
-    if status == 404:
-        for entry in await _listed_models(state):
-            if entry["id"] == model_id:
-                return web.json_response(entry)
-        raise NotFound(f"The model '{model_id}' does not exist", code="model_not_found")
-    try:
-        entry = _model_entry(json.loads(body), state.provider.name)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UpstreamProtocolError("upstream model is not in the expected shape") from exc
-    return web.json_response(entry)
+    for upstream in state.router.upstreams:
+        if ANY_MODEL not in upstream.config.models:
+            continue
+        status, body = await _upstream_get(upstream, "/models/" + quote(model_id, safe=""))
+        if status == 404:
+            continue
+        try:
+            entry = _model_entry(json.loads(body), upstream.provider.name)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UpstreamProtocolError("upstream model is not in the expected shape") from exc
+        return web.json_response(entry)
+    for entry in await _all_models(state):
+        if entry["id"] == model_id:
+            return web.json_response(entry)
+    raise NotFound(f"The model '{model_id}' does not exist", code="model_not_found")
 
 
 async def cancel(request: web.Request) -> web.Response:

@@ -116,8 +116,11 @@ async def _serve(
     except (InvalidRequest, KnobError) as exc:
         await _fail(sink, record, log, format, 400, str(exc))
         return
+    if profile.fault_requests is not None and record.id > profile.fault_requests:
+        profile = profile.without_faults()
     digest = prompt_digest(completion.messages)
     record.stream = completion.stream
+    record.model = completion.model
     record.prompt_sha = digest.hex()
 
     if profile.goaway is not None:

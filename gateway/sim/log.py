@@ -41,6 +41,8 @@ class Record:
     arrival: float
     arrival_wall: float
     stream: bool = False
+    #: The model the request named ("" when the body was unreadable).
+    model: str = ""
     #: Hex sha256 of the canonical messages ("" when the body was unreadable).
     prompt_sha: str = ""
     first_token: float | None = None

@@ -121,6 +121,12 @@ class SimProfile:
     malformed_after: int | None = _knob(
         None, _optional(_parse_int), "after K tokens: one data line that is not JSON, then end"
     )
+    fault_requests: int | None = _knob(
+        None,
+        _optional(_parse_int),
+        "inject the faults above into the first N model requests only, then serve",
+        per_request=False,
+    )
     seed: int = _knob(0, _parse_int, "seed of the timing jitter (content depends on the prompt)")
     resolved_model: str | None = _knob(
         None, _optional(str), "model name the answer reports (default: the requested one)"
@@ -146,7 +152,7 @@ class SimProfile:
                 raise KnobError(f"{name} must be >= 0")
         for name in (
             "token_size", "reset_after", "kill_after", "malformed_after",
-            "cached_tokens", "reasoning_tokens",
+            "cached_tokens", "reasoning_tokens", "fault_requests",
         ):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -162,6 +168,13 @@ class SimProfile:
             raise KnobError("fail_status must be an error status (400..599)")
         if self.goaway is not None and self.goaway not in GOAWAY_MODES:
             raise KnobError(f"goaway must be one of {', '.join(GOAWAY_MODES)}")
+
+    def without_faults(self) -> SimProfile:
+        """The same model, healthy: no failure knob set."""
+        return dataclasses.replace(
+            self, fail_status=None, reset_after=None, kill_after=None, goaway=None,
+            malformed_after=None,
+        )
 
     # -- changing knobs -------------------------------------------------------
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.app import transport_options
 from gateway.config import Settings
+from gateway.routing.setup import transport_options
 from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.origin import Origin
 

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from gateway.metrics import GatewayMetrics, LiveState
+from gateway.metrics import GatewayMetrics, LiveState, UpstreamGauges
 
 #: The metric names dashboards and alert rules depend on (docs/http-api.md,
 #: "Metrics"), as exposed (counters with ``_total``).
@@ -104,4 +104,9 @@ def exposed_metric_names() -> set[str]:
     metrics.bind_live_state(
         LiveState(**{field.name: (lambda: 0) for field in dataclasses.fields(LiveState)})
     )
+    metrics.bind_upstreams(lambda: [UpstreamGauges("default", False, 0, 0)])
+    for name in ("failure", "retry"):
+        getattr(metrics, name)("default", "connect")
+    metrics.fallback("default")
+    metrics.upstream_ttft("default", 0.1)
     return Scrape.parse(generate_latest(metrics.registry).decode()).exposed_names()

@@ -78,7 +78,9 @@ async def test_no_upstream_url_serves_the_simulator_and_says_so_loudly() -> None
         async with aiohttp.ClientSession() as http:
             async with http.get(url + "/readyz") as resp:
                 assert resp.status == 200
-                assert await resp.json() == {"status": "ready", "upstream": "simulator"}
+                assert await resp.json() == {
+                    "status": "ready", "upstream": "simulator", "upstreams": {"default": "ok"}
+                }
             async with http.get(url + "/stats") as resp:
                 assert (await resp.json())["upstream"] == "simulator"
         process.terminate()
@@ -98,6 +100,8 @@ async def test_no_upstream_url_serves_the_simulator_and_says_so_loudly() -> None
 async def test_a_configured_upstream_is_named_configured(gateway) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(gateway.url + "/readyz") as resp:
-            assert await resp.json() == {"status": "ready", "upstream": "configured"}
+            assert await resp.json() == {
+                "status": "ready", "upstream": "configured", "upstreams": {"default": "ok"}
+            }
         async with http.get(gateway.url + "/stats") as resp:
             assert (await resp.json())["upstream"] == "configured"

@@ -11,8 +11,8 @@ import time
 import pytest
 import trustme
 
-from gateway.app import transport_options
 from gateway.config import Settings
+from gateway.routing.setup import transport_options
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
 from gateway.upstream.base import ResponseStream, UpstreamRequest

@@ -106,7 +106,7 @@ def test_observations_land_in_the_labelled_series():
                    (("api", "native"), ("le", "0.15"), ("role", "follower")))] == 0
     assert values[("gateway_queue_wait_seconds_count", ())] == 1
     assert values[("gateway_requests_total", (("api", "native"), ("outcome", "ok")))] == 1
-    assert values[("gateway_upstream_requests_total", (("status", "503"),))] == 1
+    assert values[("gateway_upstream_requests_total", (("status", "503"), ("upstream", "default")))] == 1
     assert values[("gateway_cancel_seconds_bucket", (("le", "0.0005"),))] == 1
 
 

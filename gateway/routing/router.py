@@ -1,0 +1,161 @@
+"""The router: which upstreams may answer a model, and in which order.
+
+An ``Upstream`` is one ``[[upstream]]`` table come alive: its own transport
+(pool, connections), provider, circuit breaker, admission limit and in-flight
+count. ``Router.plan()`` runs in the request handler, before the 200 goes
+out: an unknown model is a 404 there, and each candidate's request is built
+there (a request a provider cannot express is a 400, not a failure shared by
+a burst). ``Router.next_upstream()`` picks each attempt: lowest priority
+first, the balancer within a priority, skipping open circuits; when every
+candidate's circuit is open it tries them anyway (Envoy's panic mode: better
+than refusing everything for a whole cooldown).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.admission import AdmissionQueue
+from gateway.errors import ModelNotFound
+from gateway.routing.balancer import LeastInFlight
+from gateway.routing.breaker import CircuitBreaker, CircuitState
+from gateway.routing.budget import RetryBudget
+from gateway.routing.config import RetryConfig, RoutingConfig, UpstreamConfig
+from gateway.upstream.base import Transport, UpstreamRequest
+from gateway.upstream.providers.base import Provider
+
+
+class RoutingObserver(Protocol):
+    """Where the router's counts go (gateway/metrics.py implements it)."""
+
+    def failure(self, upstream: str, kind: str) -> None: ...
+
+    def retry(self, upstream: str, reason: str) -> None: ...
+
+    def fallback(self, upstream: str) -> None: ...
+
+    def upstream_ttft(self, upstream: str, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def failure(self, upstream: str, kind: str) -> None: ...
+
+    def retry(self, upstream: str, reason: str) -> None: ...
+
+    def fallback(self, upstream: str) -> None: ...
+
+    def upstream_ttft(self, upstream: str, seconds: float) -> None: ...
+
+
+@dataclass(eq=False)
+class Upstream:
+    config: UpstreamConfig
+    transport: Transport
+    provider: Provider
+    #: The path of the URL, e.g. "/v1".
+    base_path: str
+    #: The URL without credentials, for /readyz and the start-up line.
+    public_url: str
+    breaker: CircuitBreaker
+    #: Bounds the streams open at once here (None: no limit of its own).
+    admission: AdmissionQueue | None = None
+    #: Attempts started here and not yet ended.
+    in_flight: int = 0
+    #: Until when a 429's Retry-After asks us to stay away.
+    hold_until: float = 0.0
+    on_status: Callable[[str], None] = field(default=lambda status: None)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def weight(self) -> float:
+        return self.config.weight
+
+    @property
+    def priority(self) -> int:
+        return self.config.priority
+
+    def has_room(self) -> bool:
+        admission = self.admission
+        return admission is None or admission.inflight < admission.max_inflight
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """One request's candidates, each with its request already built."""
+
+    model: str
+    requests: Mapping[Upstream, UpstreamRequest]
+
+    @property
+    def candidates(self) -> Sequence[Upstream]:
+        return tuple(self.requests)
+
+
+class Router:
+    def __init__(
+        self,
+        config: RoutingConfig,
+        upstreams: Sequence[Upstream],
+        *,
+        observer: RoutingObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.upstreams = tuple(upstreams)
+        self.observer: RoutingObserver = observer or _NoObserver()
+        self.clock = clock
+        self.budget = RetryBudget(
+            ratio=config.retry.retry_budget_ratio, minimum=config.retry.retry_budget_min
+        )
+        self._balancer = LeastInFlight()
+
+    @property
+    def retry(self) -> RetryConfig:
+        return self.config.retry
+
+    def candidates(self, model: str) -> tuple[Upstream, ...]:
+        return tuple(up for up in self.upstreams if up.config.serves(model))
+
+    def plan(self, body: Mapping[str, Any], model: str) -> RoutePlan:
+        """The candidates for ``model`` with their requests; raises
+        ``ModelNotFound`` (404) or the provider's ``BadRequest`` (400)."""
+        candidates = self.candidates(model)
+        if not candidates:
+            raise ModelNotFound(f"The model `{model}` does not exist or is not served here.")
+        requests: dict[Upstream, UpstreamRequest] = {}
+        for upstream in candidates:
+            wanted = upstream.config.upstream_model(model)
+            mapped = body if wanted == model else {**body, "model": wanted}
+            requests[upstream] = upstream.provider.build_request(
+                mapped, base_path=upstream.base_path, api_key=upstream.config.api_key or None
+            )
+        return RoutePlan(model, requests)
+
+    def next_upstream(
+        self, candidates: Sequence[Upstream], tried: Sequence[Upstream]
+    ) -> Upstream:
+        """The next attempt's upstream: untried ones first (all, once every
+        one was tried), then by priority, room, circuit and balancer."""
+        now = self.clock()
+        pool = [up for up in candidates if up not in tried] or list(candidates)
+        usable = [up for up in pool if up.breaker.available(now)]
+        if not usable:
+            # Panic: every circuit is open; the one that half-opens soonest goes.
+            return min(pool, key=lambda up: (up.breaker.open_until, up.priority))
+        best = min(up.priority for up in usable)
+        group = [up for up in usable if up.priority == best]
+        with_room = [up for up in group if up.has_room()] or group
+        return self._balancer.order(with_room)[0]
+
+    def circuit_open(self, upstream: Upstream) -> bool:
+        return upstream.breaker.state(self.clock()) is not CircuitState.CLOSED
+
+    async def aclose(self) -> None:
+        for upstream in self.upstreams:
+            await upstream.transport.aclose()

@@ -1,0 +1,235 @@
+"""RetryingSource against scripted upstream streams (bytes in, as the wire
+would bring them): what is held back, when an attempt ends, what is retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import UpstreamConnectionLost
+from gateway.routing.breaker import CircuitBreaker
+from gateway.routing.config import RetryConfig, RoutingConfig, UpstreamConfig
+from gateway.routing.retrying import RetryingSource
+from gateway.routing.router import Router, Upstream
+from gateway.upstream.base import ResponseHead, ResponseStream, UpstreamRequest
+from gateway.upstream.deadlines import Deadlines
+from gateway.upstream.providers import OpenAIProvider
+from gateway.upstream.source import SourceTimeouts
+
+TIMEOUTS = SourceTimeouts(first_token_s=60.0, idle_s=30.0)
+
+
+def chunk(finish: str | None = None, **delta: str) -> bytes:
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+class ScriptedStream:
+    """One response: a head (200 unless the script starts with a status),
+    then these reads (an exception is raised)."""
+
+    def __init__(self, reads: Sequence[bytes | Exception | int]) -> None:
+        self._status = reads[0] if reads and isinstance(reads[0], int) else 200
+        self._reads = [r for r in reads if not isinstance(r, int)]
+        self.ended: str | None = None
+
+    async def head(self) -> ResponseHead:
+        await asyncio.sleep(0)
+        content_type = "text/event-stream" if self._status == 200 else "application/json"
+        return ResponseHead(self._status, (("content-type", content_type),), "HTTP/2")
+
+    async def read(self) -> bytes:
+        await asyncio.sleep(0)
+        item = self._reads.pop(0) if self._reads else b""
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def reset(self) -> None:
+        self.ended = self.ended or "reset"
+
+    def release(self) -> None:
+        self.ended = self.ended or "released"
+
+
+class ScriptedTransport:
+    def __init__(self, *responses: Sequence[bytes | Exception | int]) -> None:
+        self._responses = list(responses)
+        self.streams: list[ScriptedStream] = []
+
+    async def open(self, request: UpstreamRequest) -> ResponseStream:
+        stream = ScriptedStream(self._responses.pop(0))
+        self.streams.append(stream)
+        return stream
+
+    def connection_count(self) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        pass
+
+
+def router_of(transport: ScriptedTransport, attempts: int = 2) -> tuple[Router, Upstream]:
+    config = UpstreamConfig(name="only", url="http://upstream/v1")
+    upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
+                        base_path="/v1", public_url=config.url,
+                        breaker=CircuitBreaker(failures=1000, cooldown_s=10))
+    routing = RoutingConfig((config,), RetryConfig(max_attempts=attempts, retry_budget_min=1000),
+                            from_file=True)
+    return Router(routing, [upstream]), upstream
+
+
+async def read_all(transport: ScriptedTransport) -> tuple[str, Upstream]:
+    router, upstream = router_of(transport)
+    plan = router.plan({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "m")
+    source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+    await source.start()
+    text = "".join([delta.text async for delta in source])
+    return text, upstream
+
+
+async def test_an_answer_whose_first_token_and_end_share_a_read_ends_its_attempt() -> None:
+    transport = ScriptedTransport([chunk(role="assistant") + chunk(content="Hi") + DONE])
+    text, upstream = await read_all(transport)
+    assert text == "Hi"
+    assert transport.streams[0].ended == "released"
+    assert upstream.in_flight == 0
+
+
+async def test_what_came_before_the_first_token_of_a_failed_attempt_is_dropped() -> None:
+    transport = ScriptedTransport(
+        # A delta that is no content (a finish reason), then the connection goes.
+        [chunk(finish="length"), UpstreamConnectionLost("gone")],
+        [chunk(role="assistant"), chunk(content="A"), chunk(finish="stop", content="B"), DONE],
+    )
+    router, upstream = router_of(transport)
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+    await source.start()
+    deltas = [delta async for delta in source]
+    # The second attempt's deltas only.
+    assert [(d.text, d.finish_reason) for d in deltas] == [("A", None), ("B", "stop")]
+    assert [s.ended for s in transport.streams] == ["reset", "released"]
+    assert upstream.in_flight == 0 and source.served_by == "only"
+
+
+async def test_a_failure_after_the_first_token_is_raised_not_retried() -> None:
+    transport = ScriptedTransport(
+        [chunk(content="A"), UpstreamConnectionLost("gone")],
+        [chunk(content="never"), DONE],
+    )
+    router, upstream = router_of(transport)
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+    await source.start()
+    seen = []
+    with pytest.raises(UpstreamConnectionLost):
+        async for delta in source:
+            seen.append(delta.text)
+    assert seen == ["A"] and len(transport.streams) == 1
+    assert upstream.in_flight == 0
+
+
+async def test_a_reset_from_the_actor_ends_the_attempt_once() -> None:
+    transport = ScriptedTransport([chunk(content="A"), chunk(content="B"), DONE])
+    router, upstream = router_of(transport)
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+    await source.start()
+    assert (await source.__anext__()).text == "A"
+    source.reset()
+    source.reset()
+    assert upstream.in_flight == 0 and transport.streams[0].ended == "reset"
+
+
+async def test_an_unexpected_error_before_the_first_token_ends_the_attempt() -> None:
+    transport = ScriptedTransport([chunk(finish="stop"), RuntimeError("a bug")], [DONE])
+    router, upstream = router_of(transport)
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+    await source.start()
+    with pytest.raises(RuntimeError):
+        await source.__anext__()
+    assert upstream.in_flight == 0 and len(transport.streams) == 1
+
+
+# -- every script of attempts ------------------------------------------------------------
+
+ERROR_BODY = json.dumps({"error": {"message": "busy", "type": "server_error"}}).encode()
+
+#: How an attempt goes: fails before content (and how), or answers k tokens and
+#: then ends or breaks.
+attempts_strategy = st.lists(
+    st.one_of(
+        st.sampled_from(["lost", "503", "400"]).map(lambda how: ("fail", how, 0)),
+        st.tuples(st.just("answer"), st.sampled_from(["done", "lost"]),
+                  st.integers(min_value=1, max_value=4)),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def script(attempt: tuple[str, str, int], n: int) -> list[bytes | Exception | int]:
+    what, how, tokens = attempt
+    if what == "fail":
+        if how == "lost":
+            return [chunk(finish="x"), UpstreamConnectionLost("gone")]
+        return [int(how), ERROR_BODY]
+    reads: list[bytes | Exception | int] = [chunk(content=f"{n}.{i} ") for i in range(tokens)]
+    reads.append(DONE if how == "done" else UpstreamConnectionLost("gone"))
+    return reads
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(attempts=attempts_strategy, max_attempts=st.integers(min_value=1, max_value=4),
+       cancel_after=st.one_of(st.none(), st.integers(min_value=0, max_value=3)))
+def test_one_answer_only_and_every_attempt_ends(
+    attempts: list[tuple[str, str, int]], max_attempts: int, cancel_after: int | None
+) -> None:
+    """Whatever the attempts do: the deltas are those of one attempt alone,
+    no attempt is opened past max_attempts or after a failure that is not
+    retried, and every attempt ends (in-flight back to 0)."""
+
+    async def run() -> None:
+        transport = ScriptedTransport(*(script(a, n) for n, a in enumerate(attempts)))
+        router, upstream = router_of(transport, max_attempts)
+        plan = router.plan({"model": "m", "messages": []}, "m")
+        source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+        texts: list[str] = []
+        error: Exception | None = None
+        try:
+            await source.start()
+            async for delta in source:
+                texts.append(delta.text)
+                if cancel_after is not None and len(texts) > cancel_after:
+                    source.reset()
+                    break
+        except Exception as exc:  # the failure the actor would share
+            error = exc
+        # Which attempt answered (if any) and which one was the last opened.
+        opened = len(transport.streams)
+        assert 1 <= opened <= max_attempts
+        for n, attempt in enumerate(attempts[: opened - 1]):
+            assert attempt[0] == "fail" and attempt[1] != "400", (n, attempts)
+        last = attempts[opened - 1]
+        if texts:
+            assert last[0] == "answer"
+            assert all(t.startswith(f"{opened - 1}.") for t in texts if t)
+        if last[0] == "fail":
+            assert error is not None and not texts
+        elif cancel_after is None:
+            assert len([t for t in texts if t]) == last[2]
+            assert (error is None) == (last[1] == "done")
+        assert upstream.in_flight == 0
+
+    asyncio.run(run())
