@@ -85,6 +85,7 @@ class Registry:
         fanout_enabled: bool = True,
         remember_failure: Callable[[BaseException], bool] = lambda exc: True,
         on_reset: Callable[[float], None] | None = None,
+        on_failure: Callable[[BaseException, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._admission = admission
@@ -94,6 +95,9 @@ class Registry:
         self._fanout_enabled = fanout_enabled
         self._remember_failure = remember_failure
         self._on_reset = on_reset
+        #: Told once per failed stream: its error and how many subscribers
+        #: it had when it failed (the HTTP face logs and counts it).
+        self._on_failure = on_failure
         self._clock = clock
         self._stream_ids = itertools.count(1)
         #: Actors a new identical request may join (shared, taking joiners).
@@ -271,8 +275,11 @@ class Registry:
                     self._abandoned_total += 1
                     if reset_s is not None and self._on_reset is not None:
                         self._on_reset(reset_s)
-                elif isinstance(end, Failed) and actor is not None and actor.shared:
-                    self._remember(key, stream_id, end)
+                elif isinstance(end, Failed) and actor is not None:
+                    if self._on_failure is not None:
+                        self._on_failure(end.error, actor.subscriber_count)
+                    if actor.shared:
+                        self._remember(key, stream_id, end)
 
     def _unlist(self, key: str, stream_id: int) -> None:
         actor = self._joinable.get(key)

@@ -10,9 +10,10 @@ goes last.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -20,9 +21,10 @@ from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.api import native, openai, ops
 from gateway.config import Settings
-from gateway.errors import QueueTimeout, ShuttingDown
+from gateway.errors import QueueTimeout, ShuttingDown, UpstreamError
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
+from gateway.redact import SECRETS
 from gateway.sse import Keepalive
 from gateway.state import STATE, GatewayState
 from gateway.upstream.deadlines import Deadlines
@@ -30,6 +32,8 @@ from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
 from gateway.upstream.source import SourceTimeouts
 from gateway.upstream.transport import TransportOptions, make_transport
+
+log = structlog.get_logger("gateway")
 
 SETTINGS = web.AppKey("gateway_settings", Settings)
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
@@ -39,6 +43,9 @@ def make_app(settings: Settings) -> web.Application:
     # Bodies are read by the handlers with their own limit (413 in the OpenAI
     # shape); aiohttp's limit stays just above it as a backstop.
     app = web.Application(middlewares=[envelope], client_max_size=settings.max_body_bytes + 1)
+    # Kept out of every log line and every error a client sees.
+    SECRETS.add(settings.upstream_api_key, *settings.gateway_api_keys,
+                getattr(settings, "cluster_secret", None) or "")
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics(CollectorRegistry(auto_describe=True))
     app.cleanup_ctx.append(_gateway)
@@ -53,6 +60,40 @@ def _remember_failure(exc: BaseException) -> bool:
     # The error TTL is for the upstream's failures. Our own overload (a queue
     # timeout) and our own shutdown are not facts about the prompt.
     return not isinstance(exc, QueueTimeout | ShuttingDown)
+
+
+def _upstream_failure_reporter(
+    metrics: GatewayMetrics, upstream: str
+) -> Callable[[BaseException, int], None]:
+    """One warning line and one count per failed upstream stream, however
+    many subscribers it had (a remembered failure answering later requests
+    is not a new failure). Clients get the cause in our words
+    (gateway.errors.for_client); the line keeps the whole story."""
+
+    def report(exc: BaseException, subscribers: int) -> None:
+        if not isinstance(exc, UpstreamError):
+            return  # our own overload or shutdown: logged where it happens
+        metrics.upstream_failures.labels(exc.code).inc()
+        log.warning(
+            "upstream failed",
+            cause=exc.code,
+            status=exc.status,
+            detail=_detail(exc),
+            upstream=upstream,
+            subscribers=subscribers,
+        )
+
+    return report
+
+
+def _detail(exc: BaseException) -> str:
+    """The exception and its causes, one line: what the client is not told."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 4:
+        parts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
 
 
 async def _gateway(app: web.Application) -> AsyncIterator[None]:
@@ -71,6 +112,9 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         else:
             upstream_url, protocol = settings.upstream_url, settings.upstream_protocol
         origin = Origin.parse(upstream_url)
+        # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
+        # of /readyz, the start-up line and the logs.
+        public_url = origin.base_url + origin.base_path
         transport = make_transport(
             origin,
             protocol,
@@ -100,6 +144,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             fanout_enabled=settings.stream_fanout_enabled,
             remember_failure=_remember_failure,
             on_reset=metrics.cancel.observe,
+            on_failure=_upstream_failure_reporter(metrics, public_url),
         )
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
@@ -113,9 +158,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             transport=transport,
             provider=get_provider(settings.upstream_format),
             base_path=origin.base_path,
-            # Rebuilt from its parts: any user:password in UPSTREAM_URL stays out
-            # of /readyz, the start-up line and the logs.
-            upstream_url=origin.base_url + origin.base_path,
+            upstream_url=public_url,
             keepalive=keepalive,
             source_timeouts=SourceTimeouts(
                 first_token_s=settings.upstream_first_token_timeout_ms / 1000,

@@ -127,6 +127,12 @@ class GatewayMetrics:
             registry=registry,
         )
         self._upstream = upstream
+        self.upstream_failures = Counter(
+            "gateway_upstream_failures",
+            "Upstream streams that failed, by cause (the error code), however far they got",
+            ("cause",),
+            registry=registry,
+        )
         # Children bound once per status seen (statuses are few: HTTP codes,
         # "error", "refused"), not looked up by label on every request.
         self._upstream_by_status: dict[str, Counter] = {}

@@ -24,6 +24,7 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    for_client,
 )
 from gateway.metrics import APIS, outcome_of
 from gateway.state import RECORD, STATE, RequestRecord
@@ -38,6 +39,8 @@ TENANT = web.RequestKey("gateway_tenant", str)
 
 
 def error_response(exc: GatewayError) -> web.Response:
+    """The OpenAI error shape; the message as a client may see it."""
+    exc = for_client(exc)
     return web.json_response(exc.to_json(), status=exc.status, headers=exc.headers())
 
 

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from actors.deltas import Delta
 from actors.subscription import Subscription
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, for_client
 from gateway.metrics import outcome_of
 from gateway.sse import PING, close_event_stream, open_event_stream
 from gateway.state import RECORD, STATE, RequestRecord
@@ -111,7 +111,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         except GatewayError as exc:
             record.outcome = outcome_of(exc.status, exc.code)
             record.error_code = exc.code
-            last_frame = encoder.error(exc)
+            last_frame = encoder.error(for_client(exc))
         except ConnectionResetError:
             # The client went away between two writes: a cancel, not an error.
             record.outcome = "cancelled"
