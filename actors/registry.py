@@ -162,6 +162,10 @@ class Registry:
                 return self._attach(memo, "follower", request_id, arrived_at, 0)
         return self._lead(key, open_source, request_id, arrived_at, shared)
 
+    def has_request(self, request_id: str) -> bool:
+        """A subscription with this request id is open (its id is taken)."""
+        return request_id in self._by_request
+
     def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
         """Explicit cancel: that subscription ends and leaves. False if
         unknown -- or owned by someone else, which looks the same, so the

@@ -55,10 +55,10 @@ class Settings:
     max_body_bytes: int = 1_048_576
     log_level: str = "info"
     log_format: str = "json"
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
-    )
+    #: Peers whose X-Request-Id and X-Forwarded-For are believed. None by
+    #: default: any local process could otherwise choose its request id.
+    #: The deploy config lists the proxy (nginx on loopback).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     drain_timeout_s: float = 30.0
     #: Run on uvloop when it is installed; GATEWAY_UVLOOP=0 keeps asyncio's loop.
     uvloop: bool = True
@@ -95,7 +95,7 @@ class Settings:
             max_body_bytes=read.integer("MAX_BODY_BYTES", 1_048_576, low=1024),
             log_level=read.choice("LOG_LEVEL", "info", LOG_LEVELS),
             log_format=read.choice("LOG_FORMAT", "json", LOG_FORMATS),
-            trusted_proxies=read.networks("TRUSTED_PROXIES", "127.0.0.0/8,::1/128"),
+            trusted_proxies=read.networks("TRUSTED_PROXIES", ""),
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),

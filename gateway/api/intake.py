@@ -7,7 +7,9 @@ Shared by the OpenAI and native APIs. Everything that can refuse a request
 from __future__ import annotations
 
 import hashlib
+import secrets
 
+import structlog
 from aiohttp import web
 
 from actors.subscription import Subscription
@@ -54,6 +56,13 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
     # Built now, though only a leader sends it: a request the provider cannot
     # express (say, an audio part for Anthropic) must be a 400 before the 200
     # goes out, not a failure shared by a burst and kept for the error TTL.
+    if state.registry.has_request(record.request_id):
+        # A proxy-supplied id that a live request already holds (another
+        # tenant's, perhaps): ids must name one request, or a cancel by id
+        # would reach the wrong one. This one gets a fresh id; nothing is
+        # awaited between here and the subscription taking it.
+        record.request_id = secrets.token_hex(12)
+        structlog.contextvars.bind_contextvars(request_id=record.request_id)
     upstream_request = state.provider.build_request(
         chat.body, base_path=state.base_path, api_key=state.settings.upstream_api_key or None
     )
