@@ -21,6 +21,7 @@ from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.api import native, openai, ops
 from gateway.config import Settings
+from gateway.connection import Listener
 from gateway.errors import QueueTimeout, ShuttingDown, UpstreamError
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
@@ -191,10 +192,20 @@ async def running_gateway(
     app = make_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    listener = make_listener(runner, settings)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        port = runner.addresses[0][1]
-        yield app, f"http://{settings.host}:{port}"
+        await listener.start(settings.host, settings.port)
+        yield app, f"http://{settings.host}:{listener.port}"
     finally:
+        listener.stop_listening()
         await runner.cleanup()
+        await listener.aclose()
+
+
+def make_listener(runner: web.AppRunner, settings: Settings) -> Listener:
+    """The listening socket, with the client deadlines of ``settings``."""
+    return Listener(
+        runner,
+        idle_timeout_s=settings.client_idle_timeout_s,
+        header_timeout_s=settings.client_header_timeout_s,
+    )

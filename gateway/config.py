@@ -66,6 +66,18 @@ class Settings:
     #: standard library (gateway/json_codec.py).
     orjson: bool = True
 
+    # -- client connections: deadlines and slow readers ----------------------
+    # (each beside nginx's equivalent; docs in README, "Client deadlines")
+    #: A kept-alive connection with no request for this long is closed
+    #: (nginx keepalive_timeout, 75 s).
+    client_idle_timeout_s: float = 75.0
+    #: From a request's first byte to its complete head (nginx
+    #: client_header_timeout, 60 s): a slowloris client is closed.
+    client_header_timeout_s: float = 60.0
+    #: From the head to the complete body (nginx client_body_timeout, 60 s,
+    #: though nginx's is between two reads): 408, connection closed.
+    client_body_timeout_s: float = 60.0
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         read = _Reader(env)
@@ -99,6 +111,10 @@ class Settings:
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),
+            # -- client connections --
+            client_idle_timeout_s=read.number("CLIENT_IDLE_TIMEOUT_S", 75.0, low=0.1),
+            client_header_timeout_s=read.number("CLIENT_HEADER_TIMEOUT_S", 60.0, low=0.1),
+            client_body_timeout_s=read.number("CLIENT_BODY_TIMEOUT_S", 60.0, low=0.1),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"

@@ -68,6 +68,14 @@ class PayloadTooLarge(GatewayError):
     code = "payload_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """The request body did not arrive in time (nginx answers 408 too)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class UnsupportedMediaType(GatewayError):
     # The architecture's table has no 415; a wrong content type is a bad request.
     status = 400

@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.connection import client_connection
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -93,6 +94,9 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     )
     incoming_id = request.headers.get("X-Request-Id", "") if trusted else ""
     request_id = incoming_id if _REQUEST_ID.match(incoming_id) else secrets.token_hex(12)
+    connection = client_connection(request)
+    if connection is not None:
+        connection.request_started(request)
     record = RequestRecord(request_id=request_id, arrived_at=arrived_at)
     request[RECORD] = record
     structlog.contextvars.bind_contextvars(request_id=request_id)

@@ -6,6 +6,7 @@ Shared by the OpenAI and native APIs. Everything that can refuse a request
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 
@@ -14,7 +15,13 @@ from aiohttp import web
 
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest, parse_chat_request
-from gateway.errors import PayloadTooLarge, ShuttingDown, UnsupportedMediaType
+from gateway.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    UnsupportedMediaType,
+)
 from gateway.keys import prompt_key
 from gateway.middleware import TENANT
 from gateway.state import RECORD, STATE
@@ -37,11 +44,22 @@ async def read_chat(request: web.Request) -> ChatRequest:
         raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
     parts: list[bytes] = []
     size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
-        parts.append(chunk)
+    timeout_s = state.settings.client_body_timeout_s
+    try:
+        # The whole body within the deadline: a Content-Length larger than
+        # what is sent must not hold the connection forever.
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+                parts.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from exc
+    except web.RequestPayloadError as exc:
+        # aiohttp's payload parser: a malformed chunked body, say.
+        raise BadRequest("the request body is not valid HTTP/1.1 framing",
+                         code="invalid_http") from exc
     return parse_chat_request(b"".join(parts))
 
 

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from actors.deltas import Delta
 from actors.subscription import Subscription
+from gateway.connection import client_connection
 from gateway.errors import GatewayError, for_client
 from gateway.metrics import outcome_of
 from gateway.sse import PING, close_event_stream, open_event_stream
@@ -83,6 +84,11 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         await asyncio.sleep(0)
         response = await open_event_stream(request, keepalive=state.keepalive)
         record.bytes_sent += len(PING)
+        connection = client_connection(request)
+        if connection is not None:
+            # A client that half-closes is told apart from one that left by
+            # pings (gateway/connection.py).
+            connection.probe_with(response.ping)
         state.active_streams += 1
         try:
             while True:
