@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from actors.actor import StreamActor
+from actors.actor import LagBound, StreamActor
 from actors.messages import (
     Abandoned,
     ActorEvent,
@@ -86,6 +86,7 @@ class Registry:
         remember_failure: Callable[[BaseException], bool] = lambda exc: True,
         on_reset: Callable[[float], None] | None = None,
         on_failure: Callable[[BaseException, int], None] | None = None,
+        lag: LagBound | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._admission = admission
@@ -98,6 +99,8 @@ class Registry:
         #: Told once per failed stream: its error and how many subscribers
         #: it had when it failed (the HTTP face logs and counts it).
         self._on_failure = on_failure
+        #: How far a reader may lag behind its stream (actors.actor.LagBound).
+        self._lag = lag
         self._clock = clock
         self._stream_ids = itertools.count(1)
         #: Actors a new identical request may join (shared, taking joiners).
@@ -228,6 +231,7 @@ class Registry:
             observer=self._on_actor_event,
             clock=self._clock,
             shared=shared,
+            lag=self._lag,
         )
         subscription = self._attach(actor, "leader", request_id, arrived_at, 0)
         if shared:

@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from actors.actor import LagBound
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.api import native, openai, ops
@@ -146,6 +147,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             remember_failure=_remember_failure,
             on_reset=metrics.cancel.observe,
             on_failure=_upstream_failure_reporter(metrics, public_url),
+            lag=LagBound(max_bytes=settings.stream_max_lag_bytes, max_s=settings.stream_max_lag_s),
         )
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")

@@ -77,6 +77,13 @@ class Settings:
     #: From the head to the complete body (nginx client_body_timeout, 60 s,
     #: though nginx's is between two reads): 408, connection closed.
     client_body_timeout_s: float = 60.0
+    #: How far a stream's reader may fall behind the newest delta, in bytes
+    #: of the answer, before it is ended with ``slow_reader``. Like Redis's
+    #: client-output-buffer-limit: the others never wait for it.
+    stream_max_lag_bytes: int = 4 * 1_048_576
+    #: How long a reader behind the newest delta may go without taking any,
+    #: with the same end.
+    stream_max_lag_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -115,6 +122,8 @@ class Settings:
             client_idle_timeout_s=read.number("CLIENT_IDLE_TIMEOUT_S", 75.0, low=0.1),
             client_header_timeout_s=read.number("CLIENT_HEADER_TIMEOUT_S", 60.0, low=0.1),
             client_body_timeout_s=read.number("CLIENT_BODY_TIMEOUT_S", 60.0, low=0.1),
+            stream_max_lag_bytes=read.integer("STREAM_MAX_LAG_BYTES", 4 * 1_048_576, low=1024),
+            stream_max_lag_s=read.number("STREAM_MAX_LAG_S", 30.0, low=0.1),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -44,6 +45,13 @@ log = structlog.get_logger("gateway")
 #: EOF): the first draws a RST from a gone client, a later one then fails.
 #: Spread out to cover a round trip from loopback to a continent away.
 PROBE_DELAYS = (0.0, 0.002, 0.02, 0.2, 1.0)
+
+#: The kernel's send buffer per client connection (Linux doubles it for its
+#: bookkeeping). Fixed, not autotuned up to tcp_wmem's 4 MB: a client that
+#: stops reading then holds at most this in the kernel, and its stream's
+#: lag shows in the shared log where the lag bound sees it. 64 KiB still
+#: carries 5 MB/s at a 100 ms round trip, far above any token stream.
+CLIENT_SNDBUF = 64 * 1024
 
 #: aiohttp's parser errors, in our words (the library's own text is logged).
 _PARSER_WORDS: tuple[tuple[type[Exception], str], ...] = (
@@ -134,6 +142,9 @@ class ClientConnection(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF)
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -100,6 +100,15 @@ class QueueFull(GatewayError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class ReaderTooSlow(GatewayError):
+    """A client read its stream so slowly that it fell past the lag bound
+    (STREAM_MAX_LAG_BYTES / STREAM_MAX_LAG_S); only ever in-stream."""
+
+    status = 503
+    type = "server_error"
+    code = "slow_reader"
+
+
 class QueueTimeout(GatewayError):
     status = 503
     type = "server_error"
