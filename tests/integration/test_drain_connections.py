@@ -54,3 +54,30 @@ async def test_sigterm_closes_idle_connections_and_answers_late_requests_503(sim
         async with asyncio.timeout(10):
             assert await gateway.process.wait() == 0
     assert [record.outcome for record in sim.log.records] == ["complete"]
+
+
+async def test_a_hundred_streams_finish_in_the_drain_or_end_shutting_down(sim_factory):
+    """Half the streams are short and finish inside the drain; the other half
+    outlast it and end with the in-stream shutting_down error. Exit 0."""
+    sim = await sim_factory()
+    async with gateway_process(sim.url, DRAIN_TIMEOUT_S="1.5") as gateway, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        short = [f"short {n} [sim itl_ms=20 tokens=30]" for n in range(50)]
+        long = [f"long {n} [sim itl_ms=100 tokens=200]" for n in range(50)]
+        streams = await asyncio.gather(
+            *(open_stream(http, gateway.url + "/v1/chat/completions", p) for p in short + long)
+        )
+        gateway.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            for stream in streams:
+                await stream.rest()
+                stream.response.release()
+        async with asyncio.timeout(10):
+            assert await gateway.process.wait() == 0
+    for stream in streams[:50]:
+        assert stream.frames[-1].raw == b"data: [DONE]\n\n"
+    for stream in streams[50:]:
+        assert stream.frames[-1].json()["error"]["code"] == "shutting_down"
+        assert all(frame.data != "[DONE]" for frame in stream.frames)
+    outcomes = sorted(record.outcome for record in sim.log.records)
+    assert outcomes == ["complete"] * 50 + ["reset"] * 50
