@@ -71,9 +71,6 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
     tenant = request.get(TENANT) if state.settings.coalesce_scope == "key" else None
     key = prompt_key(chat.body, tenant=tenant)
     record.key_prefix = key[:KEY_PREFIX]
-    # Built now, though only a leader sends it: a request the provider cannot
-    # express (say, an audio part for Anthropic) must be a 400 before the 200
-    # goes out, not a failure shared by a burst and kept for the error TTL.
     if state.registry.has_request(record.request_id):
         # A proxy-supplied id that a live request already holds (another
         # tenant's, perhaps): ids must name one request, or a cancel by id
@@ -81,6 +78,9 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
         # awaited between here and the subscription taking it.
         record.request_id = secrets.token_hex(12)
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
+    # Built now, though only a leader sends it: a request the provider cannot
+    # express (say, an audio part for Anthropic) must be a 400 before the 200
+    # goes out, not a failure shared by a burst and kept for the error TTL.
     upstream_request = state.provider.build_request(
         chat.body, base_path=state.base_path, api_key=state.settings.upstream_api_key or None
     )
