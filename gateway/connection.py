@@ -53,6 +53,11 @@ PROBE_DELAYS = (0.0, 0.002, 0.02, 0.2, 1.0)
 #: carries 5 MB/s at a 100 ms round trip, far above any token stream.
 CLIENT_SNDBUF = 64 * 1024
 
+#: Connections the kernel may hold accepted before the loop takes them
+#: (nginx: 511; asyncio's default 100 overflows under a burst, and with SYN
+#: cookies a client's first bytes can then be lost).
+LISTEN_BACKLOG = 1024
+
 #: aiohttp's parser errors, in our words (the library's own text is logged).
 _PARSER_WORDS: tuple[tuple[type[Exception], str], ...] = (
     (http_exceptions.LineTooLong, "a request line or header is too long"),
@@ -329,7 +334,9 @@ class Listener:
             loop=loop,
             keepalive_timeout=self._idle_timeout_s,
         )
-        self._server = await loop.create_server(connection, host, port, reuse_address=True)
+        self._server = await loop.create_server(
+            connection, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+        )
 
     @property
     def port(self) -> int:

@@ -16,6 +16,9 @@ from gateway.sim.content import answer_tokens
 from tests.integration.sse_frames import parse_frame
 
 HOST = "127.0.0.1"
+#: As many as the fault run held open (its figures: 2,000 idle, 500 slowloris,
+#: 200 stalled bodies), within a test process's descriptor limit.
+IDLE, SLOWLORIS, STALLED = 1000, 500, 200
 
 
 def _port(url: str) -> int:
@@ -62,7 +65,7 @@ async def test_idle_keepalive_connections_are_closed_after_the_idle_timeout(gate
     gateway = await gateway_factory(client_idle_timeout_s=0.5)
     port = _port(gateway.url)
     # Some never send a byte, some had one answer and sit kept alive.
-    silent = [await asyncio.open_connection(HOST, port) for _ in range(100)]
+    silent = [await asyncio.open_connection(HOST, port) for _ in range(IDLE)]
     kept = []
     for _ in range(20):
         reader, writer = await asyncio.open_connection(HOST, port)
@@ -101,7 +104,7 @@ async def test_slowloris_clients_are_closed_by_the_header_deadline(gateway_facto
         finally:
             writer.close()
 
-    results = await asyncio.gather(*(slowloris() for _ in range(50)))
+    results = await asyncio.gather(*(slowloris() for _ in range(SLOWLORIS)))
     for data, elapsed in results:
         assert data == b""  # closed without an answer
         assert 0.4 <= elapsed < 3.0
@@ -126,7 +129,7 @@ async def test_a_stalled_body_gets_408_and_its_connection_closed(gateway_factory
         finally:
             writer.close()
 
-    results = await asyncio.gather(*(stalled() for _ in range(50)))
+    results = await asyncio.gather(*(stalled() for _ in range(STALLED)))
     for raw, elapsed in results:
         status, headers, body = split_response(raw)
         assert status == 408
