@@ -195,6 +195,15 @@ PARSER_ERRORS = [
     ("NUL in a header", b"GET /healthz HTTP/1.1\r\nHost: g\r\nX-Nul: a\x00b\r\n\r\n"),
     ("bad chunk size", b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
      b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
+    ("bad Content-Length", b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+     b"Content-Length: abc\r\n\r\n"),
+    ("header without a colon", b"GET /healthz HTTP/1.1\r\nHost g\r\n\r\n"),
+    ("space in a header name", b"GET /healthz HTTP/1.1\r\nHost: g\r\nBad Name: x\r\n\r\n"),
+    ("20 KB request line", b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: g\r\n\r\n"),
+    ("Content-Length and chunked", b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("two Content-Lengths", b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\n"
+     b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"),
     ("not HTTP", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n"),
 ]
 
