@@ -8,11 +8,10 @@ and asyncio's protocol methods). It adds:
   sending its head one byte at a time is closed (aiohttp has none; its
   ``keepalive_timeout`` closes a connection idle *before* a request);
 - half-close (RFC 9112 §9.6 lets a client end its side once the request is
-  sent): EOF on read while a request is in progress no longer drops the
-  connection. asyncio closes a transport when ``eof_received`` returns a
-  false value, which is what aiohttp's does; here it returns True while a
-  whole request is being answered, and the connection closes after that
-  response. TCP cannot tell a half-close from a client that closed its
+  sent): EOF on read while a whole request is being answered keeps the
+  connection open for the answer, which closes it. asyncio closes a
+  transport when ``eof_received`` returns a false value, as aiohttp's
+  does; here it returns True then. TCP cannot tell a half-close from a client that closed its
   socket, so a streaming response is probed: a ping right away and a few
   more soon after. To a gone client the first draws a RST and the next
   fails, which ends the request as a disconnect always has;
@@ -34,7 +33,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import http_exceptions, web
-from aiohttp.web_request import BaseRequest
+from aiohttp.web import BaseRequest
 
 from gateway.errors import GatewayError
 from gateway.redact import redact
