@@ -152,6 +152,27 @@ async def soak(protocol: str, seconds: float, *, seed: int = 17) -> SoakResult:
     return result
 
 
+async def idle_connections_cost(count: int = 2_000) -> tuple[int, int]:
+    """The gateway's RSS (KiB) before and with ``count`` idle kept-alive
+    client connections, each after one answered request."""
+    async with procs.systems(with_nginx=False) as systems:
+        gateway = systems["gateway"]
+        port = int(gateway.url.rsplit(":", 1)[1])
+        held: list[asyncio.StreamWriter] = []
+        before = gateway.rss_kib()
+        try:
+            for _ in range(count):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: g\r\n\r\n")
+                await reader.readuntil(b'"ok"}')
+                held.append(writer)
+            await asyncio.sleep(0.5)
+            return before, gateway.rss_kib()
+        finally:
+            for writer in held:
+                writer.close()
+
+
 def _lines(results: list[SoakResult]) -> list[str]:
     out = [
         "### Soak (mixed load, aborts and injected faults)", "",
@@ -183,7 +204,11 @@ def _lines(results: list[SoakResult]) -> list[str]:
 
 async def section(seconds: float) -> list[str]:
     results = [await soak(protocol, seconds) for protocol in ("h2c", "http1")]
-    return _lines(results)
+    before, after = await idle_connections_cost()
+    return _lines(results) + [
+        "", f"2,000 idle kept-alive client connections (one answered request each): gateway RSS "
+        f"{before / 1024:.1f} -> {after / 1024:.1f} MiB ({(after - before) / 2_000:.2f} KiB each).",
+    ]
 
 
 if __name__ == "__main__":
