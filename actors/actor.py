@@ -25,8 +25,10 @@ resets the source before ``leave()`` returns.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from actors.deltas import Delta, StreamInfo
@@ -37,6 +39,7 @@ from actors.messages import (
     Failed,
     JoinersClosed,
     Shutdown,
+    SlowReader,
     StreamEnd,
     StreamEnded,
     StreamInterrupted,
@@ -53,10 +56,28 @@ _MIN_TRIM_DELTAS = 16
 
 
 class Reader(Protocol):
-    """What the actor needs to know about a subscriber: where it is."""
+    """What the actor needs to know about a subscriber: where it is, and how
+    to end it when it lags past the bound."""
 
     @property
     def cursor(self) -> int: ...
+
+    def fall_behind(self, error: SlowReader) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LagBound:
+    """How far behind the newest delta a reader may fall once the stream
+    takes no joiners (before that, the replay budget bounds the whole log).
+
+    Like Redis's client-output-buffer-limit: past either limit the reader
+    is ended with ``SlowReader`` and the other readers never wait for it.
+    Checked as the log grows: a reader is ended before it is 1.5 times
+    ``max_bytes`` behind, and once it has taken nothing for ``max_s`` while
+    behind, at the next check after that."""
+
+    max_bytes: int | None = None
+    max_s: float | None = None
 
 
 def _ignore(event: ActorEvent) -> None:
@@ -81,6 +102,9 @@ class StreamActor:
         "_log_base",
         "_log_bytes",
         "_trim_at",
+        "_lag",
+        "_lag_check_at",
+        "_progress",
         "_accepting",
         "_readers",
         "_waiters",
@@ -99,6 +123,7 @@ class StreamActor:
         observer: Callable[[ActorEvent], None],
         clock: Callable[[], float],
         shared: bool = True,
+        lag: LagBound | None = None,
     ) -> None:
         self.key = key
         self.stream_id = stream_id
@@ -112,6 +137,11 @@ class StreamActor:
         self._log_base = 0
         self._log_bytes = 0
         self._trim_at = _MIN_TRIM_DELTAS
+        self._lag = lag
+        self._lag_check_at = _lag_check_at(lag, 0)
+        # Each reader's cursor when last seen moving, and when: only kept
+        # once the log is trimmed (a time bound is set and joiners closed).
+        self._progress: dict[Reader, tuple[int, float]] | None = None
         self._accepting = True
         self._readers: set[Reader] = set()
         self._waiters: list[asyncio.Future[None]] = []
@@ -126,10 +156,11 @@ class StreamActor:
         #: model), from the first delta that carried it; kept when the log
         #: is trimmed, so a subscriber at any cursor reads the same.
         self.info: StreamInfo | None = None
-        #: Scratch space for whoever encodes this stream's deltas (the HTTP
-        #: face keeps each frame here, encoded once for every subscriber).
-        #: Opaque to the actor; freed with the log.
-        self.memo: dict[object, object] = {}
+        #: Scratch tables for whoever encodes this stream's deltas (the HTTP
+        #: face keeps each frame here, encoded once for every subscriber):
+        #: each maps a delta's sequence number to its entry. Trimmed with the
+        #: log, freed with it.
+        self.memo: dict[object, dict[int, object]] = {}
 
     @classmethod
     def remembered(
@@ -178,12 +209,13 @@ class StreamActor:
             return self._log[index]
         return None
 
-    def deltas_after(self, cursor: int) -> Sequence[Delta]:
-        """Every delta logged after ``cursor`` (a slice of references)."""
+    def deltas_after(self, cursor: int, limit: int | None = None) -> Sequence[Delta]:
+        """Every delta logged after ``cursor``, or the first ``limit`` of
+        them (a slice of references)."""
         index = cursor - self._log_base
         assert index >= 0, "cursor behind the trimmed log"
         if index < len(self._log):
-            return self._log[index:]
+            return self._log[index:] if limit is None else self._log[index : index + limit]
         return ()
 
     def new_waiter(self) -> asyncio.Future[None]:
@@ -205,6 +237,8 @@ class StreamActor:
         if reader not in self._readers:
             return
         self._readers.remove(reader)
+        if self._progress is not None:
+            self._progress.pop(reader, None)
         if self._readers:
             return
         if self._end is None:
@@ -239,19 +273,63 @@ class StreamActor:
             # (the next identical request gets a fresh actor instead).
             self._accepting = False
             self._report(JoinersClosed(self.stream_id, self.key, self._log_bytes))
-        if not self._accepting and len(self._log) >= self._trim_at:
+        if not self._accepting and (
+            len(self._log) >= self._trim_at or self._log_bytes >= self._lag_check_at
+        ):
             self._trim()
         self._wake_readers()
 
     def _trim(self) -> None:
-        """Drop the log prefix that every current reader has already read."""
+        """Drop the log prefix that every current reader has already read,
+        after ending the readers past the lag bound."""
+        if self._lag is not None:
+            self._end_lagging_readers(self._lag)
         slowest = min((reader.cursor for reader in self._readers), default=self.appended)
         drop = min(slowest, self.appended) - self._log_base
         if drop > 0:
             self._log_bytes -= sum(delta.replay_size() for delta in self._log[:drop])
             del self._log[:drop]
+            self._trim_memo(self._log_base + drop)
             self._log_base += drop
         self._trim_at = max(2 * len(self._log), _MIN_TRIM_DELTAS)
+        self._lag_check_at = _lag_check_at(self._lag, self._log_bytes)
+
+    def _trim_memo(self, upto: int) -> None:
+        """Forget the memo entries of deltas up to ``upto`` (trimmed)."""
+        for table in self.memo.values():
+            if len(table) <= upto - self._log_base:
+                for seq in [seq for seq in table if seq <= upto]:
+                    del table[seq]
+            else:
+                for seq in range(self._log_base + 1, upto + 1):
+                    table.pop(seq, None)
+
+    def _end_lagging_readers(self, lag: LagBound) -> None:
+        """End every reader past the bound (``SlowReader``); each leaves, so
+        the last one leaving ends the stream as any last leave does."""
+        # Bytes of the log before each position, once for all readers.
+        before = list(itertools.accumulate((d.replay_size() for d in self._log), initial=0))
+        total = before[-1]
+        now = self._clock()
+        if lag.max_s is not None and self._progress is None:
+            self._progress = {}
+        lagging: list[tuple[Reader, str]] = []
+        for reader in self._readers:
+            cursor = reader.cursor
+            behind = total - before[max(0, min(cursor - self._log_base, len(self._log)))]
+            if lag.max_bytes is not None and behind > lag.max_bytes:
+                lagging.append((reader, f"{behind} bytes behind the stream"))
+                continue
+            if self._progress is None:
+                continue
+            seen = self._progress.get(reader)
+            if seen is None or seen[0] != cursor or behind == 0:
+                self._progress[reader] = (cursor, now)
+            elif lag.max_s is not None and now - seen[1] > lag.max_s:
+                lagging.append((reader, f"read nothing for {now - seen[1]:.0f} s"))
+        for reader, why in lagging:
+            reader.fall_behind(SlowReader(f"the client reads too slowly: {why}"))
+            self.leave(reader)
 
     def _finish(self, end: StreamEnd, *, stopped_at: float | None = None, cancel_task: bool = False) -> None:
         """Close the log with ``end`` and tell the registry.
@@ -317,3 +395,11 @@ class StreamActor:
         finally:
             if ticket is not None:
                 ticket.release()
+
+
+def _lag_check_at(lag: LagBound | None, log_bytes: int) -> float:
+    """The retained log's size at which readers' lag is checked next: half
+    the bound past the larger of the bound and the log now (amortised)."""
+    if lag is None or lag.max_bytes is None:
+        return float("inf")
+    return max(log_bytes, lag.max_bytes) + lag.max_bytes // 2

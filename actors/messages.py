@@ -29,6 +29,7 @@ __all__ = [
     "Shutdown",
     "StreamEnd",
     "StreamEnded",
+    "SlowReader",
     "StreamInterrupted",
     "UpstreamOpening",
 ]
@@ -44,6 +45,12 @@ class RegistryClosed(ActorError):
 
 class StreamInterrupted(ActorError):
     """The actor task was stopped from outside its own state machine."""
+
+
+class SlowReader(ActorError):
+    """This reader fell further behind its stream than the actor's lag bound
+    allows (bytes behind the newest delta, or time without taking any): it
+    is ended, so the log need not keep what only it still has to read."""
 
 
 # -- how a stream ends ----------------------------------------------------------

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from actors.actor import StreamActor
+from actors.actor import LagBound, StreamActor
 from actors.messages import (
     Abandoned,
     ActorEvent,
@@ -86,6 +86,8 @@ class Registry:
         fanout_enabled: bool = True,
         remember_failure: Callable[[BaseException], bool] = lambda exc: True,
         on_reset: Callable[[float], None] | None = None,
+        on_failure: Callable[[BaseException, int], None] | None = None,
+        lag: LagBound | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._admission = admission
@@ -95,6 +97,11 @@ class Registry:
         self._fanout_enabled = fanout_enabled
         self._remember_failure = remember_failure
         self._on_reset = on_reset
+        #: Told once per failed stream: its error and how many subscribers
+        #: it had when it failed (the HTTP face logs and counts it).
+        self._on_failure = on_failure
+        #: How far a reader may lag behind its stream (actors.actor.LagBound).
+        self._lag = lag
         self._clock = clock
         self._stream_ids = itertools.count(1)
         #: Actors a new identical request may join (shared, taking joiners).
@@ -159,6 +166,10 @@ class Registry:
                 return self._attach(memo, "follower", request_id, arrived_at, 0)
         return self._lead(key, open_source, request_id, arrived_at, shared)
 
+    def has_request(self, request_id: str) -> bool:
+        """A subscription with this request id is open (its id is taken)."""
+        return request_id in self._by_request
+
     def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
         """Explicit cancel: that subscription ends and leaves. False if
         unknown -- or owned by someone else, which looks the same, so the
@@ -221,6 +232,7 @@ class Registry:
             observer=self._on_actor_event,
             clock=self._clock,
             shared=shared,
+            lag=self._lag,
         )
         subscription = self._attach(actor, "leader", request_id, arrived_at, 0)
         if shared:
@@ -272,8 +284,11 @@ class Registry:
                     self._abandoned_total += 1
                     if reset_s is not None and self._on_reset is not None:
                         self._on_reset(reset_s)
-                elif isinstance(end, Failed) and actor is not None and actor.shared:
-                    self._remember(key, stream_id, end)
+                elif isinstance(end, Failed) and actor is not None:
+                    if self._on_failure is not None:
+                        self._on_failure(end.error, actor.subscriber_count)
+                    if actor.shared:
+                        self._remember(key, stream_id, end)
 
     def _unlist(self, key: str, stream_id: int) -> None:
         actor = self._joinable.get(key)

@@ -21,7 +21,7 @@ from typing import Literal, NoReturn
 
 from actors.actor import StreamActor
 from actors.deltas import Delta, StreamInfo
-from actors.messages import Abandoned, Completed, Failed, Shutdown, StreamEnd
+from actors.messages import Abandoned, Completed, Failed, Shutdown, SlowReader, StreamEnd
 
 __all__ = ["Outcome", "Role", "Subscription"]
 
@@ -36,6 +36,7 @@ class Subscription:
         "_actor",
         "_closed",
         "_cursor",
+        "_lagged",
         "_on_close",
         "_outcome",
         "_waiter",
@@ -71,6 +72,7 @@ class Subscription:
         self._on_close = on_close
         self._outcome: Outcome = "pending"
         self._closed = False
+        self._lagged: SlowReader | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     # -- what the handler reports ------------------------------------------------------
@@ -102,7 +104,7 @@ class Subscription:
         return self._actor.info
 
     @property
-    def memo(self) -> dict[object, object]:
+    def memo(self) -> dict[object, dict[int, object]]:
         """The stream's scratch space, shared by all its subscribers (for
         encoding a delta once, however many read it)."""
         return self._actor.memo
@@ -128,6 +130,8 @@ class Subscription:
 
     async def __anext__(self) -> Delta:
         while not self._closed:
+            if self._lagged is not None:
+                self._raise_lagged(self._lagged)
             delta = self._actor.delta_after(self._cursor)
             if delta is not None:
                 self._cursor += 1
@@ -149,7 +153,7 @@ class Subscription:
             await self.readable()
         return batch
 
-    def take_batch(self) -> Sequence[Delta] | None:
+    def take_batch(self, limit: int | None = None) -> Sequence[Delta] | None:
         """``read_batch()`` without the wait: the deltas available now, an
         empty sequence at the end (a failure raises), or None when there is
         nothing yet and the reader should await ``readable()``.
@@ -160,7 +164,12 @@ class Subscription:
         """
         if self._closed:
             return ()
-        batch = self._actor.deltas_after(self._cursor)
+        if self._lagged is not None:
+            self._raise_lagged(self._lagged)
+        # At most ``limit`` at once: a reader's cursor then says what it has
+        # written, and a slow one lags in the shared log (where the actor's
+        # bound sees it), not in a copy of its own.
+        batch = self._actor.deltas_after(self._cursor, limit)
         if batch:
             self._cursor += len(batch)
             return batch
@@ -178,6 +187,18 @@ class Subscription:
         yet."""
         waiter = self._waiter = self._actor.new_waiter()
         return waiter
+
+    def fall_behind(self, error: SlowReader) -> None:
+        """The actor ended this reader for lagging (it has left the stream
+        already): its next read raises ``error``."""
+        self._lagged = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _raise_lagged(self, error: SlowReader) -> NoReturn:
+        self._outcome = "failed"
+        raise error
 
     def _reach(self, end: StreamEnd) -> None:
         """The log is read to its end: record the outcome, raise a failure."""

@@ -14,8 +14,9 @@ Shutdown, on SIGTERM or SIGINT:
    streams are reset. Exit status 0: a drain is a normal stop, and systemd's
    ``Restart=on-failure`` must not restart it.
 
-The 503 answers of step 1 are for requests that were already read when the
-signal came; any later one has no connection to arrive on.
+The 503 answers (``Connection: close``) of step 1 are for requests already on
+their way when the signal came, or sent on a connection busy with a response;
+every response from then on closes its connection (gateway/connection.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import structlog
 from aiohttp import web
 
 from gateway import json_codec
-from gateway.app import make_app
+from gateway.app import make_app, make_listener
 from gateway.config import ConfigError, Settings
 from gateway.errors import ShuttingDown
 from gateway.logs import configure_logging
@@ -98,16 +99,15 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, signals.received)
+    listener = make_listener(runner, settings)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
         try:
-            await site.start()
+            await listener.start(settings.host, settings.port)
         except OSError as exc:
             raise ListenError.from_os_error(exc, settings.host, settings.port) from exc
         _settle_garbage_collector()
         state = app[STATE]
-        bound = runner.addresses[0]
-        url = f"http://{settings.host}:{bound[1]}"
+        url = f"http://{settings.host}:{listener.port}"
         if state.simulated:
             upstream = "simulator"
             print("llm-stream-gateway: WARNING: no UPSTREAM_URL set: serving the built-in "
@@ -124,17 +124,19 @@ async def serve(settings: Settings) -> None:
         # anything new (draining), arrive (listener closed) or wait on an
         # idle connection (closed).
         state.draining = True
-        await site.stop()
-        if runner.server is not None:
-            runner.server.pre_shutdown()
-        log.info("draining", streams=state.active_streams, timeout_s=settings.drain_timeout_s)
+        listener.stop_listening()
+        closed = listener.connections.close_idle()
+        log.info("draining", streams=state.active_streams, timeout_s=settings.drain_timeout_s,
+                 idle_connections_closed=closed)
         await _drain(state, settings.drain_timeout_s, signals.second)
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
         # Waits for the handlers to write their last frame, then closes
         # every connection and runs the app's cleanup (transport, simulator).
+        listener.stop_listening()
         await runner.cleanup()
+        await listener.aclose()
     log.info("stopped")
 
 

@@ -11,25 +11,31 @@ goes last.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from actors.actor import LagBound
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.api import messages, native, openai, ops
 from gateway.config import Settings
-from gateway.errors import QueueTimeout, ShuttingDown
+from gateway.connection import Listener
+from gateway.errors import QueueTimeout, ShuttingDown, UpstreamError
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
+from gateway.redact import SECRETS
 from gateway.routing.setup import build_router, routing_for
 from gateway.sse import Keepalive
 from gateway.state import STATE, GatewayState
 from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.source import SourceTimeouts
+
+log = structlog.get_logger("gateway")
 
 SETTINGS = web.AppKey("gateway_settings", Settings)
 METRICS = web.AppKey("gateway_metrics", GatewayMetrics)
@@ -39,6 +45,9 @@ def make_app(settings: Settings) -> web.Application:
     # Bodies are read by the handlers with their own limit (413 in the OpenAI
     # shape); aiohttp's limit stays just above it as a backstop.
     app = web.Application(middlewares=[envelope], client_max_size=settings.max_body_bytes + 1)
+    # Kept out of every log line and every error a client sees.
+    SECRETS.add(settings.upstream_api_key, *settings.gateway_api_keys,
+                getattr(settings, "cluster_secret", None) or "")
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics(CollectorRegistry(auto_describe=True))
     app.cleanup_ctx.append(_gateway)
@@ -67,6 +76,40 @@ def _remember_failure(exc: BaseException) -> bool:
     return not isinstance(exc, QueueTimeout | ShuttingDown)
 
 
+def _upstream_failure_reporter(
+    metrics: GatewayMetrics, upstream: str
+) -> Callable[[BaseException, int], None]:
+    """One warning line and one count per failed upstream stream, however
+    many subscribers it had (a remembered failure answering later requests
+    is not a new failure). Clients get the cause in our words
+    (gateway.errors.for_client); the line keeps the whole story."""
+
+    def report(exc: BaseException, subscribers: int) -> None:
+        if not isinstance(exc, UpstreamError):
+            return  # our own overload or shutdown: logged where it happens
+        metrics.upstream_failures.labels(exc.code).inc()
+        log.warning(
+            "upstream failed",
+            cause=exc.code,
+            status=exc.status,
+            detail=_detail(exc),
+            upstream=upstream,
+            subscribers=subscribers,
+        )
+
+    return report
+
+
+def _detail(exc: BaseException) -> str:
+    """The exception and its causes, one line: what the client is not told."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 4:
+        parts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
+
+
 async def _gateway(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
@@ -88,6 +131,14 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         )
         stack.push_async_callback(router.aclose)
         first = router.upstreams[0]
+        # The keys the routing file's upstreams read from the environment.
+        SECRETS.add(*(up.config.api_key for up in router.upstreams if up.config.api_key))
+        # One URL, or name=URL for each upstream of the routing file.
+        upstreams_named = (
+            ",".join(f"{up.name}={up.public_url}" for up in router.upstreams)
+            if router.config.from_file
+            else first.public_url
+        )
         # Closed after the registry, which resets every source still open.
         deadlines = Deadlines()
         stack.callback(deadlines.close)
@@ -104,6 +155,8 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             fanout_enabled=settings.stream_fanout_enabled,
             remember_failure=_remember_failure,
             on_reset=metrics.cancel.observe,
+            on_failure=_upstream_failure_reporter(metrics, upstreams_named),
+            lag=LagBound(max_bytes=settings.stream_max_lag_bytes, max_s=settings.stream_max_lag_s),
         )
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
@@ -122,12 +175,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             transport=first.transport,
             provider=first.provider,
             base_path=first.base_path,
-            # One URL, or name=URL for each upstream of the routing file.
-            upstream_url=(
-                ",".join(f"{up.name}={up.public_url}" for up in router.upstreams)
-                if router.config.from_file
-                else first.public_url
-            ),
+            upstream_url=upstreams_named,
             simulated=settings.upstream_url is None and settings.routing is None,
             router=router,
             keepalive=keepalive,
@@ -161,10 +209,20 @@ async def running_gateway(
     app = make_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
+    listener = make_listener(runner, settings)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        port = runner.addresses[0][1]
-        yield app, f"http://{settings.host}:{port}"
+        await listener.start(settings.host, settings.port)
+        yield app, f"http://{settings.host}:{listener.port}"
     finally:
+        listener.stop_listening()
         await runner.cleanup()
+        await listener.aclose()
+
+
+def make_listener(runner: web.AppRunner, settings: Settings) -> Listener:
+    """The listening socket, with the client deadlines of ``settings``."""
+    return Listener(
+        runner,
+        idle_timeout_s=settings.client_idle_timeout_s,
+        header_timeout_s=settings.client_header_timeout_s,
+    )

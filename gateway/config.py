@@ -68,10 +68,10 @@ class Settings:
     max_body_bytes: int = 1_048_576
     log_level: str = "info"
     log_format: str = "auto"
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
-    )
+    #: Peers whose X-Request-Id and X-Forwarded-For are believed. None by
+    #: default: any local process could otherwise choose its request id.
+    #: The deploy config lists the proxy (nginx on loopback).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     drain_timeout_s: float = 30.0
     #: Run on uvloop when it is installed; GATEWAY_UVLOOP=0 keeps asyncio's loop.
     uvloop: bool = True
@@ -86,6 +86,25 @@ class Settings:
     # -- several upstreams (GATEWAY_CONFIG; docs/routing.md) ----------------------------
     #: The routing file's upstreams; None: the one upstream of UPSTREAM_*.
     routing: RoutingConfig | None = None
+
+    # -- client connections: deadlines and slow readers ----------------------
+    # (each beside nginx's equivalent; docs in README, "Client deadlines")
+    #: A kept-alive connection with no request for this long is closed
+    #: (nginx keepalive_timeout, 75 s).
+    client_idle_timeout_s: float = 75.0
+    #: From a request's first byte to its complete head (nginx
+    #: client_header_timeout, 60 s): a slowloris client is closed.
+    client_header_timeout_s: float = 60.0
+    #: From the head to the complete body (nginx client_body_timeout, 60 s,
+    #: though nginx's is between two reads): 408, connection closed.
+    client_body_timeout_s: float = 60.0
+    #: How far a stream's reader may fall behind the newest delta, in bytes
+    #: of the answer, before it is ended with ``slow_reader``. Like Redis's
+    #: client-output-buffer-limit: the others never wait for it.
+    stream_max_lag_bytes: int = 4 * 1_048_576
+    #: How long a reader behind the newest delta may go without taking any,
+    #: with the same end.
+    stream_max_lag_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -116,11 +135,17 @@ class Settings:
             max_body_bytes=read.integer("MAX_BODY_BYTES", 1_048_576, low=1024),
             log_level=read.choice("LOG_LEVEL", "info", LOG_LEVELS),
             log_format=read.choice("LOG_FORMAT", "auto", LOG_FORMATS),
-            trusted_proxies=read.networks("TRUSTED_PROXIES", "127.0.0.0/8,::1/128"),
+            trusted_proxies=read.networks("TRUSTED_PROXIES", ""),
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),
             first_token_ping_interval_ms=read.integer("FIRST_TOKEN_PING_INTERVAL_MS", 150, low=0),
+            # -- client connections --
+            client_idle_timeout_s=read.number("CLIENT_IDLE_TIMEOUT_S", 75.0, low=0.1),
+            client_header_timeout_s=read.number("CLIENT_HEADER_TIMEOUT_S", 60.0, low=0.1),
+            client_body_timeout_s=read.number("CLIENT_BODY_TIMEOUT_S", 60.0, low=0.1),
+            stream_max_lag_bytes=read.integer("STREAM_MAX_LAG_BYTES", 4 * 1_048_576, low=1024),
+            stream_max_lag_s=read.number("STREAM_MAX_LAG_S", 30.0, low=0.1),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"

@@ -11,6 +11,8 @@ secrets: callers build them from status codes and provider messages only.
 
 from __future__ import annotations
 
+from gateway.redact import redact
+
 
 class GatewayError(Exception):
     """Base: an HTTP status, an OpenAI error type and code, a safe message."""
@@ -93,6 +95,14 @@ class PayloadTooLarge(GatewayError):
     code = "payload_too_large"
 
 
+class RequestTimeout(GatewayError):
+    """The request body did not arrive in time (nginx answers 408 too)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class UnsupportedMediaType(GatewayError):
     # The architecture's table has no 415; a wrong content type is a bad request.
     status = 400
@@ -115,6 +125,15 @@ class QueueFull(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class ReaderTooSlow(GatewayError):
+    """A client read its stream so slowly that it fell past the lag bound
+    (STREAM_MAX_LAG_BYTES / STREAM_MAX_LAG_S); only ever in-stream."""
+
+    status = 503
+    type = "server_error"
+    code = "slow_reader"
 
 
 class QueueTimeout(GatewayError):
@@ -212,3 +231,74 @@ class UpstreamStatusError(UpstreamError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": self.retry_after} if self.retry_after else {}
+
+
+# -- the boundary ---------------------------------------------------------------
+
+#: What a client is told of an upstream failure: its cause, in our words. The
+#: exception's own text -- the upstream's host:port, a library's exception
+#: name, the decoder's view of a body that was not an event stream -- goes to
+#: the log (the actor's failure line), never to a client.
+_UPSTREAM_WORDS: dict[type[UpstreamError], str] = {
+    UpstreamConnectError: "the gateway could not connect to the upstream",
+    UpstreamConnectionLost: "the connection to the upstream was lost",
+    UpstreamStreamRefused: "the upstream refused the request; retry",
+    UpstreamStreamReset: "the upstream ended the answer abruptly",
+    UpstreamProtocolError: "the upstream sent an answer the gateway could not read",
+    UpstreamProtocolMismatch: "the upstream does not speak the configured protocol",
+    UpstreamTimeout: "the upstream did not answer in time",
+}
+
+#: A provider's message longer than this, or looking like a page, is not
+#: relayed: the status says it in our words instead.
+_MAX_RELAYED_MESSAGE = 500
+
+
+class ClientError(GatewayError):
+    """An error as a client sees it: the status, type, code, retryability and
+    headers of ``source``, with a message safe to send."""
+
+    def __init__(self, source: GatewayError, message: str) -> None:
+        super().__init__(message, code=source.code)
+        self.status = source.status
+        self.type = source.type
+        self.retryable = source.retryable
+        self._headers = source.headers()
+        self.__cause__ = source
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
+
+
+def for_client(exc: GatewayError) -> GatewayError:
+    """``exc`` as it may be sent to a client, before the 200 or in-stream.
+
+    Every message loses the configured secrets (gateway/redact.py); an
+    upstream failure's message is replaced by its cause in our words, except
+    a provider's own error message for an error status (it tells the client
+    what to fix: "maximum context length is 8192 tokens"), which is relayed
+    when it reads as a message and not as a page.
+    """
+    if isinstance(exc, ClientError):
+        return exc
+    if isinstance(exc, UpstreamStatusError):
+        message = exc.message.strip()
+        if not message or len(message) > _MAX_RELAYED_MESSAGE or "<" in message:
+            message = f"the upstream answered {exc.upstream_status}"
+        return ClientError(exc, redact(message))
+    if isinstance(exc, UpstreamError):
+        return ClientError(exc, _upstream_words(exc))
+    return ClientError(exc, redact(exc.message))
+
+
+def _upstream_words(exc: UpstreamError) -> str:
+    if isinstance(exc, UpstreamTimeout):
+        if "first token" in exc.message:
+            return "the upstream sent no first token in time"
+        if "idle" in exc.message:
+            return "the upstream stopped sending within the answer for too long"
+    for cls in type(exc).__mro__:
+        words = _UPSTREAM_WORDS.get(cls)
+        if words is not None:
+            return words
+    return "the upstream failed"

@@ -11,6 +11,8 @@ from typing import Any
 
 import structlog
 
+from gateway.redact import SECRETS
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
@@ -21,10 +23,15 @@ _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name in list(event):
+        value = event[name]
         if name.lower() in _SECRET_FIELDS:
             event[name] = "[redacted]"
-        elif isinstance(event[name], str) and "earer" in event[name]:
-            event[name] = _BEARER.sub(r"\1[redacted]", event[name])
+        elif isinstance(value, str):
+            # Every configured secret (gateway/redact.py), wherever it is quoted.
+            value = SECRETS.redact(value)
+            if "earer" in value:
+                value = _BEARER.sub(r"\1[redacted]", value)
+            event[name] = value
     return event
 
 

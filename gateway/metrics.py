@@ -131,6 +131,12 @@ class GatewayMetrics:
             registry=registry,
         )
         self._upstream = upstream
+        self.upstream_failures = Counter(
+            "gateway_upstream_failures",
+            "Upstream streams that failed, by cause (the error code), however far they got",
+            ("cause",),
+            registry=registry,
+        )
         self.upstream_open = Histogram(
             "gateway_upstream_open_seconds",
             "Admission to the upstream request on the wire (connection, TLS, stream)",

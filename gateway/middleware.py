@@ -18,12 +18,14 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.connection import client_connection
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    for_client,
 )
 from gateway.metrics import APIS, outcome_of
 from gateway.state import RECORD, STATE, RequestRecord
@@ -42,6 +44,9 @@ ANTHROPIC_PATH = "/v1/messages"
 
 
 def error_response(exc: GatewayError, *, anthropic: bool = False) -> web.Response:
+    """The OpenAI error shape (Anthropic's on its route); the message as a
+    client may see it."""
+    exc = for_client(exc)
     body = exc.to_anthropic_json() if anthropic else exc.to_json()
     return web.json_response(body, status=exc.status, headers=exc.headers())
 
@@ -95,6 +100,9 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     )
     incoming_id = request.headers.get("X-Request-Id", "") if trusted else ""
     request_id = incoming_id if _REQUEST_ID.match(incoming_id) else secrets.token_hex(12)
+    connection = client_connection(request)
+    if connection is not None:
+        connection.request_started(request)
     record = RequestRecord(request_id=request_id, arrived_at=arrived_at)
     request[RECORD] = record
     structlog.contextvars.bind_contextvars(request_id=request_id)

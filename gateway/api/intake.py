@@ -6,13 +6,22 @@ Shared by the OpenAI and native APIs. Everything that can refuse a request
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import secrets
 
+import structlog
 from aiohttp import web
 
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest, parse_chat_request
-from gateway.errors import PayloadTooLarge, ShuttingDown, UnsupportedMediaType
+from gateway.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    UnsupportedMediaType,
+)
 from gateway.keys import prompt_key
 from gateway.middleware import TENANT
 from gateway.routing.retrying import retrying_opener
@@ -40,11 +49,22 @@ async def read_body(request: web.Request) -> bytes:
         raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
     parts: list[bytes] = []
     size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
-        parts.append(chunk)
+    timeout_s = state.settings.client_body_timeout_s
+    try:
+        # The whole body within the deadline: a Content-Length larger than
+        # what is sent must not hold the connection forever.
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is over the {limit}-byte limit")
+                parts.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from exc
+    except web.RequestPayloadError as exc:
+        # aiohttp's payload parser: a malformed chunked body, say.
+        raise BadRequest("the request body is not valid HTTP/1.1 framing",
+                         code="invalid_http") from exc
     return b"".join(parts)
 
 
@@ -59,6 +79,13 @@ def subscribe(
     tenant = request.get(TENANT) if state.settings.coalesce_scope == "key" else None
     key = prompt_key(chat.body, tenant=tenant)
     record.key_prefix = key[:KEY_PREFIX]
+    if state.registry.has_request(record.request_id):
+        # A proxy-supplied id that a live request already holds (another
+        # tenant's, perhaps): ids must name one request, or a cancel by id
+        # would reach the wrong one. This one gets a fresh id; nothing is
+        # awaited between here and the subscription taking it.
+        record.request_id = secrets.token_hex(12)
+        structlog.contextvars.bind_contextvars(request_id=record.request_id)
     # Routed and built now, though only a leader sends it: an unknown model
     # is a 404, and a request a provider cannot express (say, an audio part
     # for Anthropic) a 400, before the 200 goes out -- not a failure shared by

@@ -185,9 +185,9 @@ async def _all_models(state: GatewayState) -> list[dict[str, object]]:
     for upstream in router.upstreams:
         for name in upstream.config.models:
             if name != ANY_MODEL and name not in listed:
-                listed[name] = found.pop(name, None) or {
+                listed[name] = found.pop(name, {
                     "id": name, "object": "model", "created": 0, "owned_by": upstream.provider.name
-                }
+                })
     listed.update(found)
     if not listed and failure is not None:
         raise failure

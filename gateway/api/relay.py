@@ -19,13 +19,20 @@ import structlog
 from aiohttp import web
 
 from actors.deltas import Delta
+from actors.messages import SlowReader
 from actors.subscription import Subscription
-from gateway.errors import GatewayError
+from gateway.connection import client_connection
+from gateway.errors import GatewayError, ReaderTooSlow, for_client
 from gateway.metrics import outcome_of
 from gateway.sse import PING, close_event_stream, open_event_stream
 from gateway.state import RECORD, STATE, RequestRecord
 
 log = structlog.get_logger("gateway")
+
+#: Deltas written at once, at most: what a reader takes is what it writes,
+#: so a slow one lags in the stream's shared log, where the lag bound
+#: (STREAM_MAX_LAG_BYTES / _S) sees it, not in its transport's buffer.
+MAX_BATCH = 256
 
 
 class StreamEncoder(Protocol):
@@ -56,10 +63,12 @@ class SharedFrames:
         if self._subscription.subscribers <= 1:
             return encode(seq, delta)
         memo = self._subscription.memo
-        key = (self._api, seq)
-        frame = memo.get(key)
+        table = memo.get(self._api)
+        if table is None:
+            table = memo[self._api] = {}
+        frame = table.get(seq)
         if frame is None:
-            frame = memo[key] = encode(seq, delta)
+            frame = table[seq] = encode(seq, delta)
         return cast(bytes, frame)
 
 
@@ -82,10 +91,15 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         await asyncio.sleep(0)
         response = await open_event_stream(request, keepalive=state.keepalive)
         record.bytes_sent += len(PING)
+        connection = client_connection(request)
+        if connection is not None:
+            # A client that half-closes is told apart from one that left by
+            # pings (gateway/connection.py).
+            connection.probe_with(response.ping)
         state.active_streams += 1
         try:
             while True:
-                batch = subscription.take_batch()
+                batch = subscription.take_batch(MAX_BATCH)
                 if batch is None:
                     # The actor's future, awaited here and not through
                     # read_batch(): a coroutine less per batch and per
@@ -117,7 +131,13 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
         except GatewayError as exc:
             record.outcome = outcome_of(exc.status, exc.code)
             record.error_code = exc.code
-            last_frame = encoder.error(exc)
+            last_frame = encoder.error(for_client(exc))
+        except SlowReader as exc:
+            lagged = ReaderTooSlow(str(exc))
+            # The client's doing, like a disconnect: not an error of ours.
+            record.outcome, record.error_code = "cancelled", lagged.code
+            log.info("slow reader ended", reason=str(exc))
+            last_frame = encoder.error(lagged)
         except ConnectionResetError:
             # The client went away between two writes: a cancel, not an error.
             record.outcome = "cancelled"

@@ -39,13 +39,9 @@ async def gateway_factory(sim_factory) -> AsyncIterator[GatewayFactory]:
 
     async def start(sim_profile: SimProfile = FAST_SIM, **overrides: Any) -> Gateway:
         sim = await sim_factory(sim_profile)
-        settings = Settings(
-            host="127.0.0.1",
-            port=0,
-            upstream_url=sim.url,
-            upstream_protocol="h2c",
-            **overrides,
-        )
+        # h2c unless the test names another protocol (the simulator serves both).
+        overrides.setdefault("upstream_protocol", "h2c")
+        settings = Settings(host="127.0.0.1", port=0, upstream_url=sim.url, **overrides)
         context = running_gateway(settings)
         app, url = await context.__aenter__()
         stacks.append(context)

@@ -83,9 +83,13 @@ class Proxied:
         return aiohttp.ClientSession(self.nginx.https_url, connector=connector, **options)
 
 
+#: What the deploy env file sets: nginx on this host is the trusted proxy.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 @pytest.fixture
 async def proxied(gateway_factory, nginx_factory) -> Proxied:
-    gateway = await gateway_factory()
+    gateway = await gateway_factory(trusted_proxies=LOOPBACK)
     return Proxied(gateway, await nginx_factory(port_of(gateway.url)))
 
 
@@ -291,8 +295,8 @@ async def test_nginx_gives_the_request_id_and_the_client_address(proxied):
 
 
 async def test_ids_and_addresses_are_taken_only_from_trusted_proxies(gateway_factory, nginx_factory):
-    trusting = await gateway_factory()  # TRUSTED_PROXIES default: loopback
-    distrusting = await gateway_factory(trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
+    trusting = await gateway_factory(trusted_proxies=LOOPBACK)  # as the deploy env file
+    distrusting = await gateway_factory()  # TRUSTED_PROXIES default: none
     headers = {"X-Request-Id": "from-the-peer-1", "X-Forwarded-For": "203.0.113.7"}
     async with aiohttp.ClientSession() as http:
         with capture_logs(processors=[merge_contextvars]) as logs:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.perf import bench_fanout, bench_gateway, bench_h2_relay
+from tests.perf import bench_fanout, bench_gateway, bench_h2_relay, bench_soak
 
 OUT = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 PROFILES = Path(__file__).resolve().parent / "PROFILES.md"
@@ -83,6 +83,8 @@ async def main(quick: bool) -> str:
         await bench_h2_relay.report(),
         await _fanout_section(),
         await bench_gateway.report(quick=quick),
+        # 5 minutes a protocol; --quick: a 30 s smoke run.
+        "\n".join(await bench_soak.section(30 if quick else 300)),
     ]
     header = [
         "# Benchmarks",

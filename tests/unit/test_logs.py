@@ -122,3 +122,24 @@ def test_auto_format_is_console_on_a_terminal_and_json_otherwise(monkeypatch):
 
 def test_log_format_defaults_to_auto():
     assert Settings.from_env({}).log_format == "auto"
+
+
+def test_every_configured_secret_is_kept_out_of_every_field(capsys):
+    """Whatever quotes it -- a provider's message, an exception's text, a
+    field of any name -- a configured secret never reaches a line."""
+    from gateway.redact import SECRETS
+
+    configured = "cluster-shared-secret-0f1e2d3c"
+    SECRETS.add(configured, "short")  # too short to be treated as a secret
+    configure_logging("info", "json")
+    log = structlog.get_logger("test-redact")
+    try:
+        raise ValueError(f"Incorrect API key provided: {configured}")
+    except ValueError:
+        log.exception("upstream failed", detail=f"body quoted {configured} twice: {configured}",
+                      note="a short word stays")
+    (line,) = json_lines(capsys.readouterr().err)
+    assert configured not in json.dumps(line)
+    assert line["detail"] == "body quoted [redacted] twice: [redacted]"
+    assert "Incorrect API key provided: [redacted]" in line["exception"]
+    assert line["note"] == "a short word stays"

@@ -1,0 +1,105 @@
+"""A raw HTTP/1.1 upstream that misbehaves on request: each request's last
+user message names what it does (a real socket, no HTTP library in the way,
+so it can send what no library would: a broken chunk, a page for a stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+_BEARER = re.compile(rb"(?i)\r\nauthorization: *bearer +(\S+)")
+
+CHUNK = (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+         b'"choices":[{"index":0,"delta":{"content":"partial "},"finish_reason":null}]}\n\n')
+
+
+def _chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+class FaultyUpstream:
+    """Behaviours, by a word in the prompt:
+
+    ``echo-key``      401 with OpenAI's "Incorrect API key provided: <the key>"
+    ``echo-key-mid``  200, one chunk, then an in-stream error quoting the key
+    ``html``          200 text/html page (a captive portal, a misrouted proxy)
+    ``bad-chunk``     200, one chunk, then a chunk size that is not hex
+    ``drop``          200, one chunk, then the connection closes
+    ``status-page``   502 with an HTML body
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = _LENGTH.search(head)
+            body = await reader.readexactly(int(match.group(1))) if match else b""
+            self.requests += 1
+            key_match = _BEARER.search(head)
+            key = key_match.group(1) if key_match else b"(none)"
+            prompt = json.loads(body)["messages"][-1]["content"] if body else ""
+            writer.write(self._answer(prompt, key))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    @staticmethod
+    def _answer(prompt: str, key: bytes) -> bytes:
+        sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        incorrect = b"Incorrect API key provided: " + key + b". You can find your API key at ..."
+        if "echo-key-mid" in prompt:
+            error = json.dumps({"error": {"message": incorrect.decode(), "type": "invalid_request_error",
+                                          "code": "invalid_api_key"}}).encode()
+            return sse + _chunked(CHUNK, b"data: " + error + b"\n\n") + b"0\r\n\r\n"
+        if "echo-key" in prompt:
+            error = json.dumps({"error": {"message": incorrect.decode(), "type": "invalid_request_error",
+                                          "code": "invalid_api_key"}}).encode()
+            return (b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(error), error))
+        if "html" in prompt:
+            page = b"<html><body>Please log in to the network</body></html>"
+            return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(page), page))
+        if "status-page" in prompt:
+            page = b"<html><body><h1>502 Bad Gateway</h1>nginx at 10.0.0.7:8000</body></html>"
+            return (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(page), page))
+        if "bad-chunk" in prompt:
+            return sse + _chunked(CHUNK) + b"zz\r\nnot hex\r\n"
+        if "drop" in prompt:
+            return sse + _chunked(CHUNK)
+        return sse + _chunked(CHUNK, b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+
+@asynccontextmanager
+async def faulty_upstream() -> AsyncIterator[FaultyUpstream]:
+    upstream = FaultyUpstream()
+    upstream._server = await asyncio.start_server(upstream._serve, "127.0.0.1", 0)
+    upstream.port = upstream._server.sockets[0].getsockname()[1]
+    try:
+        yield upstream
+    finally:
+        upstream._server.close()
+        for task in list(upstream._tasks):
+            task.cancel()
+        await asyncio.gather(*upstream._tasks, return_exceptions=True)
+        await upstream._server.wait_closed()

@@ -1,0 +1,109 @@
+"""What a client is told of an upstream failure: the cause in our words, with
+no configured secret, no upstream host:port and no library's exception name,
+before the 200 and in-stream alike; the details go to the log, which holds no
+secret either. A real gateway process in front of a raw misbehaving upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+
+import aiohttp
+import pytest
+
+from gateway.app import running_gateway
+from gateway.config import Settings
+from tests.integration.faulty_upstream import faulty_upstream
+from tests.integration.test_shutdown import gateway_process
+
+UPSTREAM_KEY = "sk-upstream-TOPSECRET-0123456789"
+CLIENT_KEY = "sk-client-ALSOSECRET-9876543210"
+
+#: Words a client must never see in an error message.
+LIBRARY_WORDS = ("TransferEncodingError", "ClientPayloadError", "ServerDisconnected",
+                 "ContentLengthError", "aiohttp", "Traceback", "[DONE]")
+
+
+async def _ask(http: aiohttp.ClientSession, url: str, path: str, prompt: str,
+               stream: bool) -> tuple[int, bytes]:
+    body = {"model": "m", "stream": stream, "messages": [{"role": "user", "content": prompt}]}
+    async with http.post(url + path, json=body,
+                         headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as resp:
+        return resp.status, await resp.read()
+
+
+def _error_of(path: str, stream: bool, raw: bytes) -> dict[str, object]:
+    if not stream and path.endswith("/completions"):
+        return json.loads(raw)["error"]  # type: ignore[no-any-return]
+    if path.endswith("/completions"):
+        last = raw.strip().split(b"\n\n")[-1]
+        return json.loads(last.removeprefix(b"data: "))["error"]  # type: ignore[no-any-return]
+    last = raw.strip().split(b"\n\n")[-1]
+    assert last.startswith(b"event: error\n"), raw
+    return json.loads(last.split(b"data: ", 1)[1])  # type: ignore[no-any-return]
+
+
+CASES = [
+    # (behaviour, the words the client gets)
+    ("echo-key", "Incorrect API key provided: [redacted]"),
+    ("echo-key-mid", "Incorrect API key provided: [redacted]"),
+    ("html", "the upstream sent an answer the gateway could not read"),
+    ("bad-chunk", "the connection to the upstream was lost"),
+    ("drop", "the connection to the upstream was lost"),
+    ("status-page", "the upstream answered 502"),
+]
+
+
+async def test_errors_reach_clients_in_our_words_and_no_secret_is_logged():
+    async with faulty_upstream() as upstream, gateway_process(
+        upstream.url, UPSTREAM_PROTOCOL="http1", UPSTREAM_API_KEY=UPSTREAM_KEY,
+        GATEWAY_API_KEYS=CLIENT_KEY, LOG_LEVEL="debug", ERROR_TTL_MS="0",
+    ) as gateway, aiohttp.ClientSession() as http:
+        seen: list[bytes] = []
+        for behaviour, words in CASES:
+            for path in ("/v1/chat/completions", "/v1/stream"):
+                for stream in (True, False) if path.endswith("completions") else (True,):
+                    prompt = f"{behaviour} {path} {stream}"
+                    status, raw = await _ask(http, gateway.url, path, prompt, stream)
+                    seen.append(raw)
+                    error = _error_of(path, stream, raw)
+                    assert error["message"].startswith(words), (behaviour, path, stream, raw)
+                    text = raw.decode()
+                    assert UPSTREAM_KEY not in text and CLIENT_KEY not in text
+                    assert f"127.0.0.1:{upstream.port}" not in text and "10.0.0.7" not in text
+                    for word in LIBRARY_WORDS:
+                        assert word not in str(error["message"]), (behaviour, word)
+        gateway.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await gateway.process.wait() == 0
+    assert upstream.requests == len(seen)
+    logged = json.dumps(gateway.log)
+    assert UPSTREAM_KEY not in logged and CLIENT_KEY not in logged
+    # Each upstream failure is one warning line, with what the client is not told.
+    failures = [line for line in gateway.log if line["event"] == "upstream failed"]
+    assert len(failures) == len(seen)
+    assert {line["level"] for line in failures} == {"warning"}
+    assert {line["upstream"] for line in failures} == {upstream.url}
+    assert {line["subscribers"] for line in failures} == {1}
+    assert any("TransferEncodingError" in str(line["detail"]) for line in failures)
+    assert any("text/html" in str(line["detail"]) or "[DONE]" in str(line["detail"])
+               for line in failures)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_provider_message_quoting_the_key_is_redacted_in_process(stream):
+    """The same boundary in the in-process gateway the other tests use."""
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        upstream_api_key=UPSTREAM_KEY)
+    async with faulty_upstream() as upstream, running_gateway(
+        dataclasses.replace(settings, upstream_url=upstream.url)
+    ) as (_, url):
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "m", "stream": stream,
+                    "messages": [{"role": "user", "content": "echo-key in process"}]}
+            async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                raw = await resp.read()
+    assert UPSTREAM_KEY.encode() not in raw
+    assert b"[redacted]" in raw
