@@ -87,7 +87,7 @@ def _upstream_failure_reporter(
     def report(exc: BaseException, subscribers: int) -> None:
         if not isinstance(exc, UpstreamError):
             return  # our own overload or shutdown: logged where it happens
-        metrics.upstream_failures.labels(exc.code).inc()
+        metrics.stream_failures.labels(exc.code).inc()
         log.warning(
             "upstream failed",
             cause=exc.code,

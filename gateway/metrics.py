@@ -131,9 +131,10 @@ class GatewayMetrics:
             registry=registry,
         )
         self._upstream = upstream
-        self.upstream_failures = Counter(
-            "gateway_upstream_failures",
-            "Upstream streams that failed, by cause (the error code), however far they got",
+        self.stream_failures = Counter(
+            "gateway_stream_failures",
+            "Streams that failed upstream, once each whatever their subscribers, by cause "
+            "(the error code), after any retry and however far they got",
             ("cause",),
             registry=registry,
         )
