@@ -16,12 +16,29 @@ from gateway.state import STATE, GatewayState
 #: Fast, jitter-free upstream: exact timings do not matter, exact bytes do.
 FAST_SIM = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=1, itl_jitter_ms=0, tokens=16)
 
+#: The upstream protocols a gateway test can run over: HTTP/2 with prior
+#: knowledge (what hosted APIs negotiate) and HTTP/1.1 (what ``auto`` picks for
+#: every plain ``http://`` URL: vLLM, Ollama, llama.cpp, TGI).
+UPSTREAM_PROTOCOLS = ("h2c", "http1")
+
+#: Runs a gateway test once per upstream protocol (the simulator speaks both
+#: on one port); a test without it runs over h2c.
+both_protocols = pytest.mark.parametrize("upstream_protocol", UPSTREAM_PROTOCOLS)
+
 
 @dataclasses.dataclass
 class Gateway:
     url: str
     state: GatewayState
     sim: Any
+    #: The upstream protocol it talks to the simulator over.
+    protocol: str = "h2c"
+
+    @property
+    def cancel_outcome(self) -> str:
+        """How the simulator logs the gateway cancelling: an RST_STREAM over
+        HTTP/2, the connection closed over HTTP/1.1."""
+        return "disconnect" if self.protocol == "http1" else "reset"
 
     @property
     def v1(self) -> str:
@@ -32,24 +49,30 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def gateway_factory(sim_factory) -> AsyncIterator[GatewayFactory]:
+def upstream_protocol() -> str:
+    """The gateway's ``UPSTREAM_PROTOCOL`` in tests; ``both_protocols`` overrides it."""
+    return "h2c"
+
+
+@pytest.fixture
+async def gateway_factory(sim_factory, upstream_protocol: str) -> AsyncIterator[GatewayFactory]:
     """``await gateway_factory(sim_profile=..., **settings)``: simulator +
-    gateway over h2c; both are closed at the end of the test."""
+    gateway over ``upstream_protocol``; both are closed at the end of the test."""
     stacks = []
 
     async def start(sim_profile: SimProfile = FAST_SIM, **overrides: Any) -> Gateway:
         sim = await sim_factory(sim_profile)
+        overrides.setdefault("upstream_protocol", upstream_protocol)
         settings = Settings(
             host="127.0.0.1",
             port=0,
             upstream_url=sim.url,
-            upstream_protocol="h2c",
             **overrides,
         )
         context = running_gateway(settings)
         app, url = await context.__aenter__()
         stacks.append(context)
-        return Gateway(url=url, state=app[STATE], sim=sim)
+        return Gateway(url=url, state=app[STATE], sim=sim, protocol=settings.upstream_protocol)
 
     yield start
     for context in reversed(stacks):
