@@ -155,14 +155,20 @@ class Http1Transport:
                     headers=dict(request.headers),
                     data=request.body or None,
                 )
+        except aiohttp.ConnectionTimeoutError as exc:
+            # aiohttp's own connect timeout. It is a TimeoutError as well, so
+            # it comes before the branch for our deadline.
+            raise UpstreamTimeout(f"connecting to {self._origin.authority} timed out") from exc
         except TimeoutError as exc:
             raise UpstreamTimeout("upstream sent no response headers in time") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise UpstreamConnectError(
+                f"cannot connect to {self._origin.authority}: {exc.certificate_error}"
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(
                 f"cannot connect to {self._origin.authority}: {exc.os_error}"
             ) from exc
-        except aiohttp.ServerTimeoutError as exc:
-            raise UpstreamTimeout(f"upstream timed out: {exc}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamConnectionLost(f"upstream request failed: {exc}") from exc
         self._in_flight += 1

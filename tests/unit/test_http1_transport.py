@@ -1,49 +1,230 @@
-"""The HTTP/1.1 transport's error translation, with aioresponses standing in
-for the network (the real-socket path, status and body included, is in
-tests/integration/test_upstream_protocols.py). aioresponses 0.7.9 cannot build
-a ClientResponse for aiohttp 3.14 (missing ``stream_writer``), so only its
-exception injection is used here -- which is what is hard to get from a real
-peer anyway."""
+"""The HTTP/1.1 transport's error translation, each cause from the peer that
+really causes it where one is cheap to run on loopback: a refused port, a
+peer that never answers, one that closes without answering, the simulator
+breaking a body off or going quiet, an untrusted certificate.
+
+aioresponses stands in only for aiohttp's connect timeout, which no loopback
+peer provokes reliably (a SYN that is never answered needs a black-holed
+route). aioresponses 0.7.9 cannot build a ClientResponse for aiohttp 3.14
+(missing ``stream_writer``), so only its exception injection is used. Each
+assertion names the message of the branch it means, so a test cannot pass
+through a neighbouring ``except``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
 import aiohttp
 import pytest
+import trustme
 from aioresponses import aioresponses
 
 from gateway.errors import UpstreamConnectError, UpstreamConnectionLost, UpstreamTimeout
+from gateway.sim.content import answer_tokens
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.http1 import Http1Transport
 from gateway.upstream.origin import Origin
+from gateway.upstream.providers import get_provider
+from tests.conftest import FAST_SIM_PROFILE, SimFactory
 
-URL = "http://upstream.test:8000/v1/chat/completions"
-REQUEST = UpstreamRequest("POST", "/v1/chat/completions", (("content-type", "application/json"),),
-                          b"{}")
+
+def chat_request(prompt: str = "hello", **sim: object) -> UpstreamRequest:
+    body = {"model": "sim", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    headers = [("content-type", "application/json")]
+    headers += [(f"x-sim-{k.replace('_', '-')}", str(v)) for k, v in sim.items()]
+    return UpstreamRequest("POST", "/v1/chat/completions", tuple(headers), json.dumps(body).encode())
+
+
+def answer(prompt: str, tokens: int) -> str:
+    return "".join(answer_tokens([{"role": "user", "content": prompt}], tokens))
+
+
+TransportFactory = Callable[..., Http1Transport]
 
 
 @pytest.fixture
-async def transport():
-    transport = Http1Transport(Origin.parse("http://upstream.test:8000/v1"))
-    yield transport
-    await transport.aclose()
+async def make_transport() -> AsyncIterator[TransportFactory]:
+    """``make_transport(url, **options)``; every one closed at the end."""
+    made: list[Http1Transport] = []
+
+    def make(url: str, **options: object) -> Http1Transport:
+        transport = Http1Transport(Origin.parse(url), **options)  # type: ignore[arg-type]
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        await transport.aclose()
 
 
-async def test_connect_failure_is_an_upstream_connect_error(transport):
-    with aioresponses() as mocked:
-        mocked.post(URL, exception=aiohttp.ClientConnectorError(
-            connection_key=None, os_error=ConnectionRefusedError(111, "refused")))  # type: ignore[arg-type]
-        with pytest.raises(UpstreamConnectError) as info:
-            await transport.open(REQUEST)
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+async def raw_peer() -> AsyncIterator[Callable[[Callable[..., Awaitable[None]]], Awaitable[str]]]:
+    """``await raw_peer(handler)``: a TCP server on loopback running
+    ``handler(reader, writer)`` per connection; returns its ``/v1`` URL."""
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Callable[..., Awaitable[None]]) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+
+
+async def test_a_refused_port_is_a_connect_error(make_transport: TransportFactory) -> None:
+    port = free_port()
+    transport = make_transport(f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(UpstreamConnectError) as info:
+        await transport.open(chat_request())
     assert info.value.status == 502 and info.value.retryable
-    assert "upstream.test:8000" in info.value.message
+    assert info.value.code == "upstream_connect_error"
+    assert info.value.message.startswith(f"cannot connect to 127.0.0.1:{port}: ")
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
+    assert isinstance(info.value.__cause__.os_error, ConnectionRefusedError)
+    assert transport.connection_count() == 0
 
 
-async def test_timeout_and_lost_connection_are_translated(transport):
+async def test_aiohttps_connect_timeout_is_an_upstream_timeout_naming_the_connect(
+    make_transport: TransportFactory,
+) -> None:
+    """aiohttp's ConnectionTimeoutError is a TimeoutError too: it must reach
+    its own branch, not the one for a missing response head."""
+    transport = make_transport("http://upstream.test:8000/v1")
     with aioresponses() as mocked:
-        mocked.post(URL, exception=aiohttp.ServerTimeoutError("read timed out"))
-        with pytest.raises(UpstreamTimeout) as timeout:
-            await transport.open(REQUEST)
-        assert timeout.value.status == 504
-        mocked.post(URL, exception=aiohttp.ServerDisconnectedError())
-        with pytest.raises(UpstreamConnectionLost):
-            await transport.open(REQUEST)
+        mocked.post("http://upstream.test:8000/v1/chat/completions",
+                    exception=aiohttp.ConnectionTimeoutError("Connection timeout to host"))
+        with pytest.raises(UpstreamTimeout) as info:
+            await transport.open(chat_request())
+    assert info.value.status == 504 and info.value.code == "upstream_timeout"
+    assert info.value.message == "connecting to upstream.test:8000 timed out"
+    assert isinstance(info.value.__cause__, aiohttp.ConnectionTimeoutError)
+
+
+async def test_a_peer_that_never_answers_times_out_on_the_head(
+    make_transport: TransportFactory, raw_peer
+) -> None:
+    done = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        await done.wait()  # connected, request read, never a byte back
+        writer.close()
+
+    url = await raw_peer(silent)
+    transport = make_transport(url, first_byte_timeout=0.2)
+    with pytest.raises(UpstreamTimeout) as info:
+        await transport.open(chat_request())
+    done.set()
+    assert info.value.message == "upstream sent no response headers in time"
+    assert type(info.value.__cause__) is TimeoutError  # our deadline, not aiohttp's
+    assert transport.connection_count() == 0
+
+
+async def test_a_peer_that_closes_without_answering_is_a_lost_connection(
+    make_transport: TransportFactory, raw_peer
+) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.close()
+
+    transport = make_transport(await raw_peer(hang_up))
+    with pytest.raises(UpstreamConnectionLost) as info:
+        await transport.open(chat_request())
+    assert info.value.code == "upstream_connection_lost" and info.value.retryable
+    assert info.value.message.startswith("upstream request failed: ")
+    assert isinstance(info.value.__cause__, aiohttp.ServerDisconnectedError)
+    assert transport.connection_count() == 0
+
+
+async def test_the_simulators_goaway_refuse_over_http1_is_a_lost_connection(
+    make_transport: TransportFactory, sim_factory: SimFactory
+) -> None:
+    """Over HTTP/1.1 the simulator's refusing GOAWAY is a connection closed
+    before the response: the request never ran, so it is retryable."""
+    sim = await sim_factory()
+    transport = make_transport(sim.url)
+    with pytest.raises(UpstreamConnectionLost) as info:
+        await transport.open(chat_request("refused", goaway="refuse"))
+    assert info.value.retryable
+    assert isinstance(info.value.__cause__, aiohttp.ServerDisconnectedError)
+    # The next request gets a fresh connection and its whole answer.
+    stream = await transport.open(chat_request("after the refusal"))
+    decoder = get_provider("openai").decoder()
+    deltas = []
+    while data := await stream.read():
+        deltas += decoder.feed(data)
+    text = "".join(d.text for d in deltas + decoder.close())
+    assert text == answer("after the refusal", FAST_SIM_PROFILE.tokens)
+    assert transport.connection_count() == 0
+
+
+async def test_a_body_broken_off_mid_stream_is_a_lost_connection(
+    make_transport: TransportFactory, sim_factory: SimFactory
+) -> None:
+    """A read error with a real peer: the simulator aborts the connection
+    after three tokens. What came before is delivered, then the error."""
+    sim = await sim_factory()
+    transport = make_transport(sim.url)
+    stream = await transport.open(chat_request("broken off", reset_after=3))
+    assert (await stream.head()).status == 200
+    assert transport.connection_count() == 1
+    received = b""
+    with pytest.raises(UpstreamConnectionLost) as info:
+        while True:
+            received += await stream.read()
+    assert info.value.message.startswith("upstream connection failed: ")
+    assert isinstance(info.value.__cause__, aiohttp.ClientPayloadError)
+    decoder = get_provider("openai").decoder()
+    text = "".join(d.text for d in decoder.feed(received))
+    assert text == answer("broken off", FAST_SIM_PROFILE.tokens)[: len(text)] and text
+    assert transport.connection_count() == 0  # the broken connection is not counted
+
+
+async def test_a_stream_that_goes_quiet_times_out_on_the_idle_deadline(
+    make_transport: TransportFactory, sim_factory: SimFactory
+) -> None:
+    sim = await sim_factory()
+    transport = make_transport(sim.url, idle_timeout=0.2)
+    stream = await transport.open(chat_request("goes quiet", itl_ms=60_000, tokens=3))
+    assert await stream.read()  # the head's first bytes: role chunk and first token
+    with pytest.raises(UpstreamTimeout) as info:
+        while await stream.read():
+            pass
+    assert info.value.message == "upstream stream went idle past its timeout"
+    (record,) = await sim.log.wait_for(1, outcome="disconnect")
+    assert record.tokens_sent < 3
+    assert transport.connection_count() == 0
+
+
+async def test_an_untrusted_certificate_is_a_certificate_error(
+    make_transport: TransportFactory, sim_factory: SimFactory
+) -> None:
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    sim = await sim_factory(ssl=context)
+    transport = make_transport(sim.url)  # the system's trust store: the test CA is not in it
+    with pytest.raises(UpstreamConnectError) as info:
+        await transport.open(chat_request())
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorCertificateError)
+    assert isinstance(info.value.__cause__.certificate_error, ssl.SSLCertVerificationError)
+    assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
+    assert sim.log.records == []
