@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +17,10 @@ from gateway.state import STATE, GatewayState
 
 #: Fast, jitter-free upstream: exact timings do not matter, exact bytes do.
 FAST_SIM = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=1, itl_jitter_ms=0, tokens=16)
+
+#: The simulator generating one answer at a time (``max_concurrency=1``), so
+#: that ``upstream_held`` can keep every model request waiting upstream.
+HELD_SIM = dataclasses.replace(FAST_SIM, max_concurrency=1)
 
 #: The upstream protocols a gateway test can run over: HTTP/2 with prior
 #: knowledge (what hosted APIs negotiate) and HTTP/1.1 (what ``auto`` picks for
@@ -82,3 +88,29 @@ async def gateway_factory(sim_factory, upstream_protocol: str) -> AsyncIterator[
 @pytest.fixture
 async def gateway(gateway_factory) -> Gateway:
     return await gateway_factory()
+
+
+@asynccontextmanager
+async def upstream_held(gateway: Gateway) -> AsyncIterator[None]:
+    """Hold the simulator's only generation slot (the gateway must run on
+    ``HELD_SIM``): requests reach the upstream and wait there, their streams
+    alive and joinable, until the block ends. A burst is then one upstream
+    call however slowly its clients arrive on a loaded machine."""
+    limiter = gateway.sim.app.limiter
+    assert limiter.limit == 1, "start the gateway with sim_profile=HELD_SIM"
+    async with limiter.slot():
+        yield
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Until ``predicate()`` holds (at most 10 s), re-checked every few
+    milliseconds: for a gauge that has no event of its own (the registry's
+    subscribers, its remembered failures)."""
+    async with asyncio.timeout(10):
+        while not predicate():  # noqa: ASYNC110 - a gauge: no event to wait on
+            await asyncio.sleep(0.005)
+
+
+async def subscribed(gateway: Gateway, count: int) -> None:
+    """Until ``count`` subscriptions are open in the gateway's registry."""
+    await until(lambda: gateway.state.registry.statistics().subscribers == count)

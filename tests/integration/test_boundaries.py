@@ -14,7 +14,7 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from gateway.sim.content import answer_tokens
-from tests.integration.conftest import FAST_SIM
+from tests.integration.conftest import FAST_SIM, HELD_SIM, subscribed, upstream_held
 from tests.integration.sse_frames import FrameReader, native_text, openai_text
 from tests.integration.test_gateway_errors import assert_still_serving
 
@@ -122,7 +122,8 @@ async def test_a_body_that_is_not_utf8_is_400(gateway_factory):
 
 
 async def _burst(gateway, prompt: str, headers: list[dict[str, str]]) -> list[str]:
-    """One request per header set, all at once; returns each one's text."""
+    """One request per header set, all in before the upstream answers any
+    (the gateway runs on HELD_SIM); returns each one's text."""
     async with aiohttp.ClientSession() as http:
 
         async def one(extra: dict[str, str]) -> str:
@@ -131,12 +132,18 @@ async def _burst(gateway, prompt: str, headers: list[dict[str, str]]) -> list[st
                 assert resp.status == 200
                 return openai_text(await FrameReader(resp).rest())
 
-        return await asyncio.gather(*(one(h) for h in headers))
+        async with asyncio.TaskGroup() as clients:
+            async with upstream_held(gateway):
+                tasks = [clients.create_task(one(h)) for h in headers]
+                await subscribed(gateway, len(headers))
+        return [task.result() for task in tasks]
 
 
 async def test_coalesce_scope_global_shares_across_tenants(gateway_factory):
-    gateway = await gateway_factory(gateway_api_keys=("sk-one", "sk-two"), coalesce_scope="global")
-    prompt = "shared by all [sim ttft_ms=200]"
+    gateway = await gateway_factory(
+        sim_profile=HELD_SIM, gateway_api_keys=("sk-one", "sk-two"), coalesce_scope="global"
+    )
+    prompt = "shared by all"
     texts = await _burst(gateway, prompt, [
         {"Authorization": "Bearer sk-one"}, {"Authorization": "Bearer sk-two"}, {"x-api-key": "sk-two"},
     ])
@@ -150,8 +157,8 @@ async def test_without_configured_keys_a_sent_key_still_scopes_the_answer(gatewa
     """No GATEWAY_API_KEYS: every request is let in, and whatever key a
     client sends is its tenant: the same key shares, another key or none
     does not (COALESCE_SCOPE=key, the default)."""
-    gateway = await gateway_factory()
-    prompt = "whose answer [sim ttft_ms=200]"
+    gateway = await gateway_factory(sim_profile=HELD_SIM)
+    prompt = "whose answer"
     texts = await _burst(gateway, prompt, [
         {"Authorization": "Bearer alpha"}, {"Authorization": "Bearer alpha"},
         {"Authorization": "Bearer beta"}, {},

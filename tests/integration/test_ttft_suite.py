@@ -34,7 +34,7 @@ from gateway.suite.report import FAIL, PASS, SKIP, SuiteReport, Verdict, passed,
 from gateway.suite.run import publish
 from gateway.suite.stats import Summary, histogram_quantile, percentile
 from tests.conftest import SimFactory
-from tests.integration.conftest import GatewayFactory, both_protocols
+from tests.integration.conftest import GatewayFactory, both_protocols, subscribed, upstream_held
 from tests.integration.stubborn_proxy import StubbornProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,10 +94,16 @@ async def test_burst_without_coalescing_reports_an_upstream_call_per_client(
 
 @both_protocols
 async def test_burst_with_coalescing_reports_one_upstream_call(gateway_factory: GatewayFactory) -> None:
-    gateway = await gateway_factory(sim_profile=BURST_SIM)
+    gateway = await gateway_factory(sim_profile=dataclasses.replace(BURST_SIM, max_concurrency=1))
     endpoints = Endpoints(gateway.v1, sim_url=gateway.sim.url, sim_tokens=BURST_SIM.tokens)
 
-    report = await run_suite(small(phases=frozenset({"burst"})), endpoints)
+    # The upstream holds its answer until all 50 clients are in, however
+    # slowly a loaded machine lets them arrive.
+    async with asyncio.TaskGroup() as group:
+        async with upstream_held(gateway):
+            run = group.create_task(run_suite(small(phases=frozenset({"burst"})), endpoints))
+            await subscribed(gateway, 50)
+    report = run.result()
 
     assert report.burst is not None
     assert (report.burst.upstream_calls, report.burst.successes) == (1, 50)
@@ -322,7 +328,10 @@ def test_make_ttft_passes_and_ends_with_the_three_lines(tmp_path: Path) -> None:
         assert pattern.match(text), text
     report = json.loads(report_path.read_text())
     assert (report["completed"], report["failed"]) == (40, 0)
-    assert report["burst_upstream_calls"] == 1 and report["burst_exact_content"] is True
+    # Separate processes: nothing can hold the upstream until all 50 are
+    # in, so the count is the gate's (at least 10 followers per call), not 1.
+    assert report["burst_upstream_calls"] <= 4 and report["burst_exact_content"] is True
+    assert report["verdicts"]["burst"] == "PASS"
     assert report["cancel_outcomes"] == {"reset": 8}
     assert report["passed"] is True
     for key in ("p95_ttft_ms", "p95_queue_wait_ms", "p95_cancel_ms", "median_overhead_ms"):
@@ -347,7 +356,7 @@ def test_make_ttft_exits_1_on_a_fail_over_an_http1_upstream(tmp_path: Path) -> N
     )
     assert completed.returncode == 1, completed.stdout + completed.stderr
     lines = completed.stdout.rstrip("\n").split("\n")
-    assert lines[-4] == "Burst: 50 identical requests, 1 upstream call, 50 answered PASS"
+    assert re.fullmatch(r"Burst: 50 identical requests, [1-4] upstream calls?, 50 answered PASS", lines[-4])
     assert re.fullmatch(r"TTFT \(streaming\) p95: \d+ ms \(<= 0.001\) FAIL", lines[-3]), lines[-3]
     assert VERDICT_LINES[1].match(lines[-2]), lines[-2]
     assert VERDICT_LINES[2].match(lines[-1]), lines[-1]
