@@ -227,10 +227,13 @@ async def test_an_upstream_failure_after_the_200_is_an_in_stream_error(gateway):
         ) as resp:
             assert resp.status == 200
             frames = await FrameReader(resp).rest()
-        # The three tokens before the break reach the client, then the error.
-        assert openai_text(frames) == expected("breaks [sim reset_after=3]")[: len(openai_text(frames))]
+        # What came before the break reaches the client (up to the three
+        # tokens sent: over HTTP/2 a reset arriving in the same read as the
+        # last DATA may end the stream first), then the error.
+        text = openai_text(frames)
+        assert text == expected("breaks [sim reset_after=3]")[: len(text)]
         assert len([f for f in frames if f.data and f.data != "[DONE]"
-                    and f.json().get("choices") and f.json()["choices"][0]["delta"].get("content")]) == 3
+                    and f.json().get("choices") and f.json()["choices"][0]["delta"].get("content")]) <= 3
         assert frames[-1].json()["error"]["code"] == code
         assert all(f.data != "[DONE]" for f in frames)
         async with http.post(gateway.v1 + "/stream", json=chat("breaks too [sim reset_after=3]")) as r:

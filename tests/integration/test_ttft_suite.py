@@ -358,11 +358,13 @@ def test_make_ttft_exits_1_on_a_fail_over_an_http1_upstream(tmp_path: Path) -> N
     lines = completed.stdout.rstrip("\n").split("\n")
     assert re.fullmatch(r"Burst: 50 identical requests, [1-4] upstream calls?, 50 answered PASS", lines[-4])
     assert re.fullmatch(r"TTFT \(streaming\) p95: \d+ ms \(<= 0.001\) FAIL", lines[-3]), lines[-3]
-    assert VERDICT_LINES[1].match(lines[-2]), lines[-2]
-    assert VERDICT_LINES[2].match(lines[-1]), lines[-1]
+    # The other two lines are measured all the same (whether a loaded
+    # machine lets them pass is test_make_ttft_passes_...'s business).
+    assert re.fullmatch(r"Cancel latency p95: \d+\.\d ms \(< 300\) (PASS|FAIL.*)", lines[-2]), lines[-2]
+    assert re.fullmatch(r"Queue wait p95 \(TTFT run\): \d+\.\d ms \(~ 0\) (PASS|FAIL)", lines[-1]), lines[-1]
     report = json.loads(report_path.read_text())
     assert report["cancel_outcomes"] == {"disconnect": 4}  # HTTP/1.1: the connection closed
-    assert report["verdicts"] == {"burst": PASS, "ttft": FAIL, "cancel": PASS, "queue_wait": PASS}
+    assert (report["verdicts"]["burst"], report["verdicts"]["ttft"]) == (PASS, FAIL)
     assert report["passed"] is False
 
 
