@@ -42,7 +42,7 @@ async def test_every_coalesced_subscriber_gets_the_in_stream_error(gateway_facto
         # connection broke (the last token may be lost with the connection:
         # a TCP reset discards what the gateway had not read yet).
         answer = openai_text(results[0])
-        assert answer == "".join(answer_tokens(chat["messages"], 3))[: len(answer)] and answer
+        assert answer == "".join(answer_tokens(chat["messages"], 3))[: len(answer)]
         for path, frames in zip(paths, results, strict=True):
             if path == "/stream":
                 assert native_text(frames) == answer
