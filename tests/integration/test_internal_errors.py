@@ -31,6 +31,9 @@ from tests.integration.test_gateway_errors import assert_still_serving
 
 INTERNAL = {"message": "internal error", "type": "server_error", "code": "internal_error"}
 BUG = "a bug in the gateway (secret detail)"
+#: Answers far longer than any test: the upstream is still sending when the
+#: bug strikes, so giving it up is seen as a reset or disconnect.
+LONG = "[sim itl_ms=50 tokens=200]"
 
 
 @dataclasses.dataclass
@@ -87,14 +90,15 @@ def log_lines(logs: list[dict], event: str) -> list[dict]:
 async def test_a_bug_mid_stream_is_an_in_stream_internal_error(gateway):
     state = gateway.state
     state.transport = BreakingTransport(state.transport)
-    chat = {"model": "sim", "messages": [{"role": "user", "content": "breaks inside"}], "stream": True}
+    chat = {"model": "sim", "stream": True,
+            "messages": [{"role": "user", "content": f"breaks inside {LONG}"}]}
     async with aiohttp.ClientSession() as http:
         with capture_logs(processors=[merge_contextvars]) as logs:
             async with http.post(gateway.v1 + "/chat/completions", json=chat) as resp:
                 assert resp.status == 200
                 frames = await FrameReader(resp).rest()
             async with http.post(gateway.v1 + "/stream", json={**chat, "messages": [
-                {"role": "user", "content": "breaks inside too"}]}) as resp:
+                {"role": "user", "content": f"breaks inside too {LONG}"}]}) as resp:
                 assert resp.status == 200
                 native = await FrameReader(resp).rest()
         assert frames[0].raw == b": ping\n\n"
@@ -124,7 +128,8 @@ async def test_a_bug_before_the_answer_is_a_500_from_the_envelope(gateway):
     the same bug reaches the envelope middleware, which answers 500."""
     state = gateway.state
     state.transport = BreakingTransport(state.transport)
-    chat = {"model": "sim", "messages": [{"role": "user", "content": "breaks whole"}], "stream": False}
+    chat = {"model": "sim", "stream": False,
+            "messages": [{"role": "user", "content": f"breaks whole {LONG}"}]}
     async with aiohttp.ClientSession() as http:
         with capture_logs(processors=[merge_contextvars]) as logs:
             async with http.post(gateway.v1 + "/chat/completions", json=chat) as resp:
