@@ -26,10 +26,21 @@ $(STAMP): $(RUNTIME_STAMP)
 run: $(RUNTIME_STAMP)
 	$(BIN)/python -m gateway
 
+# The browser client's unit tests run on node; without node `make test` fails
+# rather than pass with a part untested. Under CI=true a skipped or todo
+# node test fails the run too, as a skipped pytest test does (tests/ci_skips.py).
+JS_TAP := $(VENV)/js-tests.tap
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-	@if command -v node >/dev/null 2>&1; then node --test tests/js/; \
-	else echo "node not found: the browser client's unit tests (tests/js) did not run"; fi
+	@command -v node >/dev/null 2>&1 || { echo "make test: node not found;" \
+	    "install Node.js >= 18 (Debian: nodejs) to run tests/js" >&2; exit 1; }
+	@node --test --test-reporter=tap tests/js/ > $(JS_TAP); status=$$?; cat $(JS_TAP); \
+	    test $$status -eq 0 || exit $$status; \
+	    case "$$CI" in true|TRUE|True|1|yes) \
+	        if grep -Eq '^# (skipped|todo) [1-9]' $(JS_TAP); then \
+	            echo "make test: node tests skipped under CI=true" >&2; exit 1; fi;; \
+	    esac
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

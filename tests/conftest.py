@@ -9,6 +9,9 @@ import pytest
 
 from gateway.sim import SimProfile, SimServer
 
+#: Under CI=true a skipped test fails the run (tests/ci_skips.py).
+pytest_plugins = ["tests.ci_skips"]
+
 #: The simulator for tests: fast and jitter-free (exact bytes matter, exact timings do not).
 FAST_SIM_PROFILE = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=1, itl_jitter_ms=0)
 

@@ -1,7 +1,7 @@
 """``python -m gateway.suite`` (``make ttft``, ``bin/ttft``): the release sign-off.
 
-Exit status: 0 when every go/no-go line passes, 1 when one fails, 2 for a
-usage error, 3 when the system under test could not be started or reached.
+Exit status: 0 when every gate passes, 1 when one fails or was skipped
+(``--phases``), 2 for a usage error, 3 when the system under test could not be started or reached.
 SIGTERM is handled like Ctrl-C: the run is cancelled and every process it
 started is stopped before exiting.
 """

@@ -163,6 +163,8 @@ async def local_system(config: SuiteConfig) -> AsyncIterator[Endpoints]:
             "GATEWAY_PORT": "0",
             "UPSTREAM_URL": sim_origin + "/v1",
             # The production path: multiplexed streams, a reset is RST_STREAM.
+            # `--gateway-env UPSTREAM_PROTOCOL=http1` measures the HTTP/1.1
+            # path instead (what vLLM and Ollama speak); the tests run both.
             "UPSTREAM_PROTOCOL": "h2c",
             "LOG_LEVEL": "warning",
             # Nothing is in flight when the suite stops the gateway.

@@ -4,18 +4,23 @@ The JSON uses vLLM ``bench serve``'s key style (``p95_ttft_ms``,
 ``median_itl_ms``, ``completed``, ``failed``, ``request_throughput`` ...), so
 the tooling that reads those reads this. The go/no-go lines are the last three
 lines of the output, always in this order and always all three, each ending in
-PASS, FAIL or SKIP (a phase left out with ``--phases``):
+PASS, FAIL or SKIP (a phase left out with ``--phases``), just after the burst
+line, a gate as well:
 
+    Burst: 50 identical requests, 1 upstream call, 50 answered PASS
     TTFT (streaming) p95: 412 ms (<= 1500) PASS
     Cancel latency p95: 2.1 ms (< 300) PASS
     Queue wait p95 (TTFT run): 0.0 ms (~ 0) PASS
 
 A FAIL whose figure alone would not explain it says why after the verdict.
+The run passes only when every line says PASS: a SKIP is a gate that was not
+measured, so a run with a phase left out is no sign-off (exit status 1).
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +31,10 @@ from gateway.suite.phases import BurstResult, TtftRun
 from gateway.suite.stats import Summary, difference
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+
+#: The burst gate: followers per leader at least this, the shipped alert
+#: rule's "under burst, followers/leaders < 10".
+MIN_FOLLOWERS_PER_LEADER = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +55,42 @@ class Verdict:
 
 
 def _ms(value: float | None, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f} ms"
+    if value is None:
+        return "n/a"
+    return "∞ ms" if math.isinf(value) else f"{value:.{digits}f} ms"
+
+
+def _burst_verdict(burst: BurstResult | None) -> Verdict:
+    """PASS when every client got the same answer (the simulator's exact
+    one, when it can be checked) and coalescing held: one upstream call, or
+    at least ``MIN_FOLLOWERS_PER_LEADER`` followers per upstream call."""
+    if burst is None:
+        return Verdict("burst", f"Burst: skipped {SKIP}", SKIP)
+    calls = burst.upstream_calls
+    calls_text = "upstream calls unknown" if calls is None else (
+        f"{calls} upstream call{'' if calls == 1 else 's'}"
+    )
+    line = f"Burst: {burst.size} identical requests, {calls_text}, {burst.successes} answered"
+    why = []
+    if burst.successes < burst.size:
+        why.append(f"{burst.size - burst.successes} failed")
+    elif not burst.identical:
+        why.append("the answers differ")
+    elif burst.exact is False:
+        why.append("not the upstream's answer")
+    if calls is None:
+        why.append(burst.source)
+    elif calls != 1 and (calls == 0 or (burst.size - calls) / calls < MIN_FOLLOWERS_PER_LEADER):
+        why.append(f"fewer than {MIN_FOLLOWERS_PER_LEADER} followers per upstream call")
+    if why:
+        return Verdict("burst", f"{line} {FAIL} ({'; '.join(why)})", FAIL)
+    return Verdict("burst", f"{line} {PASS}", PASS)
 
 
 def verdicts(report: SuiteReport) -> list[Verdict]:
-    """The three go/no-go verdicts, in their fixed order."""
+    """The burst gate, then the three go/no-go verdicts, in their fixed order."""
     gates = report.config.thresholds
-    out: list[Verdict] = []
+    out: list[Verdict] = [_burst_verdict(report.burst)]
 
     ttft = report.ttft
     bound = f"(<= {gates.ttft_p95_ms:g})"
@@ -72,14 +110,21 @@ def verdicts(report: SuiteReport) -> list[Verdict]:
         out.append(Verdict("cancel", f"Cancel latency p95: skipped {bound} {SKIP}", SKIP))
     else:
         p95 = cancel.p95_ms
-        unseen = cancel.unresolved > 0 and cancel.by_kind is None  # a histogram cannot hold them
-        ok = p95 is not None and p95 < gates.cancel_p95_ms and not unseen
-        if unseen:
-            why = f" ({cancel.unresolved} of {cancel.aborted} cancels never reset upstream)"
-        elif cancel.aborted == 0:
-            why = " (no client abort took place)"
-        else:
-            why = ""
+        # A cancel that never reached the upstream is a failed cancel, even
+        # when the others' p95 hides it; an abort with no upstream request
+        # to time is not a pass either.
+        ok = (
+            p95 is not None and p95 < gates.cancel_p95_ms
+            and cancel.unresolved == 0 and cancel.unmatched == 0
+        )
+        reasons = []
+        if cancel.unresolved:
+            reasons.append(f"{cancel.unresolved} of {cancel.aborted} cancels never reached the upstream")
+        if cancel.unmatched:
+            reasons.append(f"{cancel.unmatched} of {cancel.aborted} aborts had no upstream request")
+        if cancel.aborted == 0:
+            reasons.append("no client abort took place")
+        why = f" ({'; '.join(reasons)})" if reasons else ""
         status = PASS if ok else FAIL
         out.append(Verdict("cancel", f"Cancel latency p95: {_ms(p95, 1)} {bound} {status}{why}", status))
 
@@ -98,14 +143,17 @@ def verdicts(report: SuiteReport) -> list[Verdict]:
 
 
 def passed(report: SuiteReport) -> bool:
-    return all(verdict.status != FAIL for verdict in verdicts(report))
+    """Every gate measured and passed: a SKIP is no pass."""
+    return all(verdict.status == PASS for verdict in verdicts(report))
 
 
 # -- JSON ---------------------------------------------------------------------------
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)
+    """JSON has no infinity: an infinite figure (a cancel that never arrived)
+    is null, and ``cancel_unresolved`` says why."""
+    return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
 def _summary_keys(metric: str, summary: Summary) -> dict[str, float | None]:
@@ -172,6 +220,7 @@ def to_json(report: SuiteReport) -> dict[str, Any]:
             "cancel_aborted": cancel.aborted,
             "cancel_observed": cancel.observed,
             "cancel_unresolved": cancel.unresolved,
+            "cancel_unmatched": cancel.unmatched,
             "p50_cancel_ms": _round(cancel.p50_ms, 3),
             "p95_cancel_ms": _round(cancel.p95_ms, 3),
             "max_cancel_ms": _round(cancel.max_ms, 3),
@@ -244,9 +293,10 @@ def table(report: SuiteReport) -> str:
     if (cancel := report.cancel) is not None:
         rows += [
             ("3. cancel", "aborts", f"{cancel.aborted} of {cancel.attempted} "
-             f"(mid-stream and before the first token), {cancel.unresolved} not ended upstream"),
+             f"(mid-stream and before the first token), {cancel.unresolved} not ended upstream, "
+             f"{cancel.unmatched} with no upstream request"),
             ("", "latency ms", "  ".join(
-                f"{name} {'n/a' if value is None else f'{value:.2f}'}"
+                f"{name} {_ms(value, 2).removesuffix(' ms')}"
                 for name, value in (("p50", cancel.p50_ms), ("p95", cancel.p95_ms), ("max", cancel.max_ms))
             )),
         ]

@@ -66,8 +66,9 @@ async def run(config: SuiteConfig, progress: Progress) -> SuiteReport:
 
 
 def publish(report: SuiteReport, out: TextIO) -> int:
-    """Write the JSON, print the table and the verdicts (the last three
-    lines); return the exit status: 0 only if no go/no-go line fails."""
+    """Write the JSON, print the table, the burst gate and the three go/no-go
+    lines (the last three); return the exit status: 0 only if every one of
+    them says PASS (a FAIL or a SKIP: 1)."""
     path = report.config.report_path
     Path(path).write_text(json.dumps(to_json(report), indent=2) + "\n")
     print(table(report), file=out)

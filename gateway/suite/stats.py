@@ -17,14 +17,19 @@ from dataclasses import dataclass
 
 
 def percentile(samples: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100) of ``samples``; None when empty."""
+    """The ``q``-th percentile (0..100) of ``samples``; None when empty.
+    A sample may be ``inf`` (a cancel that never arrived): a rank that
+    touches it is ``inf``, never NaN."""
     if not samples:
         return None
     ordered = sorted(samples)
     position = (len(ordered) - 1) * q / 100
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    below, above = ordered[low], ordered[high]
+    if position == low or below == above:
+        return below
+    return below + (above - below) * (position - low)
 
 
 def mean(samples: Sequence[float]) -> float | None:

@@ -127,14 +127,18 @@ class Http1Transport:
                     headers=dict(request.headers),
                     data=request.body or None,
                 )
-        except aiohttp.ClientConnectorError as exc:
-            raise ConnectFailed(f"cannot connect to {self._origin.authority}: {exc.os_error}") from exc
         except aiohttp.ConnectionTimeoutError as exc:
+            # aiohttp's own connect timeout. It is a TimeoutError as well, so
+            # it comes before the branch for our deadline.
             raise TransportTimeout(f"connecting to {self._origin.authority} timed out") from exc
         except TimeoutError as exc:
-            # Ours (asyncio.timeout), or aiohttp's socket read timeout: its
-            # ServerTimeoutError is a TimeoutError too.
             raise TransportTimeout("upstream sent no response headers in time") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ConnectFailed(
+                f"cannot connect to {self._origin.authority}: {exc.certificate_error}"
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectFailed(f"cannot connect to {self._origin.authority}: {exc.os_error}") from exc
         except aiohttp.ClientError as exc:
             raise ConnectionLost("upstream closed the connection before its response head") from exc
         self._in_flight += 1

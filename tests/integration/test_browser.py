@@ -8,6 +8,7 @@ call for a burst, a reset when Stop is pressed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
+from tests.integration.conftest import subscribed, upstream_held
 
 async_api = pytest.importorskip("playwright.async_api")
 
@@ -147,11 +149,14 @@ async def test_stop_cancels_and_the_upstream_is_reset(gateway_factory, page):
 
 
 async def test_a_burst_is_one_upstream_call_with_a_leader_and_followers(gateway_factory, page):
-    gateway = await gateway_factory(sim_profile=PROFILE)
+    gateway = await gateway_factory(sim_profile=dataclasses.replace(PROFILE, max_concurrency=1))
     prompt = "Explain coalescing to me"
     await open_page(page, gateway.url, prompt)
     assert await page.input_value("#burst-count") == "5"
-    await page.click("#burst")
+    # The upstream answers once the page's five requests are all in.
+    async with upstream_held(gateway):
+        await page.click("#burst")
+        await subscribed(gateway, 5)
 
     await page.wait_for_selector("#status[data-state='done']")
     panes = page.locator("[data-testid='answer-pane']")

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from gateway.check_alerts import evaluate, main
+from tests.integration.conftest import HELD_SIM, subscribed, upstream_held
 from tests.integration.sse_frames import FrameReader
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "check-alerts"
@@ -91,16 +92,18 @@ async def stream(http: aiohttp.ClientSession, url: str, prompt: str) -> None:
         await FrameReader(resp).rest()
 
 
-async def test_live_gateway_ok_then_alert(gateway):
+async def test_live_gateway_ok_then_alert(gateway_factory):
+    gateway = await gateway_factory(sim_profile=HELD_SIM)
     prompt = "check alerts burst [sim ttft_ms=300 tokens=40 itl_ms=5]"
     async with aiohttp.ClientSession() as http:
-        leader = asyncio.ensure_future(stream(http, gateway.v1, prompt))
-        try:
-            await gateway.sim.log.wait_for_arrivals(1)
-            async with asyncio.timeout(10):
-                await asyncio.gather(*(stream(http, gateway.v1, prompt) for _ in range(11)))
-        finally:
-            await leader
+        # Held upstream: the 11 followers are in before the leader's answer.
+        async with asyncio.timeout(10), asyncio.TaskGroup() as clients:
+            async with upstream_held(gateway):
+                clients.create_task(stream(http, gateway.v1, prompt))
+                await gateway.sim.log.wait_for_arrivals(1)
+                for _ in range(11):
+                    clients.create_task(stream(http, gateway.v1, prompt))
+                await subscribed(gateway, 12)
 
         status, out, err = await check_alerts(gateway.url)
         assert (status, err) == (0, ""), out + err

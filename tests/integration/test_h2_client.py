@@ -124,7 +124,9 @@ async def test_reset_reaches_the_simulator_within_a_few_ms(fast_sim, pools):
     (record,) = await fast_sim.log.wait_for(1, outcome="reset")
     latency_ms = (record.end - aborted_at) * 1000
     print(f"reset -> simulator saw it: {latency_ms:.2f} ms")
-    assert 0 <= latency_ms < 100  # generous: typically well under 5 ms
+    # Typically well under 5 ms; the ceiling is for a loaded machine, and
+    # still far below the ~10 s the 500 tokens would take on their own.
+    assert 0 <= latency_ms < 2000
     assert record.tokens_sent < 500
     assert await stream.read() == b""  # a reset stream reads as ended
 
@@ -137,7 +139,7 @@ async def test_reset_before_the_first_byte_reaches_the_simulator(fast_sim, pools
     stream.reset()
     (record,) = await fast_sim.log.wait_for(1, outcome="reset")
     assert record.first_token is None and record.tokens_sent == 0
-    assert (record.end - aborted_at) < 0.1
+    assert 0 <= record.end - aborted_at < 2.0  # generous; the answer was 60 s away
     with pytest.raises(StreamReset):
         await stream.head()
 

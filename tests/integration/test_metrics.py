@@ -17,6 +17,7 @@ import aiohttp
 
 from gateway.app import running_gateway
 from gateway.config import Settings
+from tests.integration.conftest import HELD_SIM, subscribed, upstream_held
 from tests.integration.metrics_scrape import CONTRACT_METRICS, Scrape, missing, scrape
 from tests.integration.sse_frames import FrameReader
 
@@ -58,19 +59,20 @@ async def test_every_metric_of_the_architecture_table_is_exposed(gateway):
     assert_idle_gauges(metrics)
 
 
-async def test_a_burst_counts_per_outcome_role_and_api(gateway):
+async def test_a_burst_counts_per_outcome_role_and_api(gateway_factory):
+    gateway = await gateway_factory(sim_profile=HELD_SIM)
     prompt = "metrics burst [sim ttft_ms=300 tokens=40 itl_ms=5]"
     openai_url, native_url = gateway.v1 + "/chat/completions", gateway.v1 + "/stream"
     async with aiohttp.ClientSession() as http:
-        leader = asyncio.ensure_future(read_stream(http, openai_url, prompt))
-        try:
-            await gateway.sim.log.wait_for_arrivals(1)
-            followers = [read_stream(http, openai_url, prompt) for _ in range(6)]
-            followers += [read_stream(http, native_url, prompt) for _ in range(4)]
-            async with asyncio.timeout(GUARD_S):
-                await asyncio.gather(*followers)
-        finally:
-            await leader
+        # The upstream holds the leader's request until every follower is
+        # in: the counts below do not depend on how fast they arrive.
+        async with asyncio.timeout(GUARD_S), asyncio.TaskGroup() as clients:
+            async with upstream_held(gateway):
+                clients.create_task(read_stream(http, openai_url, prompt))
+                await gateway.sim.log.wait_for_arrivals(1)
+                for url in [openai_url] * 6 + [native_url] * 4:
+                    clients.create_task(read_stream(http, url, prompt))
+                await subscribed(gateway, 11)
         await wait_idle(gateway)
         metrics = await scrape(http, gateway.url)
         async with http.get(gateway.url + "/stats") as resp:

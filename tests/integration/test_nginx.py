@@ -27,7 +27,7 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from gateway.sim.content import answer_tokens
-from tests.integration.conftest import FAST_SIM, Gateway
+from tests.integration.conftest import FAST_SIM, HELD_SIM, Gateway, subscribed, upstream_held
 from tests.integration.h2_test_client import H2TestClient
 from tests.integration.nginx_fixture import NGINX, NginxSite, free_port, running_nginx
 from tests.integration.sse_frames import FrameReader, native_text, openai_text, parse_frame
@@ -112,7 +112,9 @@ async def test_first_byte_through_nginx_long_before_a_slow_first_token(proxied):
         assert "Content-Encoding" not in resp.headers
     print(f"first byte through nginx after {first_byte_ms:.1f} ms (first token at 1500 ms)")
     assert first.startswith(b": ping\n\n")
-    assert first_byte_ms < 100
+    # The property is "before the first token": the ping carried no token
+    # (asserted above); the clock only gets a generous ceiling.
+    assert first_byte_ms < 1000
     # Silence of 1.5 s between ping and first token survived the http-level
     # proxy_read_timeout of 1 s: the site's own timeout applies.
     assert total_s >= 1.5
@@ -169,8 +171,10 @@ async def test_client_abort_through_nginx_resets_the_upstream_stream(proxied, wh
     assert state.registry.statistics().subscribers == 0 and state.active_streams == 0
 
 
-async def test_fifty_identical_streams_through_nginx_make_one_upstream_call(proxied):
-    prompt = "the burst through nginx [sim ttft_ms=800]"
+async def test_fifty_identical_streams_through_nginx_make_one_upstream_call(gateway_factory, nginx_factory):
+    gateway = await gateway_factory(sim_profile=HELD_SIM)
+    proxied = Proxied(gateway, await nginx_factory(port_of(gateway.url)))
+    prompt = "the burst through nginx"
     async with proxied.session() as http:
 
         async def one() -> tuple[str, str]:
@@ -180,7 +184,12 @@ async def test_fifty_identical_streams_through_nginx_make_one_upstream_call(prox
                         if f.comment and f.comment.startswith("meta "))
             return openai_text(frames), meta["role"]
 
-        results = await asyncio.gather(*(one() for _ in range(50)))
+        # The upstream answers once all 50 are in, however slowly they came.
+        async with asyncio.TaskGroup() as clients:
+            async with upstream_held(gateway):
+                tasks = [clients.create_task(one()) for _ in range(50)]
+                await subscribed(gateway, 50)
+        results = [task.result() for task in tasks]
     assert [text for text, _ in results] == [expected(prompt)] * 50
     roles = [role for _, role in results]
     assert roles.count("leader") == 1 and roles.count("follower") == 49

@@ -3,7 +3,7 @@
 SIGTERM (or SIGINT): the listener closes and idle keep-alive connections are
 closed at once, streams in flight finish for up to DRAIN_TIMEOUT_S, the rest
 then end with an in-stream ``shutting_down`` error and their upstream streams
-are reset; exit status 0.
+are reset; exit status 0. The drain runs over both upstream protocols.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 
 from gateway.sim.content import answer_tokens
+from tests.integration.conftest import both_protocols
 from tests.integration.sse_frames import Frame, FrameReader, native_text, openai_text
 
 LISTENING = re.compile(
@@ -80,7 +81,9 @@ class GatewayProcess:
 
 
 @asynccontextmanager
-async def gateway_process(upstream_url: str, **env: str) -> AsyncIterator[GatewayProcess]:
+async def gateway_process(
+    upstream_url: str, protocol: str = "h2c", **env: str
+) -> AsyncIterator[GatewayProcess]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway",
         stdin=asyncio.subprocess.DEVNULL,
@@ -89,7 +92,7 @@ async def gateway_process(upstream_url: str, **env: str) -> AsyncIterator[Gatewa
         env={
             **os.environ,
             "UPSTREAM_URL": upstream_url,
-            "UPSTREAM_PROTOCOL": "h2c",
+            "UPSTREAM_PROTOCOL": protocol,
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": "0",
             "LOG_FORMAT": "json",
@@ -142,11 +145,12 @@ async def idle_keepalive_connection(
     return reader, writer
 
 
+@both_protocols
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_streams_in_flight_finish_and_nothing_new_gets_in(sim_factory, signum):
+async def test_streams_in_flight_finish_and_nothing_new_gets_in(sim_factory, signum, upstream_protocol):
     sim = await sim_factory()
     prompts = [f"drain me {n} {SLOW}" for n in range(3)]
-    async with gateway_process(sim.url, DRAIN_TIMEOUT_S="20") as gateway, \
+    async with gateway_process(sim.url, upstream_protocol, DRAIN_TIMEOUT_S="20") as gateway, \
             aiohttp.ClientSession() as http:
         idle_reader, idle_writer = await idle_keepalive_connection(gateway.port)
         streams = [
@@ -187,12 +191,19 @@ async def test_streams_in_flight_finish_and_nothing_new_gets_in(sim_factory, sig
     assert events[-1] == "stopped"
 
 
+@both_protocols
 @pytest.mark.parametrize("cut_by", ["drain timeout", "second signal"])
-async def test_streams_still_running_at_the_end_get_an_in_stream_error(sim_factory, cut_by):
+async def test_streams_still_running_at_the_end_get_an_in_stream_error(
+    sim_factory, cut_by, upstream_protocol
+):
     sim = await sim_factory()
     drain_timeout_s = 0.3 if cut_by == "drain timeout" else 30.0
     native_prompt, openai_prompt = f"cut native {VERY_SLOW}", f"cut openai {VERY_SLOW}"
-    async with gateway_process(sim.url, DRAIN_TIMEOUT_S=str(drain_timeout_s)) as gateway, \
+    # How the simulator logs a stream the gateway gave up on.
+    cancelled = "disconnect" if upstream_protocol == "http1" else "reset"
+    async with gateway_process(
+        sim.url, upstream_protocol, DRAIN_TIMEOUT_S=str(drain_timeout_s)
+    ) as gateway, \
             aiohttp.ClientSession() as http:
         native = await open_stream(http, gateway.url + "/v1/stream", native_prompt)
         openai = await open_stream(http, gateway.url + "/v1/chat/completions", openai_prompt)
@@ -208,7 +219,7 @@ async def test_streams_still_running_at_the_end_get_an_in_stream_error(sim_facto
         native.response.release()
         openai.response.release()
         # The upstream saw both streams reset: nobody pays for the rest.
-        resets = await sim.log.wait_for(2, outcome="reset")
+        resets = await sim.log.wait_for(2, outcome=cancelled)
         async with asyncio.timeout(10):
             assert await gateway.process.wait() == 0
 
@@ -217,7 +228,7 @@ async def test_streams_still_running_at_the_end_get_an_in_stream_error(sim_facto
         assert drain_timeout_s <= ended_after_s < drain_timeout_s + 3
     else:
         assert ended_after_s < 5  # not the 30 s drain timeout
-    assert [record.outcome for record in sim.log.records] == ["reset", "reset"]
+    assert [record.outcome for record in sim.log.records] == [cancelled, cancelled]
     assert all(0 < record.tokens_sent < 200 for record in resets)
 
     error = native.frames[-1]

@@ -14,6 +14,10 @@ from tests.integration.h2_test_client import PROTOCOLS, H2TestClient, send_over
 
 CHAT = "/v1/chat/completions"
 LONG = {"x-sim-tokens": "100000"}
+#: How soon after the client's reset or close the record must have ended:
+#: milliseconds on an idle machine, a generous ceiling on a loaded one, and
+#: still far below the minutes a LONG answer would run on its own.
+ENDED_WITHIN_S = 2.0
 
 
 def _request(text: str, **extra: object) -> dict[str, object]:
@@ -42,7 +46,7 @@ async def test_h2_reset_is_logged_within_milliseconds(sim: SimServer) -> None:
     [record] = await sim.log.wait_for(1, outcome="reset")
     assert record.end is not None
     # Timed in the server's StreamReset callback: same machine, same clock.
-    assert 0 <= record.end - sent_at < 0.05
+    assert 0 <= record.end - sent_at < ENDED_WITHIN_S
     assert record.tokens_sent >= 0
     await client.close()
 
@@ -55,7 +59,7 @@ async def test_h2_connection_loss_is_a_disconnect_for_every_stream(sim: SimServe
     closed_at = time.monotonic()
     client.transport.abort()
     records = await sim.log.wait_for(3, outcome="disconnect")
-    assert all(r.end is not None and 0 <= r.end - closed_at < 0.05 for r in records)
+    assert all(r.end is not None and 0 <= r.end - closed_at < ENDED_WITHIN_S for r in records)
     assert all(r.http_version == "HTTP/2" for r in records)
 
 
@@ -66,7 +70,7 @@ async def test_http1_client_leaving_is_a_disconnect(sim: SimServer) -> None:
         closed_at = time.monotonic()
         response.close()  # drops the connection mid-stream
     [record] = await sim.log.wait_for(1, outcome="disconnect")
-    assert record.end is not None and 0 <= record.end - closed_at < 0.05
+    assert record.end is not None and 0 <= record.end - closed_at < ENDED_WITHIN_S
     assert record.http_version == "HTTP/1.1"
 
 

@@ -13,6 +13,7 @@ import weakref
 import pytest
 
 from gateway.errors import UpstreamTimeout
+from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.deadlines import Deadlines
@@ -30,6 +31,11 @@ def chat(prompt: str) -> UpstreamRequest:
     return UpstreamRequest(
         "POST", "/v1/chat/completions", (("content-type", "application/json"),), json.dumps(body).encode()
     )
+
+
+def answer(prompt: str, tokens: int) -> list[str]:
+    """The simulator's tokens for ``prompt``."""
+    return answer_tokens([{"role": "user", "content": prompt}], tokens)
 
 
 @pytest.fixture
@@ -58,8 +64,9 @@ async def test_the_idle_deadline_replaces_a_later_first_token_one(pool):
     with pytest.raises(UpstreamTimeout, match="went idle"):
         async for delta in source:
             got.append(delta.text)
-    assert "".join(got)  # the first token came, then the gap
-    assert time.monotonic() - started_at < 10  # generous: the point is "not 30 s"
+    # The first token came, then the gap.
+    assert "".join(got) == answer("stall [sim itl_ms=60000 tokens=3]", 3)[0]
+    assert 0.3 <= time.monotonic() - started_at < 10  # generous: the point is "not 30 s"
 
 
 async def test_reads_that_keep_coming_never_time_out(pool):
@@ -67,7 +74,7 @@ async def test_reads_that_keep_coming_never_time_out(pool):
     # and the stream completes.
     source = await started(pool, "steady [sim itl_ms=50]", SourceTimeouts(5.0, 0.2))
     text = "".join([delta.text async for delta in source])
-    assert text
+    assert text == "".join(answer("steady [sim itl_ms=50]", QUICK.tokens))
 
 
 async def test_no_first_token_in_time(pool):

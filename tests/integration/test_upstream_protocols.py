@@ -117,10 +117,20 @@ async def test_an_untrusted_certificate_is_refused(sim_factory, ca):
     sim = await sim_factory(FAST, ssl=server_context(ca, ["h2"]))
     transport = make_transport(Origin.parse(sim.url), "h2", options())
     try:
-        with pytest.raises(ConnectFailed):
+        with pytest.raises(ConnectFailed) as info:
             await transport.open(request("untrusted"))
+        # The certificate check refused it, not any other connect failure.
+        assert isinstance(_root_cause(info.value), ssl.SSLCertVerificationError)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+        assert sim.log.records == []
     finally:
         await transport.aclose()
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 async def test_http1_streams_exactly_and_reset_closes_the_connection(sim_factory):
@@ -137,7 +147,10 @@ async def test_http1_streams_exactly_and_reset_closes_the_connection(sim_factory
         slow.reset()
         (record,) = await sim.log.wait_for(1, outcome="disconnect")
         print(f"HTTP/1.1 reset -> simulator saw the disconnect: {(record.end - aborted_at) * 1000:.2f} ms")
-        assert record.end - aborted_at < 0.1
+        # Milliseconds when the machine is idle; the bound is generous so a
+        # loaded machine cannot fail it, and still far below the 6 s the
+        # remaining 300 tokens would take.
+        assert 0 <= record.end - aborted_at < 2.0
         assert record.tokens_sent < 300
         assert transport.connection_count() == 0
     finally:
