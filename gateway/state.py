@@ -12,9 +12,7 @@ from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.routing.router import Router
 from gateway.sse import Keepalive
-from gateway.upstream.base import Transport
 from gateway.upstream.deadlines import Deadlines
-from gateway.upstream.providers.base import Provider
 from gateway.upstream.source import SourceTimeouts
 
 
@@ -24,10 +22,6 @@ class GatewayState:
     metrics: GatewayMetrics
     admission: AdmissionQueue
     registry: Registry
-    #: The first upstream's transport, provider and path ("/v1").
-    transport: Transport
-    provider: Provider
-    base_path: str
     #: Where requests go, for the start-up line (no credentials).
     upstream_url: str
     #: No UPSTREAM_URL: requests go to the built-in simulator, whose answers

@@ -4,7 +4,8 @@ after the 200 it ends the stream with the in-stream ``internal_error`` (no
 way: one log line with the traceback, nothing of the bug's text sent to the
 client, every gauge back to zero, and the next request served.
 
-The bug is injected at the transport port (gateway/upstream/base.py): the
+The bug is injected at the transport port (gateway/upstream/base.py) of
+the one upstream: the
 real transport to the real simulator, whose streams raise a RuntimeError at
 their second read, which no upstream failure raises. A real peer reaches
 these paths today only through a decoder bug (see the xfail below).
@@ -89,7 +90,8 @@ def log_lines(logs: list[dict], event: str) -> list[dict]:
 @both_protocols
 async def test_a_bug_mid_stream_is_an_in_stream_internal_error(gateway):
     state = gateway.state
-    state.transport = BreakingTransport(state.transport)
+    upstream = state.router.upstreams[0]
+    upstream.transport = BreakingTransport(upstream.transport)
     chat = {"model": "sim", "stream": True,
             "messages": [{"role": "user", "content": f"breaks inside {LONG}"}]}
     async with aiohttp.ClientSession() as http:
@@ -118,7 +120,7 @@ async def test_a_bug_mid_stream_is_an_in_stream_internal_error(gateway):
         # The upstream stream was given up, not left running.
         records = await gateway.sim.log.wait_for(2)
         assert sorted(r.outcome for r in records) == [gateway.cancel_outcome] * 2
-        state.transport = state.transport.inner
+        upstream.transport = upstream.transport.inner
         await assert_still_serving(http, gateway.v1)
 
 
@@ -127,7 +129,8 @@ async def test_a_bug_before_the_answer_is_a_500_from_the_envelope(gateway):
     """A non-streaming request collects the whole answer before its head:
     the same bug reaches the envelope middleware, which answers 500."""
     state = gateway.state
-    state.transport = BreakingTransport(state.transport)
+    upstream = state.router.upstreams[0]
+    upstream.transport = BreakingTransport(upstream.transport)
     chat = {"model": "sim", "stream": False,
             "messages": [{"role": "user", "content": f"breaks whole {LONG}"}]}
     async with aiohttp.ClientSession() as http:
@@ -143,7 +146,7 @@ async def test_a_bug_before_the_answer_is_a_500_from_the_envelope(gateway):
         assert [(r["status"], r["outcome"], r["error"]) for r in requests] == [
             (500, "error", "internal_error")]
         await wait_idle(state)
-        state.transport = state.transport.inner
+        upstream.transport = upstream.transport.inner
         await assert_still_serving(http, gateway.v1)
 
 

@@ -56,5 +56,5 @@ async def test_every_coalesced_subscriber_gets_the_in_stream_error(gateway_facto
         async with asyncio.timeout(5):
             await gateway.state.registry.wait_idle()
         assert gateway.state.active_streams == 0 and gateway.state.admission.inflight == 0
-        assert gateway.state.transport.connection_count() == 0
+        assert gateway.state.router.upstreams[0].transport.connection_count() == 0
         await assert_still_serving(http, gateway.v1)
