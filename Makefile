@@ -15,8 +15,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,dev,fast]'
 	touch $(STAMP)
 
+# The demo records its exchanges in the working tree (an empty
+# EXCHANGE_LOG_URL turns that off; any other value replaces it).
 run: $(STAMP)
-	$(BIN)/python -m gateway
+	EXCHANGE_LOG_URL="$${EXCHANGE_LOG_URL-sqlite:///.gateway/exchanges.db}" $(BIN)/python -m gateway
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

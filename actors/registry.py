@@ -85,6 +85,7 @@ class Registry:
         fanout_enabled: bool = True,
         remember_failure: Callable[[BaseException], bool] = lambda exc: True,
         on_reset: Callable[[float], None] | None = None,
+        on_stream_end: Callable[[StreamEnded], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._admission = admission
@@ -94,6 +95,9 @@ class Registry:
         self._fanout_enabled = fanout_enabled
         self._remember_failure = remember_failure
         self._on_reset = on_reset
+        #: Told every stream's end, in its tick, after the registry's own
+        #: bookkeeping (the gateway's exchange log listens here).
+        self._on_stream_end = on_stream_end
         self._clock = clock
         self._stream_ids = itertools.count(1)
         #: Actors a new identical request may join (shared, taking joiners).
@@ -273,6 +277,8 @@ class Registry:
                         self._on_reset(reset_s)
                 elif isinstance(end, Failed) and actor is not None and actor.shared:
                     self._remember(key, stream_id, end)
+                if self._on_stream_end is not None:
+                    self._on_stream_end(event)
 
     def _unlist(self, key: str, stream_id: int) -> None:
         actor = self._joinable.get(key)

@@ -1,8 +1,8 @@
 """``make_app(settings)``: the aiohttp application and what it owns.
 
 One ``cleanup_ctx`` owns, in order of creation: the embedded simulator (when
-no UPSTREAM_URL is set), the upstream transport, the admission queue, the
-coalescing registry and the SSE keepalive task. Shutdown runs in reverse:
+no UPSTREAM_URL is set), the upstream transport, the exchange log, the
+admission queue, the coalescing registry and the SSE keepalive task. Shutdown runs in reverse:
 the keepalive stops, the registry ends every actor (resetting upstream
 streams) before the transport closes its connections, and the simulator
 goes last.
@@ -18,9 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
+from gateway.api import exchanges as exchanges_api
 from gateway.api import native, openai, ops
 from gateway.config import Settings
 from gateway.errors import QueueTimeout, ShuttingDown
+from gateway.exchanges.log import exchange_log
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
 from gateway.sse import Keepalive
@@ -46,6 +48,7 @@ def make_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/chat/completions", openai.chat_completions)
     app.router.add_post("/v1/stream", native.stream)
     ops.add_routes(app)
+    app.router.add_get("/v1/exchanges", exchanges_api.list_exchanges)
     return app
 
 
@@ -87,6 +90,18 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         # Closed after the registry, which resets every source still open.
         deadlines = Deadlines()
         stack.callback(deadlines.close)
+        # The exchange log and the token counters. Entered before the
+        # registry, so closed after it: the records of the streams it ends
+        # at shutdown are written too.
+        exchanges = await stack.enter_async_context(
+            exchange_log(
+                url=settings.exchange_log_url,
+                keep_content=settings.exchange_log_content,
+                max_queue=settings.exchange_log_queue,
+                upstream="sim" if settings.upstream_url is None else origin.host,
+                registry=metrics.registry,
+            )
+        )
         admission = AdmissionQueue(
             max_inflight=settings.max_inflight,
             max_queue=settings.max_queue,
@@ -100,6 +115,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             fanout_enabled=settings.stream_fanout_enabled,
             remember_failure=_remember_failure,
             on_reset=metrics.cancel.observe,
+            on_stream_end=exchanges.recorder.stream_ended,
         )
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
@@ -122,6 +138,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
                 idle_s=settings.upstream_idle_timeout_ms / 1000,
             ),
             deadlines=deadlines,
+            exchanges=exchanges,
         )
         app[STATE] = state
         metrics.bind_live_state(

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gateway.exchanges.store import parse_store_url
 from gateway.upstream.origin import Origin
 from gateway.upstream.transport import PROTOCOLS
 
@@ -65,6 +66,16 @@ class Settings:
     #: Chunk JSON with orjson when it is installed; GATEWAY_ORJSON=0 keeps the
     #: standard library (gateway/json_codec.py).
     orjson: bool = True
+    # -- the exchange log ------------------------------------------------------
+    #: ``sqlite:///path.db`` or ``postgresql://user@host:port/db``; None: off.
+    #: Not in repr: a PostgreSQL URL may carry a password.
+    exchange_log_url: str | None = field(default=None, repr=False)
+    #: Store message text (else roles, lengths and SHA-256 only).
+    exchange_log_content: bool = False
+    #: Exchanges that may wait for the database before new ones are dropped.
+    exchange_log_queue: int = 10_000
+    #: Keys that may read /v1/exchanges when auth is on.
+    gateway_admin_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -99,6 +110,10 @@ class Settings:
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),
+            exchange_log_url=read.store_url("EXCHANGE_LOG_URL"),
+            exchange_log_content=read.flag("EXCHANGE_LOG_CONTENT", False),
+            exchange_log_queue=read.integer("EXCHANGE_LOG_QUEUE", 10_000, low=1),
+            gateway_admin_keys=read.keys("GATEWAY_ADMIN_KEYS"),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"
@@ -171,6 +186,15 @@ class _Reader:
             return raw.rstrip("/")
 
         return self._get(name, None, parse, "an http:// or https:// URL including /v1")
+
+    def store_url(self, name: str) -> str | None:
+        def parse(raw: str) -> str:
+            parse_store_url(raw)
+            return raw
+
+        return self._get(
+            name, None, parse, "sqlite:///path/to/file.db or postgresql://user@host:port/db"
+        )
 
     def keys(self, name: str) -> tuple[str, ...]:
         raw = self._env.get(name, "")

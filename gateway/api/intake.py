@@ -57,16 +57,24 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
     upstream_request = state.provider.build_request(
         chat.body, base_path=state.base_path, api_key=state.settings.upstream_api_key or None
     )
+    # The exchange log's view of the upstream call (one record per call,
+    # whoever shares it): the source shows it each read's deltas.
+    recorder = None if state.exchanges is None else state.exchanges.recorder
+    call = None if recorder is None else recorder.call(chat.body, chat.model)
+    open_source = source_opener(
+        state.transport,
+        state.provider,
+        upstream_request,
+        timeouts=state.source_timeouts,
+        deadlines=state.deadlines,
+        on_status=state.metrics.upstream_status,
+        on_deltas=None if call is None else call.observe,
+    )
+    if call is not None:
+        call.bind(open_source)
     subscription = state.registry.subscribe(
         key,
-        source_opener(
-            state.transport,
-            state.provider,
-            upstream_request,
-            timeouts=state.source_timeouts,
-            deadlines=state.deadlines,
-            on_status=state.metrics.upstream_status,
-        ),
+        open_source if call is None else call.open,
         request_id=record.request_id,
         arrived_at=record.arrived_at,
         streaming=streaming,
@@ -74,6 +82,8 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
         resume_after=_last_event_id(request),
     )
     subscription.owner = owner_of(request)
+    if recorder is not None and call is not None:
+        recorder.joined(call, subscription, subscription.owner)
     record.role = subscription.role
     return subscription
 
