@@ -34,9 +34,9 @@ async def exchange_log(
     upstream: str,
     registry: CollectorRegistry,
 ) -> AsyncIterator[ExchangeLog]:
-    """Start the writer (it connects in the background: a database down at
-    start delays the log, never the gateway); on exit, write what is queued
-    and close the store."""
+    """Start the writer (a database down at start delays the log, never the
+    gateway: the writer keeps trying); on exit, write what is queued and
+    close the store."""
     metrics = ExchangeMetrics(registry)
     writer = None
     if url is not None:
@@ -49,7 +49,7 @@ async def exchange_log(
         tokens=metrics.tokens,
     )
     if writer is not None:
-        writer.start()
+        await writer.start()
     try:
         yield ExchangeLog(recorder=recorder, writer=writer, metrics=metrics)
     finally:

@@ -64,8 +64,18 @@ class ExchangeWriter:
     def queued(self) -> int:
         return len(self._queue)
 
-    def start(self) -> None:
+    async def start(self, *, connect_within_s: float = 2.0) -> None:
+        """Connect once (so the log can be read as soon as the gateway
+        serves), then start the task. A database that is down or slow now
+        delays nothing more than ``connect_within_s``: the task keeps trying."""
         assert self._task is None, "start() once"
+        try:
+            async with asyncio.timeout(connect_within_s):
+                await self.store.connect()
+            self.connected = True
+        except (StoreUnavailable, TimeoutError) as exc:
+            await self.store.aclose()
+            self._unavailable(StoreUnavailable(str(exc) or "connect timed out"))
         self._task = asyncio.get_running_loop().create_task(self._run(), name="exchange-writer")
 
     def submit(self, exchange: Exchange) -> None:
