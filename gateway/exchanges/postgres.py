@@ -71,7 +71,9 @@ class PostgresStore:
         async def connect() -> None:
             pool = await asyncpg.create_pool(
                 self._url,
-                min_size=1,
+                # No floor to keep: a lost server is noticed by the next write,
+                # not by a background task logging its own retries.
+                min_size=0,
                 max_size=POOL_MAX_SIZE,
                 command_timeout=COMMAND_TIMEOUT_S,
                 timeout=CONNECT_TIMEOUT_S,
