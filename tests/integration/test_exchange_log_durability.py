@@ -22,6 +22,7 @@ from gateway.exchanges.sqlite import SqliteStore, migrate_sqlite
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.metrics_scrape import scrape
 from tests.integration.postgres_fixture import PostgresServer
+from tests.integration.sse_frames import FrameReader
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(rb"llm-stream-gateway listening on (http://127\.0\.0\.1:\d+) ")
@@ -180,3 +181,34 @@ async def test_postgres_migrates_from_the_first_schema(postgres: PostgresServer)
     finally:
         await check.close()
     assert [row["version"] for row in versions] == [1, 2]
+
+
+async def test_streams_ended_by_a_drain_are_written_before_the_gateway_exits(tmp_path):
+    """SIGTERM with no drain time: the stream in flight ends with an in-stream
+    ``shutting_down`` error, and its exchange is in the file when the
+    process has exited."""
+    path = tmp_path / "exchanges.db"
+    env = {"EXCHANGE_LOG_URL": f"sqlite:///{path}", "DRAIN_TIMEOUT_S": "0"}
+    async with gateway_process(env) as (process, url), aiohttp.ClientSession() as http:
+        async with http.post(
+            url + "/v1/chat/completions", json=chat("cut short [sim ttft_ms=0 itl_ms=50 tokens=1000]")
+        ) as response:
+            reader = FrameReader(response)
+            while (frame := await reader.next()) is not None and not (
+                frame.data and frame.json().get("choices")
+            ):
+                pass
+            request_id = response.headers["X-Request-Id"]
+            process.send_signal(signal.SIGTERM)
+            frames = await reader.rest()
+        assert frames[-1].json()["error"]["code"] == "shutting_down"
+        assert await process.wait() == 0
+    store = SqliteStore(str(path))
+    await store.connect()
+    try:
+        (exchange,) = await store.recent(limit=10)
+    finally:
+        await store.aclose()
+    assert exchange["request_ids"] == [request_id]
+    assert exchange["outcome"] == "failed"
+    assert exchange["error"]["code"] == "shutting_down"
