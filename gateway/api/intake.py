@@ -68,7 +68,7 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
         timeouts=state.source_timeouts,
         deadlines=state.deadlines,
         on_status=state.metrics.upstream_status,
-        on_deltas=None if call is None else call.observe,
+        on_deltas=call,
     )
     if call is not None:
         call.bind(open_source)

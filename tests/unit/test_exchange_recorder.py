@@ -75,7 +75,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
 def _push(harness: Harness, leader: str, deltas: list[Delta]) -> None:
     """What the upstream source does: log the deltas, show them to the call."""
     harness.upstream.latest.push(*deltas)
-    harness.calls[leader].observe(deltas)
+    harness.calls[leader](deltas)
 
 
 @pytest.mark.parametrize("harness", [True], indirect=True)
