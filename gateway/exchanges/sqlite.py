@@ -70,8 +70,9 @@ class SqliteStore:
     async def write(self, batch: Sequence[Exchange]) -> None:
         if self._writer is None:
             raise StoreUnavailable("sqlite: not connected")
+        rows = [to_row(exchange) for exchange in batch]
         try:
-            await self._writer.executemany(_INSERT, [to_row(exchange) for exchange in batch])
+            await self._writer.executemany(_INSERT, rows)
             await self._writer.commit()
         except (sqlite3.Error, OSError, ValueError) as exc:
             try:

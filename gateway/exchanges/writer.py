@@ -47,6 +47,8 @@ class ExchangeWriter:
         self._retry_max_s = retry_max_s
         self._close_timeout_s = close_timeout_s
         self._queue: deque[Exchange] = deque()
+        #: Records taken from the queue and not yet written (the batch).
+        self._in_hand = 0
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -74,7 +76,7 @@ class ExchangeWriter:
                 await self.store.connect()
             self.connected = True
         except (StoreUnavailable, TimeoutError) as exc:
-            await self.store.aclose()
+            await self._close_store()
             self._unavailable(StoreUnavailable(str(exc) or "connect timed out"))
         self._task = asyncio.get_running_loop().create_task(self._run(), name="exchange-writer")
 
@@ -108,9 +110,19 @@ class ExchangeWriter:
         if self._queue:
             self._dropped(len(self._queue), "shutting down")
             self._queue.clear()
+        if self._in_hand:
+            self._dropped(self._in_hand, "shutting down")
+            self._in_hand = 0
         for _, future in self._waiters:
             future.cancel()
-        await self.store.aclose()
+        await self._close_store()
+
+    async def _close_store(self) -> None:
+        try:
+            await self.store.aclose()
+        except Exception:
+            # Closing what already broke may fail too; the next connect starts afresh.
+            log.warning("exchange log store did not close cleanly", exc_info=True)
 
     # -- the task -------------------------------------------------------------------
 
@@ -127,6 +139,7 @@ class ExchangeWriter:
                     continue
                 while self._queue and len(batch) < self._max_batch:
                     batch.append(self._queue.popleft())
+                self._in_hand = len(batch)
             try:
                 if not self.connected:
                     await self.store.connect()
@@ -134,11 +147,10 @@ class ExchangeWriter:
                 await self.store.write(batch)
             except StoreUnavailable as exc:
                 self.connected = False
-                await self.store.aclose()
+                await self._close_store()
                 self._unavailable(exc)
                 if self._closing:
-                    self._dropped(len(batch), "shutting down")
-                    return  # aclose() counts what is left in the queue
+                    return  # aclose() counts the batch in hand and the queue
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max_s)
                 continue
@@ -147,9 +159,20 @@ class ExchangeWriter:
                 self.dropped_total += len(batch)
                 self._metrics.dropped.inc(len(batch))
                 batch = []
+                self._in_hand = 0
+                continue
+            except Exception:
+                # A bug, not the database: the batch goes (sending it again
+                # would fail again) and the writer lives on for the next one.
+                log.exception("exchange log write failed", exchanges=len(batch))
+                self.dropped_total += len(batch)
+                self._metrics.dropped.inc(len(batch))
+                batch = []
+                self._in_hand = 0
                 continue
             self._written(len(batch))
             batch = []
+            self._in_hand = 0
             delay = self._retry_initial_s
 
     def _unavailable(self, exc: StoreUnavailable) -> None:
