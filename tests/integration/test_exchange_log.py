@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 
 import aiohttp
@@ -16,6 +17,8 @@ import pytest
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.metrics_scrape import scrape
 from tests.integration.sse_frames import FrameReader
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def files_bytes(directory: Path) -> bytes:
@@ -238,3 +241,31 @@ async def test_api_key_ids_are_hashes_never_keys(gateway_factory, tmp_path):
     )
     stored = files_bytes(tmp_path)
     assert b"sk-client" not in stored
+
+
+async def test_bin_exchanges_reads_the_burst_from_the_database(gateway_factory, store_url):
+    """The burst's one exchange, 2 messages and 50 subscribers, as the
+    command prints it from the database alone (no gateway needed)."""
+    gateway = await gateway_factory(exchange_log_url=store_url)
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(
+            stream_text(http, gateway.url, chat("burst for the table [sim ttft_ms=50 tokens=4]"))
+            for _ in range(50)
+        ))
+    await written(gateway.state.exchanges.writer, 1)
+    for argv, expect in ((["--db", store_url], "table"), (["--db", store_url, "--json"], "json")):
+        process = await asyncio.create_subprocess_exec(
+            str(ROOT / "bin" / "exchanges"), *argv, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        assert process.returncode == 0, err
+        lines = out.decode().splitlines()
+        if expect == "table":
+            header, row = lines
+            columns = dict(zip(header.split(), row.split()[1:], strict=True))  # date, time
+            assert (columns["MSGS"], columns["SUBS"], columns["OUTCOME"]) == ("2", "50", "complete")
+        else:
+            (line,) = lines
+            exchange = json.loads(line)
+            assert (len(exchange["messages"]), exchange["subscribers"]) == (2, 50)
