@@ -80,9 +80,10 @@ class Recorder:
     def open_calls(self) -> int:
         return len(self._calls)
 
-    def call(self, body: Mapping[str, Any], model: str) -> Call:
-        """A call for this request; ``bind()`` its opener before subscribing."""
-        return Call(self, body, model)
+    def call(self, body: Mapping[str, Any], model: str, upstream: str | None = None) -> Call:
+        """A call for this request, to ``upstream`` (by name; default: the
+        gateway's one upstream); ``bind()`` its opener before subscribing."""
+        return Call(self, body, model, self.upstream if upstream is None else upstream)
 
     def joined(self, call: Call, subscription: Subscription, key_id: str | None) -> None:
         """A subscription was made with ``call`` as its opener: a leader's
@@ -130,6 +131,7 @@ class Call:
         "_open",
         "_body",
         "model",
+        "upstream",
         "started_at",
         "created",
         "ttft_s",
@@ -141,11 +143,14 @@ class Call:
         "api_key_ids",
     )
 
-    def __init__(self, recorder: Recorder, body: Mapping[str, Any], model: str) -> None:
+    def __init__(
+        self, recorder: Recorder, body: Mapping[str, Any], model: str, upstream: str
+    ) -> None:
         self._recorder = recorder
         self._open: OpenSource | None = None
         self._body: Mapping[str, Any] | None = body
         self.model = model
+        self.upstream = upstream
         self.started_at: float | None = None
         self.created = 0.0
         self.ttft_s: float | None = None
@@ -203,8 +208,7 @@ class Call:
             completion -= last.completion_tokens
         self.usage = usage
         if prompt > 0 or completion > 0:
-            recorder = self._recorder
-            recorder._tokens(self.model, recorder.upstream, max(prompt, 0), max(completion, 0))
+            self._recorder._tokens(self.model, self.upstream, max(prompt, 0), max(completion, 0))
 
     def finish(self, end: StreamEnd, now: float) -> Exchange:
         assert self.started_at is not None
@@ -215,7 +219,7 @@ class Call:
             id=new_exchange_id(),
             created=self.created,
             model=self.model,
-            upstream=recorder.upstream,
+            upstream=self.upstream,
             process=recorder._process,
             messages=self.messages + ((answer.message(),) if answer is not None else ()),
             outcome=outcome,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.exchanges.record import Exchange
 
@@ -40,7 +39,13 @@ def _loads(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
-def from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+class Row(Protocol):
+    """A row by column name: sqlite3.Row, asyncpg's Record."""
+
+    def __getitem__(self, column: str) -> Any: ...
+
+
+def from_row(row: Row) -> dict[str, Any]:
     """The API's shape of an exchange (``Exchange.to_json``)."""
     prompt, completion = row["prompt_tokens"], row["completion_tokens"]
     usage = None
