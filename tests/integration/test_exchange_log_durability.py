@@ -119,6 +119,35 @@ async def test_streams_go_on_while_the_database_is_down_and_writing_resumes(
     assert metrics.one("gateway_exchange_log_written_total") == 1 + kept
 
 
+async def test_a_slow_database_holds_the_writer_not_the_streams(
+    gateway_factory, postgres: PostgresServer
+):
+    """The exchanges table locked by someone else: inserts wait, streams do
+    not; when the lock goes, the waiting batch and the queue are written."""
+    url = postgres.create_database("exchanges_slow")
+    gateway = await gateway_factory(exchange_log_url=url)
+    writer = gateway.state.exchanges.writer
+    blocker = await asyncpg.connect(url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.execute("LOCK TABLE exchanges IN ACCESS EXCLUSIVE MODE")
+            started = asyncio.get_running_loop().time()
+            for index in range(5):
+                _, text = await stream_text(http, gateway.url, chat(f"slow db {index} [sim tokens=3]"))
+                assert text
+            streamed_s = asyncio.get_running_loop().time() - started
+            assert writer.written_total == 0
+            await transaction.commit()
+            await written(writer, 5)
+    finally:
+        await blocker.close()
+    # A ceiling: five short streams, nowhere near the writer's 5 s timeout.
+    assert streamed_s < 4.0
+    assert writer.dropped_total == 0
+
+
 V1_ROW = (
     "xchg_old", 1_700_000_000.5, "old-model", "sim", "complete", "stop", None, 3, 5, 12.5, 40.0, 1,
     '["req-old"]', '[{"role":"user","content":null,"length":2,"sha256":"x"}]',
