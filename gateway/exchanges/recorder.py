@@ -198,9 +198,9 @@ class Call:
             answer.add(delta)
 
     def _count(self, usage: DeltaUsage) -> None:
-        """Tokens as they are reported. A provider may report a running
-        total more than once (Anthropic: input tokens at the start, output
-        tokens at the end), so each report counts what it adds."""
+        """Tokens as they are reported. Reports are running totals (an
+        Anthropic stream may send several ``message_delta`` usages), so each
+        counts what it adds to the last."""
         last = self.usage
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         if last is not None:

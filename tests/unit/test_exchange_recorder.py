@@ -176,3 +176,17 @@ async def test_a_call_that_never_reached_the_upstream_leaves_no_record(harness: 
     held.release()
     await registry.aclose()
     assert harness.exchanges == []
+
+
+async def test_running_usage_totals_are_counted_once(harness: Harness):
+    """Usage reports are running totals: each counts what it adds."""
+    subscription = harness.subscribe("req-0")
+    await harness.upstream.next_source()
+    _push(harness, "req-0", [Delta(text="a", usage=Usage(prompt_tokens=10, completion_tokens=1))])
+    _push(harness, "req-0", [Delta(text="b", usage=Usage(prompt_tokens=10, completion_tokens=4))])
+    harness.upstream.latest.finish()
+    async with subscription:
+        await read_all(subscription)
+    assert harness.tokens == [("m-1", "up-1", 10, 1), ("m-1", "up-1", 0, 3)]
+    (exchange,) = harness.exchanges
+    assert (exchange.usage.prompt_tokens, exchange.usage.completion_tokens) == (10, 4)
