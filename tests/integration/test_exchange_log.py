@@ -269,3 +269,29 @@ async def test_bin_exchanges_reads_the_burst_from_the_database(gateway_factory, 
             (line,) = lines
             exchange = json.loads(line)
             assert (len(exchange["messages"]), exchange["subscribers"]) == (2, 50)
+
+
+async def test_every_api_sharing_a_call_is_one_of_its_subscribers(gateway_factory, tmp_path):
+    """A streaming and a non-streaming OpenAI request and a native stream
+    with the same prompt share one upstream call: one exchange, three ids."""
+    gateway = await gateway_factory(exchange_log_url=f"sqlite:///{tmp_path}/log.db")
+    body = chat("three ways [sim ttft_ms=150 tokens=4]")
+
+    async def post(path: str, payload: dict) -> str:
+        async with http.post(gateway.v1 + path, json=payload) as resp:
+            assert resp.status == 200
+            await resp.read()
+            return resp.headers["X-Request-Id"]
+
+    async with aiohttp.ClientSession() as http:
+        ids = await asyncio.gather(
+            post("/chat/completions", body),
+            post("/chat/completions", {**body, "stream": False}),
+            post("/stream", body),
+        )
+        await written(gateway.state.exchanges.writer, 1)
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            (exchange,) = (await resp.json())["data"]
+    assert gateway.state.registry.statistics().upstream_calls_total == 1
+    assert sorted(exchange["request_ids"]) == sorted(ids)
+    assert exchange["subscribers"] == 3 and len(exchange["messages"]) == 2

@@ -105,6 +105,9 @@ async def test_streams_go_on_while_the_database_is_down_and_writing_resumes(
             # One record in the writer's hand, 3 in the queue, the rest dropped.
             assert writer.dropped_total == 8 - 1 - 3
             assert not writer.connected
+            async with http.get(gateway.v1 + "/exchanges") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["code"] == "exchange_log_unavailable"
         finally:
             await asyncio.to_thread(postgres.start)
         kept = 8 - writer.dropped_total
