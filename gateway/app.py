@@ -2,10 +2,10 @@
 
 One ``cleanup_ctx`` owns, in order of creation: the embedded simulator (when
 no UPSTREAM_URL is set), the upstream transport, the exchange log, the
-admission queue, the coalescing registry and the SSE keepalive task. Shutdown runs in reverse:
-the keepalive stops, the registry ends every actor (resetting upstream
-streams) before the transport closes its connections, and the simulator
-goes last.
+admission queue, the coalescing registry and the SSE keepalive task.
+Shutdown runs in reverse: the keepalive stops, the registry ends every actor
+(resetting upstream streams) before the exchange log writes their records
+and the transport closes its connections, and the simulator goes last.
 """
 
 from __future__ import annotations

@@ -86,7 +86,19 @@ class PostgresStore:
                 raise
             self._pool = pool
 
-        await self._call(connect)
+        try:
+            await self._call(connect)
+        except StoreRejected as exc:
+            # Refused at the door (authentication, no such database): to the
+            # writer that is a database it cannot use yet, like one that is
+            # down; it keeps trying (and dropping, counted) until it can.
+            raise StoreUnavailable(str(exc)) from exc
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            # asyncpg's own checks of the URL and its options. Only the
+            # type: its message may quote the URL, password included.
+            raise StoreUnavailable(f"postgresql: {type(exc).__name__}") from exc
 
     async def _call(self, action: Callable[[], Awaitable[T]]) -> T:
         try:

@@ -151,6 +151,24 @@ async def test_a_slow_database_holds_the_writer_not_the_streams(
     assert writer.dropped_total == 0
 
 
+async def test_a_database_that_refuses_the_gateway_degrades_only_the_log(
+    gateway_factory, postgres: PostgresServer
+):
+    """No such database: the gateway starts and streams; exchanges wait,
+    then drop (counted); the list answers 503."""
+    gateway = await gateway_factory(exchange_log_url=postgres.url("no_such_database"),
+                                    exchange_log_queue=2)
+    writer = gateway.state.exchanges.writer
+    async with aiohttp.ClientSession() as http:
+        for index in range(4):
+            _, text = await stream_text(http, gateway.url, chat(f"refused {index} [sim tokens=2]"))
+            assert text
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 503
+    assert not writer.connected
+    assert writer.written_total == 0 and writer.dropped_total == 4 - 1 - 2
+
+
 V1_ROW = (
     "xchg_old", 1_700_000_000.5, "old-model", "sim", "complete", "stop", None, 3, 5, 12.5, 40.0, 1,
     '["req-old"]', '[{"role":"user","content":null,"length":2,"sha256":"x"}]',
