@@ -58,7 +58,9 @@ class SqliteStore:
                 await writer.close()
                 raise
         except (sqlite3.Error, OSError) as exc:
-            raise _translate(exc) from exc
+            # Whatever keeps us from using the file (not a database, no
+            # permission, locked) is one the writer cannot use yet.
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
         self._writer, self._reader = writer, reader
 
     async def _open(self) -> aiosqlite.Connection:

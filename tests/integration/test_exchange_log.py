@@ -298,3 +298,14 @@ async def test_every_api_sharing_a_call_is_one_of_its_subscribers(gateway_factor
     assert gateway.state.registry.statistics().upstream_calls_total == 1
     assert sorted(exchange["request_ids"]) == sorted(ids)
     assert exchange["subscribers"] == 3 and len(exchange["messages"]) == 2
+
+
+async def test_a_file_that_is_not_a_database_degrades_only_the_log(gateway_factory, tmp_path):
+    path = tmp_path / "log.db"
+    path.write_bytes(b"this is not a SQLite database, it is a text file" * 100)
+    gateway = await gateway_factory(exchange_log_url=f"sqlite:///{path}")
+    async with aiohttp.ClientSession() as http:
+        _, text = await stream_text(http, gateway.url, chat("still streams [sim tokens=2]"))
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 503
+    assert text and not gateway.state.exchanges.writer.connected
