@@ -65,8 +65,14 @@ class SqliteStore:
 
     async def _open(self) -> aiosqlite.Connection:
         connection = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
-        connection.row_factory = sqlite3.Row
-        await connection.execute("PRAGMA synchronous=NORMAL")
+        try:
+            connection.row_factory = sqlite3.Row
+            await connection.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            # Each connection is a thread of its own: one left open keeps
+            # the process from exiting.
+            await connection.close()
+            raise
         return connection
 
     async def write(self, batch: Sequence[Exchange]) -> None:

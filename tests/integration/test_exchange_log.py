@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from gateway.exchanges.sqlite import SqliteStore
+from gateway.exchanges.store import StoreUnavailable
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.metrics_scrape import scrape
 from tests.integration.sse_frames import FrameReader
@@ -309,3 +312,11 @@ async def test_a_file_that_is_not_a_database_degrades_only_the_log(gateway_facto
         async with http.get(gateway.v1 + "/exchanges") as resp:
             assert resp.status == 503
     assert text and not gateway.state.exchanges.writer.connected
+    # Nor does a failed connect leave a connection's thread behind (one that
+    # is not a daemon keeps the process from exiting).
+    before = set(threading.enumerate())
+    with pytest.raises(StoreUnavailable):
+        await SqliteStore(str(path)).connect()
+    for thread in set(threading.enumerate()) - before:
+        await asyncio.to_thread(thread.join, 5)
+        assert not thread.is_alive()
