@@ -23,8 +23,10 @@ $(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install --quiet -e '.[test,dev,fast]'
 	touch $(STAMP)
 
+# The demo records its exchanges in the working tree (an empty
+# EXCHANGE_LOG_URL turns that off; any other value replaces it).
 run: $(RUNTIME_STAMP)
-	$(BIN)/python -m gateway
+	EXCHANGE_LOG_URL="$${EXCHANGE_LOG_URL-sqlite:///.gateway/exchanges.db}" $(BIN)/python -m gateway
 
 # The browser client's unit tests run on node; without node `make test` fails
 # rather than pass with a part untested. Under CI=true a skipped or todo

@@ -88,6 +88,7 @@ class Registry:
         on_reset: Callable[[float], None] | None = None,
         on_failure: Callable[[BaseException, int], None] | None = None,
         lag: LagBound | None = None,
+        on_stream_end: Callable[[StreamEnded], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._admission = admission
@@ -102,6 +103,9 @@ class Registry:
         self._on_failure = on_failure
         #: How far a reader may lag behind its stream (actors.actor.LagBound).
         self._lag = lag
+        #: Told every stream's end, in its tick, after the registry's own
+        #: bookkeeping (the gateway's exchange log listens here).
+        self._on_stream_end = on_stream_end
         self._clock = clock
         self._stream_ids = itertools.count(1)
         #: Actors a new identical request may join (shared, taking joiners).
@@ -289,6 +293,8 @@ class Registry:
                         self._on_failure(end.error, actor.subscriber_count)
                     if actor.shared:
                         self._remember(key, stream_id, end)
+                if self._on_stream_end is not None:
+                    self._on_stream_end(event)
 
     def _unlist(self, key: str, stream_id: int) -> None:
         actor = self._joinable.get(key)

@@ -2,11 +2,11 @@
 
 One ``cleanup_ctx`` owns, in order of creation: the embedded simulator (when
 neither UPSTREAM_URL nor GATEWAY_CONFIG is set), the router with one
-transport per upstream, the admission queue, the
+transport per upstream, the exchange log, the admission queue, the
 coalescing registry and the SSE keepalive task. Shutdown runs in reverse:
 the keepalive stops, the registry ends every actor (resetting upstream
-streams) before the transport closes its connections, and the simulator
-goes last.
+streams) before the exchange log writes their records and the transports
+close their connections, and the simulator goes last.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from actors.actor import LagBound
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
+from gateway.api import exchanges as exchanges_api
 from gateway.api import messages, native, openai, ops
 from gateway.config import Settings
 from gateway.connection import Listener
 from gateway.errors import QueueTimeout, ShuttingDown, UpstreamError
+from gateway.exchanges.log import exchange_log
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
 from gateway.redact import SECRETS
@@ -57,6 +59,7 @@ def make_app(settings: Settings) -> web.Application:
     # Anthropic's Messages API, for its SDK's clients (Anthropic-shaped errors).
     app.router.add_post("/v1/messages", messages.messages)
     ops.add_routes(app)
+    app.router.add_get("/v1/exchanges", exchanges_api.list_exchanges)
     # The app's own registry, through prometheus_client's handler: it
     # negotiates OpenMetrics from Accept, and gzip from Accept-Encoding.
     app.router.add_get("/metrics", make_aiohttp_handler(app[METRICS].registry))
@@ -142,6 +145,18 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         # Closed after the registry, which resets every source still open.
         deadlines = Deadlines()
         stack.callback(deadlines.close)
+        # The exchange log and the token counters. Entered before the
+        # registry, so closed after it: the records of the streams it ends
+        # at shutdown are written too.
+        exchanges = await stack.enter_async_context(
+            exchange_log(
+                url=settings.exchange_log_url,
+                keep_content=settings.exchange_log_content,
+                max_queue=settings.exchange_log_queue,
+                upstream=first.name,
+                registry=metrics.registry,
+            )
+        )
         admission = AdmissionQueue(
             max_inflight=settings.max_inflight,
             max_queue=settings.max_queue,
@@ -157,6 +172,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             on_reset=metrics.cancel.observe,
             on_failure=_upstream_failure_reporter(metrics, upstreams_named),
             lag=LagBound(max_bytes=settings.stream_max_lag_bytes, max_s=settings.stream_max_lag_s),
+            on_stream_end=exchanges.recorder.stream_ended,
         )
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
@@ -178,6 +194,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             keepalive=keepalive,
             source_timeouts=source_timeouts(settings),
             deadlines=deadlines,
+            exchanges=exchanges,
         )
         app[STATE] = state
         metrics.bind_live_state(

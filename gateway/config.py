@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gateway.exchanges.store import parse_store_url
 from gateway.routing.config import RoutingConfig, RoutingConfigError, load_routing
 from gateway.upstream.origin import Origin
 from gateway.upstream.transport import PROTOCOLS
@@ -105,6 +106,16 @@ class Settings:
     #: How long a reader behind the newest delta may go without taking any,
     #: with the same end.
     stream_max_lag_s: float = 30.0
+    # -- the exchange log ------------------------------------------------------
+    #: ``sqlite:///path.db`` or ``postgresql://user@host:port/db``; None: off.
+    #: Not in repr: a PostgreSQL URL may carry a password.
+    exchange_log_url: str | None = field(default=None, repr=False)
+    #: Store message text (else roles, lengths and SHA-256 only).
+    exchange_log_content: bool = False
+    #: Exchanges that may wait for the database before new ones are dropped.
+    exchange_log_queue: int = 10_000
+    #: Keys that may read /v1/exchanges when auth is on.
+    gateway_admin_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -146,6 +157,10 @@ class Settings:
             client_body_timeout_s=read.number("CLIENT_BODY_TIMEOUT_S", 60.0, low=0.1),
             stream_max_lag_bytes=read.integer("STREAM_MAX_LAG_BYTES", 4 * 1_048_576, low=1024),
             stream_max_lag_s=read.number("STREAM_MAX_LAG_S", 30.0, low=0.1),
+            exchange_log_url=read.store_url("EXCHANGE_LOG_URL"),
+            exchange_log_content=read.flag("EXCHANGE_LOG_CONTENT", False),
+            exchange_log_queue=read.integer("EXCHANGE_LOG_QUEUE", 10_000, low=1),
+            gateway_admin_keys=read.keys("GATEWAY_ADMIN_KEYS"),
         )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"
@@ -244,6 +259,15 @@ class _Reader:
             return raw.rstrip("/")
 
         return self._get(name, None, parse, "an http:// or https:// URL including /v1")
+
+    def store_url(self, name: str) -> str | None:
+        def parse(raw: str) -> str:
+            parse_store_url(raw)
+            return raw
+
+        return self._get(
+            name, None, parse, "sqlite:///path/to/file.db or postgresql://user@host:port/db"
+        )
 
     def keys(self, name: str) -> tuple[str, ...]:
         raw = self._env.get(name, "")

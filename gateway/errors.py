@@ -71,6 +71,14 @@ class Unauthorized(GatewayError):
     code = "invalid_api_key"
 
 
+class Forbidden(GatewayError):
+    """A valid key that may not do this (an admin route without an admin key)."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -147,6 +155,15 @@ class ShuttingDown(GatewayError):
     status = 503
     type = "server_error"
     code = "shutting_down"
+    retryable = True
+
+
+class ExchangeLogUnavailable(GatewayError):
+    """The exchange log's database cannot be read right now."""
+
+    status = 503
+    type = "server_error"
+    code = "exchange_log_unavailable"
     retryable = True
 
 

@@ -78,9 +78,11 @@ def _authenticate(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
     presented = presented or request.headers.get("x-api-key", "").strip()
-    keys = request.app[STATE].settings.gateway_api_keys
-    if not keys:
+    settings = request.app[STATE].settings
+    if not settings.gateway_api_keys:
         return presented or None
+    # Admin keys (GATEWAY_ADMIN_KEYS) are client keys too.
+    keys = settings.gateway_api_keys + settings.gateway_admin_keys
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(presented.encode(), key.encode())

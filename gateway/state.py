@@ -9,6 +9,7 @@ from aiohttp import web
 from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.config import Settings
+from gateway.exchanges.log import ExchangeLog
 from gateway.metrics import GatewayMetrics
 from gateway.routing.router import Router
 from gateway.sse import Keepalive
@@ -37,6 +38,9 @@ class GatewayState:
     active_streams: int = 0
     #: Set on SIGTERM: /readyz answers 503 and new model requests are refused.
     draining: bool = False
+    #: The exchange log (and the token counters); None only in apps built
+    #: without one.
+    exchanges: ExchangeLog | None = None
 
 
 @dataclass(eq=False, slots=True)

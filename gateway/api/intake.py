@@ -91,13 +91,21 @@ def subscribe(
     # for Anthropic) a 400, before the 200 goes out -- not a failure shared by
     # a burst and kept for the error TTL.
     plan = state.router.plan(chat.body, chat.model)
+    # The exchange log's view of the upstream call (one record per call,
+    # whoever shares it): each attempt's source shows it the deltas it reads.
+    recorder = None if state.exchanges is None else state.exchanges.recorder
+    call = None if recorder is None else recorder.call(chat.body, chat.model)
+    open_source = state.metrics.timed_open(
+        retrying_opener(
+            state.router, plan, timeouts=state.source_timeouts, deadlines=state.deadlines,
+            observer=call,
+        )
+    )
+    if call is not None:
+        call.bind(open_source)
     subscription = state.registry.subscribe(
         key,
-        state.metrics.timed_open(
-            retrying_opener(
-                state.router, plan, timeouts=state.source_timeouts, deadlines=state.deadlines
-            )
-        ),
+        open_source if call is None else call.open,
         request_id=record.request_id,
         arrived_at=record.arrived_at,
         streaming=streaming,
@@ -105,6 +113,8 @@ def subscribe(
         resume_after=_last_event_id(request) if resumable else 0,
     )
     subscription.owner = owner_of(request)
+    if recorder is not None and call is not None:
+        recorder.joined(call, subscription, subscription.owner)
     record.role = subscription.role
     return subscription
 

@@ -25,8 +25,8 @@ and it ends within the deadline and ``max_retry_after_ms``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -40,6 +40,15 @@ from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.source import SourceTimeouts, UpstreamSource, source_opener
 
 log = structlog.get_logger("gateway.routing")
+
+
+class AttemptObserver(Protocol):
+    """Who follows the upstream call (the exchange log's ``Call``): told the
+    upstream of each attempt, then shown each read's deltas as decoded."""
+
+    upstream: str
+
+    def __call__(self, deltas: Sequence[Delta]) -> None: ...
 
 
 class RetryingSource:
@@ -62,6 +71,7 @@ class RetryingSource:
         "_transport",
         "_attempt",
         "_released",
+        "_observer",
         "served_by",
         "__weakref__",
     )
@@ -73,6 +83,7 @@ class RetryingSource:
         *,
         timeouts: SourceTimeouts,
         deadlines: Deadlines,
+        observer: AttemptObserver | None = None,
     ) -> None:
         self._router = router
         self._plan: RoutePlan | None = plan
@@ -96,6 +107,7 @@ class RetryingSource:
         self._transport: Transport | None = None
         self._attempt = 0
         self._released = False
+        self._observer = observer
         #: The name of the upstream whose answer this is, from its first
         #: token on (for whoever records the exchange or counts its tokens).
         self.served_by: str | None = None
@@ -263,6 +275,8 @@ class RetryingSource:
         if first != timeouts.first_token_s:
             timeouts = SourceTimeouts(first_token_s=first, idle_s=timeouts.idle_s)
         self._transport = upstream.transport
+        if self._observer is not None:
+            self._observer.upstream = upstream.name
         return source_opener(
             self,
             upstream.provider,
@@ -270,6 +284,7 @@ class RetryingSource:
             timeouts=timeouts,
             deadlines=self._deadlines,
             on_status=upstream.on_status,
+            on_deltas=self._observer,
         )
 
     # -- the transport its attempt's source sees ---------------------------------------
@@ -351,11 +366,14 @@ def retrying_opener(
     *,
     timeouts: SourceTimeouts,
     deadlines: Deadlines,
+    observer: AttemptObserver | None = None,
 ) -> Callable[[], Awaitable[RetryingSource]]:
     """The ``open_source`` callable the registry's actor calls after admission."""
 
     async def open_source() -> RetryingSource:
-        source = RetryingSource(router, plan, timeouts=timeouts, deadlines=deadlines)
+        source = RetryingSource(
+            router, plan, timeouts=timeouts, deadlines=deadlines, observer=observer
+        )
         await source.start()
         return source
 

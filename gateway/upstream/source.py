@@ -11,7 +11,7 @@ are translated here, once, into the gateway's errors (``gateway_error``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from actors.deltas import Delta
@@ -54,6 +54,7 @@ class UpstreamSource:
         "_first_token_deadline",
         "_got_content",
         "_on_status",
+        "_on_deltas",
         "_decoder",
         "_stream",
         "_pending",
@@ -78,6 +79,7 @@ class UpstreamSource:
         timeouts: SourceTimeouts,
         deadlines: Deadlines,
         on_status: Callable[[str], None] = lambda status: None,
+        on_deltas: Callable[[Sequence[Delta]], None] | None = None,
     ) -> None:
         self._transport = transport
         self._provider = provider
@@ -94,6 +96,9 @@ class UpstreamSource:
         #: Told each upstream outcome once: the status code, or "error" when
         #: no response came (for gateway_upstream_requests_total).
         self._on_status = on_status
+        #: Shown every read's deltas as they are decoded (the exchange log):
+        #: a call per read, and no frame of its own in the read's await chain.
+        self._on_deltas = on_deltas
         self._decoder: ProviderDecoder = provider.decoder()
         self._stream: ResponseStream | None = None
         # Deltas decoded but not yet handed out, and the next one's index: a
@@ -190,6 +195,8 @@ class UpstreamSource:
             raise self._timeout_error()
         if data:
             deltas = self._decoder.feed(data)
+            if self._on_deltas is not None and deltas:
+                self._on_deltas(deltas)
             if not self._got_content and any(delta.is_content for delta in deltas):
                 self._got_content = True
                 self._disarm()  # the idle deadline may come before the first-token one
@@ -203,7 +210,10 @@ class UpstreamSource:
         else:
             self._eof = True
             self._disarm()
-            self._pending.extend(self._decoder.close())
+            deltas = self._decoder.close()
+            if self._on_deltas is not None and deltas:
+                self._on_deltas(deltas)
+            self._pending.extend(deltas)
 
     def _deadline(self) -> float | None:
         if not self._got_content:
@@ -326,12 +336,19 @@ def source_opener(
     timeouts: SourceTimeouts,
     deadlines: Deadlines,
     on_status: Callable[[str], None] = lambda status: None,
+    on_deltas: Callable[[Sequence[Delta]], None] | None = None,
 ) -> Callable[[], Awaitable[UpstreamSource]]:
     """The ``open_source`` callable the registry's actor calls after admission."""
 
     async def open_source() -> UpstreamSource:
         source = UpstreamSource(
-            transport, provider, request, timeouts=timeouts, deadlines=deadlines, on_status=on_status
+            transport,
+            provider,
+            request,
+            timeouts=timeouts,
+            deadlines=deadlines,
+            on_status=on_status,
+            on_deltas=on_deltas,
         )
         try:
             await source.start()

@@ -14,6 +14,7 @@ from gateway.app import running_gateway
 from gateway.config import Settings
 from gateway.sim.profile import SimProfile
 from gateway.state import STATE, GatewayState
+from tests.integration.exchange_fixtures import postgres, store_url  # noqa: F401 (fixtures)
 
 #: Fast, jitter-free upstream: exact timings do not matter, exact bytes do.
 FAST_SIM = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=1, itl_jitter_ms=0, tokens=16)

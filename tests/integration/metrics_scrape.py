@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.metrics import GatewayMetrics, LiveState, UpstreamGauges
 
 #: The metric names dashboards and alert rules depend on (docs/http-api.md,
@@ -101,6 +102,7 @@ def exposed_metric_names() -> set[str]:
     """What a gateway's /metrics offers to PromQL, from the collectors
     themselves (no server): for checking rules and dashboards against."""
     metrics = GatewayMetrics(CollectorRegistry())
+    ExchangeMetrics(metrics.registry)
     metrics.bind_live_state(
         LiveState(**{field.name: (lambda: 0) for field in dataclasses.fields(LiveState)})
     )

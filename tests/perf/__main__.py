@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.perf import bench_fanout, bench_gateway, bench_h2_relay, bench_soak
+from tests.perf import bench_exchanges, bench_fanout, bench_gateway, bench_h2_relay, bench_soak
 
 OUT = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
@@ -112,6 +112,7 @@ async def main(quick: bool) -> str:
         await bench_h2_relay.report(),
         await _fanout_section(),
         await bench_gateway.report(quick=quick),
+        "\n".join(await bench_exchanges.section(1000 if quick else 10_000)),
         # 5 minutes a protocol; --quick: a 30 s smoke run.
         "\n".join(await bench_soak.section(30 if quick else 300)),
     ]

@@ -1,0 +1,180 @@
+"""The fleet's store: PostgreSQL through an asyncpg pool.
+
+A batch is one ``executemany`` in one transaction. Every call is bounded in
+time (``COMMAND_TIMEOUT_S``), so a hung server is a ``StoreUnavailable``
+after a few seconds, never a writer stuck for good. When the server goes
+away the pool's broken connections fail once and are replaced on the next
+attempt: writing resumes by itself when it is back. Behind PgBouncer in
+transaction mode asyncpg's statement cache must be off: set
+``statement_cache_size=0`` in the URL's query (asyncpg reads it there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from gateway.exchanges import schema
+from gateway.exchanges.record import Exchange
+from gateway.exchanges.rows import from_row, to_row
+from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable
+
+T = TypeVar("T")
+
+COMMAND_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+POOL_MAX_SIZE = 4
+#: Any constant: the key of the advisory lock migrations hold.
+MIGRATION_LOCK = 0x65786C67
+
+_JSON = {"error", "request_ids", "api_key_ids", "messages"}
+_INSERT = (
+    f"INSERT INTO exchanges ({', '.join(COLUMNS)}) VALUES ("
+    + ", ".join(f"${i}::jsonb" if c in _JSON else f"${i}" for i, c in enumerate(COLUMNS, 1))
+    + ")"
+)
+
+#: Errors that say "not now" (connection lost, server shutting down or
+#: starting, timeouts) rather than "not these rows".
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+def safe_description(url: str) -> str:
+    """host:port/db of the URL, without user or password."""
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"postgresql {parts.hostname or ''}{port}{parts.path}"
+
+
+class PostgresStore:
+    def __init__(
+        self, url: str, *, migrations: Sequence[tuple[int, tuple[str, ...]]] = schema.POSTGRES
+    ) -> None:
+        self._url = url
+        self.description = safe_description(url)
+        self._migrations = migrations
+        self._pool: asyncpg.Pool | None = None
+
+    async def connect(self) -> None:
+        async def connect() -> None:
+            pool = await asyncpg.create_pool(
+                self._url,
+                # No floor to keep: a lost server is noticed by the next write,
+                # not by a background task logging its own retries.
+                min_size=0,
+                max_size=POOL_MAX_SIZE,
+                command_timeout=COMMAND_TIMEOUT_S,
+                timeout=CONNECT_TIMEOUT_S,
+            )
+            try:
+                async with pool.acquire() as connection:
+                    await migrate_postgres(connection, self._migrations)
+            except BaseException:
+                await pool.close()
+                raise
+            self._pool = pool
+
+        try:
+            await self._call(connect)
+        except StoreRejected as exc:
+            # Refused at the door (authentication, no such database): to the
+            # writer that is a database it cannot use yet, like one that is
+            # down; it keeps trying (and dropping, counted) until it can.
+            raise StoreUnavailable(str(exc)) from exc
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            # asyncpg's own checks of the URL and its options. Only the
+            # type: its message may quote the URL, password included.
+            raise StoreUnavailable(f"postgresql: {type(exc).__name__}") from exc
+
+    async def _call(self, action: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await action()
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreRejected(f"postgresql: {type(exc).__name__}: {exc}") from exc
+
+    async def write(self, batch: Sequence[Exchange]) -> None:
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("postgresql: not connected")
+        rows = [to_row(exchange) for exchange in batch]
+
+        async def write() -> None:
+            async with pool.acquire() as connection, connection.transaction():
+                await connection.executemany(_INSERT, rows)
+
+        await self._call(write)
+
+    async def recent(
+        self, *, limit: int, before: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("postgresql: not connected")
+        where: list[str] = []
+        params: list[Any] = []
+        if before is not None:
+            params.append(before)
+            where.append(f"seq < (SELECT seq FROM exchanges WHERE id = ${len(params)})")
+        if model is not None:
+            params.append(model)
+            where.append(f"model = ${len(params)}")
+        params.append(limit)
+        sql = "SELECT * FROM exchanges" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += f" ORDER BY seq DESC LIMIT ${len(params)}"
+
+        async def fetch() -> list[Any]:
+            async with pool.acquire() as connection:
+                return list(await connection.fetch(sql, *params))
+
+        return [from_row(row) for row in await self._call(fetch)]
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), COMMAND_TIMEOUT_S)
+            except (TimeoutError, *_UNAVAILABLE):
+                pool.terminate()
+
+
+async def migrate_postgres(
+    connection: asyncpg.Connection, migrations: Sequence[tuple[int, tuple[str, ...]]]
+) -> int:
+    """Apply the migrations not applied yet, in one transaction under an
+    advisory lock (gateways starting together migrate once); returns the
+    schema version now in force."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema.VERSION_TABLE} "
+            "(version INTEGER PRIMARY KEY, applied TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        current = await connection.fetchval(
+            f"SELECT COALESCE(MAX(version), 0) FROM {schema.VERSION_TABLE}"
+        )
+        for version, statements in migrations:
+            if version <= current:
+                continue
+            for statement in statements:
+                await connection.execute(statement)
+            await connection.execute(
+                f"INSERT INTO {schema.VERSION_TABLE} (version) VALUES ($1)", version
+            )
+            current = version
+    return int(current)

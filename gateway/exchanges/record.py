@@ -1,0 +1,123 @@
+"""An exchange: what one upstream call sent and got back, as a frozen value.
+
+Messages keep their text only when the log stores content
+(``EXCHANGE_LOG_CONTENT=1``); otherwise each keeps its role, its length in
+characters and the SHA-256 of its text, enough to tell two answers apart or
+to match a message a user shows you, never enough to read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["OUTCOMES", "Exchange", "Usage", "message_summary", "request_messages", "text_of"]
+
+#: How an upstream call ended: its answer ended normally; it failed (the
+#: upstream, or the gateway stopping mid-stream); every subscriber left.
+OUTCOMES = ("complete", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    id: str
+    #: Unix seconds at the upstream call.
+    created: float
+    #: The model the client asked for.
+    model: str
+    #: Which upstream answered (a name, never a URL with credentials).
+    upstream: str
+    #: The gateway process that owned the call (host:pid).
+    process: str
+    #: The request's messages as sent up, then the assistant's answer; each a
+    #: JSON object with at least ``role`` and ``content`` (None without content).
+    messages: tuple[Mapping[str, Any], ...]
+    outcome: str
+    finish_reason: str | None
+    #: ``{"code", "message"}`` for a failed call.
+    error: Mapping[str, str] | None
+    usage: Usage | None
+    #: From the upstream call to its first content delta; None without one.
+    ttft_ms: float | None
+    duration_ms: float
+    #: How many requests shared this call, their ids, and the distinct ids of
+    #: the API keys they came with (a SHA-256 of the key, never the key).
+    subscribers: int
+    request_ids: tuple[str, ...]
+    api_key_ids: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's shape (``GET /v1/exchanges``)."""
+        return {
+            "id": self.id,
+            "object": "exchange",
+            "created": int(self.created),
+            "model": self.model,
+            "upstream": self.upstream,
+            "process": self.process,
+            "messages": [dict(message) for message in self.messages],
+            "outcome": self.outcome,
+            "finish_reason": self.finish_reason,
+            "error": None if self.error is None else dict(self.error),
+            "usage": None if self.usage is None else self.usage.to_json(),
+            "ttft_ms": self.ttft_ms,
+            "duration_ms": self.duration_ms,
+            "subscribers": self.subscribers,
+            "request_ids": list(self.request_ids),
+            "api_key_ids": list(self.api_key_ids),
+        }
+
+
+def text_of(content: Any) -> str:
+    """A message's content as one string: itself, or its parts as compact JSON."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    return json.dumps(content, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def message_summary(role: str, text: str, *, keep_content: bool) -> dict[str, Any]:
+    """``{role, content}`` with the text, or ``{role, content: None, length, sha256}``."""
+    if keep_content:
+        return {"role": role, "content": text}
+    return {
+        "role": role,
+        "content": None,
+        "length": len(text),
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }
+
+
+def request_messages(body: Mapping[str, Any], *, keep_content: bool) -> tuple[dict[str, Any], ...]:
+    """The request's messages, summarised (validated upstream of here: a list of objects)."""
+    messages = body.get("messages")
+    if not isinstance(messages, Sequence):
+        return ()
+    out = []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        summary = message_summary(
+            str(message.get("role", "")), text_of(message.get("content")), keep_content=keep_content
+        )
+        if keep_content and message.get("tool_calls"):
+            summary["tool_calls"] = message["tool_calls"]
+        out.append(summary)
+    return tuple(out)

@@ -1,0 +1,73 @@
+"""An exchange as a database row and back (the same for both stores)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from gateway.exchanges.record import Exchange
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def to_row(exchange: Exchange) -> tuple[Any, ...]:
+    """Values in ``store.COLUMNS`` order; JSON columns as text."""
+    usage = exchange.usage
+    return (
+        exchange.id,
+        exchange.created,
+        exchange.model,
+        exchange.upstream,
+        exchange.process,
+        exchange.outcome,
+        exchange.finish_reason,
+        None if exchange.error is None else _json(dict(exchange.error)),
+        None if usage is None else usage.prompt_tokens,
+        None if usage is None else usage.completion_tokens,
+        exchange.ttft_ms,
+        exchange.duration_ms,
+        exchange.subscribers,
+        _json(list(exchange.request_ids)),
+        _json(list(exchange.api_key_ids)),
+        _json([dict(message) for message in exchange.messages]),
+    )
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+class Row(Protocol):
+    """A row by column name: sqlite3.Row, asyncpg's Record."""
+
+    def __getitem__(self, column: str) -> Any: ...
+
+
+def from_row(row: Row) -> dict[str, Any]:
+    """The API's shape of an exchange (``Exchange.to_json``)."""
+    prompt, completion = row["prompt_tokens"], row["completion_tokens"]
+    usage = None
+    if prompt is not None or completion is not None:
+        prompt, completion = prompt or 0, completion or 0
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}
+    return {
+        "id": row["id"],
+        "object": "exchange",
+        "created": int(row["created"]),
+        "model": row["model"],
+        "upstream": row["upstream"],
+        "process": row["process"],
+        "messages": _loads(row["messages"]),
+        "outcome": row["outcome"],
+        "finish_reason": row["finish_reason"],
+        "error": None if row["error"] is None else _loads(row["error"]),
+        "usage": usage,
+        "ttft_ms": row["ttft_ms"],
+        "duration_ms": row["duration_ms"],
+        "subscribers": row["subscribers"],
+        "request_ids": _loads(row["request_ids"]),
+        "api_key_ids": _loads(row["api_key_ids"]),
+    }

@@ -1,0 +1,151 @@
+"""The embedded store: one SQLite file in WAL mode, through aiosqlite.
+
+Two connections, each with its own thread (aiosqlite): one writes, one
+reads, so listing never waits behind a batch (WAL lets readers run beside
+the one writer). Each batch is one transaction. ``synchronous=NORMAL`` in
+WAL mode makes a commit survive the process being killed (it is in the
+OS's page cache), though not a power cut right after it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gateway.exchanges import schema
+from gateway.exchanges.record import Exchange
+from gateway.exchanges.rows import from_row, to_row
+from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable
+
+_INSERT = (
+    f"INSERT INTO exchanges ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+)
+_SELECT = "SELECT * FROM exchanges"
+#: How long a statement waits for another process's lock before failing.
+BUSY_TIMEOUT_MS = 5000
+
+
+def _translate(exc: Exception) -> Exception:
+    """sqlite3's errors by cause: could not do it now, or will never take these rows."""
+    if isinstance(exc, sqlite3.OperationalError | OSError | ValueError):
+        # Locked, I/O error, unable to open, closed connection (ValueError).
+        return StoreUnavailable(f"sqlite: {exc}")
+    return StoreRejected(f"sqlite: {exc}")
+
+
+class SqliteStore:
+    def __init__(self, path: str, *, migrations: Sequence[tuple[int, tuple[str, ...]]] = schema.SQLITE):
+        self.path = path
+        self.description = f"sqlite {path}"
+        self._migrations = migrations
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    async def connect(self) -> None:
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            writer = await self._open()
+            try:
+                await writer.execute("PRAGMA journal_mode=WAL")
+                await migrate_sqlite(writer, self._migrations)
+                reader = await self._open()
+            except BaseException:
+                await writer.close()
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            # Whatever keeps us from using the file (not a database, no
+            # permission, locked) is one the writer cannot use yet.
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        self._writer, self._reader = writer, reader
+
+    async def _open(self) -> aiosqlite.Connection:
+        connection = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            connection.row_factory = sqlite3.Row
+            await connection.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            # Each connection is a thread of its own: one left open keeps
+            # the process from exiting.
+            await connection.close()
+            raise
+        return connection
+
+    async def write(self, batch: Sequence[Exchange]) -> None:
+        if self._writer is None:
+            raise StoreUnavailable("sqlite: not connected")
+        rows = [to_row(exchange) for exchange in batch]
+        try:
+            await self._writer.executemany(_INSERT, rows)
+            await self._writer.commit()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            try:
+                await self._writer.rollback()
+            except (sqlite3.Error, ValueError):
+                pass  # the transaction is gone with whatever broke it
+            raise _translate(exc) from exc
+
+    async def recent(
+        self, *, limit: int, before: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        if self._reader is None:
+            raise StoreUnavailable("sqlite: not connected")
+        where, params = [], []
+        if before is not None:
+            where.append("seq < (SELECT seq FROM exchanges WHERE id = ?)")
+            params.append(before)
+        if model is not None:
+            where.append("model = ?")
+            params.append(model)
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY seq DESC LIMIT ?"
+        try:
+            async with self._reader.execute(sql, (*params, limit)) as cursor:
+                rows = await cursor.fetchall()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            raise _translate(exc) from exc
+        return [from_row(row) for row in rows]
+
+    async def aclose(self) -> None:
+        for connection in (self._writer, self._reader):
+            if connection is not None:
+                await connection.close()
+        self._writer = self._reader = None
+
+
+async def migrate_sqlite(
+    connection: aiosqlite.Connection, migrations: Sequence[tuple[int, tuple[str, ...]]]
+) -> int:
+    """Apply the migrations not applied yet, in one exclusive transaction;
+    returns the schema version now in force."""
+    await connection.execute("BEGIN IMMEDIATE")
+    try:
+        await connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {schema.VERSION_TABLE} "
+            "(version INTEGER PRIMARY KEY, applied REAL NOT NULL)"
+        )
+        async with connection.execute(
+            f"SELECT COALESCE(MAX(version), 0) FROM {schema.VERSION_TABLE}"
+        ) as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row is not None else 0
+        for version, statements in migrations:
+            if version <= current:
+                continue
+            for statement in statements:
+                await connection.execute(statement)
+            await connection.execute(
+                f"INSERT INTO {schema.VERSION_TABLE} (version, applied) "
+                "VALUES (?, strftime('%s','now'))",
+                (version,),
+            )
+            current = version
+        await connection.commit()
+    except BaseException:
+        await connection.rollback()
+        raise
+    return current

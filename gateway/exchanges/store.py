@@ -1,0 +1,92 @@
+"""What the writer and the API need from a database, and how a URL picks one.
+
+Errors by cause: ``StoreUnavailable`` means the database could not be
+reached or is not answering (the writer keeps the batch and tries again);
+``StoreRejected`` means it refused these rows (the writer drops the batch:
+sending it again would fail again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from gateway.exchanges.record import Exchange
+
+__all__ = ["ExchangeStore", "StoreError", "StoreRejected", "StoreUnavailable", "open_store",
+           "parse_store_url", "sqlite_path"]
+
+#: Column order of an exchange row, shared by both stores.
+COLUMNS = (
+    "id", "created", "model", "upstream", "process", "outcome", "finish_reason", "error",
+    "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms", "subscribers",
+    "request_ids", "api_key_ids", "messages",
+)
+MAX_LIMIT = 1000
+
+
+class StoreError(Exception):
+    """Base of the exchange store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached, or did not answer in time."""
+
+
+class StoreRejected(StoreError):
+    """The database refused the rows themselves."""
+
+
+class ExchangeStore(Protocol):
+    #: Where the log goes, fit for a log line (no credentials).
+    description: str
+
+    async def connect(self) -> None:
+        """Connect, and create or migrate the schema; raises StoreUnavailable."""
+        ...
+
+    async def write(self, batch: Sequence[Exchange]) -> None:
+        """Every exchange of ``batch``, or none of them."""
+        ...
+
+    async def recent(
+        self, *, limit: int, before: str | None = None, model: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first, in the API's shape; ``before`` an exchange id."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db``."""
+    path = url[len("sqlite:///"):]
+    if not url.startswith("sqlite:///") or not path or path.endswith("/"):
+        raise ValueError(url)
+    return path
+
+
+def parse_store_url(url: str) -> str:
+    """The URL's scheme ("sqlite" or "postgresql"); ValueError for anything else."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        sqlite_path(url)
+        return "sqlite"
+    if scheme in ("postgresql", "postgres"):
+        if not urlsplit(url).hostname and "host=" not in url:
+            raise ValueError(url)
+        return "postgresql"
+    raise ValueError(url)
+
+
+def open_store(url: str) -> ExchangeStore:
+    """The store for ``url``, not yet connected. asyncpg is imported only
+    for a PostgreSQL URL."""
+    if parse_store_url(url) == "sqlite":
+        from gateway.exchanges.sqlite import SqliteStore
+
+        return SqliteStore(sqlite_path(url))
+    from gateway.exchanges.postgres import PostgresStore
+
+    return PostgresStore(url)

@@ -1,0 +1,215 @@
+"""The writer: a bounded queue and the one task that empties it in batches.
+
+``submit()`` is synchronous and never waits: the stream that ended goes on
+at once. The writer task takes whatever has queued (up to ``max_batch``) and
+writes it as one batch, so under load batches grow by themselves and at
+rest a record is written within a tick of its submission.
+
+When the database is unreachable the task keeps the batch in hand and tries
+again after a backoff (``retry_initial_s`` doubling up to ``retry_max_s``),
+connecting again if need be; meanwhile records wait in the queue, and once
+``max_queue`` wait, new ones are dropped: counted every time, logged once
+per outage (and once more when writing resumes, with the count). A batch the
+database refuses outright is dropped, counted and logged too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import structlog
+
+from gateway.exchanges.metrics import ExchangeMetrics
+from gateway.exchanges.record import Exchange
+from gateway.exchanges.store import ExchangeStore, StoreRejected, StoreUnavailable
+
+log = structlog.get_logger("gateway")
+
+
+class ExchangeWriter:
+    def __init__(
+        self,
+        store: ExchangeStore,
+        metrics: ExchangeMetrics,
+        *,
+        max_queue: int = 10_000,
+        max_batch: int = 500,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 2.0,
+        close_timeout_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self._metrics = metrics
+        self._max_queue = max_queue
+        self._max_batch = max_batch
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._close_timeout_s = close_timeout_s
+        self._queue: deque[Exchange] = deque()
+        #: Records taken from the queue and not yet written (the batch).
+        self._in_hand = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        #: Whether the store is connected and the last attempt worked.
+        self.connected = False
+        # Each outage is logged once: unavailable, dropping, writing again.
+        self._down = False
+        self._dropping = False
+        self._dropped_unreported = 0
+        self.written_total = 0
+        self.dropped_total = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def start(self, *, connect_within_s: float = 2.0) -> None:
+        """Connect once (so the log can be read as soon as the gateway
+        serves), then start the task. A database that is down or slow now
+        delays nothing more than ``connect_within_s``: the task keeps trying."""
+        assert self._task is None, "start() once"
+        try:
+            async with asyncio.timeout(connect_within_s):
+                await self.store.connect()
+            self.connected = True
+        except (StoreUnavailable, TimeoutError) as exc:
+            await self._close_store()
+            self._unavailable(StoreUnavailable(str(exc) or "connect timed out"))
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="exchange-writer")
+
+    def submit(self, exchange: Exchange) -> None:
+        """Queue one exchange; drops it (counted) when the queue is full."""
+        if len(self._queue) >= self._max_queue or self._closing:
+            self._dropped(1, "queue full" if not self._closing else "shutting down")
+            return
+        self._queue.append(exchange)
+        self._wakeup.set()
+
+    async def wait_written(self, total: int) -> None:
+        """Until ``written_total`` reaches ``total`` (for tests and benches)."""
+        if self.written_total >= total:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append((total, future))
+        await future
+
+    async def aclose(self) -> None:
+        """Write what is queued (for up to ``close_timeout_s``), then stop
+        and close the store. What could not be written is counted as dropped."""
+        self._closing = True
+        self._wakeup.set()
+        task = self._task
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=self._close_timeout_s)
+            if not done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._queue:
+            self._dropped(len(self._queue), "shutting down")
+            self._queue.clear()
+        if self._in_hand:
+            self._dropped(self._in_hand, "shutting down")
+            self._in_hand = 0
+        for _, future in self._waiters:
+            future.cancel()
+        await self._close_store()
+
+    async def _close_store(self) -> None:
+        try:
+            await self.store.aclose()
+        except Exception:
+            # Closing what already broke may fail too; the next connect starts afresh.
+            log.warning("exchange log store did not close cleanly", exc_info=True)
+
+    # -- the task -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        batch: list[Exchange] = []
+        delay = self._retry_initial_s
+        while True:
+            if not batch:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                while self._queue and len(batch) < self._max_batch:
+                    batch.append(self._queue.popleft())
+                self._in_hand = len(batch)
+            try:
+                if not self.connected:
+                    await self.store.connect()
+                    self.connected = True
+                await self.store.write(batch)
+            except StoreUnavailable as exc:
+                self.connected = False
+                await self._close_store()
+                self._unavailable(exc)
+                if self._closing:
+                    return  # aclose() counts the batch in hand and the queue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            except StoreRejected as exc:
+                log.error("exchange log refused a batch", exchanges=len(batch), error=str(exc))
+                self.dropped_total += len(batch)
+                self._metrics.dropped.inc(len(batch))
+                batch = []
+                self._in_hand = 0
+                continue
+            except Exception:
+                # A bug, not the database: the batch goes (sending it again
+                # would fail again) and the writer lives on for the next one.
+                log.exception("exchange log write failed", exchanges=len(batch))
+                self.dropped_total += len(batch)
+                self._metrics.dropped.inc(len(batch))
+                batch = []
+                self._in_hand = 0
+                continue
+            self._written(len(batch))
+            batch = []
+            self._in_hand = 0
+            delay = self._retry_initial_s
+
+    def _unavailable(self, exc: StoreUnavailable) -> None:
+        if not self._down:
+            self._down = True
+            log.warning(
+                "exchange log unavailable; exchanges wait in the queue",
+                store=self.store.description,
+                queued=len(self._queue),
+                error=str(exc),
+            )
+
+    def _written(self, count: int) -> None:
+        self.written_total += count
+        self._metrics.written.inc(count)
+        if self._down or self._dropping:
+            log.info("exchange log writing again", store=self.store.description,
+                     dropped=self._dropped_unreported)
+            self._down = self._dropping = False
+            self._dropped_unreported = 0
+        if self._waiters:
+            waiting = []
+            for total, future in self._waiters:
+                if self.written_total >= total:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    waiting.append((total, future))
+            self._waiters = waiting
+
+    def _dropped(self, count: int, reason: str) -> None:
+        self.dropped_total += count
+        self._metrics.dropped.inc(count)
+        self._dropped_unreported += count
+        if not self._dropping:
+            # Once until writing works again: an outage is one line, not one
+            # per stream.
+            self._dropping = True
+            log.warning("exchange log dropping exchanges", reason=reason,
+                        max_queue=self._max_queue, store=self.store.description)

@@ -1,0 +1,322 @@
+"""The exchange log through a real gateway, on a SQLite file and on PostgreSQL.
+
+One record per upstream call, written after its stream ends, whatever the
+number of requests that shared it; the stream's outcome; the list API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.exchanges.sqlite import SqliteStore
+from gateway.exchanges.store import StoreUnavailable
+from tests.integration.exchange_fixtures import chat, stream_text, written
+from tests.integration.metrics_scrape import scrape
+from tests.integration.sse_frames import FrameReader
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def files_bytes(directory: Path) -> bytes:
+    """Every byte of every file in ``directory`` (a database, its WAL, its -shm)."""
+    return b"".join(path.read_bytes() for path in sorted(directory.iterdir()))
+
+
+async def test_a_burst_of_50_is_one_exchange_of_2_messages_and_50_subscribers(
+    gateway_factory, store_url
+):
+    """The product's burst test: 50 identical requests, one upstream call,
+    one exchange with the user's message and the answer, 50 request ids."""
+    gateway = await gateway_factory(exchange_log_url=store_url)
+    writer = gateway.state.exchanges.writer
+    prompt = "burst of fifty [sim ttft_ms=50 tokens=8]"
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(
+            *(stream_text(http, gateway.url, chat(prompt)) for _ in range(50))
+        )
+        ended = asyncio.get_running_loop().time()
+        await written(writer, 1)
+        # Durable within a second of the stream's end (a ceiling: at rest it is a tick).
+        assert asyncio.get_running_loop().time() - ended < 1.0
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 200
+            listing = await resp.json()
+    texts = {text for _, text in results}
+    assert len(texts) == 1
+    (answer,) = texts
+    assert gateway.state.registry.statistics().upstream_calls_total == 1
+    assert listing["object"] == "list"
+    (exchange,) = listing["data"]
+    assert exchange["subscribers"] == 50
+    assert sorted(exchange["request_ids"]) == sorted(request_id for request_id, _ in results)
+    assert exchange["outcome"] == "complete"
+    assert exchange["finish_reason"] == "stop"
+    assert exchange["model"] == "sim"
+    assert exchange["usage"]["completion_tokens"] == 8
+    assert exchange["ttft_ms"] > 0 and exchange["duration_ms"] >= exchange["ttft_ms"]
+    # Content off (the default): roles, lengths and hashes, never the text.
+    assert exchange["messages"] == [
+        {"role": "user", "content": None, "length": len(prompt),
+         "sha256": hashlib.sha256(prompt.encode()).hexdigest()},
+        {"role": "assistant", "content": None, "length": len(answer),
+         "sha256": hashlib.sha256(answer.encode()).hexdigest()},
+    ]
+    assert writer.written_total == 1 and writer.dropped_total == 0
+
+
+async def test_content_is_stored_only_when_asked(gateway_factory, store_url):
+    gateway = await gateway_factory(exchange_log_url=store_url, exchange_log_content=True)
+    prompt = "keep my words [sim tokens=5]"
+    async with aiohttp.ClientSession() as http:
+        _, answer = await stream_text(http, gateway.url, chat(prompt))
+        await written(gateway.state.exchanges.writer, 1)
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            (exchange,) = (await resp.json())["data"]
+    assert exchange["messages"] == [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+async def test_a_cancelled_and_a_failed_stream_are_recorded_with_their_outcome(
+    gateway_factory, store_url
+):
+    gateway = await gateway_factory(exchange_log_url=store_url)
+    writer = gateway.state.exchanges.writer
+    async with aiohttp.ClientSession() as http:
+        # Cancelled: the only client leaves after its first token.
+        async with http.post(
+            gateway.v1 + "/chat/completions",
+            json=chat("leave early [sim ttft_ms=0 itl_ms=50 tokens=1000]"),
+        ) as resp:
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and not (
+                frame.data and frame.json().get("choices")
+            ):
+                pass
+            cancelled_id = resp.headers["X-Request-Id"]
+            resp.close()
+        await written(writer, 1)
+        # Failed: the upstream resets the stream after 3 tokens.
+        async with http.post(
+            gateway.v1 + "/chat/completions", json=chat("fail midway [sim reset_after=3]")
+        ) as resp:
+            frames = await FrameReader(resp).rest()
+            failed_id = resp.headers["X-Request-Id"]
+        assert "error" in frames[-1].json()
+        await written(writer, 2)
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            failed, cancelled = (await resp.json())["data"]
+    assert cancelled["request_ids"] == [cancelled_id]
+    assert cancelled["outcome"] == "cancelled"
+    assert cancelled["finish_reason"] == "cancelled"
+    assert cancelled["error"] is None
+    assert failed["request_ids"] == [failed_id]
+    assert failed["outcome"] == "failed"
+    assert failed["finish_reason"] is None
+    assert failed["error"]["code"] == "upstream_stream_reset"
+    # What came before the failure is counted: three tokens' worth of text.
+    assert failed["messages"][1]["length"] > 0
+
+
+async def test_without_content_no_message_text_reaches_the_sqlite_file(gateway_factory, tmp_path):
+    """Every byte of the database (its WAL and shared memory too) is free of
+    the prompt and the answer; with content on the same check finds them."""
+    secret = "zanzibar-quokka-7731 tell me about the blue heron"
+    for keep_content in (False, True):
+        directory = tmp_path / str(keep_content)
+        gateway = await gateway_factory(
+            exchange_log_url=f"sqlite:///{directory}/log.db", exchange_log_content=keep_content
+        )
+        async with aiohttp.ClientSession() as http:
+            _, answer = await stream_text(http, gateway.url, chat(secret + " [sim tokens=40]"))
+        await written(gateway.state.exchanges.writer, 1)
+        stored = files_bytes(directory)
+        assert len(answer) > 100
+        needles = [secret.encode(), answer[:40].encode(), answer[-40:].encode()]
+        found = [needle in stored for needle in needles]
+        assert found == [keep_content] * 3, (keep_content, found)
+
+
+async def test_the_list_pages_filters_and_counts_tokens(gateway_factory, store_url):
+    gateway = await gateway_factory(exchange_log_url=store_url)
+    async with aiohttp.ClientSession() as http:
+        for index, model in enumerate(["alpha", "beta", "alpha", "beta", "alpha"]):
+            await stream_text(http, gateway.url, chat(f"page {index} [sim tokens=3]", model=model))
+            await written(gateway.state.exchanges.writer, index + 1)
+
+        async def listing(query: str) -> list[dict]:
+            async with http.get(gateway.v1 + "/exchanges" + query) as resp:
+                assert resp.status == 200
+                return (await resp.json())["data"]
+
+        everything = await listing("")
+        assert [e["model"] for e in everything] == ["alpha", "beta", "alpha", "beta", "alpha"]
+        assert [e["created"] for e in everything] == sorted(
+            (e["created"] for e in everything), reverse=True
+        )
+        first_two = await listing("?limit=2")
+        assert first_two == everything[:2]
+        after = await listing(f"?limit=2&before={first_two[-1]['id']}")
+        assert after == everything[2:4]
+        alphas = await listing("?model=alpha")
+        assert [e["id"] for e in alphas] == [e["id"] for e in everything if e["model"] == "alpha"]
+        for bad in ("0", "1001", "ten", "-1"):
+            async with http.get(gateway.v1 + "/exchanges?limit=" + bad) as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"]["code"] == "invalid_value"
+        metrics = await scrape(http, gateway.url)
+    assert metrics.one("gateway_tokens_total", direction="completion", model="alpha",
+                       upstream="default") == 9
+    assert metrics.one("gateway_tokens_total", direction="completion", model="beta") == 6
+    assert metrics.one("gateway_exchange_log_written_total") == 5
+    assert metrics.one("gateway_exchange_log_dropped_total") == 0
+
+
+async def test_tokens_are_counted_with_the_log_off(gateway_factory):
+    gateway = await gateway_factory()
+    async with aiohttp.ClientSession() as http:
+        await stream_text(http, gateway.url, chat("count me [sim tokens=7]"))
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "exchange_log_off"
+        metrics = await scrape(http, gateway.url)
+    assert metrics.one("gateway_tokens_total", direction="completion", model="sim",
+                       upstream="default") == 7
+    assert gateway.state.exchanges.recorder.open_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("api_keys", "admin_keys", "presented", "status"),
+    [
+        ((), (), None, 200),  # no auth at all: the demo
+        (("client",), (), "client", 403),  # auth on, no admin key configured
+        (("client",), ("admin",), "client", 403),
+        (("client",), ("admin",), None, 401),
+        (("client",), ("admin",), "admin", 200),
+        ((), ("admin",), None, 401),
+        ((), ("admin",), "wrong", 401),
+        ((), ("admin",), "admin", 200),
+    ],
+)
+async def test_admin_keys_guard_the_list(gateway_factory, tmp_path, api_keys, admin_keys,
+                                         presented, status):
+    gateway = await gateway_factory(
+        exchange_log_url=f"sqlite:///{tmp_path}/log.db",
+        gateway_api_keys=api_keys,
+        gateway_admin_keys=admin_keys,
+    )
+    headers = {} if presented is None else {"Authorization": f"Bearer {presented}"}
+    async with aiohttp.ClientSession() as http, http.get(
+        gateway.v1 + "/exchanges", headers=headers
+    ) as resp:
+        body = await resp.json()
+    assert resp.status == status, body
+    if status != 200:
+        assert set(body["error"]) == {"message", "type", "code"}
+
+
+async def test_api_key_ids_are_hashes_never_keys(gateway_factory, tmp_path):
+    gateway = await gateway_factory(
+        exchange_log_url=f"sqlite:///{tmp_path}/log.db",
+        exchange_log_content=True,
+        gateway_api_keys=("sk-client-one", "sk-client-two"),
+        gateway_admin_keys=("sk-admin",),
+        coalesce_scope="global",
+    )
+    prompt = "shared by two keys [sim ttft_ms=100 tokens=3]"
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(
+            stream_text(http, gateway.url, chat(prompt), {"Authorization": f"Bearer {key}"})
+            for key in ("sk-client-one", "sk-client-two", "sk-client-one")
+        ))
+        await written(gateway.state.exchanges.writer, 1)
+        async with http.get(gateway.v1 + "/exchanges",
+                            headers={"Authorization": "Bearer sk-admin"}) as resp:
+            (exchange,) = (await resp.json())["data"]
+    assert exchange["subscribers"] == 3
+    assert sorted(exchange["api_key_ids"]) == sorted(
+        hashlib.sha256(key.encode()).hexdigest() for key in ("sk-client-one", "sk-client-two")
+    )
+    stored = files_bytes(tmp_path)
+    assert b"sk-client" not in stored
+
+
+async def test_bin_exchanges_reads_the_burst_from_the_database(gateway_factory, store_url):
+    """The burst's one exchange, 2 messages and 50 subscribers, as the
+    command prints it from the database alone (no gateway needed)."""
+    gateway = await gateway_factory(exchange_log_url=store_url)
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(
+            stream_text(http, gateway.url, chat("burst for the table [sim ttft_ms=50 tokens=4]"))
+            for _ in range(50)
+        ))
+    await written(gateway.state.exchanges.writer, 1)
+    for argv, expect in ((["--db", store_url], "table"), (["--db", store_url, "--json"], "json")):
+        process = await asyncio.create_subprocess_exec(
+            str(ROOT / "bin" / "exchanges"), *argv, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        assert process.returncode == 0, err
+        lines = out.decode().splitlines()
+        if expect == "table":
+            header, row = lines
+            columns = dict(zip(header.split(), row.split()[1:], strict=True))  # date, time
+            assert (columns["MSGS"], columns["SUBS"], columns["OUTCOME"]) == ("2", "50", "complete")
+        else:
+            (line,) = lines
+            exchange = json.loads(line)
+            assert (len(exchange["messages"]), exchange["subscribers"]) == (2, 50)
+
+
+async def test_every_api_sharing_a_call_is_one_of_its_subscribers(gateway_factory, tmp_path):
+    """A streaming and a non-streaming OpenAI request and a native stream
+    with the same prompt share one upstream call: one exchange, three ids."""
+    gateway = await gateway_factory(exchange_log_url=f"sqlite:///{tmp_path}/log.db")
+    body = chat("three ways [sim ttft_ms=150 tokens=4]")
+
+    async def post(path: str, payload: dict) -> str:
+        async with http.post(gateway.v1 + path, json=payload) as resp:
+            assert resp.status == 200
+            await resp.read()
+            return resp.headers["X-Request-Id"]
+
+    async with aiohttp.ClientSession() as http:
+        ids = await asyncio.gather(
+            post("/chat/completions", body),
+            post("/chat/completions", {**body, "stream": False}),
+            post("/stream", body),
+        )
+        await written(gateway.state.exchanges.writer, 1)
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            (exchange,) = (await resp.json())["data"]
+    assert gateway.state.registry.statistics().upstream_calls_total == 1
+    assert sorted(exchange["request_ids"]) == sorted(ids)
+    assert exchange["subscribers"] == 3 and len(exchange["messages"]) == 2
+
+
+async def test_a_file_that_is_not_a_database_degrades_only_the_log(gateway_factory, tmp_path):
+    path = tmp_path / "log.db"
+    path.write_bytes(b"this is not a SQLite database, it is a text file" * 100)
+    gateway = await gateway_factory(exchange_log_url=f"sqlite:///{path}")
+    async with aiohttp.ClientSession() as http:
+        _, text = await stream_text(http, gateway.url, chat("still streams [sim tokens=2]"))
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 503
+    assert text and not gateway.state.exchanges.writer.connected
+    # Nor does a failed connect leave a connection's thread behind (one that
+    # is not a daemon keeps the process from exiting).
+    before = set(threading.enumerate())
+    with pytest.raises(StoreUnavailable):
+        await SqliteStore(str(path)).connect()
+    for thread in set(threading.enumerate()) - before:
+        await asyncio.to_thread(thread.join, 5)
+        assert not thread.is_alive()

@@ -1,0 +1,264 @@
+"""The exchange log when things go wrong: the gateway killed, the database
+stopped, an older schema."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import aiosqlite
+import asyncpg
+
+from gateway.exchanges import schema
+from gateway.exchanges.postgres import PostgresStore, migrate_postgres
+from gateway.exchanges.sqlite import SqliteStore, migrate_sqlite
+from tests.integration.exchange_fixtures import chat, stream_text, written
+from tests.integration.metrics_scrape import scrape
+from tests.integration.postgres_fixture import PostgresServer
+from tests.integration.sse_frames import FrameReader
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTENING = re.compile(rb"llm-stream-gateway listening on (http://127\.0\.0\.1:\d+) ")
+
+
+@asynccontextmanager
+async def gateway_process(env: dict[str, str]) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``python -m gateway`` on the embedded simulator, as ``make run`` starts it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway",
+        cwd=ROOT,
+        env={**os.environ, "GATEWAY_PORT": "0", "LOG_LEVEL": "warning", **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        match = LISTENING.match(line)
+        assert match, line
+        yield process, match.group(1).decode()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.communicate()
+
+
+async def test_an_exchange_survives_the_gateway_killed_a_second_after_its_stream(tmp_path):
+    """Durable within 1 s of the stream's end: SIGKILL leaves no chance to
+    flush, and the restarted gateway lists the exchange."""
+    env = {"EXCHANGE_LOG_URL": f"sqlite:///{tmp_path}/exchanges.db"}
+    async with gateway_process(env) as (process, url), aiohttp.ClientSession() as http:
+        request_id, _ = await stream_text(http, url, chat("kill me later [sim ttft_ms=5 tokens=4]"))
+        await asyncio.sleep(1.0)  # the scenario: the kill comes 1 s after the end
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    assert process.returncode == -signal.SIGKILL
+    async with gateway_process(env) as (_, url), aiohttp.ClientSession() as http:
+        async with http.get(url + "/v1/exchanges") as resp:
+            assert resp.status == 200
+            (exchange,) = (await resp.json())["data"]
+        assert exchange["request_ids"] == [request_id]
+        assert exchange["outcome"] == "complete"
+        # And the command-line table shows it: 2 messages, 1 subscriber.
+        table = await asyncio.create_subprocess_exec(
+            str(ROOT / "bin" / "exchanges"), "--url", url, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await table.communicate()
+    assert table.returncode == 0, err
+    header, row = out.decode().splitlines()
+    assert header.split() == ["CREATED", "ID", "MODEL", "OUTCOME", "FINISH", "MSGS", "SUBS",
+                              "PROMPT", "COMPL", "TTFT_MS", "DUR_MS"]
+    cells = row.split()
+    assert cells[2:9] == [exchange["id"], "sim", "complete", "stop", "2", "1",
+                          str(exchange["usage"]["prompt_tokens"])]
+
+
+async def test_streams_go_on_while_the_database_is_down_and_writing_resumes(
+    gateway_factory, postgres: PostgresServer
+):
+    """PostgreSQL stopped mid-run: every stream still completes, records wait
+    in the queue (3) and the rest are dropped and counted; once the server is
+    back, the writer reconnects by itself and writes what waited."""
+    url = postgres.create_database("exchanges_outage")
+    gateway = await gateway_factory(exchange_log_url=url, exchange_log_queue=3)
+    writer = gateway.state.exchanges.writer
+    async with aiohttp.ClientSession() as http:
+        await stream_text(http, gateway.url, chat("before the outage [sim tokens=3]"))
+        await written(writer, 1)
+        await asyncio.to_thread(postgres.stop)
+        try:
+            during = []
+            for index in range(8):
+                request_id, text = await stream_text(
+                    http, gateway.url, chat(f"during the outage {index} [sim tokens=3]")
+                )
+                assert text  # the stream itself is untouched
+                during.append(request_id)
+            # One record in the writer's hand, 3 in the queue, the rest dropped.
+            assert writer.dropped_total == 8 - 1 - 3
+            assert not writer.connected
+            async with http.get(gateway.v1 + "/exchanges") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["code"] == "exchange_log_unavailable"
+        finally:
+            await asyncio.to_thread(postgres.start)
+        kept = 8 - writer.dropped_total
+        await written(writer, 1 + kept)
+        async with http.get(gateway.v1 + "/exchanges?limit=100") as resp:
+            listed = (await resp.json())["data"]
+        metrics = await scrape(http, gateway.url)
+    assert len(listed) == 1 + kept
+    # The first ones waited and were written; the later ones were dropped.
+    assert [e["request_ids"][0] for e in reversed(listed[:-1])] == during[:kept]
+    assert metrics.one("gateway_exchange_log_dropped_total") == writer.dropped_total
+    assert metrics.one("gateway_exchange_log_written_total") == 1 + kept
+
+
+async def test_a_slow_database_holds_the_writer_not_the_streams(
+    gateway_factory, postgres: PostgresServer
+):
+    """The exchanges table locked by someone else: inserts wait, streams do
+    not; when the lock goes, the waiting batch and the queue are written."""
+    url = postgres.create_database("exchanges_slow")
+    gateway = await gateway_factory(exchange_log_url=url)
+    writer = gateway.state.exchanges.writer
+    blocker = await asyncpg.connect(url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            transaction = blocker.transaction()
+            await transaction.start()
+            await blocker.execute("LOCK TABLE exchanges IN ACCESS EXCLUSIVE MODE")
+            started = asyncio.get_running_loop().time()
+            for index in range(5):
+                _, text = await stream_text(http, gateway.url, chat(f"slow db {index} [sim tokens=3]"))
+                assert text
+            streamed_s = asyncio.get_running_loop().time() - started
+            assert writer.written_total == 0
+            await transaction.commit()
+            await written(writer, 5)
+    finally:
+        await blocker.close()
+    # A ceiling: five short streams, nowhere near the writer's 5 s timeout.
+    assert streamed_s < 4.0
+    assert writer.dropped_total == 0
+
+
+async def test_a_database_that_refuses_the_gateway_degrades_only_the_log(
+    gateway_factory, postgres: PostgresServer
+):
+    """No such database: the gateway starts and streams; exchanges wait,
+    then drop (counted); the list answers 503."""
+    gateway = await gateway_factory(exchange_log_url=postgres.url("no_such_database"),
+                                    exchange_log_queue=2)
+    writer = gateway.state.exchanges.writer
+    async with aiohttp.ClientSession() as http:
+        for index in range(4):
+            _, text = await stream_text(http, gateway.url, chat(f"refused {index} [sim tokens=2]"))
+            assert text
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 503
+    assert not writer.connected
+    assert writer.written_total == 0 and writer.dropped_total == 4 - 1 - 2
+
+
+V1_ROW = (
+    "xchg_old", 1_700_000_000.5, "old-model", "sim", "complete", "stop", None, 3, 5, 12.5, 40.0, 1,
+    '["req-old"]', '[{"role":"user","content":null,"length":2,"sha256":"x"}]',
+)
+V1_INSERT_COLUMNS = (
+    "id, created, model, upstream, outcome, finish_reason, error, prompt_tokens, "
+    "completion_tokens, ttft_ms, duration_ms, subscribers, request_ids, messages"
+)
+
+
+async def test_sqlite_migrates_from_the_first_schema(tmp_path):
+    path = str(tmp_path / "old.db")
+    async with aiosqlite.connect(path) as old:
+        assert await migrate_sqlite(old, schema.SQLITE[:1]) == 1
+        await old.execute(
+            f"INSERT INTO exchanges ({V1_INSERT_COLUMNS}) VALUES ({', '.join('?' * 14)})", V1_ROW
+        )
+        await old.commit()
+    for _ in range(2):  # the second start finds nothing to do
+        store = SqliteStore(path)
+        await store.connect()
+        (exchange,) = await store.recent(limit=10)
+        await store.aclose()
+        assert exchange["id"] == "xchg_old"
+        assert exchange["api_key_ids"] == [] and exchange["process"] == ""
+        assert exchange["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    async with aiosqlite.connect(path) as db, db.execute(
+        f"SELECT version FROM {schema.VERSION_TABLE} ORDER BY version"
+    ) as cursor:
+        assert [row[0] async for row in cursor] == [1, 2]
+
+
+async def test_postgres_migrates_from_the_first_schema(postgres: PostgresServer):
+    url = postgres.create_database("exchanges_migration")
+    old = await asyncpg.connect(url)
+    try:
+        assert await migrate_postgres(old, schema.POSTGRES[:1]) == 1
+        placeholders = ", ".join(
+            f"${i}::jsonb" if i in (13, 14) else f"${i}" for i in range(1, 15)
+        )
+        await old.execute(f"INSERT INTO exchanges ({V1_INSERT_COLUMNS}) VALUES ({placeholders})",
+                          *V1_ROW)
+    finally:
+        await old.close()
+    # Two gateways starting at once: the advisory lock lets one migrate.
+    stores = [PostgresStore(url), PostgresStore(url)]
+    await asyncio.gather(*(store.connect() for store in stores))
+    try:
+        (exchange,) = await stores[0].recent(limit=10)
+        assert exchange["id"] == "xchg_old"
+        assert exchange["api_key_ids"] == [] and exchange["process"] == ""
+        assert exchange["messages"] == [{"role": "user", "content": None, "length": 2,
+                                         "sha256": "x"}]
+    finally:
+        for store in stores:
+            await store.aclose()
+    check = await asyncpg.connect(url)
+    try:
+        versions = await check.fetch(f"SELECT version FROM {schema.VERSION_TABLE} ORDER BY version")
+    finally:
+        await check.close()
+    assert [row["version"] for row in versions] == [1, 2]
+
+
+async def test_streams_ended_by_a_drain_are_written_before_the_gateway_exits(tmp_path):
+    """SIGTERM with no drain time: the stream in flight ends with an in-stream
+    ``shutting_down`` error, and its exchange is in the file when the
+    process has exited."""
+    path = tmp_path / "exchanges.db"
+    env = {"EXCHANGE_LOG_URL": f"sqlite:///{path}", "DRAIN_TIMEOUT_S": "0"}
+    async with gateway_process(env) as (process, url), aiohttp.ClientSession() as http:
+        async with http.post(
+            url + "/v1/chat/completions", json=chat("cut short [sim ttft_ms=0 itl_ms=50 tokens=1000]")
+        ) as response:
+            reader = FrameReader(response)
+            while (frame := await reader.next()) is not None and not (
+                frame.data and frame.json().get("choices")
+            ):
+                pass
+            request_id = response.headers["X-Request-Id"]
+            process.send_signal(signal.SIGTERM)
+            frames = await reader.rest()
+        assert frames[-1].json()["error"]["code"] == "shutting_down"
+        assert await process.wait() == 0
+    store = SqliteStore(str(path))
+    await store.connect()
+    try:
+        (exchange,) = await store.recent(limit=10)
+    finally:
+        await store.aclose()
+    assert exchange["request_ids"] == [request_id]
+    assert exchange["outcome"] == "failed"
+    assert exchange["error"]["code"] == "shutting_down"

@@ -1,0 +1,51 @@
+"""EXCHANGE_LOG_* and GATEWAY_ADMIN_KEYS as the gateway reads them."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import ConfigError, Settings
+from gateway.exchanges.postgres import safe_description
+from gateway.exchanges.store import sqlite_path
+
+
+def test_the_log_is_off_unless_a_url_is_given():
+    settings = Settings.from_env({})
+    assert settings.exchange_log_url is None
+    assert (settings.exchange_log_content, settings.exchange_log_queue) == (False, 10_000)
+    assert settings.gateway_admin_keys == ()
+
+
+@pytest.mark.parametrize("url", [
+    "sqlite:///.gateway/exchanges.db",
+    "sqlite:////var/lib/llm-gateway/exchanges.db",
+    "postgresql://gateway@db.internal:5432/gateway",
+    "postgres://gateway:secret@127.0.0.1/gateway?statement_cache_size=0",
+])
+def test_accepted_urls(url):
+    settings = Settings.from_env({"EXCHANGE_LOG_URL": url, "EXCHANGE_LOG_CONTENT": "1",
+                                  "GATEWAY_ADMIN_KEYS": "a, b"})
+    assert settings.exchange_log_url == url
+    assert settings.exchange_log_content is True
+    assert settings.gateway_admin_keys == ("a", "b")
+    # A password in the URL stays out of the settings' repr (start-up logs).
+    assert "secret" not in repr(settings)
+
+
+@pytest.mark.parametrize("url", ["mysql://x/y", "sqlite://x.db", "sqlite:///", "sqlite:///dir/",
+                                 "postgresql:///nohost", "exchanges.db"])
+def test_refused_urls_name_the_variable(url):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"EXCHANGE_LOG_URL": url})
+    assert raised.value.variable == "EXCHANGE_LOG_URL"
+    assert "sqlite:///" in str(raised.value)
+
+
+def test_sqlite_paths_are_relative_with_three_slashes_absolute_with_four():
+    assert sqlite_path("sqlite:///.gateway/exchanges.db") == ".gateway/exchanges.db"
+    assert sqlite_path("sqlite:////var/lib/x.db") == "/var/lib/x.db"
+
+
+def test_a_postgres_url_is_described_without_its_credentials():
+    described = safe_description("postgresql://gateway:secret@db.internal:5432/gw")
+    assert described == "postgresql db.internal:5432/gw"

@@ -1,0 +1,91 @@
+"""The writer with a real SQLite store: batches, the bounded queue, a batch
+the database refuses, the flush on close."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from gateway.exchanges.metrics import ExchangeMetrics
+from gateway.exchanges.record import Exchange, Usage
+from gateway.exchanges.sqlite import SqliteStore
+from gateway.exchanges.writer import ExchangeWriter
+
+
+def exchange(number: int, *, id: str | None = None) -> Exchange:
+    return Exchange(
+        id=id or f"xchg_{number:04d}", created=1_800_000_000.0 + number, model="m", upstream="u",
+        process="h:1", messages=({"role": "user", "content": None, "length": 1, "sha256": "x"},),
+        outcome="complete", finish_reason="stop", error=None, usage=Usage(1, 2), ttft_ms=1.0,
+        duration_ms=2.0, subscribers=1, request_ids=(f"r{number}",), api_key_ids=(),
+    )
+
+
+def metric(registry: CollectorRegistry, name: str) -> float:
+    value = registry.get_sample_value(name)
+    return 0.0 if value is None else value
+
+
+async def test_records_queued_together_are_written_as_one_batch(tmp_path: Path):
+    registry = CollectorRegistry()
+    store = SqliteStore(str(tmp_path / "log.db"))
+    writer = ExchangeWriter(store, ExchangeMetrics(registry), max_batch=50)
+    await writer.start()
+    for number in range(120):  # in one tick: the writer takes them in batches of 50
+        writer.submit(exchange(number))
+    async with asyncio.timeout(10):
+        await writer.wait_written(120)
+    listed = await store.recent(limit=1000)
+    assert [e["id"] for e in listed] == [f"xchg_{n:04d}" for n in reversed(range(120))]
+    assert metric(registry, "gateway_exchange_log_written_total") == 120
+    await writer.aclose()
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_a_full_queue_drops_new_records_and_counts_them(tmp_path: Path):
+    registry = CollectorRegistry()
+    writer = ExchangeWriter(SqliteStore(str(tmp_path / "log.db")), ExchangeMetrics(registry),
+                            max_queue=5)
+    await writer.start()
+    for number in range(8):  # before the writer task runs once
+        writer.submit(exchange(number))
+    assert (writer.queued, writer.dropped_total) == (5, 3)
+    assert metric(registry, "gateway_exchange_log_dropped_total") == 3
+    async with asyncio.timeout(10):
+        await writer.wait_written(5)
+    await writer.aclose()
+
+
+async def test_a_refused_batch_is_dropped_and_writing_goes_on(tmp_path: Path):
+    registry = CollectorRegistry()
+    store = SqliteStore(str(tmp_path / "log.db"))
+    writer = ExchangeWriter(store, ExchangeMetrics(registry))
+    await writer.start()
+    writer.submit(exchange(1))
+    async with asyncio.timeout(10):
+        await writer.wait_written(1)
+    writer.submit(exchange(2, id="xchg_0001"))  # the same id: the database refuses the batch
+    writer.submit(exchange(3))
+    await asyncio.sleep(0)  # the writer wakes and takes those two as one batch, refused whole
+    writer.submit(exchange(4))
+    async with asyncio.timeout(10):
+        await writer.wait_written(2)
+    assert [e["id"] for e in await store.recent(limit=10)] == ["xchg_0004", "xchg_0001"]
+    assert writer.dropped_total == 2
+    await writer.aclose()
+
+
+async def test_close_writes_what_is_queued(tmp_path: Path):
+    path = str(tmp_path / "log.db")
+    writer = ExchangeWriter(SqliteStore(path), ExchangeMetrics(CollectorRegistry()))
+    await writer.start()
+    for number in range(30):
+        writer.submit(exchange(number))
+    await writer.aclose()
+    assert writer.written_total == 30 and writer.dropped_total == 0
+    store = SqliteStore(path)
+    await store.connect()
+    assert len(await store.recent(limit=100)) == 30
+    await store.aclose()
