@@ -112,10 +112,9 @@ async def test_a_body_that_is_not_utf8_is_400(gateway_factory):
         async with http.post(gateway.v1 + "/chat/completions", data=body, headers=JSON) as resp:
             assert resp.status == 400
             assert await resp.json() == {"error": {
-                "message": "request body is not valid JSON: 'utf-8' codec can't decode byte 0xff "
-                           "in position 57: invalid start byte",
+                "message": "request body is not valid UTF-8 (at byte 57)",
                 "type": "invalid_request_error",
-                "code": "invalid_json",
+                "code": "invalid_encoding",
             }}
         await assert_still_serving(http, gateway.v1)
     assert len(gateway.sim.log.records) == 1

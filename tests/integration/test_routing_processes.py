@@ -74,8 +74,12 @@ async def test_a_routing_file_with_simulator_processes(tmp_path: Path) -> None:
             seen_backup = await requests_seen(http, backup)
             gateway.process.terminate()
     # The key went to the upstream that names it, and only there.
-    assert [(r["status"], r["authorization"]) for r in seen_broken] == [(503, True)] * 2
-    assert [r["authorization"] for r in seen_backup] == [False] * 6
+    # (How many reach each depends on when the breaker's cooldown lets a
+    # probe through on a loaded machine: at least the two that opened it,
+    # and every answer from the backup.)
+    assert len(seen_broken) >= 2 and {(r["status"], r["authorization"]) for r in seen_broken} == {
+        (503, True)}
+    assert len(seen_backup) >= 6 and {r["authorization"] for r in seen_backup} == {False}
     assert all("sk-broken" not in str(line) for line in gateway.log)
 
 
