@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.perf import bench_fanout, bench_gateway, bench_h2_relay
+from tests.perf import bench_cpu, bench_fanout, bench_gateway, bench_h2_relay
 
 OUT = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 PROFILES = Path(__file__).resolve().parent / "PROFILES.md"
@@ -83,6 +83,7 @@ async def main(quick: bool) -> str:
         await bench_h2_relay.report(),
         await _fanout_section(),
         await bench_gateway.report(quick=quick),
+        await bench_cpu.section(quick=quick),
     ]
     header = [
         "# Benchmarks",
@@ -106,7 +107,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--write", action="store_true", help="with --quick: rewrite BENCHMARKS.md anyway")
+    parser.add_argument("--only", choices=["cpu"], help="run this section alone; print it, write nothing")
     args = parser.parse_args()
+    if args.only == "cpu":
+        print(asyncio.run(bench_cpu.section(quick=args.quick)))
+        sys.exit(0)
     text = asyncio.run(main(args.quick))
     print(text)
     if not args.quick or args.write:
