@@ -157,9 +157,9 @@ def main() -> int:
     except ConfigError as exc:
         print(f"llm-stream-gateway: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
     if not settings.orjson:
         json_codec.use_standard_library()
+    configure_logging(settings.log_level, settings.log_format)  # its JSON is json_codec's
     run_event_loop(serve(settings), use_uvloop=settings.uvloop)
     return 0
 

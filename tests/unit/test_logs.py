@@ -8,12 +8,15 @@ gateway gets cached with this test's settings.
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
+from gateway import json_codec
 from gateway.logs import configure_logging
 
 SECRET = "sk-live-abcdef0123456789"
@@ -91,3 +94,50 @@ def test_console_renderer_is_human_text_and_still_redacts(capsys):
     assert SECRET not in out
     with pytest.raises(ValueError):
         json.loads(out)
+
+
+def test_timestamp_is_iso_utc_with_microseconds_and_now(capsys):
+    configure_logging("info", "json")
+    before = datetime.datetime.now(datetime.UTC)
+    structlog.get_logger("test-time").info("tick")
+    after = datetime.datetime.now(datetime.UTC)
+    (line,) = json_lines(capsys.readouterr().err)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
+    stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert before - datetime.timedelta(microseconds=1) <= stamp <= after
+
+
+def test_values_orjson_refuses_still_make_one_json_line(capsys):
+    configure_logging("info", "json")
+    structlog.get_logger("test-fallback").info(
+        "odd values", big=2**70, mapping={1: "int key"}, thing=object, text="é \u2028"
+    )
+    (line,) = json_lines(capsys.readouterr().err)
+    assert line["big"] == 2**70 and line["mapping"] == {"1": "int key"}
+    assert line["thing"] == repr(object) and line["text"] == "é \u2028"
+
+
+def test_standard_library_json_when_orjson_is_off(capsys, monkeypatch):
+    # GATEWAY_ORJSON=0: python -m gateway chooses the standard library first.
+    for name in ("_fast", "BACKEND", "dumps", "loads"):
+        monkeypatch.setattr(json_codec, name, getattr(json_codec, name))  # restored after
+    json_codec.use_standard_library()
+    configure_logging("info", "json")
+    structlog.get_logger("test-stdlib").info("plain", n=1, token=SECRET)
+    out = capsys.readouterr().err
+    assert SECRET not in out
+    (line,) = json_lines(out)
+    assert (line["n"], line["token"]) == (1, "[redacted]")
+
+
+def test_redaction_is_decided_per_field_name_whatever_was_logged_before(capsys):
+    configure_logging("info", "json")
+    logger = structlog.get_logger("test-redact-order")
+    logger.info("first", note="public", count=1)
+    logger.info("second", note="public", count=2, Token=SECRET)
+    logger.info("third", note="public", count=3)
+    out = capsys.readouterr().err
+    assert SECRET not in out
+    first, second, third = json_lines(out)
+    assert second["Token"] == "[redacted]" and second["note"] == "public"
+    assert (first["count"], third["count"]) == (1, 3)
