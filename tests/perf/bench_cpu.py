@@ -4,8 +4,10 @@ The same streamed requests through the gateway, through nginx
 (``proxy_buffering off``) and straight to the simulator, in one run: 1-token
 and 20-token answers, distinct prompts, a fixed number of clients each sending
 its next request as soon as the previous one ends. Each proxy's CPU time is
-read from /proc/<pid>/stat before and after; a proxy's CPU per request is the
-figure, its ratio to nginx's the verdict (the machine's noise falls on both).
+read from /proc before and after (each thread's schedstat, to the nanosecond:
+/proc/<pid>/stat counts 10 ms ticks, ~15 of them for nginx's 2,000 one-token
+requests); a proxy's CPU per request is the figure, its ratio to nginx's the
+verdict (the machine's noise falls on both).
 
 The burst row is the cost seen by clients: N distinct requests released
 together, so the last of them waits for the proxy to handle the ones before
@@ -91,7 +93,8 @@ async def cpu_per_request(
                     order.reverse()
                 for name in order:
                     proxy = systems.get(name)
-                    before = (proxy.cpu_seconds() if proxy else 0.0, sim.cpu_seconds(), time.monotonic())
+                    before = (proxy.cpu_seconds_fine() if proxy else 0.0, sim.cpu_seconds_fine(),
+                              time.monotonic())
                     failed = await _closed_loop(
                         http, targets[name] + "/v1/chat/completions",
                         f"cpu {name} {tokens} {round_no} {time.time_ns()}", tokens, count, clients,
@@ -99,9 +102,9 @@ async def cpu_per_request(
                     if round_no == 0:
                         continue
                     elapsed[name] += time.monotonic() - before[2]
-                    sim_cpu[name] += sim.cpu_seconds() - before[1]
+                    sim_cpu[name] += sim.cpu_seconds_fine() - before[1]
                     if proxy is not None:
-                        proxy_cpu[name] += proxy.cpu_seconds() - before[0]
+                        proxy_cpu[name] += proxy.cpu_seconds_fine() - before[0]
                     errors[name] += failed
                     done[name] += count
             row: dict[str, Any] = {"tokens": tokens, "requests": done["direct"], "clients": clients}
@@ -211,7 +214,8 @@ async def section(*, quick: bool = False) -> str:
         f"{CPU_ITL_MS} ms between tokens; the same requests straight to the simulator, through "
         "the gateway (h2c upstream) and through nginx (`proxy_buffering off`, HTTP/1.1 upstream), "
         "in one run, the systems taking turns in two rounds after a warm-up round. CPU is each "
-        "process's user + system time from /proc/<pid>/stat over its requests.", "",
+        "process's on-CPU time over its requests, from /proc (the scheduler's per-thread "
+        "schedstat, in nanoseconds; /proc/<pid>/stat's 10 ms ticks where there is none).", "",
     ]
     out += _cpu_table(rows)
     out += ["", f"### Synchronized burst ({BURST_LEVEL} distinct requests released together)", "",
