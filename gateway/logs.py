@@ -9,6 +9,8 @@ name up once per process.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import functools
 import json
 import logging
@@ -16,7 +18,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -69,6 +71,42 @@ class _UTCTimestamp:
         return event
 
 
+class TickWriter:
+    """structlog's logger: the lines logged in one event-loop iteration leave
+    in one write, at its end (a write to a pipe, as stderr is under a
+    supervisor, also wakes the reader: that, not the formatting, was most of
+    a request line's cost). Outside a running loop each line is written at
+    once, after any still pending; and whatever is pending at exit is written."""
+
+    __slots__ = ("_file", "_pending", "_flush_on")
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._pending: list[str] = []
+        #: The loop whose next iteration writes what is pending.
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+
+    def msg(self, message: str) -> None:
+        self._pending.append(message)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_on is not loop:
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    log = debug = info = warning = warn = error = err = critical = fatal = exception = failure = msg
+
+    def flush(self) -> None:
+        self._flush_on = None
+        if self._pending:
+            lines, self._pending = self._pending, []
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+
+
 def _json_serializer() -> Callable[..., str]:
     """``json.dumps`` for structlog's renderer: orjson's when the gateway's
     JSON is, the standard library deciding what orjson refuses (keys that are
@@ -88,12 +126,20 @@ def _json_serializer() -> Callable[..., str]:
     return dumps
 
 
+#: Where the lines go; what it holds at exit is written then.
+_writer = TickWriter(sys.stderr)
+atexit.register(lambda: _writer.flush())
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if fmt == "console"
         else structlog.processors.JSONRenderer(_json_serializer())
     )
+    global _writer
+    _writer.flush()
+    writer = _writer = TickWriter(sys.stderr)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -104,6 +150,6 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )

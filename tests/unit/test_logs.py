@@ -8,6 +8,7 @@ gateway gets cached with this test's settings.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import re
@@ -17,7 +18,7 @@ import pytest
 import structlog
 
 from gateway import json_codec
-from gateway.logs import configure_logging
+from gateway.logs import TickWriter, configure_logging
 
 SECRET = "sk-live-abcdef0123456789"
 
@@ -141,3 +142,54 @@ def test_redaction_is_decided_per_field_name_whatever_was_logged_before(capsys):
     first, second, third = json_lines(out)
     assert second["Token"] == "[redacted]" and second["note"] == "public"
     assert (first["count"], third["count"]) == (1, 3)
+
+
+class Sink:
+    """A text file that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_lines_of_one_loop_iteration_leave_in_one_write_in_order() -> None:
+    sink = Sink()
+    writer = TickWriter(sink)
+
+    async def main() -> list[str]:
+        writer.msg("one")
+        writer.msg("two")
+        seen_in_the_same_iteration = list(sink.writes)
+        await asyncio.sleep(0)  # the iteration ends: its lines are written
+        writer.msg("three")
+        await asyncio.sleep(0)
+        return seen_in_the_same_iteration
+
+    assert asyncio.run(main()) == []
+    assert sink.writes == ["one\ntwo\n", "three\n"]
+    writer.msg("outside a loop")  # no iteration to wait for
+    assert sink.writes[-1] == "outside a loop\n"
+
+
+def test_a_line_pending_when_its_loop_ends_leaves_with_the_next_one() -> None:
+    sink = Sink()
+    writer = TickWriter(sink)
+    loop = asyncio.new_event_loop()
+    loop.call_soon(writer.msg, "last of a loop")
+    loop.call_soon(loop.stop)  # the loop stops after this iteration: the flush never runs
+    loop.run_forever()
+    loop.close()
+    assert sink.writes == []
+
+    async def main() -> None:
+        writer.msg("first of the next")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert sink.writes == ["last of a loop\nfirst of the next\n"]
