@@ -243,9 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("llm-stream-gateway: neither UPSTREAM_URL nor GATEWAY_CONFIG is set, and "
               "--require-upstream refuses to serve the built-in simulator", file=sys.stderr)
         return EXIT_BAD_CONFIGURATION
-    configure_logging(settings.log_level, settings.log_format)
     if not settings.orjson:
         json_codec.use_standard_library()
+    configure_logging(settings.log_level, settings.log_format)  # its JSON is json_codec's
     try:
         run_event_loop(serve(settings), use_uvloop=settings.uvloop)
     except ListenError as exc:

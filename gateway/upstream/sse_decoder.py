@@ -114,6 +114,12 @@ class SSEDecoder:
             data = self._strip_bom(data)
         if not data:
             return []
+        if self._is_one_data_event(data):
+            # What nearly every upstream chunk is (`data: {...}` and the empty
+            # line): the event without the general line loop.
+            self._last_event_id = self._id_buffer
+            value = data[len(_DATA_PREFIX) : -2].decode("utf-8", "replace")
+            return [SSEEvent("message", value, self._last_event_id, None)]
         if self._partial:
             if b"\n" not in data and b"\r" not in data:
                 # Still inside one line: just collect the piece.
@@ -158,6 +164,21 @@ class SSEDecoder:
         self._expect_bom = False
         self._bom_prefix = b""
         return head[len(_BOM) :] if head.startswith(_BOM) else head
+
+    def _is_one_data_event(self, data: bytes) -> bool:
+        """``data`` is one whole event of one ``data`` line, and nothing of
+        another event is pending: it decodes to that line's value alone."""
+        return (
+            data.startswith(_DATA_PREFIX)
+            and data.endswith(b"\n\n")
+            and data.count(b"\n") == 2
+            and b"\r" not in data
+            and len(data) <= self._max_event_bytes
+            and not self._partial
+            and not self._data
+            and not self._event_type
+            and self._event_retry is None
+        )
 
     def _keep_partial(self, piece: bytes) -> None:
         self._partial.append(piece)

@@ -19,7 +19,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.perf import bench_exchanges, bench_fanout, bench_gateway, bench_h2_relay, bench_soak
+from tests.perf import (
+    bench_cpu,
+    bench_exchanges,
+    bench_fanout,
+    bench_gateway,
+    bench_h2_relay,
+    bench_soak,
+)
 
 OUT = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
@@ -112,6 +119,7 @@ async def main(quick: bool) -> str:
         await bench_h2_relay.report(),
         await _fanout_section(),
         await bench_gateway.report(quick=quick),
+        await bench_cpu.section(quick=quick),
         "\n".join(await bench_exchanges.section(1000 if quick else 10_000)),
         # 5 minutes a protocol; --quick: a 30 s smoke run.
         "\n".join(await bench_soak.section(30 if quick else 300)),
@@ -125,7 +133,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--write", action="store_true", help="with --quick: rewrite BENCHMARKS.md anyway")
+    parser.add_argument("--only", choices=["cpu"], help="run this section alone; print it, write nothing")
     args = parser.parse_args()
+    if args.only == "cpu":
+        print(asyncio.run(bench_cpu.section(quick=args.quick)))
+        sys.exit(0)
     text = asyncio.run(main(args.quick))
     print(text)
     if not args.quick or args.write:

@@ -8,6 +8,8 @@ gateway gets cached with this test's settings.
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import io
 import json
 import re
@@ -17,8 +19,9 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
+from gateway import json_codec
 from gateway.config import Settings
-from gateway.logs import configure_logging
+from gateway.logs import TickWriter, configure_logging
 
 SECRET = "sk-live-abcdef0123456789"
 
@@ -143,3 +146,101 @@ def test_every_configured_secret_is_kept_out_of_every_field(capsys):
     assert line["detail"] == "body quoted [redacted] twice: [redacted]"
     assert "Incorrect API key provided: [redacted]" in line["exception"]
     assert line["note"] == "a short word stays"
+
+
+def test_timestamp_is_iso_utc_with_microseconds_and_now(capsys):
+    configure_logging("info", "json")
+    before = datetime.datetime.now(datetime.UTC)
+    structlog.get_logger("test-time").info("tick")
+    after = datetime.datetime.now(datetime.UTC)
+    (line,) = json_lines(capsys.readouterr().err)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"])
+    stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert before - datetime.timedelta(microseconds=1) <= stamp <= after
+
+
+def test_values_orjson_refuses_still_make_one_json_line(capsys):
+    configure_logging("info", "json")
+    structlog.get_logger("test-fallback").info(
+        "odd values", big=2**70, mapping={1: "int key"}, thing=object, text="é \u2028"
+    )
+    (line,) = json_lines(capsys.readouterr().err)
+    assert line["big"] == 2**70 and line["mapping"] == {"1": "int key"}
+    assert line["thing"] == repr(object) and line["text"] == "é \u2028"
+
+
+def test_standard_library_json_when_orjson_is_off(capsys, monkeypatch):
+    # GATEWAY_ORJSON=0: python -m gateway chooses the standard library first.
+    for name in ("_fast", "BACKEND", "dumps", "loads"):
+        monkeypatch.setattr(json_codec, name, getattr(json_codec, name))  # restored after
+    json_codec.use_standard_library()
+    configure_logging("info", "json")
+    structlog.get_logger("test-stdlib").info("plain", n=1, token=SECRET)
+    out = capsys.readouterr().err
+    assert SECRET not in out
+    (line,) = json_lines(out)
+    assert (line["n"], line["token"]) == (1, "[redacted]")
+
+
+def test_redaction_is_decided_per_field_name_whatever_was_logged_before(capsys):
+    configure_logging("info", "json")
+    logger = structlog.get_logger("test-redact-order")
+    logger.info("first", note="public", count=1)
+    logger.info("second", note="public", count=2, Token=SECRET)
+    logger.info("third", note="public", count=3)
+    out = capsys.readouterr().err
+    assert SECRET not in out
+    first, second, third = json_lines(out)
+    assert second["Token"] == "[redacted]" and second["note"] == "public"
+    assert (first["count"], third["count"]) == (1, 3)
+
+
+class Sink:
+    """A text file that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_lines_of_one_loop_iteration_leave_in_one_write_in_order() -> None:
+    sink = Sink()
+    writer = TickWriter(sink)
+
+    async def main() -> list[str]:
+        writer.msg("one")
+        writer.msg("two")
+        seen_in_the_same_iteration = list(sink.writes)
+        await asyncio.sleep(0)  # the iteration ends: its lines are written
+        writer.msg("three")
+        await asyncio.sleep(0)
+        return seen_in_the_same_iteration
+
+    assert asyncio.run(main()) == []
+    assert sink.writes == ["one\ntwo\n", "three\n"]
+    writer.msg("outside a loop")  # no iteration to wait for
+    assert sink.writes[-1] == "outside a loop\n"
+
+
+def test_a_line_pending_when_its_loop_ends_leaves_with_the_next_one() -> None:
+    sink = Sink()
+    writer = TickWriter(sink)
+    loop = asyncio.new_event_loop()
+    loop.call_soon(writer.msg, "last of a loop")
+    loop.call_soon(loop.stop)  # the loop stops after this iteration: the flush never runs
+    loop.run_forever()
+    loop.close()
+    assert sink.writes == []
+
+    async def main() -> None:
+        writer.msg("first of the next")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert sink.writes == ["last of a loop\nfirst of the next\n"]

@@ -210,6 +210,30 @@ def test_malformed_chunk_is_a_protocol_error(payload: bytes) -> None:
         OpenAIProvider().decoder().feed(b"data: " + payload + b"\n\n")
 
 
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b'{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}', []),
+        (b'{"choices":[{"index":0,"delta":{"content":null},"finish_reason":null}]}', []),
+        (b'{"choices":[{"index":0,"delta":{"content":"a"},"logprobs":null,"finish_reason":null}]}',
+         [Delta(text="a")]),
+        (b'{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}',
+         [Delta(text="a", finish_reason="stop")]),
+        (b'{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":1}}',
+         [Delta(text="a", usage=Usage(prompt_tokens=1))]),
+        (b'{"choices":[{"index":0,"delta":{"content":"a","refusal":"no"}}]}',
+         [Delta(text="a", refusal="no")]),
+        (b'{"choices":[{"index":0,"delta":{"content":"a","reasoning_content":"r"}}]}',
+         [Delta(text="a", reasoning="r")]),
+        (b'{"choices":[{"index":0,"delta":{"content":"a"},"logprobs":{"content":[]}}]}',
+         [Delta(text="a")]),
+    ],
+)
+def test_a_chunk_is_read_whole_unless_it_holds_text_alone(payload: bytes, expected: list[Delta]) -> None:
+    # Text-only chunks take a shorter path: whatever else a chunk holds is still read.
+    assert OpenAIProvider().decoder().feed(b"data: " + payload + b"\n\n") == expected
+
+
 ERROR_EVENT = (
     b'data: {"error":{"message":"The server had an error while processing your request.",'
     b'"type":"server_error","param":null,"code":null}}\n\n'

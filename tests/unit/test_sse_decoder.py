@@ -283,3 +283,31 @@ def test_limit_does_not_depend_on_the_split(stream: bytes, data: st.DataObject) 
             return "too large"
 
     assert outcome(split_at(stream, cuts)) == outcome([stream])
+
+
+# Chunks that are each one whole `data` event (what upstreams send nearly
+# always, decoded without the line loop) among chunks of anything else.
+_PIECES = st.one_of(
+    st.lists(st.sampled_from(_TOKENS), max_size=6).map(lambda parts: b"data: " + b"".join(parts) + b"\n\n"),
+    st.lists(st.sampled_from(_TOKENS), max_size=6).map(b"".join),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunks=st.lists(_PIECES, max_size=12))
+def test_whole_data_events_among_other_chunks_match_the_reference(chunks: list[bytes]) -> None:
+    assert decode(chunks) == reference_decode(b"".join(chunks))
+
+
+def test_a_whole_data_event_after_pending_fields_keeps_them() -> None:
+    chunks = [b"id: 7\n", b"event: note\n", b"data: {\"a\":1}\n\n", b"data: after\n\n"]
+    assert decode(chunks) == [SSEEvent("note", '{"a":1}', "7"), SSEEvent("message", "after", "7")]
+    assert decode([b"retry: 5\n", b"data: x\n\n"]) == [SSEEvent("message", "x", None, 5)]
+    assert decode([b"data: part", b"data: x\n\n"]) == [SSEEvent("message", "partdata: x")]
+    empty_then_invalid = [SSEEvent("message", ""), SSEEvent("message", "\ufffd")]
+    assert decode([b"data: \n\n", b"data: \xff\n\n"]) == empty_then_invalid
+
+
+def test_a_whole_data_event_over_the_limit_still_raises() -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode([b"data: " + b"x" * 20 + b"\n\n"], max_event_bytes=12)

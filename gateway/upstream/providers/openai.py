@@ -111,12 +111,27 @@ def _stream_info(chunk: wire.JsonObject) -> StreamInfo | None:
     return StreamInfo(model=model, system_fingerprint=fingerprint)
 
 
+#: The fields of the common chunk's ``delta``: one piece of text (the first
+#: chunk also says the role).
+_TEXT_ONLY = frozenset({"content", "role"})
+
+
 def _delta_from_chunk(chunk: wire.JsonObject) -> Delta | None:
+    choice = _first_choice(chunk)
+    if choice is not None and choice.get("finish_reason") is None and "usage" not in chunk:
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and delta.keys() <= _TEXT_ONLY and choice.get("logprobs") is None:
+            # Nearly every chunk: text and nothing else, so only that is read.
+            text = wire.get_str(delta, "content")
+            return Delta(text=text) if text else None
+    return _full_delta(chunk, choice)
+
+
+def _full_delta(chunk: wire.JsonObject, choice: wire.JsonObject | None) -> Delta | None:
     text = reasoning = refusal = ""
     tool_calls: tuple[ToolCallDelta, ...] = ()
     finish_reason: str | None = None
     logprobs: Logprobs | None = None
-    choice = _first_choice(chunk)
     if choice is not None:
         finish_reason = wire.get_str(choice, "finish_reason") or None
         delta = wire.get_object(choice, "delta")
