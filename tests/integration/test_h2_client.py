@@ -276,6 +276,22 @@ async def test_an_upstream_reset_after_some_tokens_is_reported(fast_sim, pools):
     assert pool.connection_count() == 1
 
 
+async def test_what_arrived_before_an_upstream_reset_is_read_before_the_reset(fast_sim, pools):
+    """DATA received before the peer's RST_STREAM was sent by it and is
+    valid (RFC 9113 §6.4 ends the stream, not what it carried): the reader
+    gets every byte of it, then the reset. The simulator sends its three
+    tokens and the reset back to back, so they arrive before the first read."""
+    pool = pools(fast_sim)
+    stream = await pool.open(chat_request("reset right after", reset_after=3, itl_ms=0))
+    await stream.head()
+    received = []
+    with pytest.raises(StreamReset):
+        while data := await stream.read():
+            received.append(data)
+    deltas = get_provider("openai").decoder().feed(b"".join(received))  # no [DONE]: not closed
+    assert "".join(d.text for d in deltas) == expected_text("reset right after", 3)
+
+
 async def test_abandoned_streams_do_not_leak_the_connection_window(fast_sim, pools):
     """Reset 300 streams that each received data nobody read: the
     connection window must come back (h2 counts their DATA against it: everything must be credited)."""

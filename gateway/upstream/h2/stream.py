@@ -113,10 +113,11 @@ class H2ResponseStream:
         self._wake()
 
     def on_error(self, exc: TransportError) -> None:
-        """The stream failed; the owner has already let it go."""
+        """The stream failed; the owner has already let it go. What arrived
+        before the failure was sent by the peer and stays readable: reads
+        return it first, then raise ``exc``."""
         self._error = exc
         self._owner = None
-        self._chunks.clear()
         self._wake()
 
     @property
