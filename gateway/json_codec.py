@@ -24,14 +24,25 @@ from typing import Any
 __all__ = ["BACKEND", "dumps", "dumps_to_keep", "loads", "use_standard_library"]
 
 _STDLIB_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
 
 def stdlib_dumps(value: Any) -> bytes:
-    return _STDLIB_ENCODER.encode(value).encode()
+    try:
+        return _STDLIB_ENCODER.encode(value).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (an upstream may send "\ud800"): no UTF-8 spells
+        # it, a JSON escape does, and every JSON parser reads it back.
+        return _ASCII_ENCODER.encode(value).encode()
 
 
 def stdlib_loads(data: str | bytes) -> Any:
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError as exc:
+        # Nested deeper than the interpreter recurses: invalid input like
+        # any other, not a failure of ours.
+        raise ValueError("JSON nested too deeply") from exc
 
 
 def orjson_codec() -> tuple[Callable[[Any], bytes], Callable[[str | bytes], Any]] | None:
