@@ -100,7 +100,7 @@ class Connections:
 class ClientConnection(web.RequestHandler):
     """One client connection (see the module docstring)."""
 
-    # Slots: every open stream holds one (tests/perf/PROFILES.md, memory).
+    # Slots: every open connection holds one, so its size is per-connection memory.
     __slots__ = (
         "_connections",
         "_header_timeout_s",
