@@ -155,7 +155,7 @@ class GatewayMetrics:
             registry=registry,
         )
         # Children bound once per upstream and status seen (statuses are few:
-        # HTTP codes, "error", "refused"), not looked up on every request.
+        # HTTP codes and "error"), not looked up on every request.
         self._upstream_by_status: dict[tuple[str, str], Counter] = {}
         self._init_routing(registry)
 

@@ -12,7 +12,7 @@ from gateway.__main__ import environment_variables
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "gateway" / "config.py"
 CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
-DOCS = ("architecture.md", "configuration.md", "http-api.md")
+DOCS = ("architecture.md", "configuration.md", "http-api.md", "upstream-http2.md")
 
 #: A variable read by name in gateway/config.py: ``read.<type>("NAME"`` or
 #: ``env.get("NAME"`` / ``environ.get("NAME"`` / ``env["NAME"]``.
