@@ -97,14 +97,22 @@ async def serve(settings: Settings) -> None:
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, signals.received)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        # Workers of one supervisor share the port (gateway/workers.py).
+        site = web.TCPSite(
+            runner, settings.host, settings.port, reuse_port=settings.worker_index is not None
+        )
         await site.start()
         _settle_garbage_collector()
         state = app[STATE]
         bound = runner.addresses[0]
         url = f"http://{settings.host}:{bound[1]}"
-        print(f"llm-stream-gateway listening on {url} (upstream: {state.upstream_url})", flush=True)
-        log.info("started", url=url, upstream=state.upstream_url)
+        worker = ""
+        if settings.worker_index is not None:
+            worker = f", worker {settings.worker_index + 1} of {settings.workers}"
+        print(f"llm-stream-gateway listening on {url} (upstream: {state.upstream_url}{worker})",
+              flush=True)
+        log.info("started", url=url, upstream=state.upstream_url, worker=settings.worker_index,
+                 cluster=None if state.cluster is None else state.cluster.me.url)
 
         await signals.first.wait()
         # One tick, no await in between: from here no request can start
@@ -158,6 +166,10 @@ def main() -> int:
         print(f"llm-stream-gateway: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1 and settings.worker_index is None:
+        from gateway.workers import supervise
+
+        return supervise(settings, os.environ)
     if not settings.orjson:
         json_codec.use_standard_library()
     run_event_loop(serve(settings), use_uvloop=settings.uvloop)

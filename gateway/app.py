@@ -92,6 +92,13 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             max_queue=settings.max_queue,
             queue_timeout_s=settings.queue_timeout_ms / 1000,
         )
+        member = None
+        if settings.redis_url is not None:
+            from gateway.cluster.membership import join_cluster
+
+            member = await join_cluster(
+                settings, metrics.registry, stack, remember_failure=_remember_failure
+            )
         registry = Registry(
             admission=admission,
             error_ttl_s=settings.error_ttl_ms / 1000,
@@ -100,10 +107,15 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             fanout_enabled=settings.stream_fanout_enabled,
             remember_failure=_remember_failure,
             on_reset=metrics.cancel.observe,
+            observer=None if member is None else member.on_actor_event,
         )
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
         )
+        if member is not None:
+            from gateway.cluster.membership import open_internal_listener
+
+            await open_internal_listener(settings, member, registry, stack)
         keepalive = await stack.enter_async_context(Keepalive(settings.ping_interval_s).running())
         state = GatewayState(
             settings=settings,
@@ -122,6 +134,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
                 idle_s=settings.upstream_idle_timeout_ms / 1000,
             ),
             deadlines=deadlines,
+            cluster=member,
         )
         app[STATE] = state
         metrics.bind_live_state(

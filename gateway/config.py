@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from gateway.upstream.origin import Origin
 from gateway.upstream.transport import PROTOCOLS
@@ -65,6 +66,19 @@ class Settings:
     #: Chunk JSON with orjson when it is installed; GATEWAY_ORJSON=0 keeps the
     #: standard library (gateway/json_codec.py).
     orjson: bool = True
+    # -- cluster mode (docs/cluster.md) --
+    #: None: one process, no Redis. Set: every process on this Redis shares
+    #: one coalescing namespace. May hold a password: never logged whole.
+    redis_url: str | None = field(default=None, repr=False)
+    #: Worker processes sharing the listening port (> 1 needs redis_url).
+    workers: int = 1
+    #: Which worker this process is (0-based), set by the supervisor that
+    #: ``GATEWAY_WORKERS`` starts; None in a process started on its own.
+    worker_index: int | None = None
+    #: How other members reach this one; None: the internal listener, on host.
+    cluster_advertise_url: str | None = None
+    cluster_secret: str = field(default="", repr=False)
+    cluster_lease_ms: int = 10000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -99,7 +113,27 @@ class Settings:
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),
+            redis_url=read.redis_url("REDIS_URL"),
+            workers=read.integer("GATEWAY_WORKERS", 1, low=1, high=256),
+            worker_index=read.optional_integer("GATEWAY_WORKER_INDEX", low=0, high=255),
+            cluster_advertise_url=read.advertise_url("CLUSTER_ADVERTISE_URL"),
+            cluster_secret=read.text("CLUSTER_SECRET", ""),
+            cluster_lease_ms=read.integer("CLUSTER_LEASE_MS", 10000, low=1000),
         )
+        if settings.workers > 1 and settings.redis_url is None:
+            raise ConfigError(
+                "GATEWAY_WORKERS",
+                "more than 1 worker needs REDIS_URL (workers share one coalescing namespace)",
+                str(settings.workers),
+            )
+        if settings.cluster_advertise_url is not None and not settings.cluster_secret:
+            host = urlsplit(settings.cluster_advertise_url).hostname or ""
+            if host != "localhost" and not _is_loopback(host):
+                raise ConfigError(
+                    "CLUSTER_SECRET",
+                    "required when CLUSTER_ADVERTISE_URL is reachable from other hosts",
+                    "",
+                )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"
         ):
@@ -107,6 +141,13 @@ class Settings:
                 "UPSTREAM_PROTOCOL", "h2c is cleartext; use h2 for an https:// URL", "h2c"
             )
         return settings
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Reader:
@@ -171,6 +212,35 @@ class _Reader:
             return raw.rstrip("/")
 
         return self._get(name, None, parse, "an http:// or https:// URL including /v1")
+
+    def optional_integer(self, name: str, *, low: int, high: int) -> int | None:
+        def parse(raw: str) -> int | None:
+            value = int(raw)
+            if not low <= value <= high:
+                raise ValueError(raw)
+            return value
+
+        return self._get(name, None, parse, f"an integer >= {low} and <= {high}")
+
+    def redis_url(self, name: str) -> str | None:
+        raw = (self._env.get(name) or "").strip()
+        if not raw:
+            return None
+        scheme, sep, rest = raw.partition("://")
+        if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
+            # Not echoed: the value may carry a password.
+            raise ConfigError(name, "a redis://, rediss:// or unix:// URL", "(hidden)")
+        return raw
+
+    def advertise_url(self, name: str) -> str | None:
+        def parse(raw: str) -> str:
+            scheme, sep, rest = raw.partition("://")
+            host = rest.split("/", 1)[0]
+            if scheme != "http" or not sep or not host or "@" in host:
+                raise ValueError(raw)
+            return f"http://{host}"
+
+        return self._get(name, None, parse, "http://HOST or http://HOST:PORT")
 
     def keys(self, name: str) -> tuple[str, ...]:
         raw = self._env.get(name, "")

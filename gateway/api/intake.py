@@ -43,9 +43,10 @@ async def read_chat(request: web.Request) -> ChatRequest:
     return parse_chat_request(b"".join(parts))
 
 
-def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Subscription:
+async def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Subscription:
     """Join the stream for this prompt, or lead a new one. Raises QueueFull
-    (429) synchronously when a new upstream call cannot even queue."""
+    (429) when a new upstream call cannot even queue, before any byte of a
+    200 is sent."""
     state = request.app[STATE]
     record = request[RECORD]
     tenant = request.get(TENANT) if state.settings.coalesce_scope == "key" else None
@@ -57,22 +58,37 @@ def subscribe(request: web.Request, chat: ChatRequest, *, streaming: bool) -> Su
     upstream_request = state.provider.build_request(
         chat.body, base_path=state.base_path, api_key=state.settings.upstream_api_key or None
     )
-    subscription = state.registry.subscribe(
-        key,
-        source_opener(
-            state.transport,
-            state.provider,
-            upstream_request,
-            timeouts=state.source_timeouts,
-            deadlines=state.deadlines,
-            on_status=state.metrics.upstream_status,
-        ),
-        request_id=record.request_id,
-        arrived_at=record.arrived_at,
-        streaming=streaming,
-        coalesce=request.headers.get("X-Coalesce", "").lower() != "off",
-        resume_after=_last_event_id(request),
+    open_source = source_opener(
+        state.transport,
+        state.provider,
+        upstream_request,
+        timeouts=state.source_timeouts,
+        deadlines=state.deadlines,
+        on_status=state.metrics.upstream_status,
     )
+    coalesce = request.headers.get("X-Coalesce", "").lower() != "off"
+    if state.cluster is None:
+        subscription = state.registry.subscribe(
+            key,
+            open_source,
+            request_id=record.request_id,
+            arrived_at=record.arrived_at,
+            streaming=streaming,
+            coalesce=coalesce,
+            resume_after=_last_event_id(request),
+        )
+    else:
+        # Cluster mode: at most one Redis round trip decides where the answer
+        # comes from (gateway/cluster/member.py).
+        subscription = await state.cluster.subscribe(
+            key,
+            open_source,
+            request_id=record.request_id,
+            arrived_at=record.arrived_at,
+            streaming=streaming,
+            coalesce=coalesce,
+            resume_after=_last_event_id(request),
+        )
     subscription.owner = owner_of(request)
     record.role = subscription.role
     return subscription

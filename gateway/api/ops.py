@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 from aiohttp import web
@@ -14,7 +15,7 @@ from gateway.api.intake import owner_of
 from gateway.errors import NotFound, UpstreamProtocolError
 from gateway.metrics import percentile
 from gateway.sse import dumps
-from gateway.state import RECORD, STATE
+from gateway.state import RECORD, STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.origin import Origin
 from gateway.upstream.source import read_bounded
@@ -86,8 +87,36 @@ async def stats(request: web.Request) -> web.Response:
         "active_actors": registry.actors,
         "queue_depth": state.admission.depth,
         "upstream_connections": state.transport.connection_count(),
+        "process": {
+            "pid": os.getpid(),
+            "worker": state.settings.worker_index or 0,
+            "workers": state.settings.workers,
+        },
+        "cluster": _cluster_stats(state),
     }
     return web.json_response(body, dumps=dumps)
+
+
+def _cluster_stats(state: GatewayState) -> dict[str, object]:
+    member = state.cluster
+    if member is None:
+        return {"enabled": False}
+    counts = member.counts
+    return {
+        "enabled": True,
+        "up": member.directory.up,
+        "advertise_url": member.me.url,
+        "lease_ms": member.directory.lease_ms,
+        "owned_keys": len(member.owned),
+        "requests": {
+            "owner": counts.owner,
+            "local_follower": counts.local_follower,
+            "remote_follower": counts.remote_follower,
+        },
+        "takeovers": counts.takeovers,
+        "peer_streams_served": member.metrics.peer_streams_total,
+        "redis_errors": member.metrics.redis_errors_total,
+    }
 
 
 async def models(request: web.Request) -> web.Response:

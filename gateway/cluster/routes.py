@@ -1,0 +1,90 @@
+"""The internal listener: other members read this process's logs here.
+
+``GET /cluster/v1/streams/{key}`` (``Last-Event-ID`` optional) joins the live
+stream for the key as one more subscriber and relays it as the internal
+format (``gateway.cluster.wire``); 404 when there is none here. It never
+starts a stream. With a cluster secret, a request must carry
+``Authorization: Bearer <secret>`` (compared in constant time) or gets 401.
+Leaving -- the follower shutting the connection -- cancels the handler
+(``handler_cancellation=True``), which closes the subscription: if it was the
+last, the upstream stream is reset in that tick.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import time
+
+import structlog
+from aiohttp import web
+
+from actors.registry import Registry
+from gateway.cluster.metrics import ClusterMetrics
+from gateway.cluster.peer import STREAM_PATH
+from gateway.cluster.wire import END_LINE, encode_deltas, error_line
+from gateway.errors import GatewayError
+
+REGISTRY = web.AppKey("cluster_registry", Registry)
+SECRET = web.AppKey("cluster_secret", str)
+METRICS = web.AppKey("cluster_metrics", ClusterMetrics)
+_ids = itertools.count(1)
+log = structlog.get_logger("gateway.cluster")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": "invalid_request_error", "code": code}},
+        status=status,
+    )
+
+
+async def follow(request: web.Request) -> web.StreamResponse:
+    secret = request.app[SECRET]
+    if secret:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {secret}".encode()):
+            return _error(401, "invalid_api_key", "the cluster secret does not match")
+    raw = request.headers.get("Last-Event-ID", "")
+    after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else 0
+    subscription = request.app[REGISTRY].join(
+        request.match_info["key"],
+        request_id=f"peer-{next(_ids)}",
+        arrived_at=time.monotonic(),
+        resume_after=after,
+    )
+    if subscription is None:
+        return _error(404, "not_found", "no live stream for this key here")
+    request.app[METRICS].served_peer()
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    last = END_LINE
+    async with subscription:
+        await response.prepare(request)
+        try:
+            while True:
+                batch = subscription.take_batch()
+                if batch is None:
+                    await subscription.readable()
+                    continue
+                if not batch:
+                    break
+                await response.write(encode_deltas(batch))
+        except GatewayError as exc:
+            last = error_line(exc)
+        except Exception as exc:  # a bug, not a failure to share: said in-stream
+            log.exception("relaying to a cluster member failed")
+            internal = GatewayError("internal error", code="internal_error")
+            internal.__cause__ = exc
+            last = error_line(internal)
+    await response.write(last)
+    await response.write_eof()
+    return response
+
+
+def internal_app(registry: Registry, secret: str, metrics: ClusterMetrics) -> web.Application:
+    app = web.Application()
+    app[REGISTRY] = registry
+    app[SECRET] = secret
+    app[METRICS] = metrics
+    app.router.add_get(STREAM_PATH + "{key}", follow)
+    return app
