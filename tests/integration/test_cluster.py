@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 
 from gateway.sim.content import answer_tokens
 from gateway.sim.log import Record
@@ -33,6 +34,7 @@ from tests.integration.cluster_fixture import (
     running_redis,
 )
 from tests.integration.conftest import FAST_SIM
+from tests.integration.nginx_fixture import NGINX, running_nginx
 from tests.integration.sse_frames import Frame, FrameReader, native_text, openai_text
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -356,3 +358,49 @@ async def test_redis_outage_serves_locally_and_cluster_coalescing_resumes(cluste
     for member in members:
         lines = [line for line in member.output if "cluster directory unavailable" in line]
         assert len(lines) == 1, member.output
+
+
+# -- through the shipped nginx site, three gateways in its upstream -----------------------
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+async def test_through_nginx_a_burst_over_three_gateways_makes_one_upstream_call(
+    cluster, tmp_path
+):
+    first, *more = (int(m.url.rsplit(":", 1)[1]) for m in cluster.members)
+    async with running_nginx(first, tmp_path / "nginx", trustme.CA(),
+                             more_gateway_ports=more) as site:
+        connector = aiohttp.TCPConnector(ssl=site.client_ssl())
+        async with aiohttp.ClientSession(site.https_url, connector=connector) as http:
+            prompt = "the burst through nginx and three gateways [sim ttft_ms=1000]"
+
+            async def one() -> str:
+                async with http.post("/v1/chat/completions", json=chat(prompt)) as resp:
+                    assert resp.status == 200
+                    return openai_text(await FrameReader(resp).rest())
+
+            answers = await asyncio.gather(*(one() for _ in range(30)))
+            # Then a late joiner and the last-leaves-cancels rule, through nginx.
+            slow = "through nginx, aborted [sim itl_ms=20 tokens=500]"
+            streams = []
+            for _ in range(3):
+                resp = await http.post("/v1/stream", json=chat(slow))
+                await _read_deltas(FrameReader(resp), 1)
+                streams.append(resp)
+            for resp in streams[:-1]:
+                await _abort(resp)
+            # Two of three gone (wherever nginx sent them): the call stays open.
+            await _read_deltas(FrameReader(streams[-1]), 3)
+            (still_open,) = [r for r in cluster.calls() if not r.ended]
+            await _abort(streams[-1])
+            (reset,) = await cluster.sim.log.wait_for(1, outcome="reset")
+            assert reset.id == still_open.id
+    assert answers == [expected(prompt)] * 30
+    assert len(cluster.calls()) == 2
+    served = [
+        sum([await m.metric("gateway_cluster_requests_total", f'role="{role}"')
+             for role in ("owner", "local_follower", "remote_follower")])
+        for m in cluster.members
+    ]
+    print(f"requests per gateway behind nginx: {served}")
+    assert sum(served) == 33 and all(n > 0 for n in served)
