@@ -166,10 +166,12 @@ def main() -> int:
         print(f"llm-stream-gateway: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    if settings.workers > 1 and settings.worker_index is None:
-        from gateway.workers import supervise
+    if settings.workers > 1:
+        from gateway.workers import as_worker, supervise
 
-        return supervise(settings, os.environ)
+        settings = as_worker(settings, os.environ)
+        if settings.worker_index is None:
+            return supervise(settings, os.environ)
     if not settings.orjson:
         json_codec.use_standard_library()
     run_event_loop(serve(settings), use_uvloop=settings.uvloop)

@@ -72,8 +72,9 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     #: Worker processes sharing the listening port (> 1 needs redis_url).
     workers: int = 1
-    #: Which worker this process is (0-based), set by the supervisor that
-    #: ``GATEWAY_WORKERS`` starts; None in a process started on its own.
+    #: Which worker this process is (0-based), given by the supervisor that
+    #: ``GATEWAY_WORKERS`` starts (gateway/workers.py), not by the operator;
+    #: None in a process started on its own.
     worker_index: int | None = None
     #: How other members reach this one; None: the internal listener, on host.
     cluster_advertise_url: str | None = None
@@ -115,7 +116,6 @@ class Settings:
             orjson=read.flag("GATEWAY_ORJSON", True),
             redis_url=read.redis_url("REDIS_URL"),
             workers=read.integer("GATEWAY_WORKERS", 1, low=1, high=256),
-            worker_index=read.optional_integer("GATEWAY_WORKER_INDEX", low=0, high=255),
             cluster_advertise_url=read.advertise_url("CLUSTER_ADVERTISE_URL"),
             cluster_secret=read.text("CLUSTER_SECRET", ""),
             cluster_lease_ms=read.integer("CLUSTER_LEASE_MS", 10000, low=1000),
@@ -212,15 +212,6 @@ class _Reader:
             return raw.rstrip("/")
 
         return self._get(name, None, parse, "an http:// or https:// URL including /v1")
-
-    def optional_integer(self, name: str, *, low: int, high: int) -> int | None:
-        def parse(raw: str) -> int | None:
-            value = int(raw)
-            if not low <= value <= high:
-                raise ValueError(raw)
-            return value
-
-        return self._get(name, None, parse, f"an integer >= {low} and <= {high}")
 
     def redis_url(self, name: str) -> str | None:
         raw = (self._env.get(name) or "").strip()

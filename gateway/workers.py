@@ -18,6 +18,7 @@ supervisor exits 1 (systemd's ``Restart=on-failure`` restarts the lot).
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import subprocess
@@ -26,6 +27,9 @@ import time
 from collections.abc import Mapping
 
 from gateway.config import Settings
+
+#: How the supervisor tells a worker which one it is (not an operator setting).
+WORKER_INDEX = "GATEWAY_WORKER_INDEX"
 
 #: After the stop signal, how long past the drain timeout a worker may take.
 KILL_GRACE_S = 10.0
@@ -63,7 +67,7 @@ def supervise(settings: Settings, env: Mapping[str, str]) -> int:
             children.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "gateway"],
-                    env={**env, "GATEWAY_PORT": str(port), "GATEWAY_WORKER_INDEX": str(index)},
+                    env={**env, "GATEWAY_PORT": str(port), WORKER_INDEX: str(index)},
                     start_new_session=True,
                 )
             )
@@ -93,3 +97,12 @@ def supervise(settings: Settings, env: Mapping[str, str]) -> int:
     if any(child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT) for child in children):
         status = 1
     return status
+
+
+def as_worker(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """The settings of a worker started by the supervisor (unchanged in a
+    process started on its own)."""
+    raw = env.get(WORKER_INDEX, "")
+    if not raw.isdigit() or int(raw) >= settings.workers:
+        return settings
+    return dataclasses.replace(settings, worker_index=int(raw))
