@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -33,6 +33,7 @@ T = TypeVar("T")
 #: The longest a request waits on Redis before it is served locally.
 TIMEOUT_S = 0.25
 PROBE_INTERVAL_S = 1.0
+MAX_CONNECTIONS = 64
 KEY_PREFIX = "llmgw:key:"
 
 _RENEW = """
@@ -76,15 +77,20 @@ class Unavailable(Exception):
 
 def connect(url: str) -> Redis:
     """A client that never waits long: timeouts on connect and reply, no
-    retries (the caller fails open instead), idle connections checked."""
-    return Redis.from_url(
+    retries (the caller fails open instead), idle connections checked, and a
+    bounded pool (a burst of new prompts queues for a connection, within the
+    same timeout, rather than opening one each)."""
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=TIMEOUT_S,
         socket_timeout=TIMEOUT_S,
         socket_connect_timeout=TIMEOUT_S,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
         decode_responses=False,
     )
+    return Redis(connection_pool=pool)
 
 
 def redis_location(url: str) -> str:
@@ -171,7 +177,7 @@ class Directory:
         self._mark_up()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
     # -- internals -------------------------------------------------------------------
 
