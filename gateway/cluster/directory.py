@@ -108,6 +108,10 @@ class Directory:
         self._take_over = client.register_script(_TAKE_OVER)
         self.up = True
         self._down_since: float | None = None
+        #: Claims waiting for the next pipeline (bounded by the requests
+        #: in flight, each of which waits for its own).
+        self._claims: list[tuple[str, bytes, asyncio.Future[bytes | None]]] = []
+        self._claims_ready = asyncio.Event()
         metrics.up.set(1)
 
     @staticmethod
@@ -118,11 +122,41 @@ class Directory:
 
     async def claim(self, key: str, value: bytes) -> bytes | None:
         """``SET key value NX PX lease GET``: None when this process now owns
-        the key, else the value already there. One round trip."""
-        reply = await self._call(
-            self._client.set(self.key(key), value, nx=True, px=self.lease_ms, get=True)
-        )
-        return None if reply is None else bytes(reply)
+        the key, else the value already there. One round trip, shared: the
+        claims made in one turn of the loop go out in one pipeline
+        (``run_claims``), at ~13 µs of CPU each instead of ~50 alone."""
+        if not self.up:
+            raise Unavailable("the cluster directory is down")
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._claims.append((key, value, future))
+        self._claims_ready.set()
+        return await future
+
+    async def run_claims(self) -> None:
+        """Send the waiting claims, a pipeline at a time, until cancelled."""
+        try:
+            while True:
+                await self._claims_ready.wait()
+                self._claims_ready.clear()
+                batch, self._claims = self._claims, []
+                pipe = self._client.pipeline(transaction=False)
+                for key, value, _ in batch:
+                    pipe.set(self.key(key), value, nx=True, px=self.lease_ms, get=True)
+                try:
+                    replies = await self._call(pipe.execute())
+                except Unavailable as exc:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(Unavailable(str(exc)))
+                    continue
+                for (_, _, future), reply in zip(batch, replies, strict=True):
+                    if not future.done():  # its request may have gone meanwhile
+                        future.set_result(None if reply is None else bytes(reply))
+        finally:
+            for _, _, future in self._claims:
+                if not future.done():
+                    future.set_exception(Unavailable("the cluster directory is closing"))
+            self._claims.clear()
 
     async def take_over(self, key: str, gone: bytes, value: bytes) -> bytes | None:
         """Replace ``gone`` (an owner that does not answer) by ``value``:

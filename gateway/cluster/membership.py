@@ -57,11 +57,16 @@ async def join_cluster(
         remember_failure=remember_failure,
     )
     stack.push_async_callback(member.aclose)
-    task = asyncio.get_running_loop().create_task(member.run(), name="cluster-member")
+    loop = asyncio.get_running_loop()
+    tasks = [
+        loop.create_task(member.run(), name="cluster-member"),
+        loop.create_task(directory.run_claims(), name="cluster-claims"),
+    ]
 
     async def stop_writer() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await member.flush(FINAL_WRITE_TIMEOUT_S)
 
     stack.push_async_callback(stop_writer)

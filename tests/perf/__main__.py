@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.perf import bench_fanout, bench_gateway, bench_h2_relay
+from tests.perf import bench_cluster, bench_fanout, bench_gateway, bench_h2_relay
 
 OUT = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 PROFILES = Path(__file__).resolve().parent / "PROFILES.md"
@@ -83,6 +83,7 @@ async def main(quick: bool) -> str:
         await bench_h2_relay.report(),
         await _fanout_section(),
         await bench_gateway.report(quick=quick),
+        "\n".join(await bench_cluster.section(quick=quick)),
     ]
     header = [
         "# Benchmarks",
