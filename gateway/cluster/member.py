@@ -240,10 +240,7 @@ class Member:
                 await self.directory.probe()
                 if not self.directory.up:
                     continue
-            ops: list[tuple[str, str, bytes, object]] = []
-            while not self._writes.empty():
-                write = self._writes.get_nowait()
-                ops.append((write.op, write.key, self._mine, write.extra))
+            ops = self._pending_writes()
             if loop.time() >= next_renewal:
                 next_renewal = loop.time() + renew_every
                 ops.extend(("renew", key, self._mine, None) for key in self.owned)
@@ -252,12 +249,19 @@ class Member:
             except Unavailable:
                 pass  # leases expire by themselves; failures were shared in-stream
 
-    async def flush(self, timeout_s: float) -> None:
-        """The writes still queued, once, within ``timeout_s`` (at shutdown)."""
+    def _pending_writes(self) -> list[tuple[str, str, bytes, object]]:
+        """The queued writes, minus those about a key that a newer stream of
+        this process owns again (its entry, the same value, must stay)."""
         ops: list[tuple[str, str, bytes, object]] = []
         while not self._writes.empty():
             write = self._writes.get_nowait()
-            ops.append((write.op, write.key, self._mine, write.extra))
+            if write.key not in self.owned:
+                ops.append((write.op, write.key, self._mine, write.extra))
+        return ops
+
+    async def flush(self, timeout_s: float) -> None:
+        """The writes still queued, once, within ``timeout_s`` (at shutdown)."""
+        ops = self._pending_writes()
         ops.extend(("release", key, self._mine, None) for key in self.owned)
         self.owned.clear()
         if ops and self.directory.up:

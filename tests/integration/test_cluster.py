@@ -34,7 +34,7 @@ from tests.integration.cluster_fixture import (
     running_redis,
 )
 from tests.integration.conftest import FAST_SIM
-from tests.integration.nginx_fixture import NGINX, running_nginx
+from tests.integration.nginx_fixture import NGINX, free_port, running_nginx
 from tests.integration.sse_frames import Frame, FrameReader, native_text, openai_text
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -404,3 +404,41 @@ async def test_through_nginx_a_burst_over_three_gateways_makes_one_upstream_call
     ]
     print(f"requests per gateway behind nginx: {served}")
     assert sum(served) == 33 and all(n > 0 for n in served)
+
+
+# -- the internal hop's secret and an advertised address ----------------------------------
+
+
+async def test_members_with_a_secret_and_advertised_ports_coalesce_and_refuse_strangers(
+    tmp_path, sim_factory
+):
+    sim = await sim_factory(FAST_SIM)
+    port = free_port()
+    secret = {"CLUSTER_SECRET": "a shared secret"}
+    async with AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(running_redis(tmp_path / "redis"))
+        owner = await stack.enter_async_context(running_member(
+            sim.url, redis.url, secret | {"CLUSTER_ADVERTISE_URL": f"http://127.0.0.1:{port}"}
+        ))
+        other = await stack.enter_async_context(running_member(sim.url, redis.url, secret))
+        internal = (await owner.stats())["cluster"]["advertise_url"]
+        assert internal == f"http://127.0.0.1:{port}"
+        prompt = "a secret burst [sim itl_ms=30 tokens=40]"
+        async with aiohttp.ClientSession() as http:
+            first = await http.post(owner.url + "/v1/stream", json=chat(prompt))
+            reader = FrameReader(first)
+            await _read_deltas(reader, 1)
+            key = next(f.json()["key"] for f in reader.frames if f.event == "meta")
+            # The internal listener refuses a request without the secret, or
+            # with another one; the member with it follows.
+            for headers in ({}, {"Authorization": "Bearer not the secret"}):
+                path = f"{internal}/cluster/v1/streams/{key}"
+                async with http.get(path, headers=headers) as resp:
+                    assert resp.status == 401
+                    assert (await resp.json())["error"]["code"] == "invalid_api_key"
+            late = await stream_native(http, other, prompt)
+            rest = await reader.rest()
+            first.release()
+    assert native_text(late) == native_text(reader.frames) == expected(prompt, 40)
+    assert rest[-1].event == "done"
+    assert len(sim.log.records) == 1
