@@ -58,9 +58,12 @@ async def test_workers_share_the_port_and_coalesce_and_drain_on_sigterm(sim_fact
     async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "3",
                                                    "DRAIN_TIMEOUT_S": "10"}) as gateway:
         # Each worker prints its own line once it listens: wait for all three.
-        async with asyncio.timeout(15):
-            while sum("listening on" in line for line in gateway.output) < 3:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(30):
+                while sum("listening on" in line for line in gateway.output) < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError("\n".join(gateway.output)) from None
         # New connections, so SO_REUSEPORT spreads them over the workers.
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as http:
