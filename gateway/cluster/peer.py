@@ -10,7 +10,11 @@ this process as one more subscriber; None when it no longer has it (404);
 ``PeerSource`` is an ``actors.ports.Source``: the relay actor iterates it, and
 ``reset()`` -- the relay's last local subscriber gone -- shuts the TCP
 connection down before it returns, which the owner sees as its subscriber
-leaving (and resets the upstream there if that was the last one).
+leaving (and resets the upstream there if that was the last one). An owner
+that dies closes its connections (the relay ends with ``OwnerLost`` at
+once); one that freezes or whose host drops off the network does not, so
+the owner sends an empty line on a stream silent for ``HEARTBEAT_S`` and a
+relay that hears nothing for ``SILENCE_S`` gives up on it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ __all__ = ["OwnerLost", "PeerClient", "PeerSource", "PeerUnreachable", "STREAM_P
 
 STREAM_PATH = "/cluster/v1/streams/"
 CONNECT_TIMEOUT_S = 1.0
+#: The owner writes an empty line to a peer stream silent this long...
+HEARTBEAT_S = 1.0
+#: ... so a relay that hears nothing for this long has lost its owner (a
+#: frozen process, a partitioned host: nothing closes the connection).
+SILENCE_S = 4.0
 
 
 class OwnerLost(GatewayError):
@@ -78,7 +87,10 @@ class PeerClient:
 
 
 class PeerSource:
-    __slots__ = ("_response", "_decoder", "_pending", "_next", "_closed", "_transport")
+    __slots__ = (
+        "_response", "_decoder", "_pending", "_next", "_closed", "_transport", "_last_read",
+        "_watchdog", "_silent",
+    )
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
@@ -88,6 +100,28 @@ class PeerSource:
         self._closed = False
         connection = response.connection
         self._transport = None if connection is None else connection.transport
+        # A timer per relay every quarter of SILENCE_S, not one per read: a
+        # read only notes when it returned (a silence is noticed after 1 to
+        # 1.25 times SILENCE_S).
+        loop = asyncio.get_running_loop()
+        self._last_read = loop.time()
+        self._silent = False
+        self._watchdog = loop.call_later(SILENCE_S / 4, self._watch)
+
+    def _watch(self) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_read >= SILENCE_S:
+            self._silent = True
+            self.reset()  # the pending read ends; it raises OwnerLost
+            return
+        self._watchdog = loop.call_later(SILENCE_S / 4, self._watch)
+
+    def _lost(self) -> OwnerLost:
+        if self._silent:
+            return OwnerLost(f"the process that owned this stream went silent for {SILENCE_S:g} s")
+        return OwnerLost("the process that owned this stream went away")
 
     def __aiter__(self) -> PeerSource:
         return self
@@ -105,10 +139,11 @@ class PeerSource:
                 data = await self._response.content.readany()
             except (aiohttp.ClientError, OSError) as exc:
                 self.reset()
-                raise OwnerLost("the process that owned this stream went away") from exc
+                raise self._lost() from exc
             if not data:
                 self.reset()
-                raise OwnerLost("the process that owned this stream went away")
+                raise self._lost()
+            self._last_read = asyncio.get_running_loop().time()
             try:
                 self._pending.extend(self._decoder.feed(data))
             except (GatewayError, WireError):
@@ -122,6 +157,7 @@ class PeerSource:
         """After the end line: read the body's end, so the connection goes
         back to the pool (a response released unread would close it)."""
         self._closed = True
+        self._watchdog.cancel()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 while await self._response.content.readany():
@@ -137,6 +173,7 @@ class PeerSource:
         if self._closed:
             return
         self._closed = True
+        self._watchdog.cancel()
         transport = self._transport
         sock = None if transport is None else transport.get_extra_info("socket")
         if sock is not None:

@@ -12,20 +12,45 @@ last, the upstream stream is reset in that tick.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import itertools
 import time
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 
 from actors.registry import Registry
 from gateway.cluster.metrics import ClusterMetrics
-from gateway.cluster.peer import STREAM_PATH
+from gateway.cluster.peer import HEARTBEAT_S, STREAM_PATH
 from gateway.cluster.wire import END_LINE, encode_deltas, error_line
 from gateway.errors import GatewayError
 
+
+class Heartbeat:
+    """An empty line on every peer stream silent for ``interval_s``, from
+    one task: a relay tells a silent owner from a long first token."""
+
+    def __init__(self, interval_s: float = HEARTBEAT_S) -> None:
+        self.interval_s = interval_s
+        #: Open peer streams -> when they were last written to.
+        self.streams: dict[web.StreamResponse, float] = {}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s / 2)
+            due = time.monotonic() - self.interval_s
+            for response in [r for r, last in self.streams.items() if last <= due]:
+                self.streams[response] = time.monotonic()
+                try:
+                    await response.write(b"\n")
+                except (ConnectionResetError, RuntimeError):
+                    pass  # its handler sees the same and ends
+
+
 REGISTRY = web.AppKey("cluster_registry", Registry)
+HEARTBEAT = web.AppKey("cluster_heartbeat", Heartbeat)
 SECRET = web.AppKey("cluster_secret", str)
 METRICS = web.AppKey("cluster_metrics", ClusterMetrics)
 _ids = itertools.count(1)
@@ -58,8 +83,10 @@ async def follow(request: web.Request) -> web.StreamResponse:
     request.app[METRICS].served_peer()
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     last = END_LINE
+    heartbeat = request.app[HEARTBEAT].streams
     async with subscription:
         await response.prepare(request)
+        heartbeat[response] = time.monotonic()
         try:
             while True:
                 batch = subscription.take_batch()
@@ -68,6 +95,7 @@ async def follow(request: web.Request) -> web.StreamResponse:
                     continue
                 if not batch:
                     break
+                heartbeat[response] = time.monotonic()
                 await response.write(encode_deltas(batch))
         except GatewayError as exc:
             last = error_line(exc)
@@ -76,6 +104,8 @@ async def follow(request: web.Request) -> web.StreamResponse:
             internal = GatewayError("internal error", code="internal_error")
             internal.__cause__ = exc
             last = error_line(internal)
+        finally:
+            heartbeat.pop(response, None)
     await response.write(last)
     await response.write_eof()
     return response
@@ -83,6 +113,15 @@ async def follow(request: web.Request) -> web.StreamResponse:
 
 def internal_app(registry: Registry, secret: str, metrics: ClusterMetrics) -> web.Application:
     app = web.Application()
+    app[HEARTBEAT] = heartbeat = Heartbeat()
+
+    async def beating(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(heartbeat.run(), name="cluster-heartbeat")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.append(beating)
     app[REGISTRY] = registry
     app[SECRET] = secret
     app[METRICS] = metrics
