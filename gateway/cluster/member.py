@@ -155,7 +155,11 @@ class Member:
                     if registry.has(key):
                         peer.reset()
                         return self._counted(local(), owns=False)
-                    subscription = local(_opened(peer))
+                    try:
+                        subscription = local(_opened(peer))
+                    except BaseException:
+                        peer.reset()  # refused (a closing registry): leave the owner now
+                        raise
                     self._relays[subscription.stream_id] = peer
                     return self._counted(subscription, owns=False)
                 # Refused, or the owner no longer has it: take it over now,

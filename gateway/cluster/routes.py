@@ -21,10 +21,11 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from actors.registry import Registry
+from actors.registry import Registry, RegistryClosed
+from gateway.api.relay import SharedFrames
 from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import HEARTBEAT_S, STREAM_PATH
-from gateway.cluster.wire import END_LINE, encode_deltas, error_line
+from gateway.cluster.wire import END_LINE, encode_delta, error_line
 from gateway.errors import GatewayError
 
 
@@ -72,18 +73,22 @@ async def follow(request: web.Request) -> web.StreamResponse:
             return _error(401, "invalid_api_key", "the cluster secret does not match")
     raw = request.headers.get("Last-Event-ID", "")
     after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else 0
-    subscription = request.app[REGISTRY].join(
-        request.match_info["key"],
-        request_id=f"peer-{next(_ids)}",
-        arrived_at=time.monotonic(),
-        resume_after=after,
-    )
+    try:
+        subscription = request.app[REGISTRY].join(
+            request.match_info["key"],
+            request_id=f"peer-{next(_ids)}",
+            arrived_at=time.monotonic(),
+            resume_after=after,
+        )
+    except RegistryClosed:
+        return _error(503, "shutting_down", "this gateway is shutting down")
     if subscription is None:
         return _error(404, "not_found", "no live stream for this key here")
     request.app[METRICS].served_peer()
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     last = END_LINE
     heartbeat = request.app[HEARTBEAT].streams
+    shared = SharedFrames(subscription, "cluster")
     async with subscription:
         await response.prepare(request)
         heartbeat[response] = time.monotonic()
@@ -96,7 +101,11 @@ async def follow(request: web.Request) -> web.StreamResponse:
                 if not batch:
                     break
                 heartbeat[response] = time.monotonic()
-                await response.write(encode_deltas(batch))
+                # Each line encoded once for every member that follows this stream.
+                first = subscription.cursor - len(batch) + 1
+                await response.write(b"".join(
+                    [shared.frame(seq, delta, encode_delta) for seq, delta in enumerate(batch, first)]
+                ))
         except GatewayError as exc:
             last = error_line(exc)
         except Exception as exc:  # a bug, not a failure to share: said in-stream

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.deltas import Delta, ToolCallDelta, Usage
+from gateway import json_codec
 from gateway.errors import GatewayError
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "RemoteFailure",
     "WireError",
     "decode_entry",
+    "encode_delta",
     "encode_deltas",
     "encode_failure",
     "error_line",
@@ -68,11 +70,15 @@ def _delta_json(delta: Delta) -> dict[str, Any]:
     return out
 
 
+def encode_delta(seq: int, delta: Delta) -> bytes:
+    """One delta's line (``seq`` unused: the position is the line's order).
+    The codec the frames use (orjson when installed), looked up per call:
+    GATEWAY_ORJSON=0 swaps it at start-up."""
+    return json_codec.dumps(_delta_json(delta)) + b"\n"
+
+
 def encode_deltas(deltas: Sequence[Delta]) -> bytes:
-    return b"".join(
-        json.dumps(_delta_json(d), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-        for d in deltas
-    )
+    return b"".join([encode_delta(0, d) for d in deltas])
 
 
 def _failure_json(exc: GatewayError) -> dict[str, Any]:
@@ -118,7 +124,7 @@ class LineDecoder:
             if not line or self.ended:
                 continue
             try:
-                obj = json.loads(line)
+                obj = json_codec.loads(line)
             except ValueError as exc:
                 raise WireError("a line of the internal stream is not JSON") from exc
             if not isinstance(obj, dict):
