@@ -101,7 +101,7 @@ def meta_role(frames: list[Frame]) -> str:
 
 
 async def test_fifty_identical_prompts_over_three_processes_make_one_upstream_call(cluster):
-    prompt = "the cluster burst [sim ttft_ms=1500]"
+    prompt = "the cluster burst [sim ttft_ms=2500]"
     async with aiohttp.ClientSession() as http:
         results = await asyncio.gather(
             *(
@@ -357,7 +357,7 @@ async def test_redis_outage_serves_locally_and_cluster_coalescing_resumes(cluste
         # Local-only coalescing: at most one call per process.
         assert 1 <= len(cluster.calls()) - before <= 3
         print(f"6 requests during the outage ({outage}) in {took_s:.2f} s")
-        assert took_s < 2.0
+        assert took_s < 3.0  # a ceiling: the first request waits 250 ms at most
         if outage == "stopped":
             await cluster.redis.start()
         else:
@@ -367,7 +367,7 @@ async def test_redis_outage_serves_locally_and_cluster_coalescing_resumes(cluste
             await member.wait_metric("gateway_cluster_up", 1, timeout=10)
         print(f"cluster coalescing back {time.monotonic() - back_at:.2f} s after Redis")
         calls = len(cluster.calls())
-        prompt = "after the outage [sim ttft_ms=800]"
+        prompt = "after the outage [sim ttft_ms=1500]"
         after = await asyncio.gather(
             *(stream_native(http, members[i % 3], prompt) for i in range(9))
         )
@@ -390,7 +390,7 @@ async def test_through_nginx_a_burst_over_three_gateways_makes_one_upstream_call
                              more_gateway_ports=more) as site:
         connector = aiohttp.TCPConnector(ssl=site.client_ssl())
         async with aiohttp.ClientSession(site.https_url, connector=connector) as http:
-            prompt = "the burst through nginx and three gateways [sim ttft_ms=1000]"
+            prompt = "the burst through nginx and three gateways [sim ttft_ms=2000]"
 
             async def one() -> str:
                 async with http.post("/v1/chat/completions", json=chat(prompt)) as resp:

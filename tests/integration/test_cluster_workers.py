@@ -76,7 +76,7 @@ async def test_workers_share_the_port_and_coalesce_and_drain_on_sigterm(sim_fact
             assert sorted(seen) == [0, 1, 2]
             assert len(set(seen.values())) == 3 and gateway.pid not in seen.values()
 
-            prompt = "one burst, three workers [sim ttft_ms=1000]"
+            prompt = "one burst, three workers [sim ttft_ms=2000]"
 
             async def one() -> str:
                 async with http.post(gateway.url + "/v1/stream", json=chat(prompt)) as resp:
