@@ -92,6 +92,14 @@ class RedisServer:
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
 
+    async def keys(self, *names: str) -> int:
+        """How many of these keys exist, or with no names how many keys Redis holds."""
+        client = Redis.from_url(self.url)
+        try:
+            return int(await client.exists(*names) if names else await client.dbsize())
+        finally:
+            await client.aclose()
+
     async def commandstats(self) -> dict[str, int]:
         """Calls per command since the start (``INFO commandstats``)."""
         client = Redis.from_url(self.url)
