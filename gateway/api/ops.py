@@ -156,7 +156,12 @@ async def models(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     request[RECORD].api = "ops"
     request_id = request.match_info["request_id"]
-    if not request.app[STATE].registry.cancel(request_id, owner=owner_of(request)):
+    state = request.app[STATE]
+    owner = owner_of(request)
+    # Cluster mode: the request may be streaming in another process.
+    if not state.registry.cancel(request_id, owner=owner) and (
+        state.cluster is None or not await state.cluster.cancel_elsewhere(request_id, owner)
+    ):
         raise NotFound(f"no stream in flight with request id {request_id}")
     return web.json_response({"id": request_id, "status": "cancelled"}, status=202)
 

@@ -35,6 +35,9 @@ TIMEOUT_S = 0.25
 PROBE_INTERVAL_S = 1.0
 MAX_CONNECTIONS = 64
 KEY_PREFIX = "llmgw:key:"
+#: A sorted set: member URL -> when its entry expires (Unix ms), refreshed
+#: with the leases; read only to pass on a cancel this process cannot serve.
+MEMBERS = "llmgw:members"
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -170,32 +173,49 @@ class Directory:
 
     async def write(self, ops: Iterable[tuple[str, str, bytes, Any]]) -> None:
         """One pipeline: ``("renew", key, mine, _)``, ``("release", key, mine, _)``,
-        ``("fail", key, mine, (entry, ttl_ms))``; each only if still ``mine``.
+        ``("fail", key, mine, (entry, ttl_ms))``, each only if still ``mine``;
+        and ``("member", url, ...)`` / ``("leave", url, ...)`` for the member list.
 
         Scripts go by their SHA1 (EVALSHA): one round trip for the lot; on a
         Redis that does not know them yet (a restart), they are loaded and
         the pipeline is sent once more.
         """
         commands: list[tuple[str, list[Any]]] = []
+        members: list[tuple[str, str]] = []
         for op, key, mine, extra in ops:
             name = self.key(key)
-            if op == "renew":
+            if op in ("member", "leave"):
+                members.append((op, key))
+            elif op == "renew":
                 commands.append((_RENEW, [name, mine, self.lease_ms]))
             elif op == "release":
                 commands.append((_RELEASE, [name, mine]))
             else:
                 entry, ttl_ms = extra
                 commands.append((_REPLACE, [name, mine, entry, ttl_ms]))
-        if not commands:
+        if not commands and not members:
             return
         for attempt in (1, 2):
             pipe = self._client.pipeline(transaction=False)
+            for op, url in members:
+                if op == "member":
+                    now_ms = int(time.time() * 1000)
+                    pipe.zadd(MEMBERS, {url: now_ms + self.lease_ms})
+                    pipe.zremrangebyscore(MEMBERS, "-inf", now_ms)
+                else:
+                    pipe.zrem(MEMBERS, url)
             for script, (name, *args) in commands:
                 pipe.evalsha(_SHA[script], 1, name, *args)
             replies = await self._call(pipe.execute(raise_on_error=False))
             if attempt == 2 or not any(isinstance(r, NoScriptError) for r in replies):
                 return
             await self._call(self._load_scripts())
+
+    async def members(self) -> list[str]:
+        """The URLs of the members whose entries have not expired."""
+        now_ms = int(time.time() * 1000)
+        reply = await self._call(self._client.zrangebyscore(MEMBERS, now_ms, "+inf"))
+        return [url.decode() if isinstance(url, bytes) else str(url) for url in reply]
 
     async def _load_scripts(self) -> None:
         for script in (_RENEW, _RELEASE, _REPLACE):

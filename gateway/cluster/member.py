@@ -99,12 +99,15 @@ class Member:
         self._relays: dict[int, Source] = {}
         self._writes: asyncio.Queue[_Write] = asyncio.Queue(MAX_PENDING_WRITES)
         self._wake = asyncio.Event()
+        #: Whether this process has put itself on the member list yet.
+        self._listed = False
         self.counts = ClusterCounts()
 
     def advertise(self, url: str) -> None:
         """The address other members reach this process at (set once bound)."""
         self.me = Owner(self.me.instance, url)
         self._mine = owner_entry(self.me)
+        self._wake.set()  # on the member list now, not at the first renewal
 
     # -- a request ---------------------------------------------------------------
 
@@ -172,6 +175,22 @@ class Member:
         except Unavailable:
             pass
         return self._counted(local(), owns=False)
+
+    async def cancel_elsewhere(self, request_id: str, owner: str | None) -> bool:
+        """Pass on an explicit cancel this process has no stream for: to every
+        other member at once (the request is in at most one). Only on that
+        miss: no request pays for the member list."""
+        try:
+            members = await self.directory.members()
+        except Unavailable:
+            return False
+        others = [url for url in members if url != self.me.url]
+        if not others:
+            return False
+        answers = await asyncio.gather(
+            *(self._peers.cancel(url, request_id, owner) for url in others)
+        )
+        return any(answers)
 
     def _counted(self, subscription: Subscription, *, owns: bool) -> Subscription:
         registry = self.registry
@@ -245,9 +264,11 @@ class Member:
                 if not self.directory.up:
                     continue
             ops = self._pending_writes()
-            if loop.time() >= next_renewal:
+            if loop.time() >= next_renewal or not self._listed:
                 next_renewal = loop.time() + renew_every
                 ops.extend(("renew", key, self._mine, None) for key in self.owned)
+                ops.append(("member", self.me.url, self._mine, None))
+                self._listed = True
             try:
                 await self.directory.write(ops)
             except Unavailable:
@@ -267,6 +288,7 @@ class Member:
         """The writes still queued, once, within ``timeout_s`` (at shutdown)."""
         ops = self._pending_writes()
         ops.extend(("release", key, self._mine, None) for key in self.owned)
+        ops.append(("leave", self.me.url, self._mine, None))
         self.owned.clear()
         if ops and self.directory.up:
             try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from urllib.parse import quote
 
 import aiohttp
 
@@ -29,9 +30,15 @@ from actors.deltas import Delta
 from gateway.cluster.wire import LineDecoder, WireError
 from gateway.errors import GatewayError
 
-__all__ = ["OwnerLost", "PeerClient", "PeerSource", "PeerUnreachable", "STREAM_PATH"]
+__all__ = [
+    "CANCEL_PATH", "OWNER_HEADER", "OwnerLost", "PeerClient", "PeerSource", "PeerUnreachable",
+    "STREAM_PATH",
+]
 
 STREAM_PATH = "/cluster/v1/streams/"
+CANCEL_PATH = "/cluster/v1/requests/{request_id}/cancel"
+#: Who may cancel (a hash of the client's credential, never the credential).
+OWNER_HEADER = "X-Cluster-Owner"
 CONNECT_TIMEOUT_S = 1.0
 #: The owner writes an empty line to a peer stream silent this long...
 HEARTBEAT_S = 1.0
@@ -80,6 +87,19 @@ class PeerClient:
         if response.status == 404:
             return None
         raise PeerUnreachable(f"{owner_url} answered {response.status}")
+
+    async def cancel(self, owner_url: str, request_id: str, owner: str | None) -> bool:
+        """Ask one member to cancel a request; True when it did (202)."""
+        headers = dict(self._headers)
+        if owner is not None:
+            headers[OWNER_HEADER] = owner
+        url = owner_url + CANCEL_PATH.format(request_id=quote(request_id, safe=""))
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                async with self._client().post(url, headers=headers) as response:
+                    return response.status == 202
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
 
     async def aclose(self) -> None:
         if self._session is not None:

@@ -1,5 +1,9 @@
 """The internal listener: other members read this process's logs here.
 
+``POST /cluster/v1/requests/{request_id}/cancel`` is an explicit cancel that
+another member received for a request of this process (``X-Cluster-Owner``:
+the hash of the client's credential, as ``registry.cancel`` checks it).
+
 ``GET /cluster/v1/streams/{key}`` (``Last-Event-ID`` optional) joins the live
 stream for the key as one more subscriber and relays it as the internal
 format (``gateway.cluster.wire``); 404 when there is none here. It never
@@ -24,7 +28,7 @@ from aiohttp import web
 from actors.registry import Registry, RegistryClosed
 from gateway.api.relay import SharedFrames
 from gateway.cluster.metrics import ClusterMetrics
-from gateway.cluster.peer import HEARTBEAT_S, STREAM_PATH
+from gateway.cluster.peer import CANCEL_PATH, HEARTBEAT_S, OWNER_HEADER, STREAM_PATH
 from gateway.cluster.wire import END_LINE, encode_delta, error_line
 from gateway.errors import GatewayError
 
@@ -65,12 +69,29 @@ def _error(status: int, code: str, message: str) -> web.Response:
     )
 
 
-async def follow(request: web.Request) -> web.StreamResponse:
+def _refused(request: web.Request) -> web.Response | None:
+    """401 unless the request carries the cluster secret (when there is one)."""
     secret = request.app[SECRET]
     if secret:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {secret}".encode()):
             return _error(401, "invalid_api_key", "the cluster secret does not match")
+    return None
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """An explicit cancel another member received for a request of ours."""
+    if (refused := _refused(request)) is not None:
+        return refused
+    request_id = request.match_info["request_id"]
+    if not request.app[REGISTRY].cancel(request_id, owner=request.headers.get(OWNER_HEADER)):
+        return _error(404, "not_found", "no stream in flight with this request id here")
+    return web.json_response({"id": request_id, "status": "cancelled"}, status=202)
+
+
+async def follow(request: web.Request) -> web.StreamResponse:
+    if (refused := _refused(request)) is not None:
+        return refused
     raw = request.headers.get("Last-Event-ID", "")
     after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else 0
     try:
@@ -135,4 +156,5 @@ def internal_app(registry: Registry, secret: str, metrics: ClusterMetrics) -> we
     app[SECRET] = secret
     app[METRICS] = metrics
     app.router.add_get(STREAM_PATH + "{key}", follow)
+    app.router.add_post(CANCEL_PATH, cancel)
     return app

@@ -472,3 +472,26 @@ async def test_members_with_a_secret_and_advertised_ports_coalesce_and_refuse_st
     assert native_text(late) == native_text(reader.frames) == expected(prompt, 40)
     assert rest[-1].event == "done"
     assert len(sim.log.records) == 1
+
+
+# -- an explicit cancel that lands on another process ------------------------------------
+
+
+async def test_explicit_cancel_received_by_another_process_ends_the_stream(cluster):
+    owner, other, _ = cluster.members
+    prompt = "cancel me from elsewhere [sim itl_ms=20 tokens=500]"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(owner.url + "/v1/stream", json=chat(prompt)) as resp:
+            reader = FrameReader(resp)
+            await _read_deltas(reader, 1)
+            request_id = next(f.json()["request_id"] for f in reader.frames if f.event == "meta")
+            async with http.post(other.url + f"/v1/requests/{request_id}/cancel") as cancel:
+                assert cancel.status == 202
+                assert (await cancel.json())["status"] == "cancelled"
+            frames = await reader.rest()
+        assert frames[-1].event == "done"
+        assert frames[-1].json()["finish_reason"] == "cancelled"
+        await cluster.sim.log.wait_for(1, outcome="reset")
+        async with http.post(other.url + "/v1/requests/no-such-request/cancel") as unknown:
+            assert unknown.status == 404
+            assert (await unknown.json())["error"]["code"] == "not_found"
