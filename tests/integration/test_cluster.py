@@ -269,12 +269,12 @@ async def test_a_prompt_nobody_streams_is_opened_locally_with_one_redis_round_tr
     assert native_text(frames) == expected(prompt)
     assert meta_role(frames) == "leader"
     changed = {name: after.get(name, 0) - before.get(name, 0) for name in after}
-    changed = {name: n for name, n in changed.items() if n}
-    for own in ("info", "hello", "client|setinfo"):  # this test's own client
-        changed.pop(own, None)
-    # One SET (NX GET) on the request's way; then, off its way, the release:
-    # one script, whose GET and DEL Redis counts too.
-    assert changed == {"set": 1, "evalsha": 1, "get": 1, "del": 1}
+    # One SET (NX GET) on the request's way (a takeover would SET again, in
+    # its script); then, off its way, the release: one script's DEL. Lease
+    # renewals and the member list may tick meanwhile: they are not counted.
+    assert changed.get("set") == 1, changed
+    assert changed.get("del") == 1, changed
+    assert changed.get("zrangebyscore", 0) == 0, changed
     assert await target.metric("gateway_cluster_requests_total", 'role="owner"') == 2
     served_after = [await m.metric("gateway_cluster_peer_streams_total") for m in cluster.members]
     assert served_after == served_before  # no forwarding anywhere
