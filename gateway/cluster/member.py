@@ -107,7 +107,8 @@ class Member:
         """The address other members reach this process at (set once bound)."""
         self.me = Owner(self.me.instance, url)
         self._mine = owner_entry(self.me)
-        self._wake.set()  # on the member list now, not at the first renewal
+        self._listed = False
+        self._wake.set()  # on the member list now, not at the next renewal
 
     # -- a request ---------------------------------------------------------------
 
@@ -267,8 +268,9 @@ class Member:
             if loop.time() >= next_renewal or not self._listed:
                 next_renewal = loop.time() + renew_every
                 ops.extend(("renew", key, self._mine, None) for key in self.owned)
-                ops.append(("member", self.me.url, self._mine, None))
-                self._listed = True
+                if self.me.url:  # once the internal listener is bound
+                    ops.append(("member", self.me.url, self._mine, None))
+                    self._listed = True
             try:
                 await self.directory.write(ops)
             except Unavailable:

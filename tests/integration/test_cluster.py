@@ -342,8 +342,9 @@ async def test_redis_outage_serves_locally_and_cluster_coalescing_resumes(cluste
     members = cluster.members
     async with aiohttp.ClientSession() as http:
         await stream_native(http, members[0], "before the outage")
-        async with asyncio.timeout(5):  # its key released: the directory is empty
-            while await cluster.redis.keys():  # noqa: ASYNC110 - another process's state
+        entry = Directory.key(prompt_key(chat("before the outage"), tenant=None))
+        async with asyncio.timeout(5):  # its key released before Redis goes
+            while await cluster.redis.keys(entry):  # noqa: ASYNC110 - another process's state
                 await asyncio.sleep(0.02)
         if outage == "stopped":
             await cluster.redis.stop()
