@@ -99,6 +99,8 @@ class Member:
         self._relays: dict[int, Source] = {}
         self._writes: asyncio.Queue[_Write] = asyncio.Queue(MAX_PENDING_WRITES)
         self._wake = asyncio.Event()
+        #: Keys a request of this process is claiming right now.
+        self._claiming: dict[str, asyncio.Event] = {}
         #: Whether this process has put itself on the member list yet.
         self._listed = False
         self.counts = ClusterCounts()
@@ -135,6 +137,27 @@ class Member:
         shared = coalesce and registry.would_share(streaming)
         if not shared or registry.has(key) or not self.directory.up:
             return self._counted(local(), owns=False)
+        # Between Redis naming this process and the stream existing here, a
+        # member that read the entry may already ask for the stream: the
+        # internal route waits on this instead of answering 404.
+        claiming = self._claiming.get(key)
+        if claiming is None:
+            claiming = self._claiming[key] = asyncio.Event()
+        try:
+            return await self._decide(key, registry, local)
+        finally:
+            if self._claiming.get(key) is claiming:
+                del self._claiming[key]
+            claiming.set()
+
+    def claiming(self, key: str) -> asyncio.Event | None:
+        """Set once a request of this process that is claiming ``key`` has
+        decided (the stream exists here, or will not); None: nobody is."""
+        return self._claiming.get(key)
+
+    async def _decide(
+        self, key: str, registry: Registry, local: Callable[..., Subscription]
+    ) -> Subscription:
         try:
             current = await self.directory.claim(key, self._mine)
             for _ in range(MAX_ATTEMPTS):

@@ -78,7 +78,7 @@ async def open_internal_listener(
 ) -> str:
     """Bind the internal listener; returns the URL other members use."""
     member.registry = registry
-    app = internal_app(registry, settings.cluster_secret, member.metrics)
+    app = internal_app(registry, settings.cluster_secret, member.metrics, member.claiming)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
     )

@@ -20,7 +20,7 @@ import asyncio
 import hmac
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
@@ -54,7 +54,11 @@ class Heartbeat:
                     pass  # its handler sees the same and ends
 
 
+#: The longest the route waits for a stream this process is starting.
+CLAIM_WAIT_S = 0.5
+
 REGISTRY = web.AppKey("cluster_registry", Registry)
+CLAIMING: web.AppKey[Callable[[str], asyncio.Event | None]] = web.AppKey("cluster_claiming")
 HEARTBEAT = web.AppKey("cluster_heartbeat", Heartbeat)
 SECRET = web.AppKey("cluster_secret", str)
 METRICS = web.AppKey("cluster_metrics", ClusterMetrics)
@@ -94,11 +98,21 @@ async def follow(request: web.Request) -> web.StreamResponse:
         return refused
     raw = request.headers.get("Last-Event-ID", "")
     after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else 0
+    key = request.match_info["key"]
+    registry = request.app[REGISTRY]
+    claiming = request.app[CLAIMING](key)
+    if claiming is not None and not registry.has(key):
+        # Redis names this process, whose request has not yet started the
+        # stream: wait for it (a moment) rather than send the asker off to
+        # take the key over and make a second upstream call.
+        try:
+            async with asyncio.timeout(CLAIM_WAIT_S):
+                await claiming.wait()
+        except TimeoutError:
+            pass
     try:
-        subscription = request.app[REGISTRY].join(
-            request.match_info["key"],
-            request_id=f"peer-{next(_ids)}",
-            arrived_at=time.monotonic(),
+        subscription = registry.join(
+            key, request_id=f"peer-{next(_ids)}", arrived_at=time.monotonic(),
             resume_after=after,
         )
     except RegistryClosed:
@@ -141,8 +155,14 @@ async def follow(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def internal_app(registry: Registry, secret: str, metrics: ClusterMetrics) -> web.Application:
+def internal_app(
+    registry: Registry,
+    secret: str,
+    metrics: ClusterMetrics,
+    claiming: Callable[[str], asyncio.Event | None],
+) -> web.Application:
     app = web.Application()
+    app[CLAIMING] = claiming
     app[HEARTBEAT] = heartbeat = Heartbeat()
 
     async def beating(app: web.Application) -> AsyncIterator[None]:

@@ -73,6 +73,8 @@ async def cluster(tmp_path: Path, sim_factory) -> AsyncIterator[Cluster]:
             )
         )
         yield Cluster(redis, sim, members)
+        for number, member in enumerate(members):  # shown when a test fails
+            print(f"-- member {number} ({member.url}) output:", *member.output, sep="\n")
 
 
 async def stream_native(
