@@ -80,6 +80,8 @@ class Settings:
     cluster_advertise_url: str | None = None
     cluster_secret: str = field(default="", repr=False)
     cluster_lease_ms: int = 10000
+    #: The longest a request waits on Redis before it is served locally.
+    cluster_redis_timeout_ms: int = 250
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -119,6 +121,7 @@ class Settings:
             cluster_advertise_url=read.advertise_url("CLUSTER_ADVERTISE_URL"),
             cluster_secret=read.text("CLUSTER_SECRET", ""),
             cluster_lease_ms=read.integer("CLUSTER_LEASE_MS", 10000, low=1000),
+            cluster_redis_timeout_ms=read.integer("CLUSTER_REDIS_TIMEOUT_MS", 250, low=1),
         )
         if settings.workers > 1 and settings.redis_url is None:
             raise ConfigError(

@@ -1,6 +1,7 @@
 """The directory: prompt key -> its owner (a Redis lease) or its failure.
 
 Every call fails open: a Redis error or a reply slower than ``timeout_s``
+(250 ms unless CLUSTER_REDIS_TIMEOUT_MS says otherwise)
 marks the directory down (logged once, ``gateway_cluster_up`` 0) and the
 caller serves locally; while it is down no request waits on it, and a probe
 every ``PROBE_INTERVAL_S`` brings it back by itself. Leases are an efficiency
@@ -30,7 +31,8 @@ log = structlog.get_logger("gateway.cluster")
 
 T = TypeVar("T")
 
-#: The longest a request waits on Redis before it is served locally.
+#: The longest a request waits on Redis before it is served locally
+#: (CLUSTER_REDIS_TIMEOUT_MS).
 TIMEOUT_S = 0.25
 PROBE_INTERVAL_S = 1.0
 MAX_CONNECTIONS = 64
@@ -78,7 +80,7 @@ class Unavailable(Exception):
     """The directory did not answer (in time): serve locally."""
 
 
-def connect(url: str) -> Redis:
+def connect(url: str, timeout_s: float = TIMEOUT_S) -> Redis:
     """A client that never waits long: timeouts on connect and reply, no
     retries (the caller fails open instead), idle connections checked, and a
     bounded pool (a burst of new prompts queues for a connection, within the
@@ -86,9 +88,9 @@ def connect(url: str) -> Redis:
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
-        timeout=TIMEOUT_S,
-        socket_timeout=TIMEOUT_S,
-        socket_connect_timeout=TIMEOUT_S,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
         decode_responses=False,
@@ -103,8 +105,17 @@ def redis_location(url: str) -> str:
 
 
 class Directory:
-    def __init__(self, client: Redis, *, lease_ms: int, metrics: ClusterMetrics, where: str) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        lease_ms: int,
+        metrics: ClusterMetrics,
+        where: str,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         self._client = client
+        self._timeout_s = timeout_s
         self.lease_ms = lease_ms
         self._metrics = metrics
         self._where = where
@@ -224,7 +235,7 @@ class Directory:
     async def probe(self) -> None:
         """One PING while down; back up when it answers."""
         try:
-            async with asyncio.timeout(TIMEOUT_S * 2):
+            async with asyncio.timeout(self._timeout_s * 2):
                 await self._client.ping()
         except (RedisError, OSError, TimeoutError):
             return
@@ -242,7 +253,7 @@ class Directory:
             raise Unavailable("the cluster directory is down")
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(TIMEOUT_S):
+            async with asyncio.timeout(self._timeout_s):
                 reply = await call
         except (RedisError, OSError, TimeoutError) as exc:
             self._metrics.redis_error()

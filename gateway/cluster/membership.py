@@ -41,11 +41,13 @@ async def join_cluster(
 ) -> Member:
     assert settings.redis_url is not None
     metrics = ClusterMetrics(metrics_registry)
+    timeout_s = settings.cluster_redis_timeout_ms / 1000
     directory = Directory(
-        connect(settings.redis_url),
+        connect(settings.redis_url, timeout_s),
         lease_ms=settings.cluster_lease_ms,
         metrics=metrics,
         where=redis_location(settings.redis_url),
+        timeout_s=timeout_s,
     )
     member = Member(
         directory=directory,

@@ -181,6 +181,10 @@ async def running_member(
         "LOG_LEVEL": "warning",
         "LOG_FORMAT": "console",
         "DRAIN_TIMEOUT_S": "1",
+        # The tests count upstream calls: a Redis reply slowed past 250 ms by
+        # a loaded test machine would serve a request locally (by design)
+        # and add one. A paused Redis still costs a request at most 1 s.
+        "CLUSTER_REDIS_TIMEOUT_MS": "1000",
         **({} if redis_url is None else {"REDIS_URL": redis_url}),
         **(env or {}),
     }
