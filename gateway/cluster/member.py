@@ -137,6 +137,14 @@ class Member:
         shared = coalesce and registry.would_share(streaming)
         if not shared or registry.has(key) or not self.directory.up:
             return self._counted(local(), owns=False)
+        waiting = self._claiming.get(key)
+        if waiting is not None:
+            # Another request here is deciding for this key: its decision
+            # (bounded by the Redis and peer timeouts) serves this one too,
+            # without a second round trip.
+            await waiting.wait()
+            if registry.has(key):
+                return self._counted(local(), owns=False)
         # Between Redis naming this process and the stream existing here, a
         # member that read the entry may already ask for the stream: the
         # internal route waits on this instead of answering 404.

@@ -106,6 +106,7 @@ def meta_role(frames: list[Frame]) -> str:
 
 async def test_fifty_identical_prompts_over_three_processes_make_one_upstream_call(cluster):
     prompt = "the cluster burst [sim ttft_ms=2500]"
+    before = await cluster.redis.commandstats()
     async with aiohttp.ClientSession() as http:
         results = await asyncio.gather(
             *(
@@ -123,7 +124,10 @@ async def test_fifty_identical_prompts_over_three_processes_make_one_upstream_ca
     for member in cluster.members:
         for role in roles:
             roles[role] += await member.metric("gateway_cluster_requests_total", f'role="{role}"')
-    print(f"50 requests over 3 processes: {roles}")
+    claims = (await cluster.redis.commandstats())["set"] - before.get("set", 0)
+    print(f"50 requests over 3 processes: {roles}; {claims} Redis claims")
+    # One claim per process: its other requests wait for that decision.
+    assert claims == 3
     assert roles["owner"] == 1 and sum(roles.values()) == 50
     assert roles["remote_follower"] >= 2 * 16  # the two other processes, about a third each
 
