@@ -116,6 +116,11 @@ def _cluster_stats(state: GatewayState) -> dict[str, object]:
         "takeovers": counts.takeovers,
         "peer_streams_served": member.metrics.peer_streams_total,
         "redis_errors": member.metrics.redis_errors_total,
+        "redis_ms": {
+            "p50": _ms(percentile(member.metrics.redis_recent_s, 50)),
+            "p95": _ms(percentile(member.metrics.redis_recent_s, 95)),
+            "samples": len(member.metrics.redis_recent_s),
+        },
     }
 
 

@@ -259,7 +259,7 @@ class Directory:
             self._metrics.redis_error()
             self._mark_down(exc)
             raise Unavailable("the cluster directory did not answer") from exc
-        self._metrics.redis_seconds.observe(time.perf_counter() - started)
+        self._metrics.redis_round_trip(time.perf_counter() - started)
         return reply
 
     def _mark_down(self, exc: BaseException) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 #: Where a cluster-mode request's answer comes from.
@@ -37,9 +39,10 @@ class ClusterMetrics:
             "Streams this process served to other members' relays",
             registry=registry,
         )
-        #: The same counts as plain numbers, for /stats.
+        #: The same counts as plain numbers, and the recent round trips, for /stats.
         self.peer_streams_total = 0
         self.redis_errors_total = 0
+        self.redis_recent_s: deque[float] = deque(maxlen=1000)
         self.takeovers = Counter(
             "gateway_cluster_takeovers",
             "Keys taken over from an owner that did not answer",
@@ -53,3 +56,7 @@ class ClusterMetrics:
     def redis_error(self) -> None:
         self.redis_errors.inc()
         self.redis_errors_total += 1
+
+    def redis_round_trip(self, seconds: float) -> None:
+        self.redis_seconds.observe(seconds)
+        self.redis_recent_s.append(seconds)

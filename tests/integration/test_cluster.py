@@ -282,6 +282,14 @@ async def test_a_prompt_nobody_streams_is_opened_locally_with_one_redis_round_tr
     assert changed.get("del") == 1, changed
     assert changed.get("zrangebyscore", 0) == 0, changed
     assert await target.metric("gateway_cluster_requests_total", 'role="owner"') == 2
+    stats = await target.stats()
+    assert stats["process"] == {"pid": target.pid, "worker": 0, "workers": 1}
+    section = stats["cluster"]
+    assert section["enabled"] is True and section["up"] is True
+    assert section["advertise_url"].startswith("http://127.0.0.1:")
+    assert section["requests"] == {"owner": 2, "local_follower": 0, "remote_follower": 0}
+    assert section["redis_ms"]["samples"] >= 2 and section["redis_ms"]["p95"] is not None
+    assert section["owned_keys"] == 0 and section["redis_errors"] == 0
     served_after = [await m.metric("gateway_cluster_peer_streams_total") for m in cluster.members]
     assert served_after == served_before  # no forwarding anywhere
     assert len(cluster.calls()) == 4
@@ -502,3 +510,14 @@ async def test_explicit_cancel_received_by_another_process_ends_the_stream(clust
         async with http.post(other.url + "/v1/requests/no-such-request/cancel") as unknown:
             assert unknown.status == 404
             assert (await unknown.json())["error"]["code"] == "not_found"
+
+
+async def test_without_redis_stats_say_so_and_no_cluster_series_exist(gateway):
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.url + "/stats") as resp:
+            stats = await resp.json()
+        async with http.get(gateway.url + "/metrics") as resp:
+            exposition = await resp.text()
+    assert stats["cluster"] == {"enabled": False}
+    assert stats["process"]["workers"] == 1 and stats["process"]["worker"] == 0
+    assert "gateway_cluster_" not in exposition
