@@ -107,16 +107,21 @@ def meta_role(frames: list[Frame]) -> str:
 async def test_fifty_identical_prompts_over_three_processes_make_one_upstream_call(cluster):
     prompt = "the cluster burst [sim ttft_ms=2500]"
     before = await cluster.redis.commandstats()
+    async def one(http: aiohttp.ClientSession, i: int) -> str:
+        """Native, OpenAI streaming and OpenAI ``stream: false``, each kind
+        on every process."""
+        member, kind = cluster.members[i % 3], (i // 3) % 3
+        if kind == 0:
+            return native_text(await stream_native(http, member, prompt))
+        if kind == 1:
+            return openai_text(await stream_openai(http, member, prompt))
+        body = chat(prompt, stream=False)
+        async with http.post(member.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            return str((await resp.json())["choices"][0]["message"]["content"])
+
     async with aiohttp.ClientSession() as http:
-        results = await asyncio.gather(
-            *(
-                (stream_native if i % 2 else stream_openai)(
-                    http, cluster.members[i % 3], prompt
-                )
-                for i in range(50)
-            )
-        )
-    answers = [native_text(f) if i % 2 else openai_text(f) for i, f in enumerate(results)]
+        answers = await asyncio.gather(*(one(http, i) for i in range(50)))
     assert answers == [expected(prompt)] * 50
     await cluster.sim.log.wait_for(1)
     assert len(cluster.calls()) == 1
