@@ -13,7 +13,8 @@ Signals: SIGTERM/SIGINT are passed on to every worker, which drains as a
 single process does (a second one cuts the drain short). The workers run in
 their own session, so a terminal's Ctrl-C reaches them once, through here.
 If a worker exits on its own with a failure, the others are stopped and the
-supervisor exits 1 (systemd's ``Restart=on-failure`` restarts the lot).
+supervisor exits 1 (systemd's ``Restart=on-failure`` restarts the lot). If
+the supervisor itself is killed, each worker gets SIGTERM (and drains).
 """
 
 from __future__ import annotations
@@ -28,11 +29,24 @@ from collections.abc import Mapping
 
 from gateway.config import Settings
 
+PR_SET_PDEATHSIG = 1
 #: How the supervisor tells a worker which one it is (not an operator setting).
 WORKER_INDEX = "GATEWAY_WORKER_INDEX"
 
 #: After the stop signal, how long past the drain timeout a worker may take.
 KILL_GRACE_S = 10.0
+
+
+def _stop_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when the supervisor dies (Linux's
+    PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no worker behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: systemd's KillMode=mixed still ends them
 
 
 def _placeholder(settings: Settings) -> socket.socket:
@@ -69,6 +83,7 @@ def supervise(settings: Settings, env: Mapping[str, str]) -> int:
                     [sys.executable, "-m", "gateway"],
                     env={**env, "GATEWAY_PORT": str(port), WORKER_INDEX: str(index)},
                     start_new_session=True,
+                    preexec_fn=_stop_with_parent,
                 )
             )
         while any(child.poll() is None for child in children):

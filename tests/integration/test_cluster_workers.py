@@ -98,3 +98,29 @@ async def test_workers_share_the_port_and_coalesce_and_drain_on_sigterm(sim_fact
             assert frames[-1].event == "done"
             async with asyncio.timeout(15):
                 assert await gateway.service.process.wait() == 0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def test_a_killed_supervisor_leaves_no_worker_behind(sim_factory, redis):
+    sim = await sim_factory(FAST_SIM)
+    async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "2"}) as gateway:
+        supervisor = gateway.service.process
+        async with asyncio.timeout(30):
+            while len(workers := _children(supervisor.pid)) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        supervisor.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while any(_alive(pid) for pid in workers):  # noqa: ASYNC110 - other processes
+                await asyncio.sleep(0.05)
