@@ -111,8 +111,12 @@ async def serve(settings: Settings) -> None:
             worker = f", worker {settings.worker_index + 1} of {settings.workers}"
         print(f"llm-stream-gateway listening on {url} (upstream: {state.upstream_url}{worker})",
               flush=True)
-        log.info("started", url=url, upstream=state.upstream_url, worker=settings.worker_index,
-                 cluster=None if state.cluster is None else state.cluster.me.url)
+        extra: dict[str, object] = {}
+        if settings.worker_index is not None:
+            extra["worker"] = settings.worker_index
+        if state.cluster is not None:
+            extra["cluster"] = state.cluster.me.url
+        log.info("started", url=url, upstream=state.upstream_url, **extra)
 
         await signals.first.wait()
         # One tick, no await in between: from here no request can start
