@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -28,7 +28,7 @@ from aiohttp import web
 from actors.registry import Registry, RegistryClosed
 from gateway.api.relay import SharedFrames
 from gateway.cluster.metrics import ClusterMetrics
-from gateway.cluster.peer import CANCEL_PATH, HEARTBEAT_S, OWNER_HEADER, STREAM_PATH
+from gateway.cluster.peer import CANCEL_PATH, HEARTBEAT_S, OWNER_HEADER, STREAM_PATH, OwnerLost
 from gateway.cluster.wire import END_LINE, encode_delta, error_line
 from gateway.errors import GatewayError
 
@@ -62,7 +62,6 @@ CLAIMING: web.AppKey[Callable[[str], asyncio.Event | None]] = web.AppKey("cluste
 HEARTBEAT = web.AppKey("cluster_heartbeat", Heartbeat)
 SECRET = web.AppKey("cluster_secret", str)
 METRICS = web.AppKey("cluster_metrics", ClusterMetrics)
-_ids = itertools.count(1)
 log = structlog.get_logger("gateway.cluster")
 
 
@@ -112,7 +111,8 @@ async def follow(request: web.Request) -> web.StreamResponse:
             pass
     try:
         subscription = registry.join(
-            key, request_id=f"peer-{next(_ids)}", arrived_at=time.monotonic(),
+            # Unguessable: cancel-by-id must not reach another member's relay.
+            key, request_id=f"peer-{secrets.token_hex(12)}", arrived_at=time.monotonic(),
             resume_after=after,
         )
     except RegistryClosed:
@@ -134,6 +134,10 @@ async def follow(request: web.Request) -> web.StreamResponse:
                     await subscription.readable()
                     continue
                 if not batch:
+                    if subscription.outcome != "complete":
+                        # Closed here before the end: never an end line
+                        # after a partial answer.
+                        last = error_line(OwnerLost("the owner's stream ended before its answer"))
                     break
                 heartbeat[response] = time.monotonic()
                 # Each line encoded once for every member that follows this stream.
