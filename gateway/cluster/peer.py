@@ -25,6 +25,7 @@ import socket
 from urllib.parse import quote
 
 import aiohttp
+import structlog
 
 from actors.deltas import Delta
 from gateway.cluster.wire import LineDecoder, WireError
@@ -34,6 +35,8 @@ __all__ = [
     "CANCEL_PATH", "OWNER_HEADER", "OwnerLost", "PeerClient", "PeerSource", "PeerUnreachable",
     "STREAM_PATH",
 ]
+
+log = structlog.get_logger("gateway.cluster")
 
 STREAM_PATH = "/cluster/v1/streams/"
 CANCEL_PATH = "/cluster/v1/requests/{request_id}/cancel"
@@ -64,6 +67,7 @@ class PeerClient:
     def __init__(self, *, secret: str) -> None:
         self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._session: aiohttp.ClientSession | None = None
+        self._refused_by: set[str] = set()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -86,6 +90,11 @@ class PeerClient:
         response.release()
         if response.status == 404:
             return None
+        if response.status == 401 and owner_url not in self._refused_by:
+            # A configuration error, said once per member: every request
+            # for a key that member owns is now served here instead.
+            self._refused_by.add(owner_url)
+            log.warning("a cluster member refused our CLUSTER_SECRET", member=owner_url)
         raise PeerUnreachable(f"{owner_url} answered {response.status}")
 
     async def cancel(self, owner_url: str, request_id: str, owner: str | None) -> bool:

@@ -526,3 +526,26 @@ async def test_without_redis_stats_say_so_and_no_cluster_series_exist(gateway):
     assert stats["cluster"] == {"enabled": False}
     assert stats["process"]["workers"] == 1 and stats["process"]["worker"] == 0
     assert "gateway_cluster_" not in exposition
+
+
+async def test_a_member_with_another_secret_is_served_locally_and_said_once(tmp_path, sim_factory):
+    sim = await sim_factory(FAST_SIM)
+    async with AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(running_redis(tmp_path / "redis"))
+        owner = await stack.enter_async_context(
+            running_member(sim.url, redis.url, {"CLUSTER_SECRET": "one secret"}))
+        stranger = await stack.enter_async_context(
+            running_member(sim.url, redis.url, {"CLUSTER_SECRET": "another secret"}))
+        async with aiohttp.ClientSession() as http:
+            for n in range(2):
+                prompt = f"mismatched secrets {n} [sim itl_ms=20 tokens=30]"
+                first = await http.post(owner.url + "/v1/stream", json=chat(prompt))
+                await _read_deltas(FrameReader(first), 1)
+                other = await stream_native(http, stranger, prompt)
+                first.close()
+                assert native_text(other) == expected(prompt, 30)
+    # Served anyway (the key taken over: one more upstream call each), and
+    # the configuration error said once.
+    assert len(sim.log.records) == 4
+    said = [line for line in stranger.output if "refused our CLUSTER_SECRET" in line]
+    assert len(said) == 1, stranger.output
