@@ -12,7 +12,7 @@ from typing import Protocol
 
 from actors.deltas import Delta
 
-__all__ = ["Admission", "OpenSource", "Source", "Ticket"]
+__all__ = ["Admission", "OpenRelay", "OpenSource", "Source", "Ticket"]
 
 
 class Source(Protocol):
@@ -39,6 +39,14 @@ class Source(Protocol):
 #: (reset what it already wrote): that is how a request whose every subscriber
 #: left before the upstream answered is cancelled.
 OpenSource = Callable[[], Awaitable[Source]]
+
+#: Open the stream of an answer that another process owns (its log, read
+#: from its first delta, as one more subscriber of that process's actor).
+#: The actor reading it takes no admission slot: no upstream call is made
+#: here. Resetting the Source leaves the owner's stream, which resets the
+#: upstream there if that was its last subscriber. How the owner is found
+#: and reached is the caller's business (cluster mode, gateway/cluster).
+OpenRelay = Callable[[], Awaitable[Source]]
 
 
 class Ticket(Protocol):

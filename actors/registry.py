@@ -35,7 +35,7 @@ from actors.messages import (
     StreamEnded,
     UpstreamOpening,
 )
-from actors.ports import Admission, OpenSource
+from actors.ports import Admission, OpenRelay, OpenSource
 from actors.subscription import Role, Subscription
 
 __all__ = ["Registry", "RegistryClosed", "RegistryStatistics"]
@@ -90,6 +90,7 @@ class Registry:
         lag: LagBound | None = None,
         on_stream_end: Callable[[StreamEnded], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observer: Callable[[ActorEvent], None] | None = None,
     ) -> None:
         self._admission = admission
         self._error_ttl_s = error_ttl_s
@@ -107,6 +108,10 @@ class Registry:
         #: bookkeeping (the gateway's exchange log listens here).
         self._on_stream_end = on_stream_end
         self._clock = clock
+        #: Told every actor event after the registry has handled it.
+        self._observer = observer
+        #: Stream ids of the running actors that relay another process's log.
+        self._relays: set[int] = set()
         self._stream_ids = itertools.count(1)
         #: Actors a new identical request may join (shared, taking joiners).
         self._joinable: dict[str, StreamActor] = {}
@@ -141,12 +146,18 @@ class Registry:
         streaming: bool = True,
         coalesce: bool = True,
         resume_after: int = 0,
+        relay: OpenRelay | None = None,
     ) -> Subscription:
         """Join the live stream for ``key`` or start one. Synchronous, so that
         ``QueueFull`` comes out of here before the caller commits its 200.
 
         ``resume_after=N`` (a Last-Event-ID) starts a follower after delta N;
         with no live stream the new one starts from 0.
+
+        ``relay``: when no live stream is here, start one that reads another
+        process's log instead of calling the upstream (no admission ticket);
+        this request is its first follower, resumed after N if asked, since
+        the relayed log is numbered as the owner's.
         """
         if self._closed:
             raise RegistryClosed("the registry is closed")
@@ -168,11 +179,46 @@ class Registry:
                     clock=self._clock,
                 )
                 return self._attach(memo, "follower", request_id, arrived_at, 0)
+        if relay is not None and shared:
+            return self._start_relay(key, relay, request_id, arrived_at, resume_after)
         return self._lead(key, open_source, request_id, arrived_at, shared)
 
     def has_request(self, request_id: str) -> bool:
         """A subscription with this request id is open (its id is taken)."""
         return request_id in self._by_request
+
+    def would_share(self, streaming: bool) -> bool:
+        """Whether a request (that asks to coalesce) may share a stream."""
+        return self._coalesce_enabled and (self._fanout_enabled or not streaming)
+
+    def has(self, key: str) -> bool:
+        """Whether an identical request would be answered here without a new
+        stream: a live stream taking joiners, or a remembered failure."""
+        return key in self._joinable or key in self._failures
+
+    def join(
+        self, key: str, *, request_id: str, arrived_at: float, resume_after: int = 0
+    ) -> Subscription | None:
+        """Only join: the live stream for ``key`` (or its remembered failure)
+        from ``resume_after``, or None when there is none. Never starts a
+        stream; for readers that are not requests of their own (another
+        process relaying this log), so it counts as neither leader nor follower."""
+        if self._closed:
+            raise RegistryClosed("the registry is closed")
+        actor = self._joinable.get(key)
+        if actor is None:
+            remembered = self._failures.get(key)
+            if remembered is None:
+                return None
+            actor = StreamActor.remembered(
+                key=key, stream_id=remembered.stream_id, failure=remembered.failure, clock=self._clock
+            )
+            resume_after = 0
+        return self._attach(actor, "follower", request_id, arrived_at, resume_after, count=False)
+
+    def relayed(self, stream_id: int) -> bool:
+        """Whether that running stream relays another process's log."""
+        return stream_id in self._relays
 
     def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
         """Explicit cancel: that subscription ends and leaves. False if
@@ -248,8 +294,35 @@ class Registry:
         task.add_done_callback(self._discard_task, context=self._callback_context)
         return subscription
 
+    def _start_relay(
+        self, key: str, relay: OpenRelay, request_id: str, arrived_at: float, cursor: int
+    ) -> Subscription:
+        asyncio.get_running_loop()
+        actor = StreamActor(
+            key=key,
+            stream_id=next(self._stream_ids),
+            max_replay_bytes=self._max_replay_bytes,
+            observer=self._on_actor_event,
+            clock=self._clock,
+        )
+        subscription = self._attach(actor, "follower", request_id, arrived_at, cursor)
+        self._joinable[key] = actor
+        self._running[actor.stream_id] = actor
+        self._relays.add(actor.stream_id)
+        task = actor.start(relay, None)
+        self._tasks.add(task)
+        task.add_done_callback(self._discard_task, context=self._callback_context)
+        return subscription
+
     def _attach(
-        self, actor: StreamActor, role: Role, request_id: str, arrived_at: float, cursor: int
+        self,
+        actor: StreamActor,
+        role: Role,
+        request_id: str,
+        arrived_at: float,
+        cursor: int,
+        *,
+        count: bool = True,
     ) -> Subscription:
         subscription = Subscription(
             actor=actor,
@@ -262,9 +335,9 @@ class Registry:
         actor.join(subscription)
         self._by_request[request_id] = subscription
         self._open_subscriptions += 1
-        if role == "leader":
+        if count and role == "leader":
             self._leaders_total += 1
-        else:
+        elif count:
             self._followers_total += 1
         return subscription
 
@@ -274,21 +347,32 @@ class Registry:
             del self._by_request[subscription.request_id]
 
     def _on_actor_event(self, event: ActorEvent) -> None:
+        self._handle(event)
+        if self._observer is not None:
+            self._observer(event)
+
+    def _handle(self, event: ActorEvent) -> None:
         match event:
-            case UpstreamOpening():
-                self._upstream_calls_total += 1
+            case UpstreamOpening(stream_id=stream_id):
+                if stream_id not in self._relays:
+                    self._upstream_calls_total += 1
             case JoinersClosed(stream_id=stream_id, key=key):
                 self._unlist(key, stream_id)
             case StreamEnded(stream_id=stream_id, key=key, end=end, reset_s=reset_s):
                 self._unlist(key, stream_id)
                 actor = self._running.pop(stream_id, None)
+                relayed = stream_id in self._relays
+                self._relays.discard(stream_id)
+                if relayed:
+                    # Not an upstream stream: its owner counts the reset.
+                    reset_s = None
                 if reset_s is not None:
                     self._resets_total += 1
                 if isinstance(end, Abandoned):
                     self._abandoned_total += 1
                     if reset_s is not None and self._on_reset is not None:
                         self._on_reset(reset_s)
-                elif isinstance(end, Failed) and actor is not None:
+                elif isinstance(end, Failed) and actor is not None and not relayed:
                     if self._on_failure is not None:
                         self._on_failure(end.error, actor.subscriber_count)
                     if actor.shared:

@@ -102,7 +102,10 @@ async def serve(settings: Settings) -> None:
     listener = make_listener(runner, settings)
     try:
         try:
-            await listener.start(settings.host, settings.port)
+            # Workers of one supervisor share the port (gateway/workers.py).
+            await listener.start(
+                settings.host, settings.port, reuse_port=settings.worker_index is not None
+            )
         except OSError as exc:
             raise ListenError.from_os_error(exc, settings.host, settings.port) from exc
         _settle_garbage_collector()
@@ -116,8 +119,16 @@ async def serve(settings: Settings) -> None:
             log.warning("serving the built-in simulator: no UPSTREAM_URL set", upstream="simulator")
         else:
             upstream = state.upstream_url
-        print(f"llm-stream-gateway listening on {url} (upstream: {upstream})", flush=True)
-        log.info("started", url=url, upstream=state.upstream_url, simulated=state.simulated)
+        worker = ""
+        if settings.worker_index is not None:
+            worker = f", worker {settings.worker_index + 1} of {settings.workers}"
+        print(f"llm-stream-gateway listening on {url} (upstream: {upstream}{worker})", flush=True)
+        extra: dict[str, object] = {}
+        if settings.worker_index is not None:
+            extra["worker"] = settings.worker_index
+        if state.cluster is not None:
+            extra["cluster"] = state.cluster.me.url
+        log.info("started", url=url, upstream=state.upstream_url, simulated=state.simulated, **extra)
 
         await signals.first.wait()
         # One tick, no await in between: from here no request can start
@@ -246,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings.orjson:
         json_codec.use_standard_library()
     configure_logging(settings.log_level, settings.log_format)  # its JSON is json_codec's
+    if settings.workers > 1:
+        from gateway.workers import as_worker, supervise
+
+        settings = as_worker(settings, os.environ)
+        if settings.worker_index is None:
+            return supervise(settings, os.environ)
     try:
         run_event_loop(serve(settings), use_uvloop=settings.uvloop)
     except ListenError as exc:

@@ -162,6 +162,13 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             max_queue=settings.max_queue,
             queue_timeout_s=settings.queue_timeout_ms / 1000,
         )
+        member = None
+        if settings.redis_url is not None:
+            from gateway.cluster.membership import join_cluster
+
+            member = await join_cluster(
+                settings, metrics.registry, stack, remember_failure=_remember_failure
+            )
         registry = Registry(
             admission=admission,
             error_ttl_s=settings.error_ttl_ms / 1000,
@@ -173,10 +180,15 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             on_failure=_upstream_failure_reporter(metrics, upstreams_named),
             lag=LagBound(max_bytes=settings.stream_max_lag_bytes, max_s=settings.stream_max_lag_s),
             on_stream_end=exchanges.recorder.stream_ended,
+            observer=None if member is None else member.on_actor_event,
         )
         stack.push_async_callback(
             registry.aclose, ShuttingDown("the gateway is shutting down")
         )
+        if member is not None:
+            from gateway.cluster.membership import open_internal_listener
+
+            await open_internal_listener(settings, member, registry, stack)
         keepalive = await stack.enter_async_context(
             Keepalive(
                 settings.ping_interval_s,
@@ -195,6 +207,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             source_timeouts=source_timeouts(settings),
             deadlines=deadlines,
             exchanges=exchanges,
+            cluster=member,
         )
         app[STATE] = state
         metrics.bind_live_state(

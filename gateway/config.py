@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from gateway.exchanges.store import parse_store_url
 from gateway.routing.config import RoutingConfig, RoutingConfigError, load_routing
@@ -116,6 +117,22 @@ class Settings:
     exchange_log_queue: int = 10_000
     #: Keys that may read /v1/exchanges when auth is on.
     gateway_admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    # -- cluster mode (docs/cluster.md) --
+    #: None: one process, no Redis. Set: every process on this Redis shares
+    #: one coalescing namespace. May hold a password: never logged whole.
+    redis_url: str | None = field(default=None, repr=False)
+    #: Worker processes sharing the listening port (> 1 needs redis_url).
+    workers: int = 1
+    #: Which worker this process is (0-based), given by the supervisor that
+    #: ``GATEWAY_WORKERS`` starts (gateway/workers.py), not by the operator;
+    #: None in a process started on its own.
+    worker_index: int | None = None
+    #: How other members reach this one; None: the internal listener, on host.
+    cluster_advertise_url: str | None = None
+    cluster_secret: str = field(default="", repr=False)
+    cluster_lease_ms: int = 10000
+    #: The longest a request waits on Redis before it is served locally.
+    cluster_redis_timeout_ms: int = 250
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -161,7 +178,27 @@ class Settings:
             exchange_log_content=read.flag("EXCHANGE_LOG_CONTENT", False),
             exchange_log_queue=read.integer("EXCHANGE_LOG_QUEUE", 10_000, low=1),
             gateway_admin_keys=read.keys("GATEWAY_ADMIN_KEYS"),
+            redis_url=read.redis_url("REDIS_URL"),
+            workers=read.integer("GATEWAY_WORKERS", 1, low=1, high=256),
+            cluster_advertise_url=read.advertise_url("CLUSTER_ADVERTISE_URL"),
+            cluster_secret=read.text("CLUSTER_SECRET", ""),
+            cluster_lease_ms=read.integer("CLUSTER_LEASE_MS", 10000, low=1000),
+            cluster_redis_timeout_ms=read.integer("CLUSTER_REDIS_TIMEOUT_MS", 250, low=1),
         )
+        if settings.workers > 1 and settings.redis_url is None:
+            raise ConfigError(
+                "GATEWAY_WORKERS",
+                "more than 1 worker needs REDIS_URL (workers share one coalescing namespace)",
+                str(settings.workers),
+            )
+        if settings.cluster_advertise_url is not None and not settings.cluster_secret:
+            host = urlsplit(settings.cluster_advertise_url).hostname or ""
+            if host != "localhost" and not _is_loopback(host):
+                raise ConfigError(
+                    "CLUSTER_SECRET",
+                    "required when CLUSTER_ADVERTISE_URL is reachable from other hosts",
+                    "",
+                )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
             "https:"
         ):
@@ -195,6 +232,13 @@ class FileConfigError(ConfigError):
     def __init__(self, variable: str, message: str) -> None:
         ValueError.__init__(self, f"{variable}: {message}")
         self.variable = variable
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class _Reader:
@@ -268,6 +312,25 @@ class _Reader:
         return self._get(
             name, None, parse, "sqlite:///path/to/file.db or postgresql://user@host:port/db"
         )
+    def redis_url(self, name: str) -> str | None:
+        raw = (self._env.get(name) or "").strip()
+        if not raw:
+            return None
+        scheme, sep, rest = raw.partition("://")
+        if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
+            # Not echoed: the value may carry a password.
+            raise ConfigError(name, "a redis://, rediss:// or unix:// URL", "(hidden)")
+        return raw
+
+    def advertise_url(self, name: str) -> str | None:
+        def parse(raw: str) -> str:
+            scheme, sep, rest = raw.partition("://")
+            host = rest.split("/", 1)[0]
+            if scheme != "http" or not sep or not host or "@" in host:
+                raise ValueError(raw)
+            return f"http://{host}"
+
+        return self._get(name, None, parse, "http://HOST or http://HOST:PORT")
 
     def keys(self, name: str) -> tuple[str, ...]:
         raw = self._env.get(name, "")

@@ -321,7 +321,9 @@ class Listener:
         self.connections = Connections()
         self._server: asyncio.Server | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Listen; ``reuse_port`` lets the workers of one supervisor share
+        the port (SO_REUSEPORT: the kernel spreads connections over them)."""
         loop = asyncio.get_running_loop()
         manager = self._runner.server
         assert manager is not None, "runner.setup() first"
@@ -336,7 +338,8 @@ class Listener:
             keepalive_timeout=self._idle_timeout_s,
         )
         self._server = await loop.create_server(
-            connection, host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+            connection, host, port, reuse_address=True, reuse_port=reuse_port or None,
+            backlog=LISTEN_BACKLOG,
         )
 
     @property

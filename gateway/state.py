@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,6 +16,9 @@ from gateway.routing.router import Router
 from gateway.sse import Keepalive
 from gateway.upstream.deadlines import Deadlines
 from gateway.upstream.source import SourceTimeouts
+
+if TYPE_CHECKING:
+    from gateway.cluster.member import Member
 
 
 @dataclass(eq=False)
@@ -35,6 +39,8 @@ class GatewayState:
     deadlines: Deadlines
     #: Pings every open event stream that has gone silent.
     keepalive: Keepalive
+    #: Cluster mode (REDIS_URL): this process as a member; None: one process.
+    cluster: Member | None = None
     active_streams: int = 0
     #: Set on SIGTERM: /readyz answers 503 and new model requests are refused.
     draining: bool = False

@@ -13,6 +13,7 @@ import secrets
 import structlog
 from aiohttp import web
 
+from actors.ports import OpenSource
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest, parse_chat_request
 from gateway.errors import (
@@ -68,12 +69,13 @@ async def read_body(request: web.Request) -> bytes:
     return b"".join(parts)
 
 
-def subscribe(
+async def subscribe(
     request: web.Request, chat: ChatRequest, *, streaming: bool, resumable: bool = True
 ) -> Subscription:
     """Join the stream for this prompt, or lead a new one. Raises QueueFull
-    (429) synchronously when a new upstream call cannot even queue.
-    ``resumable``: whether a Last-Event-ID header may set the start."""
+    (429) when a new upstream call cannot even queue, before any byte of a
+    200 is sent. ``resumable``: whether a Last-Event-ID header may set the
+    start."""
     state = request.app[STATE]
     record = request[RECORD]
     tenant = request.get(TENANT) if state.settings.coalesce_scope == "key" else None
@@ -83,7 +85,8 @@ def subscribe(
         # A proxy-supplied id that a live request already holds (another
         # tenant's, perhaps): ids must name one request, or a cancel by id
         # would reach the wrong one. This one gets a fresh id; nothing is
-        # awaited between here and the subscription taking it.
+        # awaited between here and the subscription taking it (in cluster
+        # mode, the one Redis round trip).
         record.request_id = secrets.token_hex(12)
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
     # Routed and built now, though only a leader sends it: an unknown model
@@ -95,7 +98,7 @@ def subscribe(
     # whoever shares it): each attempt's source shows it the deltas it reads.
     recorder = None if state.exchanges is None else state.exchanges.recorder
     call = None if recorder is None else recorder.call(chat.body, chat.model)
-    open_source = state.metrics.timed_open(
+    open_source: OpenSource = state.metrics.timed_open(
         retrying_opener(
             state.router, plan, timeouts=state.source_timeouts, deadlines=state.deadlines,
             observer=call,
@@ -103,15 +106,30 @@ def subscribe(
     )
     if call is not None:
         call.bind(open_source)
-    subscription = state.registry.subscribe(
-        key,
-        open_source if call is None else call.open,
-        request_id=record.request_id,
-        arrived_at=record.arrived_at,
-        streaming=streaming,
-        coalesce=request.headers.get("X-Coalesce", "").lower() != "off",
-        resume_after=_last_event_id(request) if resumable else 0,
-    )
+        open_source = call.open
+    coalesce = request.headers.get("X-Coalesce", "").lower() != "off"
+    if state.cluster is None:
+        subscription = state.registry.subscribe(
+            key,
+            open_source,
+            request_id=record.request_id,
+            arrived_at=record.arrived_at,
+            streaming=streaming,
+            coalesce=coalesce,
+            resume_after=_last_event_id(request) if resumable else 0,
+        )
+    else:
+        # Cluster mode: at most one Redis round trip decides where the answer
+        # comes from (gateway/cluster/member.py).
+        subscription = await state.cluster.subscribe(
+            key,
+            open_source,
+            request_id=record.request_id,
+            arrived_at=record.arrived_at,
+            streaming=streaming,
+            coalesce=coalesce,
+            resume_after=_last_event_id(request) if resumable else 0,
+        )
     subscription.owner = owner_of(request)
     if recorder is not None and call is not None:
         recorder.joined(call, subscription, subscription.owner)

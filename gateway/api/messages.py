@@ -221,7 +221,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     chat = parse_messages_request(await read_body(request))
     # Frames carry no ids on this API and block numbers depend on every
     # delta from the first: a resumed reader would number them wrongly.
-    subscription = subscribe(request, chat, streaming=chat.stream, resumable=False)
+    subscription = await subscribe(request, chat, streaming=chat.stream, resumable=False)
     if chat.stream:
         encoder = MessageEncoder(subscription, model=chat.model)
         del chat

@@ -95,6 +95,6 @@ def _delta_frame(seq: int, delta: Delta) -> bytes:
 
 async def stream(request: web.Request) -> web.StreamResponse:
     request[RECORD].api = API
-    subscription = subscribe(request, await read_chat(request), streaming=True)
+    subscription = await subscribe(request, await read_chat(request), streaming=True)
     # The parsed prompt is gone by now: an open stream holds no copy of it.
     return await relay(request, subscription, NativeEncoder(subscription))

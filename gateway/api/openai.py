@@ -183,7 +183,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     record = request[RECORD]
     record.api = API
     chat = await read_chat(request)
-    subscription = subscribe(request, chat, streaming=chat.stream)
+    subscription = await subscribe(request, chat, streaming=chat.stream)
     if chat.stream:
         encoder = ChunkEncoder(subscription, model=chat.model, include_usage=chat.include_usage)
         # The parsed prompt (a whole chat history, often) is not needed while

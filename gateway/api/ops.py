@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -105,8 +106,41 @@ async def stats(request: web.Request) -> web.Response:
             up.transport.connection_count() for up in state.router.upstreams
         ),
         "upstream": upstream_kind(state),
+        "process": {
+            "pid": os.getpid(),
+            "worker": state.settings.worker_index or 0,
+            "workers": state.settings.workers,
+        },
+        "cluster": _cluster_stats(state),
     }
     return web.json_response(body, dumps=dumps)
+
+
+def _cluster_stats(state: GatewayState) -> dict[str, object]:
+    member = state.cluster
+    if member is None:
+        return {"enabled": False}
+    counts = member.counts
+    return {
+        "enabled": True,
+        "up": member.directory.up,
+        "advertise_url": member.me.url,
+        "lease_ms": member.directory.lease_ms,
+        "owned_keys": len(member.owned),
+        "requests": {
+            "owner": counts.owner,
+            "local_follower": counts.local_follower,
+            "remote_follower": counts.remote_follower,
+        },
+        "takeovers": counts.takeovers,
+        "peer_streams_served": member.metrics.peer_streams_total,
+        "redis_errors": member.metrics.redis_errors_total,
+        "redis_ms": {
+            "p50": _ms(percentile(member.metrics.redis_recent_s, 50)),
+            "p95": _ms(percentile(member.metrics.redis_recent_s, 95)),
+            "samples": len(member.metrics.redis_recent_s),
+        },
+    }
 
 
 async def _upstream_get(upstream: Upstream, path: str) -> tuple[int, bytes]:
@@ -225,7 +259,12 @@ async def model(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     request[RECORD].api = "ops"
     request_id = request.match_info["request_id"]
-    if not request.app[STATE].registry.cancel(request_id, owner=owner_of(request)):
+    state = request.app[STATE]
+    owner = owner_of(request)
+    # Cluster mode: the request may be streaming in another process.
+    if not state.registry.cancel(request_id, owner=owner) and (
+        state.cluster is None or not await state.cluster.cancel_elsewhere(request_id, owner)
+    ):
         raise NotFound(f"no stream in flight with request id {request_id}")
     return web.json_response({"id": request_id, "status": "cancelled"}, status=202)
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gateway.cluster.metrics import ClusterMetrics
 from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.metrics import GatewayMetrics, LiveState, UpstreamGauges
 
@@ -100,9 +101,11 @@ def missing(expected: Iterable[str], exposed: set[str]) -> list[str]:
 
 def exposed_metric_names() -> set[str]:
     """What a gateway's /metrics offers to PromQL, from the collectors
-    themselves (no server): for checking rules and dashboards against."""
+    themselves (no server): for checking rules and dashboards against. The
+    cluster's series are in (a process in cluster mode has them)."""
     metrics = GatewayMetrics(CollectorRegistry())
     ExchangeMetrics(metrics.registry)
+    ClusterMetrics(metrics.registry)
     metrics.bind_live_state(
         LiveState(**{field.name: (lambda: 0) for field in dataclasses.fields(LiveState)})
     )

@@ -113,9 +113,14 @@ def render_site(
     private_key: Path,
     log_dir: Path,
     metrics_allow: Sequence[str] | None = None,
+    more_gateway_ports: Sequence[int] = (),
 ) -> str:
-    """The shipped site with the machine-specific values replaced."""
-    text = _substitute(shipped, r"^(\s*server) 127\.0\.0\.1:8080;", rf"\1 127.0.0.1:{gateway_port};", 1)
+    """The shipped site with the machine-specific values replaced (and, with
+    ``more_gateway_ports``, more gateways in its upstream block)."""
+    servers = "".join(f"\n\\1 127.0.0.1:{port};" for port in more_gateway_ports)
+    text = _substitute(
+        shipped, r"^(\s*server) 127\.0\.0\.1:8080;", rf"\1 127.0.0.1:{gateway_port};{servers}", 1
+    )
     text = _substitute(text, r"^(\s*listen) 80;", rf"\1 127.0.0.1:{http_port};", 1)
     text = _substitute(text, r"^(\s*listen) 443 ssl http2;", rf"\1 127.0.0.1:{https_port} ssl http2;", 1)
     text = _substitute(text, r"^(\s*ssl_certificate) +\S+;", rf"\1 {certificate};", 1)
@@ -200,6 +205,7 @@ async def running_nginx(
     *,
     metrics_allow: Sequence[str] | None = None,
     attempts: int = 3,
+    more_gateway_ports: Sequence[int] = (),
 ) -> AsyncIterator[NginxSite]:
     """nginx with the shipped site in front of 127.0.0.1:``gateway_port``."""
     if NGINX is None:
@@ -219,6 +225,7 @@ async def running_nginx(
             private_key=private_key,
             log_dir=workdir / "logs",
             metrics_allow=metrics_allow,
+            more_gateway_ports=more_gateway_ports,
         )
         site_path = workdir / "gateway.conf"
         site_path.write_text(rendered)

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tests.perf import (
+    bench_cluster,
     bench_cpu,
     bench_exchanges,
     bench_fanout,
@@ -120,6 +121,7 @@ async def main(quick: bool) -> str:
         await _fanout_section(),
         await bench_gateway.report(quick=quick),
         await bench_cpu.section(quick=quick),
+        "\n".join(await bench_cluster.section(quick=quick)),
         "\n".join(await bench_exchanges.section(1000 if quick else 10_000)),
         # 5 minutes a protocol; --quick: a 30 s smoke run.
         "\n".join(await bench_soak.section(30 if quick else 300)),

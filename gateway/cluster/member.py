@@ -1,0 +1,360 @@
+"""This process as a cluster member.
+
+Per request (``subscribe``), in order, stopping at the first that answers:
+
+1. a live stream (or a remembered failure) for the key in this process: join
+   it, no Redis at all;
+2. one Redis round trip, ``SET key <me> NX PX lease GET``:
+   - it was free (or already named this process): lead here, as a single
+     process would, and own the key;
+   - it names another owner: read that owner's log through a relay actor
+     here (identical requests on this process then join the relay); if the
+     owner refuses or no longer has the stream, take the key over
+     (compare-and-set) and lead here at once;
+   - it holds a failure (error TTL): answer with it;
+3. the directory is down or slow: lead here, local-only (fail open).
+
+As an owner this process renews its leases while the streams run (one
+pipeline every third of the lease) and, at a stream's end, deletes its entry
+or replaces it with the failure for the error TTL -- all through one bounded
+queue drained by one task, off the requests' path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from actors.messages import ActorEvent, Failed, JoinersClosed, StreamEnded
+from actors.ports import OpenSource, Source
+from actors.registry import Registry
+from actors.subscription import Subscription
+from gateway.cluster.directory import PROBE_INTERVAL_S, Directory, Unavailable
+from gateway.cluster.metrics import ClusterMetrics
+from gateway.cluster.peer import PeerClient, PeerSource, PeerUnreachable
+from gateway.cluster.wire import (
+    FailureEntry,
+    Owner,
+    RemoteFailure,
+    WireError,
+    decode_entry,
+    encode_failure,
+    owner_entry,
+)
+from gateway.errors import GatewayError
+
+log = structlog.get_logger("gateway.cluster")
+
+#: Directory writes waiting for the writer task; past this, the oldest
+#: intent is dropped (its lease simply expires).
+MAX_PENDING_WRITES = 10_000
+#: A key whose owner keeps changing under us is served locally after this
+#: many attempts.
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    op: str  # "release" | "fail"
+    key: str
+    extra: tuple[bytes, int] | None = None
+
+
+@dataclass(slots=True)
+class ClusterCounts:
+    owner: int = 0
+    local_follower: int = 0
+    remote_follower: int = 0
+    takeovers: int = 0
+
+
+class Member:
+    def __init__(
+        self,
+        *,
+        directory: Directory,
+        peers: PeerClient,
+        advertise_url: str,
+        metrics: ClusterMetrics,
+        error_ttl_ms: int,
+        remember_failure: Callable[[BaseException], bool],
+    ) -> None:
+        self.directory = directory
+        self._peers = peers
+        self.me = Owner(secrets.token_hex(6), advertise_url)
+        self._mine = owner_entry(self.me)
+        self._metrics = metrics
+        self.metrics = metrics
+        self._error_ttl_ms = error_ttl_ms
+        self._remember_failure = remember_failure
+        self.registry: Registry | None = None
+        #: Keys this process owns in the directory -> the stream that owns them.
+        self.owned: dict[str, int] = {}
+        #: Relay actors' sources, by stream id: reset when the stream ends,
+        #: also if its task stopped before it took the source.
+        self._relays: dict[int, Source] = {}
+        self._writes: asyncio.Queue[_Write] = asyncio.Queue(MAX_PENDING_WRITES)
+        self._wake = asyncio.Event()
+        #: Keys a request of this process is claiming right now.
+        self._claiming: dict[str, asyncio.Event] = {}
+        #: Whether this process has put itself on the member list yet.
+        self._listed = False
+        self.counts = ClusterCounts()
+
+    def advertise(self, url: str) -> None:
+        """The address other members reach this process at (set once bound)."""
+        self.me = Owner(self.me.instance, url)
+        self._mine = owner_entry(self.me)
+        self._listed = False
+        self._wake.set()  # on the member list now, not at the next renewal
+
+    # -- a request ---------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        key: str,
+        open_source: OpenSource,
+        *,
+        request_id: str,
+        arrived_at: float,
+        streaming: bool,
+        coalesce: bool,
+        resume_after: int,
+    ) -> Subscription:
+        registry = self.registry
+        assert registry is not None, "bind the registry first"
+
+        def local(relay: Callable[[], asyncio.Future[Source]] | None = None) -> Subscription:
+            return registry.subscribe(
+                key, open_source, request_id=request_id, arrived_at=arrived_at,
+                streaming=streaming, coalesce=coalesce, resume_after=resume_after, relay=relay,
+            )
+
+        shared = coalesce and registry.would_share(streaming)
+        if not shared or registry.has(key) or not self.directory.up:
+            return self._counted(local(), owns=False)
+        waiting = self._claiming.get(key)
+        if waiting is not None:
+            # Another request here is deciding for this key: its decision
+            # (bounded by the Redis and peer timeouts) serves this one too,
+            # without a second round trip.
+            await waiting.wait()
+            if registry.has(key):
+                return self._counted(local(), owns=False)
+        # Between Redis naming this process and the stream existing here, a
+        # member that read the entry may already ask for the stream: the
+        # internal route waits on this instead of answering 404.
+        claiming = self._claiming.get(key)
+        if claiming is None:
+            claiming = self._claiming[key] = asyncio.Event()
+        try:
+            return await self._decide(key, registry, local)
+        finally:
+            if self._claiming.get(key) is claiming:
+                del self._claiming[key]
+            claiming.set()
+
+    def claiming(self, key: str) -> asyncio.Event | None:
+        """Set once a request of this process that is claiming ``key`` has
+        decided (the stream exists here, or will not); None: nobody is."""
+        return self._claiming.get(key)
+
+    async def _decide(
+        self, key: str, registry: Registry, local: Callable[..., Subscription]
+    ) -> Subscription:
+        try:
+            current = await self.directory.claim(key, self._mine)
+            for _ in range(MAX_ATTEMPTS):
+                if current is None or current == self._mine:
+                    return self._counted(local(), owns=True)
+                if registry.has(key):  # a local stream started while we asked
+                    return self._counted(local(), owns=False)
+                try:
+                    entry = decode_entry(current)
+                except WireError:
+                    current = await self.directory.take_over(key, current, self._mine)
+                    continue
+                if isinstance(entry, FailureEntry):
+                    return self._counted(local(_failing(entry.error)), owns=False)
+                if entry.instance == self.me.instance:
+                    return self._counted(local(), owns=True)
+                try:
+                    peer = await self._peers.follow(entry.url, key)
+                except PeerUnreachable:
+                    peer = None
+                if peer is not None:
+                    if registry.has(key):
+                        peer.reset()
+                        return self._counted(local(), owns=False)
+                    try:
+                        subscription = local(_opened(peer))
+                    except BaseException:
+                        peer.reset()  # refused (a closing registry): leave the owner now
+                        raise
+                    self._relays[subscription.stream_id] = peer
+                    return self._counted(subscription, owns=False)
+                # Refused, or the owner no longer has it: take it over now,
+                # not at the lease's expiry.
+                current = await self.directory.take_over(key, current, self._mine)
+                if current is None:
+                    self.counts.takeovers += 1
+                    self._metrics.takeovers.inc()
+                    log.info("took over a key from an owner that did not answer", owner=entry.url)
+        except Unavailable:
+            pass
+        return self._counted(local(), owns=False)
+
+    async def cancel_elsewhere(self, request_id: str, owner: str | None) -> bool:
+        """Pass on an explicit cancel this process has no stream for: to every
+        other member at once (the request is in at most one). Only on that
+        miss: no request pays for the member list."""
+        try:
+            members = await self.directory.members()
+        except Unavailable:
+            return False
+        others = [url for url in members if url != self.me.url]
+        if not others:
+            return False
+        answers = await asyncio.gather(
+            *(self._peers.cancel(url, request_id, owner) for url in others)
+        )
+        return any(answers)
+
+    def _counted(self, subscription: Subscription, *, owns: bool) -> Subscription:
+        registry = self.registry
+        assert registry is not None
+        if subscription.role == "leader":
+            role = "owner"
+            if owns:
+                self.owned[subscription.key] = subscription.stream_id
+        elif registry.relayed(subscription.stream_id) or subscription.stream_id in self._relays:
+            role = "remote_follower"
+        else:
+            role = "local_follower"
+        setattr(self.counts, role, getattr(self.counts, role) + 1)
+        self._metrics.requests[role].inc()
+        return subscription
+
+    # -- what the registry tells us (synchronous) ---------------------------------------
+
+    def on_actor_event(self, event: ActorEvent) -> None:
+        match event:
+            case StreamEnded(stream_id=stream_id, key=key, end=end):
+                relay = self._relays.pop(stream_id, None)
+                if relay is not None:
+                    relay.reset()
+                if self.owned.get(key) == stream_id:
+                    del self.owned[key]
+                    if (
+                        isinstance(end, Failed)
+                        and self._error_ttl_ms > 0
+                        and self._remember_failure(end.error)
+                    ):
+                        error = end.error
+                        if not isinstance(error, GatewayError):
+                            error = GatewayError("internal error", code="internal_error")
+                        self._queue(_Write("fail", key, (encode_failure(error), self._error_ttl_ms)))
+                    else:
+                        self._queue(_Write("release", key))
+            case JoinersClosed(stream_id=stream_id, key=key):
+                # No new joiners here: nor elsewhere; the next one leads anew.
+                if self.owned.get(key) == stream_id:
+                    del self.owned[key]
+                    self._queue(_Write("release", key))
+            case _:
+                pass
+
+    def _queue(self, write: _Write) -> None:
+        if self._writes.full():
+            self._writes.get_nowait()  # the oldest: its lease expires instead
+        self._writes.put_nowait(write)
+        self._wake.set()
+
+    # -- the writer task -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Directory writes, lease renewal, and the probe while Redis is down."""
+        renew_every = self.directory.lease_ms / 3000
+        loop = asyncio.get_running_loop()
+        next_renewal = loop.time() + renew_every
+        while True:
+            # At most a probe interval, so an outage a request ran into is
+            # probed (and over) within seconds.
+            timeout = min(PROBE_INTERVAL_S, next_renewal - loop.time())
+            try:
+                async with asyncio.timeout(max(0.0, timeout)):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if not self.directory.up:
+                await self.directory.probe()
+                if not self.directory.up:
+                    continue
+            ops = self._pending_writes()
+            if loop.time() >= next_renewal or not self._listed:
+                next_renewal = loop.time() + renew_every
+                ops.extend(("renew", key, self._mine, None) for key in self.owned)
+                if self.me.url:  # once the internal listener is bound
+                    ops.append(("member", self.me.url, self._mine, None))
+                    self._listed = True
+            try:
+                await self.directory.write(ops)
+            except Unavailable:
+                pass  # leases expire by themselves; failures were shared in-stream
+
+    def _pending_writes(self) -> list[tuple[str, str, bytes, object]]:
+        """The queued writes, minus those about a key that a newer stream of
+        this process owns again (its entry, the same value, must stay)."""
+        ops: list[tuple[str, str, bytes, object]] = []
+        while not self._writes.empty():
+            write = self._writes.get_nowait()
+            if write.key not in self.owned:
+                ops.append((write.op, write.key, self._mine, write.extra))
+        return ops
+
+    async def flush(self, timeout_s: float) -> None:
+        """The writes still queued, once, within ``timeout_s`` (at shutdown)."""
+        ops = self._pending_writes()
+        ops.extend(("release", key, self._mine, None) for key in self.owned)
+        ops.append(("leave", self.me.url, self._mine, None))
+        self.owned.clear()
+        if ops and self.directory.up:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self.directory.write(ops)
+            except (Unavailable, TimeoutError):
+                pass
+
+    async def aclose(self) -> None:
+        for relay in self._relays.values():
+            relay.reset()
+        self._relays.clear()
+        await self._peers.aclose()
+        await self.directory.aclose()
+
+
+def _opened(source: PeerSource) -> Callable[[], asyncio.Future[Source]]:
+    """The relay opener of a stream already open."""
+
+    def open_relay() -> asyncio.Future[Source]:
+        future: asyncio.Future[Source] = asyncio.get_running_loop().create_future()
+        future.set_result(source)
+        return future
+
+    return open_relay
+
+
+def _failing(error: RemoteFailure) -> Callable[[], asyncio.Future[Source]]:
+    """The relay opener of a failure recorded by another process."""
+
+    def open_relay() -> asyncio.Future[Source]:
+        future: asyncio.Future[Source] = asyncio.get_running_loop().create_future()
+        future.set_exception(error)
+        return future
+
+    return open_relay

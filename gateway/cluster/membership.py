@@ -1,0 +1,111 @@
+"""Starting and stopping this process's membership (for ``gateway/app.py``).
+
+``join_cluster`` builds the member before the registry exists (the registry
+reports its actors' events to it); ``open_internal_listener`` starts the
+listener other members read from, once the registry does. Shutdown, in the
+app's exit stack: the listener stops, the registry ends every stream, the
+member's last directory writes go out (releases, failures), and the Redis
+and peer connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from actors.registry import Registry
+from gateway.cluster.directory import Directory, connect, redis_location
+from gateway.cluster.member import Member
+from gateway.cluster.metrics import ClusterMetrics
+from gateway.cluster.peer import PeerClient
+from gateway.cluster.routes import internal_app
+from gateway.config import Settings
+
+#: How long the internal listener waits for its streams when it stops (the
+#: registry has ended them by then in a drain).
+SHUTDOWN_TIMEOUT_S = 0.5
+FINAL_WRITE_TIMEOUT_S = 1.0
+
+
+async def join_cluster(
+    settings: Settings,
+    metrics_registry: CollectorRegistry,
+    stack: AsyncExitStack,
+    *,
+    remember_failure: Callable[[BaseException], bool],
+) -> Member:
+    assert settings.redis_url is not None
+    metrics = ClusterMetrics(metrics_registry)
+    timeout_s = settings.cluster_redis_timeout_ms / 1000
+    directory = Directory(
+        connect(settings.redis_url, timeout_s),
+        lease_ms=settings.cluster_lease_ms,
+        metrics=metrics,
+        where=redis_location(settings.redis_url),
+        timeout_s=timeout_s,
+    )
+    member = Member(
+        directory=directory,
+        peers=PeerClient(secret=settings.cluster_secret),
+        # Set for real once the internal listener is bound.
+        advertise_url="",
+        metrics=metrics,
+        error_ttl_ms=settings.error_ttl_ms,
+        remember_failure=remember_failure,
+    )
+    stack.push_async_callback(member.aclose)
+    loop = asyncio.get_running_loop()
+    tasks = [
+        loop.create_task(member.run(), name="cluster-member"),
+        loop.create_task(directory.run_claims(), name="cluster-claims"),
+    ]
+
+    async def stop_writer() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await member.flush(FINAL_WRITE_TIMEOUT_S)
+
+    stack.push_async_callback(stop_writer)
+    return member
+
+
+async def open_internal_listener(
+    settings: Settings, member: Member, registry: Registry, stack: AsyncExitStack
+) -> str:
+    """Bind the internal listener; returns the URL other members use."""
+    member.registry = registry
+    app = internal_app(registry, settings.cluster_secret, member.metrics, member.claiming)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    advertised = settings.cluster_advertise_url
+    port = 0
+    if advertised is not None and urlsplit(advertised).port is not None:
+        # One port per worker: the advertised one plus the worker's index.
+        port = (urlsplit(advertised).port or 0) + (settings.worker_index or 0)
+    site = web.TCPSite(runner, settings.host, port)
+    await site.start()
+    bound = runner.addresses[-1][1]
+    if advertised is None:
+        host = settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        url = f"http://{host}:{bound}"
+    else:
+        parts = urlsplit(advertised)
+        host = parts.hostname or settings.host
+        if ":" in host:
+            host = f"[{host}]"
+        url = f"http://{host}:{bound}"
+    member.advertise(url)
+    return url

@@ -1,0 +1,184 @@
+"""The internal listener: other members read this process's logs here.
+
+``POST /cluster/v1/requests/{request_id}/cancel`` is an explicit cancel that
+another member received for a request of this process (``X-Cluster-Owner``:
+the hash of the client's credential, as ``registry.cancel`` checks it).
+
+``GET /cluster/v1/streams/{key}`` (``Last-Event-ID`` optional) joins the live
+stream for the key as one more subscriber and relays it as the internal
+format (``gateway.cluster.wire``); 404 when there is none here. It never
+starts a stream. With a cluster secret, a request must carry
+``Authorization: Bearer <secret>`` (compared in constant time) or gets 401.
+Leaving -- the follower shutting the connection -- cancels the handler
+(``handler_cancellation=True``), which closes the subscription: if it was the
+last, the upstream stream is reset in that tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+
+import structlog
+from aiohttp import web
+
+from actors.registry import Registry, RegistryClosed
+from gateway.api.relay import SharedFrames
+from gateway.cluster.metrics import ClusterMetrics
+from gateway.cluster.peer import CANCEL_PATH, HEARTBEAT_S, OWNER_HEADER, STREAM_PATH, OwnerLost
+from gateway.cluster.wire import END_LINE, encode_delta, error_line
+from gateway.errors import GatewayError
+
+
+class Heartbeat:
+    """An empty line on every peer stream silent for ``interval_s``, from
+    one task: a relay tells a silent owner from a long first token."""
+
+    def __init__(self, interval_s: float = HEARTBEAT_S) -> None:
+        self.interval_s = interval_s
+        #: Open peer streams -> when they were last written to.
+        self.streams: dict[web.StreamResponse, float] = {}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s / 2)
+            due = time.monotonic() - self.interval_s
+            for response in [r for r, last in self.streams.items() if last <= due]:
+                self.streams[response] = time.monotonic()
+                try:
+                    await response.write(b"\n")
+                except (ConnectionResetError, RuntimeError):
+                    pass  # its handler sees the same and ends
+
+
+#: The longest the route waits for a stream this process is starting.
+CLAIM_WAIT_S = 0.5
+
+REGISTRY = web.AppKey("cluster_registry", Registry)
+CLAIMING: web.AppKey[Callable[[str], asyncio.Event | None]] = web.AppKey("cluster_claiming")
+HEARTBEAT = web.AppKey("cluster_heartbeat", Heartbeat)
+SECRET = web.AppKey("cluster_secret", str)
+METRICS = web.AppKey("cluster_metrics", ClusterMetrics)
+log = structlog.get_logger("gateway.cluster")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": "invalid_request_error", "code": code}},
+        status=status,
+    )
+
+
+def _refused(request: web.Request) -> web.Response | None:
+    """401 unless the request carries the cluster secret (when there is one)."""
+    secret = request.app[SECRET]
+    if secret:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {secret}".encode()):
+            return _error(401, "invalid_api_key", "the cluster secret does not match")
+    return None
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """An explicit cancel another member received for a request of ours."""
+    if (refused := _refused(request)) is not None:
+        return refused
+    request_id = request.match_info["request_id"]
+    if not request.app[REGISTRY].cancel(request_id, owner=request.headers.get(OWNER_HEADER)):
+        return _error(404, "not_found", "no stream in flight with this request id here")
+    return web.json_response({"id": request_id, "status": "cancelled"}, status=202)
+
+
+async def follow(request: web.Request) -> web.StreamResponse:
+    if (refused := _refused(request)) is not None:
+        return refused
+    raw = request.headers.get("Last-Event-ID", "")
+    after = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else 0
+    key = request.match_info["key"]
+    registry = request.app[REGISTRY]
+    claiming = request.app[CLAIMING](key)
+    if claiming is not None and not registry.has(key):
+        # Redis names this process, whose request has not yet started the
+        # stream: wait for it (a moment) rather than send the asker off to
+        # take the key over and make a second upstream call.
+        try:
+            async with asyncio.timeout(CLAIM_WAIT_S):
+                await claiming.wait()
+        except TimeoutError:
+            pass
+    try:
+        subscription = registry.join(
+            # Unguessable: cancel-by-id must not reach another member's relay.
+            key, request_id=f"peer-{secrets.token_hex(12)}", arrived_at=time.monotonic(),
+            resume_after=after,
+        )
+    except RegistryClosed:
+        return _error(503, "shutting_down", "this gateway is shutting down")
+    if subscription is None:
+        return _error(404, "not_found", "no live stream for this key here")
+    request.app[METRICS].served_peer()
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    last = END_LINE
+    heartbeat = request.app[HEARTBEAT].streams
+    shared = SharedFrames(subscription, "cluster")
+    async with subscription:
+        await response.prepare(request)
+        heartbeat[response] = time.monotonic()
+        try:
+            while True:
+                batch = subscription.take_batch()
+                if batch is None:
+                    await subscription.readable()
+                    continue
+                if not batch:
+                    if subscription.outcome != "complete":
+                        # Closed here before the end: never an end line
+                        # after a partial answer.
+                        last = error_line(OwnerLost("the owner's stream ended before its answer"))
+                    break
+                heartbeat[response] = time.monotonic()
+                # Each line encoded once for every member that follows this stream.
+                first = subscription.cursor - len(batch) + 1
+                await response.write(b"".join(
+                    [shared.frame(seq, delta, encode_delta) for seq, delta in enumerate(batch, first)]
+                ))
+        except GatewayError as exc:
+            last = error_line(exc)
+        except Exception as exc:  # a bug, not a failure to share: said in-stream
+            log.exception("relaying to a cluster member failed")
+            internal = GatewayError("internal error", code="internal_error")
+            internal.__cause__ = exc
+            last = error_line(internal)
+        finally:
+            heartbeat.pop(response, None)
+    await response.write(last)
+    await response.write_eof()
+    return response
+
+
+def internal_app(
+    registry: Registry,
+    secret: str,
+    metrics: ClusterMetrics,
+    claiming: Callable[[str], asyncio.Event | None],
+) -> web.Application:
+    app = web.Application()
+    app[CLAIMING] = claiming
+    app[HEARTBEAT] = heartbeat = Heartbeat()
+
+    async def beating(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(heartbeat.run(), name="cluster-heartbeat")
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    app.cleanup_ctx.append(beating)
+    app[REGISTRY] = registry
+    app[SECRET] = secret
+    app[METRICS] = metrics
+    app.router.add_get(STREAM_PATH + "{key}", follow)
+    app.router.add_post(CANCEL_PATH, cancel)
+    return app

@@ -1,0 +1,178 @@
+"""The internal stream's format and the directory's values, without I/O.
+
+The internal stream (owner -> follower) is newline-delimited JSON, one object
+per line: a delta ``{"t","r","c","u","f"}`` (empty fields left out), then one
+end line, ``{"end": "complete"}`` or ``{"error": {...}}``. A stream that stops
+without an end line means the owner went away. Deltas are numbered by their
+position, as in the owner's log: the follower's log mirrors it one for one,
+so a Last-Event-ID means the same delta on every process.
+
+A directory value is ``o <instance> <url>`` (the owner) or ``e <json>`` (the
+failure the stream ended with, kept for the error TTL).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from actors.deltas import Delta, ToolCallDelta, Usage
+from gateway import json_codec
+from gateway.errors import GatewayError
+
+__all__ = [
+    "END_LINE",
+    "FailureEntry",
+    "LineDecoder",
+    "Owner",
+    "RemoteFailure",
+    "WireError",
+    "decode_entry",
+    "encode_delta",
+    "encode_deltas",
+    "encode_failure",
+    "error_line",
+    "owner_entry",
+]
+
+END_LINE = b'{"end":"complete"}\n'
+
+
+class WireError(ValueError):
+    """A line or value that is not in this format."""
+
+
+class RemoteFailure(GatewayError):
+    """The failure another process's stream ended with, as that process
+    would have told its own clients (status, type, code, retryable)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(str(body.get("message") or "upstream error"), code=str(body.get("code")))
+        self.status = int(body.get("status") or 502)
+        self.type = str(body.get("type") or "upstream_error")
+        self.retryable = bool(body.get("retryable"))
+
+
+def _delta_json(delta: Delta) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if delta.text:
+        out["t"] = delta.text
+    if delta.reasoning:
+        out["r"] = delta.reasoning
+    if delta.tool_calls:
+        out["c"] = [[c.index, c.id, c.name, c.arguments] for c in delta.tool_calls]
+    if delta.usage is not None:
+        out["u"] = [delta.usage.prompt_tokens, delta.usage.completion_tokens]
+    if delta.finish_reason:
+        out["f"] = delta.finish_reason
+    return out
+
+
+def encode_delta(seq: int, delta: Delta) -> bytes:
+    """One delta's line (``seq`` unused: the position is the line's order).
+    The codec the frames use (orjson when installed), looked up per call:
+    GATEWAY_ORJSON=0 swaps it at start-up."""
+    return json_codec.dumps(_delta_json(delta)) + b"\n"
+
+
+def encode_deltas(deltas: Sequence[Delta]) -> bytes:
+    return b"".join([encode_delta(0, d) for d in deltas])
+
+
+def _failure_json(exc: GatewayError) -> dict[str, Any]:
+    return {
+        "status": exc.status,
+        "type": exc.type,
+        "code": exc.code,
+        "message": exc.message,
+        "retryable": exc.retryable,
+    }
+
+
+def error_line(exc: GatewayError) -> bytes:
+    return json.dumps({"error": _failure_json(exc)}, separators=(",", ":")).encode() + b"\n"
+
+
+def _delta(obj: dict[str, Any]) -> Delta:
+    usage = obj.get("u")
+    return Delta(
+        text=obj.get("t", ""),
+        reasoning=obj.get("r", ""),
+        tool_calls=tuple(ToolCallDelta(c[0], c[1], c[2], c[3]) for c in obj.get("c", ())),
+        usage=None if usage is None else Usage(usage[0], usage[1]),
+        finish_reason=obj.get("f"),
+    )
+
+
+class LineDecoder:
+    """Bytes in, deltas out; ``ended`` once the end line was read (a failure
+    line raises its ``RemoteFailure``)."""
+
+    __slots__ = ("_buffer", "ended")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.ended = False
+
+    def feed(self, data: bytes) -> list[Delta]:
+        buffer = self._buffer + data
+        *lines, self._buffer = buffer.split(b"\n")
+        deltas: list[Delta] = []
+        for line in lines:
+            if not line or self.ended:
+                continue
+            try:
+                obj = json_codec.loads(line)
+            except ValueError as exc:
+                raise WireError("a line of the internal stream is not JSON") from exc
+            if not isinstance(obj, dict):
+                raise WireError("a line of the internal stream is not an object")
+            if "end" in obj:
+                self.ended = True
+            elif "error" in obj:
+                self.ended = True
+                raise RemoteFailure(obj["error"])
+            else:
+                deltas.append(_delta(obj))
+        return deltas
+
+
+# -- directory values -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    #: Random per process: a restarted process on the same address is another owner.
+    instance: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class FailureEntry:
+    error: RemoteFailure
+
+
+def owner_entry(owner: Owner) -> bytes:
+    return f"o {owner.instance} {owner.url}".encode()
+
+
+def encode_failure(exc: GatewayError) -> bytes:
+    return b"e " + json.dumps(_failure_json(exc), separators=(",", ":")).encode()
+
+
+def decode_entry(value: bytes) -> Owner | FailureEntry:
+    kind, _, rest = value.partition(b" ")
+    try:
+        if kind == b"o":
+            instance, _, url = rest.decode().partition(" ")
+            if url:
+                return Owner(instance, url)
+        elif kind == b"e":
+            body = json.loads(rest)
+            if isinstance(body, dict):
+                return FailureEntry(RemoteFailure(body))
+    except (UnicodeDecodeError, ValueError):
+        pass
+    raise WireError("not a directory value of this gateway")

@@ -1,0 +1,126 @@
+"""``GATEWAY_WORKERS=N``: N processes on one port, one coalescing namespace.
+
+The supervisor (``python -m gateway``) starts the workers; each listens on
+the same port with SO_REUSEPORT and is a full cluster member. Without
+REDIS_URL, more than one worker is a one-line start-up error (status 2).
+SIGTERM drains every worker: a stream in flight finishes, status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.sim.content import answer_tokens
+from tests.integration.cluster_fixture import REDIS_SERVER, RedisServer, running_member, running_redis
+from tests.integration.conftest import FAST_SIM
+from tests.integration.sse_frames import FrameReader, native_text
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+
+
+def chat(prompt: str) -> dict[str, object]:
+    return {"model": "sim", "messages": [{"role": "user", "content": prompt}], "stream": True}
+
+
+def expected(prompt: str, tokens: int = FAST_SIM.tokens) -> str:
+    return "".join(answer_tokens([{"role": "user", "content": prompt}], tokens))
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+async def test_several_workers_without_redis_is_a_one_line_start_up_error():
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"GATEWAY_WORKERS": "3"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 2
+    assert stdout == b""
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1 and "GATEWAY_WORKERS" in lines[0] and "REDIS_URL" in lines[0]
+
+
+async def test_workers_share_the_port_and_coalesce_and_drain_on_sigterm(sim_factory, redis):
+    sim = await sim_factory(FAST_SIM)
+    async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "3",
+                                                   "DRAIN_TIMEOUT_S": "10"}) as gateway:
+        # Each worker prints its own line once it listens: wait for all three.
+        try:
+            async with asyncio.timeout(30):
+                while sum("listening on" in line for line in gateway.output) < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError("\n".join(gateway.output)) from None
+        # New connections, so SO_REUSEPORT spreads them over the workers.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            seen: dict[int, int] = {}
+            for _ in range(60):
+                async with http.get(gateway.url + "/stats") as resp:
+                    process = (await resp.json())["process"]
+                assert process["workers"] == 3
+                seen[process["worker"]] = process["pid"]
+            assert sorted(seen) == [0, 1, 2]
+            assert len(set(seen.values())) == 3 and gateway.pid not in seen.values()
+
+            prompt = "one burst, three workers [sim ttft_ms=2000]"
+
+            async def one() -> str:
+                async with http.post(gateway.url + "/v1/stream", json=chat(prompt)) as resp:
+                    return native_text(await FrameReader(resp).rest())
+
+            assert await asyncio.gather(*(one() for _ in range(30))) == [expected(prompt)] * 30
+            assert len(sim.log.records) == 1
+
+            # SIGTERM to the supervisor with a stream in flight: it finishes.
+            slow = "drained [sim itl_ms=50 tokens=20]"
+            resp = await http.post(gateway.url + "/v1/stream", json=chat(slow))
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and frame.event != "delta":
+                pass
+            gateway.service.process.send_signal(signal.SIGTERM)
+            frames = await reader.rest()
+            resp.release()
+            assert native_text(frames) == expected(slow, 20)
+            assert frames[-1].event == "done"
+            async with asyncio.timeout(15):
+                assert await gateway.service.process.wait() == 0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def test_a_killed_supervisor_leaves_no_worker_behind(sim_factory, redis):
+    sim = await sim_factory(FAST_SIM)
+    async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "2"}) as gateway:
+        supervisor = gateway.service.process
+        async with asyncio.timeout(30):
+            while len(workers := _children(supervisor.pid)) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        supervisor.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while any(_alive(pid) for pid in workers):  # noqa: ASYNC110 - other processes
+                await asyncio.sleep(0.05)

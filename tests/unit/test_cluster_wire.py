@@ -1,0 +1,66 @@
+"""The internal stream's lines and the directory's values (gateway/cluster/wire.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.deltas import Delta, ToolCallDelta, Usage
+from gateway.cluster.wire import (
+    END_LINE,
+    FailureEntry,
+    LineDecoder,
+    Owner,
+    RemoteFailure,
+    WireError,
+    decode_entry,
+    encode_deltas,
+    encode_failure,
+    error_line,
+    owner_entry,
+)
+from gateway.errors import UpstreamStatusError
+
+DELTAS = [
+    Delta(text="héllo \n"),
+    Delta(reasoning="thinking"),
+    Delta(tool_calls=(ToolCallDelta(0, "call_1", "lookup", '{"q":'), ToolCallDelta(1))),
+    Delta(),
+    Delta(usage=Usage(12, 34), finish_reason="stop"),
+]
+
+
+def test_every_delta_kind_survives_the_hop_split_anywhere():
+    """Replays must carry every delta kind; bytes may arrive cut anywhere."""
+    wire = encode_deltas(DELTAS) + END_LINE
+    for cut in range(len(wire)):
+        decoder = LineDecoder()
+        out = decoder.feed(wire[:cut]) + decoder.feed(wire[cut:])
+        assert out == DELTAS and decoder.ended
+
+
+def test_a_failure_line_raises_what_the_owner_said():
+    decoder = LineDecoder()
+    error = UpstreamStatusError(429, "slow down")
+    with pytest.raises(RemoteFailure) as raised:
+        decoder.feed(encode_deltas(DELTAS[:1]) + error_line(error))
+    failure = raised.value
+    assert (failure.status, failure.code, failure.type, failure.retryable, failure.message) == (
+        429, "upstream_429", "rate_limit_error", True, "slow down"
+    )
+    assert decoder.ended
+
+
+def test_a_line_that_is_not_json_is_a_wire_error():
+    with pytest.raises(WireError):
+        LineDecoder().feed(b"not json\n")
+
+
+def test_directory_values_round_trip():
+    owner = Owner("abc123", "http://10.0.0.11:9100")
+    assert decode_entry(owner_entry(owner)) == owner
+    entry = decode_entry(encode_failure(UpstreamStatusError(500, "boom")))
+    assert isinstance(entry, FailureEntry)
+    assert (entry.error.status, entry.error.code) == (502, "upstream_500")
+    for junk in (b"", b"x", b"o onlyinstance", b"e {not json"):
+        with pytest.raises(WireError):
+            decode_entry(junk)
