@@ -27,7 +27,7 @@ from actors.deltas import Delta, Usage
 from actors.subscription import Subscription
 from gateway.api.intake import read_body, subscribe
 from gateway.api.messages_request import parse_messages_request
-from gateway.api.relay import SharedFrames, note_queue_wait, relay
+from gateway.api.relay import SharedFrames, gather, relay
 from gateway.errors import GatewayError
 from gateway.sse import comment_frame, dumps, event_frame
 from gateway.state import RECORD
@@ -226,15 +226,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         encoder = MessageEncoder(subscription, model=chat.model)
         del chat
         return await relay(request, subscription, encoder)
-    deltas: list[Delta] = []
-    async with subscription:
-        try:
-            while batch := await subscription.read_batch():
-                deltas.extend(batch)
-        finally:
-            note_queue_wait(request, subscription)
-    if subscription.outcome == "cancelled":
-        record.outcome = "cancelled"
+    deltas = await gather(request, subscription)
     response = web.json_response(_message(subscription, chat.model, deltas), dumps=dumps)
     record.bytes_sent = len(response.body) if isinstance(response.body, bytes) else 0
     return response

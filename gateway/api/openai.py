@@ -17,7 +17,7 @@ from actors.deltas import Delta, Logprobs, StreamInfo, TokenLogprob, ToolCallDel
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest
 from gateway.api.intake import read_chat, subscribe
-from gateway.api.relay import SharedFrames, note_queue_wait, relay
+from gateway.api.relay import SharedFrames, gather, relay
 from gateway.errors import GatewayError
 from gateway.sse import DONE, comment_frame, data_frame, dumps
 from gateway.state import RECORD
@@ -198,15 +198,7 @@ async def _complete(
 ) -> web.Response:
     """``stream: false``: the same shared upstream stream, gathered."""
     record = request[RECORD]
-    deltas: list[Delta] = []
-    async with subscription:
-        try:
-            while batch := await subscription.read_batch():
-                deltas.extend(batch)
-        finally:
-            note_queue_wait(request, subscription)
-    if subscription.outcome == "cancelled":
-        record.outcome = "cancelled"
+    deltas = await gather(request, subscription)
     response = web.json_response(_completion(subscription, chat, deltas), dumps=dumps)
     record.bytes_sent = len(response.body) if isinstance(response.body, bytes) else 0
     return response

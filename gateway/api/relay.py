@@ -1,4 +1,5 @@
-"""The streaming half of a handler: subscription in, SSE frames out.
+"""From a subscription to the client: SSE frames out (``relay``), or the
+whole answer gathered for a non-streaming response (``gather``).
 
 The order on the wire is fixed by the API contract: headers and ``: ping`` at
 once; the meta record right before the first content; content frames; the
@@ -177,6 +178,23 @@ def _internal_error(record: RequestRecord, exc: Exception) -> GatewayError:
     internal = GatewayError("internal error", code="internal_error")
     internal.__cause__ = exc
     return internal
+
+
+async def gather(request: web.Request, subscription: Subscription) -> list[Delta]:
+    """The non-streaming half: every delta of the answer, read to its end
+    (a failure raises before any byte is sent, for the envelope to answer),
+    then the subscription left. The record learns the queue wait and a
+    cancel."""
+    deltas: list[Delta] = []
+    async with subscription:
+        try:
+            while batch := await subscription.read_batch():
+                deltas.extend(batch)
+        finally:
+            note_queue_wait(request, subscription)
+    if subscription.outcome == "cancelled":
+        request[RECORD].outcome = "cancelled"
+    return deltas
 
 
 def note_queue_wait(request: web.Request, subscription: Subscription) -> float | None:
