@@ -167,6 +167,30 @@ def test_releasing_a_stream_that_ended_sends_no_reset(core, peer) -> None:
     assert core.data_to_send() == b""
 
 
+def test_an_answer_complete_before_the_request_body_resets_with_no_error(core, peer) -> None:
+    """The server answered (an early 413) before our body ended: the stream
+    is half-closed on our side until we end it, so release() sends
+    RST_STREAM(NO_ERROR) (RFC 9113 §8.1) and h2 counts it open no more."""
+    stream_id = core.start_request(UpstreamRequest("POST", "/v1/x", (), b"b" * 100_000))
+    assert core.send_data(stream_id, b"b" * 100_000, end_stream=True) == 16_384  # one frame
+    core.data_to_send()
+    events = core.receive(peer.headers(stream_id, 413, end_stream=True), now=1.0)
+    assert StreamEnded(stream_id) in events and not core.can_send(stream_id)
+    assert core.release(stream_id) == []
+    assert core.data_to_send() == rst(stream_id, ErrorCodes.NO_ERROR)
+    assert core._h2.open_outbound_streams == 0
+
+
+def test_a_request_whose_body_was_all_sent_needs_no_reset_after_its_answer(core, peer) -> None:
+    stream_id = core.start_request(UpstreamRequest("POST", "/v1/x", (), b"small"))
+    assert core.send_data(stream_id, b"small", end_stream=True) == 5
+    core.data_to_send()
+    core.receive(peer.headers(stream_id, end_stream=True), now=1.0)
+    core.data_to_send()
+    assert core.release(stream_id) == []
+    assert core.data_to_send() == b""
+
+
 def test_refused_stream_fails_as_refused_and_the_connection_stays(core) -> None:
     """RST_STREAM(REFUSED_STREAM): nothing was processed (RFC 9113 §8.7), so
     the stream fails as StreamRefused, which may be sent again; the

@@ -134,6 +134,8 @@ class H2ClientConnection(asyncio.Protocol):
             elif isinstance(event, StreamEnded):
                 if (stream := self._streams.get(event.stream_id)) is not None:
                     stream.on_end()
+                # A body still being sent stops: the answer is complete.
+                self._wake_senders(event.stream_id)
             elif isinstance(event, StreamFailed):
                 self._stream_failed(event.stream_id, event.error)
             elif isinstance(event, WindowOpened):

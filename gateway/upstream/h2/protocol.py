@@ -77,11 +77,14 @@ _CLOCK_SLACK: Final = 0.001
 class _Stream:
     """What the core keeps per stream until its reader lets it go."""
 
-    __slots__ = ("open", "owed", "unconsumed")
+    __slots__ = ("body_pending", "open", "owed", "unconsumed")
 
-    def __init__(self) -> None:
+    def __init__(self, *, body_pending: bool) -> None:
         #: Neither ended, reset nor failed: it holds a concurrency slot.
         self.open = True
+        #: Our END_STREAM has not gone yet: the request body is still being
+        #: sent (h2 keeps such a stream half-closed until we end or reset it).
+        self.body_pending = body_pending
         #: Received, not yet consumed by the reader.
         self.unconsumed = 0
         #: Consumed, not yet credited to h2 (below a batch).
@@ -249,7 +252,7 @@ class H2ClientProtocol:
             # limit reached: this connection takes no more.
             self._exhausted = True
             raise StreamRefused(f"connection cannot open a stream: {exc}") from exc
-        self._streams[stream_id] = _Stream()
+        self._streams[stream_id] = _Stream(body_pending=bool(request.body))
         self._active += 1
         self._opened += 1
         if self._max_streams is not None and self._opened >= self._max_streams:
@@ -269,7 +272,10 @@ class H2ClientProtocol:
         if window <= 0:
             return 0
         piece = data[:window]
-        self._h2.send_data(stream_id, bytes(piece), end_stream=end_stream and len(piece) == len(data))
+        last = end_stream and len(piece) == len(data)
+        self._h2.send_data(stream_id, bytes(piece), end_stream=last)
+        if last and (stream := self._streams.get(stream_id)) is not None:
+            stream.body_pending = False
         return len(piece)
 
     def consumed(self, stream_id: int, length: int) -> None:
@@ -306,17 +312,25 @@ class H2ClientProtocol:
         events: list[Event] = []
         if stream.open:
             self._active -= 1
-            try:
-                self._h2.reset_stream(stream_id, ErrorCodes.CANCEL)
-            except h2.exceptions.StreamClosedError:
-                pass  # closed by the peer in the frames just read
+            self._reset(stream_id, ErrorCodes.CANCEL)
             events.append(CapacityChanged())
+        elif stream.body_pending:
+            # The whole answer came before the whole request (an early 413,
+            # say): the stream is half-closed on our side until we end it, and
+            # its answer is complete, so NO_ERROR (RFC 9113 §8.1).
+            self._reset(stream_id, ErrorCodes.NO_ERROR)
         self._owed_total -= stream.owed
         if credit := stream.owed + stream.unconsumed:
             self._h2.acknowledge_received_data(credit, stream_id)
         if self.is_draining and self._active == 0:
             events.extend(self.close())
         return events
+
+    def _reset(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self._h2.reset_stream(stream_id, code)
+        except h2.exceptions.StreamClosedError:
+            pass  # closed by the peer in the frames just read
 
     # -- h2's events, translated ----------------------------------------------------
 
