@@ -33,6 +33,7 @@ import structlog
 from actors.deltas import Delta
 from gateway.admission import AdmissionTicket
 from gateway.errors import GatewayError
+from gateway.routing.breaker import CircuitState
 from gateway.routing.failures import Failure, classify
 from gateway.routing.router import RoutePlan, Router, Upstream
 from gateway.upstream.base import ResponseHead, ResponseStream, Transport, UpstreamRequest
@@ -72,6 +73,7 @@ class RetryingSource:
         "_attempt",
         "_released",
         "_observer",
+        "_probe",
         "served_by",
         "__weakref__",
     )
@@ -108,6 +110,8 @@ class RetryingSource:
         self._attempt = 0
         self._released = False
         self._observer = observer
+        #: This attempt holds its upstream's half-open probe.
+        self._probe = False
         #: The name of the upstream whose answer this is, from its first
         #: token on (for whoever records the exchange or counts its tokens).
         self.served_by: str | None = None
@@ -250,8 +254,12 @@ class RetryingSource:
         self._attempt += 1
         self._released = False
         upstream.in_flight += 1
-        upstream.breaker.acquire(router.clock())
-        self._attempt_started = router.clock()
+        now = router.clock()
+        half_open = upstream.breaker.state(now) is CircuitState.HALF_OPEN
+        # Only the attempt that took a half-open circuit's probe may hand it
+        # back unused; in panic mode an attempt goes without it.
+        self._probe = upstream.breaker.acquire(now) and half_open
+        self._attempt_started = now
         try:
             if upstream.admission is not None:
                 ticket = upstream.admission.enqueue(self._attempt_started)
@@ -347,7 +355,7 @@ class RetryingSource:
         if failure is not None:
             router.observer.failure(upstream.name, failure.kind)
             if not failure.upstream_at_fault:
-                upstream.breaker.release()
+                self._release_probe(upstream)
                 return
             now = router.clock()
             hold = None
@@ -355,9 +363,14 @@ class RetryingSource:
                 hold = upstream.hold_until = now + failure.retry_after_s
             upstream.breaker.failure(now, hold_until=hold)
         elif cancelled and not self._flowing:
-            upstream.breaker.release()  # the probe, if it was one, told nothing
+            self._release_probe(upstream)  # it told nothing
         elif not self._flowing:
             upstream.breaker.success()
+
+    def _release_probe(self, upstream: Upstream) -> None:
+        if self._probe:
+            self._probe = False
+            upstream.breaker.release()
 
 
 def retrying_opener(

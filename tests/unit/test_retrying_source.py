@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import UpstreamConnectionLost
+from gateway.errors import GatewayError, UpstreamConnectionLost
 from gateway.routing.breaker import CircuitBreaker
 from gateway.routing.config import RetryConfig, RoutingConfig, UpstreamConfig
 from gateway.routing.retrying import RetryingSource
@@ -233,3 +233,30 @@ def test_one_answer_only_and_every_attempt_ends(
         assert upstream.in_flight == 0
 
     asyncio.run(run())
+
+
+async def test_an_attempt_without_the_probe_does_not_hand_the_probe_back() -> None:
+    """A half-open circuit's probe is out with another request; in panic
+    mode this attempt goes anyway, gets a 400 (the request's fault, which
+    tells nothing of the upstream), and must leave the probe taken: one
+    probe at a time."""
+    now = [0.0]
+    transport = ScriptedTransport([400, b'{"error": {"message": "bad", "type": "x"}}'])
+    config = UpstreamConfig(name="only", url="http://upstream/v1")
+    breaker = CircuitBreaker(failures=1, cooldown_s=10)
+    upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
+                        base_path="/v1", public_url=config.url, breaker=breaker)
+    routing = RoutingConfig((config,), RetryConfig(max_attempts=1, retry_budget_min=1000),
+                            from_file=True)
+    router = Router(routing, [upstream], clock=lambda: now[0])
+    breaker.failure(0.0)  # open until 10
+    now[0] = 11.0
+    assert breaker.acquire(11.0)  # another request took the probe
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+    with pytest.raises(GatewayError):
+        await source.start()
+        async for _ in source:
+            pass
+    assert upstream.in_flight == 0
+    assert not breaker.available(11.0)  # the other request still holds the probe
