@@ -181,6 +181,15 @@ class Call:
         open_source, self._open = self._open, None
         return await open_source()
 
+    def attempt(self, upstream: str) -> None:
+        """An attempt at ``upstream`` starts (routing may try several before
+        the first token): what an earlier one decoded is not the answer."""
+        self.upstream = upstream
+        self.usage = None
+        self.finish_reason = None
+        if self.answer is not None:
+            self.answer = Answer(self._recorder.keep_content)
+
     def __call__(self, deltas: Sequence[Delta]) -> None:
         """The source's ``on_deltas``: the deltas of one upstream read, once,
         as they are decoded. (The call itself, not a bound method: one

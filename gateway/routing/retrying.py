@@ -44,10 +44,11 @@ log = structlog.get_logger("gateway.routing")
 
 
 class AttemptObserver(Protocol):
-    """Who follows the upstream call (the exchange log's ``Call``): told the
-    upstream of each attempt, then shown each read's deltas as decoded."""
+    """Who follows the upstream call (the exchange log's ``Call``): told of
+    each attempt (what an earlier one decoded is not the answer), then
+    shown each read's deltas as decoded."""
 
-    upstream: str
+    def attempt(self, upstream: str) -> None: ...
 
     def __call__(self, deltas: Sequence[Delta]) -> None: ...
 
@@ -284,7 +285,7 @@ class RetryingSource:
             timeouts = SourceTimeouts(first_token_s=first, idle_s=timeouts.idle_s)
         self._transport = upstream.transport
         if self._observer is not None:
-            self._observer.upstream = upstream.name
+            self._observer.attempt(upstream.name)
         return source_opener(
             self,
             upstream.provider,

@@ -190,3 +190,26 @@ async def test_running_usage_totals_are_counted_once(harness: Harness):
     assert harness.tokens == [("m-1", "up-1", 10, 1), ("m-1", "up-1", 0, 3)]
     (exchange,) = harness.exchanges
     assert (exchange.usage.prompt_tokens, exchange.usage.completion_tokens) == (10, 4)
+
+
+@pytest.mark.parametrize("harness", [True], indirect=True)
+async def test_what_a_failed_attempt_decoded_is_not_the_answer(harness: Harness):
+    """Routing tried one upstream, which sent a finish and a usage report
+    but no token before it failed, then another: the record holds the
+    second attempt's answer, usage and upstream, and its tokens count whole."""
+    subscription = harness.subscribe("req-0")
+    await harness.upstream.next_source()
+    call = harness.calls["req-0"]
+    call.attempt("broken")
+    call([Delta(finish_reason="length", usage=Usage(prompt_tokens=10, completion_tokens=0))])
+    call.attempt("backup")
+    _push(harness, "req-0", [Delta(text="fine"),
+                             Delta(finish_reason="stop", usage=Usage(prompt_tokens=10, completion_tokens=2))])
+    harness.upstream.latest.finish()
+    async with subscription:
+        await read_all(subscription)
+    (exchange,) = harness.exchanges
+    assert exchange.messages[-1] == {"role": "assistant", "content": "fine"}
+    assert (exchange.upstream, exchange.finish_reason) == ("backup", "stop")
+    assert (exchange.usage.prompt_tokens, exchange.usage.completion_tokens) == (10, 2)
+    assert harness.tokens == [("m-1", "broken", 10, 0), ("m-1", "backup", 10, 2)]
