@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -47,9 +48,11 @@ def make_app(settings: Settings) -> web.Application:
     # Bodies are read by the handlers with their own limit (413 in the OpenAI
     # shape); aiohttp's limit stays just above it as a backstop.
     app = web.Application(middlewares=[envelope], client_max_size=settings.max_body_bytes + 1)
-    # Kept out of every log line and every error a client sees.
-    SECRETS.add(settings.upstream_api_key, *settings.gateway_api_keys,
-                getattr(settings, "cluster_secret", None) or "")
+    # Kept out of every log line and every error a client sees: the keys,
+    # and any password in a URL the gateway connects to.
+    urls = (settings.upstream_url, settings.exchange_log_url, settings.redis_url)
+    SECRETS.add(settings.upstream_api_key, *settings.gateway_api_keys, *settings.gateway_admin_keys,
+                settings.cluster_secret, *(_password(url) for url in urls))
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics(CollectorRegistry(auto_describe=True))
     app.cleanup_ctx.append(_gateway)
@@ -71,6 +74,10 @@ def source_timeouts(settings: Settings) -> SourceTimeouts:
         first_token_s=settings.upstream_first_token_timeout_ms / 1000,
         idle_s=settings.upstream_idle_timeout_ms / 1000,
     )
+
+
+def _password(url: str | None) -> str:
+    return (urlsplit(url).password or "") if url else ""
 
 
 def _remember_failure(exc: BaseException) -> bool:

@@ -305,13 +305,18 @@ class _Reader:
         return self._get(name, None, parse, "an http:// or https:// URL including /v1")
 
     def store_url(self, name: str) -> str | None:
-        def parse(raw: str) -> str:
+        raw = (self._env.get(name) or "").strip()
+        if not raw:
+            return None
+        try:
             parse_store_url(raw)
-            return raw
+        except ValueError as exc:
+            # Not echoed: a PostgreSQL URL may carry a password.
+            raise ConfigError(
+                name, "sqlite:///path/to/file.db or postgresql://user@host:port/db", "(hidden)"
+            ) from exc
+        return raw
 
-        return self._get(
-            name, None, parse, "sqlite:///path/to/file.db or postgresql://user@host:port/db"
-        )
     def redis_url(self, name: str) -> str | None:
         raw = (self._env.get(name) or "").strip()
         if not raw:

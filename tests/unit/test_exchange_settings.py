@@ -41,6 +41,12 @@ def test_refused_urls_name_the_variable(url):
     assert "sqlite:///" in str(raised.value)
 
 
+def test_a_refused_url_is_not_echoed_for_it_may_hold_a_password():
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"EXCHANGE_LOG_URL": "postgresql://user:hunter2-secret@/db"})
+    assert "hunter2" not in str(raised.value)
+
+
 def test_sqlite_paths_are_relative_with_three_slashes_absolute_with_four():
     assert sqlite_path("sqlite:///.gateway/exchanges.db") == ".gateway/exchanges.db"
     assert sqlite_path("sqlite:////var/lib/x.db") == "/var/lib/x.db"
