@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import Delta, Logprobs, StreamInfo, TokenLogprob, ToolCallDelta, TopLogprob, Usage
 from gateway import json_codec
 from gateway.errors import GatewayError
 
@@ -64,10 +64,34 @@ def _delta_json(delta: Delta) -> dict[str, Any]:
     if delta.tool_calls:
         out["c"] = [[c.index, c.id, c.name, c.arguments] for c in delta.tool_calls]
     if delta.usage is not None:
-        out["u"] = [delta.usage.prompt_tokens, delta.usage.completion_tokens]
+        u = delta.usage
+        out["u"] = [u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens]
     if delta.finish_reason:
         out["f"] = delta.finish_reason
+    if delta.refusal:
+        out["x"] = delta.refusal
+    if delta.logprobs is not None:
+        out["l"] = [_tokens_json(delta.logprobs.content), _tokens_json(delta.logprobs.refusal)]
+    if delta.info is not None:
+        out["i"] = [delta.info.model, delta.info.system_fingerprint]
     return out
+
+
+def _tokens_json(tokens: Sequence[TokenLogprob]) -> list[Any]:
+    return [
+        [t.token, t.logprob, t.bytes, [[o.token, o.logprob, o.bytes] for o in t.top_logprobs]]
+        for t in tokens
+    ]
+
+
+def _tokens(rows: Sequence[Any]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(
+            row[0], row[1], None if row[2] is None else tuple(row[2]),
+            tuple(TopLogprob(o[0], o[1], None if o[2] is None else tuple(o[2])) for o in row[3]),
+        )
+        for row in rows
+    )
 
 
 def encode_delta(seq: int, delta: Delta) -> bytes:
@@ -97,12 +121,17 @@ def error_line(exc: GatewayError) -> bytes:
 
 def _delta(obj: dict[str, Any]) -> Delta:
     usage = obj.get("u")
+    logprobs = obj.get("l")
+    info = obj.get("i")
     return Delta(
         text=obj.get("t", ""),
         reasoning=obj.get("r", ""),
         tool_calls=tuple(ToolCallDelta(c[0], c[1], c[2], c[3]) for c in obj.get("c", ())),
-        usage=None if usage is None else Usage(usage[0], usage[1]),
+        usage=None if usage is None else Usage(*usage),
         finish_reason=obj.get("f"),
+        refusal=obj.get("x", ""),
+        logprobs=None if logprobs is None else Logprobs(_tokens(logprobs[0]), _tokens(logprobs[1])),
+        info=None if info is None else StreamInfo(info[0], info[1]),
     )
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import (
+    Delta,
+    Logprobs,
+    StreamInfo,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 from gateway.cluster.wire import (
     END_LINE,
     FailureEntry,
@@ -25,7 +33,13 @@ DELTAS = [
     Delta(reasoning="thinking"),
     Delta(tool_calls=(ToolCallDelta(0, "call_1", "lookup", '{"q":'), ToolCallDelta(1))),
     Delta(),
+    Delta(text="a", info=StreamInfo("gpt-real-2025", "fp_1")),
+    Delta(refusal="no", logprobs=Logprobs(
+        content=(TokenLogprob("a", -0.5, (97,), (TopLogprob("b", -1.5, None),)),),
+        refusal=(TokenLogprob("no", -0.1),),
+    )),
     Delta(usage=Usage(12, 34), finish_reason="stop"),
+    Delta(usage=Usage(12, 34, cached_tokens=8, reasoning_tokens=20)),
 ]
 
 
