@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,10 +184,6 @@ class Registry:
             return self._start_relay(key, relay, request_id, arrived_at, resume_after)
         return self._lead(key, open_source, request_id, arrived_at, shared)
 
-    def has_request(self, request_id: str) -> bool:
-        """A subscription with this request id is open (its id is taken)."""
-        return request_id in self._by_request
-
     def would_share(self, streaming: bool) -> bool:
         """Whether a request (that asks to coalesce) may share a stream."""
         return self._coalesce_enabled and (self._fanout_enabled or not streaming)
@@ -304,6 +301,7 @@ class Registry:
             max_replay_bytes=self._max_replay_bytes,
             observer=self._on_actor_event,
             clock=self._clock,
+            lag=self._lag,
         )
         subscription = self._attach(actor, "follower", request_id, arrived_at, cursor)
         self._joinable[key] = actor
@@ -324,6 +322,12 @@ class Registry:
         *,
         count: bool = True,
     ) -> Subscription:
+        if request_id in self._by_request:
+            # An id another open subscription holds (a proxy-supplied one,
+            # reused): ids must name one request, or a cancel by id would
+            # end the wrong one. This one takes a fresh id (its
+            # ``request_id`` says which), in the same tick as the check.
+            request_id = secrets.token_hex(12)
         subscription = Subscription(
             actor=actor,
             request_id=request_id,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
 
 import structlog
 from aiohttp import web
 
 from actors.ports import OpenSource
+from actors.registry import RegistryClosed
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest, parse_chat_request
 from gateway.errors import (
@@ -81,14 +81,6 @@ async def subscribe(
     tenant = request.get(TENANT) if state.settings.coalesce_scope == "key" else None
     key = prompt_key(chat.body, tenant=tenant)
     record.key_prefix = key[:KEY_PREFIX]
-    if state.registry.has_request(record.request_id):
-        # A proxy-supplied id that a live request already holds (another
-        # tenant's, perhaps): ids must name one request, or a cancel by id
-        # would reach the wrong one. This one gets a fresh id; nothing is
-        # awaited between here and the subscription taking it (in cluster
-        # mode, the one Redis round trip).
-        record.request_id = secrets.token_hex(12)
-        structlog.contextvars.bind_contextvars(request_id=record.request_id)
     # Routed and built now, though only a leader sends it: an unknown model
     # is a 404, and a request a provider cannot express (say, an audio part
     # for Anthropic) a 400, before the 200 goes out -- not a failure shared by
@@ -108,28 +100,36 @@ async def subscribe(
         call.bind(open_source)
         open_source = call.open
     coalesce = request.headers.get("X-Coalesce", "").lower() != "off"
-    if state.cluster is None:
-        subscription = state.registry.subscribe(
-            key,
-            open_source,
-            request_id=record.request_id,
-            arrived_at=record.arrived_at,
-            streaming=streaming,
-            coalesce=coalesce,
-            resume_after=_last_event_id(request) if resumable else 0,
-        )
-    else:
-        # Cluster mode: at most one Redis round trip decides where the answer
-        # comes from (gateway/cluster/member.py).
-        subscription = await state.cluster.subscribe(
-            key,
-            open_source,
-            request_id=record.request_id,
-            arrived_at=record.arrived_at,
-            streaming=streaming,
-            coalesce=coalesce,
-            resume_after=_last_event_id(request) if resumable else 0,
-        )
+    try:
+        if state.cluster is None:
+            subscription = state.registry.subscribe(
+                key,
+                open_source,
+                request_id=record.request_id,
+                arrived_at=record.arrived_at,
+                streaming=streaming,
+                coalesce=coalesce,
+                resume_after=_last_event_id(request) if resumable else 0,
+            )
+        else:
+            # Cluster mode: at most one Redis round trip decides where the
+            # answer comes from (gateway/cluster/member.py).
+            subscription = await state.cluster.subscribe(
+                key,
+                open_source,
+                request_id=record.request_id,
+                arrived_at=record.arrived_at,
+                streaming=streaming,
+                coalesce=coalesce,
+                resume_after=_last_event_id(request) if resumable else 0,
+            )
+    except RegistryClosed as exc:
+        # The drain ended every stream while this one was being decided.
+        raise ShuttingDown("the gateway is shutting down; retry on another instance") from exc
+    if subscription.request_id != record.request_id:
+        # The registry gave a fresh id: the one supplied names a live request.
+        record.request_id = subscription.request_id
+        structlog.contextvars.bind_contextvars(request_id=record.request_id)
     subscription.owner = owner_of(request)
     if recorder is not None and call is not None:
         recorder.joined(call, subscription, subscription.owner)

@@ -158,14 +158,22 @@ class Directory:
                     pipe.set(self.key(key), value, nx=True, px=self.lease_ms, get=True)
                 try:
                     replies = await self._call(pipe.execute())
-                except Unavailable as exc:
+                    answers = [None if reply is None else bytes(reply) for reply in replies]
+                    if len(answers) != len(batch):
+                        raise Unavailable("the pipeline's replies do not match its claims")
+                except Exception as exc:
+                    # Unavailable, or a reply of a shape we did not expect:
+                    # this batch is served locally, and the loop goes on (a
+                    # dead claim loop would hang every later claim).
+                    if not isinstance(exc, Unavailable):
+                        log.exception("claims to the cluster directory failed")
                     for _, _, future in batch:
                         if not future.done():
                             future.set_exception(Unavailable(str(exc)))
                     continue
-                for (_, _, future), reply in zip(batch, replies, strict=True):
+                for (_, _, future), answer in zip(batch, answers, strict=True):
                     if not future.done():  # its request may have gone meanwhile
-                        future.set_result(None if reply is None else bytes(reply))
+                        future.set_result(answer)
         finally:
             for _, _, future in self._claims:
                 if not future.done():

@@ -182,6 +182,11 @@ class Member:
                     return self._counted(local(_failing(entry.error)), owns=False)
                 if entry.instance == self.me.instance:
                     return self._counted(local(), owns=True)
+                if entry.url == self.me.url:
+                    # A lease left by this address's previous process (it
+                    # crashed and restarted): nothing there to follow.
+                    current = await self.directory.take_over(key, current, self._mine)
+                    continue
                 try:
                     peer = await self._peers.follow(entry.url, key)
                 except PeerUnreachable:

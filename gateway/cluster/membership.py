@@ -91,14 +91,17 @@ async def open_internal_listener(
     if advertised is not None and urlsplit(advertised).port is not None:
         # One port per worker: the advertised one plus the worker's index.
         port = (urlsplit(advertised).port or 0) + (settings.worker_index or 0)
-    site = web.TCPSite(runner, settings.host, port)
+    # Without an advertised address the members are on this host: the hop
+    # listens on loopback, never on every interface of a wildcard host.
+    listen_host = settings.host
+    if advertised is None and settings.host in ("0.0.0.0", "::", ""):
+        listen_host = "::1" if settings.host == "::" else "127.0.0.1"
+    site = web.TCPSite(runner, listen_host, port)
     await site.start()
     bound = runner.addresses[-1][1]
     if advertised is None:
-        host = settings.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        elif ":" in host:
+        host = listen_host
+        if ":" in host:
             host = f"[{host}]"
         url = f"http://{host}:{bound}"
     else:

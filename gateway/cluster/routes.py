@@ -25,12 +25,13 @@ from collections.abc import AsyncIterator, Callable
 import structlog
 from aiohttp import web
 
+from actors.messages import SlowReader
 from actors.registry import Registry, RegistryClosed
 from gateway.api.relay import SharedFrames
 from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import CANCEL_PATH, HEARTBEAT_S, OWNER_HEADER, STREAM_PATH, OwnerLost
 from gateway.cluster.wire import END_LINE, encode_delta, error_line
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, ReaderTooSlow
 
 
 class Heartbeat:
@@ -47,10 +48,15 @@ class Heartbeat:
             await asyncio.sleep(self.interval_s / 2)
             due = time.monotonic() - self.interval_s
             for response in [r for r, last in self.streams.items() if last <= due]:
+                if response not in self.streams:
+                    continue  # its stream ended while an earlier write waited
                 self.streams[response] = time.monotonic()
                 try:
-                    await response.write(b"\n")
-                except (ConnectionResetError, RuntimeError):
+                    # A member that stopped reading must not hold up the
+                    # others' heartbeats past their silence bound.
+                    async with asyncio.timeout(self.interval_s / 4):
+                        await response.write(b"\n")
+                except (ConnectionResetError, RuntimeError, TimeoutError):
                     pass  # its handler sees the same and ends
 
 
@@ -147,6 +153,11 @@ async def follow(request: web.Request) -> web.StreamResponse:
                 ))
         except GatewayError as exc:
             last = error_line(exc)
+        except SlowReader as exc:
+            # The member reads past this stream's lag bound: it is ended, as
+            # a slow client would be; the other readers never waited for it.
+            log.info("a cluster member read too slowly", reason=str(exc))
+            last = error_line(ReaderTooSlow(str(exc)))
         except Exception as exc:  # a bug, not a failure to share: said in-stream
             log.exception("relaying to a cluster member failed")
             internal = GatewayError("internal error", code="internal_error")
