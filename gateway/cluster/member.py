@@ -87,7 +87,6 @@ class Member:
         self._peers = peers
         self.me = Owner(secrets.token_hex(6), advertise_url)
         self._mine = owner_entry(self.me)
-        self._metrics = metrics
         self.metrics = metrics
         self._error_ttl_ms = error_ttl_ms
         self._remember_failure = remember_failure
@@ -207,7 +206,7 @@ class Member:
                 current = await self.directory.take_over(key, current, self._mine)
                 if current is None:
                     self.counts.takeovers += 1
-                    self._metrics.takeovers.inc()
+                    self.metrics.takeovers.inc()
                     log.info("took over a key from an owner that did not answer", owner=entry.url)
         except Unavailable:
             pass
@@ -234,14 +233,16 @@ class Member:
         assert registry is not None
         if subscription.role == "leader":
             role = "owner"
+            self.counts.owner += 1
             if owns:
                 self.owned[subscription.key] = subscription.stream_id
         elif registry.relayed(subscription.stream_id) or subscription.stream_id in self._relays:
             role = "remote_follower"
+            self.counts.remote_follower += 1
         else:
             role = "local_follower"
-        setattr(self.counts, role, getattr(self.counts, role) + 1)
-        self._metrics.requests[role].inc()
+            self.counts.local_follower += 1
+        self.metrics.requests[role].inc()
         return subscription
 
     # -- what the registry tells us (synchronous) ---------------------------------------

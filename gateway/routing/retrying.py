@@ -75,7 +75,6 @@ class RetryingSource:
         "_released",
         "_observer",
         "_probe",
-        "served_by",
         "__weakref__",
     )
 
@@ -113,9 +112,6 @@ class RetryingSource:
         self._observer = observer
         #: This attempt holds its upstream's half-open probe.
         self._probe = False
-        #: The name of the upstream whose answer this is, from its first
-        #: token on (for whoever records the exchange or counts its tokens).
-        self.served_by: str | None = None
 
     # -- actors.ports.Source -------------------------------------------------------
 
@@ -332,7 +328,6 @@ class RetryingSource:
         self._tried = ()
         upstream = self._upstream
         assert upstream is not None
-        self.served_by = upstream.name
         upstream.breaker.success()
         router = self._router
         router.observer.upstream_ttft(upstream.name, router.clock() - self._attempt_started)
