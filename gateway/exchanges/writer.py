@@ -43,6 +43,8 @@ class ExchangeWriter:
         self._metrics = metrics
         self._max_queue = max_queue
         self._max_batch = max_batch
+        #: Records still to write one at a time, after a refused batch.
+        self._one_by_one = 0
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._close_timeout_s = close_timeout_s
@@ -137,7 +139,8 @@ class ExchangeWriter:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                while self._queue and len(batch) < self._max_batch:
+                limit = 1 if self._one_by_one else self._max_batch
+                while self._queue and len(batch) < limit:
                     batch.append(self._queue.popleft())
                 self._in_hand = len(batch)
             try:
@@ -155,7 +158,17 @@ class ExchangeWriter:
                 delay = min(delay * 2, self._retry_max_s)
                 continue
             except StoreRejected as exc:
-                log.error("exchange log refused a batch", exchanges=len(batch), error=str(exc))
+                if len(batch) > 1:
+                    # One bad record must not take the others with it: the
+                    # batch goes again one record at a time, and only what
+                    # is refused alone is dropped.
+                    self._queue.extendleft(reversed(batch))
+                    self._one_by_one = len(batch)
+                    batch = []
+                    self._in_hand = 0
+                    continue
+                self._one_by_one = max(self._one_by_one - 1, 0)
+                log.error("exchange log refused an exchange", error=str(exc))
                 self.dropped_total += len(batch)
                 self._metrics.dropped.inc(len(batch))
                 batch = []
@@ -171,6 +184,7 @@ class ExchangeWriter:
                 self._in_hand = 0
                 continue
             self._written(len(batch))
+            self._one_by_one = max(self._one_by_one - len(batch), 0)
             batch = []
             self._in_hand = 0
             delay = self._retry_initial_s

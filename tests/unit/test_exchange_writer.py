@@ -58,7 +58,9 @@ async def test_a_full_queue_drops_new_records_and_counts_them(tmp_path: Path):
     await writer.aclose()
 
 
-async def test_a_refused_batch_is_dropped_and_writing_goes_on(tmp_path: Path):
+async def test_a_refused_record_is_dropped_alone_and_writing_goes_on(tmp_path: Path):
+    """The database refuses a batch for one bad record: the batch goes again
+    one record at a time, and only the record refused alone is dropped."""
     registry = CollectorRegistry()
     store = SqliteStore(str(tmp_path / "log.db"))
     writer = ExchangeWriter(store, ExchangeMetrics(registry))
@@ -66,14 +68,18 @@ async def test_a_refused_batch_is_dropped_and_writing_goes_on(tmp_path: Path):
     writer.submit(exchange(1))
     async with asyncio.timeout(10):
         await writer.wait_written(1)
-    writer.submit(exchange(2, id="xchg_0001"))  # the same id: the database refuses the batch
+    writer.submit(exchange(2, id="xchg_0001"))  # the same id: the database refuses it
     writer.submit(exchange(3))
-    await asyncio.sleep(0)  # the writer wakes and takes those two as one batch, refused whole
+    writer.submit(exchange(5))  # the three, queued in one tick, go as one batch
+    async with asyncio.timeout(10):
+        await writer.wait_written(3)
     writer.submit(exchange(4))
     async with asyncio.timeout(10):
-        await writer.wait_written(2)
-    assert [e["id"] for e in await store.recent(limit=10)] == ["xchg_0004", "xchg_0001"]
-    assert writer.dropped_total == 2
+        await writer.wait_written(4)
+    assert [e["id"] for e in await store.recent(limit=10)] == [
+        "xchg_0004", "xchg_0005", "xchg_0003", "xchg_0001"]
+    assert writer.dropped_total == 1
+    assert metric(registry, "gateway_exchange_log_dropped_total") == 1
     await writer.aclose()
 
 
