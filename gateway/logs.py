@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -45,13 +45,25 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     for name, value in event.items():
         if name in secret:
             event[name] = "[redacted]"
-        elif isinstance(value, str):
-            # Every configured secret (gateway/redact.py), wherever it is quoted.
-            value = SECRETS.redact(value)
-            if "earer" in value:
-                value = _BEARER.sub(r"\1[redacted]", value)
-            event[name] = value
+        elif isinstance(value, str | Mapping | list | tuple):
+            event[name] = _redacted(value)
     return event
+
+
+def _redacted(value: Any) -> Any:
+    """Every configured secret (gateway/redact.py) out of a value, wherever
+    it is quoted, also inside the mappings and lists a field may hold."""
+    if isinstance(value, str):
+        value = SECRETS.redact(value)
+        return _BEARER.sub(r"\1[redacted]", value) if "earer" in value else value
+    if isinstance(value, Mapping):
+        return {
+            key: "[redacted]" if str(key).lower() in _SECRET_FIELDS else _redacted(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redacted(item) for item in value]
+    return value
 
 
 def resolve_format(fmt: str) -> str:

@@ -244,3 +244,20 @@ def test_a_line_pending_when_its_loop_ends_leaves_with_the_next_one() -> None:
 
     asyncio.run(main())
     assert sink.writes == ["last of a loop\nfirst of the next\n"]
+
+
+def test_a_secret_inside_a_nested_field_is_redacted(capsys):
+    """Headers or extras logged as a mapping or a list are searched too."""
+    from gateway.redact import SECRETS
+
+    configured = "nested-secret-7a6b5c4d"
+    SECRETS.add(configured)
+    configure_logging("info", "json")
+    structlog.get_logger("test-nested").info(
+        "upstream said", headers={"Authorization": "Bearer x", "x-note": f"key {configured}"},
+        attempts=[f"sent {configured}", 2],
+    )
+    (line,) = json_lines(capsys.readouterr().err)
+    assert configured not in json.dumps(line)
+    assert line["headers"] == {"Authorization": "[redacted]", "x-note": "key [redacted]"}
+    assert line["attempts"] == ["sent [redacted]", 2]
