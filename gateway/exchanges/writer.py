@@ -95,8 +95,13 @@ class ExchangeWriter:
         if self.written_total >= total:
             return
         future = asyncio.get_running_loop().create_future()
-        self._waiters.append((total, future))
-        await future
+        waiter = (total, future)
+        self._waiters.append(waiter)
+        try:
+            await future
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     async def aclose(self) -> None:
         """Write what is queued (for up to ``close_timeout_s``), then stop

@@ -13,10 +13,13 @@ than refusing everything for a whole cooldown).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import structlog
 
 from gateway.admission import AdmissionQueue
 from gateway.errors import ModelNotFound
@@ -26,6 +29,8 @@ from gateway.routing.budget import RetryBudget
 from gateway.routing.config import RetryConfig, RoutingConfig, UpstreamConfig
 from gateway.upstream.base import Transport, UpstreamRequest
 from gateway.upstream.providers.base import Provider
+
+log = structlog.get_logger("gateway.routing")
 
 
 class RoutingObserver(Protocol):
@@ -157,5 +162,11 @@ class Router:
         return upstream.breaker.state(self.clock()) is not CircuitState.CLOSED
 
     async def aclose(self) -> None:
-        for upstream in self.upstreams:
-            await upstream.transport.aclose()
+        """Close every upstream's transport, each even if another fails."""
+        results = await asyncio.gather(
+            *(upstream.transport.aclose() for upstream in self.upstreams), return_exceptions=True
+        )
+        for upstream, result in zip(self.upstreams, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("an upstream's transport did not close cleanly",
+                            upstream=upstream.name, error=repr(result))
