@@ -2,8 +2,10 @@
 
 One ``cleanup_ctx`` owns, in order of creation: the embedded simulator (when
 neither UPSTREAM_URL nor GATEWAY_CONFIG is set), the router with one
-transport per upstream, the exchange log, the admission queue, the
-coalescing registry and the SSE keepalive task. Shutdown runs in reverse:
+transport per upstream, the exchange log, the admission queue, in cluster
+mode the member of the Redis directory, the coalescing registry, the
+cluster's internal listener and the SSE keepalive task. Shutdown runs in
+reverse:
 the keepalive stops, the registry ends every actor (resetting upstream
 streams) before the exchange log writes their records and the transports
 close their connections, and the simulator goes last.
