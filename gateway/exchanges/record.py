@@ -61,6 +61,8 @@ class Exchange:
     subscribers: int
     request_ids: tuple[str, ...]
     api_key_ids: tuple[str, ...]
+    #: The model the upstream says answered; None: it did not say.
+    resolved_model: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The API's shape (``GET /v1/exchanges``)."""
@@ -69,6 +71,7 @@ class Exchange:
             "object": "exchange",
             "created": int(self.created),
             "model": self.model,
+            "resolved_model": self.resolved_model,
             "upstream": self.upstream,
             "process": self.process,
             "messages": [dict(message) for message in self.messages],

@@ -131,6 +131,7 @@ class Call:
         "_open",
         "_body",
         "model",
+        "resolved_model",
         "upstream",
         "started_at",
         "created",
@@ -150,6 +151,7 @@ class Call:
         self._open: OpenSource | None = None
         self._body: Mapping[str, Any] | None = body
         self.model = model
+        self.resolved_model: str | None = None
         self.upstream = upstream
         self.started_at: float | None = None
         self.created = 0.0
@@ -187,6 +189,7 @@ class Call:
         self.upstream = upstream
         self.usage = None
         self.finish_reason = None
+        self.resolved_model = None
         if self.answer is not None:
             self.answer = Answer(self._recorder.keep_content)
 
@@ -202,6 +205,8 @@ class Call:
                 continue
             if delta.finish_reason:
                 self.finish_reason = delta.finish_reason
+            if delta.info is not None and delta.info.model and self.resolved_model is None:
+                self.resolved_model = delta.info.model
             if self.ttft_s is None and delta.is_content and self.started_at is not None:
                 self.ttft_s = self._recorder._clock() - self.started_at
             answer.add(delta)
@@ -241,6 +246,7 @@ class Call:
             subscribers=len(self.request_ids),
             request_ids=tuple(self.request_ids),
             api_key_ids=tuple(self.api_key_ids),
+            resolved_model=self.resolved_model,
         )
 
 

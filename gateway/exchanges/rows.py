@@ -32,6 +32,7 @@ def to_row(exchange: Exchange) -> tuple[Any, ...]:
         _json(list(exchange.request_ids)),
         _json(list(exchange.api_key_ids)),
         _json([dict(message) for message in exchange.messages]),
+        exchange.resolved_model,
     )
 
 
@@ -58,6 +59,7 @@ def from_row(row: Row) -> dict[str, Any]:
         "object": "exchange",
         "created": int(row["created"]),
         "model": row["model"],
+        "resolved_model": row["resolved_model"],
         "upstream": row["upstream"],
         "process": row["process"],
         "messages": _loads(row["messages"]),

@@ -37,6 +37,8 @@ SQLITE: tuple[tuple[int, tuple[str, ...]], ...] = (
         "ALTER TABLE exchanges ADD COLUMN api_key_ids TEXT NOT NULL DEFAULT '[]'",
         "CREATE INDEX exchanges_model_seq ON exchanges (model, seq)",
     )),
+    # The model the upstream says answered (``gpt-x`` -> ``gpt-x-2025-01-01``).
+    (3, ("ALTER TABLE exchanges ADD COLUMN resolved_model TEXT",)),
 )
 
 POSTGRES: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -64,6 +66,7 @@ POSTGRES: tuple[tuple[int, tuple[str, ...]], ...] = (
         "ALTER TABLE exchanges ADD COLUMN api_key_ids JSONB NOT NULL DEFAULT '[]'",
         "CREATE INDEX exchanges_model_seq ON exchanges (model, seq)",
     )),
+    (3, ("ALTER TABLE exchanges ADD COLUMN resolved_model TEXT",)),
 )
 
 LATEST = max(version for version, _ in SQLITE)

@@ -21,7 +21,7 @@ __all__ = ["ExchangeStore", "StoreError", "StoreRejected", "StoreUnavailable", "
 COLUMNS = (
     "id", "created", "model", "upstream", "process", "outcome", "finish_reason", "error",
     "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms", "subscribers",
-    "request_ids", "api_key_ids", "messages",
+    "request_ids", "api_key_ids", "messages", "resolved_model",
 )
 MAX_LIMIT = 1000
 

@@ -198,7 +198,7 @@ async def test_sqlite_migrates_from_the_first_schema(tmp_path):
     async with aiosqlite.connect(path) as db, db.execute(
         f"SELECT version FROM {schema.VERSION_TABLE} ORDER BY version"
     ) as cursor:
-        assert [row[0] async for row in cursor] == [1, 2]
+        assert [row[0] async for row in cursor] == [1, 2, 3]
 
 
 async def test_postgres_migrates_from_the_first_schema(postgres: PostgresServer):
@@ -230,7 +230,7 @@ async def test_postgres_migrates_from_the_first_schema(postgres: PostgresServer)
         versions = await check.fetch(f"SELECT version FROM {schema.VERSION_TABLE} ORDER BY version")
     finally:
         await check.close()
-    assert [row["version"] for row in versions] == [1, 2]
+    assert [row["version"] for row in versions] == [1, 2, 3]
 
 
 async def test_streams_ended_by_a_drain_are_written_before_the_gateway_exits(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from actors.deltas import Delta, ToolCallDelta, Usage
+from actors.deltas import Delta, StreamInfo, ToolCallDelta, Usage
 from actors.registry import Registry
 from actors.subscription import Subscription
 from gateway.admission import AdmissionQueue
@@ -213,3 +213,17 @@ async def test_what_a_failed_attempt_decoded_is_not_the_answer(harness: Harness)
     assert (exchange.upstream, exchange.finish_reason) == ("backup", "stop")
     assert (exchange.usage.prompt_tokens, exchange.usage.completion_tokens) == (10, 2)
     assert harness.tokens == [("m-1", "broken", 10, 0), ("m-1", "backup", 10, 2)]
+
+
+@pytest.mark.parametrize("harness", [True], indirect=True)
+async def test_the_record_names_the_model_the_upstream_says_answered(harness: Harness):
+    subscription = harness.subscribe("req-0")
+    await harness.upstream.next_source()
+    _push(harness, "req-0", [Delta(text="hi", info=StreamInfo("m-1-2025-01-01", "fp")),
+                             Delta(finish_reason="stop")])
+    harness.upstream.latest.finish()
+    async with subscription:
+        await read_all(subscription)
+    (exchange,) = harness.exchanges
+    assert (exchange.model, exchange.resolved_model) == ("m-1", "m-1-2025-01-01")
+    assert exchange.to_json()["resolved_model"] == "m-1-2025-01-01"
