@@ -64,14 +64,18 @@ def test_require_upstream_refuses_the_simulator_with_exit_status_2() -> None:
 
 
 async def test_no_upstream_url_serves_the_simulator_and_says_so_loudly() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=_environment(LOG_FORMAT="json"),
+    # A plain Popen, waited for in a thread: its exit status is its own, not
+    # asyncio's child watcher's (which reports 255 for a child another
+    # waiter in this long-lived test process reaped first).
+    process = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "gateway"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=_environment(LOG_FORMAT="json"),
     )
     assert process.stdout is not None and process.stderr is not None
     try:
-        line = await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), START_TIMEOUT_S)
         match = re.fullmatch(rb"llm-stream-gateway listening on (http://\S+) \(upstream: simulator\)\n",
                              line)
         assert match, line
@@ -85,12 +89,15 @@ async def test_no_upstream_url_serves_the_simulator_and_says_so_loudly() -> None
             async with http.get(url + "/stats") as resp:
                 assert (await resp.json())["upstream"] == "simulator"
         process.terminate()
-        stderr = (await asyncio.wait_for(process.stderr.read(), 10)).decode()
+        returncode = await asyncio.wait_for(asyncio.to_thread(process.wait), 10)
+        stderr = process.stderr.read().decode()
     finally:
-        if process.returncode is None:
+        if process.poll() is None:
             process.kill()
-        await asyncio.wait_for(process.wait(), 10)
-    assert process.returncode == 0, stderr
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    assert returncode == 0, stderr
     first = stderr.splitlines()[0]
     assert first.startswith("llm-stream-gateway: WARNING: no UPSTREAM_URL set: serving the built-in "
                             "SIMULATOR")
