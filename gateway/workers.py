@@ -20,6 +20,8 @@ the supervisor itself is killed, each worker gets SIGTERM (and drains).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import signal
 import socket
 import subprocess
@@ -37,16 +39,22 @@ WORKER_INDEX = "GATEWAY_WORKER_INDEX"
 KILL_GRACE_S = 10.0
 
 
-def _stop_with_parent() -> None:
-    """In the worker, before exec: SIGTERM when the supervisor dies (Linux's
-    PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no worker behind."""
+def _stop_with_parent(supervisor: int) -> None:
+    """In the worker, before exec: SIGKILL when the supervisor dies (Linux's
+    PR_SET_PDEATHSIG), so a supervisor killed outright leaves no worker
+    behind. (A supervisor that stops normally forwards SIGTERM and each
+    worker drains; one that was killed gave its workers no drain either.)
+    A supervisor that died between the fork and this call sends nothing:
+    then the worker's parent is no longer ``supervisor``, and it stops here."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass  # not Linux: systemd's KillMode=mixed still ends them
+    if os.getppid() != supervisor:
+        os._exit(1)
 
 
 def _placeholder(settings: Settings) -> socket.socket:
@@ -83,7 +91,7 @@ def supervise(settings: Settings, env: Mapping[str, str]) -> int:
                     [sys.executable, "-m", "gateway"],
                     env={**env, "GATEWAY_PORT": str(port), WORKER_INDEX: str(index)},
                     start_new_session=True,
-                    preexec_fn=_stop_with_parent,
+                    preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
                 )
             )
         while any(child.poll() is None for child in children):

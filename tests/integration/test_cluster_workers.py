@@ -121,6 +121,13 @@ async def test_a_killed_supervisor_leaves_no_worker_behind(sim_factory, redis):
             while len(workers := _children(supervisor.pid)) < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         supervisor.send_signal(signal.SIGKILL)
-        async with asyncio.timeout(10):
-            while any(_alive(pid) for pid in workers):  # noqa: ASYNC110 - other processes
-                await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(10):
+                while any(_alive(pid) for pid in workers):  # noqa: ASYNC110 - other processes
+                    await asyncio.sleep(0.05)
+        finally:
+            # A worker left behind holds the supervisor's stdout open: end it,
+            # or the fixture would wait for that pipe forever.
+            for pid in workers:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
