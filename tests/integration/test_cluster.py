@@ -263,10 +263,16 @@ async def test_failure_is_shared_across_processes_and_forgotten_after_the_error_
 async def test_a_prompt_nobody_streams_is_opened_locally_with_one_redis_round_trip(cluster):
     async with aiohttp.ClientSession() as http:
         # Warm every member's Redis connection (its handshake is not per request).
+        start = await cluster.redis.commandstats()
         await asyncio.gather(
             *(stream_native(http, m, f"warm {i}") for i, m in enumerate(cluster.members))
         )
         await cluster.sim.log.wait_for(3)
+        # The warm-up streams' releases (one DEL each) follow their ends: wait
+        # for all three, or one would land among this request's counts.
+        async with asyncio.timeout(5):
+            while (await cluster.redis.commandstats()).get("del", 0) < start.get("del", 0) + 3:  # noqa: ASYNC110 - Redis's counters
+                await asyncio.sleep(0.02)
         target = cluster.members[1]
         before = await cluster.redis.commandstats()
         served_before = [await m.metric("gateway_cluster_peer_streams_total") for m in cluster.members]
