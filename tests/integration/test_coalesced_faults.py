@@ -51,7 +51,11 @@ async def test_every_coalesced_subscriber_ends_with_the_error(
         else:
             assert error["code"] == code, error
         assert error["message"]
-    assert len(gateway.sim.log.records) == 1  # one upstream call for the burst
+    # One upstream call for the burst. A killed connection may take its last
+    # tokens with it (the kernel drops unread data at a RST): the gateway
+    # then saw no token, and sends the request once more, for all of them.
+    calls = len(gateway.sim.log.records)
+    assert calls == 1 or (directive.startswith("kill_after") and calls == 2), calls
     failures = [line for line in logs if line["event"] == "upstream failed"]
     assert len(failures) == 1 and failures[0]["subscribers"] == SUBSCRIBERS
     async with asyncio.timeout(5):
