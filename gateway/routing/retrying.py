@@ -285,7 +285,7 @@ class RetryingSource:
         return source_opener(
             self,
             upstream.provider,
-            plan.requests[upstream],
+            plan.request_for(upstream),
             timeouts=timeouts,
             deadlines=self._deadlines,
             on_status=upstream.on_status,

@@ -92,14 +92,16 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
-    """One request's candidates, each with its request already built."""
+    """One request's candidates, each with its request already built
+    (``requests[i]`` is ``candidates[i]``'s). Tuples, not a mapping: every
+    stream holds its plan until the first token."""
 
     model: str
-    requests: Mapping[Upstream, UpstreamRequest]
+    candidates: tuple[Upstream, ...]
+    requests: tuple[UpstreamRequest, ...]
 
-    @property
-    def candidates(self) -> Sequence[Upstream]:
-        return tuple(self.requests)
+    def request_for(self, upstream: Upstream) -> UpstreamRequest:
+        return self.requests[self.candidates.index(upstream)]
 
 
 class Router:
@@ -133,14 +135,7 @@ class Router:
         candidates = self.candidates(model)
         if not candidates:
             raise ModelNotFound(f"The model `{model}` does not exist or is not served here.")
-        requests: dict[Upstream, UpstreamRequest] = {}
-        for upstream in candidates:
-            wanted = upstream.config.upstream_model(model)
-            mapped = body if wanted == model else {**body, "model": wanted}
-            requests[upstream] = upstream.provider.build_request(
-                mapped, base_path=upstream.base_path, api_key=upstream.config.api_key or None
-            )
-        return RoutePlan(model, requests)
+        return RoutePlan(model, candidates, tuple(_request(upstream, body, model) for upstream in candidates))
 
     def next_upstream(
         self, candidates: Sequence[Upstream], tried: Sequence[Upstream]
@@ -170,3 +165,12 @@ class Router:
             if isinstance(result, Exception):
                 log.warning("an upstream's transport did not close cleanly",
                             upstream=upstream.name, error=repr(result))
+
+
+def _request(upstream: Upstream, body: Mapping[str, Any], model: str) -> UpstreamRequest:
+    """``body`` as ``upstream``'s provider sends it, under its own name for ``model``."""
+    wanted = upstream.config.upstream_model(model)
+    mapped = body if wanted == model else {**body, "model": wanted}
+    return upstream.provider.build_request(
+        mapped, base_path=upstream.base_path, api_key=upstream.config.api_key or None
+    )

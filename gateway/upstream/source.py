@@ -162,6 +162,9 @@ class UpstreamSource:
                 finally:
                     self._reading = False
                 self._decode(data)
+                # A read that decodes to no delta (a role chunk) loops to
+                # the next wait, which must not hold this read's bytes.
+                del data
             except Exception:
                 # A source that fails cleans up after itself (actors.ports):
                 # a stream we can no longer decode must not stay open upstream.

@@ -612,3 +612,35 @@ async def test_an_idle_stream_waits_through_short_await_chains(gateway_factory):
             # deadlines, not a loop timer of its own.
             assert len(gateway.state.deadlines) == 1
     await _wait_idle(gateway)
+
+
+async def test_a_stream_waiting_for_its_first_token_holds_no_read(gateway_factory):
+    """Before the first token the retrying source is in the actor's chain
+    too; a read that carried no token (the role chunk) must not stay held
+    by a frame that waits for the next one."""
+    gateway = await gateway_factory()
+    prompt = "first wait [sim ttft_ms=60000 tokens=2]"  # the role chunk, then a minute
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt)) as resp:
+            assert resp.status == 200
+            await subscribed(gateway, 1)
+            (actor,) = [task for task in asyncio.all_tasks()
+                        if task.get_name().startswith("stream-actor-")]
+
+            def role_chunk_decoded() -> bool:
+                chain = _await_chain(actor)
+                return "UpstreamSource.__anext__" in chain and chain[-1:] == ["H2ResponseStream.read"] and (
+                    _local(actor, "UpstreamSource.__anext__", "self")._decoder._info_seen
+                )
+
+            # The role chunk (it carries the model, and no delta) was read
+            # and decoded; the source waits for the next read.
+            await until(role_chunk_decoded)
+            assert _await_chain(actor) == [
+                "StreamActor._run",
+                "RetryingSource._until_first_token",
+                "UpstreamSource.__anext__",
+                "H2ResponseStream.read",
+            ]
+            assert _bytes_held(actor) == []
+    await _wait_idle(gateway)

@@ -15,13 +15,18 @@ from typing import Any
 
 from actors.deltas import Delta, StreamInfo, ToolCallDelta, Usage
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
-from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.base import Headers, ResponseHead, UpstreamRequest
 from gateway.upstream.providers import wire
 from gateway.upstream.providers.anthropic_request import translate_chat
-from gateway.upstream.providers.base import EventStreamDecoder, join_path
+from gateway.upstream.providers.base import EventStreamDecoder, request_head
 from gateway.upstream.sse_decoder import SSEEvent
 
 API_VERSION = "2023-06-01"
+_HEADERS: Headers = (
+    ("content-type", "application/json"),
+    ("accept", "text/event-stream"),
+    ("anthropic-version", API_VERSION),
+)
 
 #: Anthropic stop_reason -> OpenAI finish_reason.
 STOP_REASONS = {
@@ -67,18 +72,10 @@ class AnthropicProvider:
     def build_request(
         self, chat: Mapping[str, Any], *, base_path: str, api_key: str | None
     ) -> UpstreamRequest:
-        headers = [
-            ("content-type", "application/json"),
-            ("accept", "text/event-stream"),
-            ("anthropic-version", API_VERSION),
-        ]
-        if api_key:
-            headers.append(("x-api-key", api_key))
+        auth = ("x-api-key", api_key) if api_key else None
+        path, headers = request_head(base_path, "/messages", _HEADERS, auth)
         return UpstreamRequest(
-            method="POST",
-            path=join_path(base_path, "/messages"),
-            headers=tuple(headers),
-            body=wire.encode_json(translate_chat(chat)),
+            method="POST", path=path, headers=headers, body=wire.encode_json(translate_chat(chat))
         )
 
     def decoder(self) -> AnthropicStreamDecoder:

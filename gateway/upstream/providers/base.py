@@ -9,6 +9,7 @@ every request a provider builds asks for a stream.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import replace
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 from actors.deltas import Delta, StreamInfo
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
-from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.base import Headers, ResponseHead, UpstreamRequest
 from gateway.upstream.sse_decoder import SSEDecoder, SSEEvent
 
 
@@ -67,6 +68,16 @@ class Provider(Protocol):
 def join_path(base_path: str, endpoint: str) -> str:
     """``/v1`` + ``/messages`` -> ``/v1/messages``; tolerant of a trailing slash."""
     return base_path.rstrip("/") + endpoint
+
+
+@functools.lru_cache(maxsize=64)
+def request_head(
+    base_path: str, endpoint: str, headers: Headers, auth: tuple[str, str] | None
+) -> tuple[str, Headers]:
+    """The path and headers of a request to one upstream's ``endpoint``:
+    the same for all its requests, so built once (an open stream holds its
+    request until the first token, for a retry)."""
+    return join_path(base_path, endpoint), headers if auth is None else (*headers, auth)
 
 
 class EventStreamDecoder(ABC):

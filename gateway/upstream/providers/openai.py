@@ -25,12 +25,13 @@ from actors.deltas import (
     Usage,
 )
 from gateway.errors import UpstreamProtocolError, UpstreamStatusError
-from gateway.upstream.base import ResponseHead, UpstreamRequest
+from gateway.upstream.base import Headers, ResponseHead, UpstreamRequest
 from gateway.upstream.providers import wire
-from gateway.upstream.providers.base import EventStreamDecoder, join_path
+from gateway.upstream.providers.base import EventStreamDecoder, request_head
 from gateway.upstream.sse_decoder import SSEEvent
 
 _DONE = "[DONE]"
+_HEADERS: Headers = (("content-type", "application/json"), ("accept", "text/event-stream"))
 #: An in-stream error carries no HTTP status of its own; treat it as the
 #: provider's server failing (our 502), unless the error names a status.
 _IN_STREAM_ERROR_STATUS = 500
@@ -51,18 +52,9 @@ class OpenAIProvider:
         options = dict(client_options) if isinstance(client_options, Mapping) else {}
         options["include_usage"] = True
         body["stream_options"] = options
-        headers = [
-            ("content-type", "application/json"),
-            ("accept", "text/event-stream"),
-        ]
-        if api_key:
-            headers.append(("authorization", f"Bearer {api_key}"))
-        return UpstreamRequest(
-            method="POST",
-            path=join_path(base_path, "/chat/completions"),
-            headers=tuple(headers),
-            body=wire.encode_json(body),
-        )
+        auth = ("authorization", f"Bearer {api_key}") if api_key else None
+        path, headers = request_head(base_path, "/chat/completions", _HEADERS, auth)
+        return UpstreamRequest(method="POST", path=path, headers=headers, body=wire.encode_json(body))
 
     def decoder(self) -> OpenAIStreamDecoder:
         return OpenAIStreamDecoder(max_event_bytes=self._max_event_bytes)
