@@ -219,7 +219,7 @@ def test_credit_below_a_batch_is_held(core, peer) -> None:
     """Consumed bytes below ACK_BATCH_BYTES are not credited yet."""
     (stream_id,) = open_streams(core, 1)
     core.receive(peer.headers(stream_id) + data_of(stream_id, 40_000), now=1.0)
-    core.consumed(stream_id, ACK_BATCH_BYTES - 1)
+    assert core.consumed(stream_id, ACK_BATCH_BYTES - 1) is False
     assert core.data_to_send() == b""
 
 
@@ -228,7 +228,7 @@ def test_consumed_bytes_are_credited_to_both_windows(core, peer) -> None:
     WINDOW_UPDATE for the connection and for the stream."""
     (stream_id,) = open_streams(core, 1)
     core.receive(peer.headers(stream_id) + data_of(stream_id, 40_000), now=1.0)
-    core.consumed(stream_id, 40_000)
+    assert core.consumed(stream_id, 40_000) is True
     assert core.data_to_send() == window_update(0, 40_000) + window_update(stream_id, 40_000)
 
 

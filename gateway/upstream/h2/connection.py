@@ -205,8 +205,8 @@ class H2ClientConnection(asyncio.Protocol):
     # -- StreamOwner ------------------------------------------------------------------
 
     def consumed(self, stream_id: int, length: int) -> None:
-        self._core.consumed(stream_id, length)
-        self._flush_soon()
+        if self._core.consumed(stream_id, length):
+            self._flush_soon()
 
     def release(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)

@@ -278,12 +278,14 @@ class H2ClientProtocol:
             stream.body_pending = False
         return len(piece)
 
-    def consumed(self, stream_id: int, length: int) -> None:
+    def consumed(self, stream_id: int, length: int) -> bool:
         """The reader took ``length`` bytes of the stream: credit them to the
-        peer's windows, a batch at a time."""
+        peer's windows, a batch at a time. True when credit went to h2 (a
+        WINDOW_UPDATE may be waiting in ``data_to_send()``); below a batch
+        nothing is sent, and nothing needs flushing."""
         stream = self._streams.get(stream_id)
         if stream is None or length == 0 or self._closed:
-            return
+            return False
         stream.unconsumed -= length
         owed = stream.owed + length
         self._owed_total += length
@@ -292,13 +294,15 @@ class H2ClientProtocol:
         )
         if owed < ACK_BATCH_BYTES and window_left:
             stream.owed = owed
-        elif window_left:
+            return False
+        if window_left:
             stream.owed = 0
             self._owed_total -= owed
             self._h2.acknowledge_received_data(owed, stream_id)
         else:
             stream.owed = owed
             self._settle_all_owed()
+        return True
 
     def release(self, stream_id: int) -> list[Event]:
         """The reader needs nothing more from the stream: RST_STREAM(CANCEL)

@@ -175,10 +175,10 @@ class H2ResponseStream:
                 if self._owner is not None:
                     self._owner.consumed(self.stream_id, len(data))
                 return data
-            if self.may_resend:
-                await self._resender.resend(self)
-                continue
             if self._error is not None:
+                if self.may_resend:
+                    await self._resender.resend(self)
+                    continue
                 raise self._error
             if self._ended or self._finished:
                 self.release()  # read to its end: the credit goes back
