@@ -168,6 +168,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def gateway_core() -> int | None:
+    """The core the systems under test are pinned to (None: one core only)."""
+    cores = _cores()
+    return cores[0] if len(cores) > 1 else None
+
+
 @asynccontextmanager
 async def systems(
     *, with_nginx: bool = True, sim_knobs: Mapping[str, object] | None = None,
@@ -176,7 +182,7 @@ async def systems(
     """sim (core 1), gateway (core 0), nginx (core 0, only when measured alone)."""
     cores = _cores()
     sim_core = cores[1] if len(cores) > 1 else None
-    gw_core = cores[0] if len(cores) > 1 else None
+    gw_core = gateway_core()
     async with AsyncExitStack() as stack:
         sim = await stack.enter_async_context(simulator(core=sim_core, **(sim_knobs or {})))
         out = {"sim": sim}
