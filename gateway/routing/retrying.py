@@ -32,7 +32,7 @@ import structlog
 
 from actors.deltas import Delta
 from gateway.admission import AdmissionTicket
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamTimeout
 from gateway.routing.breaker import CircuitState
 from gateway.routing.failures import Failure, classify
 from gateway.routing.router import RoutePlan, Router, Upstream
@@ -261,13 +261,31 @@ class RetryingSource:
             if upstream.admission is not None:
                 ticket = upstream.admission.enqueue(self._attempt_started)
                 self._ticket = ticket
-                await ticket.wait()
+                await self._admitted(ticket)
             self._inner = await self._opener(upstream, plan)()
         except GatewayError:
             raise  # the caller ends the attempt with its failure
         except BaseException:
             self._attempt_ended(None, cancelled=True)
             raise
+
+    async def _admitted(self, ticket: AdmissionTicket) -> None:
+        """The upstream's slot, within what is left of the first-token
+        deadline: a wait for a slot is time without a first token too. Past
+        the deadline the attempt fails as a first-token timeout (cancelling
+        the wait gives the slot back, or takes the ticket out of the queue)."""
+        if self._deadline is None:
+            await ticket.wait()
+            return
+        left = self._deadline - self._router.clock()
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                await ticket.wait()
+        except TimeoutError as exc:
+            first = self._timeouts.first_token_s
+            raise UpstreamTimeout(
+                f"no upstream slot came free within the first-token timeout ({first:g} s)"
+            ) from exc
 
     def _opener(self, upstream: Upstream, plan: RoutePlan) -> Callable[[], Awaitable[UpstreamSource]]:
         first = self._timeouts.first_token_s
