@@ -29,7 +29,11 @@ async def cancel_latency(levels: tuple[int, ...] = (1, 500)) -> list[dict[str, A
     rows = []
     # Slow tokens (2 per second per stream): the figure is the cancel path,
     # not a gateway saturated by 500 streams' relay work.
-    knobs = {"ttft_ms": 20, "ttft_jitter_ms": 0, "itl_ms": 500, "itl_jitter_ms": 0, "tokens": 100_000,
+    # 2,000 tokens: 1,000 s of stream, far longer than a row; the simulator
+    # draws each answer whole when the request comes, so 100,000 tokens for
+    # 500 streams took it seconds of CPU and gigabytes, enough to time out a
+    # connection the gateway opened meanwhile.
+    knobs = {"ttft_ms": 20, "ttft_jitter_ms": 0, "itl_ms": 500, "itl_jitter_ms": 0, "tokens": 2_000,
              "max_concurrent_streams": 5000}
     async with procs.systems(sim_knobs=knobs) as systems, session() as http:
         sim_url = systems["sim"].url
@@ -52,14 +56,18 @@ async def _cancel_row(
         pass
     prompts = [f"cancel {pattern} {level} {i} {time.time_ns()}" for i in range(level)]
     keys = [prompt_digest([{"role": "user", "content": p}]).hex() for p in prompts]
-    responses = await _open_streams(http, url, prompts)
+    opened = await _open_streams(http, url, prompts)
+    # A stream that ended before its first token is neither aborted nor
+    # measured: the row's `measured` count shows it.
+    live = [(response, key) for response, key in zip(opened, keys, strict=True) if response is not None]
+    responses, keys = [response for response, _ in live], [key for _, key in live]
     closed: dict[str, float] = {}
     if pattern == "spread":
         await _abort_spread(responses, keys, closed)
     else:
-        for response, key in zip(responses, keys, strict=True):
+        for response, key in live:
             _abort(response, key, closed)
-    await wait_records(http, sim_url, level)
+    await wait_records(http, sim_url, len(live))
     latencies = [
         (record["end"] - closed[record["prompt_sha"]]) * 1000
         for record in await sim_records(http, sim_url)
@@ -72,14 +80,18 @@ async def _cancel_row(
 
 async def _open_streams(
     http: aiohttp.ClientSession, url: str, prompts: list[str]
-) -> list[aiohttp.ClientResponse]:
+) -> list[aiohttp.ClientResponse | None]:
     """One stream per prompt, each mid-stream (its first content read) before
-    any is aborted."""
+    any is aborted; None for one that ended first (an in-stream error)."""
     responses = [await http.post(url, json=chat_body(p)).__aenter__() for p in prompts]
+    streaming: list[aiohttp.ClientResponse | None] = []
     for response in responses:
-        while b'"content":"' not in await response.content.readany():
-            pass
-    return responses
+        while b'"content":"' not in (chunk := await response.content.readany()):
+            if not chunk:
+                response.close()
+                break
+        streaming.append(response if chunk else None)
+    return streaming
 
 
 async def _abort_spread(
