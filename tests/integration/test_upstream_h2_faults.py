@@ -63,22 +63,29 @@ async def gateway_on(peer: FaultyPeer, **settings: Any) -> AsyncIterator[tuple[G
         yield app[STATE], url + "/v1"
 
 
+async def thirty_clients_twenty_requests_each(v1: str) -> list[tuple[int, str, bytes]]:
+    """600 streamed requests, 30 clients each sending its next as the last
+    ends: each one's status, answer text and last frame."""
+    results: list[tuple[int, str, bytes]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def client(number: int) -> None:
+            for request in range(20):
+                async with http.post(v1 + "/chat/completions", json=chat(f"c{number} r{request}")) as r:
+                    frames = await FrameReader(r).rest()
+                results.append((r.status, openai_text(frames), frames[-1].raw))
+
+        await asyncio.gather(*(client(number) for number in range(30)))
+    return results
+
+
 async def test_goaway_after_every_50_requests_fails_no_request():
     """600 requests, 30 at a time, to an upstream whose connections serve 50
     requests each and refuse the next with GOAWAY (as hypercorn does at
     1,000): every refused stream is sent again on another connection, and
     every request gets its whole answer and [DONE]. RFC 9113 §6.8."""
     async with faulty_h2_peer(goaway_after=50) as peer, gateway_on(peer) as (_, v1):
-        results: list[tuple[int, str, bytes]] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-
-            async def client(number: int) -> None:
-                for request in range(20):
-                    async with http.post(v1 + "/chat/completions", json=chat(f"c{number} r{request}")) as r:
-                        frames = await FrameReader(r).rest()
-                    results.append((r.status, openai_text(frames), frames[-1].raw))
-
-            await asyncio.gather(*(client(number) for number in range(30)))
+        results = await thirty_clients_twenty_requests_each(v1)
     failures = [result for result in results if result != (200, answer_text(5), DONE)]
     print(f"{peer.goaways} GOAWAYs, {peer.unanswered} streams refused and sent again, "
           f"{peer.connections} connections, {len(failures)} failures")
@@ -100,16 +107,7 @@ async def test_no_connection_reaches_a_hypercorn_style_request_limit():
     ever reaches the quota, and 600 requests, 30 at a time, all complete."""
     peer_with_quota = faulty_h2_peer(goaway_after=50, goaway_style="hypercorn")
     async with peer_with_quota as peer, gateway_on(peer, upstream_max_streams_per_connection=40) as (_, v1):
-        results: list[tuple[int, str, bytes]] = []
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-
-            async def client(number: int) -> None:
-                for request in range(20):
-                    async with http.post(v1 + "/chat/completions", json=chat(f"c{number} r{request}")) as r:
-                        frames = await FrameReader(r).rest()
-                    results.append((r.status, openai_text(frames), frames[-1].raw))
-
-            await asyncio.gather(*(client(number) for number in range(30)))
+        results = await thirty_clients_twenty_requests_each(v1)
     failures = [result for result in results if result != (200, answer_text(5), DONE)]
     print(f"{peer.connections} connections, {len(failures)} failures")
     assert len(results) == 600 and failures == []
