@@ -112,6 +112,18 @@ def only_pings_then_the_answer(frames: list[Any]) -> bool:
             and not any(f.data and '"error"' in f.data for f in frames))
 
 
+async def twenty_whole_answers(http: aiohttp.ClientSession, gateway: Routed, label: str) -> list[float]:
+    """Twenty streamed requests one after another, each answered whole with
+    nothing but pings before its meta record; their TTFTs (ms)."""
+    ttfts = []
+    for n in range(20):
+        text, meta, frames = await stream_text(http, gateway, f"{label} {n}")
+        assert text == expected(f"{label} {n}")
+        assert only_pings_then_the_answer(frames)
+        ttfts.append(meta["ttft_ms"])
+    return ttfts
+
+
 async def metrics(http: aiohttp.ClientSession, gateway: Routed) -> Scrape:
     return await scrape(http, gateway.url)
 
@@ -123,13 +135,8 @@ async def test_fallback_on_a_refused_port(routed, sim_factory):
     backup = await sim_factory(FAST_SIM)
     gateway = await routed(upstream("primary", refused_url())
                            + upstream("backup", backup.url, priority=1) + ROUTING)
-    ttfts = []
     async with aiohttp.ClientSession() as http:
-        for n in range(20):
-            text, meta, frames = await stream_text(http, gateway, f"refused {n}")
-            assert text == expected(f"refused {n}")
-            assert only_pings_then_the_answer(frames)
-            ttfts.append(meta["ttft_ms"])
+        ttfts = await twenty_whole_answers(http, gateway, "refused")
         scraped = await metrics(http, gateway)
     # A refused connection costs little: the backup's own TTFT (5 ms) and tens
     # of ms at most, even for the requests that tried the dead one first.
@@ -152,12 +159,7 @@ async def test_fallback_on_503_to_everything(routed, sim_factory):
                            + upstream("backup", backup.url, priority=1) + ROUTING)
     with capture_logs() as logs:
         async with aiohttp.ClientSession() as http:
-            ttfts = []
-            for n in range(20):
-                text, meta, frames = await stream_text(http, gateway, f"503 {n}")
-                assert text == expected(f"503 {n}")
-                assert only_pings_then_the_answer(frames)
-                ttfts.append(meta["ttft_ms"])
+            ttfts = await twenty_whole_answers(http, gateway, "503")
             assert max(ttfts) < 5 + 95, ttfts  # the backup's own TTFT and tens of ms
             # Non-streaming too: the client gets a 200 with the answer.
             async with http.post(gateway.v1 + "/chat/completions",
@@ -185,10 +187,7 @@ async def test_fallback_on_429_keeps_away_for_its_retry_after(routed, sim_factor
     gateway = await routed(upstream("primary", primary.url)
                            + upstream("backup", backup.url, priority=1) + ROUTING)
     async with aiohttp.ClientSession() as http:
-        for n in range(20):
-            text, _, frames = await stream_text(http, gateway, f"429 {n}")
-            assert text == expected(f"429 {n}")
-            assert only_pings_then_the_answer(frames)
+        await twenty_whole_answers(http, gateway, "429")
         scraped = await metrics(http, gateway)
     # One 429 with Retry-After: 30 is enough: nobody asks again within 30 s.
     assert [r.status for r in primary.log.records] == [429]
@@ -204,13 +203,8 @@ async def test_fallback_on_a_first_token_timeout(routed, sim_factory):
         upstream("primary", primary.url, extra="first_token_timeout_ms = 150")
         + upstream("backup", backup.url, priority=1) + ROUTING
     )
-    ttfts = []
     async with aiohttp.ClientSession() as http:
-        for n in range(20):
-            text, meta, frames = await stream_text(http, gateway, f"slow {n}")
-            assert text == expected(f"slow {n}")
-            assert only_pings_then_the_answer(frames)
-            ttfts.append(meta["ttft_ms"])
+        ttfts = await twenty_whole_answers(http, gateway, "slow")
         scraped = await metrics(http, gateway)
     await primary.log.wait_for(CIRCUIT_FAILURES)
     assert [r.outcome for r in primary.log.records] == ["reset"] * CIRCUIT_FAILURES
