@@ -32,7 +32,7 @@ import structlog
 
 from actors.deltas import Delta
 from gateway.admission import AdmissionTicket
-from gateway.errors import GatewayError, UpstreamTimeout
+from gateway.errors import GatewayError, QueueTimeout
 from gateway.routing.breaker import CircuitState
 from gateway.routing.failures import Failure, classify
 from gateway.routing.router import RoutePlan, Router, Upstream
@@ -272,8 +272,9 @@ class RetryingSource:
     async def _admitted(self, ticket: AdmissionTicket) -> None:
         """The upstream's slot, within what is left of the first-token
         deadline: a wait for a slot is time without a first token too. Past
-        the deadline the attempt fails as a first-token timeout (cancelling
-        the wait gives the slot back, or takes the ticket out of the queue)."""
+        the deadline the attempt fails as the queue's own timeout does
+        (``busy``: our limit, not the upstream's failure; cancelling the
+        wait gives the slot back, or takes the ticket out of the queue)."""
         if self._deadline is None:
             await ticket.wait()
             return
@@ -283,7 +284,7 @@ class RetryingSource:
                 await ticket.wait()
         except TimeoutError as exc:
             first = self._timeouts.first_token_s
-            raise UpstreamTimeout(
+            raise QueueTimeout(
                 f"no upstream slot came free within the first-token timeout ({first:g} s)"
             ) from exc
 

@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.admission import AdmissionQueue
-from gateway.errors import GatewayError, UpstreamConnectionLost, UpstreamTimeout
-from gateway.routing.breaker import CircuitBreaker
+from gateway.errors import GatewayError, QueueTimeout, UpstreamConnectionLost
+from gateway.routing.breaker import CircuitBreaker, CircuitState
 from gateway.routing.config import RetryConfig, RoutingConfig, UpstreamConfig
+from gateway.routing.failures import classify
 from gateway.routing.retrying import RetryingSource
 from gateway.routing.router import Router, Upstream
 from gateway.upstream.base import ResponseHead, ResponseStream, UpstreamRequest
@@ -267,18 +268,23 @@ async def test_an_attempt_without_the_probe_does_not_hand_the_probe_back() -> No
 async def test_the_wait_for_an_upstream_slot_ends_at_the_first_token_deadline() -> None:
     """The first-token timeout counts from the request's first attempt; a
     wait for the upstream's admission slot is part of it. When the slot
-    does not come in time the attempt fails as a first-token timeout (504),
-    not after the queue's own, longer timeout, and leaves the queue."""
+    does not come in time the attempt fails then, not after the queue's own,
+    longer timeout, and leaves the queue. It fails as a wait for our own
+    limit does (503, ``busy``): the upstream never saw the request, so its
+    circuit does not count it."""
     transport = ScriptedTransport([chunk(content="never"), DONE])
     router, upstream = router_of(transport, attempts=1)
     upstream.admission = AdmissionQueue(max_inflight=1, max_queue=10, queue_timeout_s=60.0)
+    upstream.breaker = CircuitBreaker(failures=1, cooldown_s=10)  # one upstream failure opens it
     occupant = upstream.admission.enqueue(time.monotonic())  # holds the only slot
     plan = router.plan({"model": "m", "messages": []}, "m")
     source = RetryingSource(router, plan, timeouts=SourceTimeouts(first_token_s=0.05, idle_s=30.0),
                             deadlines=Deadlines())
     async with asyncio.timeout(10):  # the queue's own timeout would be 60 s
-        with pytest.raises(UpstreamTimeout, match="first-token timeout"):
+        with pytest.raises(QueueTimeout, match="first-token timeout") as failed:
             await source.start()
+    assert classify(failed.value).kind == "busy" and failed.value.status == 503
+    assert upstream.breaker.state(time.monotonic()) is CircuitState.CLOSED
     assert upstream.admission.depth == 0 and upstream.admission.inflight == 1
     assert transport.streams == [] and upstream.in_flight == 0
     occupant.release()
