@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 
 from aiohttp import web
 
-_DIRECTIVE = re.compile(r"\[sim ([^\]]*)\]")
+from gateway.sim.profile import directive_overrides
+
 _FRAME = (
     b'data: {"id":"chatcmpl-floor","object":"chat.completion.chunk","created":0,"model":"sim",'
     b'"choices":[{"index":0,"delta":{"content":" token"},"finish_reason":null}]}\n\n'
@@ -28,14 +28,12 @@ _FRAME = (
 
 
 def _timing(prompt: str) -> tuple[float, float, int]:
-    """TTFT and inter-token gap in seconds, and the token count."""
-    knobs = {"ttft_ms": 10.0, "itl_ms": 5.0, "tokens": 1.0}
-    if match := _DIRECTIVE.search(prompt):
-        for pair in match.group(1).split():
-            name, _, value = pair.partition("=")
-            if name in knobs:
-                knobs[name] = float(value)
-    return knobs["ttft_ms"] / 1000, knobs["itl_ms"] / 1000, int(knobs["tokens"])
+    """TTFT and inter-token gap in seconds, and the token count, from the
+    prompt's directive as the simulator reads it (only these three knobs:
+    a whole ``SimProfile`` per request would raise the floor it measures)."""
+    knobs = directive_overrides(prompt)
+    return (float(knobs.get("ttft_ms", 10)) / 1000, float(knobs.get("itl_ms", 5)) / 1000,
+            int(knobs.get("tokens", 1)))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
