@@ -60,10 +60,9 @@ async def _cancel_row(
     # A stream that ended before its first token is neither aborted nor
     # measured: the row's `measured` count shows it.
     live = [(response, key) for response, key in zip(opened, keys, strict=True) if response is not None]
-    responses, keys = [response for response, _ in live], [key for _, key in live]
     closed: dict[str, float] = {}
     if pattern == "spread":
-        await _abort_spread(responses, keys, closed)
+        await _abort_spread(live, closed)
     else:
         for response, key in live:
             _abort(response, key, closed)
@@ -95,18 +94,18 @@ async def _open_streams(
 
 
 async def _abort_spread(
-    responses: list[aiohttp.ClientResponse], keys: list[str], closed: dict[str, float]
+    streams: list[tuple[aiohttp.ClientResponse, str]], closed: dict[str, float]
 ) -> None:
     """Every client keeps reading its stream until its own moment, then
     aborts: one abort every SPREAD_S / N seconds, the streams in a seeded
     random order, the others streaming on meanwhile."""
-    order = list(range(len(responses)))
+    order = list(streams)
     random.Random(SPREAD_SEED).shuffle(order)
-    gap = SPREAD_S / len(responses)
+    gap = SPREAD_S / len(order)
     start = asyncio.get_running_loop().time()
     async with asyncio.TaskGroup() as group:
-        for slot, i in enumerate(order):
-            group.create_task(_read_then_abort(responses[i], start + (slot + 1) * gap, keys[i], closed))
+        for slot, (response, key) in enumerate(order):
+            group.create_task(_read_then_abort(response, start + (slot + 1) * gap, key, closed))
 
 
 async def _read_then_abort(
