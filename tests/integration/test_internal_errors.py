@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import aiohttp
 import pytest
@@ -76,6 +78,19 @@ class BreakingTransport:
         return self.inner.connection_count()
 
 
+@contextmanager
+def breaking_upstream(state) -> Iterator[None]:
+    """While the block runs, the streams the gateway opens break at a read
+    (its upstream's transport wrapped in ``BreakingTransport``); then the
+    transport is put back, so the gateway serves as before."""
+    upstream = state.router.upstreams[0]
+    upstream.transport = BreakingTransport(upstream.transport)
+    try:
+        yield
+    finally:
+        upstream.transport = upstream.transport.inner
+
+
 async def wait_idle(state) -> None:
     async with asyncio.timeout(5):
         await state.registry.wait_idle()
@@ -90,12 +105,10 @@ def log_lines(logs: list[dict], event: str) -> list[dict]:
 @both_protocols
 async def test_a_bug_mid_stream_is_an_in_stream_internal_error(gateway):
     state = gateway.state
-    upstream = state.router.upstreams[0]
-    upstream.transport = BreakingTransport(upstream.transport)
     chat = {"model": "sim", "stream": True,
             "messages": [{"role": "user", "content": f"breaks inside {LONG}"}]}
     async with aiohttp.ClientSession() as http:
-        with capture_logs(processors=[merge_contextvars]) as logs:
+        with breaking_upstream(state), capture_logs(processors=[merge_contextvars]) as logs:
             async with http.post(gateway.v1 + "/chat/completions", json=chat) as resp:
                 assert resp.status == 200
                 frames = await FrameReader(resp).rest()
@@ -120,7 +133,6 @@ async def test_a_bug_mid_stream_is_an_in_stream_internal_error(gateway):
         # The upstream stream was given up, not left running.
         records = await gateway.sim.log.wait_for(2)
         assert sorted(r.outcome for r in records) == [gateway.cancel_outcome] * 2
-        upstream.transport = upstream.transport.inner
         await assert_still_serving(http, gateway.v1)
 
 
@@ -129,12 +141,10 @@ async def test_a_bug_before_the_answer_is_a_500_from_the_envelope(gateway):
     """A non-streaming request collects the whole answer before its head:
     the same bug reaches the envelope middleware, which answers 500."""
     state = gateway.state
-    upstream = state.router.upstreams[0]
-    upstream.transport = BreakingTransport(upstream.transport)
     chat = {"model": "sim", "stream": False,
             "messages": [{"role": "user", "content": f"breaks whole {LONG}"}]}
     async with aiohttp.ClientSession() as http:
-        with capture_logs(processors=[merge_contextvars]) as logs:
+        with breaking_upstream(state), capture_logs(processors=[merge_contextvars]) as logs:
             async with http.post(gateway.v1 + "/chat/completions", json=chat) as resp:
                 assert resp.status == 500
                 assert resp.headers["X-Request-Id"]
@@ -146,7 +156,6 @@ async def test_a_bug_before_the_answer_is_a_500_from_the_envelope(gateway):
         assert [(r["status"], r["outcome"], r["error"]) for r in requests] == [
             (500, "error", "internal_error")]
         await wait_idle(state)
-        upstream.transport = upstream.transport.inner
         await assert_still_serving(http, gateway.v1)
 
 
