@@ -36,7 +36,7 @@ from actors.messages import (
     StreamEnded,
     UpstreamOpening,
 )
-from actors.ports import Admission, OpenRelay, OpenSource
+from actors.ports import Admission, OpenRelay, OpenSource, Ticket
 from actors.subscription import Role, Subscription
 
 __all__ = ["Registry", "RegistryClosed", "RegistryStatistics"]
@@ -272,7 +272,27 @@ class Registry:
     ) -> Subscription:
         asyncio.get_running_loop()  # fail before taking a ticket, not after
         ticket = self._admission.enqueue(arrived_at)  # QueueFull propagates from here
-        actor = StreamActor(
+        actor = self._new_actor(key, shared)
+        subscription = self._attach(actor, "leader", request_id, arrived_at, 0)
+        if shared:
+            # Replaces an actor past its replay budget, which lives on privately.
+            self._joinable[key] = actor
+        self._run(actor, open_source, ticket)
+        return subscription
+
+    def _start_relay(
+        self, key: str, relay: OpenRelay, request_id: str, arrived_at: float, cursor: int
+    ) -> Subscription:
+        asyncio.get_running_loop()
+        actor = self._new_actor(key, shared=True)
+        subscription = self._attach(actor, "follower", request_id, arrived_at, cursor)
+        self._joinable[key] = actor
+        self._relays.add(actor.stream_id)
+        self._run(actor, relay, None)
+        return subscription
+
+    def _new_actor(self, key: str, shared: bool) -> StreamActor:
+        return StreamActor(
             key=key,
             stream_id=next(self._stream_ids),
             max_replay_bytes=self._max_replay_bytes,
@@ -281,36 +301,13 @@ class Registry:
             shared=shared,
             lag=self._lag,
         )
-        subscription = self._attach(actor, "leader", request_id, arrived_at, 0)
-        if shared:
-            # Replaces an actor past its replay budget, which lives on privately.
-            self._joinable[key] = actor
+
+    def _run(self, actor: StreamActor, open_source: OpenSource, ticket: Ticket | None) -> None:
+        """Start the actor's task, owned here until it ends."""
         self._running[actor.stream_id] = actor
         task = actor.start(open_source, ticket)
         self._tasks.add(task)
         task.add_done_callback(self._discard_task, context=self._callback_context)
-        return subscription
-
-    def _start_relay(
-        self, key: str, relay: OpenRelay, request_id: str, arrived_at: float, cursor: int
-    ) -> Subscription:
-        asyncio.get_running_loop()
-        actor = StreamActor(
-            key=key,
-            stream_id=next(self._stream_ids),
-            max_replay_bytes=self._max_replay_bytes,
-            observer=self._on_actor_event,
-            clock=self._clock,
-            lag=self._lag,
-        )
-        subscription = self._attach(actor, "follower", request_id, arrived_at, cursor)
-        self._joinable[key] = actor
-        self._running[actor.stream_id] = actor
-        self._relays.add(actor.stream_id)
-        task = actor.start(relay, None)
-        self._tasks.add(task)
-        task.add_done_callback(self._discard_task, context=self._callback_context)
-        return subscription
 
     def _attach(
         self,
