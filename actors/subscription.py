@@ -116,6 +116,14 @@ class Subscription:
         return self._cursor
 
     @property
+    def at_end(self) -> bool:
+        """Every delta is taken and the stream has ended: the next
+        ``take_batch()`` returns the end (or raises its failure) at once.
+        A writer can then send what it took together with its last frame."""
+        actor = self._actor
+        return actor.end is not None and self._cursor == actor.appended
+
+    @property
     def outcome(self) -> Outcome:
         return self._outcome
 

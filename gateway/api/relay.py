@@ -83,6 +83,8 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
     record = request[RECORD]
     ttft_ms: float | None = None
     last_frame: bytes | None = None
+    #: Frames taken once the stream had ended: they go out with the last frame.
+    tail = b""
     async with subscription:
         # One yield first: the actor task (just started) sends the upstream
         # request before this handler spends its time on the response head
@@ -110,40 +112,43 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
                 if not batch:
                     break
                 first_seq = subscription.cursor - len(batch) + 1
-                # The frames go straight into the write, bound to no local
-                # of this coroutine: a parked stream holds no written bytes.
+                frames = encoder.deltas(first_seq, batch)
                 if ttft_ms is None and any(delta.is_content for delta in batch):
                     ttft_ms = _first_token(request, subscription)
                     queue_wait_ms = note_queue_wait(request, subscription) or 0.0
                     # Tokens flow: the fast pings that show a gone client
                     # while the first token is awaited are no longer needed.
                     state.keepalive.answered(response)
-                    await response.write(_counted(
-                        record,
-                        encoder.meta(subscription, ttft_ms, queue_wait_ms)
-                        + encoder.deltas(first_seq, batch),
-                    ))
-                else:
-                    await response.write(_counted(record, encoder.deltas(first_seq, batch)))
+                    frames = encoder.meta(subscription, ttft_ms, queue_wait_ms) + frames
+                if subscription.at_end:
+                    # The end is logged too (an answer's last chunks and its
+                    # end arrive together): these frames leave with the last
+                    # one, in one write.
+                    tail = frames
+                    continue
+                await response.write(_counted(record, frames))
+                # A parked stream holds no written bytes.
+                del frames
             if subscription.outcome == "cancelled":
                 record.outcome = "cancelled"
             total_ms = round((time.monotonic() - record.arrived_at) * 1000, 2)
-            last_frame = encoder.end(subscription, ttft_ms, total_ms)
+            last_frame = tail + encoder.end(subscription, ttft_ms, total_ms)
         except GatewayError as exc:
             record.outcome = outcome_of(exc.status, exc.code)
             record.error_code = exc.code
-            last_frame = encoder.error(for_client(exc))
+            # The deltas logged before the failure, then the failure.
+            last_frame = tail + encoder.error(for_client(exc))
         except SlowReader as exc:
             lagged = ReaderTooSlow(str(exc))
             # The client's doing, like a disconnect: not an error of ours.
             record.outcome, record.error_code = "cancelled", lagged.code
             log.info("slow reader ended", reason=str(exc))
-            last_frame = encoder.error(lagged)
+            last_frame = tail + encoder.error(lagged)
         except ConnectionResetError:
             # The client went away between two writes: a cancel, not an error.
             record.outcome = "cancelled"
         except Exception as exc:  # a bug, not an upstream failure: say so in-stream
-            last_frame = encoder.error(_internal_error(record, exc))
+            last_frame = tail + encoder.error(_internal_error(record, exc))
         finally:
             state.active_streams -= 1
             # No pings after this, on every way out, cancellation included.

@@ -165,8 +165,8 @@ async def follow(request: web.Request) -> web.StreamResponse:
             last = error_line(internal)
         finally:
             heartbeat.pop(response, None)
-    await response.write(last)
-    await response.write_eof()
+    # The last line and the end of the chunked body, in one write.
+    await response.write_eof(last)
     return response
 
 

@@ -5,7 +5,10 @@ protocols (``both_protocols``); the rest over h2c."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import socket
+import sys
 import time
 
 import aiohttp
@@ -644,3 +647,38 @@ async def test_a_stream_waiting_for_its_first_token_holds_no_read(gateway_factor
             ]
             assert _bytes_held(actor) == []
     await _wait_idle(gateway)
+
+
+def _data_segments_received(sock: socket.socket) -> int:
+    """TCP segments with data this socket has received: ``tcpi_data_segs_in``
+    of Linux's ``struct tcp_info`` (include/uapi/linux/tcp.h, since 4.6), at
+    byte offset 152. On loopback each write of the sender is one segment."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int.from_bytes(info[152:156], sys.byteorder)
+
+
+@both_protocols
+async def test_an_answers_last_chunks_and_its_end_leave_in_one_write(gateway_factory):
+    # A 1-token answer: its token, finish and usage chunks and the upstream's
+    # end arrive together. They are logged before the handler wakes, so the
+    # frames, [DONE] and the chunked body's end go out in one write.
+    gateway = await gateway_factory(
+        sim_profile=dataclasses.replace(FAST_SIM, ttft_ms=200, tokens=1),
+        first_token_ping_interval_ms=0,  # no ping while the token is awaited
+    )
+    body = json.dumps(chat("one segment", stream_options={"include_usage": True})).encode()
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        async with asyncio.timeout(10):
+            await reader.readuntil(b": ping\n\n\r\n")
+            before = _data_segments_received(writer.get_extra_info("socket"))
+            rest = await reader.readuntil(b"\r\n0\r\n\r\n")
+        after = _data_segments_received(writer.get_extra_info("socket"))
+    finally:
+        writer.close()
+    assert b'"content":' in rest and rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert after - before == 1

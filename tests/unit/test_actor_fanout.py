@@ -154,6 +154,25 @@ async def test_read_batch_takes_everything_available_in_one_wake(
     assert await reader.read_batch() == ()
 
 
+async def test_at_end_once_every_delta_is_taken_and_the_stream_has_ended(
+    registry: Registry, upstream: MemoryUpstream
+) -> None:
+    opened = asyncio.ensure_future(upstream.next_source())
+    reader = subscribe(registry, upstream, "r1")
+    source = await opened
+    source.push(*text("a", "b"))
+    assert list(await reader.read_batch()) == text("a", "b")
+    assert not reader.at_end  # taken, but the stream is live
+    source.push(*text("c"))
+    source.finish()  # the actor logs "c" and the end in one step
+    await reader.readable()
+    assert not reader.at_end  # "c" is not taken yet
+    assert list(reader.take_batch(1) or ()) == text("c")
+    assert reader.at_end
+    assert reader.take_batch() == ()
+    assert reader.outcome == "complete"
+
+
 async def test_a_slow_subscriber_only_lags(registry: Registry, upstream: MemoryUpstream) -> None:
     opened = asyncio.ensure_future(upstream.next_source())
     slow = subscribe(registry, upstream, "slow")
