@@ -158,8 +158,14 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
     if last_frame is not None:
         # The API's end, or its in-stream error: it leaves together with
         # the end of the body.
-        record.bytes_sent += len(last_frame)
-        await close_event_stream(response, state.keepalive, last_frame)
+        try:
+            await close_event_stream(response, state.keepalive, last_frame)
+        except ConnectionResetError:
+            # The client went away before its end could be written (its
+            # connection is closing; the handler's cancel comes next).
+            record.outcome = "cancelled"
+        else:
+            record.bytes_sent += len(last_frame)
     return response
 
 

@@ -13,8 +13,12 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import ClientConnectionResetError, web
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from gateway.sim.content import answer_tokens
+from gateway.sse import _EventStream
 from tests.integration.conftest import FAST_SIM, HELD_SIM, both_protocols, subscribed, until, upstream_held
 from tests.integration.sse_frames import FrameReader, native_text, openai_text
 
@@ -682,3 +686,28 @@ async def test_an_answers_last_chunks_and_its_end_leave_in_one_write(gateway_fac
         writer.close()
     assert b'"content":' in rest and rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
     assert after - before == 1
+
+
+async def test_a_client_gone_at_the_last_write_is_a_cancel(gateway, monkeypatch):
+    # A client's reset seen in the loop pass before its last write: aiohttp
+    # refuses that write (the transport is closing) before the handler is
+    # cancelled. That is the client leaving, logged as a cancel, not an
+    # unhandled error answered 500. The failure is aiohttp's own exception,
+    # raised where aiohttp raises it.
+    write_eof = web.StreamResponse.write_eof
+
+    async def on_a_closing_transport(self: web.StreamResponse, data: bytes = b"") -> None:
+        if isinstance(self, _EventStream):
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        await write_eof(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write_eof", on_a_closing_transport)
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(gateway.v1 + "/chat/completions", json=chat("gone at the end")) as resp:
+                assert resp.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert line["outcome"] == "cancelled" and line["status"] == 200
+    assert not [entry for entry in logs if entry.get("log_level") in ("error", "critical")]
