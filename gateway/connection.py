@@ -12,9 +12,11 @@ and asyncio's protocol methods). It adds:
   connection open for the answer, which closes it. asyncio closes a
   transport when ``eof_received`` returns a false value, as aiohttp's
   does; here it returns True then. TCP cannot tell a half-close from a client that closed its
-  socket, so a streaming response is probed: a ping right away and a few
-  more soon after. To a gone client the first draws a RST and the next
-  fails, which ends the request as a disconnect always has;
+  socket, so the connection is probed: a harmless write right away and a
+  few more soon after. To a gone client the first draws a RST and the next
+  fails, which ends the request as a disconnect always has. A streaming
+  response writes SSE pings; a response that has not started (a
+  non-streaming answer) writes interim 100 (Continue) responses;
 - the drain: ``Connections.close_idle()`` closes every connection not busy
   with a request, and while draining every response closes its connection
   (``Connection: close``);
@@ -32,7 +34,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import structlog
-from aiohttp import http_exceptions, web
+from aiohttp import HttpVersion11, http_exceptions, web
 from aiohttp.web import BaseRequest
 
 from gateway.errors import GatewayError
@@ -46,6 +48,11 @@ log = structlog.get_logger("gateway")
 #: back by then: ~0.3 ms from the EOF to the disconnect). The later ones
 #: cover longer round trips.
 PROBE_DELAYS = (0.0, 0.0, 0.001, 0.01, 0.1, 1.0)
+
+#: The probe's write before a response has started: an interim response,
+#: which an HTTP/1.1 client must parse and may ignore (RFC 9110 §15.2); 100
+#: is the one that clients built on Python's http.client skip as well.
+INTERIM_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 #: The kernel's send buffer per client connection (Linux doubles it for its
 #: bookkeeping). Fixed, not autotuned up to tcp_wmem's 4 MB: a client that
@@ -204,6 +211,26 @@ class ClientConnection(web.RequestHandler):
         self._ping = ping
         if self._half_closed:
             self._start_probe()
+
+    def probe_before_answer(self, request: BaseRequest) -> None:
+        """``probe_with`` for a response that writes nothing before it is
+        whole (a non-streaming answer): interim 100 (Continue) responses.
+        An HTTP/1.0 client may get no 1xx (RFC 9110 §15.2), so it is not
+        probed."""
+        if request.version < HttpVersion11:
+            return
+        writer = request.writer
+
+        async def interim() -> None:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            try:
+                await writer.write(INTERIM_RESPONSE)
+            except ConnectionResetError:
+                pass  # gone: the connection's loss cancels the request
+
+        self.probe_with(interim)
 
     # -- aiohttp's RequestHandler ------------------------------------------------------
 

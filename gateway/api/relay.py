@@ -197,6 +197,11 @@ async def gather(request: web.Request, subscription: Subscription) -> list[Delta
     then the subscription left. The record learns the queue wait and a
     cancel."""
     deltas: list[Delta] = []
+    connection = client_connection(request)
+    if connection is not None:
+        # A client that half-closes is told apart from one that left by
+        # interim responses: nothing else can be written before the answer.
+        connection.probe_before_answer(request)
     async with subscription:
         try:
             while batch := await subscription.read_batch():

@@ -154,6 +154,12 @@ async def test_a_half_closing_client_is_answered(gateway, stream):
     sock.shutdown(socket.SHUT_WR)  # the whole request sent: our side is done
     raw = await read_to_eof(reader)
     writer.close()
+    if not stream:
+        # Probed with interim responses (a stream, with its pings), which a
+        # client parses and skips (RFC 9110 §15.2).
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert raw.startswith(interim)
+        raw = raw.removeprefix(interim * raw.count(interim))
     status, headers, body = split_response(raw)
     assert status == 200
     if not stream:  # a stream's head left before the EOF came
@@ -180,6 +186,20 @@ async def test_a_client_that_closes_mid_stream_is_still_a_cancel(gateway):
     reader, writer = await asyncio.open_connection(HOST, _port(gateway.url))
     writer.write(post(chat_bytes(prompt, stream=True)))
     await reader.readuntil(b": ping\n\n")
+    await gateway.sim.log.wait_for_arrivals(1)
+    closed_at = time.monotonic()
+    writer.close()
+    (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
+    assert record.end - closed_at < 0.3
+
+
+async def test_a_client_that_closes_before_a_whole_answer_is_a_cancel(gateway):
+    """Non-streaming (an SDK's timeout, say): nothing of the answer has been
+    written, and the probe's interim responses find the client gone."""
+    prompt = "closes early [sim ttft_ms=5000]"
+    reader, writer = await asyncio.open_connection(HOST, _port(gateway.url))
+    writer.write(post(chat_bytes(prompt, stream=False)))
+    await writer.drain()
     await gateway.sim.log.wait_for_arrivals(1)
     closed_at = time.monotonic()
     writer.close()
