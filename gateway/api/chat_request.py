@@ -68,6 +68,12 @@ def _finite(text: str) -> float:
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
+    return validate_chat_body(parse_json_object(raw))
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object, read strictly (UTF-8,
+    JSON's numbers only, no lone surrogates); BadRequest says what is wrong."""
     try:
         # RFC 8259 §8.1: JSON between systems is UTF-8. Decoded strictly here:
         # json.loads(bytes) would guess UTF-16 and let encoded surrogates by.
@@ -91,7 +97,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         raise BadRequest("request body must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw):
         _refuse_lone_surrogates(body, "")
-    return validate_chat_body(body)
+    return body
 
 
 def validate_chat_body(body: dict[str, Any]) -> ChatRequest:

@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.api.chat_request import ChatRequest
+from gateway.api.chat_request import ChatRequest, parse_json_object
 from gateway.errors import BadRequest
 
 Part = dict[str, Any]
@@ -38,12 +38,7 @@ _FIELDS = frozenset({
 
 def parse_messages_request(raw: bytes) -> ChatRequest:
     """The OpenAI chat request equivalent to an Anthropic Messages body."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+    body = parse_json_object(raw)
     for name in body:
         if name not in _FIELDS:
             raise _field(name, "is not supported by this gateway's Messages API")

@@ -154,6 +154,34 @@ async def test_errors_before_the_200_are_anthropic_shaped(gateway, client):
     assert answer.content[0].text == expected("after errors")
 
 
+MESSAGES_ENCODING = [
+    ("lone surrogate", b'{"model": "sim", "max_tokens": 8, "messages": '
+                       b'[{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    ("NaN", b'{"model": "sim", "max_tokens": 8, "temperature": NaN, "messages": '
+            b'[{"role": "user", "content": "hi"}]}', "NaN"),
+    ("invalid UTF-8", b'{"model": "sim\xff", "max_tokens": 8, "messages": []}', "UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "named"), MESSAGES_ENCODING,
+                         ids=[c[0] for c in MESSAGES_ENCODING])
+async def test_a_body_json_cannot_carry_is_a_400(gateway, case, raw, named):
+    # Read as strictly as a chat completion's body: a lone surrogate would
+    # fail the prompt key's UTF-8 encoding (a 500 before), and NaN is not JSON.
+    async with aiohttp.ClientSession() as http:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            async with http.post(gateway.v1 + "/messages", data=raw,
+                                 headers={"Content-Type": "application/json"}) as resp:
+                body = await resp.json()
+        assert resp.status == 400
+        assert body["type"] == "error"
+        assert body["error"]["type"] == "invalid_request_error"
+        assert named in body["error"]["message"]
+        assert [entry["status"] for entry in logs if entry["event"] == "request"] == [400]
+        assert not [entry for entry in logs if entry.get("log_level") in ("error", "critical")]
+    assert gateway.sim.log.records == []
+
+
 async def test_an_upstream_failure_mid_stream_is_an_error_event(gateway, client):
     with pytest.raises(anthropic.APIStatusError) as caught:
         async with client.messages.stream(**message("cut [sim reset_after=2]")) as stream:
