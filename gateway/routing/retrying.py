@@ -17,7 +17,10 @@ burst retries once for all its subscribers.
 Bounds: ``max_attempts`` per request, the router's retry budget, and the
 first-token deadline (UPSTREAM_FIRST_TOKEN_TIMEOUT_MS from the first
 attempt); each attempt's own first-token wait is its upstream's
-``first_token_timeout_ms`` within what is left of that deadline. A 429's
+``first_token_timeout_ms`` within what is left of that deadline. Every wait
+of every attempt, the first included, ends there: for the upstream's slot
+(``max_inflight``), for the transport to open the stream (an HTTP/2 stream
+slot, an HTTP/1.1 response head), for the first token. A 429's
 Retry-After is waited for only when no other upstream can take the retry
 and it ends within the deadline and ``max_retry_after_ms``.
 """
@@ -37,7 +40,8 @@ from gateway.routing.breaker import CircuitState
 from gateway.routing.failures import Failure, classify
 from gateway.routing.router import RoutePlan, Router, Upstream
 from gateway.upstream.base import ResponseHead, ResponseStream, Transport, UpstreamRequest
-from gateway.upstream.deadlines import Deadlines
+from gateway.upstream.deadlines import RESOLUTION, Deadlines
+from gateway.upstream.errors import TransportTimeout
 from gateway.upstream.source import SourceTimeouts, UpstreamSource, source_opener
 
 log = structlog.get_logger("gateway.routing")
@@ -290,8 +294,14 @@ class RetryingSource:
 
     def _opener(self, upstream: Upstream, plan: RoutePlan) -> Callable[[], Awaitable[UpstreamSource]]:
         first = self._timeouts.first_token_s
-        if self._deadline is not None and len(self._tried) > 1:
-            first = max(self._deadline - self._router.clock(), 0.001)
+        if self._deadline is not None:
+            # What is left of the request's deadline: earlier attempts and
+            # the wait for this upstream's slot took the rest. Nearly all of
+            # it (no wait came first): the shared timeouts, rather than one
+            # more object every open stream would hold.
+            left = self._deadline - self._router.clock()
+            if first is None or left < first - RESOLUTION:
+                first = max(left, 0.001)
         own = upstream.config.first_token_timeout_ms
         if own is not None:
             first = own / 1000 if first is None else min(first, own / 1000)
@@ -315,9 +325,23 @@ class RetryingSource:
 
     async def open(self, request: UpstreamRequest) -> ResponseStream:
         """The upstream's transport, its streams tracked: their end after the
-        first token is the attempt's end (``_stream_closed``)."""
-        assert self._transport is not None
-        return _TrackedStream(await self._transport.open(request), self, self._attempt)
+        first token is the attempt's end (``_stream_closed``). Opening ends
+        at the first-token deadline too: the transport bounds its own waits
+        (a stream slot, a response head) by a whole first-token timeout, and
+        the source's deadline is checked only once the stream is open."""
+        transport = self._transport
+        assert transport is not None
+        if self._deadline is None:
+            stream = await transport.open(request)
+        else:
+            try:
+                async with asyncio.timeout(max(self._deadline - self._router.clock(), 0.0)):
+                    stream = await transport.open(request)
+            except TimeoutError as exc:
+                raise TransportTimeout(
+                    "upstream sent no first token within the first-token timeout"
+                ) from exc
+        return _TrackedStream(stream, self, self._attempt)
 
     def connection_count(self) -> int:
         return 0 if self._transport is None else self._transport.connection_count()

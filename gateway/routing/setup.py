@@ -68,9 +68,9 @@ def transport_options(
 ) -> TransportOptions:
     """A transport's options from the settings, and an upstream's own limits
     where its table sets them. A stream slot (HTTP/2) or a response head
-    (HTTP/1.1) is waited for as long as a first token may take: that wait
-    ends before the source's first-token deadline starts to be checked, so
-    the two never race."""
+    (HTTP/1.1) is waited for at most as long as a first token may take; an
+    attempt bounds that wait by what is left of its request's first-token
+    deadline as well (``RetryingSource.open``)."""
     first_token_ms = first_token_timeout_ms or settings.upstream_first_token_timeout_ms
     return TransportOptions(
         max_connections=max_connections or settings.upstream_max_connections,

@@ -30,6 +30,8 @@ class FaultyUpstream:
     ``bad-chunk``     200, one chunk, then a chunk size that is not hex
     ``drop``          200, one chunk, then the connection closes
     ``status-page``   502 with an HTML body
+    ``silent``        no answer at all, not even a status line, until the
+                      gateway closes the connection
     """
 
     def __init__(self) -> None:
@@ -54,6 +56,9 @@ class FaultyUpstream:
             key_match = _BEARER.search(head)
             key = key_match.group(1) if key_match else b"(none)"
             prompt = json.loads(body)["messages"][-1]["content"] if body else ""
+            if "silent" in prompt:
+                await reader.read()  # until the gateway gives up and closes
+                return
             writer.write(self._answer(prompt, key))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

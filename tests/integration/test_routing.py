@@ -30,6 +30,7 @@ from gateway.sim.app import MODELS as SIM_MODELS
 from gateway.sim.content import answer_tokens
 from gateway.state import STATE, GatewayState
 from tests.integration.conftest import FAST_SIM
+from tests.integration.faulty_upstream import faulty_upstream
 from tests.integration.metrics_scrape import Scrape, scrape
 from tests.integration.sse_frames import FrameReader, native_text, openai_text
 
@@ -216,6 +217,33 @@ async def test_fallback_on_a_first_token_timeout(routed, sim_factory):
     assert all(ms >= 150 for ms in ttfts[:CIRCUIT_FAILURES])
     print(f"TTFT through the backup once the circuit is open: max {max(ttfts[CIRCUIT_FAILURES:])} ms")
     assert max(ttfts[CIRCUIT_FAILURES:]) < 5 + 95
+
+
+async def test_a_fallback_that_gets_no_response_head_ends_at_the_first_token_deadline(
+        routed, sim_factory):
+    """The primary fails late (its own 800 ms first-token timeout); the
+    backup, over HTTP/1.1, never sends a response head. The request ends at
+    its first-token deadline (1 s), not after a whole wait for the backup's
+    head on top of the primary's 800 ms."""
+    primary = await sim_factory(dataclasses.replace(FAST_SIM, ttft_ms=5000))
+    async with faulty_upstream() as backup:
+        gateway = await routed(
+            upstream("primary", primary.url, extra="first_token_timeout_ms = 800")
+            + f'[[upstream]]\nname = "backup"\nurl = "{backup.url}"\nprotocol = "http1"\n'
+            + "priority = 1\n" + ROUTING,
+            upstream_first_token_timeout_ms=1000,
+        )
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession() as http:
+            started = loop.time()
+            async with http.post(gateway.v1 + "/chat/completions",
+                                 json=chat("silent backup", stream=False)) as resp:
+                status, body = resp.status, await resp.json()
+            took = loop.time() - started
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+    assert backup.requests == 1
+    # The deadline is 1.0 s; the backup's own head timeout would end it at 1.8 s.
+    assert took < 1.5, took
 
 
 async def test_fallback_on_a_tls_failure(routed, sim_factory):

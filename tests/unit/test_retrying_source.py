@@ -13,14 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.admission import AdmissionQueue
-from gateway.errors import GatewayError, QueueTimeout, UpstreamConnectionLost
+from gateway.errors import GatewayError, QueueTimeout, UpstreamConnectionLost, UpstreamTimeout
 from gateway.routing.breaker import CircuitBreaker, CircuitState
 from gateway.routing.config import RetryConfig, RoutingConfig, UpstreamConfig
 from gateway.routing.failures import classify
 from gateway.routing.retrying import RetryingSource
 from gateway.routing.router import Router, Upstream
-from gateway.upstream.base import ResponseHead, ResponseStream, UpstreamRequest
+from gateway.upstream.base import ResponseHead, ResponseStream, Transport, UpstreamRequest
 from gateway.upstream.deadlines import Deadlines
+from gateway.upstream.errors import StreamReset
 from gateway.upstream.providers import OpenAIProvider
 from gateway.upstream.source import SourceTimeouts
 
@@ -81,7 +82,7 @@ class ScriptedTransport:
         pass
 
 
-def router_of(transport: ScriptedTransport, attempts: int = 2) -> tuple[Router, Upstream]:
+def router_of(transport: Transport, attempts: int = 2) -> tuple[Router, Upstream]:
     config = UpstreamConfig(name="only", url="http://upstream/v1")
     upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
                         base_path="/v1", public_url=config.url,
@@ -288,4 +289,66 @@ async def test_the_wait_for_an_upstream_slot_ends_at_the_first_token_deadline() 
     assert upstream.admission.depth == 0 and upstream.admission.inflight == 1
     assert transport.streams == [] and upstream.in_flight == 0
     occupant.release()
+    assert upstream.admission.inflight == 0
+
+
+class SilentStream:
+    """A 200 whose body never comes: a read waits until the stream is reset
+    (the source's first-token watchdog does that), then fails as a reset
+    stream does."""
+
+    def __init__(self) -> None:
+        self._reset = asyncio.Event()
+
+    async def head(self) -> ResponseHead:
+        return ResponseHead(200, (("content-type", "text/event-stream"),), "HTTP/2")
+
+    async def read(self) -> bytes:
+        await self._reset.wait()
+        raise StreamReset("reset")
+
+    def reset(self) -> None:
+        self._reset.set()
+
+    def release(self) -> None:
+        self._reset.set()
+
+
+class SilentTransport:
+    def __init__(self) -> None:
+        self.streams: list[SilentStream] = []
+
+    async def open(self, request: UpstreamRequest) -> ResponseStream:
+        stream = SilentStream()
+        self.streams.append(stream)
+        return stream
+
+    def connection_count(self) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_first_attempt_after_a_wait_for_a_slot_ends_at_the_first_token_deadline() -> None:
+    """The slot comes free before the deadline, the upstream then sends
+    nothing: the attempt ends at the request's first-token deadline, counted
+    from before the wait, not a whole first-token timeout after the slot."""
+    transport = SilentTransport()
+    router, upstream = router_of(transport, attempts=1)
+    upstream.admission = AdmissionQueue(max_inflight=1, max_queue=10, queue_timeout_s=60.0)
+    occupant = upstream.admission.enqueue(time.monotonic())  # holds the only slot
+    loop = asyncio.get_running_loop()
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=SourceTimeouts(first_token_s=1.0, idle_s=30.0),
+                            deadlines=Deadlines())
+    started = loop.time()
+    loop.call_later(0.8, occupant.release)  # the scenario: the slot frees late
+    async with asyncio.timeout(10):
+        await source.start()
+        with pytest.raises(UpstreamTimeout, match="no first token"):
+            await anext(source)
+    # The deadline is 1.0 s; a whole timeout after the slot would be 1.8 s.
+    assert loop.time() - started < 1.5
+    assert len(transport.streams) == 1 and upstream.in_flight == 0
     assert upstream.admission.inflight == 0
