@@ -34,8 +34,9 @@ from actors.deltas import Usage as DeltaUsage
 from actors.messages import Abandoned, Completed, Failed, Shutdown, StreamEnd, StreamEnded
 from actors.ports import OpenSource, Source
 from actors.subscription import Subscription
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamStatusError, for_client
 from gateway.exchanges.record import Exchange, Usage, request_messages
+from gateway.redact import redact
 
 log = structlog.get_logger("gateway")
 
@@ -226,8 +227,8 @@ class Call:
 
     def finish(self, end: StreamEnd, now: float) -> Exchange:
         assert self.started_at is not None
-        outcome, finish_reason, error = _ending(end, self.finish_reason)
         recorder = self._recorder
+        outcome, finish_reason, error = _ending(end, self.finish_reason, recorder.keep_content)
         answer = self.answer
         return Exchange(
             id=new_exchange_id(),
@@ -313,7 +314,7 @@ class Answer:
 
 
 def _ending(
-    end: StreamEnd, finish_reason: str | None
+    end: StreamEnd, finish_reason: str | None, keep_content: bool
 ) -> tuple[str, str | None, dict[str, str] | None]:
     """(outcome, finish reason, error) of a stream's end."""
     match end:
@@ -323,6 +324,19 @@ def _ending(
             return "cancelled", "cancelled", None
         case Failed(error=exc) | Shutdown(reason=exc):
             if isinstance(exc, GatewayError):
-                return "failed", None, {"code": exc.code, "message": exc.message}
+                return "failed", None, {"code": exc.code, "message": _error_message(exc, keep_content)}
             return "failed", None, {"code": "internal_error", "message": type(exc).__name__}
     raise AssertionError(f"unknown stream end {end!r}")
+
+
+def _error_message(exc: GatewayError, keep_content: bool) -> str:
+    """A failure's message as the database may hold it. An upstream's error
+    body can quote our key (a provider echoing it) or the prompt (a
+    validation error's ``input_value=...``): never a configured secret, and
+    with content off none of the upstream's text, only what a client is told
+    of the cause (for an error status, the status)."""
+    if keep_content:
+        return redact(exc.message)
+    if isinstance(exc, UpstreamStatusError):
+        return f"the upstream answered {exc.upstream_status}"
+    return for_client(exc).message

@@ -30,6 +30,8 @@ class FaultyUpstream:
     ``bad-chunk``     200, one chunk, then a chunk size that is not hex
     ``drop``          200, one chunk, then the connection closes
     ``status-page``   502 with an HTML body
+    ``key-in-text``   401 with a plain-text body quoting the key and the prompt
+                      (as a validation error quotes ``input_value=...``)
     ``silent``        no answer at all, not even a status line, until the
                       gateway closes the connection
     """
@@ -80,6 +82,10 @@ class FaultyUpstream:
                                           "code": "invalid_api_key"}}).encode()
             return (b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(error), error))
+        if "key-in-text" in prompt:
+            text = b"Unauthorized: key " + key + b", input_value='" + prompt.encode() + b"'"
+            return (b"HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(text), text))
         if "html" in prompt:
             page = b"<html><body>Please log in to the network</body></html>"
             return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"

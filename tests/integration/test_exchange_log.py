@@ -7,6 +7,7 @@ number of requests that shared it; the stream's outcome; the list API.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import threading
@@ -15,9 +16,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.app import running_gateway
+from gateway.config import Settings
 from gateway.exchanges.sqlite import SqliteStore
 from gateway.exchanges.store import StoreUnavailable
+from gateway.state import STATE
 from tests.integration.exchange_fixtures import chat, stream_text, written
+from tests.integration.faulty_upstream import faulty_upstream
 from tests.integration.metrics_scrape import scrape
 from tests.integration.sse_frames import FrameReader
 
@@ -143,6 +148,40 @@ async def test_without_content_no_message_text_reaches_the_sqlite_file(gateway_f
         needles = [secret.encode(), answer[:40].encode(), answer[-40:].encode()]
         found = [needle in stored for needle in needles]
         assert found == [keep_content] * 3, (keep_content, found)
+
+
+@pytest.mark.parametrize("keep_content", [False, True], ids=["content-off", "content-on"])
+async def test_an_upstream_error_quoting_the_key_and_the_prompt_stays_out_of_the_file(
+    tmp_path, keep_content
+):
+    """An upstream 401 whose plain-text body quotes our upstream key and the
+    prompt: the failed call's record never holds the key, and with content
+    off it holds no text of the prompt either (only the status, in our words)."""
+    key = "sk-upstream-TOPSECRET-0123456789"
+    prompt = "key-in-text zanzibar-quokka-7731 tell me about the blue heron"
+    directory = tmp_path / "log"
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        upstream_api_key=key, exchange_log_url=f"sqlite:///{directory}/log.db",
+                        exchange_log_content=keep_content)
+    async with faulty_upstream() as upstream, running_gateway(
+        dataclasses.replace(settings, upstream_url=upstream.url)
+    ) as (app, url):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url + "/v1/chat/completions", json=chat(prompt, stream=False)) as resp:
+                assert resp.status >= 400
+            exchanges = app[STATE].exchanges
+            await written(exchanges.writer, 1)
+            async with http.get(url + "/v1/exchanges") as resp:
+                (exchange,) = (await resp.json())["data"]
+    assert upstream.requests == 1
+    assert exchange["outcome"] == "failed"
+    stored = files_bytes(directory)
+    assert key.encode() not in stored
+    assert (b"zanzibar-quokka-7731" in stored) == keep_content
+    if keep_content:
+        assert "[redacted]" in exchange["error"]["message"]
+    else:
+        assert exchange["error"]["message"] == "the upstream answered 401"
 
 
 async def test_the_list_pages_filters_and_counts_tokens(gateway_factory, store_url):

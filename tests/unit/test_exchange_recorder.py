@@ -136,7 +136,8 @@ async def test_a_failure_is_recorded_with_its_code_and_what_came_before(harness:
             await read_all(late)
     (exchange,) = harness.exchanges
     assert exchange.outcome == "failed" and exchange.finish_reason is None
-    assert exchange.error == {"code": "upstream_500", "message": "upstream broke"}
+    # Content off: the cause in our words, none of the upstream's text.
+    assert exchange.error == {"code": "upstream_500", "message": "the upstream answered 500"}
     assert exchange.messages[-1]["length"] == len("partial")
     assert exchange.request_ids == ("req-0",)
     assert exchange.usage is None and harness.tokens == []
