@@ -2,7 +2,9 @@
 
 A batch is one ``executemany`` in one transaction. Every call is bounded in
 time (``COMMAND_TIMEOUT_S``), so a hung server is a ``StoreUnavailable``
-after a few seconds, never a writer stuck for good. When the server goes
+after a few seconds, never a writer stuck for good; such a commit may have
+gone through all the same, and the writer's next attempt finds its rows
+there (the insert skips an id already stored). When the server goes
 away the pool's broken connections fail once and are replaced on the next
 attempt: writing resumes by itself when it is back. Behind PgBouncer in
 transaction mode asyncpg's statement cache must be off: set
@@ -32,10 +34,12 @@ POOL_MAX_SIZE = 4
 MIGRATION_LOCK = 0x65786C67
 
 _JSON = {"error", "request_ids", "api_key_ids", "messages"}
+#: A row already there is one an earlier attempt stored (its commit went
+#: through but the answer was lost): nothing to write, nothing refused.
 _INSERT = (
     f"INSERT INTO exchanges ({', '.join(COLUMNS)}) VALUES ("
     + ", ".join(f"${i}::jsonb" if c in _JSON else f"${i}" for i, c in enumerate(COLUMNS, 1))
-    + ")"
+    + ") ON CONFLICT (id) DO NOTHING"
 )
 
 #: Errors that say "not now" (connection lost, server shutting down or

@@ -21,9 +21,12 @@ from gateway.exchanges.record import Exchange
 from gateway.exchanges.rows import from_row, to_row
 from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable
 
+#: An id already stored is a batch sent again (``ExchangeStore.write``).
+#: Not ``INSERT OR IGNORE``: that would skip a row breaking any other
+#: constraint too, silently, where the writer must hear it was refused.
 _INSERT = (
     f"INSERT INTO exchanges ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+    f"VALUES ({', '.join('?' for _ in COLUMNS)}) ON CONFLICT (id) DO NOTHING"
 )
 _SELECT = "SELECT * FROM exchanges"
 #: How long a statement waits for another process's lock before failing.

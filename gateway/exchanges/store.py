@@ -47,7 +47,9 @@ class ExchangeStore(Protocol):
         ...
 
     async def write(self, batch: Sequence[Exchange]) -> None:
-        """Every exchange of ``batch``, or none of them."""
+        """Every exchange of ``batch``, or none of them. An exchange whose id
+        is stored already is left as it is: after a ``StoreUnavailable`` the
+        writer sends the batch again, and the failed call may have committed."""
         ...
 
     async def recent(

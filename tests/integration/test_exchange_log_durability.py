@@ -15,14 +15,19 @@ from pathlib import Path
 import aiohttp
 import aiosqlite
 import asyncpg
+from prometheus_client import CollectorRegistry
 
 from gateway.exchanges import schema
+from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.exchanges.postgres import PostgresStore, migrate_postgres
 from gateway.exchanges.sqlite import SqliteStore, migrate_sqlite
+from gateway.exchanges.store import open_store
+from gateway.exchanges.writer import ExchangeWriter
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.metrics_scrape import scrape
 from tests.integration.postgres_fixture import PostgresServer
 from tests.integration.sse_frames import FrameReader
+from tests.unit.test_exchange_writer import exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(rb"llm-stream-gateway listening on (http://127\.0\.0\.1:\d+) ")
@@ -167,6 +172,28 @@ async def test_a_database_that_refuses_the_gateway_degrades_only_the_log(
             assert resp.status == 503
     assert not writer.connected
     assert writer.written_total == 0 and writer.dropped_total == 4 - 1 - 2
+
+
+async def test_a_batch_written_again_is_stored_once_and_nothing_is_dropped(store_url):
+    """A commit can go through while its answer is lost (a PostgreSQL call
+    that timed out): the writer then sends the same batch again. The rows
+    already stored must not get it refused, record by record, and counted
+    as dropped although every one of them is in the database."""
+    registry = CollectorRegistry()
+    writer = ExchangeWriter(open_store(store_url), ExchangeMetrics(registry))
+    await writer.start()
+    batch = [exchange(number) for number in range(3)]
+    try:
+        for total in (3, 6):
+            for record in batch:
+                writer.submit(record)
+            await written(writer, total)
+        listed = await writer.store.recent(limit=10)
+    finally:
+        await writer.aclose()
+    assert [e["id"] for e in listed] == ["xchg_0002", "xchg_0001", "xchg_0000"]
+    assert writer.dropped_total == 0
+    assert registry.get_sample_value("gateway_exchange_log_dropped_total") == 0
 
 
 V1_ROW = (
