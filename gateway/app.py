@@ -162,6 +162,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
                 url=settings.exchange_log_url,
                 keep_content=settings.exchange_log_content,
                 max_queue=settings.exchange_log_queue,
+                max_queue_bytes=settings.exchange_log_queue_bytes,
                 upstream=first.name,
                 registry=metrics.registry,
             )

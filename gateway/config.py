@@ -115,6 +115,9 @@ class Settings:
     exchange_log_content: bool = False
     #: Exchanges that may wait for the database before new ones are dropped.
     exchange_log_queue: int = 10_000
+    #: And their size, roughly, in bytes: with content on each holds its
+    #: whole prompt and answer.
+    exchange_log_queue_bytes: int = 64 * 1_048_576
     #: Keys that may read /v1/exchanges when auth is on.
     gateway_admin_keys: tuple[str, ...] = field(default=(), repr=False)
     # -- cluster mode (docs/cluster.md) --
@@ -177,6 +180,9 @@ class Settings:
             exchange_log_url=read.store_url("EXCHANGE_LOG_URL"),
             exchange_log_content=read.flag("EXCHANGE_LOG_CONTENT", False),
             exchange_log_queue=read.integer("EXCHANGE_LOG_QUEUE", 10_000, low=1),
+            exchange_log_queue_bytes=read.integer(
+                "EXCHANGE_LOG_QUEUE_BYTES", 64 * 1_048_576, low=1_048_576
+            ),
             gateway_admin_keys=read.keys("GATEWAY_ADMIN_KEYS"),
             redis_url=read.redis_url("REDIS_URL"),
             workers=read.integer("GATEWAY_WORKERS", 1, low=1, high=256),

@@ -31,6 +31,7 @@ async def exchange_log(
     url: str | None,
     keep_content: bool,
     max_queue: int,
+    max_queue_bytes: int,
     upstream: str,
     registry: CollectorRegistry,
 ) -> AsyncIterator[ExchangeLog]:
@@ -40,7 +41,9 @@ async def exchange_log(
     metrics = ExchangeMetrics(registry)
     writer = None
     if url is not None:
-        writer = ExchangeWriter(open_store(url), metrics, max_queue=max_queue)
+        writer = ExchangeWriter(
+            open_store(url), metrics, max_queue=max_queue, max_queue_bytes=max_queue_bytes
+        )
         log.info("exchange log", store=writer.store.description, content=keep_content)
     recorder = Recorder(
         upstream=upstream,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,10 @@ __all__ = ["OUTCOMES", "Exchange", "Usage", "message_summary", "request_messages
 #: How an upstream call ended: its answer ended normally; it failed (the
 #: upstream, or the gateway stopping mid-stream); every subscriber left.
 OUTCOMES = ("complete", "failed", "cancelled")
+
+#: What a record holds besides its strings, roughly: the objects, numbers
+#: and tuples (``Exchange.held_bytes``).
+_RECORD_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,23 @@ class Exchange:
     api_key_ids: tuple[str, ...]
     #: The model the upstream says answered; None: it did not say.
     resolved_model: str | None = None
+
+    def held_bytes(self) -> int:
+        """Roughly the memory the record holds: its strings (with content
+        on, the whole prompt and answer) and a fixed part. For the writer's
+        bound on what waits for the database."""
+        size = _RECORD_BYTES
+        # A walk, not a recursion: tool calls nest as deep as a client sent them.
+        pending: list[Any] = [self.messages, self.request_ids, self.api_key_ids]
+        while pending:
+            value = pending.pop()
+            if isinstance(value, str):
+                size += sys.getsizeof(value)
+            elif isinstance(value, Mapping):
+                pending.extend(value.values())
+            elif isinstance(value, list | tuple):
+                pending.extend(value)
+        return size
 
     def to_json(self) -> dict[str, Any]:
         """The API's shape (``GET /v1/exchanges``)."""

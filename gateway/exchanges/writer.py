@@ -8,9 +8,11 @@ rest a record is written within a tick of its submission.
 When the database is unreachable the task keeps the batch in hand and tries
 again after a backoff (``retry_initial_s`` doubling up to ``retry_max_s``),
 connecting again if need be; meanwhile records wait in the queue, and once
-``max_queue`` wait, new ones are dropped: counted every time, logged once
-per outage (and once more when writing resumes, with the count). A batch the
-database refuses outright is dropped, counted and logged too.
+``max_queue`` wait, or the records queued and in hand hold ``max_queue_bytes``
+(with content on each holds its whole prompt and answer), new ones are
+dropped: counted every time, logged once per outage (and once more when
+writing resumes, with the count). A batch the database refuses outright is
+dropped, counted and logged too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from gateway.exchanges.store import ExchangeStore, StoreRejected, StoreUnavailab
 
 log = structlog.get_logger("gateway")
 
+#: EXCHANGE_LOG_QUEUE_BYTES's default.
+MAX_QUEUE_BYTES = 64 * 1_048_576
+
 
 class ExchangeWriter:
     def __init__(
@@ -34,6 +39,7 @@ class ExchangeWriter:
         metrics: ExchangeMetrics,
         *,
         max_queue: int = 10_000,
+        max_queue_bytes: int = MAX_QUEUE_BYTES,
         max_batch: int = 500,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 2.0,
@@ -42,6 +48,7 @@ class ExchangeWriter:
         self.store = store
         self._metrics = metrics
         self._max_queue = max_queue
+        self._max_queue_bytes = max_queue_bytes
         self._max_batch = max_batch
         #: Records still to write one at a time, after a refused batch.
         self._one_by_one = 0
@@ -51,6 +58,8 @@ class ExchangeWriter:
         self._queue: deque[Exchange] = deque()
         #: Records taken from the queue and not yet written (the batch).
         self._in_hand = 0
+        #: ``held_bytes()`` of the records queued and in hand.
+        self._held_bytes = 0
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -83,11 +92,20 @@ class ExchangeWriter:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="exchange-writer")
 
     def submit(self, exchange: Exchange) -> None:
-        """Queue one exchange; drops it (counted) when the queue is full."""
-        if len(self._queue) >= self._max_queue or self._closing:
-            self._dropped(1, "queue full" if not self._closing else "shutting down")
+        """Queue one exchange; drops it (counted) when the queue is full, by
+        count or by bytes. A record over the byte bound on its own is still
+        taken when nothing else waits: the database may well be up."""
+        if self._closing:
+            self._dropped(1, "shutting down")
+            return
+        size = exchange.held_bytes()
+        if len(self._queue) >= self._max_queue or (
+            self._held_bytes and self._held_bytes + size > self._max_queue_bytes
+        ):
+            self._dropped(1, "queue full")
             return
         self._queue.append(exchange)
+        self._held_bytes += size
         self._wakeup.set()
 
     async def wait_written(self, total: int) -> None:
@@ -120,6 +138,7 @@ class ExchangeWriter:
         if self._in_hand:
             self._dropped(self._in_hand, "shutting down")
             self._in_hand = 0
+        self._held_bytes = 0
         for _, future in self._waiters:
             future.cancel()
         await self._close_store()
@@ -176,8 +195,8 @@ class ExchangeWriter:
                 log.error("exchange log refused an exchange", error=str(exc))
                 self.dropped_total += len(batch)
                 self._metrics.dropped.inc(len(batch))
+                self._let_go(batch)
                 batch = []
-                self._in_hand = 0
                 continue
             except Exception:
                 # A bug, not the database: the batch goes (sending it again
@@ -185,14 +204,19 @@ class ExchangeWriter:
                 log.exception("exchange log write failed", exchanges=len(batch))
                 self.dropped_total += len(batch)
                 self._metrics.dropped.inc(len(batch))
+                self._let_go(batch)
                 batch = []
-                self._in_hand = 0
                 continue
             self._written(len(batch))
             self._one_by_one = max(self._one_by_one - len(batch), 0)
+            self._let_go(batch)
             batch = []
-            self._in_hand = 0
             delay = self._retry_initial_s
+
+    def _let_go(self, batch: list[Exchange]) -> None:
+        """The batch in hand is written or dropped: it holds nothing more."""
+        self._held_bytes -= sum(exchange.held_bytes() for exchange in batch)
+        self._in_hand = 0
 
     def _unavailable(self, exc: StoreUnavailable) -> None:
         if not self._down:
@@ -231,4 +255,5 @@ class ExchangeWriter:
             # per stream.
             self._dropping = True
             log.warning("exchange log dropping exchanges", reason=reason,
-                        max_queue=self._max_queue, store=self.store.description)
+                        max_queue=self._max_queue, max_queue_bytes=self._max_queue_bytes,
+                        store=self.store.description)

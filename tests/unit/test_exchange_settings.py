@@ -13,6 +13,8 @@ def test_the_log_is_off_unless_a_url_is_given():
     settings = Settings.from_env({})
     assert settings.exchange_log_url is None
     assert (settings.exchange_log_content, settings.exchange_log_queue) == (False, 10_000)
+    assert settings.exchange_log_queue_bytes == 64 * 1_048_576
+    assert Settings.from_env({"EXCHANGE_LOG_QUEUE_BYTES": "2097152"}).exchange_log_queue_bytes == 2_097_152
     assert settings.gateway_admin_keys == ()
 
 

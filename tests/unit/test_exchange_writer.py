@@ -97,3 +97,28 @@ async def test_close_writes_what_is_queued(tmp_path: Path):
     await store.connect()
     assert len(await store.recent(limit=100)) == 30
     await store.aclose()
+
+
+async def test_the_queue_is_bounded_by_bytes_while_the_database_is_down(tmp_path: Path):
+    """With content on every record holds its whole prompt and answer: the
+    queue in front of a database that is down must stop at its byte bound
+    (64 MiB by default), however few records that is, and count the rest
+    as dropped."""
+    path = tmp_path / "log.db"
+    path.write_bytes(b"not a SQLite database" * 100)  # the store cannot connect
+    registry = CollectorRegistry()
+    writer = ExchangeWriter(SqliteStore(str(path)), ExchangeMetrics(registry))
+    await writer.start()
+    assert not writer.connected
+    prompt = "p" * 1_048_576  # one string shared by every record: the test holds 1 MiB
+    for number in range(100):  # in one tick: all of them wait in the queue
+        record = dataclasses.replace(
+            exchange(number), messages=({"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": "a"}))
+        writer.submit(record)
+    # Each record counts for its 1 MiB prompt: under 64 of them fit.
+    assert 50 <= writer.queued < 64
+    assert writer.dropped_total == 100 - writer.queued
+    assert metric(registry, "gateway_exchange_log_dropped_total") == writer.dropped_total
+    await writer.aclose()
+    assert writer.dropped_total == 100 and writer.written_total == 0
