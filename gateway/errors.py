@@ -226,9 +226,16 @@ class UpstreamTimeout(UpstreamError):
     retryable = True
 
 
+#: The upstream refused the gateway's own credentials (a wrong or revoked
+#: upstream key): an upstream error, not the client's 401.
+UPSTREAM_AUTH_STATUSES = frozenset({401, 403})
+
+
 class UpstreamStatusError(UpstreamError):
     """The provider answered with an error status. 4xx keep their status (and a
-    429 its Retry-After); 5xx become 502."""
+    429 its Retry-After), but 401 and 403, which are about the gateway's own
+    key, not the client's: they become 502 ``upstream_auth_error``, as 5xx
+    become 502."""
 
     def __init__(
         self,
@@ -238,10 +245,14 @@ class UpstreamStatusError(UpstreamError):
         code: str | None = None,
         retry_after: str | None = None,
     ) -> None:
+        if upstream_status in UPSTREAM_AUTH_STATUSES:
+            # Not the provider's code either ("invalid_api_key" would tell
+            # the client its own key is wrong).
+            code = "upstream_auth_error"
         super().__init__(message, code=code or f"upstream_{upstream_status}")
         self.upstream_status = upstream_status
         self.retry_after = retry_after
-        if 400 <= upstream_status < 500:
+        if 400 <= upstream_status < 500 and upstream_status not in UPSTREAM_AUTH_STATUSES:
             self.status = upstream_status
             self.type = "rate_limit_error" if upstream_status == 429 else "invalid_request_error"
         self.retryable = upstream_status == 429 or upstream_status >= 500

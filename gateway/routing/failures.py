@@ -12,6 +12,7 @@ import email.utils
 from dataclasses import dataclass
 
 from gateway.errors import (
+    UPSTREAM_AUTH_STATUSES,
     QueueFull,
     QueueTimeout,
     UpstreamConnectError,
@@ -25,14 +26,14 @@ from gateway.errors import (
 )
 
 #: Failure kinds, the ``reason``/``kind`` label values.
-KINDS = ("connect", "refused", "connection_lost", "reset", "timeout", "429", "5xx", "4xx",
-         "protocol", "busy", "after_first_token", "other", "internal")
+KINDS = ("connect", "refused", "connection_lost", "reset", "timeout", "429", "5xx", "auth",
+         "4xx", "protocol", "busy", "after_first_token", "other", "internal")
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
     kind: str
-    #: The upstream's status for "429", "5xx" and "4xx".
+    #: The upstream's status for "429", "5xx", "auth" and "4xx".
     status: int | None = None
     #: A 429's (or 503's) Retry-After, in seconds.
     retry_after_s: float | None = None
@@ -46,8 +47,10 @@ class Failure:
         return self.kind not in ("4xx", "busy", "internal")
 
     def retryable(self, retry_statuses: frozenset[int]) -> bool:
-        """Safe and useful to send again before the first token."""
-        if self.kind in ("connect", "refused", "connection_lost", "reset", "timeout", "busy"):
+        """Safe and useful to send again before the first token ("auth":
+        to another upstream only, with a key of its own)."""
+        if self.kind in ("connect", "refused", "connection_lost", "reset", "timeout", "busy",
+                         "auth"):
             return True
         return self.status is not None and self.status in retry_statuses
 
@@ -59,6 +62,8 @@ def classify(exc: BaseException) -> Failure:
             kind = "429"
         elif status >= 500:
             kind = "5xx"
+        elif status in UPSTREAM_AUTH_STATUSES:
+            kind = "auth"
         else:
             kind = "4xx"
         return Failure(kind, status, parse_retry_after(exc.retry_after))

@@ -234,6 +234,8 @@ class RetryingSource:
         if self._deadline is not None and now >= self._deadline:
             return None
         upstream = router.next_upstream(plan.candidates, self._tried)
+        if failure.kind == "auth" and upstream in self._tried:
+            return None  # the same key would be refused again
         delay = max(0.0, upstream.hold_until - now)
         if delay > 0:
             if delay * 1000 > retry.max_retry_after_ms:

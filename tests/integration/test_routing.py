@@ -182,6 +182,25 @@ async def test_fallback_on_503_to_everything(routed, sim_factory):
     assert len(retries) == CIRCUIT_FAILURES
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstream_refusing_our_key_falls_back_and_opens_its_circuit(
+        routed, sim_factory, status):
+    """A revoked upstream key is that upstream's failure, not the client's:
+    the request goes to the backup, and the circuit stops asking."""
+    primary = await sim_factory(dataclasses.replace(FAST_SIM, fail_status=status))
+    backup = await sim_factory(FAST_SIM)
+    gateway = await routed(upstream("primary", primary.url)
+                           + upstream("backup", backup.url, priority=1) + ROUTING)
+    async with aiohttp.ClientSession() as http:
+        await twenty_whole_answers(http, gateway, f"revoked {status}")
+        scraped = await metrics(http, gateway)
+    assert [r.status for r in primary.log.records] == [status] * CIRCUIT_FAILURES
+    assert len(backup.log.records) == 20
+    assert scraped.one("gateway_upstream_retries_total", upstream="primary",
+                       reason="auth") == CIRCUIT_FAILURES
+    assert scraped.one("gateway_upstream_circuit_open", upstream="primary") == 1
+
+
 async def test_fallback_on_429_keeps_away_for_its_retry_after(routed, sim_factory):
     primary = await sim_factory(dataclasses.replace(FAST_SIM, fail_status=429, retry_after_s=30))
     backup = await sim_factory(FAST_SIM)
@@ -518,6 +537,21 @@ async def test_one_upstream_keeps_its_error_status_without_retry(gateway_factory
                              json=chat("no retry", stream=False)) as resp:
             assert resp.status == 502
             assert (await resp.json())["error"]["code"] == "upstream_503"
+    assert len(gateway.sim.log.records) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_an_upstream_refusing_our_key_is_a_502_not_the_clients_401(gateway_factory, status):
+    """401 tells a client that its own key is wrong; the upstream refusing
+    the gateway's key is an upstream error, and retrying the same upstream
+    with the same key would not help."""
+    gateway = await gateway_factory(dataclasses.replace(FAST_SIM, fail_status=status))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions",
+                             json=chat("revoked", stream=False)) as resp:
+            assert resp.status == 502
+            error = (await resp.json())["error"]
+    assert (error["code"], error["type"]) == ("upstream_auth_error", "upstream_error")
     assert len(gateway.sim.log.records) == 1
 
 

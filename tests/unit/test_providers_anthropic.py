@@ -309,6 +309,8 @@ def test_overloaded_response_is_a_retryable_502() -> None:
 def test_unparsable_error_response_falls_back_to_text_or_phrase() -> None:
     provider = AnthropicProvider()
     error = provider.error_from_response(head(401), b"invalid x-api-key")
-    assert (error.status, error.message, error.code) == (401, "invalid x-api-key", "upstream_401")
+    # The upstream refusing our key is an upstream error, not the client's 401.
+    assert (error.status, error.message, error.code) == (502, "invalid x-api-key",
+                                                         "upstream_auth_error")
     assert provider.error_from_response(head(404), b"").message == "Not Found"
     assert provider.error_from_response(head(404), b'{"error":3}').message == '{"error":3}'

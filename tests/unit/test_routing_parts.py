@@ -114,6 +114,8 @@ def test_failures_are_classified_on_the_gateway_errors() -> None:
         (UpstreamStatusError(529, "x"), "5xx", True),
         (UpstreamStatusError(429, "x", retry_after="7"), "429", True),
         (UpstreamStatusError(400, "x"), "4xx", False),
+        (UpstreamStatusError(401, "x"), "auth", True),
+        (UpstreamStatusError(403, "x"), "auth", True),
         (UpstreamProtocolError("x"), "protocol", False),
         (BadRequest("x"), "internal", False),
         (UpstreamError("x"), "other", False),
@@ -124,6 +126,7 @@ def test_failures_are_classified_on_the_gateway_errors() -> None:
         assert (failure.kind, failure.retryable(RETRY)) == (kind, retryable), error
     assert classify(UpstreamStatusError(429, "x", retry_after="7")).retry_after_s == 7
     assert not classify(UpstreamStatusError(404, "x")).upstream_at_fault
+    assert classify(UpstreamStatusError(401, "x")).upstream_at_fault
     assert not classify(QueueFull("x")).upstream_at_fault
 
 
