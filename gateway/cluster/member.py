@@ -300,6 +300,10 @@ class Member:
             if not self.directory.up:
                 await self.directory.probe()
                 if not self.directory.up:
+                    # The next probe a whole interval later, whatever is due
+                    # or queued meanwhile: a refused connection fails at
+                    # once, and nothing can be written before Redis is back.
+                    await asyncio.sleep(PROBE_INTERVAL_S)
                     continue
             ops = self._pending_writes()
             if loop.time() >= next_renewal or not self._listed:
