@@ -20,7 +20,7 @@ from typing import Any
 
 from actors.deltas import Delta, Logprobs, StreamInfo, TokenLogprob, ToolCallDelta, TopLogprob, Usage
 from gateway import json_codec
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, for_client
 
 __all__ = [
     "END_LINE",
@@ -106,12 +106,17 @@ def encode_deltas(deltas: Sequence[Delta]) -> bytes:
 
 
 def _failure_json(exc: GatewayError) -> dict[str, Any]:
+    """The failure as the owner's own clients are told it: on the other
+    process it is a plain ``GatewayError``, passed on as it stands, so the
+    raw message (a provider's error page, an upstream's address) must not
+    leave the owner, whose log has it."""
+    told = for_client(exc)
     return {
-        "status": exc.status,
-        "type": exc.type,
-        "code": exc.code,
-        "message": exc.message,
-        "retryable": exc.retryable,
+        "status": told.status,
+        "type": told.type,
+        "code": told.code,
+        "message": told.message,
+        "retryable": told.retryable,
     }
 
 

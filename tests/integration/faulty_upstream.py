@@ -34,10 +34,16 @@ class FaultyUpstream:
                       (as a validation error quotes ``input_value=...``)
     ``silent``        no answer at all, not even a status line, until the
                       gateway closes the connection
+
+    With ``held`` in the prompt too, the answer waits until the test sets
+    ``release`` (``held`` is set once such a request has arrived): the
+    gateway's stream is open meanwhile, for other requests to join.
     """
 
     def __init__(self) -> None:
         self.requests = 0
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -61,6 +67,9 @@ class FaultyUpstream:
             if "silent" in prompt:
                 await reader.read()  # until the gateway gives up and closes
                 return
+            if "held" in prompt:
+                self.held.set()
+                await self.release.wait()
             writer.write(self._answer(prompt, key))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import trustme
+from redis.asyncio import Redis
 
 from gateway.cluster.directory import Directory
 from gateway.keys import prompt_key
@@ -37,6 +38,7 @@ from tests.integration.cluster_fixture import (
     running_redis,
 )
 from tests.integration.conftest import FAST_SIM
+from tests.integration.faulty_upstream import faulty_upstream
 from tests.integration.nginx_fixture import NGINX, free_port, running_nginx
 from tests.integration.sse_frames import Frame, FrameReader, native_text, openai_text
 
@@ -255,6 +257,50 @@ async def test_failure_is_shared_across_processes_and_forgotten_after_the_error_
         after = await stream_native(http, cluster.members[1], prompt)
     assert after[-1].event == "error"
     assert len(cluster.calls()) == 2
+
+
+# -- 4b. what other processes are told of a failure ------------------------------------------
+
+
+async def test_a_failure_reaches_other_processes_as_the_owners_clients_got_it(tmp_path):
+    """An upstream's error page (HTML, an address behind it) is for the
+    owner's log: its clients get the cause in our words, and so do a
+    follower on another process (over the internal hop) and a request on a
+    third one (from the failure entry in Redis)."""
+    async with faulty_upstream() as upstream, AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(running_redis(tmp_path / "redis"))
+        owner, follower, late = await asyncio.gather(*(
+            stack.enter_async_context(
+                running_member(upstream.url, redis.url, {"UPSTREAM_PROTOCOL": "http1"})
+            )
+            for _ in range(3)
+        ))
+        prompt = "held status-page"
+        client = Redis.from_url(redis.url)
+        try:
+            async with aiohttp.ClientSession() as http:
+                on_owner = asyncio.create_task(stream_native(http, owner, prompt))
+                await upstream.held.wait()  # the owner's call waits upstream
+                on_follower = asyncio.create_task(stream_native(http, follower, prompt))
+                await owner.wait_metric("gateway_cluster_peer_streams_total", 1)
+                upstream.release.set()
+                answers = list(await asyncio.gather(on_owner, on_follower))
+                # Within the error TTL, once the owner has recorded the failure.
+                entry = Directory.key(prompt_key(chat(prompt), tenant=None))
+                async with asyncio.timeout(5):
+                    while not (await client.get(entry) or b"").startswith(b"e "):  # noqa: ASYNC110 - Redis's state
+                        await asyncio.sleep(0.02)
+                answers.append(await stream_native(http, late, prompt))
+        finally:
+            await client.aclose()
+    assert upstream.requests == 1
+    errors = [frames[-1] for frames in answers]
+    assert [frame.event for frame in errors] == ["error"] * 3
+    told = errors[0].json()
+    assert told["message"] == "the upstream answered 502" and told["code"] == "upstream_502"
+    for frame in errors[1:]:
+        assert frame.json() == told
+        assert b"10.0.0.7" not in frame.raw and b"<h1>" not in frame.raw
 
 
 # -- 5. nobody streams it: opened where it arrived, one Redis round trip -----------------------

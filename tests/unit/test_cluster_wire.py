@@ -78,3 +78,17 @@ def test_directory_values_round_trip():
     for junk in (b"", b"x", b"o onlyinstance", b"e {not json"):
         with pytest.raises(WireError):
             decode_entry(junk)
+
+
+def test_the_hop_and_the_directory_carry_the_message_the_owners_clients_get():
+    """A provider's error page is not relayed to clients (gateway.errors.for_client):
+    nor to other processes' clients, over the hop or from Redis."""
+    error = UpstreamStatusError(502, "<html><h1>502 Bad Gateway</h1>nginx at 10.0.0.7:8000</html>")
+    with pytest.raises(RemoteFailure) as raised:
+        LineDecoder().feed(error_line(error))
+    entry = decode_entry(encode_failure(error))
+    assert isinstance(entry, FailureEntry)
+    for failure in (raised.value, entry.error):
+        assert (failure.status, failure.code, failure.type, failure.retryable, failure.message) == (
+            502, "upstream_502", "upstream_error", True, "the upstream answered 502"
+        )
