@@ -160,6 +160,11 @@ class PeerSource:
             if self._closed:
                 raise StopAsyncIteration
             if self._decoder.ended:
+                failure = self._decoder.failure
+                if failure is not None:
+                    # Only now: the deltas read with it went first.
+                    self.reset()
+                    raise failure
                 await self._finish()
                 raise StopAsyncIteration
             self._pending.clear()
@@ -175,7 +180,7 @@ class PeerSource:
             self._last_read = asyncio.get_running_loop().time()
             try:
                 self._pending.extend(self._decoder.feed(data))
-            except (GatewayError, WireError):
+            except WireError:
                 self.reset()
                 raise
         delta = self._pending[self._next]

@@ -141,14 +141,17 @@ def _delta(obj: dict[str, Any]) -> Delta:
 
 
 class LineDecoder:
-    """Bytes in, deltas out; ``ended`` once the end line was read (a failure
-    line raises its ``RemoteFailure``)."""
+    """Bytes in, deltas out; ``ended`` once the end line was read, and
+    ``failure`` set when that was a failure line. ``feed`` still returns the
+    deltas read with a failure line: one read may hold an answer's last
+    deltas and its failure, and they come first."""
 
-    __slots__ = ("_buffer", "ended")
+    __slots__ = ("_buffer", "ended", "failure")
 
     def __init__(self) -> None:
         self._buffer = b""
         self.ended = False
+        self.failure: RemoteFailure | None = None
 
     def feed(self, data: bytes) -> list[Delta]:
         buffer = self._buffer + data
@@ -167,7 +170,7 @@ class LineDecoder:
                 self.ended = True
             elif "error" in obj:
                 self.ended = True
-                raise RemoteFailure(obj["error"])
+                self.failure = RemoteFailure(obj["error"])
             else:
                 deltas.append(_delta(obj))
         return deltas
