@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,7 +62,9 @@ MAX_ATTEMPTS = 3
 class _Write:
     op: str  # "release" | "fail"
     key: str
-    extra: tuple[bytes, int] | None = None
+    #: A failure's directory value, and when the stream failed (monotonic).
+    failure: bytes = b""
+    failed_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -263,7 +266,7 @@ class Member:
                         error = end.error
                         if not isinstance(error, GatewayError):
                             error = GatewayError("internal error", code="internal_error")
-                        self._queue(_Write("fail", key, (encode_failure(error), self._error_ttl_ms)))
+                        self._queue(_Write("fail", key, encode_failure(error), time.monotonic()))
                     else:
                         self._queue(_Write("release", key))
             case JoinersClosed(stream_id=stream_id, key=key):
@@ -319,12 +322,24 @@ class Member:
 
     def _pending_writes(self) -> list[tuple[str, str, bytes, object]]:
         """The queued writes, minus those about a key that a newer stream of
-        this process owns again (its entry, the same value, must stay)."""
+        this process owns again (its entry, the same value, must stay).
+
+        A failure answers for the error TTL from the failure, not from its
+        write (which an outage delays): it is written with the TTL left, or,
+        once none is, the key is released as if the entry had expired.
+        """
         ops: list[tuple[str, str, bytes, object]] = []
+        now = time.monotonic()
         while not self._writes.empty():
             write = self._writes.get_nowait()
-            if write.key not in self.owned:
-                ops.append((write.op, write.key, self._mine, write.extra))
+            if write.key in self.owned:
+                continue
+            if write.op == "fail":
+                left_ms = int(self._error_ttl_ms - (now - write.failed_at) * 1000)
+                if left_ms > 0:
+                    ops.append(("fail", write.key, self._mine, (write.failure, left_ms)))
+                    continue
+            ops.append(("release", write.key, self._mine, None))
         return ops
 
     async def flush(self, timeout_s: float) -> None:

@@ -2,7 +2,8 @@
 real redis-server: its registry is real, its upstream a scripted one
 (tests/unit/memory_source.py).
 
-What the member does while Redis refuses connections.
+What the member does while Redis refuses or stalls, and what it writes
+once Redis is back.
 """
 
 from __future__ import annotations
@@ -16,17 +17,23 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from actors.registry import Registry
+from actors.subscription import Subscription
 from gateway.admission import AdmissionQueue
 from gateway.cluster.directory import PROBE_INTERVAL_S, Directory, Unavailable, connect
 from gateway.cluster.member import Member
 from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import PeerClient
+from gateway.cluster.wire import owner_entry
+from gateway.errors import UpstreamStatusError
 from tests.integration.cluster_fixture import REDIS_SERVER, running_redis
-from tests.unit.memory_source import MemoryUpstream
+from tests.unit.memory_source import MemorySource, MemoryUpstream, read_all
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+
+KEY = "a-prompt-key"
 
 
 @dataclass
@@ -34,6 +41,17 @@ class Running:
     member: Member
     directory: Directory
     upstream: MemoryUpstream
+
+    async def opened(self) -> MemorySource:
+        """The upstream call's source (one per test)."""
+        await self.upstream.open_entered.wait()
+        return self.upstream.latest
+
+    async def lead(self) -> Subscription:
+        return await self.member.subscribe(
+            KEY, self.upstream.open, request_id="r1", arrived_at=time.monotonic(),
+            streaming=True, coalesce=True, resume_after=0,
+        )
 
 
 @asynccontextmanager
@@ -72,6 +90,24 @@ async def member_in_process(
         await member.aclose()
 
 
+@asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def until_value_changes(client: Redis, name: str, value: bytes | None) -> bytes | None:
+    """The entry's next value, once it is no longer ``value`` (a generous
+    ceiling: the member's writes follow its probe, about a second)."""
+    async with asyncio.timeout(10):
+        while (current := await client.get(name)) == value:  # noqa: ASYNC110 - Redis's state
+            await asyncio.sleep(0.02)
+    return current  # type: ignore[no-any-return]
+
+
 # -- Redis refusing connections: probed once a second ------------------------------------
 
 
@@ -103,3 +139,46 @@ async def test_a_refusing_redis_is_probed_once_a_probe_interval(tmp_path: Path, 
     print(f"{probes} probes of a refusing Redis in {window_s:g} s, {cpu_s * 1000:.0f} ms of CPU")
     assert 1 <= probes <= window_s / PROBE_INTERVAL_S + 1
     assert not directory.up
+
+
+# -- a failure recorded once Redis is back: the error TTL left, or nothing ------------------
+
+
+@pytest.mark.parametrize(("error_ttl_ms", "outage_s"), [(4000, 1.0), (1000, 1.2)])
+async def test_a_failure_written_after_an_outage_keeps_only_the_error_ttl_left(
+    tmp_path: Path, error_ttl_ms: int, outage_s: float
+):
+    """The stream fails while Redis stalls (a partition: nothing refused,
+    nothing answered; the entry outlives it). The failure answers for the
+    error TTL from the failure, not from Redis's return: what is left of it,
+    or, once it is over, nothing (the key is released)."""
+    async with (
+        running_redis(tmp_path / "redis") as redis,
+        member_in_process(redis.url, error_ttl_ms=error_ttl_ms) as running,
+        redis_client(redis.url) as client,
+    ):
+        name = Directory.key(KEY)
+        subscription = await running.lead()
+        assert subscription.role == "leader"
+        mine = owner_entry(running.member.me)
+        assert await client.get(name) == mine
+        source = await running.opened()
+        redis.pause()
+        with pytest.raises(Unavailable):
+            await running.directory.members()  # the member knows Redis is down
+        source.fail(UpstreamStatusError(500, "boom"))
+        async with subscription:
+            with pytest.raises(UpstreamStatusError):
+                await read_all(subscription)
+        await asyncio.sleep(outage_s)  # the outage
+        redis.resume()
+        value = await until_value_changes(client, name, mine)
+        pttl_ms = await client.pttl(name)
+    print(f"a {error_ttl_ms} ms error TTL after a {outage_s:g} s outage: {value!r:.20}, PTTL {pttl_ms} ms")
+    left_ms = error_ttl_ms - outage_s * 1000
+    if left_ms > 0:
+        # Redis, probed once a second, took the write well within the TTL.
+        assert value is not None and value.startswith(b"e ")
+        assert 0 < pttl_ms <= left_ms
+    else:
+        assert value is None
