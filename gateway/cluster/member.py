@@ -211,6 +211,10 @@ class Member:
                     self.counts.takeovers += 1
                     self.metrics.takeovers.inc()
                     log.info("took over a key from an owner that did not answer", owner=entry.url)
+            # The last attempt's takeover may have won the key: owned as
+            # after any other (renewed, then released or failed).
+            if current is None or current == self._mine:
+                return self._counted(local(), owns=True)
         except Unavailable:
             pass
         return self._counted(local(), owns=False)

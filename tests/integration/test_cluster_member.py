@@ -1,9 +1,10 @@
 """One cluster member in this process (gateway/cluster/member.py) against a
 real redis-server: its registry is real, its upstream a scripted one
-(tests/unit/memory_source.py).
+(tests/unit/memory_source.py), and another member, where one is needed, an
+aiohttp app answering the internal route.
 
-What the member does while Redis refuses or stalls, and what it writes
-once Redis is back.
+What the member does while Redis refuses or stalls, what it writes once
+Redis is back, and which keys it owns after a takeover.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
@@ -23,13 +25,13 @@ from actors.registry import Registry
 from actors.subscription import Subscription
 from gateway.admission import AdmissionQueue
 from gateway.cluster.directory import PROBE_INTERVAL_S, Directory, Unavailable, connect
-from gateway.cluster.member import Member
+from gateway.cluster.member import MAX_ATTEMPTS, Member
 from gateway.cluster.metrics import ClusterMetrics
-from gateway.cluster.peer import PeerClient
-from gateway.cluster.wire import owner_entry
+from gateway.cluster.peer import STREAM_PATH, PeerClient
+from gateway.cluster.wire import Owner, owner_entry
 from gateway.errors import UpstreamStatusError
 from tests.integration.cluster_fixture import REDIS_SERVER, running_redis
-from tests.unit.memory_source import MemorySource, MemoryUpstream, read_all
+from tests.unit.memory_source import MemorySource, MemoryUpstream, read_all, text
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
@@ -182,3 +184,52 @@ async def test_a_failure_written_after_an_outage_keeps_only_the_error_ttl_left(
         assert 0 < pttl_ms <= left_ms
     else:
         assert value is None
+
+
+# -- a takeover that succeeds on the last attempt -----------------------------------------
+
+
+async def test_a_key_taken_over_on_the_last_attempt_is_owned(tmp_path: Path):
+    """Every owner Redis names has lost the stream, and by the time the
+    member takes its key over another one has claimed it, until the last
+    attempt's takeover wins: the member owns the key (renews it, and
+    releases it at the stream's end) as after any takeover."""
+    async with (
+        running_redis(tmp_path / "redis") as redis,
+        member_in_process(redis.url) as running,
+        redis_client(redis.url) as client,
+    ):
+        name = Directory.key(KEY)
+        gone: list[bytes] = []
+
+        async def follow(request: web.Request) -> web.Response:
+            # This owner no longer has the stream, and (but for the last)
+            # another one claims the key before the asker takes it over.
+            named = gone.index(await client.get(name))
+            if named + 1 < len(gone):
+                await client.set(name, gone[named + 1], px=10_000)
+            return web.Response(status=404)
+
+        app = web.Application()
+        app.router.add_get(STREAM_PATH + "{key}", follow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            gone.extend(owner_entry(Owner(f"gone{n}", url)) for n in range(MAX_ATTEMPTS))
+            await client.set(name, gone[0], px=10_000)
+            subscription = await running.lead()
+        finally:
+            await runner.cleanup()
+        assert subscription.role == "leader"
+        assert await client.get(name) == owner_entry(running.member.me)
+        assert running.member.owned == {KEY: subscription.stream_id}
+        source = await running.opened()
+        source.push(*text("a", "b"))
+        source.finish()
+        async with subscription:
+            assert [d.text for d in await read_all(subscription)] == ["a", "b"]
+        assert await until_value_changes(client, name, owner_entry(running.member.me)) is None
+    assert running.member.counts.takeovers == 1
