@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import structlog
 from aiohttp import web
@@ -54,7 +54,7 @@ def make_app(settings: Settings) -> web.Application:
     # and any password in a URL the gateway connects to.
     urls = (settings.upstream_url, settings.exchange_log_url, settings.redis_url)
     SECRETS.add(settings.upstream_api_key, *settings.gateway_api_keys, *settings.gateway_admin_keys,
-                settings.cluster_secret, *(_password(url) for url in urls))
+                settings.cluster_secret, *(password for url in urls for password in _passwords(url)))
     app[SETTINGS] = settings
     app[METRICS] = GatewayMetrics(CollectorRegistry(auto_describe=True))
     app.cleanup_ctx.append(_gateway)
@@ -78,8 +78,18 @@ def source_timeouts(settings: Settings) -> SourceTimeouts:
     )
 
 
-def _password(url: str | None) -> str:
-    return (urlsplit(url).password or "") if url else ""
+def _passwords(url: str | None) -> list[str]:
+    """A URL's passwords: in its userinfo, or in a ``password`` query
+    parameter (redis-py and libpq read it there too), as written and decoded."""
+    if not url:
+        return []
+    parts = urlsplit(url)
+    found = [parts.password or ""]
+    for param in parts.query.split("&"):
+        name, _, value = param.partition("=")
+        if unquote_plus(name).lower() == "password":
+            found += [value, unquote_plus(value)]
+    return found
 
 
 def _remember_failure(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -26,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.cluster.metrics import ClusterMetrics
+from gateway.redact import REDACTED
 
 log = structlog.get_logger("gateway.cluster")
 
@@ -99,9 +101,18 @@ def connect(url: str, timeout_s: float = TIMEOUT_S) -> Redis:
 
 
 def redis_location(url: str) -> str:
-    """The URL without credentials, for logs."""
+    """The URL without credentials, for logs: no userinfo, and the value of
+    a ``password`` query parameter (redis-py reads the password there too)
+    redacted."""
     scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
+    address, mark, query = rest.partition("?")
+    params = [_redacted_param(param) for param in query.split("&")] if mark else []
+    return f"{scheme}://{address.rpartition('@')[2]}{mark}{'&'.join(params)}"
+
+
+def _redacted_param(param: str) -> str:
+    name, _, _ = param.partition("=")
+    return f"{name}={REDACTED}" if unquote_plus(name).lower() == "password" else param
 
 
 class Directory:
