@@ -336,10 +336,13 @@ class RetryingSource:
         if self._deadline is None:
             stream = await transport.open(request)
         else:
+            deadline = asyncio.timeout(max(self._deadline - self._router.clock(), 0.0))
             try:
-                async with asyncio.timeout(max(self._deadline - self._router.clock(), 0.0)):
+                async with deadline:
                     stream = await transport.open(request)
             except TimeoutError as exc:
+                if not deadline.expired():
+                    raise  # the transport's own, not this deadline
                 raise TransportTimeout(
                     "upstream sent no first token within the first-token timeout"
                 ) from exc
