@@ -113,6 +113,18 @@ def core() -> H2ClientProtocol:
     return core
 
 
+def frames_in(sent: bytes) -> list[Frame]:
+    """The frames ``sent`` holds, parsed."""
+    frames = []
+    view = memoryview(sent)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9 : 9 + length])
+        frames.append(frame)
+        view = view[9 + length :]
+    return frames
+
+
 def open_streams(core: H2ClientProtocol, count: int) -> list[int]:
     ids = [core.start_request(REQUEST) for _ in range(count)]
     core.data_to_send()  # their HEADERS
@@ -353,6 +365,30 @@ def test_a_connection_lost_after_goaway_refuses_the_streams_above_it(core) -> No
     assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
     assert isinstance(events[0], StreamFailed) and events[0].stream_id == first
     assert type(events[0].error) is ConnectionLost
+
+
+def test_a_goaway_keeps_the_headers_of_a_request_not_yet_sent(core) -> None:
+    """A request opened in the loop iteration that reads a GOAWAY whose
+    last-stream-id covers it (2^31-1: shutting down soon, RFC 9113 §6.8):
+    its HEADERS, queued before the GOAWAY was read, still go out, and the
+    stream stays open for its answer."""
+    stream_id = core.start_request(REQUEST)
+    assert core.receive(goaway(2**31 - 1), now=1.0) == [CapacityChanged()]
+    (headers,) = frames_in(core.data_to_send())
+    assert isinstance(headers, HeadersFrame) and headers.stream_id == stream_id
+    assert "END_STREAM" in headers.flags
+    assert (":path", "/v1/models") in hpack.Decoder().decode(headers.data)
+    assert core.active_streams == 1 and core.is_draining
+
+
+def test_a_goaway_keeps_the_window_updates_queued_before_it(core, peer) -> None:
+    """Credit that consumed() queued before a GOAWAY was read still goes
+    out: the answer the GOAWAY lets finish would wait for it for good."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id) + data_of(stream_id, 40_000), now=1.0)
+    assert core.consumed(stream_id, 40_000) is True
+    core.receive(goaway(stream_id), now=1.0)
+    assert core.data_to_send() == window_update(0, 40_000) + window_update(stream_id, 40_000)
 
 
 # -- liveness --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """h2's connection state machine, configured for this client.
 
-Two things differ from a plain ``h2.connection.H2Connection``:
+Three things differ from a plain ``h2.connection.H2Connection``:
 
 - Outbound header validation and normalisation are off: the client builds
   its own request headers (lower-case names, no connection-specific fields;
@@ -10,6 +10,8 @@ Two things differ from a plain ``h2.connection.H2Connection``:
   frames of the streams that GOAWAY lets finish (those at or below its
   last-stream-id, RFC 9113 §6.8). The protocol core opens no stream after a
   GOAWAY itself, so keeping the state open is safe.
+- A GOAWAY does not drop what was queued to send. h2 empties its outbound
+  buffer on any GOAWAY it receives; see ``clear_outbound_data_buffer``.
 """
 
 from __future__ import annotations
@@ -28,13 +30,32 @@ _CONFIG = h2.config.H2Configuration(
 
 
 class GoawayTolerantConnection(h2.connection.H2Connection):
-    """An ``H2Connection`` whose state survives a received GOAWAY."""
+    """An ``H2Connection`` whose state, and the bytes it has queued to send,
+    survive a received GOAWAY."""
+
+    #: True while h2 handles a received GOAWAY.
+    _receiving_goaway = False
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2.events.Event]]:
         state = self.state_machine.state
-        result = super()._receive_goaway_frame(frame)
+        self._receiving_goaway = True
+        try:
+            result = super()._receive_goaway_frame(frame)
+        finally:
+            self._receiving_goaway = False
         self.state_machine.state = state
         return result
+
+    def clear_outbound_data_buffer(self) -> None:
+        """Empties the outbound buffer, except while a received GOAWAY is
+        handled: h2 would drop what we queued before reading it, such as the
+        HEADERS of streams opened in this loop iteration and the
+        WINDOW_UPDATEs a running answer waits for. Those frames crossed the
+        GOAWAY on the wire (RFC 9113 §6.8): the peer ignores the ones on
+        streams above its last-stream-id, which the core fails as refused and
+        the pool sends again, and processes the rest, which must reach it."""
+        if not self._receiving_goaway:
+            super().clear_outbound_data_buffer()
 
 
 def client_state_machine() -> h2.connection.H2Connection:
