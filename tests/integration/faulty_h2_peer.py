@@ -14,6 +14,9 @@ Each request is answered with ``tokens`` chat-completion chunks ("t0 ",
   through h2's ``close_connection()``, whose last-stream-id covers every
   request received, and with h2's state closed the answers in flight are
   dropped: the connection closes under them.
+- ``goaway_at_once=K``: the first K connections send their SETTINGS and
+  GOAWAY(NO_ERROR, last-stream-id 0) in one write, as a server shutting
+  down may do with the connections it still accepts, and serve nothing.
 - ``fault``: after ``tokens_before_fault`` chunks of an answer, and once the
   test sets ``go``, the connection ``kill``s (TCP abort), sends a GOAWAY with
   an error code and closes (``goaway_error``), breaks the protocol (a
@@ -75,6 +78,7 @@ async def faulty_h2_peer(
     refuse_first: int = 0,
     goaway_after: int | None = None,
     goaway_style: Literal["rfc", "hypercorn"] = "rfc",
+    goaway_at_once: int = 0,
     fault: Fault | None = None,
     tokens_before_fault: int = 2,
     wait_for_go: bool = False,
@@ -88,6 +92,20 @@ async def faulty_h2_peer(
         peer.connections += 1
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
+        if peer.connections <= goaway_at_once:
+            conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=0)
+            peer.goaways += 1
+            writer.write(conn.data_to_send())
+            try:
+                # Closed once the client has closed: closing with its preface
+                # unread would reset the connection, GOAWAY and all.
+                while await reader.read(65_536):
+                    pass
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+            return
         writer.write(conn.data_to_send())
         answers: set[asyncio.Task[None]] = set()
         served = 0

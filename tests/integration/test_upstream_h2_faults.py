@@ -23,8 +23,8 @@ from gateway.config import Settings
 from gateway.state import STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.errors import ConnectionLost
-from gateway.upstream.h2.stream import H2ResponseStream
-from tests.integration.faulty_h2_peer import FaultyPeer, answer_text, faulty_h2_peer
+from gateway.upstream.h2.stream import MAX_SENDS, H2ResponseStream
+from tests.integration.faulty_h2_peer import FaultyPeer, answer_text, chunk, faulty_h2_peer
 from tests.integration.h2_pools import h2_pool
 from tests.integration.sse_frames import Frame, FrameReader, openai_text
 
@@ -138,6 +138,40 @@ async def test_a_hypercorn_style_quota_drops_the_streams_in_flight():
                 await pool.aclose()
         assert outcomes == expected, cap
         assert peer.goaways == (1 if cap is None else 0)
+
+
+async def test_a_connection_ended_with_its_preface_leaves_the_pool_free():
+    """The upstream's first connection sends its SETTINGS and a GOAWAY (last
+    stream 0, RFC 9113 §6.8) in one write: it ends before the pool could add
+    it. With max_connections=1 it must not stay in the pool, closed, holding
+    the only place: the request goes on a second connection and is
+    answered, and so is the next."""
+    async with faulty_h2_peer(goaway_at_once=1) as peer:
+        pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1, slot_timeout=2.0)
+        try:
+            for prompt in ("first", "next"):
+                stream = await pool.open(request(prompt))
+                assert await read_all(stream) == b"".join(chunk(f"t{i} ") for i in range(5)) + DONE
+            assert pool.connection_count() == 1
+        finally:
+            await pool.aclose()
+    assert peer.connections == 2 and peer.goaways == 1 and peer.requests == 2
+
+
+async def test_a_peer_that_ends_every_connection_with_its_preface_fails_the_open():
+    """Every connection ends with its preface: the request is tried on
+    MAX_SENDS new connections, then fails as a lost connection, at once,
+    not after the slot timeout, and not on connection after connection."""
+    async with faulty_h2_peer(goaway_at_once=100) as peer:
+        pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1, slot_timeout=30.0)
+        try:
+            with pytest.raises(ConnectionLost, match="before it took a stream"):
+                async with asyncio.timeout(10):  # generous: the slot timeout is 30 s
+                    await pool.open(request("turned away"))
+            assert pool.connection_count() == 0
+        finally:
+            await pool.aclose()
+    assert peer.connections == MAX_SENDS and peer.requests == 0
 
 
 async def test_refused_streams_are_sent_again_and_answered():

@@ -39,7 +39,7 @@ from gateway.upstream.errors import (
     TransportTimeout,
 )
 from gateway.upstream.h2.connection import H2ClientConnection
-from gateway.upstream.h2.stream import H2ResponseStream
+from gateway.upstream.h2.stream import MAX_SENDS, H2ResponseStream
 from gateway.upstream.origin import Origin
 
 #: After a connection attempt failed, no extra connection is opened just to
@@ -115,6 +115,7 @@ class H2Pool:
                     raise
 
     async def _wait_for_slot(self) -> H2ClientConnection:
+        turned_away = 0
         while True:
             if self._closed:
                 raise ConnectionLost("the upstream pool is closed")
@@ -122,7 +123,16 @@ class H2Pool:
             if connection is not None:
                 return connection
             if self._connecting is not None or self._can_add_connection():
-                await asyncio.shield(self._connect())
+                connection = await asyncio.shield(self._connect())
+                if connection.is_closed:
+                    # Ended by the peer before it took a stream (a GOAWAY
+                    # with its preface, RFC 9113 §6.8): the request was not
+                    # sent, so a new connection may take it, as many times
+                    # as a refused request is sent, not for as long as a
+                    # peer turns every connection away.
+                    turned_away += 1
+                    if turned_away >= MAX_SENDS:
+                        raise ConnectionLost("upstream closed each new connection before it took a stream")
             else:
                 await self._wait_for_capacity()
 
@@ -196,6 +206,12 @@ class H2Pool:
         if self._closed:
             connection.close()
             raise ConnectionLost("the upstream pool is closed")
+        if connection.is_closed:
+            # The peer ended it in the read that brought its preface (its
+            # SETTINGS and a GOAWAY in one write): added now, it would stay
+            # in the pool, closed, counted against max_connections, and never
+            # removed. Whoever waits for it looks again.
+            return connection
         self._connections.append(connection)
         return connection
 
