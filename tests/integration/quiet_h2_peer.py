@@ -2,7 +2,9 @@
 asked, one DATA frame), or not at all, and then says nothing: for the
 deadlines of the h2 client and the source. It may grant no stream window
 (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113 §6.5.2, and never a
-WINDOW_UPDATE). The RST_STREAMs it receives are counted."""
+WINDOW_UPDATE), take one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS),
+and refuse its first requests (RST_STREAM(REFUSED_STREAM), §8.7). The
+RST_STREAMs it receives are counted."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 
@@ -22,31 +25,50 @@ class QuietPeer:
     port: int
     #: Stream ids the client reset, in order.
     resets: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    #: Stream ids of the requests received, refused or not, in order.
+    requests: list[int] = field(default_factory=list)
 
 
 @asynccontextmanager
 async def quiet_h2_peer(
-    *, head: bool = True, first_data: bytes | None = None, initial_window_size: int | None = None
+    *,
+    head: bool = True,
+    first_data: bytes | None = None,
+    initial_window_size: int | None = None,
+    max_concurrent_streams: int | None = None,
+    refuse_first: int = 0,
 ) -> AsyncIterator[QuietPeer]:
     """Serve until the block ends; the caller closes its client first (the
     peer then reads the end of the connection and stops)."""
     peer_done = asyncio.Event()
     resets: asyncio.Queue[int] = asyncio.Queue()
+    requests: list[int] = []
+    settings: dict[int, int] = {}
+    if initial_window_size is not None:
+        settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] = initial_window_size
+    if max_concurrent_streams is not None:
+        settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = max_concurrent_streams
+    refused = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal refused
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        if initial_window_size is not None:
+        if settings:
             # In the first SETTINGS frame: in force from the client's first stream.
-            conn.local_settings = h2.settings.Settings(
-                client=False,
-                initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: initial_window_size},
-            )
+            conn.local_settings = h2.settings.Settings(client=False, initial_values=settings)
         conn.initiate_connection()
         writer.write(conn.data_to_send())
         try:
             while data := await reader.read(65_536):
                 for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.RequestReceived) and head:
+                    if isinstance(event, h2.events.RequestReceived):
+                        assert event.stream_id is not None
+                        requests.append(event.stream_id)
+                    if isinstance(event, h2.events.RequestReceived) and refused < refuse_first:
+                        assert event.stream_id is not None
+                        refused += 1
+                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    elif isinstance(event, h2.events.RequestReceived) and head:
                         assert event.stream_id is not None
                         conn.send_headers(event.stream_id, [(":status", "200")])
                         if first_data is not None:
@@ -61,7 +83,7 @@ async def quiet_h2_peer(
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
-        yield QuietPeer(server.sockets[0].getsockname()[1], resets)
+        yield QuietPeer(server.sockets[0].getsockname()[1], resets, requests)
         await asyncio.wait_for(peer_done.wait(), 5)
     finally:
         server.close()

@@ -129,6 +129,31 @@ async def test_the_first_token_deadline_covers_the_head_and_the_first_data(head)
             await quiet_pool.aclose()
 
 
+async def test_the_first_token_deadline_ends_the_wait_to_send_a_refused_request_again():
+    """The upstream refuses the request (REFUSED_STREAM, RFC 9113 §8.7) and
+    takes one stream at a time, and another stream then holds that slot:
+    the request waits to be sent again. The first-token deadline ends that
+    wait when it passes, with the source's words, not when a slot frees or
+    the slot timeout (60 s here) runs out, and the request is not sent."""
+    async with quiet_h2_peer(refuse_first=1, max_concurrent_streams=1) as peer:
+        quiet_pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1, slot_timeout=60.0)
+        try:
+            source = await started(quiet_pool, "refused, then waits", SourceTimeouts(0.3, 30.0))
+            # Sent once the refusal has freed the slot; then holds it (a
+            # head and nothing more).
+            holder = await quiet_pool.open(chat("holds the slot"))
+            assert holder.stream_id == 3
+            with pytest.raises(UpstreamTimeout, match="sent no first token within its timeout"):
+                async with asyncio.timeout(10):  # generous: the deadline is 0.3 s
+                    await anext(source)
+            assert not quiet_pool._waiters
+            holder.reset()
+            assert await asyncio.wait_for(peer.resets.get(), 5) == 3
+        finally:
+            await quiet_pool.aclose()
+    assert peer.requests == [1, 3]  # the refused request was not sent again
+
+
 def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
     """uvloop's timers fire up to half a millisecond early: a watchdog that
     re-checked its deadline without the deadlines' resolution would re-arm

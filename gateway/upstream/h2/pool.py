@@ -35,6 +35,7 @@ from gateway.upstream.errors import (
     ConnectFailed,
     ConnectionLost,
     StreamRefused,
+    StreamReset,
     TransportError,
     TransportTimeout,
 )
@@ -103,6 +104,9 @@ class H2Pool:
                         connection = await self._wait_for_slot()
                 except TimeoutError as exc:
                     raise TransportTimeout("no upstream stream slot came free in time") from exc
+            if stream.is_reset:
+                # Reset while it waited to be sent again: nothing to send.
+                raise StreamReset("stream was reset by the gateway")
             try:
                 # No await between picking the connection and its HEADERS:
                 # the slot is ours.

@@ -136,6 +136,11 @@ class H2ResponseStream:
         )
 
     @property
+    def is_reset(self) -> bool:
+        """Reset (or released) by the consumer: nothing more is sent for it."""
+        return self._finished
+
+    @property
     def request(self) -> UpstreamRequest:
         assert self._request is not None, "the request was answered"
         return self._request
@@ -149,7 +154,7 @@ class H2ResponseStream:
             raise RuntimeError("the response head was already taken")
         while (head := self._head) is None:
             if self.may_resend:
-                await self._resender.resend(self)
+                await self._send_again()
             elif self._error is not None:
                 raise self._error
             elif self._finished:
@@ -177,7 +182,7 @@ class H2ResponseStream:
                 return data
             if self._error is not None:
                 if self.may_resend:
-                    await self._resender.resend(self)
+                    await self._send_again()
                     continue
                 raise self._error
             if self._ended or self._finished:
@@ -212,6 +217,27 @@ class H2ResponseStream:
         self.reset()
 
     # -- internals -------------------------------------------------------------------
+
+    async def _send_again(self) -> None:
+        """The refused request, sent again by the resender, which may wait
+        for a stream slot, a connection or send window. That runs in a task
+        of its own, so that a reset meanwhile (a deadline passed, say) ends
+        the wait at once rather than when a slot frees, and the stream then
+        reads as reset, whatever the resend came to."""
+        sending = asyncio.get_running_loop().create_task(self._resender.resend(self), name="h2-resend")
+        sending.add_done_callback(lambda _: self._wake())
+        try:
+            while not (sending.done() or self._finished):
+                await self._wait()
+        finally:
+            if not sending.done():
+                sending.cancel()
+                await asyncio.wait((sending,))
+        error = None if sending.cancelled() else sending.exception()
+        if self._finished:
+            self._error = None
+        elif error is not None:
+            raise error
 
     async def _wait(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
