@@ -48,7 +48,7 @@ class Peer:
     def __init__(self) -> None:
         self._encoder = hpack.Encoder()
 
-    def headers(self, stream_id: int, status: int = 200, *, end_stream: bool = False) -> bytes:
+    def headers(self, stream_id: int, status: int | str = 200, *, end_stream: bool = False) -> bytes:
         frame = HeadersFrame(stream_id)
         frame.data = self._encoder.encode([(":status", str(status)), ("content-type", "text/plain")])
         frame.flags.add("END_HEADERS")
@@ -442,6 +442,22 @@ def test_a_protocol_error_ends_the_connection_with_goaway(core) -> None:
     sent = GoAwayFrame(0)
     sent.parse_body(memoryview(core.data_to_send()[9:]))
     assert sent.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("status", ["abc", "2_00", "600"])
+def test_a_malformed_status_ends_the_connection_with_goaway(core, peer, status) -> None:
+    """A :status that is not three digits from 100 to 599 (RFC 9110 §15)
+    makes the response malformed (RFC 9113 §8.1.1): every stream fails as a
+    protocol violation and GOAWAY(PROTOCOL_ERROR) is queued, as for the
+    malformed heads h2 finds itself."""
+    first, _ = open_streams(core, 2)
+    events = core.receive(peer.headers(first, status), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, StreamFailed, ConnectionEnded]
+    assert all(isinstance(e, StreamFailed | ConnectionEnded) and isinstance(e.error, ProtocolViolation)
+               for e in events)
+    (sent,) = frames_in(core.data_to_send())
+    assert isinstance(sent, GoAwayFrame) and sent.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert core.is_closed
 
 
 def test_window_updates_wake_body_senders(core) -> None:

@@ -183,8 +183,18 @@ class H2ClientProtocol:
         self._last_heard = now
         self._ping_sent_at = None
         events: list[Event] = []
-        for event in received:
-            self._translate(event, events)
+        try:
+            for event in received:
+                self._translate(event, events)
+        except ProtocolViolation as exc:
+            # A malformed response head (RFC 9113 §8.1.1) that h2 let through:
+            # the connection ends as h2 ends it for those it detects itself,
+            # with GOAWAY(PROTOCOL_ERROR) (§5.4.1).
+            try:
+                self._h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass  # h2's state is already closed: nothing to say to the peer
+            events.extend(self._end(exc))
         return events
 
     def lose(self, error: TransportError) -> list[Event]:
@@ -444,14 +454,23 @@ class H2ClientProtocol:
 
 
 def response_head(raw_headers: list[tuple[bytes, bytes]]) -> ResponseHead:
+    """Raises ``ProtocolViolation`` for a malformed ``:status``."""
     status = 0
     headers: list[tuple[str, str]] = []
     for name, value in raw_headers:
         if name == b":status":
-            status = int(value)
+            status = status_code(value)
         elif not name.startswith(b":"):
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
     return ResponseHead(status=status, headers=tuple(headers), http_version="HTTP/2")
+
+
+def status_code(value: bytes) -> int:
+    """A ``:status`` value: three digits, 100 to 599 (RFC 9110 §15; RFC 9113
+    §8.3.2). ``int()`` alone would take "2_00" or "+42"."""
+    if len(value) == 3 and value.isdigit() and 100 <= (status := int(value)) <= 599:
+        return status
+    raise ProtocolViolation("upstream sent a response head with a malformed :status")
 
 
 def reset_error(error_code: int | None) -> TransportError:
