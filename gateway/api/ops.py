@@ -143,9 +143,20 @@ def _cluster_stats(state: GatewayState) -> dict[str, object]:
     }
 
 
-async def _upstream_get(upstream: Upstream, path: str) -> tuple[int, bytes]:
-    """GET a small JSON document from one upstream: (status, body). A non-2xx
-    answer raises the provider's error, except 404, which the caller names."""
+def _answer_timeout_s(state: GatewayState, upstream: Upstream) -> float:
+    """How long one upstream may take over a small document: what it may
+    take for a first token (UPSTREAM_FIRST_TOKEN_TIMEOUT_MS, or its own
+    first_token_timeout_ms when lower), as the document is its whole
+    answer, sent at once."""
+    first_token_ms = state.settings.upstream_first_token_timeout_ms
+    own = upstream.config.first_token_timeout_ms
+    return (first_token_ms if own is None else min(first_token_ms, own)) / 1000
+
+
+async def _upstream_get(upstream: Upstream, path: str, timeout_s: float) -> tuple[int, bytes]:
+    """GET a small JSON document from one upstream: (status, body), within
+    ``timeout_s``. A non-2xx answer raises the provider's error, except 404,
+    which the caller names."""
     headers = upstream.provider.build_request(
         {"model": "", "messages": []},
         base_path=upstream.base_path,
@@ -157,6 +168,7 @@ async def _upstream_get(upstream: Upstream, path: str) -> tuple[int, bytes]:
         upstream.transport,
         UpstreamRequest("GET", upstream.base_path + path, wanted + (("accept", "application/json"),)),
         MAX_MODELS_BODY,
+        timeout_s=timeout_s,
     )
     if head.status not in (200, 404):
         raise upstream.provider.error_from_response(head, body)
@@ -186,8 +198,8 @@ def _model_entry(item: object, provider: str) -> dict[str, object]:
     }
 
 
-async def _upstream_models(upstream: Upstream) -> list[dict[str, object]]:
-    status, body = await _upstream_get(upstream, "/models")
+async def _upstream_models(state: GatewayState, upstream: Upstream) -> list[dict[str, object]]:
+    status, body = await _upstream_get(upstream, "/models", _answer_timeout_s(state, upstream))
     try:
         if status != 200:
             raise ValueError(f"upstream answered {status}")
@@ -202,7 +214,7 @@ async def _all_models(state: GatewayState) -> list[dict[str, object]]:
     An upstream that cannot answer is left out, unless none could."""
     router = state.router
     asked = [up for up in router.upstreams if ANY_MODEL in up.config.models]
-    answers = await asyncio.gather(*(_upstream_models(up) for up in asked),
+    answers = await asyncio.gather(*(_upstream_models(state, up) for up in asked),
                                    return_exceptions=True)
     found: dict[object, dict[str, object]] = {}
     failure: BaseException | None = None
@@ -242,7 +254,9 @@ async def model(request: web.Request) -> web.Response:
     for upstream in state.router.upstreams:
         if ANY_MODEL not in upstream.config.models:
             continue
-        status, body = await _upstream_get(upstream, "/models/" + quote(model_id, safe=""))
+        status, body = await _upstream_get(
+            upstream, "/models/" + quote(model_id, safe=""), _answer_timeout_s(state, upstream)
+        )
         if status == 404:
             continue
         try:

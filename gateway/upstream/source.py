@@ -285,15 +285,23 @@ async def read_bounded(stream: ResponseStream, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
-async def fetch(transport: Transport, request: UpstreamRequest, limit: int) -> tuple[ResponseHead, bytes]:
+async def fetch(
+    transport: Transport, request: UpstreamRequest, limit: int, *, timeout_s: float
+) -> tuple[ResponseHead, bytes]:
     """One whole (small) response: its head and the first ``limit`` bytes of
-    its body. For requests outside a stream, such as the model list."""
+    its body. For requests outside a stream, such as the model list. All of
+    it within ``timeout_s``: the transport bounds connecting and sending,
+    not the answer, and an upstream that takes the request and never
+    answers would hold it open for good."""
     try:
-        stream = await transport.open(request)
-        try:
-            return await stream.head(), await read_bounded(stream, limit)
-        finally:
-            stream.release()
+        async with asyncio.timeout(timeout_s):
+            stream = await transport.open(request)
+            try:
+                return await stream.head(), await read_bounded(stream, limit)
+            finally:
+                stream.release()
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"upstream did not answer within {timeout_s:g} s") from exc
     except TransportError as exc:
         raise gateway_error(exc) from exc
 

@@ -10,8 +10,11 @@ import json
 import time
 import weakref
 
+import aiohttp
 import pytest
 
+from gateway.app import running_gateway
+from gateway.config import Settings
 from gateway.errors import UpstreamTimeout
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
@@ -152,6 +155,30 @@ async def test_the_first_token_deadline_ends_the_wait_to_send_a_refused_request_
         finally:
             await quiet_pool.aclose()
     assert peer.requests == [1, 3]  # the refused request was not sent again
+
+
+async def test_a_model_list_that_never_comes_ends_at_the_first_token_deadline():
+    """/v1/models from an upstream that takes the request over h2c and
+    never answers: the gateway answers 504 upstream_timeout in OpenAI's
+    error shape once the first-token timeout (0.3 s) has passed, and resets
+    the upstream stream."""
+    async with quiet_h2_peer(head=False) as peer:
+        settings = Settings(
+            host="127.0.0.1",
+            port=0,
+            upstream_url=f"http://127.0.0.1:{peer.port}/v1",
+            upstream_protocol="h2c",
+            upstream_first_token_timeout_ms=300,
+        )
+        async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
+            async with asyncio.timeout(10):  # generous: the deadline is 0.3 s
+                async with http.get(url + "/v1/models") as response:
+                    body = await response.json()
+            assert await asyncio.wait_for(peer.resets.get(), 5) == 1
+    assert response.status == 504
+    assert body["error"]["code"] == "upstream_timeout"
+    assert body["error"]["type"] == "timeout_error"
+    assert body["error"]["message"] == "the upstream did not answer in time"
 
 
 def test_under_uvloop_a_due_watchdog_times_out_once_not_in_a_spin():
