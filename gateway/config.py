@@ -197,12 +197,18 @@ class Settings:
                 "more than 1 worker needs REDIS_URL (workers share one coalescing namespace)",
                 str(settings.workers),
             )
-        if settings.cluster_advertise_url is not None and not settings.cluster_secret:
-            host = urlsplit(settings.cluster_advertise_url).hostname or ""
-            if host != "localhost" and not _is_loopback(host):
+        if settings.redis_url is not None and not settings.cluster_secret:
+            # The internal hop serves any stream by its key and cancels by
+            # request id: without a secret, only this host may reach it.
+            advertised = settings.cluster_advertise_url
+            reachable = [cluster_listen_host(settings.host, advertised)]
+            if advertised is not None:
+                reachable.append(urlsplit(advertised).hostname or "")
+            if any(host != "localhost" and not _is_loopback(host) for host in reachable):
                 raise ConfigError(
                     "CLUSTER_SECRET",
-                    "required when CLUSTER_ADVERTISE_URL is reachable from other hosts",
+                    "required when the cluster's internal listener is reachable from other "
+                    "hosts (GATEWAY_HOST or CLUSTER_ADVERTISE_URL not a loopback address)",
                     "",
                 )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
@@ -238,6 +244,15 @@ class FileConfigError(ConfigError):
     def __init__(self, variable: str, message: str) -> None:
         ValueError.__init__(self, f"{variable}: {message}")
         self.variable = variable
+
+
+def cluster_listen_host(host: str, advertise_url: str | None) -> str:
+    """Where cluster mode's internal hop listens: GATEWAY_HOST, except that
+    without an advertised address the members are all on this host, so a
+    wildcard GATEWAY_HOST listens on loopback only."""
+    if advertise_url is None and host in ("0.0.0.0", "::", ""):
+        return "::1" if host == "::" else "127.0.0.1"
+    return host
 
 
 def _is_loopback(host: str) -> bool:

@@ -24,7 +24,7 @@ from gateway.cluster.member import Member
 from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import PeerClient
 from gateway.cluster.routes import internal_app
-from gateway.config import Settings
+from gateway.config import Settings, cluster_listen_host
 
 #: How long the internal listener waits for its streams when it stops (the
 #: registry has ended them by then in a drain).
@@ -91,11 +91,7 @@ async def open_internal_listener(
     if advertised is not None and urlsplit(advertised).port is not None:
         # One port per worker: the advertised one plus the worker's index.
         port = (urlsplit(advertised).port or 0) + (settings.worker_index or 0)
-    # Without an advertised address the members are on this host: the hop
-    # listens on loopback, never on every interface of a wildcard host.
-    listen_host = settings.host
-    if advertised is None and settings.host in ("0.0.0.0", "::", ""):
-        listen_host = "::1" if settings.host == "::" else "127.0.0.1"
+    listen_host = cluster_listen_host(settings.host, advertised)
     site = web.TCPSite(runner, listen_host, port)
     await site.start()
     bound = runner.addresses[-1][1]
