@@ -31,6 +31,7 @@ from gateway.cluster.peer import STREAM_PATH, PeerClient
 from gateway.cluster.wire import Owner, owner_entry
 from gateway.errors import UpstreamStatusError
 from tests.integration.cluster_fixture import REDIS_SERVER, running_redis
+from tests.loopback import serving
 from tests.unit.memory_source import MemorySource, MemoryUpstream, read_all, text
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -212,17 +213,10 @@ async def test_a_key_taken_over_on_the_last_attempt_is_owned(tmp_path: Path):
 
         app = web.Application()
         app.router.add_get(STREAM_PATH + "{key}", follow)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        async with serving(app) as url:
             gone.extend(owner_entry(Owner(f"gone{n}", url)) for n in range(MAX_ATTEMPTS))
             await client.set(name, gone[0], px=10_000)
             subscription = await running.lead()
-        finally:
-            await runner.cleanup()
         assert subscription.role == "leader"
         assert await client.get(name) == owner_entry(running.member.me)
         assert running.member.owned == {KEY: subscription.stream_id}

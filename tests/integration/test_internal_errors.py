@@ -31,6 +31,7 @@ from gateway.upstream.base import ResponseHead, ResponseStream, Transport, Upstr
 from tests.integration.conftest import both_protocols
 from tests.integration.sse_frames import FrameReader
 from tests.integration.test_gateway_errors import assert_still_serving
+from tests.loopback import serving
 
 INTERNAL = {"message": "internal error", "type": "server_error", "code": "internal_error"}
 BUG = "a bug in the gateway (secret detail)"
@@ -177,12 +178,8 @@ async def nested_json_upstream():
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    await runner.cleanup()
+    async with serving(app) as url:
+        yield url + "/v1"
 
 
 async def test_an_upstream_chunk_nested_too_deep_is_a_protocol_error(nested_json_upstream):

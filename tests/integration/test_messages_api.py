@@ -19,6 +19,7 @@ from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from tests.integration.conftest import FAST_SIM
 from tests.integration.sse_frames import FrameReader, openai_text
+from tests.loopback import serving
 
 
 def expected(prompt: str, tokens: int = FAST_SIM.tokens) -> str:
@@ -274,15 +275,11 @@ async def tool_peer():
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
-                        upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
-    async with running_gateway(settings) as (_, url):
-        yield url, asked
-    await runner.cleanup()
+    async with serving(app) as upstream:
+        settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                            upstream_url=upstream + "/v1")
+        async with running_gateway(settings) as (_, url):
+            yield url, asked
 
 
 async def test_thinking_and_tool_calls_become_content_blocks(tool_peer):

@@ -14,6 +14,7 @@ from gateway.sim.app import MODELS
 from gateway.sim.content import answer_tokens
 from gateway.sim.formats import token_logprob
 from tests.integration.conftest import FAST_SIM
+from tests.loopback import serving
 
 EXTRAS = (
     "[sim resolved_model=gpt-real-2025 fingerprint=fp_sim logprobs=1 cached_tokens=3"
@@ -186,12 +187,9 @@ async def test_a_server_without_model_urls_is_answered_from_its_list():
 
     app = web.Application()
     app.router.add_get("/v1/models", list_models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
-                        upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
-    try:
+    async with serving(app) as upstream:
+        settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                            upstream_url=upstream + "/v1")
         async with running_gateway(settings) as (_, url):
             sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
             try:
@@ -200,7 +198,5 @@ async def test_a_server_without_model_urls_is_answered_from_its_list():
                     await sdk.models.retrieve("meta/other")
             finally:
                 await sdk.close()
-    finally:
-        await runner.cleanup()
     assert retrieved.model_dump(exclude_none=True) == listed
     assert caught.value.code == "model_not_found"

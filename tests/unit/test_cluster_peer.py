@@ -14,6 +14,7 @@ from actors.deltas import Delta
 from gateway.cluster.peer import STREAM_PATH, PeerClient
 from gateway.cluster.wire import RemoteFailure, encode_deltas, error_line
 from gateway.errors import UpstreamStatusError
+from tests.loopback import serving
 
 
 @asynccontextmanager
@@ -29,14 +30,8 @@ async def owner_answering(body: bytes) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get(STREAM_PATH + "{key}", follow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def test_the_deltas_read_with_the_failure_reach_the_relay_before_it():

@@ -314,20 +314,13 @@ class SilentStream:
         self._reset.set()
 
 
-class SilentTransport:
-    def __init__(self) -> None:
-        self.streams: list[SilentStream] = []
+class SilentTransport(ScriptedTransport):
+    """Every stream it opens is a ``SilentStream``."""
 
     async def open(self, request: UpstreamRequest) -> ResponseStream:
         stream = SilentStream()
-        self.streams.append(stream)
+        self.streams.append(stream)  # type: ignore[arg-type]
         return stream
-
-    def connection_count(self) -> int:
-        return 0
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def test_the_first_attempt_after_a_wait_for_a_slot_ends_at_the_first_token_deadline() -> None:
