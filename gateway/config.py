@@ -197,18 +197,12 @@ class Settings:
                 "more than 1 worker needs REDIS_URL (workers share one coalescing namespace)",
                 str(settings.workers),
             )
-        if settings.redis_url is not None and not settings.cluster_secret:
-            # The internal hop serves any stream by its key and cancels by
-            # request id: without a secret, only this host may reach it.
-            advertised = settings.cluster_advertise_url
-            reachable = [cluster_listen_host(settings.host, advertised)]
-            if advertised is not None:
-                reachable.append(urlsplit(advertised).hostname or "")
-            if any(host != "localhost" and not _is_loopback(host) for host in reachable):
+        if settings.cluster_advertise_url is not None and not settings.cluster_secret:
+            host = urlsplit(settings.cluster_advertise_url).hostname or ""
+            if not _is_local(host):
                 raise ConfigError(
                     "CLUSTER_SECRET",
-                    "required when the cluster's internal listener is reachable from other "
-                    "hosts (GATEWAY_HOST or CLUSTER_ADVERTISE_URL not a loopback address)",
+                    "required when CLUSTER_ADVERTISE_URL is reachable from other hosts",
                     "",
                 )
         if settings.upstream_protocol == "h2c" and (settings.upstream_url or "").startswith(
@@ -247,12 +241,22 @@ class FileConfigError(ConfigError):
 
 
 def cluster_listen_host(host: str, advertise_url: str | None) -> str:
-    """Where cluster mode's internal hop listens: GATEWAY_HOST, except that
-    without an advertised address the members are all on this host, so a
-    wildcard GATEWAY_HOST listens on loopback only."""
-    if advertise_url is None and host in ("0.0.0.0", "::", ""):
-        return "::1" if host == "::" else "127.0.0.1"
-    return host
+    """Where cluster mode's internal hop listens. It serves any stream by
+    its key: members on this host only (no advertised address, or a loopback
+    one) reach it over loopback, whatever GATEWAY_HOST is; members on
+    several hosts (an advertised address they can reach, and CLUSTER_SECRET)
+    on GATEWAY_HOST."""
+    advertised = None if advertise_url is None else urlsplit(advertise_url).hostname
+    if advertised is not None and not _is_local(advertised):
+        return host
+    if advertised == "localhost":
+        return advertised
+    v6 = advertised == "::1" or (advertised is None and ":" in host)
+    return "::1" if v6 else "127.0.0.1"
+
+
+def _is_local(host: str) -> bool:
+    return host == "localhost" or _is_loopback(host)
 
 
 def _is_loopback(host: str) -> bool:
