@@ -53,6 +53,9 @@ PROBE_DELAYS = (0.0, 0.0, 0.001, 0.01, 0.1, 1.0)
 #: which an HTTP/1.1 client must parse and may ignore (RFC 9110 §15.2); 100
 #: is the one that clients built on Python's http.client skip as well.
 INTERIM_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: At most this many per request: Go's HTTP clients refuse more than five
+#: interim responses before the final one.
+MAX_INTERIM_RESPONSES = 5
 
 #: The kernel's send buffer per client connection (Linux doubles it for its
 #: bookkeeping). Fixed, not autotuned up to tcp_wmem's 4 MB: a client that
@@ -220,11 +223,17 @@ class ClientConnection(web.RequestHandler):
         if request.version < HttpVersion11:
             return
         writer = request.writer
+        sent = 0
 
         async def interim() -> None:
+            nonlocal sent
             transport = self.transport
-            if transport is None or transport.is_closing():
+            # Nothing while bytes wait to go: a write would add to them, not
+            # tell anything, and could wait on the drain.
+            if (sent == MAX_INTERIM_RESPONSES or transport is None or transport.is_closing()
+                    or transport.get_write_buffer_size()):
                 return
+            sent += 1
             try:
                 await writer.write(INTERIM_RESPONSE)
             except ConnectionResetError:
@@ -239,12 +248,14 @@ class ClientConnection(web.RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         if self._connections.draining or self._half_closed or resp.status == 408:
             resp.force_close()  # Connection: close, and closed after it
+        # The handler is done: no probe write may follow (or, an interim
+        # response, come after) what aiohttp writes now.
+        self._ping = None
+        self._stop_probe()
         try:
             return await super().finish_response(request, resp, start_time)
         finally:
             self._busy_request = None
-            self._ping = None
-            self._stop_probe()
             if resp.status == 408:
                 # The body stalled: close now, rather than linger reading it.
                 self.force_close()

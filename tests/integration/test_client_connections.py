@@ -180,6 +180,26 @@ async def test_a_half_closing_client_is_answered(gateway, stream):
     assert record.outcome == "complete"
 
 
+async def test_a_half_closed_client_gets_at_most_five_interim_responses(gateway):
+    # The probe's six steps span a second; Go's HTTP clients refuse a sixth
+    # interim response before the final one.
+    prompt = "half close, slowly [sim ttft_ms=1500 tokens=2]"
+    sock = socket.create_connection((HOST, _port(gateway.url)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(post(chat_bytes(prompt, stream=False)))
+    await writer.drain()
+    sock.shutdown(socket.SHUT_WR)
+    raw = await read_to_eof(reader)
+    writer.close()
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert raw.startswith(interim * 5) and raw.count(interim) == 5
+    status, _, body = split_response(raw.removeprefix(interim * 5))
+    assert status == 200
+    assert json.loads(body)["choices"][0]["message"]["content"] == "".join(
+        answer_tokens([{"role": "user", "content": prompt}], 2))
+
+
 async def test_a_client_that_closes_mid_stream_is_still_a_cancel(gateway):
     """Its FIN looks like a half-close; the probe finds it gone."""
     prompt = "closes [sim ttft_ms=5000]"
