@@ -162,8 +162,10 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
             await close_event_stream(response, state.keepalive, last_frame)
         except ConnectionResetError:
             # The client went away before its end could be written (its
-            # connection is closing; the handler's cancel comes next).
-            record.outcome = "cancelled"
+            # connection is closing; the handler's cancel comes next). An
+            # in-stream error it missed stays the outcome.
+            if record.outcome == "ok":
+                record.outcome = "cancelled"
         else:
             record.bytes_sent += len(last_frame)
     return response

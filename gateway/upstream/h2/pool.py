@@ -214,7 +214,9 @@ class H2Pool:
             # The peer ended it in the read that brought its preface (its
             # SETTINGS and a GOAWAY in one write): added now, it would stay
             # in the pool, closed, counted against max_connections, and never
-            # removed. Whoever waits for it looks again.
+            # removed. Whoever waits for it looks again; no connection is
+            # opened just to spread streams for a while, as after a failure.
+            self._connect_failed_at = asyncio.get_running_loop().time()
             return connection
         self._connections.append(connection)
         return connection

@@ -233,6 +233,8 @@ class H2ResponseStream:
             if not sending.done():
                 sending.cancel()
                 await asyncio.wait((sending,))
+            elif not sending.cancelled():
+                sending.exception()  # retrieved, if we are cancelled now
         error = None if sending.cancelled() else sending.exception()
         if self._finished:
             self._error = None
