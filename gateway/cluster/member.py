@@ -294,24 +294,28 @@ class Member:
         renew_every = self.directory.lease_ms / 3000
         loop = asyncio.get_running_loop()
         next_renewal = loop.time() + renew_every
+        next_probe = loop.time()
         while True:
-            # At most a probe interval, so an outage a request ran into is
-            # probed (and over) within seconds.
-            timeout = min(PROBE_INTERVAL_S, next_renewal - loop.time())
-            try:
-                async with asyncio.timeout(max(0.0, timeout)):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            if self.directory.up:
+                # At most a probe interval, so an outage a request ran into is
+                # probed (and over) within seconds.
+                timeout = min(PROBE_INTERVAL_S, next_renewal - loop.time())
+                try:
+                    async with asyncio.timeout(max(0.0, timeout)):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
             if not self.directory.up:
+                # Nothing can be written before Redis is back: no wait on what
+                # is queued or due, only a probe every probe interval, counted
+                # from the last one's start (a refused connection fails at
+                # once, a stalled one takes its timeout).
+                await asyncio.sleep(max(0.0, next_probe - loop.time()))
+                next_probe = loop.time() + PROBE_INTERVAL_S
                 await self.directory.probe()
                 if not self.directory.up:
-                    # The next probe a whole interval later, whatever is due
-                    # or queued meanwhile: a refused connection fails at
-                    # once, and nothing can be written before Redis is back.
-                    await asyncio.sleep(PROBE_INTERVAL_S)
                     continue
+            self._wake.clear()
             ops = self._pending_writes()
             if loop.time() >= next_renewal or not self._listed:
                 next_renewal = loop.time() + renew_every

@@ -144,6 +144,55 @@ async def test_a_refusing_redis_is_probed_once_a_probe_interval(tmp_path: Path, 
     assert not directory.up
 
 
+async def test_redis_back_is_noticed_within_a_probe_interval_with_the_default_lease(
+    tmp_path: Path, monkeypatch
+):
+    """With the default lease the renewal is seconds away while Redis is
+    down: the probes must still come a probe interval apart, not two. Redis
+    answering again right after a failed probe (the worst case) is noticed
+    at the next probe, and a refusing Redis is probed once an interval."""
+    async with running_redis(tmp_path / "redis") as redis, member_in_process(redis.url) as running:
+        directory = running.directory
+        probe = directory.probe
+        probes = 0
+        failed = asyncio.Event()
+        back = asyncio.Event()
+
+        async def observed_probe() -> None:
+            nonlocal probes
+            probes += 1
+            await probe()
+            (back if directory.up else failed).set()
+
+        monkeypatch.setattr(directory, "probe", observed_probe)
+
+        async def down() -> None:
+            await redis.stop()  # its port refuses connections now
+            with pytest.raises(Unavailable):
+                await directory.members()
+            failed.clear()
+            async with asyncio.timeout(5):
+                await failed.wait()
+
+        await down()
+        failed_at = time.monotonic()
+        await redis.start()
+        async with asyncio.timeout(10):  # a generous ceiling; measured below
+            await back.wait()
+        noticed_s = time.monotonic() - failed_at
+
+        await down()
+        counted_from = probes
+        window_s = 3.5  # probes due 1, 2 and 3 s into it, none at its edges
+        await asyncio.sleep(window_s)  # the period the probes are counted over
+        count = probes - counted_from
+    print(f"Redis back noticed {noticed_s:.2f} s after a failed probe; "
+          f"{count} probes of a refusing Redis in {window_s:g} s")
+    assert noticed_s < 1.8 * PROBE_INTERVAL_S
+    per_window = window_s / PROBE_INTERVAL_S
+    assert per_window - 1 <= count <= per_window + 1
+
+
 # -- a failure recorded once Redis is back: the error TTL left, or nothing ------------------
 
 
