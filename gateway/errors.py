@@ -277,6 +277,9 @@ _UPSTREAM_WORDS: dict[type[UpstreamError], str] = {
     UpstreamTimeout: "the upstream did not answer in time",
 }
 
+#: What a client is told of an upstream refusing the gateway's key.
+UPSTREAM_AUTH_MESSAGE = "the upstream refused the gateway's credentials"
+
 #: A provider's message longer than this, or looking like a page, is not
 #: relayed: the status says it in our words instead.
 _MAX_RELAYED_MESSAGE = 500
@@ -305,11 +308,18 @@ def for_client(exc: GatewayError) -> GatewayError:
     upstream failure's message is replaced by its cause in our words, except
     a provider's own error message for an error status (it tells the client
     what to fix: "maximum context length is 8192 tokens"), which is relayed
-    when it reads as a message and not as a page.
+    when it reads as a message and not as a page, and is not the upstream
+    refusing the gateway's key.
     """
     if isinstance(exc, ClientError):
         return exc
     if isinstance(exc, UpstreamStatusError):
+        if exc.upstream_status in UPSTREAM_AUTH_STATUSES:
+            # The provider's words are about our key ("Incorrect API key
+            # provided: sk-proj-****wxyz"): they would tell the client its
+            # own key is wrong and show a fingerprint of ours. The warning
+            # line keeps them (gateway/app.py).
+            return ClientError(exc, UPSTREAM_AUTH_MESSAGE)
         message = exc.message.strip()
         if not message or len(message) > _MAX_RELAYED_MESSAGE or "<" in message:
             message = f"the upstream answered {exc.upstream_status}"

@@ -47,7 +47,8 @@ def _error_of(path: str, stream: bool, raw: bytes) -> dict[str, object]:
 
 CASES = [
     # (behaviour, the words the client gets)
-    ("echo-key", "Incorrect API key provided: [redacted]"),
+    # A 401 is about our key: none of the provider's words reach the client.
+    ("echo-key", "the upstream refused the gateway's credentials"),
     ("echo-key-mid", "Incorrect API key provided: [redacted]"),
     ("html", "the upstream sent an answer the gateway could not read"),
     ("bad-chunk", "the connection to the upstream was lost"),
@@ -96,7 +97,8 @@ async def test_errors_reach_clients_in_our_words_and_no_secret_is_logged():
 
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_provider_message_quoting_the_key_is_redacted_in_process(stream):
-    """The same boundary in the in-process gateway the other tests use."""
+    """The same boundary in the in-process gateway the other tests use (an
+    in-stream error: a 401's message is not relayed at all)."""
     settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
                         upstream_api_key=UPSTREAM_KEY)
     async with faulty_upstream() as upstream, running_gateway(
@@ -104,7 +106,7 @@ async def test_a_provider_message_quoting_the_key_is_redacted_in_process(stream)
     ) as (_, url):
         async with aiohttp.ClientSession() as http:
             body = {"model": "m", "stream": stream,
-                    "messages": [{"role": "user", "content": "echo-key in process"}]}
+                    "messages": [{"role": "user", "content": "echo-key-mid in process"}]}
             async with http.post(url + "/v1/chat/completions", json=body) as resp:
                 raw = await resp.read()
     assert UPSTREAM_KEY.encode() not in raw

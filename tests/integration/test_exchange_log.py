@@ -168,7 +168,8 @@ async def test_an_upstream_error_quoting_the_key_and_the_prompt_stays_out_of_the
     ) as (app, url):
         async with aiohttp.ClientSession() as http:
             async with http.post(url + "/v1/chat/completions", json=chat(prompt, stream=False)) as resp:
-                assert resp.status >= 400
+                assert resp.status == 502
+                told = (await resp.json())["error"]["message"]
             exchanges = app[STATE].exchanges
             await written(exchanges.writer, 1)
             async with http.get(url + "/v1/exchanges") as resp:
@@ -177,6 +178,7 @@ async def test_an_upstream_error_quoting_the_key_and_the_prompt_stays_out_of_the
     assert exchange["outcome"] == "failed"
     stored = files_bytes(directory)
     assert key.encode() not in stored
+    assert told == "the upstream refused the gateway's credentials"
     assert (b"zanzibar-quokka-7731" in stored) == keep_content
     if keep_content:
         assert "[redacted]" in exchange["error"]["message"]

@@ -543,8 +543,8 @@ async def test_one_upstream_keeps_its_error_status_without_retry(gateway_factory
 @pytest.mark.parametrize("status", [401, 403])
 async def test_an_upstream_refusing_our_key_is_a_502_not_the_clients_401(gateway_factory, status):
     """401 tells a client that its own key is wrong; the upstream refusing
-    the gateway's key is an upstream error, and retrying the same upstream
-    with the same key would not help."""
+    the gateway's key is an upstream error, told in our words, and retrying
+    the same upstream with the same key would not help."""
     gateway = await gateway_factory(dataclasses.replace(FAST_SIM, fail_status=status))
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/chat/completions",
@@ -552,6 +552,9 @@ async def test_an_upstream_refusing_our_key_is_a_502_not_the_clients_401(gateway
             assert resp.status == 502
             error = (await resp.json())["error"]
     assert (error["code"], error["type"]) == ("upstream_auth_error", "upstream_error")
+    # Not the provider's message: it would tell the client its own key is
+    # wrong, and quote a fingerprint of ours ("Incorrect API key provided: sk-...").
+    assert error["message"] == "the upstream refused the gateway's credentials"
     assert len(gateway.sim.log.records) == 1
 
 
