@@ -70,6 +70,7 @@ class RetryingSource:
         "_upstream",
         "_ticket",
         "_tried",
+        "_refused",
         "_attempt_started",
         "_held",
         "_flowing",
@@ -101,6 +102,9 @@ class RetryingSource:
         self._ticket: AdmissionTicket | None = None
         #: The attempts' upstreams so far; let go at the first token.
         self._tried: tuple[Upstream, ...] = ()
+        #: The upstreams that refused our key (401, 403): with the same key
+        #: they would refuse it again, so no later attempt goes to them.
+        self._refused: tuple[Upstream, ...] = ()
         self._attempt_started = 0.0
         #: Deltas of the current attempt before its first token (a list
         #: only while there are some: every open stream holds this slot).
@@ -198,6 +202,8 @@ class RetryingSource:
         while True:
             if failed is not None:
                 exc, failure = failed
+                if failure.kind == "auth":
+                    self._refused = (*self._refused, self._tried[-1])
                 wait = self._may_retry(failure)
                 if wait is None:
                     raise exc
@@ -233,9 +239,10 @@ class RetryingSource:
         now = router.clock()
         if self._deadline is not None and now >= self._deadline:
             return None
-        upstream = router.next_upstream(plan.candidates, self._tried)
-        if failure.kind == "auth" and upstream in self._tried:
-            return None  # the same key would be refused again
+        candidates = [up for up in plan.candidates if up not in self._refused]
+        if not candidates:
+            return None  # every candidate refused our key
+        upstream = router.next_upstream(candidates, self._tried)
         delay = max(0.0, upstream.hold_until - now)
         if delay > 0:
             if delay * 1000 > retry.max_retry_after_ms:
@@ -373,7 +380,7 @@ class RetryingSource:
         # The prompts of every candidate, the attempts and the deadline of
         # the first token: not needed any more.
         self._plan = None
-        self._tried = ()
+        self._tried = self._refused = ()
         upstream = self._upstream
         assert upstream is not None
         upstream.breaker.success()

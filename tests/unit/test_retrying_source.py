@@ -345,3 +345,59 @@ async def test_the_first_attempt_after_a_wait_for_a_slot_ends_at_the_first_token
     assert loop.time() - started < 1.5
     assert len(transport.streams) == 1 and upstream.in_flight == 0
     assert upstream.admission.inflight == 0
+
+
+def refused(status: int) -> list[bytes | Exception | int]:
+    return [status, b'{"error": {"message": "no", "type": "x"}}']
+
+
+def answer(text: str) -> list[bytes | Exception | int]:
+    return [chunk(content=text), chunk(finish="stop"), DONE]
+
+
+async def answered_by(*scripts: Sequence[Sequence[bytes | Exception | int]],
+                      attempts: int) -> tuple[str, list[ScriptedTransport]]:
+    """One request over upstreams tried in this order (by priority, then all
+    again in the same order), each answering its script's responses in turn."""
+    transports = [ScriptedTransport(*responses) for responses in scripts]
+    configs = [UpstreamConfig(name=f"u{n}", url=f"http://u{n}/v1", priority=n)
+               for n in range(len(scripts))]
+    upstreams = [Upstream(config=config, transport=transport, provider=OpenAIProvider(),
+                          base_path="/v1", public_url=config.url,
+                          breaker=CircuitBreaker(failures=1000, cooldown_s=10))
+                 for config, transport in zip(configs, transports, strict=True)]
+    routing = RoutingConfig(tuple(configs),
+                            RetryConfig(max_attempts=attempts, retry_budget_min=1000),
+                            from_file=True)
+    router = Router(routing, upstreams)
+    plan = router.plan({"model": "m", "messages": []}, "m")
+    source = RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+    await source.start()
+    text = "".join([delta.text async for delta in source])
+    return text, transports
+
+
+async def test_an_upstream_that_refused_our_key_is_not_tried_again_after_other_failures() -> None:
+    """u0 refuses our key, u1 and u2 fail with a 500: the fourth attempt,
+    once every upstream was tried, goes to u1 again, never to u0."""
+    text, transports = await answered_by(
+        [refused(401)], [refused(500), answer("from u1")], [refused(500)], attempts=4
+    )
+    assert text == "from u1"
+    assert [len(t.streams) for t in transports] == [1, 2, 1]
+
+
+async def test_an_upstream_that_only_failed_is_tried_again_after_another_refused_our_key() -> None:
+    """u0 fails with a 500 and u1 refuses our key: u0 may take the retry."""
+    text, transports = await answered_by(
+        [refused(500), answer("from u0")], [refused(403)], attempts=3
+    )
+    assert text == "from u0"
+    assert [len(t.streams) for t in transports] == [2, 1]
+
+
+async def test_a_request_whose_every_upstream_refused_our_key_ends_with_that_failure() -> None:
+    """Attempts left, but no upstream that has not refused our key."""
+    with pytest.raises(GatewayError) as failed:
+        await answered_by([refused(401)], [refused(401)], attempts=4)
+    assert failed.value.code == "upstream_auth_error"
