@@ -55,10 +55,12 @@ class ExchangeWriter:
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._close_timeout_s = close_timeout_s
-        self._queue: deque[Exchange] = deque()
+        #: Each record with its ``held_bytes()`` at submission: it is let go
+        #: for exactly what it was counted for.
+        self._queue: deque[tuple[Exchange, int]] = deque()
         #: Records taken from the queue and not yet written (the batch).
         self._in_hand = 0
-        #: ``held_bytes()`` of the records queued and in hand.
+        #: What the records queued and in hand were counted for.
         self._held_bytes = 0
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -76,6 +78,11 @@ class ExchangeWriter:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def held_bytes(self) -> int:
+        """What the records queued and in hand hold (``Exchange.held_bytes``)."""
+        return self._held_bytes
 
     async def start(self, *, connect_within_s: float = 2.0) -> None:
         """Connect once (so the log can be read as soon as the gateway
@@ -104,7 +111,7 @@ class ExchangeWriter:
         ):
             self._dropped(1, "queue full")
             return
-        self._queue.append(exchange)
+        self._queue.append((exchange, size))
         self._held_bytes += size
         self._wakeup.set()
 
@@ -153,7 +160,7 @@ class ExchangeWriter:
     # -- the task -------------------------------------------------------------------
 
     async def _run(self) -> None:
-        batch: list[Exchange] = []
+        batch: list[tuple[Exchange, int]] = []
         delay = self._retry_initial_s
         while True:
             if not batch:
@@ -171,7 +178,7 @@ class ExchangeWriter:
                 if not self.connected:
                     await self.store.connect()
                     self.connected = True
-                await self.store.write(batch)
+                await self.store.write([exchange for exchange, _ in batch])
             except StoreUnavailable as exc:
                 self.connected = False
                 await self._close_store()
@@ -213,9 +220,9 @@ class ExchangeWriter:
             batch = []
             delay = self._retry_initial_s
 
-    def _let_go(self, batch: list[Exchange]) -> None:
+    def _let_go(self, batch: list[tuple[Exchange, int]]) -> None:
         """The batch in hand is written or dropped: it holds nothing more."""
-        self._held_bytes -= sum(exchange.held_bytes() for exchange in batch)
+        self._held_bytes -= sum(size for _, size in batch)
         self._in_hand = 0
 
     def _unavailable(self, exc: StoreUnavailable) -> None:

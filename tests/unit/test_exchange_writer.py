@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.exchanges.record import Exchange, Usage
 from gateway.exchanges.sqlite import SqliteStore
-from gateway.exchanges.writer import ExchangeWriter
+from gateway.exchanges.writer import MAX_QUEUE_BYTES, ExchangeWriter
 
 
 def exchange(number: int, *, id: str | None = None) -> Exchange:
@@ -41,6 +41,7 @@ async def test_records_queued_together_are_written_as_one_batch(tmp_path: Path):
     listed = await store.recent(limit=1000)
     assert [e["id"] for e in listed] == [f"xchg_{n:04d}" for n in reversed(range(120))]
     assert metric(registry, "gateway_exchange_log_written_total") == 120
+    assert writer.held_bytes == 0
     await writer.aclose()
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
@@ -82,6 +83,8 @@ async def test_a_refused_record_is_dropped_alone_and_writing_goes_on(tmp_path: P
         "xchg_0004", "xchg_0005", "xchg_0003", "xchg_0001"]
     assert writer.dropped_total == 1
     assert metric(registry, "gateway_exchange_log_dropped_total") == 1
+    # Written one by one, refused alone, written in a batch: nothing held.
+    assert writer.held_bytes == 0
     await writer.aclose()
 
 
@@ -111,14 +114,37 @@ async def test_the_queue_is_bounded_by_bytes_while_the_database_is_down(tmp_path
     await writer.start()
     assert not writer.connected
     prompt = "p" * 1_048_576  # one string shared by every record: the test holds 1 MiB
+    fitting = fitting_bytes = 0
     for number in range(100):  # in one tick: all of them wait in the queue
         record = dataclasses.replace(
             exchange(number), messages=({"role": "user", "content": prompt},
                                         {"role": "assistant", "content": "a"}))
+        if fitting_bytes + record.held_bytes() <= MAX_QUEUE_BYTES:
+            fitting += 1
+            fitting_bytes += record.held_bytes()
         writer.submit(record)
-    # Each record counts for its 1 MiB prompt: under 64 of them fit.
-    assert 50 <= writer.queued < 64
+    # Each record counts for its 1 MiB prompt and a little more: as many as
+    # fit in the 64 MiB.
+    assert 60 < fitting < 64
+    assert (writer.queued, writer.held_bytes) == (fitting, fitting_bytes)
     assert writer.dropped_total == 100 - writer.queued
     assert metric(registry, "gateway_exchange_log_dropped_total") == writer.dropped_total
     await writer.aclose()
     assert writer.dropped_total == 100 and writer.written_total == 0
+
+
+async def test_a_record_is_let_go_for_the_bytes_it_was_queued_for(tmp_path: Path):
+    """A record's messages are mappings, which can change while it waits:
+    the writer lets it go for the size it counted at its submission, so
+    what it holds comes back to nothing once it is written."""
+    writer = ExchangeWriter(SqliteStore(str(tmp_path / "log.db")),
+                            ExchangeMetrics(CollectorRegistry()))
+    await writer.start()
+    record = exchange(1)
+    writer.submit(record)
+    assert writer.held_bytes == record.held_bytes()
+    record.messages[0]["content"] = "grown while queued " * 100
+    async with asyncio.timeout(10):
+        await writer.wait_written(1)
+    assert writer.held_bytes == 0
+    await writer.aclose()
