@@ -8,9 +8,10 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiosqlite
@@ -20,8 +21,9 @@ from prometheus_client import CollectorRegistry
 from gateway.exchanges import schema
 from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.exchanges.postgres import PostgresStore, migrate_postgres
+from gateway.exchanges.record import Exchange
 from gateway.exchanges.sqlite import SqliteStore, migrate_sqlite
-from gateway.exchanges.store import open_store
+from gateway.exchanges.store import ExchangeStore, StoreUnavailable, open_store
 from gateway.exchanges.writer import ExchangeWriter
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.metrics_scrape import scrape
@@ -174,25 +176,53 @@ async def test_a_database_that_refuses_the_gateway_degrades_only_the_log(
     assert writer.written_total == 0 and writer.dropped_total == 4 - 1 - 2
 
 
+class CommitThenUnavailable:
+    """A real store whose first write commits and then reports the database
+    unreachable, as a PostgreSQL call does when the answer to its commit is
+    lost with the connection."""
+
+    def __init__(self, store: ExchangeStore) -> None:
+        self._store = store
+        self.description = store.description
+        self.failed = False
+
+    async def connect(self) -> None:
+        await self._store.connect()
+
+    async def write(self, batch: Sequence[Exchange]) -> None:
+        await self._store.write(batch)
+        if not self.failed:
+            self.failed = True
+            raise StoreUnavailable("the answer to the commit was lost")
+
+    async def recent(self, *, limit: int, before: str | None = None,
+                     model: str | None = None) -> list[dict[str, Any]]:
+        return await self._store.recent(limit=limit, before=before, model=model)
+
+    async def aclose(self) -> None:
+        await self._store.aclose()
+
+
 async def test_a_batch_written_again_is_stored_once_and_nothing_is_dropped(store_url):
-    """A commit can go through while its answer is lost (a PostgreSQL call
-    that timed out): the writer then sends the same batch again. The rows
-    already stored must not get it refused, record by record, and counted
-    as dropped although every one of them is in the database."""
+    """A commit can go through while its answer is lost: the writer then
+    sends the same batch again. The rows already stored must not get it
+    refused, record by record, and counted as dropped, nor counted as
+    written twice: three records, three rows, three written."""
     registry = CollectorRegistry()
-    writer = ExchangeWriter(open_store(store_url), ExchangeMetrics(registry))
+    store = CommitThenUnavailable(open_store(store_url))
+    writer = ExchangeWriter(store, ExchangeMetrics(registry))
     await writer.start()
-    batch = [exchange(number) for number in range(3)]
     try:
-        for total in (3, 6):
-            for record in batch:
-                writer.submit(record)
-            await written(writer, total)
+        for number in range(3):
+            writer.submit(exchange(number))
+        await written(writer, 3)
         listed = await writer.store.recent(limit=10)
     finally:
         await writer.aclose()
+    assert store.failed
     assert [e["id"] for e in listed] == ["xchg_0002", "xchg_0001", "xchg_0000"]
-    assert writer.dropped_total == 0
+    assert (writer.written_total, writer.dropped_total) == (3, 0)
+    assert registry.get_sample_value("gateway_exchange_log_written_total") == 3
     assert registry.get_sample_value("gateway_exchange_log_dropped_total") == 0
 
 
