@@ -144,6 +144,16 @@ def test_no_stream_opens_before_the_servers_preface() -> None:
         core.start_request(REQUEST)
 
 
+def test_a_connection_out_of_stream_ids_refuses_the_request_and_drains(core) -> None:
+    """Client stream ids end at 2^31-1 (RFC 9113 §5.1.1): the request is
+    refused, to be sent on another connection, and this one takes no more."""
+    core._h2.highest_outbound_stream_id = 2**31 - 1
+    with pytest.raises(StreamRefused):
+        core.start_request(REQUEST)
+    assert not core.is_usable and core.is_draining
+    assert core.data_to_send() == b""
+
+
 def test_the_response_head_and_body_come_as_events(core, peer) -> None:
     """HEADERS, DATA and END_STREAM become HeadReceived, DataReceived and
     StreamEnded for the stream; its slot frees."""

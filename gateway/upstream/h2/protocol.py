@@ -245,7 +245,6 @@ class H2ClientProtocol:
         connection takes no more streams: another one will."""
         if not self.is_usable:
             raise StreamRefused("connection no longer takes new streams")
-        stream_id = self._h2.get_next_available_stream_id()
         headers = [
             (b":method", request.method.encode()),
             (b":scheme", self._scheme),
@@ -256,6 +255,7 @@ class H2ClientProtocol:
         if request.body:
             headers.append((b"content-length", str(len(request.body)).encode()))
         try:
+            stream_id = self._h2.get_next_available_stream_id()
             self._h2.send_headers(stream_id, headers, end_stream=not request.body)
         except h2.exceptions.ProtocolError as exc:
             # Stream ids exhausted (2^31, RFC 9113 §5.1.1) or the peer's
