@@ -46,13 +46,19 @@ class WireError(ValueError):
 
 class RemoteFailure(GatewayError):
     """The failure another process's stream ended with, as that process
-    would have told its own clients (status, type, code, retryable)."""
+    would have told its own clients (status, type, code, retryable, a 429's
+    Retry-After)."""
 
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__(str(body.get("message") or "upstream error"), code=str(body.get("code")))
         self.status = int(body.get("status") or 502)
         self.type = str(body.get("type") or "upstream_error")
         self.retryable = bool(body.get("retryable"))
+        retry_after = body.get("retry_after")
+        self._retry_after = str(retry_after) if retry_after else None
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": self._retry_after} if self._retry_after else {}
 
 
 def _delta_json(delta: Delta) -> dict[str, Any]:
@@ -111,13 +117,16 @@ def _failure_json(exc: GatewayError) -> dict[str, Any]:
     raw message (a provider's error page, an upstream's address) must not
     leave the owner, whose log has it."""
     told = for_client(exc)
-    return {
+    body: dict[str, Any] = {
         "status": told.status,
         "type": told.type,
         "code": told.code,
         "message": told.message,
         "retryable": told.retryable,
     }
+    if retry_after := told.headers().get("Retry-After"):
+        body["retry_after"] = retry_after  # a 429's, for the clients' Retry-After
+    return body
 
 
 def error_line(exc: GatewayError) -> bytes:

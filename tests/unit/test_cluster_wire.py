@@ -64,6 +64,19 @@ def test_a_failure_line_is_what_the_owner_said():
     assert decoder.ended
 
 
+def test_a_429s_retry_after_reaches_the_other_processes_clients():
+    error = UpstreamStatusError(429, "slow down", retry_after="7")
+    decoder = LineDecoder()
+    decoder.feed(error_line(error))
+    entry = decode_entry(encode_failure(error))
+    assert isinstance(entry, FailureEntry)
+    for failure in (decoder.failure, entry.error):
+        assert failure is not None
+        assert failure.status == 429 and failure.headers() == {"Retry-After": "7"}
+    assert LineDecoder().feed(error_line(UpstreamStatusError(500, "boom"))) == []
+    assert decode_entry(encode_failure(UpstreamStatusError(500, "boom"))).error.headers() == {}
+
+
 def test_a_line_that_is_not_json_is_a_wire_error():
     with pytest.raises(WireError):
         LineDecoder().feed(b"not json\n")
