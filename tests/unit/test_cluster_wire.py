@@ -64,17 +64,21 @@ def test_a_failure_line_is_what_the_owner_said():
     assert decoder.ended
 
 
-def test_a_429s_retry_after_reaches_the_other_processes_clients():
-    error = UpstreamStatusError(429, "slow down", retry_after="7")
+def as_told_elsewhere(error: UpstreamStatusError) -> tuple[RemoteFailure, RemoteFailure]:
+    """``error`` as another process has it: from the hop's failure line, and
+    from the Redis entry."""
     decoder = LineDecoder()
     decoder.feed(error_line(error))
     entry = decode_entry(encode_failure(error))
-    assert isinstance(entry, FailureEntry)
-    for failure in (decoder.failure, entry.error):
-        assert failure is not None
+    assert decoder.failure is not None and isinstance(entry, FailureEntry)
+    return decoder.failure, entry.error
+
+
+def test_a_429s_retry_after_reaches_the_other_processes_clients():
+    for failure in as_told_elsewhere(UpstreamStatusError(429, "slow down", retry_after="7")):
         assert failure.status == 429 and failure.headers() == {"Retry-After": "7"}
-    assert LineDecoder().feed(error_line(UpstreamStatusError(500, "boom"))) == []
-    assert decode_entry(encode_failure(UpstreamStatusError(500, "boom"))).error.headers() == {}
+    for failure in as_told_elsewhere(UpstreamStatusError(500, "boom")):
+        assert failure.headers() == {}
 
 
 def test_a_line_that_is_not_json_is_a_wire_error():
@@ -106,12 +110,7 @@ def test_the_hop_and_the_directory_carry_the_message_the_owners_clients_get():
     """A provider's error page is not relayed to clients (gateway.errors.for_client):
     nor to other processes' clients, over the hop or from Redis."""
     error = UpstreamStatusError(502, "<html><h1>502 Bad Gateway</h1>nginx at 10.0.0.7:8000</html>")
-    decoder = LineDecoder()
-    decoder.feed(error_line(error))
-    entry = decode_entry(encode_failure(error))
-    assert isinstance(entry, FailureEntry)
-    for failure in (decoder.failure, entry.error):
-        assert failure is not None
+    for failure in as_told_elsewhere(error):
         assert (failure.status, failure.code, failure.type, failure.retryable, failure.message) == (
             502, "upstream_502", "upstream_error", True, "the upstream answered 502"
         )
