@@ -145,12 +145,11 @@ def _cluster_stats(state: GatewayState) -> dict[str, object]:
 
 def _answer_timeout_s(state: GatewayState, upstream: Upstream) -> float:
     """How long one upstream may take over a small document: what it may
-    take for a first token (UPSTREAM_FIRST_TOKEN_TIMEOUT_MS, or its own
-    first_token_timeout_ms when lower), as the document is its whole
-    answer, sent at once."""
-    first_token_ms = state.settings.upstream_first_token_timeout_ms
-    own = upstream.config.first_token_timeout_ms
-    return (first_token_ms if own is None else min(first_token_ms, own)) / 1000
+    take for a first token, as the document is its whole answer, sent at
+    once."""
+    timeout_s = upstream.config.first_token_s(state.settings.upstream_first_token_timeout_ms / 1000)
+    assert timeout_s is not None  # bounded from outside, so bounded
+    return timeout_s
 
 
 async def _upstream_get(upstream: Upstream, path: str, timeout_s: float) -> tuple[int, bytes]:

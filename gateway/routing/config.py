@@ -67,6 +67,15 @@ class UpstreamConfig:
     def upstream_model(self, model: str) -> str:
         return self.model_map.get(model, model)
 
+    def first_token_s(self, within_s: float | None) -> float | None:
+        """How long one attempt here waits for its first token, in seconds:
+        its own ``first_token_timeout_ms`` within ``within_s`` (None: no
+        bound from outside)."""
+        own = self.first_token_timeout_ms
+        if own is None:
+            return within_s
+        return own / 1000 if within_s is None else min(within_s, own / 1000)
+
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:

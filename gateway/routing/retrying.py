@@ -311,9 +311,7 @@ class RetryingSource:
             left = self._deadline - self._router.clock()
             if first is None or left < first - RESOLUTION:
                 first = max(left, 0.001)
-        own = upstream.config.first_token_timeout_ms
-        if own is not None:
-            first = own / 1000 if first is None else min(first, own / 1000)
+        first = upstream.config.first_token_s(first)
         timeouts = self._timeouts
         if first != timeouts.first_token_s:
             timeouts = SourceTimeouts(first_token_s=first, idle_s=timeouts.idle_s)
