@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -40,6 +41,16 @@ def test_help_prints_usage_and_every_variable_and_exits_0_without_starting() -> 
     listed = set(re.findall(r"\b[A-Z][A-Z0-9_]{3,}\b", result.stdout.split("environment variables")[1]))
     assert set(environment_variables()) <= listed
     assert "UPSTREAM_URL" in listed and "FIRST_TOKEN_PING_INTERVAL_MS" in listed
+
+
+def test_bin_gateway_runs_the_gateway_of_the_checkouts_venv() -> None:
+    launcher = Path(__file__).resolve().parents[2] / "bin" / "gateway"
+    result = subprocess.run(
+        [launcher, "--help"], env=_environment(), capture_output=True, text=True, timeout=30,
+        check=False, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == _run("--help").stdout
 
 
 def test_a_busy_port_is_one_line_naming_it_and_exit_status_1() -> None:
