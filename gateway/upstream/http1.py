@@ -104,7 +104,13 @@ class Http1Transport:
             self._session = aiohttp.ClientSession(
                 base_url=self._origin.base_url,
                 connector=connector,
+                # The body is relayed as it arrives, never decompressed, so
+                # the request asks for it as it is: aiohttp would otherwise
+                # offer gzip and deflate, and a server or proxy that takes
+                # the offer (nginx's gzip for text/event-stream) would send
+                # a stream nothing here decodes (RFC 9110 §12.5.3).
                 auto_decompress=False,
+                headers={"Accept-Encoding": "identity"},
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=self._connect_timeout, sock_read=None
                 ),

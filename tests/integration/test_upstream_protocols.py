@@ -10,6 +10,7 @@ import time
 
 import pytest
 import trustme
+from aiohttp import web
 
 from gateway.config import Settings
 from gateway.routing.setup import transport_options
@@ -22,6 +23,7 @@ from gateway.upstream.http1 import Http1Transport
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
 from gateway.upstream.transport import AlpnTransport, TransportOptions, make_transport
+from tests.loopback import serving
 
 FAST = SimProfile(ttft_ms=2, ttft_jitter_ms=0, itl_ms=0, itl_jitter_ms=0, tokens=12)
 
@@ -155,3 +157,41 @@ async def test_http1_streams_exactly_and_reset_closes_the_connection(sim_factory
         assert transport.connection_count() == 0
     finally:
         await transport.aclose()
+
+
+async def test_http1_asks_for_the_body_uncompressed_and_relays_it_whole():
+    """The HTTP/1.1 path relays the body as it arrives (no decompression), so
+    it must not offer an encoding: this peer gzips whenever the request's
+    Accept-Encoding admits gzip, as nginx with ``gzip_types
+    text/event-stream`` does."""
+    seen: list[str | None] = []
+    chunks = [{"choices": [{"index": 0, "delta": {"content": word}}]} for word in ("un", "zipped")]
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        offered = request.headers.get("Accept-Encoding")
+        seen.append(offered)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        if offered is not None and "gzip" in offered:
+            response.enable_compression(web.ContentCoding.gzip)
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as url:
+        transport = Http1Transport(Origin.parse(url), connect_timeout=5.0, head_timeout=10.0)
+        try:
+            upstream_request = get_provider("openai").build_request(
+                {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                base_path="/v1", api_key=None,
+            )
+            stream = await transport.open(upstream_request)
+            assert dict((await stream.head()).headers).get("content-encoding") is None
+            assert await text_of(stream) == "unzipped"
+        finally:
+            await transport.aclose()
+    assert seen == ["identity"]
