@@ -8,7 +8,8 @@ there (the insert skips an id already stored). When the server goes
 away the pool's broken connections fail once and are replaced on the next
 attempt: writing resumes by itself when it is back. Behind PgBouncer in
 transaction mode asyncpg's statement cache must be off: set
-``statement_cache_size=0`` in the URL's query (asyncpg reads it there).
+``statement_cache_size=0`` in the URL's query (the pool takes it from
+there; ``postgres_pool_options``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import asyncpg
 from gateway.exchanges import schema
 from gateway.exchanges.record import Exchange
 from gateway.exchanges.rows import from_row, to_row
-from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable
+from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable, postgres_pool_options
 
 T = TypeVar("T")
 
@@ -72,9 +73,12 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
 
     async def connect(self) -> None:
+        url, options = postgres_pool_options(self._url)
+
         async def connect() -> None:
             pool = await asyncpg.create_pool(
-                self._url,
+                url,
+                **options,
                 # No floor to keep: a lost server is noticed by the next write,
                 # not by a background task logging its own retries.
                 min_size=0,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.exchanges.record import Exchange
 
 __all__ = ["ExchangeStore", "StoreError", "StoreRejected", "StoreUnavailable", "open_store",
-           "parse_store_url", "sqlite_path"]
+           "parse_store_url", "postgres_pool_options", "sqlite_path"]
 
 #: Column order of an exchange row, shared by both stores.
 COLUMNS = (
@@ -69,6 +69,26 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+def postgres_pool_options(url: str) -> tuple[str, dict[str, int]]:
+    """The URL for asyncpg, and the pool's own options taken out of its
+    query: ``statement_cache_size`` (0 behind PgBouncer in transaction
+    mode). asyncpg sends a query option it does not know to the server as
+    a run-time setting, which PostgreSQL refuses at connect. ValueError for
+    a value that is not a whole number >= 0."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options: dict[str, int] = {}
+    kept = []
+    for name, value in query:
+        if name != "statement_cache_size":
+            kept.append((name, value))
+        elif value.isdigit():
+            options[name] = int(value)
+        else:
+            raise ValueError(f"statement_cache_size={value!r}: not a whole number >= 0")
+    return urlunsplit(parts._replace(query=urlencode(kept))), options
+
+
 def parse_store_url(url: str) -> str:
     """The URL's scheme ("sqlite" or "postgresql"); ValueError for anything else."""
     scheme = urlsplit(url).scheme
@@ -78,6 +98,7 @@ def parse_store_url(url: str) -> str:
     if scheme in ("postgresql", "postgres"):
         if not urlsplit(url).hostname and "host=" not in url:
             raise ValueError(url)
+        postgres_pool_options(url)
         return "postgresql"
     raise ValueError(url)
 

@@ -319,3 +319,17 @@ async def test_streams_ended_by_a_drain_are_written_before_the_gateway_exits(tmp
     assert exchange["request_ids"] == [request_id]
     assert exchange["outcome"] == "failed"
     assert exchange["error"]["code"] == "shutting_down"
+
+
+async def test_postgres_behind_pgbouncer_turns_the_statement_cache_off(postgres: PostgresServer):
+    """Transaction pooling (PgBouncer) needs asyncpg's statement cache off,
+    set in the URL: the pool takes it; the server, which would refuse it as
+    a run-time setting, never sees it."""
+    url = postgres.create_database("exchanges_pgbouncer")
+    store = PostgresStore(url + "?statement_cache_size=0")
+    await store.connect()
+    try:
+        await store.write([exchange(1)])
+        assert [e["id"] for e in await store.recent(limit=10)] == ["xchg_0001"]
+    finally:
+        await store.aclose()

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.config import ConfigError, Settings
 from gateway.exchanges.postgres import safe_description
-from gateway.exchanges.store import sqlite_path
+from gateway.exchanges.store import postgres_pool_options, sqlite_path
 
 
 def test_the_log_is_off_unless_a_url_is_given():
@@ -35,7 +35,8 @@ def test_accepted_urls(url):
 
 
 @pytest.mark.parametrize("url", ["mysql://x/y", "sqlite://x.db", "sqlite:///", "sqlite:///dir/",
-                                 "postgresql:///nohost", "exchanges.db"])
+                                 "postgresql:///nohost", "exchanges.db",
+                                 "postgresql://db.internal/gw?statement_cache_size=off"])
 def test_refused_urls_name_the_variable(url):
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({"EXCHANGE_LOG_URL": url})
@@ -57,3 +58,11 @@ def test_sqlite_paths_are_relative_with_three_slashes_absolute_with_four():
 def test_a_postgres_url_is_described_without_its_credentials():
     described = safe_description("postgresql://gateway:secret@db.internal:5432/gw")
     assert described == "postgresql db.internal:5432/gw"
+
+
+def test_the_statement_cache_size_is_the_pools_and_leaves_the_url():
+    # asyncpg would send it to the server as a run-time setting, refused there.
+    assert postgres_pool_options(
+        "postgresql://gw:secret@db.internal:6432/gw?sslmode=require&statement_cache_size=0"
+    ) == ("postgresql://gw:secret@db.internal:6432/gw?sslmode=require", {"statement_cache_size": 0})
+    assert postgres_pool_options("postgresql://db.internal/gw") == ("postgresql://db.internal/gw", {})
