@@ -123,9 +123,10 @@ def validate_chat_body(body: dict[str, Any]) -> ChatRequest:
         value = body.get(name)
         if value is not None and (not _is_int(value) or value < 1):
             raise _field(name, "must be a positive integer")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         # One upstream stream is one choice: the coalesced fan-out relays
-        # choice 0 only, so n > 1 would silently answer with one.
+        # choice 0 only, so n > 1 would silently answer with one. (null is
+        # the default, as OpenAI takes it: the SDK sends it for n=None.)
         raise BadRequest("'n' must be 1: this gateway returns one choice", code="unsupported_value")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):

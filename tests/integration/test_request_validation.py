@@ -68,7 +68,7 @@ async def test_an_invalid_field_is_a_400_naming_it(gateway, path, case, body, fi
     assert len(gateway.sim.log.records) == 1  # only the good request went upstream
 
 
-@pytest.mark.parametrize("fields", [{"n": 1}, {}, {"seed": 7, "logit_bias": {"50256": -100},
+@pytest.mark.parametrize("fields", [{"n": 1}, {"n": None}, {}, {"seed": 7, "logit_bias": {"50256": -100},
                                                    "tool_choice": "auto",
                                                    "response_format": {"type": "json_object"}}])
 async def test_valid_fields_pass(gateway, fields):
