@@ -109,10 +109,11 @@ def _upstream_failure_reporter(
     def report(exc: BaseException, subscribers: int) -> None:
         if not isinstance(exc, UpstreamError):
             return  # our own overload or shutdown: logged where it happens
-        metrics.stream_failures.labels(exc.code).inc()
+        metrics.stream_failures.labels(exc.cause).inc()
         log.warning(
             "upstream failed",
-            cause=exc.code,
+            cause=exc.cause,
+            code=exc.code,
             status=exc.status,
             detail=_detail(exc),
             upstream=upstream,

@@ -11,6 +11,9 @@ secrets: callers build them from status codes and provider messages only.
 
 from __future__ import annotations
 
+import re
+from email.utils import parsedate_to_datetime
+
 from gateway.redact import redact
 
 
@@ -177,6 +180,12 @@ class UpstreamError(GatewayError):
     type = "upstream_error"
     code = "upstream_error"
 
+    @property
+    def cause(self) -> str:
+        """The failure's kind in the gateway's own codes: a bounded set,
+        fit for a metric label (a provider's codes are not)."""
+        return self.code
+
 
 class UpstreamConnectError(UpstreamError):
     code = "upstream_connect_error"
@@ -231,11 +240,46 @@ class UpstreamTimeout(UpstreamError):
 UPSTREAM_AUTH_STATUSES = frozenset({401, 403})
 
 
+#: A provider's error code that is passed on: an identifier, as providers
+#: write them ("context_length_exceeded", "rate_limit_error").
+_PROVIDER_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+#: Retry-After as delay-seconds (RFC 9110 §10.2.3); the other form is an HTTP-date.
+_DELAY_SECONDS = re.compile(r"[0-9]{1,9}")
+
+
+def provider_code(code: str | None) -> str | None:
+    """``code`` if it is an identifier holding no configured secret, else None.
+
+    It reaches clients, the exchange log and other cluster members as it
+    is; a provider's code is an identifier, and anything else (text, a
+    value echoing a request header) is not relayed."""
+    if code is None or not _PROVIDER_CODE.fullmatch(code) or redact(code) != code:
+        return None
+    return code
+
+
+def retry_after_value(value: str | None) -> str | None:
+    """``value`` if it is a Retry-After value (delay-seconds or an HTTP-date),
+    else None: it goes out as a response header and into the cluster's
+    shared failure as it is."""
+    if value is None:
+        return None
+    value = value.strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        return value
+    try:
+        parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return value if redact(value) == value and value.isprintable() else None
+
+
 class UpstreamStatusError(UpstreamError):
     """The provider answered with an error status. 4xx keep their status (and a
     429 its Retry-After), but 401 and 403, which are about the gateway's own
     key, not the client's: they become 502 ``upstream_auth_error``, as 5xx
-    become 502."""
+    become 502. The provider's code and Retry-After are kept only when they
+    are what they claim to be (``provider_code``, ``retry_after_value``)."""
 
     def __init__(
         self,
@@ -249,13 +293,19 @@ class UpstreamStatusError(UpstreamError):
             # Not the provider's code either ("invalid_api_key" would tell
             # the client its own key is wrong).
             code = "upstream_auth_error"
-        super().__init__(message, code=code or f"upstream_{upstream_status}")
+        super().__init__(message, code=provider_code(code) or f"upstream_{upstream_status}")
         self.upstream_status = upstream_status
-        self.retry_after = retry_after
+        self.retry_after = retry_after_value(retry_after)
         if 400 <= upstream_status < 500 and upstream_status not in UPSTREAM_AUTH_STATUSES:
             self.status = upstream_status
             self.type = "rate_limit_error" if upstream_status == 429 else "invalid_request_error"
         self.retryable = upstream_status == 429 or upstream_status >= 500
+
+    @property
+    def cause(self) -> str:
+        if self.upstream_status in UPSTREAM_AUTH_STATUSES:
+            return "upstream_auth_error"
+        return f"upstream_{self.upstream_status}"
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": self.retry_after} if self.retry_after else {}

@@ -32,6 +32,8 @@ class FaultyUpstream:
     ``status-page``   502 with an HTML body
     ``key-in-text``   401 with a plain-text body quoting the key and the prompt
                       (as a validation error quotes ``input_value=...``)
+    ``key-in-code``   429 whose error code and Retry-After quote the key
+    ``rate-limited``  429 ``rate_limit_exceeded``, ``Retry-After: 7``
     ``silent``        no answer at all, not even a status line, until the
                       gateway closes the connection
 
@@ -95,6 +97,14 @@ class FaultyUpstream:
             text = b"Unauthorized: key " + key + b", input_value='" + prompt.encode() + b"'"
             return (b"HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(text), text))
+        if "key-in-code" in prompt or "rate-limited" in prompt:
+            echo = "key-in-code" in prompt
+            code = "code_Bearer " + key.decode() if echo else "rate_limit_exceeded"
+            error = json.dumps({"error": {"message": "slow down", "type": "requests",
+                                          "code": code}}).encode()
+            retry_after = b"7 " + key if echo else b"7"
+            return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: %s\r\nContent-Length: %d\r\n\r\n%s" % (retry_after, len(error), error))
         if "html" in prompt:
             page = b"<html><body>Please log in to the network</body></html>"
             return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"

@@ -111,3 +111,28 @@ async def test_a_provider_message_quoting_the_key_is_redacted_in_process(stream)
                 raw = await resp.read()
     assert UPSTREAM_KEY.encode() not in raw
     assert b"[redacted]" in raw
+
+
+async def test_a_provider_code_or_retry_after_quoting_the_key_is_not_relayed():
+    """A provider's error code and Retry-After go to the client, the exchange
+    log, other cluster members and (the code's kind) a metric label as they
+    are: an identifier and a delay pass, a value quoting our key does not."""
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        upstream_api_key=UPSTREAM_KEY, error_ttl_ms=0)
+    async with faulty_upstream() as upstream, running_gateway(
+        dataclasses.replace(settings, upstream_url=upstream.url)
+    ) as (_, url), aiohttp.ClientSession() as http:
+        answers = {}
+        for prompt in ("key-in-code", "rate-limited"):
+            body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+            async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                answers[prompt] = (resp.status, resp.headers.get("Retry-After"), await resp.json())
+        async with http.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert answers["key-in-code"][:2] == (429, None)
+    assert answers["key-in-code"][2]["error"]["code"] == "upstream_429"
+    assert UPSTREAM_KEY not in json.dumps(answers["key-in-code"][2])
+    assert answers["rate-limited"][:2] == (429, "7")
+    assert answers["rate-limited"][2]["error"]["code"] == "rate_limit_exceeded"
+    assert UPSTREAM_KEY not in metrics
+    assert 'gateway_stream_failures_total{cause="upstream_429"} 2.0' in metrics
