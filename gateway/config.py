@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -266,20 +267,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: The user:password@ of a URL, however malformed the rest.
+_USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` fit for an error line: its user and password may be a secret."""
+    return _USERINFO.sub(r"\1[redacted]@", url)
+
+
 class _Reader:
     """Typed reads of the environment, each failing with a ConfigError."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
 
-    def _get(self, name: str, default: T, parse: Callable[[str], T], allowed: str) -> T:
+    def _get(
+        self, name: str, default: T, parse: Callable[[str], T], allowed: str,
+        shown: Callable[[str], str] = str,
+    ) -> T:
         raw = self._env.get(name)
         if raw is None or raw.strip() == "":
             return default
         try:
             return parse(raw.strip())
         except ValueError as exc:
-            raise ConfigError(name, allowed, raw) from exc
+            raise ConfigError(name, allowed, shown(raw)) from exc
 
     def text(self, name: str, default: str) -> str:
         return self._get(name, default, str, "any text")
@@ -327,7 +340,9 @@ class _Reader:
             Origin.parse(raw)
             return raw.rstrip("/")
 
-        return self._get(name, None, parse, "an http:// or https:// URL including /v1")
+        return self._get(
+            name, None, parse, "an http:// or https:// URL including /v1", shown=_without_userinfo
+        )
 
     def store_url(self, name: str) -> str | None:
         raw = (self._env.get(name) or "").strip()
@@ -347,9 +362,18 @@ class _Reader:
         if not raw:
             return None
         scheme, sep, rest = raw.partition("://")
+        allowed = "a redis://, rediss:// or unix:// URL"
         if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
             # Not echoed: the value may carry a password.
-            raise ConfigError(name, "a redis://, rediss:// or unix:// URL", "(hidden)")
+            raise ConfigError(name, allowed, "(hidden)")
+        # redis-py's own reading of the URL (port, db, query options), done
+        # now so that a bad one stops the start rather than the first request.
+        from redis.connection import parse_url
+
+        try:
+            parse_url(raw)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ConfigError(name, allowed, "(hidden)") from exc
         return raw
 
     def advertise_url(self, name: str) -> str | None:

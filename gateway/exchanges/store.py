@@ -96,8 +96,10 @@ def parse_store_url(url: str) -> str:
         sqlite_path(url)
         return "sqlite"
     if scheme in ("postgresql", "postgres"):
-        if not urlsplit(url).hostname and "host=" not in url:
+        parts = urlsplit(url)
+        if not parts.hostname and "host=" not in url:
             raise ValueError(url)
+        _ = parts.port  # ValueError when it is not a number, or out of range
         postgres_pool_options(url)
         return "postgresql"
     raise ValueError(url)

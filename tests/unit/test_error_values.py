@@ -1,10 +1,12 @@
 """What the gateway passes on from a provider's error (its code, its
-Retry-After): only what is what it claims to be, never a configured secret."""
+Retry-After) and from a bad setting: only what is what it claims to be,
+never a configured secret."""
 
 from __future__ import annotations
 
 import pytest
 
+from gateway.config import ConfigError, Settings
 from gateway.errors import UpstreamStatusError, provider_code, retry_after_value
 from gateway.redact import SECRETS
 
@@ -42,3 +44,22 @@ def test_retry_after_is_kept_only_as_seconds_or_a_date(value, kept):
     assert retry_after_value(value) == kept
     assert UpstreamStatusError(429, "slow", retry_after=value).headers() == (
         {} if kept is None else {"Retry-After": kept})
+
+
+def test_a_bad_upstream_url_is_shown_without_its_user_and_password():
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"UPSTREAM_URL": "htp://user-CANARY:pass-CANARY@127.0.0.1:8000/v1"})
+    assert "CANARY" not in str(raised.value)
+    assert "htp://[redacted]@127.0.0.1:8000/v1" in str(raised.value)
+
+
+@pytest.mark.parametrize(("variable", "url"), [
+    ("EXCHANGE_LOG_URL", "postgresql://gw:pass-CANARY@db:99999/gw"),
+    ("REDIS_URL", "redis://:pass-CANARY@127.0.0.1:abc/0"),
+    ("REDIS_URL", "redis://:pass-CANARY@127.0.0.1:6379/0?socket_timeout=soon"),
+])
+def test_a_url_its_library_would_refuse_stops_the_start_unechoed(variable, url):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({variable: url})
+    assert raised.value.variable == variable
+    assert "CANARY" not in str(raised.value)
