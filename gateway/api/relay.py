@@ -113,7 +113,9 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
                     break
                 first_seq = subscription.cursor - len(batch) + 1
                 frames = encoder.deltas(first_seq, batch)
-                if ttft_ms is None and any(delta.is_content for delta in batch):
+                # The first token, or an answer's end with none (an empty
+                # answer still opens with its role).
+                if ttft_ms is None and any(d.is_content or d.finish_reason for d in batch):
                     ttft_ms = _first_token(request, subscription)
                     queue_wait_ms = note_queue_wait(request, subscription) or 0.0
                     # Tokens flow: the fast pings that show a gone client

@@ -96,6 +96,23 @@ async def test_a_refusal_is_relayed_streaming_and_not(client):
     assert (message.content, message.refusal) == (None, "".join(tokens(prompt)))
 
 
+async def test_an_answer_without_content_still_names_its_role(client):
+    """The role chunk opens every answer, an empty one too: the SDK's
+    accumulated message is then one an agent loop can send back."""
+    messages = [{"role": "user", "content": "nothing to say [sim tokens=0]"}]
+    async with client.chat.completions.stream(model="sim", messages=messages) as stream:
+        async for _ in stream:
+            pass
+        completion = await stream.get_final_completion()
+    (choice,) = completion.choices
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", "", "stop")
+    again = await client.chat.completions.create(
+        model="sim", messages=[*messages, choice.message.model_dump(exclude_none=True),
+                               {"role": "user", "content": "and now?"}],
+    )
+    assert again.choices[0].message.content
+
+
 async def test_anthropic_upstream_model_and_cache_reads_are_relayed(gateway_factory):
     gateway = await gateway_factory(upstream_format="anthropic")
     sdk = openai.AsyncOpenAI(base_url=gateway.v1, api_key="k", max_retries=0)
