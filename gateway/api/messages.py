@@ -25,6 +25,7 @@ from aiohttp import web
 
 from actors.deltas import Delta, Usage
 from actors.subscription import Subscription
+from gateway.api.answer_id import answer_id
 from gateway.api.intake import read_body, subscribe
 from gateway.api.messages_request import parse_messages_request
 from gateway.api.relay import SharedFrames, gather, relay
@@ -51,7 +52,7 @@ Block = tuple[str, int | None]
 
 
 def message_id(subscription: Subscription) -> str:
-    return f"msg_{subscription.key[:16]}{subscription.stream_id}"
+    return answer_id("msg_", subscription)
 
 
 def _stop_reason(finish_reason: str | None) -> str:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from actors.deltas import Delta, Logprobs, StreamInfo, TokenLogprob, ToolCallDelta, Usage
 from actors.subscription import Subscription
+from gateway.api.answer_id import answer_id
 from gateway.api.chat_request import ChatRequest
 from gateway.api.intake import read_chat, subscribe
 from gateway.api.relay import SharedFrames, gather, relay
@@ -176,7 +177,7 @@ class ChunkEncoder:
 
 
 def completion_id(subscription: Subscription) -> str:
-    return f"chatcmpl-{subscription.key[:16]}{subscription.stream_id}"
+    return answer_id("chatcmpl-", subscription)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

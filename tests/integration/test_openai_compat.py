@@ -4,6 +4,7 @@ the upstream streaming and not, and the model list."""
 
 from __future__ import annotations
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -14,6 +15,7 @@ from gateway.sim.app import MODELS
 from gateway.sim.content import answer_tokens
 from gateway.sim.formats import token_logprob
 from tests.integration.conftest import FAST_SIM
+from tests.integration.test_shutdown import gateway_process
 from tests.loopback import serving
 
 EXTRAS = (
@@ -111,6 +113,24 @@ async def test_an_answer_without_content_still_names_its_role(client):
                                {"role": "user", "content": "and now?"}],
     )
     assert again.choices[0].message.content
+
+
+async def test_the_same_prompt_gets_a_new_id_after_a_restart(sim_factory):
+    """An answer's id is unique beyond its process: the same first request
+    to a gateway started twice (a restart, or two workers) gets two ids."""
+    sim = await sim_factory(FAST_SIM)
+    body = {"model": "sim", "messages": [{"role": "user", "content": "same prompt, twice"}]}
+    ids = []
+    for _ in range(2):
+        async with gateway_process(sim.url) as gateway, aiohttp.ClientSession() as http:
+            for api, path in (("chatcmpl-", "/v1/chat/completions"), ("msg_", "/v1/messages")):
+                payload = {**body, "max_tokens": 16} if api == "msg_" else body
+                async with http.post(gateway.url + path, json=payload) as resp:
+                    answer_id = (await resp.json())["id"]
+                assert answer_id.startswith(api)
+                ids.append(answer_id)
+            gateway.process.terminate()
+    assert len(set(ids)) == 4, ids
 
 
 async def test_anthropic_upstream_model_and_cache_reads_are_relayed(gateway_factory):
