@@ -258,11 +258,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_codec.use_standard_library()
     configure_logging(settings.log_level, settings.log_format)  # its JSON is json_codec's
     if settings.workers > 1:
-        from gateway.workers import as_worker, supervise
+        from gateway.workers import as_worker, reserve_port, supervise
 
         settings = as_worker(settings, os.environ)
         if settings.worker_index is None:
-            return supervise(settings, os.environ)
+            try:
+                placeholder = reserve_port(settings)
+            except OSError as exc:
+                print(f"llm-stream-gateway: {ListenError.from_os_error(exc, settings.host, settings.port)}",
+                      file=sys.stderr)
+                return EXIT_CANNOT_LISTEN
+            return supervise(settings, os.environ, placeholder)
     try:
         run_event_loop(serve(settings), use_uvloop=settings.uvloop)
     except ListenError as exc:

@@ -57,21 +57,31 @@ def _stop_with_parent(supervisor: int) -> None:
         os._exit(1)
 
 
-def _placeholder(settings: Settings) -> socket.socket:
+def reserve_port(settings: Settings) -> socket.socket:
+    """The workers' address, bound (not listening) with SO_REUSEPORT for as
+    long as they run; OSError when it is in use.
+
+    A bind with SO_REUSEPORT succeeds next to any other socket that has it,
+    another supervisor's workers included, so whether the address is free
+    is asked first by a bind without it (SO_REUSEADDR only: connections of
+    an earlier process in TIME_WAIT do not make it busy, a listener does)."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((settings.host, settings.port))
+        port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((settings.host, settings.port))
+    try:
+        sock.bind((settings.host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
-def supervise(settings: Settings, env: Mapping[str, str]) -> int:
-    try:
-        placeholder = _placeholder(settings)
-    except OSError as exc:
-        print(f"llm-stream-gateway: cannot bind {settings.host}:{settings.port}: {exc.strerror}",
-              file=sys.stderr)
-        return 2
+def supervise(settings: Settings, env: Mapping[str, str], placeholder: socket.socket) -> int:
+    """Run the workers on ``placeholder``'s port (``reserve_port``) until they end."""
     port = placeholder.getsockname()[1]
     stopping: list[int] = []
 

@@ -53,6 +53,29 @@ async def test_several_workers_without_redis_is_a_one_line_start_up_error():
     assert len(lines) == 1 and "GATEWAY_WORKERS" in lines[0] and "REDIS_URL" in lines[0]
 
 
+async def test_a_port_other_workers_hold_is_in_use_for_a_second_supervisor(sim_factory, redis):
+    """SO_REUSEPORT lets any number of sockets share a port: a second set of
+    workers must still find it taken (status 1, as for one process: the
+    port may free itself), not split the first one's traffic."""
+    sim = await sim_factory(FAST_SIM)
+    async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "2"}) as gateway:
+        port = int(gateway.url.rsplit(":", 1)[1])
+        env = {**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port),
+               "GATEWAY_WORKERS": "2", "REDIS_URL": redis.url, "UPSTREAM_URL": sim.url}
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            stdout, stderr = await second.communicate()
+    assert second.returncode == 1
+    assert stdout == b""
+    assert stderr.decode().splitlines() == [
+        f"llm-stream-gateway: port {port} on 127.0.0.1 is already in use (another gateway, or an "
+        "old one still draining?); choose another with GATEWAY_PORT"
+    ]
+
+
 async def test_workers_share_the_port_and_coalesce_and_drain_on_sigterm(sim_factory, redis):
     sim = await sim_factory(FAST_SIM)
     async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "3",
