@@ -26,7 +26,7 @@ from gateway.errors import (
 from gateway.keys import prompt_key
 from gateway.middleware import TENANT
 from gateway.routing.retrying import retrying_opener
-from gateway.state import RECORD, STATE
+from gateway.state import RECORD, STATE, GatewayState
 
 #: How much of the key the log line shows: enough to correlate, not to replay.
 KEY_PREFIX = 12
@@ -37,10 +37,11 @@ async def read_chat(request: web.Request) -> ChatRequest:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The JSON body, within MAX_BODY_BYTES (413 past it, 415 if not JSON)."""
+    """The JSON body, within MAX_BODY_BYTES (413 past it, 415 if not JSON).
+    A draining gateway refuses the request before the body, or once it is
+    in if the drain began while it arrived."""
     state = request.app[STATE]
-    if state.draining:
-        raise ShuttingDown("the gateway is shutting down; retry on another instance")
+    _refuse_if_draining(state)
     if request.content_type != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type or 'missing'}"
@@ -66,7 +67,13 @@ async def read_body(request: web.Request) -> bytes:
         # aiohttp's payload parser: a malformed chunked body, say.
         raise BadRequest("the request body is not valid HTTP/1.1 framing",
                          code="invalid_http") from exc
+    _refuse_if_draining(state)
     return b"".join(parts)
+
+
+def _refuse_if_draining(state: GatewayState) -> None:
+    if state.draining:
+        raise ShuttingDown("the gateway is shutting down; retry on another instance")
 
 
 async def subscribe(

@@ -259,3 +259,39 @@ async def test_a_request_read_while_draining_is_refused_and_not_ready(gateway):
         async with http.get(gateway.url + "/healthz") as alive:
             assert alive.status == 200  # alive, just not taking work
     assert gateway.sim.log.records == []
+
+
+async def test_a_request_whose_body_was_on_its_way_at_the_signal_is_refused(sim_factory):
+    """SIGTERM while a request's body is still arriving: once the body is in
+    it is answered 503 ``shutting_down`` with ``Connection: close``, and no
+    upstream call starts."""
+    sim = await sim_factory()
+    body = json.dumps(chat("on its way")).encode()
+    async with gateway_process(sim.url) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body[:10]))
+            await writer.drain()
+            # A request sent after it and answered: the gateway has run the
+            # first one's handler up to its wait for the rest of the body.
+            async with aiohttp.ClientSession() as http, http.get(gateway.url + "/healthz") as alive:
+                assert alive.status == 200
+            gateway.process.send_signal(signal.SIGTERM)
+            await gateway.wait_logged("draining")
+            writer.write(body[10:])
+            await writer.drain()
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)\r\n", head)
+                assert length is not None, head
+                answer_body = await reader.readexactly(int(length.group(1)))
+        finally:
+            writer.close()
+        async with asyncio.timeout(10):
+            assert await gateway.process.wait() == 0
+    assert head.startswith(b"HTTP/1.1 503 "), head
+    assert re.search(rb"(?i)\r\nconnection: close\r\n", head), head
+    assert json.loads(answer_body)["error"]["code"] == "shutting_down"
+    assert sim.log.records == []
