@@ -382,6 +382,10 @@ class _Reader:
             host = rest.split("/", 1)[0]
             if scheme != "http" or not sep or not host or "@" in host:
                 raise ValueError(raw)
+            parts = urlsplit(f"http://{host}")
+            _ = parts.port  # ValueError when it is not a number, or out of range
+            if not parts.hostname:
+                raise ValueError(raw)
             return f"http://{host}"
 
         return self._get(name, None, parse, "http://HOST or http://HOST:PORT")

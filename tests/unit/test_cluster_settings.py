@@ -34,3 +34,11 @@ def test_members_on_several_hosts_listen_on_the_gateway_host_with_a_secret():
         Settings.from_env(env)
     assert raised.value.variable == "CLUSTER_SECRET"
     assert Settings.from_env(env | {"CLUSTER_SECRET": "s"}).cluster_secret == "s"
+
+
+@pytest.mark.parametrize("url", ["https://10.0.0.5:9000", "10.0.0.5:9000", "http://user:pw@10.0.0.5",
+                                 "http://10.0.0.5:abc", "http://10.0.0.5:70000", "http://:9000"])
+def test_a_bad_advertised_address_stops_the_start_naming_it(url):
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(REDIS | {"CLUSTER_ADVERTISE_URL": url})
+    assert raised.value.variable == "CLUSTER_ADVERTISE_URL"
