@@ -91,6 +91,10 @@ def _authenticate(request: web.Request) -> str | None:
     return presented
 
 
+#: The status logged for a request whose client left before its answer began.
+CLIENT_CLOSED_REQUEST = 499
+
+
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     arrived_at = time.monotonic()
@@ -128,7 +132,15 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         return error_response(translated, anthropic=request.path == ANTHROPIC_PATH)
     except asyncio.CancelledError:
         record.outcome = "cancelled"
+        if record.bytes_sent == 0:
+            record.status = CLIENT_CLOSED_REQUEST  # left before any answer began
         raise
+    except ConnectionResetError:
+        # The client left before an answer could start: nothing to write
+        # to; counted and logged as a cancel (499: nginx's "client closed
+        # request").
+        record.status, record.outcome = CLIENT_CLOSED_REQUEST, "cancelled"
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         log.exception("unhandled error")
         record.status, record.outcome, record.error_code = 500, "error", "internal_error"

@@ -67,6 +67,10 @@ async def read_body(request: web.Request) -> bytes:
         # aiohttp's payload parser: a malformed chunked body, say.
         raise BadRequest("the request body is not valid HTTP/1.1 framing",
                          code="invalid_http") from exc
+    except RuntimeError as exc:
+        # aiohttp's "Connection closed.": a read after the client closed its
+        # connection with the body incomplete. It left: not our error.
+        raise ConnectionResetError("the client left before its request body was complete") from exc
     _refuse_if_draining(state)
     return b"".join(parts)
 

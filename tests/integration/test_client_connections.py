@@ -11,6 +11,8 @@ import socket
 import time
 
 import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from gateway.sim.content import answer_tokens
 from tests.integration.sse_frames import parse_frame
@@ -225,6 +227,29 @@ async def test_a_client_that_closes_before_a_whole_answer_is_a_cancel(gateway):
     writer.close()
     (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
     assert record.end - closed_at < 0.3
+
+
+@pytest.mark.parametrize("how", ["half-close", "close"])
+async def test_a_client_that_leaves_with_half_a_body_is_a_cancel(gateway, how):
+    """Not our error: one request line each, cancelled, status 499 (nginx's
+    "client closed request"), no traceback, nothing sent upstream."""
+    body = chat_bytes("half a body", stream=True)
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection(HOST, _port(gateway.url))
+            writer.write(post(body)[:-10])
+            await writer.drain()
+            if how == "half-close":
+                writer.write_eof()
+                assert await read_to_eof(reader) == b""
+            writer.close()
+        async with asyncio.timeout(10):
+            while sum(line["event"] == "request" for line in logs) < 10:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    requests = [line for line in logs if line["event"] == "request"]
+    assert [(line["status"], line["outcome"]) for line in requests] == [(499, "cancelled")] * 10
+    assert [line["event"] for line in logs if line["log_level"] in ("error", "warning")] == []
+    assert gateway.sim.log.records == []
 
 
 # -- aiohttp's own 400s ------------------------------------------------------------------
