@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web import BaseRequest, StreamResponse
 from aiohttp_sse import EventSourceResponse
@@ -83,6 +83,12 @@ class _EventStream(EventSourceResponse):
             self._peer = request.transport
             self._hold_hung_peer_timeout(request)
             _drop_connection_idle_timer(request)
+            if request.version < HttpVersion11:
+                # HTTP/1.0 has no chunked coding: the body ends where the
+                # connection does (RFC 9112 §6.3), keep-alive asked or not
+                # (aiohttp-sse's headers say keep-alive for every stream).
+                self.force_close()
+                self.headers["Connection"] = "close"
         return await StreamResponse.prepare(self, request)
 
     def _hold_hung_peer_timeout(self, request: BaseRequest) -> None:

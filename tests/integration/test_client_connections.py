@@ -252,6 +252,29 @@ async def test_a_client_that_leaves_with_half_a_body_is_a_cancel(gateway, how):
     assert gateway.sim.log.records == []
 
 
+@pytest.mark.parametrize("keep_alive", [True, False])
+async def test_an_http10_stream_ends_with_its_connection(gateway, keep_alive):
+    """HTTP/1.0 has no chunked coding, so a stream's end is its connection's
+    end (RFC 9112 §6.3): closed right after the last frame, never announced
+    as kept alive, even when the client asks for it."""
+    body = chat_bytes("one point oh", stream=True)
+    head = (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n" % len(body))
+    if keep_alive:
+        head += b"Connection: keep-alive\r\n"
+    reader, writer = await asyncio.open_connection(HOST, _port(gateway.url))
+    try:
+        writer.write(head + b"\r\n" + body)
+        raw = await read_to_eof(reader)
+    finally:
+        writer.close()
+    response_head, _, stream = raw.partition(b"\r\n\r\n")
+    assert response_head.startswith(b"HTTP/1.0 200 ")
+    assert b"keep-alive" not in response_head.lower()
+    assert b"transfer-encoding" not in response_head.lower()
+    assert stream.endswith(b"data: [DONE]\n\n")
+
+
 # -- aiohttp's own 400s ------------------------------------------------------------------
 
 
