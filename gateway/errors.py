@@ -12,6 +12,7 @@ secrets: callers build them from status codes and provider messages only.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
 
 from gateway.redact import redact
@@ -95,9 +96,18 @@ class ModelNotFound(NotFound):
 
 
 class MethodNotAllowed(GatewayError):
+    """With the methods the route takes, in an Allow header (RFC 9110 §15.5.6)."""
+
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allowed = ", ".join(sorted(allowed))
+        super().__init__(f"method not allowed; allowed: {self.allowed}")
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
 
 
 class PayloadTooLarge(GatewayError):

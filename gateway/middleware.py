@@ -156,7 +156,7 @@ def _translate_http_exception(exc: web.HTTPException) -> GatewayError:
     if isinstance(exc, web.HTTPNotFound):
         return NotFound("no such path")
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        return MethodNotAllowed(f"method not allowed; allowed: {', '.join(sorted(exc.allowed_methods))}")
+        return MethodNotAllowed(exc.allowed_methods)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLarge("request body too large")
     error = GatewayError(exc.reason or "error", code=f"http_{exc.status}")

@@ -85,6 +85,8 @@ async def test_bad_input(gateway_factory, case, method, path, body, content_type
                 assert resp.status == status
                 assert resp.headers["X-Request-Id"]
                 assert error_shape(await resp.json())["code"] == code
+                if status == 405:  # RFC 9110 §15.5.6
+                    assert resp.headers["Allow"] == "POST"
         request_lines = [line for line in logs if line["event"] == "request"]
         assert len(request_lines) == 1
         assert request_lines[0]["status"] == status
