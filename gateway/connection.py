@@ -118,6 +118,7 @@ class ClientConnection(web.RequestHandler):
         "_busy_request",
         "_arriving",
         "_half_closed",
+        "_unreadable_body",
         "_ping",
         "_probe",
     )
@@ -147,6 +148,8 @@ class ClientConnection(web.RequestHandler):
         # Bytes of a request not yet dispatched have arrived.
         self._arriving = False
         self._half_closed = False
+        # The request's body cannot be read to its end (request_unreadable).
+        self._unreadable_body = False
         self._ping: Callable[[], Awaitable[None]] | None = None
         self._probe: asyncio.Task[None] | None = None
 
@@ -208,6 +211,13 @@ class ClientConnection(web.RequestHandler):
             self.close()
             self._start_probe()
 
+    def request_unreadable(self) -> None:
+        """The request's body has broken framing or content coding: where a
+        next request would start is unknown. Its answer closes the
+        connection, without reading on (aiohttp would read the rest of an
+        unread body, and log the same error again as unhandled)."""
+        self._unreadable_body = True
+
     def probe_with(self, ping: Callable[[], Awaitable[None]]) -> None:
         """How to find out whether a half-closed client is still there: a
         harmless write into the response (an SSE comment)."""
@@ -246,7 +256,8 @@ class ClientConnection(web.RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        if self._connections.draining or self._half_closed or resp.status == 408:
+        unreadable = resp.status == 408 or self._unreadable_body
+        if self._connections.draining or self._half_closed or unreadable:
             resp.force_close()  # Connection: close, and closed after it
         # The handler is done: no probe write may follow (or, an interim
         # response, come after) what aiohttp writes now.
@@ -256,8 +267,9 @@ class ClientConnection(web.RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._busy_request = None
-            if resp.status == 408:
-                # The body stalled: close now, rather than linger reading it.
+            if unreadable:
+                # The body stalled or is broken: close now, rather than
+                # linger reading it.
                 self.force_close()
 
     def handle_error(

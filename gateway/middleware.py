@@ -21,6 +21,7 @@ from aiohttp.typedefs import Handler
 from gateway.connection import client_connection
 from gateway.errors import (
     GatewayError,
+    MalformedBody,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -124,6 +125,8 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         record.status, record.error_code = exc.status, exc.code
         if record.outcome == "ok":
             record.outcome = outcome_of(exc.status, exc.code)
+        if isinstance(exc, MalformedBody) and connection is not None:
+            connection.request_unreadable()
         return error_response(exc, anthropic=request.path == ANTHROPIC_PATH)
     except web.HTTPException as exc:
         translated = _translate_http_exception(exc)

@@ -17,7 +17,7 @@ from actors.registry import RegistryClosed
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest, parse_chat_request
 from gateway.errors import (
-    BadRequest,
+    MalformedBody,
     PayloadTooLarge,
     RequestTimeout,
     ShuttingDown,
@@ -64,9 +64,9 @@ async def read_body(request: web.Request) -> bytes:
     except TimeoutError as exc:
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from exc
     except web.RequestPayloadError as exc:
-        # aiohttp's payload parser: a malformed chunked body, say.
-        raise BadRequest("the request body is not valid HTTP/1.1 framing",
-                         code="invalid_http") from exc
+        # aiohttp's payload parser: a malformed chunked body, say, or a
+        # Content-Encoding the body does not have.
+        raise MalformedBody("the request body is not valid HTTP/1.1 framing") from exc
     except RuntimeError as exc:
         # aiohttp's "Connection closed.": a read after the client closed its
         # connection with the body incomplete. It left: not our error.

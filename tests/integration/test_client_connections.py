@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import time
@@ -273,6 +274,26 @@ async def test_an_http10_stream_ends_with_its_connection(gateway, keep_alive):
     assert b"keep-alive" not in response_head.lower()
     assert b"transfer-encoding" not in response_head.lower()
     assert stream.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_body_that_is_not_its_content_coding_is_a_400_that_closes(gateway, caplog):
+    """Declared gzip, sent plain: one 400 in the error shape, the connection
+    closed (where a next request would start is unknown), and no traceback
+    from aiohttp reading on past it."""
+    body = chat_bytes("not gzip", stream=False)
+    reader, writer = await asyncio.open_connection(HOST, _port(gateway.url))
+    try:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            writer.write(post(body, extra=b"Content-Encoding: gzip\r\n"))
+            raw = await read_to_eof(reader)
+    finally:
+        writer.close()
+    status, headers, answer = split_response(raw)
+    assert (status, headers["connection"]) == (400, "close")
+    assert json.loads(answer)["error"]["code"] == "invalid_http"
+    assert [line["event"] for line in logs] == ["request"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert gateway.sim.log.records == []
 
 
 # -- aiohttp's own 400s ------------------------------------------------------------------
