@@ -173,7 +173,9 @@ def _finish(request: web.Request, record: RequestRecord, client: str | None) -> 
     state = request.app[STATE]
     if record.api in APIS:
         state.metrics.finished(record.api, record.outcome, total_s)
-    if record.api != "ops" or record.status >= 400:
+    # Every request but the ops endpoints' successful reads (health checks,
+    # scrapes: noise every few seconds); a cancel by id is logged.
+    if record.api != "ops" or record.status >= 400 or request.method not in ("GET", "HEAD"):
         log.info(
             "request",
             api=record.api,

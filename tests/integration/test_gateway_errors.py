@@ -230,7 +230,14 @@ async def test_only_the_owner_may_cancel_a_request(gateway_factory):
             cancel_url = gateway.v1 + f"/requests/{request_id}/cancel"
             async with http.post(cancel_url, headers={"Authorization": "Bearer sk-other"}) as other:
                 assert other.status == 404  # looks unknown: no hint that it exists
-            async with http.post(cancel_url, headers={"Authorization": "Bearer sk-owner"}) as mine:
-                assert mine.status == 202
+            with capture_logs(processors=[merge_contextvars]) as logs:
+                async with http.post(cancel_url, headers={"Authorization": "Bearer sk-owner"}) as mine:
+                    assert mine.status == 202
+                async with http.get(gateway.url + "/healthz") as alive:
+                    assert alive.status == 200
             frames = await reader.rest()
     assert frames[-1].json()["finish_reason"] == "cancelled"
+    # Who cancelled leaves a line; a health check's read does not.
+    lines = [(line["method"], line["path"], line["status"]) for line in logs
+             if line["event"] == "request" and line["path"] != "/v1/stream"]
+    assert lines == [("POST", f"/v1/requests/{request_id}/cancel", 202)]
