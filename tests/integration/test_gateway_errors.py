@@ -11,6 +11,7 @@ import pytest
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from gateway.api.ops import STATIC
 from gateway.sim.content import answer_tokens
 from tests.integration.conftest import FAST_SIM
 from tests.integration.sse_frames import FrameReader, openai_text
@@ -65,6 +66,9 @@ BAD_INPUT = [
      b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}',
      "application/json", 400, "invalid_json"),
     ("unknown path", "GET", "/v1/nothing-here", b"", "application/json", 404, "not_found"),
+    ("missing static file", "GET", "/static/missing.js", b"", "application/json", 404, "not_found"),
+    ("outside the static files", "GET", "/static/package.json", b"", "application/json", 404,
+     "not_found"),
     ("wrong method", "GET", "/v1/chat/completions", b"", "application/json", 405,
      "method_not_allowed"),
 ]
@@ -241,3 +245,12 @@ async def test_only_the_owner_may_cancel_a_request(gateway_factory):
     lines = [(line["method"], line["path"], line["status"]) for line in logs
              if line["event"] == "request" and line["path"] != "/v1/stream"]
     assert lines == [("POST", f"/v1/requests/{request_id}/cancel", 202)]
+
+
+async def test_the_demo_pages_files_are_served(gateway):
+    async with aiohttp.ClientSession() as http:
+        for name, kind in (("sse-client.js", "javascript"), ("style.css", "text/css"),
+                           ("index.html", "text/html")):
+            async with http.get(gateway.url + "/static/" + name) as resp:
+                assert resp.status == 200 and kind in resp.content_type, name
+                assert await resp.read() == (STATIC / name).read_bytes()
