@@ -66,6 +66,9 @@ class Usage:
     cached_tokens: int | None = None
     #: Completion tokens spent on reasoning; None: not reported.
     reasoning_tokens: int | None = None
+    #: Prompt tokens written to the provider's prompt cache (Anthropic's
+    #: cache_creation_input_tokens, billed apart); None: not reported.
+    cache_write_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -87,6 +90,9 @@ class Delta:
     #: Providers set it once, on the first delta they can (the actor keeps
     #: the first one seen for the stream's whole life).
     info: StreamInfo | None = None
+    #: With a finish_reason "stop": the stop sequence that ended the answer,
+    #: when the provider says which (Anthropic's stop_sequence).
+    stop_sequence: str | None = None
 
     @property
     def is_content(self) -> bool:

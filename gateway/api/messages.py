@@ -55,20 +55,26 @@ def message_id(subscription: Subscription) -> str:
     return answer_id("msg_", subscription)
 
 
-def _stop_reason(finish_reason: str | None) -> str:
-    return STOP_REASONS.get(finish_reason or "stop", "end_turn")
+def _stop_fields(finish_reason: str | None, stop_sequence: str | None) -> dict[str, str | None]:
+    """``stop_reason`` and ``stop_sequence``: the sequence that ended the
+    answer, when the upstream named one."""
+    if stop_sequence is not None and finish_reason in (None, "stop"):
+        return {"stop_reason": "stop_sequence", "stop_sequence": stop_sequence}
+    return {"stop_reason": STOP_REASONS.get(finish_reason or "stop", "end_turn"), "stop_sequence": None}
 
 
 def _usage(usage: Usage | None) -> dict[str, int]:
-    """Anthropic's counts: its input_tokens leave out what was read from the
-    cache, which it reports apart."""
+    """Anthropic's counts: its input_tokens leave out what was read from and
+    written to the cache, which it reports apart."""
     if usage is None:
         return {"input_tokens": 0, "output_tokens": 0}
-    cached = usage.cached_tokens
+    cached, written = usage.cached_tokens, usage.cache_write_tokens
     out = {
-        "input_tokens": usage.prompt_tokens - (cached or 0),
+        "input_tokens": usage.prompt_tokens - (cached or 0) - (written or 0),
         "output_tokens": usage.completion_tokens,
     }
+    if written is not None:
+        out["cache_creation_input_tokens"] = written
     if cached is not None:
         out["cache_read_input_tokens"] = cached
     return out
@@ -117,7 +123,7 @@ class MessageEncoder:
 
     __slots__ = (
         "_shared", "_subscription", "_model", "_open", "_next_index", "_started",
-        "_finish_reason", "_usage",
+        "_finish_reason", "_stop_sequence", "_usage",
     )  # fmt: skip
 
     def __init__(self, subscription: Subscription, *, model: str) -> None:
@@ -128,6 +134,7 @@ class MessageEncoder:
         self._next_index = 0
         self._started = False
         self._finish_reason: str | None = None
+        self._stop_sequence: str | None = None
         self._usage: Usage | None = None
 
     def _message_start(self) -> bytes:
@@ -161,6 +168,7 @@ class MessageEncoder:
         for seq, delta in enumerate(deltas, start=first_seq):
             if delta.finish_reason:
                 self._finish_reason = delta.finish_reason
+                self._stop_sequence = delta.stop_sequence
             if delta.usage is not None:
                 self._usage = delta.usage
             pieces = _pieces(delta)
@@ -201,7 +209,7 @@ class MessageEncoder:
         finish = "cancelled" if subscription.outcome == "cancelled" else self._finish_reason
         frames.append(event_frame("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": _stop_reason(finish), "stop_sequence": None},
+            "delta": _stop_fields(finish, None if finish == "cancelled" else self._stop_sequence),
             "usage": _usage(self._usage),
         }))  # fmt: skip
         frames.append(event_frame("message_stop", {"type": "message_stop"}))
@@ -256,9 +264,10 @@ def _message(subscription: Subscription, model: str, deltas: list[Delta]) -> dic
         except ValueError:
             # Arguments cut short (max_tokens): kept as text, not lost.
             content[position]["input"] = {"_raw_arguments": raw}
-    finish = next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None)
+    ending = next((d for d in reversed(deltas) if d.finish_reason), None)
+    finish, stop_sequence = (None, None) if ending is None else (ending.finish_reason, ending.stop_sequence)
     if subscription.outcome == "cancelled":
-        finish = "cancelled"
+        finish, stop_sequence = "cancelled", None
     usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
     info = subscription.info
     return {
@@ -267,7 +276,6 @@ def _message(subscription: Subscription, model: str, deltas: list[Delta]) -> dic
         "role": "assistant",
         "model": (info.model if info else None) or model,
         "content": content,
-        "stop_reason": _stop_reason(finish),
-        "stop_sequence": None,
+        **_stop_fields(finish, stop_sequence),
         "usage": _usage(usage),
     }

@@ -71,9 +71,12 @@ def _delta_json(delta: Delta) -> dict[str, Any]:
         out["c"] = [[c.index, c.id, c.name, c.arguments] for c in delta.tool_calls]
     if delta.usage is not None:
         u = delta.usage
-        out["u"] = [u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens]
+        out["u"] = [u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
+                    u.cache_write_tokens]
     if delta.finish_reason:
         out["f"] = delta.finish_reason
+    if delta.stop_sequence is not None:
+        out["s"] = delta.stop_sequence
     if delta.refusal:
         out["x"] = delta.refusal
     if delta.logprobs is not None:
@@ -146,6 +149,7 @@ def _delta(obj: dict[str, Any]) -> Delta:
         refusal=obj.get("x", ""),
         logprobs=None if logprobs is None else Logprobs(_tokens(logprobs[0]), _tokens(logprobs[1])),
         info=None if info is None else StreamInfo(info[0], info[1]),
+        stop_sequence=obj.get("s"),
     )
 
 

@@ -5,6 +5,7 @@ shaped errors, and one upstream call for a burst through both APIs."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import anthropic
@@ -148,7 +149,8 @@ async def test_errors_before_the_200_are_anthropic_shaped(gateway, client):
             **message("x"), thinking={"type": "enabled", "budget_tokens": 1024}
         )
     with pytest.raises(anthropic.RateLimitError) as caught:
-        await client.messages.create(**message("limited [sim fail_status=429]"))
+        # Retry-After: 0, so that the next request is not held off.
+        await client.messages.create(**message("limited [sim fail_status=429 retry_after_s=0]"))
     assert caught.value.body["error"]["type"] == "rate_limit_error"
     # Still serving.
     answer = await client.messages.create(**message("after errors"))
@@ -390,3 +392,56 @@ async def test_an_explicit_cancel_closes_the_block_and_says_cancelled(gateway):
     assert frames[-2].json()["delta"]["stop_reason"] == "cancelled"
     (record,) = await gateway.sim.log.wait_for(1, outcome="reset")
     assert record.tokens_sent < 300
+
+
+def _anthropic_events(stop: dict[str, object]) -> bytes:
+    """An Anthropic stream with cache reads and writes, ended by ``stop``."""
+    events = [
+        ("message_start", {"type": "message_start", "message": {
+            "id": "msg_up", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 25, "cache_creation_input_tokens": 5,
+                      "cache_read_input_tokens": 10, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "one two"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": stop, "usage": {"output_tokens": 3}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events)
+
+
+async def test_cache_writes_and_the_stop_sequence_reach_anthropic_clients():
+    """What an Anthropic upstream reports beside the text: cache writes
+    (billed apart, not in input_tokens) and the stop sequence that ended the
+    answer, through /v1/messages streaming and not."""
+    stop = {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_anthropic_events(stop))
+        await response.write_eof()
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/messages", messages)
+    async with serving(upstream) as url, running_gateway(Settings(
+        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_format="anthropic",
+        upstream_protocol="http1", error_ttl_ms=0,
+    )) as (_, gateway_url):
+        sdk = anthropic.AsyncAnthropic(base_url=gateway_url, api_key="k", max_retries=0)
+        try:
+            whole = await sdk.messages.create(**message("whole"))
+            async with sdk.messages.stream(**message("streamed")) as stream:
+                streamed = await stream.get_final_message()
+        finally:
+            await sdk.close()
+    for answer in (whole, streamed):
+        assert answer.content[0].text == "one two"
+        assert (answer.stop_reason, answer.stop_sequence) == ("stop_sequence", "END")
+        usage = answer.usage
+        assert (usage.input_tokens, usage.cache_creation_input_tokens,
+                usage.cache_read_input_tokens, usage.output_tokens) == (25, 5, 10, 3)

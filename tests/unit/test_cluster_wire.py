@@ -40,7 +40,15 @@ DELTAS = [
     )),
     Delta(usage=Usage(12, 34), finish_reason="stop"),
     Delta(usage=Usage(12, 34, cached_tokens=8, reasoning_tokens=20)),
+    Delta(usage=Usage(30, 3, cached_tokens=10, cache_write_tokens=5), finish_reason="stop",
+          stop_sequence="END"),
 ]
+
+
+def test_a_usage_line_from_a_member_without_cache_writes_is_read():
+    """A member of the release before cache writes sends four counts."""
+    (delta,) = LineDecoder().feed(b'{"u":[12,34,8,20]}\n')
+    assert delta.usage == Usage(12, 34, cached_tokens=8, reasoning_tokens=20)
 
 
 def test_every_delta_kind_survives_the_hop_split_anywhere():

@@ -45,7 +45,8 @@ TEXT_STREAM = (
 TEXT_DELTAS = [
     Delta(text="Hello"),
     Delta(text=", wörld 🌍"),
-    Delta(finish_reason="stop", usage=Usage(prompt_tokens=25, completion_tokens=15, cached_tokens=0)),
+    Delta(finish_reason="stop", usage=Usage(prompt_tokens=25, completion_tokens=15, cached_tokens=0,
+                                            cache_write_tokens=0)),
 ]
 
 THINKING_STREAM = (
@@ -81,7 +82,8 @@ THINKING_DELTAS = [
     Delta(reasoning="Let me solve this step by step:\n\n1. First break down 27 * 453"),
     Delta(reasoning="\n2. 453 = 400 + 50 + 3"),
     Delta(text="27 × 453 = 12,231"),
-    Delta(finish_reason="length", usage=Usage(prompt_tokens=55, completion_tokens=120, cached_tokens=10)),
+    Delta(finish_reason="length", usage=Usage(prompt_tokens=55, completion_tokens=120, cached_tokens=10,
+                                              cache_write_tokens=5)),
 ]
 
 TOOL_STREAM = (
@@ -123,7 +125,8 @@ TOOL_DELTAS = [
     Delta(tool_calls=(ToolCallDelta(0, arguments=' "San Francisco, CA", "unit": "fahrenheit"}'),)),
     Delta(tool_calls=(ToolCallDelta(1, id="toolu_02", name="get_time"),)),
     Delta(tool_calls=(ToolCallDelta(1, arguments='{"tz": "PST"}'),)),
-    Delta(finish_reason="tool_calls", usage=Usage(prompt_tokens=25, completion_tokens=89, cached_tokens=0)),
+    Delta(finish_reason="tool_calls", usage=Usage(prompt_tokens=25, completion_tokens=89, cached_tokens=0,
+                                                  cache_write_tokens=0)),
 ]
 
 STREAMS = {
@@ -182,9 +185,18 @@ def test_stop_reasons_map_to_finish_reasons(stop_reason: str, finish_reason: str
     assert decode([MESSAGE_START + event + MESSAGE_STOP]) == [
         Delta(
             finish_reason=finish_reason,
-            usage=Usage(prompt_tokens=25, completion_tokens=3, cached_tokens=0),
+            usage=Usage(prompt_tokens=25, completion_tokens=3, cached_tokens=0, cache_write_tokens=0),
         )
     ]
+
+
+def test_the_stop_sequence_that_ended_the_answer_is_kept() -> None:
+    event = (
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"stop_sequence","stop_sequence":"END"},"usage":{"output_tokens":3}}\n\n'
+    )
+    (delta,) = decode([MESSAGE_START + event + MESSAGE_STOP])
+    assert (delta.finish_reason, delta.stop_sequence) == ("stop", "END")
 
 
 def test_events_without_an_event_line_are_read_by_their_type() -> None:
@@ -278,7 +290,8 @@ def test_usage_in_message_delta_may_update_the_input_count() -> None:
         b'"usage":{"input_tokens":30,"cache_read_input_tokens":2,"output_tokens":4}}\n\n'
     )
     assert decode([MESSAGE_START + event + MESSAGE_STOP]) == [
-        Delta(finish_reason="stop", usage=Usage(prompt_tokens=32, completion_tokens=4, cached_tokens=2))
+        Delta(finish_reason="stop", usage=Usage(prompt_tokens=32, completion_tokens=4, cached_tokens=2,
+                                                cache_write_tokens=0))
     ]
 
 

@@ -88,7 +88,10 @@ class AnthropicProvider:
 
 
 class AnthropicStreamDecoder(EventStreamDecoder):
-    __slots__ = ("_prompt_tokens", "_completion_tokens", "_cached_tokens", "_tool_ordinals")
+    __slots__ = (
+        "_prompt_tokens", "_completion_tokens", "_cached_tokens", "_cache_write_tokens",
+        "_tool_ordinals",
+    )  # fmt: skip
     terminator = "message_stop"
 
     def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
@@ -96,6 +99,7 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         self._prompt_tokens = 0
         self._completion_tokens = 0
         self._cached_tokens: int | None = None
+        self._cache_write_tokens: int | None = None
         # Content block index -> tool-call ordinal: OpenAI numbers tool calls
         # 0, 1, 2..., Anthropic numbers all blocks (text, thinking, tool_use).
         self._tool_ordinals: dict[int, int] = {}
@@ -178,10 +182,12 @@ class AnthropicStreamDecoder(EventStreamDecoder):
             self._take_usage(usage)
         return Delta(
             finish_reason=STOP_REASONS.get(stop_reason, "stop") if stop_reason else None,
+            stop_sequence=wire.get_str(delta, "stop_sequence") if stop_reason == "stop_sequence" else None,
             usage=Usage(
                 prompt_tokens=self._prompt_tokens,
                 completion_tokens=self._completion_tokens,
                 cached_tokens=self._cached_tokens,
+                cache_write_tokens=self._cache_write_tokens,
             ),
         )
 
@@ -195,12 +201,11 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         if cache_read is not None:
             # OpenAI's prompt_tokens_details.cached_tokens: read from the cache.
             self._cached_tokens = cache_read
+        cache_write = wire.get_int(usage, "cache_creation_input_tokens")
+        if cache_write is not None:
+            self._cache_write_tokens = cache_write
         if input_tokens is not None:
-            self._prompt_tokens = (
-                input_tokens
-                + (wire.get_int(usage, "cache_creation_input_tokens") or 0)
-                + (cache_read or 0)
-            )
+            self._prompt_tokens = input_tokens + (cache_write or 0) + (cache_read or 0)
         output_tokens = wire.get_int(usage, "output_tokens")
         if output_tokens is not None:
             self._completion_tokens = output_tokens
