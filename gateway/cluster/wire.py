@@ -1,7 +1,7 @@
 """The internal stream's format and the directory's values, without I/O.
 
 The internal stream (owner -> follower) is newline-delimited JSON, one object
-per line: a delta ``{"t","r","c","u","f"}`` (empty fields left out), then one
+per line: a delta ``{"t","r","c","u","w","f","s",...}`` (empty fields left out), then one
 end line, ``{"end": "complete"}`` or ``{"error": {...}}``. A stream that stops
 without an end line means the owner went away. Deltas are numbered by their
 position, as in the owner's log: the follower's log mirrors it one for one,
@@ -71,8 +71,11 @@ def _delta_json(delta: Delta) -> dict[str, Any]:
         out["c"] = [[c.index, c.id, c.name, c.arguments] for c in delta.tool_calls]
     if delta.usage is not None:
         u = delta.usage
-        out["u"] = [u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens,
-                    u.cache_write_tokens]
+        out["u"] = [u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens]
+        if u.cache_write_tokens is not None:
+            # A key of its own: a member of an earlier release reads "u" as
+            # four counts, and leaves out the keys it does not know.
+            out["w"] = u.cache_write_tokens
     if delta.finish_reason:
         out["f"] = delta.finish_reason
     if delta.stop_sequence is not None:
@@ -144,7 +147,7 @@ def _delta(obj: dict[str, Any]) -> Delta:
         text=obj.get("t", ""),
         reasoning=obj.get("r", ""),
         tool_calls=tuple(ToolCallDelta(c[0], c[1], c[2], c[3]) for c in obj.get("c", ())),
-        usage=None if usage is None else Usage(*usage),
+        usage=None if usage is None else Usage(*usage, cache_write_tokens=obj.get("w")),
         finish_reason=obj.get("f"),
         refusal=obj.get("x", ""),
         logprobs=None if logprobs is None else Logprobs(_tokens(logprobs[0]), _tokens(logprobs[1])),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from actors.deltas import (
@@ -45,8 +47,11 @@ DELTAS = [
 ]
 
 
-def test_a_usage_line_from_a_member_without_cache_writes_is_read():
-    """A member of the release before cache writes sends four counts."""
+def test_a_usage_line_is_four_counts_for_members_of_an_earlier_release():
+    """Cache writes travel under a key of their own: "u" stays the four
+    counts an earlier release reads, and it leaves out keys it does not know."""
+    line = encode_deltas([Delta(usage=Usage(30, 3, cached_tokens=10, cache_write_tokens=5))])
+    assert json.loads(line)["u"] == [30, 3, 10, None]
     (delta,) = LineDecoder().feed(b'{"u":[12,34,8,20]}\n')
     assert delta.usage == Usage(12, 34, cached_tokens=8, reasoning_tokens=20)
 
