@@ -147,7 +147,9 @@ def _delta(obj: dict[str, Any]) -> Delta:
         text=obj.get("t", ""),
         reasoning=obj.get("r", ""),
         tool_calls=tuple(ToolCallDelta(c[0], c[1], c[2], c[3]) for c in obj.get("c", ())),
-        usage=None if usage is None else Usage(*usage, cache_write_tokens=obj.get("w")),
+        usage=None if usage is None else Usage(
+            usage[0], usage[1], usage[2], usage[3], cache_write_tokens=obj.get("w")
+        ),
         finish_reason=obj.get("f"),
         refusal=obj.get("x", ""),
         logprobs=None if logprobs is None else Logprobs(_tokens(logprobs[0]), _tokens(logprobs[1])),
