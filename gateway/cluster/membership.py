@@ -76,11 +76,14 @@ async def join_cluster(
 
 
 async def open_internal_listener(
-    settings: Settings, member: Member, registry: Registry, stack: AsyncExitStack
+    settings: Settings, member: Member, registry: Registry, stack: AsyncExitStack,
+    process_metrics: CollectorRegistry,
 ) -> str:
     """Bind the internal listener; returns the URL other members use."""
     member.registry = registry
-    app = internal_app(registry, settings.cluster_secret, member.metrics, member.claiming)
+    app = internal_app(
+        registry, settings.cluster_secret, member.metrics, member.claiming, process_metrics
+    )
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S
     )

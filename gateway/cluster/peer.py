@@ -40,6 +40,8 @@ log = structlog.get_logger("gateway.cluster")
 
 STREAM_PATH = "/cluster/v1/streams/"
 CANCEL_PATH = "/cluster/v1/requests/{request_id}/cancel"
+#: Each member's own metrics (a worker's, where the shared port reaches any).
+METRICS_PATH = "/cluster/v1/metrics"
 #: Who may cancel (a hash of the client's credential, never the credential).
 OWNER_HEADER = "X-Cluster-Owner"
 CONNECT_TIMEOUT_S = 1.0

@@ -24,12 +24,21 @@ from collections.abc import AsyncIterator, Callable
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from actors.messages import SlowReader
 from actors.registry import Registry, RegistryClosed
 from gateway.api.relay import SharedFrames
 from gateway.cluster.metrics import ClusterMetrics
-from gateway.cluster.peer import CANCEL_PATH, HEARTBEAT_S, OWNER_HEADER, STREAM_PATH, OwnerLost
+from gateway.cluster.peer import (
+    CANCEL_PATH,
+    HEARTBEAT_S,
+    METRICS_PATH,
+    OWNER_HEADER,
+    STREAM_PATH,
+    OwnerLost,
+)
 from gateway.cluster.wire import END_LINE, encode_delta, error_line
 from gateway.errors import GatewayError, ReaderTooSlow
 
@@ -175,6 +184,7 @@ def internal_app(
     secret: str,
     metrics: ClusterMetrics,
     claiming: Callable[[str], asyncio.Event | None],
+    process_metrics: CollectorRegistry,
 ) -> web.Application:
     app = web.Application()
     app[CLAIMING] = claiming
@@ -192,4 +202,8 @@ def internal_app(
     app[METRICS] = metrics
     app.router.add_get(STREAM_PATH + "{key}", follow)
     app.router.add_post(CANCEL_PATH, cancel)
+    # This process's own metrics, at an address of its own: on the shared
+    # port a scrape reaches whichever worker the kernel picks, and each
+    # worker counts its own requests (docs/cluster.md, "Metrics").
+    app.router.add_get(METRICS_PATH, make_aiohttp_handler(process_metrics))
     return app

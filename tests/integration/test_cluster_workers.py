@@ -18,9 +18,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.cluster.peer import METRICS_PATH
 from gateway.sim.content import answer_tokens
 from tests.integration.cluster_fixture import REDIS_SERVER, RedisServer, running_member, running_redis
 from tests.integration.conftest import FAST_SIM
+from tests.integration.metrics_scrape import Scrape
 from tests.integration.sse_frames import FrameReader, native_text
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -74,6 +76,33 @@ async def test_a_port_other_workers_hold_is_in_use_for_a_second_supervisor(sim_f
         f"llm-stream-gateway: port {port} on 127.0.0.1 is already in use (another gateway, or an "
         "old one still draining?); choose another with GATEWAY_PORT"
     ]
+
+
+async def test_each_worker_serves_its_own_metrics_at_its_internal_address(sim_factory, redis):
+    """A scrape of the shared port reaches whichever worker the kernel
+    picks; each worker's internal address serves that worker's metrics,
+    and theirs add up to every request served."""
+    sim = await sim_factory(FAST_SIM)
+    async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "2"}) as gateway:
+        connector = aiohttp.TCPConnector(force_close=True)  # new connections: both workers
+        async with aiohttp.ClientSession(connector=connector) as http:
+            internal: dict[int, str] = {}
+            async with asyncio.timeout(30):
+                while len(internal) < 2:
+                    async with http.get(gateway.url + "/stats") as resp:
+                        stats = await resp.json()
+                    internal[stats["process"]["worker"]] = stats["cluster"]["advertise_url"]
+            for n in range(20):
+                body = {**chat(f"counted {n}"), "stream": False}
+                async with http.post(gateway.url + "/v1/chat/completions", json=body) as resp:
+                    assert resp.status == 200
+            served = []
+            for url in internal.values():
+                async with http.get(url + METRICS_PATH) as resp:
+                    assert resp.status == 200
+                    scrape = Scrape.parse(await resp.text())
+                served.append(scrape.value("gateway_requests_total", api="openai", outcome="ok"))
+    assert sum(served) == 20, served
 
 
 async def test_workers_share_the_port_and_coalesce_and_drain_on_sigterm(sim_factory, redis):
