@@ -28,7 +28,6 @@ and it ends within the deadline and ``max_retry_after_ms``.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -36,7 +35,7 @@ import structlog
 
 from actors.deltas import Delta
 from gateway.admission import AdmissionTicket
-from gateway.errors import GatewayError, QueueTimeout, UpstreamStatusError
+from gateway.errors import GatewayError, QueueTimeout
 from gateway.routing.breaker import CircuitState
 from gateway.routing.failures import Failure, classify
 from gateway.routing.router import RoutePlan, Router, Upstream
@@ -219,15 +218,6 @@ class RetryingSource:
             else:
                 assert self._plan is not None
                 upstream = router.next_upstream(self._plan.candidates, self._tried)
-                held = upstream.hold_until - router.clock()
-                if held > 0:
-                    # Every candidate asked for a pause (a 429's Retry-After)
-                    # and this is the soonest free: it is out of the rotation
-                    # until then, so the request is refused as it would be.
-                    raise UpstreamStatusError(
-                        429, "the upstream is rate limiting requests; retry after the delay given",
-                        retry_after=str(math.ceil(held)),
-                    )
             try:
                 await self._open(upstream)
                 return
