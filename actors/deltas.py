@@ -11,15 +11,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: A tool call's kinds, as OpenAI's chat completions name them.
+FUNCTION = "function"
+#: A custom tool's call: free text (``arguments``) rather than JSON arguments.
+CUSTOM = "custom"
+#: The legacy ``function_call`` (before ``tools``): one call, no id.
+FUNCTION_CALL = "function_call"
+
 
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
-    """A fragment of one tool call; fragments with the same index concatenate."""
+    """A fragment of one tool call; fragments with the same index concatenate.
+    ``arguments`` is a function's JSON arguments, or a custom tool's input."""
 
     index: int
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+    kind: str = FUNCTION
 
 
 @dataclass(frozen=True, slots=True)

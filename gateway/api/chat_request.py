@@ -184,9 +184,14 @@ def _check_messages(messages: Any) -> None:
                 raise _field(f"{where}.tool_calls", "must be a non-empty list on an assistant message")
             for number, call in enumerate(calls):
                 _check_tool_call(call, f"{where}.tool_calls[{number}]")
+        function_call = message.get("function_call")
+        if function_call is not None:
+            if role != "assistant":
+                raise _field(f"{where}.function_call", "is only for an assistant message")
+            _check_function(function_call, f"{where}.function_call")
         content = message.get("content")
         if content is None:
-            if role == "assistant" and calls:
+            if role == "assistant" and (calls or function_call is not None):
                 continue
             raise _field(f"{where}.content", "is required")
         if isinstance(content, str):
@@ -224,11 +229,22 @@ def _check_part(part: Any, where: str) -> None:
 def _check_tool_call(call: Any, where: str) -> None:
     if not isinstance(call, dict):
         raise _field(where, "must be an object")
-    function = call.get("function")
+    if call.get("type") == "custom":
+        custom = call.get("custom")
+        if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):
+            raise _field(f"{where}.custom.name", "must be a string")
+        if not isinstance(custom.get("input", ""), str):
+            raise _field(f"{where}.custom.input", "must be a string")
+        return
+    _check_function(call.get("function"), f"{where}.function")
+
+
+def _check_function(function: Any, where: str) -> None:
+    """A function call as a message carries it: a name, JSON arguments."""
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise _field(f"{where}.function.name", "must be a string")
+        raise _field(f"{where}.name", "must be a string")
     if not isinstance(function.get("arguments", ""), str):
-        raise _field(f"{where}.function.arguments", "must be a string (JSON text)")
+        raise _field(f"{where}.arguments", "must be a string (JSON text)")
 
 
 def _check_tools(tools: Any) -> None:

@@ -87,7 +87,7 @@ def _delta_frame(seq: int, delta: Delta) -> bytes:
         body["refusal"] = delta.refusal
     if delta.tool_calls:
         body["tool_calls"] = [
-            {"index": c.index, "id": c.id, "name": c.name, "arguments": c.arguments}
+            {"index": c.index, "id": c.id, "name": c.name, "arguments": c.arguments, "type": c.kind}
             for c in delta.tool_calls
         ]
     return event_frame("delta", body, event_id=seq)

@@ -13,7 +13,16 @@ from typing import Any
 
 from aiohttp import web
 
-from actors.deltas import Delta, Logprobs, StreamInfo, TokenLogprob, ToolCallDelta, Usage
+from actors.deltas import (
+    CUSTOM,
+    FUNCTION_CALL,
+    Delta,
+    Logprobs,
+    StreamInfo,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 from actors.subscription import Subscription
 from gateway.api.answer_id import answer_id
 from gateway.api.chat_request import ChatRequest
@@ -30,12 +39,17 @@ def _tool_call(call: ToolCallDelta) -> dict[str, Any]:
     out: dict[str, Any] = {"index": call.index}
     if call.id is not None:
         out["id"] = call.id
-        out["type"] = "function"
-    function: dict[str, str] = {"arguments": call.arguments}
-    if call.name is not None:
-        function["name"] = call.name
-    out["function"] = function
+        out["type"] = call.kind
+    out[call.kind] = _call_body(call)
     return out
+
+
+def _call_body(call: ToolCallDelta) -> dict[str, str]:
+    """A fragment's ``function`` (``function_call``) or ``custom`` member."""
+    body = {"input" if call.kind == CUSTOM else "arguments": call.arguments}
+    if call.name is not None:
+        body["name"] = call.name
+    return body
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -161,7 +175,10 @@ class ChunkEncoder:
         if delta.refusal:
             body["refusal"] = delta.refusal
         if delta.tool_calls:
-            body["tool_calls"] = [_tool_call(call) for call in delta.tool_calls]
+            if delta.tool_calls[0].kind == FUNCTION_CALL:
+                body["function_call"] = _call_body(delta.tool_calls[0])
+            else:
+                body["tool_calls"] = [_tool_call(call) for call in delta.tool_calls]
         if body or delta.finish_reason or delta.logprobs is not None:
             return self._chunk(body, delta.finish_reason, delta.logprobs)
         return b""
@@ -214,20 +231,29 @@ def _completion(subscription: Subscription, chat: ChatRequest, deltas: list[Delt
     finish_reason = next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None)
     usage = next((d.usage for d in reversed(deltas) if d.usage is not None), None)
     calls: dict[int, dict[str, Any]] = {}
+    function_call: dict[str, str] | None = None
     for delta in deltas:
         for call in delta.tool_calls:
+            if call.kind == FUNCTION_CALL:
+                function_call = function_call or {"name": "", "arguments": ""}
+                function_call["name"] += call.name or ""
+                function_call["arguments"] += call.arguments
+                continue
+            field = "input" if call.kind == CUSTOM else "arguments"
             merged = calls.setdefault(
-                call.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                call.index, {"id": None, "type": call.kind, call.kind: {"name": "", field: ""}}
             )
             if call.id is not None:
                 merged["id"] = call.id
             if call.name is not None:
-                merged["function"]["name"] += call.name
-            merged["function"]["arguments"] += call.arguments
+                merged[call.kind]["name"] += call.name
+            merged[call.kind][field] += call.arguments
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": text if text or not (calls or refusal) else None,
+        "content": text if text or not (calls or function_call or refusal) else None,
     }
+    if function_call is not None:
+        message["function_call"] = function_call
     if reasoning:
         message["reasoning_content"] = reasoning
     if refusal:

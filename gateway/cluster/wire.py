@@ -18,7 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actors.deltas import Delta, Logprobs, StreamInfo, TokenLogprob, ToolCallDelta, TopLogprob, Usage
+from actors.deltas import (
+    FUNCTION,
+    Delta,
+    Logprobs,
+    StreamInfo,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 from gateway import json_codec
 from gateway.errors import GatewayError, for_client
 
@@ -68,7 +77,12 @@ def _delta_json(delta: Delta) -> dict[str, Any]:
     if delta.reasoning:
         out["r"] = delta.reasoning
     if delta.tool_calls:
-        out["c"] = [[c.index, c.id, c.name, c.arguments] for c in delta.tool_calls]
+        # A kind other than a function's as a fifth member, which a member of
+        # an earlier release leaves out (it reads the first four).
+        out["c"] = [
+            [c.index, c.id, c.name, c.arguments] + ([] if c.kind == FUNCTION else [c.kind])
+            for c in delta.tool_calls
+        ]
     if delta.usage is not None:
         u = delta.usage
         out["u"] = [u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens]
@@ -146,7 +160,10 @@ def _delta(obj: dict[str, Any]) -> Delta:
     return Delta(
         text=obj.get("t", ""),
         reasoning=obj.get("r", ""),
-        tool_calls=tuple(ToolCallDelta(c[0], c[1], c[2], c[3]) for c in obj.get("c", ())),
+        tool_calls=tuple(
+            ToolCallDelta(c[0], c[1], c[2], c[3], c[4] if len(c) > 4 else FUNCTION)
+            for c in obj.get("c", ())
+        ),
         usage=None if usage is None else Usage(
             usage[0], usage[1], usage[2], usage[3], cache_write_tokens=obj.get("w")
         ),

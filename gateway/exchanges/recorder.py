@@ -284,9 +284,10 @@ class Answer:
             if self._keep:
                 self._reasoning.append(delta.reasoning)
         for fragment in delta.tool_calls:
+            # A custom tool's input is kept as its arguments, its kind as the type.
             call = self._tool_calls.setdefault(
                 fragment.index,
-                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                {"id": None, "type": fragment.kind, "function": {"name": "", "arguments": ""}},
             )
             if fragment.id is not None:
                 call["id"] = fragment.id

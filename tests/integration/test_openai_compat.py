@@ -4,6 +4,8 @@ the upstream streaming and not, and the model list."""
 
 from __future__ import annotations
 
+import json
+
 import aiohttp
 import openai
 import pytest
@@ -237,3 +239,90 @@ async def test_a_server_without_model_urls_is_answered_from_its_list():
                 await sdk.close()
     assert retrieved.model_dump(exclude_none=True) == listed
     assert caught.value.code == "model_not_found"
+
+
+def _chunks(*deltas: tuple[dict[str, object], str | None]) -> bytes:
+    """An OpenAI stream of these (delta, finish_reason) chunks, then [DONE]."""
+    frames = [
+        json.dumps({"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1,
+                    "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        for delta, finish in deltas
+    ]
+    return b"".join(f"data: {frame}\n\n".encode() for frame in frames) + b"data: [DONE]\n\n"
+
+
+#: By a word of the last message: a custom tool's call, a legacy
+#: function_call, or (for a history sent back) plain text.
+TOOL_STREAMS = {
+    "custom": _chunks(
+        ({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_sql", "type": "custom",
+                                               "custom": {"name": "run_sql", "input": ""}}]}, None),
+        ({"tool_calls": [{"index": 0, "custom": {"input": "SELECT "}}]}, None),
+        ({"tool_calls": [{"index": 0, "custom": {"input": "1;"}}]}, None),
+        ({}, "tool_calls"),
+    ),
+    "legacy": _chunks(
+        ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": ""}}, None),
+        ({"function_call": {"arguments": '{"a": '}}, None),
+        ({"function_call": {"arguments": "1}"}}, None),
+        ({}, "function_call"),
+    ),
+    "text": _chunks(({"role": "assistant", "content": "done"}, None), ({}, "stop")),
+}
+
+
+async def test_custom_tool_calls_and_legacy_function_calls_are_relayed_and_taken_back():
+    """What the SDK returns through the gateway is what it returns from the
+    upstream itself, and the assistant message it built goes back as history."""
+    histories = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        histories.append(body["messages"])
+        last = str(body["messages"][-1].get("content") or "")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(TOOL_STREAMS[next((k for k in TOOL_STREAMS if k in last), "text")])
+        await response.write_eof()
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", chat)
+    async with serving(upstream) as url, running_gateway(Settings(
+        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_protocol="http1",
+        error_ttl_ms=0,
+    )) as (_, gateway_url):
+        direct = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        through = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key="k", max_retries=0)
+        try:
+            answers, fragments = {}, {}
+            for word in ("custom", "legacy"):
+                for name, sdk in (("direct", direct), ("gateway", through)):
+                    messages = [{"role": "user", "content": f"{word} please ({name})"}]
+                    stream = await sdk.chat.completions.create(model="m", messages=messages, stream=True)
+                    deltas = [chunk.choices[0].delta.model_dump(exclude_none=True)
+                              async for chunk in stream if chunk.choices]
+                    fragments[word, name] = [
+                        {k: v for k, v in d.items() if k in ("tool_calls", "function_call")}
+                        for d in deltas if "tool_calls" in d or "function_call" in d
+                    ]
+                whole = await through.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"{word} please, whole"}])
+                answers[word] = whole.choices[0].model_dump(exclude_none=True)
+                message = answers[word]["message"]
+                history = [{"role": "user", "content": f"{word} please"}, message,
+                           {"role": "function", "name": "f", "content": "2"} if word == "legacy"
+                           else {"role": "tool", "tool_call_id": "call_sql", "content": "1"}]
+                again = await through.chat.completions.create(model="m", messages=history)
+                assert again.choices[0].message.content == "done"
+        finally:
+            await direct.close()
+            await through.close()
+    assert answers["custom"]["finish_reason"] == "tool_calls"
+    assert answers["custom"]["message"]["tool_calls"] == [
+        {"id": "call_sql", "type": "custom", "custom": {"name": "run_sql", "input": "SELECT 1;"}}]
+    assert (answers["legacy"]["finish_reason"], answers["legacy"]["message"]["function_call"]) == (
+        "function_call", {"name": "f", "arguments": '{"a": 1}'})
+    for word in ("custom", "legacy"):
+        assert len(fragments[word, "direct"]) == 3
+        assert fragments[word, "gateway"] == fragments[word, "direct"], word

@@ -7,6 +7,8 @@ import json
 import pytest
 
 from actors.deltas import (
+    CUSTOM,
+    FUNCTION_CALL,
     Delta,
     Logprobs,
     StreamInfo,
@@ -34,6 +36,8 @@ DELTAS = [
     Delta(text="héllo \n"),
     Delta(reasoning="thinking"),
     Delta(tool_calls=(ToolCallDelta(0, "call_1", "lookup", '{"q":'), ToolCallDelta(1))),
+    Delta(tool_calls=(ToolCallDelta(0, "call_2", "run_sql", "SELECT", kind=CUSTOM),)),
+    Delta(tool_calls=(ToolCallDelta(0, name="f", arguments="{}", kind=FUNCTION_CALL),)),
     Delta(),
     Delta(text="a", info=StreamInfo("gpt-real-2025", "fp_1")),
     Delta(refusal="no", logprobs=Logprobs(

@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.deltas import (
+    CUSTOM,
+    FUNCTION_CALL,
     Delta,
     Logprobs,
     StreamInfo,
@@ -111,6 +113,35 @@ REASONING_DELTAS = [
     ),
 ]
 
+# A custom tool's call (free-text input), then the legacy function_call.
+CUSTOM_STREAM = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","tool_calls":[{"index":0,'
+    b'"id":"call_sql","type":"custom","custom":{"name":"run_sql","input":""}}]},'
+    b'"finish_reason":null}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,'
+    b'"custom":{"input":"SELECT 1;"}}]},"finish_reason":null}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+CUSTOM_DELTAS = [
+    Delta(tool_calls=(ToolCallDelta(0, "call_sql", "run_sql", "", kind=CUSTOM),)),
+    Delta(tool_calls=(ToolCallDelta(0, arguments="SELECT 1;", kind=CUSTOM),)),
+    Delta(finish_reason="tool_calls"),
+]
+FUNCTION_CALL_STREAM = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":null,'
+    b'"function_call":{"name":"f","arguments":""}},"finish_reason":null}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"function_call":{"arguments":"{\\"a\\": 1}"}},'
+    b'"finish_reason":null}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"function_call"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+FUNCTION_CALL_DELTAS = [
+    Delta(tool_calls=(ToolCallDelta(0, name="f", kind=FUNCTION_CALL),)),
+    Delta(tool_calls=(ToolCallDelta(0, arguments='{"a": 1}', kind=FUNCTION_CALL),)),
+    Delta(finish_reason="function_call"),
+]
+
 # -- helpers --------------------------------------------------------------------
 
 
@@ -130,6 +161,8 @@ STREAMS = {
     "text": (TEXT_STREAM, TEXT_DELTAS),
     "tool-calls": (TOOL_STREAM, TOOL_DELTAS),
     "reasoning": (REASONING_STREAM, REASONING_DELTAS),
+    "custom-tool": (CUSTOM_STREAM, CUSTOM_DELTAS),
+    "function-call": (FUNCTION_CALL_STREAM, FUNCTION_CALL_DELTAS),
 }
 
 

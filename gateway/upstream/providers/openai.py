@@ -16,6 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from actors.deltas import (
+    CUSTOM,
+    FUNCTION,
+    FUNCTION_CALL,
     Delta,
     Logprobs,
     StreamInfo,
@@ -134,7 +137,7 @@ def _full_delta(chunk: wire.JsonObject, choice: wire.JsonObject | None) -> Delta
                 wire.get_str(delta, "reasoning_content") or wire.get_str(delta, "reasoning") or ""
             )
             refusal = wire.get_str(delta, "refusal") or ""
-            tool_calls = _tool_call_deltas(delta)
+            tool_calls = _tool_call_deltas(delta) or _function_call_delta(delta)
         logprobs = _logprobs(choice)
     usage = _usage(chunk)
     if not (
@@ -228,17 +231,35 @@ def _tool_call_deltas(delta: wire.JsonObject) -> tuple[ToolCallDelta, ...]:
     for position, call in enumerate(calls):
         if not isinstance(call, dict):
             raise UpstreamProtocolError("upstream tool call is not an object")
-        function = wire.get_object(call, "function") or {}
         index = wire.get_int(call, "index")
+        # A custom tool's call carries free text as its input; a function's,
+        # JSON arguments.
+        custom = wire.get_object(call, CUSTOM)
+        kind = CUSTOM if custom is not None or wire.get_str(call, "type") == CUSTOM else FUNCTION
+        body = (custom or {}) if kind == CUSTOM else (wire.get_object(call, "function") or {})
         fragments.append(
             ToolCallDelta(
                 index=position if index is None else index,
                 id=wire.get_str(call, "id"),
-                name=wire.get_str(function, "name"),
-                arguments=wire.get_str(function, "arguments") or "",
+                name=wire.get_str(body, "name"),
+                arguments=wire.get_str(body, "input" if kind == CUSTOM else "arguments") or "",
+                kind=kind,
             )
         )
     return tuple(fragments)
+
+
+def _function_call_delta(delta: wire.JsonObject) -> tuple[ToolCallDelta, ...]:
+    """The legacy ``function_call`` (requests with ``functions``): one call."""
+    call = wire.get_object(delta, "function_call")
+    if call is None:
+        return ()
+    return (ToolCallDelta(
+        index=0,
+        name=wire.get_str(call, "name"),
+        arguments=wire.get_str(call, "arguments") or "",
+        kind=FUNCTION_CALL,
+    ),)  # fmt: skip
 
 
 def _usage(chunk: wire.JsonObject) -> Usage | None:
