@@ -20,7 +20,7 @@ from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from tests.integration.conftest import FAST_SIM
 from tests.integration.sse_frames import FrameReader, openai_text
-from tests.loopback import serving
+from tests.loopback import event_stream_upstream, serving
 
 
 def expected(prompt: str, tokens: int = FAST_SIM.tokens) -> str:
@@ -419,15 +419,7 @@ async def test_cache_writes_and_the_stop_sequence_reach_anthropic_clients():
     answer, through /v1/messages streaming and not."""
     stop = {"stop_reason": "stop_sequence", "stop_sequence": "END"}
 
-    async def messages(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(_anthropic_events(stop))
-        await response.write_eof()
-        return response
-
-    upstream = web.Application()
-    upstream.router.add_post("/v1/messages", messages)
+    upstream = event_stream_upstream("/v1/messages", lambda body: _anthropic_events(stop))
     async with serving(upstream) as url, running_gateway(Settings(
         host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_format="anthropic",
         upstream_protocol="http1", error_ttl_ms=0,

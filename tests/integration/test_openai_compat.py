@@ -5,6 +5,8 @@ the upstream streaming and not, and the model list."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import openai
@@ -18,7 +20,7 @@ from gateway.sim.content import answer_tokens
 from gateway.sim.formats import token_logprob
 from tests.integration.conftest import FAST_SIM
 from tests.integration.test_shutdown import gateway_process
-from tests.loopback import serving
+from tests.loopback import event_stream_upstream, serving
 
 EXTRAS = (
     "[sim resolved_model=gpt-real-2025 fingerprint=fp_sim logprobs=1 cached_tokens=3"
@@ -274,20 +276,12 @@ TOOL_STREAMS = {
 async def test_custom_tool_calls_and_legacy_function_calls_are_relayed_and_taken_back():
     """What the SDK returns through the gateway is what it returns from the
     upstream itself, and the assistant message it built goes back as history."""
-    histories = []
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        histories.append(body["messages"])
+    def answer(body: Mapping[str, Any]) -> bytes:
         last = str(body["messages"][-1].get("content") or "")
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(TOOL_STREAMS[next((k for k in TOOL_STREAMS if k in last), "text")])
-        await response.write_eof()
-        return response
+        return TOOL_STREAMS[next((k for k in TOOL_STREAMS if k in last), "text")]
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", chat)
+    upstream = event_stream_upstream("/v1/chat/completions", answer)
     async with serving(upstream) as url, running_gateway(Settings(
         host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_protocol="http1",
         error_ttl_ms=0,
