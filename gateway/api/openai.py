@@ -44,9 +44,14 @@ def _tool_call(call: ToolCallDelta) -> dict[str, Any]:
     return out
 
 
+def _argument_field(kind: str) -> str:
+    """Where a call's ``arguments`` go: a custom tool's call names it its input."""
+    return "input" if kind == CUSTOM else "arguments"
+
+
 def _call_body(call: ToolCallDelta) -> dict[str, str]:
     """A fragment's ``function`` (``function_call``) or ``custom`` member."""
-    body = {"input" if call.kind == CUSTOM else "arguments": call.arguments}
+    body = {_argument_field(call.kind): call.arguments}
     if call.name is not None:
         body["name"] = call.name
     return body
@@ -239,7 +244,7 @@ def _completion(subscription: Subscription, chat: ChatRequest, deltas: list[Delt
                 function_call["name"] += call.name or ""
                 function_call["arguments"] += call.arguments
                 continue
-            field = "input" if call.kind == CUSTOM else "arguments"
+            field = _argument_field(call.kind)
             merged = calls.setdefault(
                 call.index, {"id": None, "type": call.kind, call.kind: {"name": "", field: ""}}
             )
