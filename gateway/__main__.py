@@ -8,7 +8,9 @@ Shutdown, on SIGTERM or SIGINT:
    a connection busy with a response closes when that response ends. This is
    what Go's ``http.Server.Shutdown`` does: leaving idle connections open
    would have nginx keep sending new requests to a gateway that is leaving.
-2. Streams in flight finish on their own for up to DRAIN_TIMEOUT_S.
+2. Streams in flight finish on their own for up to DRAIN_TIMEOUT_S, and so
+   do requests still being read or answered (a body still arriving is
+   answered 503 once it is in).
 3. Then (or at a second signal: an operator who wants it over now) the rest
    end with an in-stream error ``shutting_down`` (retryable) and their upstream
    streams are reset. Exit status 0: a drain is a normal stop, and systemd's
@@ -37,6 +39,7 @@ from aiohttp import web
 from gateway import json_codec
 from gateway.app import make_app, make_listener
 from gateway.config import ConfigError, Settings
+from gateway.connection import Connections
 from gateway.errors import ShuttingDown
 from gateway.logs import configure_logging
 from gateway.state import STATE, GatewayState
@@ -65,10 +68,18 @@ class _Signals:
         self.first.set()
 
 
-async def _drain(state: GatewayState, timeout_s: float, hurry: asyncio.Event) -> None:
-    """Until no stream is left, ``timeout_s`` passed, or ``hurry`` is set;
-    then end whatever is left (in-stream error, upstream reset)."""
-    idle = asyncio.create_task(state.registry.wait_idle(), name="drain-wait-idle")
+async def _drain(
+    state: GatewayState, connections: Connections, timeout_s: float, hurry: asyncio.Event
+) -> None:
+    """Until no stream and no request is left (a body still arriving
+    included), ``timeout_s`` passed, or ``hurry`` is set; then end whatever
+    is left (in-stream error, upstream reset)."""
+
+    async def quiet() -> None:
+        await state.registry.wait_idle()
+        await connections.wait_quiet()
+
+    idle = asyncio.create_task(quiet(), name="drain-wait-idle")
     hurried = asyncio.create_task(hurry.wait(), name="drain-second-signal")
     try:
         done, _ = await asyncio.wait(
@@ -84,7 +95,7 @@ async def _drain(state: GatewayState, timeout_s: float, hurry: asyncio.Event) ->
         remaining = state.registry.statistics()
         reason = "second signal" if hurried in done else "drain timeout"
         log.warning("ending the remaining streams", reason=reason, actors=remaining.actors,
-                    subscribers=remaining.subscribers)
+                    subscribers=remaining.subscribers, requests=connections.busy)
     await state.registry.aclose(ShuttingDown("the gateway is shutting down; retry"))
 
 
@@ -139,7 +150,7 @@ async def serve(settings: Settings) -> None:
         closed = listener.connections.close_idle()
         log.info("draining", streams=state.active_streams, timeout_s=settings.drain_timeout_s,
                  idle_connections_closed=closed)
-        await _drain(state, settings.drain_timeout_s, signals.second)
+        await _drain(state, listener.connections, settings.drain_timeout_s, signals.second)
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)

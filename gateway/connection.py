@@ -87,15 +87,37 @@ class Connections:
         self._open: set[ClientConnection] = set()
         #: Set at the start of the drain: every response closes its connection.
         self.draining = False
+        #: While draining: set when the last request in progress has ended.
+        self._quiet = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._open)
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request in progress or arriving."""
+        return sum(1 for connection in self._open if not connection.idle)
 
     def add(self, connection: ClientConnection) -> None:
         self._open.add(connection)
 
     def discard(self, connection: ClientConnection) -> None:
         self._open.discard(connection)
+        self.request_ended()
+
+    def request_ended(self) -> None:
+        """A connection's request ended (or the connection did). Only the
+        drain looks at all of them: serving costs no scan."""
+        if self.draining and self.busy == 0:
+            self._quiet.set()
+
+    async def wait_quiet(self) -> None:
+        """Until no connection has a request in progress or arriving (a
+        body still being uploaded included): what the drain waits for,
+        beside the streams."""
+        while self.busy:
+            self._quiet.clear()
+            await self._quiet.wait()
 
     def close_idle(self) -> int:
         """Close every connection with no request in progress or arriving;
@@ -267,6 +289,7 @@ class ClientConnection(web.RequestHandler):
             return await super().finish_response(request, resp, start_time)
         finally:
             self._busy_request = None
+            self._connections.request_ended()
             if unreadable:
                 # The body stalled or is broken: close now, rather than
                 # linger reading it.
