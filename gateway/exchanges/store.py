@@ -86,6 +86,8 @@ def postgres_pool_options(url: str) -> tuple[str, dict[str, int]]:
             options[name] = int(value)
         else:
             raise ValueError(f"statement_cache_size={value!r}: not a whole number >= 0")
+    if not options:
+        return url, options  # as written: nothing of the pool's in it
     return urlunsplit(parts._replace(query=urlencode(kept))), options
 
 

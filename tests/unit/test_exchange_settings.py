@@ -65,4 +65,6 @@ def test_the_statement_cache_size_is_the_pools_and_leaves_the_url():
     assert postgres_pool_options(
         "postgresql://gw:secret@db.internal:6432/gw?sslmode=require&statement_cache_size=0"
     ) == ("postgresql://gw:secret@db.internal:6432/gw?sslmode=require", {"statement_cache_size": 0})
-    assert postgres_pool_options("postgresql://db.internal/gw") == ("postgresql://db.internal/gw", {})
+    # Without it the URL is passed on as written, its other options as encoded.
+    plain = "postgresql://gw@/gw?host=%2Fvar%2Frun%2Fpostgresql&sslmode=prefer"
+    assert postgres_pool_options(plain) == (plain, {})
