@@ -140,7 +140,6 @@ class ClientConnection(web.RequestHandler):
         "_busy_request",
         "_arriving",
         "_half_closed",
-        "_unreadable_body",
         "_ping",
         "_probe",
     )
@@ -170,8 +169,6 @@ class ClientConnection(web.RequestHandler):
         # Bytes of a request not yet dispatched have arrived.
         self._arriving = False
         self._half_closed = False
-        # The request's body cannot be read to its end (request_unreadable).
-        self._unreadable_body = False
         self._ping: Callable[[], Awaitable[None]] | None = None
         self._probe: asyncio.Task[None] | None = None
 
@@ -233,13 +230,6 @@ class ClientConnection(web.RequestHandler):
             self.close()
             self._start_probe()
 
-    def request_unreadable(self) -> None:
-        """The request's body has broken framing or content coding: where a
-        next request would start is unknown. Its answer closes the
-        connection, without reading on (aiohttp would read the rest of an
-        unread body, and log the same error again as unhandled)."""
-        self._unreadable_body = True
-
     def probe_with(self, ping: Callable[[], Awaitable[None]]) -> None:
         """How to find out whether a half-closed client is still there: a
         harmless write into the response (an SSE comment)."""
@@ -278,7 +268,11 @@ class ClientConnection(web.RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        unreadable = resp.status == 408 or self._unreadable_body
+        # A body that stalled, or whose framing or content coding broke
+        # (its reader holds the error): where a next request would start is
+        # unknown (RFC 9112 §9.3). aiohttp would read on past the answer and
+        # log that error again as unhandled.
+        unreadable = resp.status == 408 or request.content.exception() is not None
         if self._connections.draining or self._half_closed or unreadable:
             resp.force_close()  # Connection: close, and closed after it
         # The handler is done: no probe write may follow (or, an interim

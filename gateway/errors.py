@@ -69,14 +69,6 @@ class BadRequest(GatewayError):
     code = "invalid_request"
 
 
-class MalformedBody(BadRequest):
-    """The request body's HTTP/1.1 framing or content coding is broken: where
-    the next request would start is unknown, so the answer closes the
-    connection (RFC 9112 §9.3)."""
-
-    code = "invalid_http"
-
-
 class Unauthorized(GatewayError):
     status = 401
     type = "authentication_error"

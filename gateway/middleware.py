@@ -21,7 +21,6 @@ from aiohttp.typedefs import Handler
 from gateway.connection import client_connection
 from gateway.errors import (
     GatewayError,
-    MalformedBody,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -125,8 +124,6 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         record.status, record.error_code = exc.status, exc.code
         if record.outcome == "ok":
             record.outcome = outcome_of(exc.status, exc.code)
-        if isinstance(exc, MalformedBody) and connection is not None:
-            connection.request_unreadable()
         return error_response(exc, anthropic=request.path == ANTHROPIC_PATH)
     except web.HTTPException as exc:
         translated = _translate_http_exception(exc)

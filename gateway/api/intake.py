@@ -17,7 +17,7 @@ from actors.registry import RegistryClosed
 from actors.subscription import Subscription
 from gateway.api.chat_request import ChatRequest, parse_chat_request
 from gateway.errors import (
-    MalformedBody,
+    BadRequest,
     PayloadTooLarge,
     RequestTimeout,
     ShuttingDown,
@@ -66,7 +66,8 @@ async def read_body(request: web.Request) -> bytes:
     except web.RequestPayloadError as exc:
         # aiohttp's payload parser: a malformed chunked body, say, or a
         # Content-Encoding the body does not have.
-        raise MalformedBody("the request body is not valid HTTP/1.1 framing") from exc
+        raise BadRequest("the request body is not valid HTTP/1.1 framing",
+                         code="invalid_http") from exc
     except RuntimeError as exc:
         # aiohttp's "Connection closed.": a read after the client closed its
         # connection with the body incomplete. It left: not our error.
