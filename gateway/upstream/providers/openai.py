@@ -235,14 +235,16 @@ def _tool_call_deltas(delta: wire.JsonObject) -> tuple[ToolCallDelta, ...]:
         # A custom tool's call carries free text as its input; a function's,
         # JSON arguments.
         custom = wire.get_object(call, CUSTOM)
-        kind = CUSTOM if custom is not None or wire.get_str(call, "type") == CUSTOM else FUNCTION
-        body = (custom or {}) if kind == CUSTOM else (wire.get_object(call, "function") or {})
+        if custom is not None or wire.get_str(call, "type") == CUSTOM:
+            kind, body, field = CUSTOM, custom or {}, "input"
+        else:
+            kind, body, field = FUNCTION, wire.get_object(call, "function") or {}, "arguments"
         fragments.append(
             ToolCallDelta(
                 index=position if index is None else index,
                 id=wire.get_str(call, "id"),
                 name=wire.get_str(body, "name"),
-                arguments=wire.get_str(body, "input" if kind == CUSTOM else "arguments") or "",
+                arguments=wire.get_str(body, field) or "",
                 kind=kind,
             )
         )
