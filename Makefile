@@ -24,9 +24,10 @@ $(STAMP): $(RUNTIME_STAMP)
 	touch $(STAMP)
 
 # The demo records its exchanges in the working tree (an empty
-# EXCHANGE_LOG_URL turns that off; any other value replaces it).
+# EXCHANGE_LOG_URL turns that off; any other value replaces it) and logs
+# readable lines when run at a terminal.
 run: $(RUNTIME_STAMP)
-	EXCHANGE_LOG_URL="$${EXCHANGE_LOG_URL-sqlite:///.gateway/exchanges.db}" $(BIN)/python -m gateway
+	EXCHANGE_LOG_URL="$${EXCHANGE_LOG_URL-sqlite:///.gateway/exchanges.db}" LOG_FORMAT="$${LOG_FORMAT-auto}" $(BIN)/python -m gateway
 
 # The browser client's unit tests run on node; without node `make test` fails
 # rather than pass with a part untested. Under CI=true a skipped or todo

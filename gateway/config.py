@@ -25,8 +25,9 @@ T = TypeVar("T")
 FORMATS = ("openai", "anthropic")
 SCOPES = ("key", "global")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-#: "auto": console lines on a terminal, JSON lines otherwise (gateway/logs.py).
-LOG_FORMATS = ("auto", "json", "console")
+#: JSON lines by default (what the journal and log shippers read); "auto":
+#: console lines on a terminal, JSON lines otherwise (gateway/logs.py).
+LOG_FORMATS = ("json", "console", "auto")
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,7 @@ class Settings:
     gateway_api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 1_048_576
     log_level: str = "info"
-    log_format: str = "auto"
+    log_format: str = "json"
     #: Peers whose X-Request-Id and X-Forwarded-For are believed. None by
     #: default: any local process could otherwise choose its request id.
     #: The deploy config lists the proxy (nginx on loopback).
@@ -166,7 +167,7 @@ class Settings:
             gateway_api_keys=read.keys("GATEWAY_API_KEYS"),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 1_048_576, low=1024),
             log_level=read.choice("LOG_LEVEL", "info", LOG_LEVELS),
-            log_format=read.choice("LOG_FORMAT", "auto", LOG_FORMATS),
+            log_format=read.choice("LOG_FORMAT", "json", LOG_FORMATS),
             trusted_proxies=read.networks("TRUSTED_PROXIES", ""),
             drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),

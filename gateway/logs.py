@@ -156,7 +156,7 @@ _writer = TickWriter(sys.stderr)
 atexit.register(lambda: _writer.flush())
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if resolve_format(fmt) == "console"

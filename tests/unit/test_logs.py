@@ -123,8 +123,9 @@ def test_auto_format_is_console_on_a_terminal_and_json_otherwise(monkeypatch):
     assert line["event"] == "request" and line["api"] == "native"
 
 
-def test_log_format_defaults_to_auto():
-    assert Settings.from_env({}).log_format == "auto"
+def test_log_format_defaults_to_json():
+    assert Settings.from_env({}).log_format == "json"
+    assert Settings.from_env({"LOG_FORMAT": "auto"}).log_format == "auto"
 
 
 def test_every_configured_secret_is_kept_out_of_every_field(capsys):

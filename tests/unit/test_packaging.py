@@ -36,9 +36,11 @@ def _installs(commands: list[str]) -> list[str]:
 def test_make_run_installs_the_runtime_and_the_fast_extra_only(tmp_path) -> None:
     commands = _dry_run("run", tmp_path / "venv")
     assert _installs(commands) == ["'.[fast]'"]
-    # The demo records its exchanges in the working tree unless told otherwise.
+    # The demo records its exchanges in the working tree and logs for a
+    # terminal unless told otherwise.
     assert commands[-1] == (
         'EXCHANGE_LOG_URL="${EXCHANGE_LOG_URL-sqlite:///.gateway/exchanges.db}" '
+        'LOG_FORMAT="${LOG_FORMAT-auto}" '
         f"{tmp_path / 'venv'}/bin/python -m gateway"
     )
 
