@@ -41,6 +41,13 @@ TENANT = web.RequestKey("gateway_tenant", str)
 
 #: The route of Anthropic's Messages API: its errors take Anthropic's shape.
 ANTHROPIC_PATH = "/v1/messages"
+#: The model APIs by route, known before the handler runs: a request refused
+#: at the door (401, 405, 413) counts under its API, as a 400 does.
+API_OF_PATH = {"/v1/chat/completions": "openai", "/v1/stream": "native", ANTHROPIC_PATH: "anthropic"}
+#: A credential is a token68 (RFC 7235 section 2.1; RFC 6750's b64token):
+#: visible ASCII. Anything else can match no key, and is refused here rather
+#: than hashed as a tenant or compared as bytes further on.
+_CREDENTIAL = re.compile(r"[!-~]+")
 
 
 def error_response(exc: GatewayError, *, anthropic: bool = False) -> web.Response:
@@ -78,6 +85,8 @@ def _authenticate(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
     presented = presented or request.headers.get("x-api-key", "").strip()
+    if presented and not _CREDENTIAL.fullmatch(presented):
+        raise Unauthorized("malformed API key: a key is printable ASCII without spaces")
     settings = request.app[STATE].settings
     if not settings.gateway_api_keys:
         return presented or None
@@ -109,7 +118,9 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     connection = client_connection(request)
     if connection is not None:
         connection.request_started(request)
-    record = RequestRecord(request_id=request_id, arrived_at=arrived_at)
+    record = RequestRecord(
+        request_id=request_id, arrived_at=arrived_at, api=API_OF_PATH.get(request.path, "ops")
+    )
     request[RECORD] = record
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:

@@ -112,6 +112,7 @@ async def subscribe(
         call.bind(open_source)
         open_source = call.open
     coalesce = request.headers.get("X-Coalesce", "").lower() != "off"
+    owner = owner_of(request)  # before subscribing: see below
     try:
         if state.cluster is None:
             subscription = state.registry.subscribe(
@@ -138,13 +139,15 @@ async def subscribe(
     except RegistryClosed as exc:
         # The drain ended every stream while this one was being decided.
         raise ShuttingDown("the gateway is shutting down; retry on another instance") from exc
+    # Nothing from here on may raise: until it is returned, a subscription
+    # that leads holds an upstream call and an admission slot.
     if subscription.request_id != record.request_id:
         # The registry gave a fresh id: the one supplied names a live request.
         record.request_id = subscription.request_id
         structlog.contextvars.bind_contextvars(request_id=record.request_id)
-    subscription.owner = owner_of(request)
+    subscription.owner = owner
     if recorder is not None and call is not None:
-        recorder.joined(call, subscription, subscription.owner)
+        recorder.joined(call, subscription, owner)
     record.role = subscription.role
     return subscription
 

@@ -226,7 +226,6 @@ def _stop(index: int) -> bytes:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     record = request[RECORD]
-    record.api = API
     chat = parse_messages_request(await read_body(request))
     # Frames carry no ids on this API and block numbers depend on every
     # delta from the first: a resumed reader would number them wrongly.

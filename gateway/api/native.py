@@ -18,7 +18,6 @@ from gateway.api.intake import KEY_PREFIX, read_chat, subscribe
 from gateway.api.relay import SharedFrames, relay
 from gateway.errors import GatewayError
 from gateway.sse import event_frame
-from gateway.state import RECORD
 
 API = "native"
 
@@ -94,7 +93,6 @@ def _delta_frame(seq: int, delta: Delta) -> bytes:
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    request[RECORD].api = API
     subscription = await subscribe(request, await read_chat(request), streaming=True)
     # The parsed prompt is gone by now: an open stream holds no copy of it.
     return await relay(request, subscription, NativeEncoder(subscription))

@@ -203,8 +203,6 @@ def completion_id(subscription: Subscription) -> str:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    record = request[RECORD]
-    record.api = API
     chat = await read_chat(request)
     subscription = await subscribe(request, chat, streaming=chat.stream)
     if chat.stream:

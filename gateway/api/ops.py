@@ -21,7 +21,7 @@ from gateway.metrics import percentile
 from gateway.routing.config import ANY_MODEL
 from gateway.routing.router import Upstream
 from gateway.sse import dumps
-from gateway.state import RECORD, STATE, GatewayState
+from gateway.state import STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.origin import Origin
 from gateway.upstream.source import fetch
@@ -270,7 +270,6 @@ async def model(request: web.Request) -> web.Response:
 
 
 async def cancel(request: web.Request) -> web.Response:
-    request[RECORD].api = "ops"
     request_id = request.match_info["request_id"]
     state = request.app[STATE]
     owner = owner_of(request)

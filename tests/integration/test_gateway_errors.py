@@ -116,6 +116,58 @@ async def test_api_keys_bearer_and_x_api_key_and_401(gateway_factory):
             assert resp.status == 200  # ops endpoints stay open
 
 
+async def _raw_post(url: str, header: bytes, body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request carrying a header line as given: aiohttp's
+    client refuses to send a byte that is not UTF-8."""
+    host, port = url.split("//")[1].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + header + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    )
+    answer = await reader.read()
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), payload
+
+
+@pytest.mark.parametrize("keys", [("sk-alpha",), ()], ids=["keys set", "no keys"])
+@pytest.mark.parametrize("header", [b"Authorization: Bearer \xff\xfekey", b"x-api-key: \xe9t\xe9",
+                                    b"Authorization: Bearer sk alpha"])
+async def test_a_malformed_key_is_a_401_and_holds_nothing(gateway_factory, keys, header):
+    # aiohttp reads a header's bytes with surrogateescape: hashed or compared
+    # as they came, they raised a 500 (and, with no keys set, left the
+    # request's subscription and admission slot behind).
+    gateway = await gateway_factory(gateway_api_keys=keys, coalesce_scope="global")
+    body = json.dumps({**GOOD, "stream": True}).encode()
+    with capture_logs() as logs:
+        status, payload = await _raw_post(gateway.url, header, body)
+    assert status == 401
+    assert error_shape(json.loads(payload))["code"] == "invalid_api_key"
+    assert [line["status"] for line in logs if line["event"] == "request"] == [401]
+    assert gateway.state.admission.inflight == 0
+    assert gateway.state.registry.statistics().subscribers == 0
+    assert gateway.sim.log.records == []
+    async with aiohttp.ClientSession() as http:
+        await assert_still_serving(http, gateway.v1, headers={"x-api-key": "sk-alpha"})
+
+
+async def test_a_401_counts_under_its_api(gateway_factory):
+    gateway = await gateway_factory(gateway_api_keys=("sk-alpha",))
+    async with aiohttp.ClientSession() as http:
+        for path in ("/chat/completions", "/stream", "/messages"):
+            with capture_logs() as logs:
+                async with http.post(gateway.v1 + path, json=GOOD) as resp:
+                    assert resp.status == 401
+            assert [line["api"] for line in logs if line["event"] == "request"] == [
+                {"/chat/completions": "openai", "/stream": "native", "/messages": "anthropic"}[path]
+            ]
+        async with http.get(gateway.url + "/metrics") as resp:
+            metrics = await resp.text()
+    for api in ("openai", "native", "anthropic"):
+        assert f'gateway_requests_total{{api="{api}",outcome="rejected"}} 1.0' in metrics
+
+
 async def test_two_tenants_never_share_an_answer(gateway_factory):
     gateway = await gateway_factory(gateway_api_keys=("sk-one", "sk-two"))
     body = {"model": "sim", "messages": [{"role": "user", "content": "tenant [sim ttft_ms=100]"}]}
