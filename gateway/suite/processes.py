@@ -19,10 +19,11 @@ import os
 import re
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
+from gateway.__main__ import environment_variables
 from gateway.errors import GatewayError
 from gateway.suite.config import SuiteConfig
 
@@ -32,12 +33,9 @@ _TAIL_LINES = 40
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
-#: Settings the gateway reads from the environment (docs/configuration.md).
-_GATEWAY_VARIABLES = re.compile(
-    r"^(GATEWAY_|UPSTREAM_|COALESCE_|LOG_|CLUSTER_)|^(STREAM_FANOUT_ENABLED|ERROR_TTL_MS|MAX_REPLAY_BYTES"
-    r"|MAX_INFLIGHT|MAX_QUEUE|QUEUE_TIMEOUT_MS|PING_INTERVAL_S|FIRST_TOKEN_PING_INTERVAL_MS"
-    r"|MAX_BODY_BYTES|TRUSTED_PROXIES|DRAIN_TIMEOUT_S|REDIS_URL)$"
-)
+#: Settings the gateway reads from the environment: the names its own
+#: settings parser looks up, so a new setting is never missed here.
+_GATEWAY_VARIABLES = frozenset(environment_variables())
 
 
 class ServiceError(GatewayError):
@@ -139,8 +137,8 @@ async def started_service(
             child.url.exception()  # retrieved: no "exception was never retrieved"
 
 
-def clean_environment(pattern: re.Pattern[str]) -> dict[str, str]:
-    return {name: value for name, value in os.environ.items() if not pattern.search(name)}
+def clean_environment(is_setting: Callable[[str], bool]) -> dict[str, str]:
+    return {name: value for name, value in os.environ.items() if not is_setting(name)}
 
 
 @asynccontextmanager
@@ -156,9 +154,12 @@ async def local_system(config: SuiteConfig) -> AsyncIterator[Endpoints]:
     ]
     async with AsyncExitStack() as stack:
         sim_origin = await stack.enter_async_context(
-            service("upstream-sim", "gateway.sim", sim_args, clean_environment(re.compile(r"^SIM_")))
+            service(
+                "upstream-sim", "gateway.sim", sim_args,
+                clean_environment(lambda name: name.startswith("SIM_")),
+            )
         )
-        gateway_env = clean_environment(_GATEWAY_VARIABLES) | {
+        gateway_env = clean_environment(_GATEWAY_VARIABLES.__contains__) | {
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": "0",
             "UPSTREAM_URL": sim_origin + "/v1",

@@ -315,7 +315,11 @@ def test_make_ttft_passes_and_ends_with_the_three_lines(tmp_path: Path) -> None:
             "--report", str(report_path),
         ],
         cwd=REPO,
-        env={**os.environ, "CI": "true", marker.split("=")[0]: marker.split("=")[1]},
+        env={
+            **os.environ, "CI": "true", marker.split("=")[0]: marker.split("=")[1],
+            # An operator's settings stay out of the suite's own gateway.
+            "EXCHANGE_LOG_URL": f"sqlite:///{tmp_path}/operators.db", "STREAM_MAX_LAG_S": "x",
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -323,6 +327,7 @@ def test_make_ttft_passes_and_ends_with_the_three_lines(tmp_path: Path) -> None:
     )
     lines = completed.stdout.rstrip("\n").split("\n")
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert not (tmp_path / "operators.db").exists()
     assert "\r" not in completed.stdout  # quiet in CI: no progress counter
     for pattern, text in zip(VERDICT_LINES, lines[-3:], strict=True):
         assert pattern.match(text), text
