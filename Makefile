@@ -50,7 +50,7 @@ lint: $(STAMP)
 	$(BIN)/mypy gateway actors
 
 ttft: $(RUNTIME_STAMP)
-	$(BIN)/python -m gateway.suite $(if $(TARGET),--target $(TARGET),)
+	$(BIN)/python -m gateway.suite $(if $(TARGET),--target $(TARGET),) $(TTFT_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.perf $(BENCH_ARGS)

@@ -14,6 +14,7 @@ const ui = {
   stop: byId("stop"),
   burst: byId("burst"),
   burstCount: byId("burst-count"),
+  apiKey: byId("api-key"),
   status: byId("status"),
   state: byId("status-state"),
   firstByte: byId("status-first-byte"),
@@ -148,14 +149,17 @@ function setRunning(running) {
   ui.send.disabled = running;
   ui.burst.disabled = running;
   ui.burstCount.disabled = running;
+  ui.apiKey.disabled = running;
   ui.stop.disabled = !running;
 }
 
 /** Stream one answer into `pane`; the first pane also drives the status line. */
 function streamInto(pane, panes, body, signal, primary) {
   let ttftClientMs = null;
+  const key = ui.apiKey.value.trim();
   return stream("/v1/stream", body, {
     signal,
+    headers: key ? { Authorization: `Bearer ${key}` } : {},
     onFirstByte({ firstByteMs }) {
       if (primary) ui.firstByte.textContent = formatMs(firstByteMs);
     },

@@ -171,6 +171,22 @@ async def test_a_burst_is_one_upstream_call_with_a_leader_and_followers(gateway_
     await screenshot(page, "browser-burst-phone.png")
 
 
+async def test_a_gateway_with_api_keys_answers_the_key_typed_in(gateway_factory, page):
+    gateway = await gateway_factory(sim_profile=PROFILE, gateway_api_keys=("sk-demo",))
+    prompt = "Who may ask?"
+    await open_page(page, gateway.url, prompt)
+    await page.click("#send")
+    await page.wait_for_selector("#status[data-state='error']")
+    assert (await page.text_content("#error") or "").startswith("Error (invalid_api_key): ")
+
+    await page.fill("#api-key", "sk-demo")
+    await page.click("#send")
+    await page.wait_for_selector("#status[data-state='done']")
+    assert await page.text_content("#answer-0") == expected(prompt)
+    assert await page.is_hidden("#error")
+    assert len(gateway.sim.log.records) == 1
+
+
 async def test_an_upstream_failure_is_shown_plainly(gateway_factory, page):
     gateway = await gateway_factory(sim_profile=PROFILE)
     await open_page(page, gateway.url, "This breaks [sim reset_after=3]")

@@ -278,8 +278,10 @@ async def test_metrics_only_for_the_allow_list(gateway, nginx_factory):
             async with http.get("/metrics") as metrics:
                 assert metrics.status == status
                 body = await metrics.text()
+            async with http.get("/stats") as stats:
+                assert stats.status == status
             async with http.get("/healthz") as health:
-                assert health.status == 200  # only /metrics is restricted
+                assert health.status == 200  # only /metrics and /stats are restricted
         if status == 200:
             assert "# TYPE gateway_requests_total counter" in body
 
@@ -355,6 +357,22 @@ async def test_body_limit_matches_the_gateway_and_speaks_its_error_shape(proxied
     assert error == {"message": "request body is over the 1048576-byte limit",
                      "type": "invalid_request_error", "code": "payload_too_large"}
     assert len(proxied.gateway.sim.log.records) == 1
+
+
+async def test_nginx_answers_the_messages_api_in_its_own_error_shape(proxied, nginx_factory):
+    headers = {"Content-Type": "application/json"}
+    async with proxied.session() as http, http.post(
+        "/v1/messages", data=body_of_exactly(MAX_BODY_BYTES + 1), headers=headers
+    ) as over:
+        assert over.status == 413
+        assert await over.json() == {"type": "error", "error": {
+            "type": "request_too_large", "message": "request body is over the 1048576-byte limit"}}
+    site = await nginx_factory(free_port())  # no gateway: nginx's own 503
+    connector = aiohttp.TCPConnector(ssl=site.client_ssl())
+    async with aiohttp.ClientSession(site.https_url, connector=connector) as http, \
+            http.post("/v1/messages", json=chat("anyone?")) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["type"] == "overloaded_error"
 
 
 async def test_no_gateway_listening_is_a_retryable_503(nginx_factory):

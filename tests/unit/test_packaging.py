@@ -17,12 +17,12 @@ MAKE = shutil.which("make")
 needs_make = pytest.mark.skipif(MAKE is None, reason="make is not installed")
 
 
-def _dry_run(target: str, venv: Path) -> list[str]:
+def _dry_run(target: str, venv: Path, *variables: str) -> list[str]:
     """The commands ``make <target>`` would run for a fresh clone (no venv yet)."""
     # Not as a sub-make of `make test`: no inherited flags, no directory lines.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(
-        [MAKE, "--no-print-directory", "-n", target, f"VENV={venv}"],  # type: ignore[list-item]
+        [MAKE, "--no-print-directory", "-n", target, f"VENV={venv}", *variables],  # type: ignore[list-item]
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=True, env=env,
     )
     return result.stdout.splitlines()
@@ -62,3 +62,12 @@ def test_the_static_files_ship_as_package_data_without_a_warning(tmp_path) -> No
     shipped = {path.name for path in (tmp_path / "lib" / "gateway" / "static").iterdir()}
     assert {"index.html", "sse-client.js", "chat.js", "style.css"} <= shipped
     assert not (tmp_path / "lib" / "gateway" / "static" / "__init__.py").exists()
+
+
+@needs_make
+def test_make_ttft_passes_a_target_and_the_suites_options(tmp_path) -> None:
+    commands = _dry_run("ttft", tmp_path / "venv", "TARGET=https://h/v1", "TTFT_ARGS=--model m-1")
+    assert commands[-1].split() == [
+        f"{tmp_path / 'venv'}/bin/python", "-m", "gateway.suite", "--target", "https://h/v1",
+        "--model", "m-1",
+    ]
