@@ -122,8 +122,14 @@ class AdmissionTicket:
             waiter.set_result(None)
 
     def _timeout_message(self) -> str:
+        # "Its place": requests that join an identical one still queued share
+        # its ticket, so the figure is the first arrival's wait, not theirs.
         waited_ms = (self._queue.clock() - self.arrived_at) * 1000.0
-        return f"request waited {waited_ms:.0f} ms in the admission queue"
+        limit_ms = self._queue.queue_timeout_s * 1000.0
+        return (
+            f"no upstream slot came free: the request's place in the admission queue "
+            f"waited {waited_ms:.0f} ms (limit {limit_ms:.0f} ms)"
+        )
 
 
 class AdmissionQueue:

@@ -110,7 +110,10 @@ async def test_timeout_counts_from_arrival_not_from_wait() -> None:
     with pytest.raises(QueueTimeout) as raised:
         await late.wait()
     assert raised.value.status == 503
-    assert "1500 ms" in raised.value.message
+    assert raised.value.message == (
+        "no upstream slot came free: the request's place in the admission queue "
+        "waited 1500 ms (limit 1000 ms)"
+    )
     assert queue.depth == 1  # the timed-out ticket left the queue
     clock.now = 50.25
     holder.release()
