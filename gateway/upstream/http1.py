@@ -7,6 +7,14 @@ the disconnect at once (uvicorn turns it into ``http.disconnect``).
 aiohttp hands the response over only once its head has arrived, so the wait
 for the head is timed here (``head_timeout``); reads are not timed here at
 all: the caller owns the first-token and idle deadlines.
+
+A connection is reused only once its response body has been read to its end
+(RFC 9112 section 9.3). The answer's own terminator (``data: [DONE]``) usually
+comes a write before that end (uvicorn and aiohttp send the last chunk of a
+streamed body on its own), so a response released before its end is read to
+it in the background, briefly and boundedly, rather than closed: otherwise
+every streamed answer would cost a new connection (a TLS handshake, over
+https).
 """
 
 from __future__ import annotations
@@ -22,16 +30,27 @@ from gateway.upstream.errors import ConnectFailed, ConnectionLost, TransportTime
 from gateway.upstream.origin import Origin
 
 _READ_SIZE = 64 * 1024
+#: How long, and how many bytes, a released response's rest is read for
+#: before its connection is closed instead.
+FINISH_TIMEOUT_S = 1.0
+FINISH_MAX_BYTES = 64 * 1024
 
 
 class Http1ResponseStream:
     """Implements ``gateway.upstream.base.ResponseStream`` over aiohttp."""
 
-    __slots__ = ("_response", "_head", "_on_done")
+    __slots__ = ("_response", "_head", "_on_done", "_finish_later")
 
-    def __init__(self, response: aiohttp.ClientResponse, *, on_done: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        on_done: Callable[[], None],
+        finish_later: Callable[[Http1ResponseStream], None],
+    ) -> None:
         self._response = response
         self._on_done: Callable[[], None] | None = on_done
+        self._finish_later: Callable[[Http1ResponseStream], None] | None = finish_later
         self._head = ResponseHead(
             status=response.status,
             headers=tuple((k.lower(), v) for k, v in response.headers.items()),
@@ -62,11 +81,33 @@ class Http1ResponseStream:
         self._done()
 
     def release(self) -> None:
+        finish_later, self._finish_later = self._finish_later, None
+        if self._on_done is None or finish_later is None:
+            return  # already given back, reset, or being finished
         if self._response.content.at_eof():
             self._response.release()  # whole: the connection can be reused
             self._done()
         else:
-            self.reset()
+            finish_later(self)
+
+    async def finish(self) -> None:
+        """Read the rest of a released response (within FINISH_TIMEOUT_S and
+        FINISH_MAX_BYTES), then give its connection back, or close it if the
+        rest did not come."""
+        content = self._response.content
+        try:
+            async with asyncio.timeout(FINISH_TIMEOUT_S):
+                left = FINISH_MAX_BYTES
+                while left > 0 and (data := await content.readany()):
+                    left -= len(data)
+        except (TimeoutError, aiohttp.ClientError):
+            pass
+        finally:
+            if content.at_eof():
+                self._response.release()
+                self._done()
+            else:
+                self.reset()
 
     def _done(self) -> None:
         if self._on_done is not None:
@@ -92,6 +133,8 @@ class Http1Transport:
         self._session: aiohttp.ClientSession | None = None
         # Connections busy with a response; idle keep-alive ones are not counted.
         self._in_flight = 0
+        # Released responses whose rest is being read (Http1ResponseStream.finish).
+        self._finishing: set[asyncio.Task[None]] = set()
 
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use: a ClientSession belongs to the running loop.
@@ -123,6 +166,11 @@ class Http1Transport:
     def _stream_done(self) -> None:
         self._in_flight -= 1
 
+    def _finish_later(self, stream: Http1ResponseStream) -> None:
+        task = asyncio.get_running_loop().create_task(stream.finish(), name="http1-finish")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
     async def open(self, request: UpstreamRequest) -> Http1ResponseStream:
         session = self._get_session()
         try:
@@ -148,9 +196,15 @@ class Http1Transport:
         except aiohttp.ClientError as exc:
             raise ConnectionLost("upstream closed the connection before its response head") from exc
         self._in_flight += 1
-        return Http1ResponseStream(response, on_done=self._stream_done)
+        return Http1ResponseStream(
+            response, on_done=self._stream_done, finish_later=self._finish_later
+        )
 
     async def aclose(self) -> None:
+        for task in self._finishing:
+            task.cancel()
+        if self._finishing:
+            await asyncio.wait(self._finishing)
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -30,6 +30,7 @@ from gateway.upstream.http1 import Http1Transport
 from gateway.upstream.origin import Origin
 from gateway.upstream.providers import get_provider
 from tests.conftest import FAST_SIM_PROFILE, SimFactory
+from tests.integration.conftest import until
 
 
 def chat_request(prompt: str = "hello", **sim: object) -> UpstreamRequest:
@@ -208,3 +209,71 @@ async def test_an_untrusted_certificate_is_a_certificate_error(
     assert isinstance(info.value.__cause__.certificate_error, ssl.SSLCertVerificationError)
     assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
     assert sim.log.records == []
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+async def test_a_body_ended_after_its_terminator_keeps_the_connection(
+    make_transport: TransportFactory, raw_peer
+) -> None:
+    """A framework writes a streamed body's last chunk after the answer's
+    ``[DONE]``: the released response is read to that end in the background
+    and its connection serves the next request."""
+    connections = 0
+    end_the_body = asyncio.Event()
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        for _ in range(2):
+            await read_request_head(reader)
+            await reader.readexactly(len(chat_request().body))
+            writer.write(_STREAM_HEAD + _chunk(b"data: [DONE]\n\n"))
+            await end_the_body.wait()
+            writer.write(b"0\r\n\r\n")
+        await reader.read()  # until the transport closes
+        writer.close()
+
+    transport = make_transport(await raw_peer(peer))
+    for _ in range(2):
+        end_the_body.clear()
+        stream = await transport.open(chat_request())
+        assert await stream.read() == b"data: [DONE]\n\n"
+        stream.release()
+        assert transport.connection_count() == 1  # still busy: its end is awaited
+        end_the_body.set()
+        await until(lambda: transport.connection_count() == 0)
+    assert connections == 1
+
+
+async def test_a_body_whose_end_does_not_follow_closes_the_connection(
+    make_transport: TransportFactory, raw_peer
+) -> None:
+    closed, released = asyncio.Event(), asyncio.Event()
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        await reader.readexactly(len(chat_request().body))
+        writer.write(_STREAM_HEAD + _chunk(b"data: [DONE]\n\n"))
+        await released.wait()
+        # More after the terminator than a released response is read for.
+        writer.write(_chunk(b": padding\n\n" * 10_000))
+        await reader.read()
+        closed.set()
+        writer.close()
+
+    transport = make_transport(await raw_peer(peer))
+    stream = await transport.open(chat_request())
+    assert await stream.read() == b"data: [DONE]\n\n"
+    stream.release()
+    released.set()
+    async with asyncio.timeout(5):
+        await closed.wait()
+    assert transport.connection_count() == 0
