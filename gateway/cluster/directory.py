@@ -8,7 +8,9 @@ every ``PROBE_INTERVAL_S`` brings it back by itself. Leases are an efficiency
 lock, not a correctness one: a lost lease costs at most one extra upstream
 call, never a wrong answer, since a follower reads exactly one owner's log.
 Every change to an entry is compare-and-set on the value (a Lua script), so
-a process never deletes or renews another one's lease.
+a process never deletes or renews another one's lease. A renewal sets a
+missing key again, so an entry Redis lost (a FLUSHALL, a restart with an
+empty instance) comes back at the owner's next renewal.
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ KEY_PREFIX = "llmgw:key:"
 #: with the leases; read only to pass on a cancel this process cannot serve.
 MEMBERS = "llmgw:members"
 
+# Renew a lease: set the key again if it still names this process or is
+# missing (Redis lost its data, or the stream started while Redis was down),
+# never over another owner's entry or a failure. 1 when the key is ours.
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
+local current = redis.call('get', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -202,8 +209,9 @@ class Directory:
     # -- the owner's background work ------------------------------------------------
 
     async def write(self, ops: Iterable[tuple[str, str, bytes, Any]]) -> None:
-        """One pipeline: ``("renew", key, mine, _)``, ``("release", key, mine, _)``,
-        ``("fail", key, mine, (entry, ttl_ms))``, each only if still ``mine``;
+        """One pipeline: ``("renew", key, mine, _)`` (if ``mine`` or missing),
+        ``("release", key, mine, _)`` and ``("fail", key, mine, (entry, ttl_ms))``
+        (each only if still ``mine``);
         and ``("member", url, ...)`` / ``("leave", url, ...)`` for the member list.
 
         Scripts go by their SHA1 (EVALSHA): one round trip for the lot; on a

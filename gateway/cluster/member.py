@@ -17,7 +17,12 @@ Per request (``subscribe``), in order, stopping at the first that answers:
 As an owner this process renews its leases while the streams run (one
 pipeline every third of the lease) and, at a stream's end, deletes its entry
 or replaces it with the failure for the error TTL -- all through one bounded
-queue drained by one task, off the requests' path.
+queue drained by one task, off the requests' path. A renewal sets a missing
+key again, and covers every shared stream this process leads that still
+takes joiners, also one started while Redis was down: once Redis is back (or
+has lost its data), the other members find those streams instead of calling
+the upstream again. Right after a probe finds Redis back, the leases and this
+process's member entry are written at once, not at the next renewal.
 """
 
 from __future__ import annotations
@@ -94,7 +99,10 @@ class Member:
         self._error_ttl_ms = error_ttl_ms
         self._remember_failure = remember_failure
         self.registry: Registry | None = None
-        #: Keys this process owns in the directory -> the stream that owns them.
+        #: Keys of the shared streams this process leads, while they take
+        #: joiners -> that stream: named by this process in the directory,
+        #: or to be at the next renewal (a stream started while Redis was
+        #: down; an entry Redis lost).
         self.owned: dict[str, int] = {}
         #: Relay actors' sources, by stream id: reset when the stream ends,
         #: also if its task stopped before it took the source.
@@ -103,7 +111,8 @@ class Member:
         self._wake = asyncio.Event()
         #: Keys a request of this process is claiming right now.
         self._claiming: dict[str, asyncio.Event] = {}
-        #: Whether this process has put itself on the member list yet.
+        #: Whether this process's entries (member list, leases) have been
+        #: written since it was bound or Redis was last found back.
         self._listed = False
         self.counts = ClusterCounts()
 
@@ -138,7 +147,9 @@ class Member:
 
         shared = coalesce and registry.would_share(streaming)
         if not shared or registry.has(key) or not self.directory.up:
-            return self._counted(local(), owns=False)
+            # Led here while Redis is down: owned all the same, so that it
+            # is registered once Redis is back.
+            return self._counted(local(), shared=shared)
         waiting = self._claiming.get(key)
         if waiting is not None:
             # Another request here is deciding for this key: its decision
@@ -146,7 +157,7 @@ class Member:
             # without a second round trip.
             await waiting.wait()
             if registry.has(key):
-                return self._counted(local(), owns=False)
+                return self._counted(local(), shared=True)
         # Between Redis naming this process and the stream existing here, a
         # member that read the entry may already ask for the stream: the
         # internal route waits on this instead of answering 404.
@@ -172,18 +183,18 @@ class Member:
             current = await self.directory.claim(key, self._mine)
             for _ in range(MAX_ATTEMPTS):
                 if current is None or current == self._mine:
-                    return self._counted(local(), owns=True)
+                    return self._counted(local(), shared=True)
                 if registry.has(key):  # a local stream started while we asked
-                    return self._counted(local(), owns=False)
+                    return self._counted(local(), shared=True)
                 try:
                     entry = decode_entry(current)
                 except WireError:
                     current = await self.directory.take_over(key, current, self._mine)
                     continue
                 if isinstance(entry, FailureEntry):
-                    return self._counted(local(_failing(entry.error)), owns=False)
+                    return self._counted(local(_failing(entry.error)), shared=True)
                 if entry.instance == self.me.instance:
-                    return self._counted(local(), owns=True)
+                    return self._counted(local(), shared=True)
                 if entry.url == self.me.url:
                     # A lease left by this address's previous process (it
                     # crashed and restarted): nothing there to follow.
@@ -196,14 +207,14 @@ class Member:
                 if peer is not None:
                     if registry.has(key):
                         peer.reset()
-                        return self._counted(local(), owns=False)
+                        return self._counted(local(), shared=True)
                     try:
                         subscription = local(_opened(peer))
                     except BaseException:
                         peer.reset()  # refused (a closing registry): leave the owner now
                         raise
                     self._relays[subscription.stream_id] = peer
-                    return self._counted(subscription, owns=False)
+                    return self._counted(subscription, shared=True)
                 # Refused, or the owner no longer has it: take it over now,
                 # not at the lease's expiry.
                 current = await self.directory.take_over(key, current, self._mine)
@@ -214,10 +225,10 @@ class Member:
             # The last attempt's takeover may have won the key: owned as
             # after any other (renewed, then released or failed).
             if current is None or current == self._mine:
-                return self._counted(local(), owns=True)
+                return self._counted(local(), shared=True)
         except Unavailable:
             pass
-        return self._counted(local(), owns=False)
+        return self._counted(local(), shared=True)
 
     async def cancel_elsewhere(self, request_id: str, owner: str | None) -> bool:
         """Pass on an explicit cancel this process has no stream for: to every
@@ -235,13 +246,15 @@ class Member:
         )
         return any(answers)
 
-    def _counted(self, subscription: Subscription, *, owns: bool) -> Subscription:
+    def _counted(self, subscription: Subscription, *, shared: bool) -> Subscription:
+        """Count the request by its role; a shared stream it leads is owned
+        (whatever the claim said: the renewal never takes another's key)."""
         registry = self.registry
         assert registry is not None
         if subscription.role == "leader":
             role = "owner"
             self.counts.owner += 1
-            if owns:
+            if shared:
                 self.owned[subscription.key] = subscription.stream_id
         elif registry.relayed(subscription.stream_id) or subscription.stream_id in self._relays:
             role = "remote_follower"
@@ -315,6 +328,10 @@ class Member:
                 await self.directory.probe()
                 if not self.directory.up:
                     continue
+                # Back: Redis may have lost its data (a restart), and streams
+                # may have started here meanwhile: leases and the member
+                # entry now, not at the next renewal.
+                self._listed = False
             self._wake.clear()
             ops = self._pending_writes()
             if loop.time() >= next_renewal or not self._listed:
@@ -326,7 +343,7 @@ class Member:
             try:
                 await self.directory.write(ops)
             except Unavailable:
-                pass  # leases expire by themselves; failures were shared in-stream
+                pass  # written again once Redis is back; failures were shared in-stream
 
     def _pending_writes(self) -> list[tuple[str, str, bytes, object]]:
         """The queued writes, minus those about a key that a newer stream of
