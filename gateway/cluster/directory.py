@@ -62,8 +62,12 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Record a failure: replace this process's entry, or set a missing key (a
+# stream past its replay budget released its key before it failed), never
+# over another owner's entry.
 _REPLACE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+local current = redis.call('get', KEYS[1])
+if current == false or current == ARGV[1] then
   redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -209,9 +213,9 @@ class Directory:
     # -- the owner's background work ------------------------------------------------
 
     async def write(self, ops: Iterable[tuple[str, str, bytes, Any]]) -> None:
-        """One pipeline: ``("renew", key, mine, _)`` (if ``mine`` or missing),
-        ``("release", key, mine, _)`` and ``("fail", key, mine, (entry, ttl_ms))``
-        (each only if still ``mine``);
+        """One pipeline: ``("renew", key, mine, _)`` and ``("fail", key, mine,
+        (entry, ttl_ms))``, each only if the key is ``mine`` or missing;
+        ``("release", key, mine, _)`` only if still ``mine``;
         and ``("member", url, ...)`` / ``("leave", url, ...)`` for the member list.
 
         Scripts go by their SHA1 (EVALSHA): one round trip for the lot; on a

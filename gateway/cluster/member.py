@@ -17,7 +17,11 @@ Per request (``subscribe``), in order, stopping at the first that answers:
 As an owner this process renews its leases while the streams run (one
 pipeline every third of the lease) and, at a stream's end, deletes its entry
 or replaces it with the failure for the error TTL -- all through one bounded
-queue drained by one task, off the requests' path. A renewal sets a missing
+queue drained by one task, off the requests' path. A stream that goes past
+its replay budget releases its key at once (the next request anywhere leads
+anew), but this process still answers for its failure: if it fails, the
+failure is written for the error TTL unless another owner holds the key by
+then. A renewal sets a missing
 key again, and covers every shared stream this process leads that still
 takes joiners, also one started while Redis was down: once Redis is back (or
 has lost its data), the other members find those streams instead of calling
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from actors.messages import ActorEvent, Failed, JoinersClosed, StreamEnded
+from actors.messages import ActorEvent, Failed, JoinersClosed, StreamEnd, StreamEnded
 from actors.ports import OpenSource, Source
 from actors.registry import Registry
 from actors.subscription import Subscription
@@ -104,6 +108,10 @@ class Member:
         #: or to be at the next renewal (a stream started while Redis was
         #: down; an entry Redis lost).
         self.owned: dict[str, int] = {}
+        #: Streams this process leads that took no joiners any more (past the
+        #: replay budget; their keys released) -> their key: a failure of
+        #: theirs is still shared through the directory. Left at their end.
+        self._past_budget: dict[int, str] = {}
         #: Relay actors' sources, by stream id: reset when the stream ends,
         #: also if its task stopped before it took the source.
         self._relays: dict[int, Source] = {}
@@ -275,24 +283,33 @@ class Member:
                     relay.reset()
                 if self.owned.get(key) == stream_id:
                     del self.owned[key]
-                    if (
-                        isinstance(end, Failed)
-                        and self._error_ttl_ms > 0
-                        and self._remember_failure(end.error)
-                    ):
-                        error = end.error
-                        if not isinstance(error, GatewayError):
-                            error = GatewayError("internal error", code="internal_error")
-                        self._queue(_Write("fail", key, encode_failure(error), time.monotonic()))
-                    else:
-                        self._queue(_Write("release", key))
+                    failure = self._shared_failure(key, end)
+                    self._queue(_Write("release", key) if failure is None else failure)
+                elif self._past_budget.pop(stream_id, None) is not None:
+                    # Its key is released already: only a failure to share.
+                    failure = self._shared_failure(key, end)
+                    if failure is not None:
+                        self._queue(failure)
             case JoinersClosed(stream_id=stream_id, key=key):
                 # No new joiners here: nor elsewhere; the next one leads anew.
                 if self.owned.get(key) == stream_id:
                     del self.owned[key]
+                    self._past_budget[stream_id] = key
                     self._queue(_Write("release", key))
             case _:
                 pass
+
+    def _shared_failure(self, key: str, end: StreamEnd) -> _Write | None:
+        """The directory write that shares a stream's failure for the error
+        TTL, or None when it ended otherwise (or is not to be remembered)."""
+        if not isinstance(end, Failed) or self._error_ttl_ms <= 0:
+            return None
+        if not self._remember_failure(end.error):
+            return None
+        error = end.error
+        if not isinstance(error, GatewayError):
+            error = GatewayError("internal error", code="internal_error")
+        return _Write("fail", key, encode_failure(error), time.monotonic())
 
     def _queue(self, write: _Write) -> None:
         if self._writes.full():
@@ -373,6 +390,7 @@ class Member:
         ops.extend(("release", key, self._mine, None) for key in self.owned)
         ops.append(("leave", self.me.url, self._mine, None))
         self.owned.clear()
+        self._past_budget.clear()
         if ops and self.directory.up:
             try:
                 async with asyncio.timeout(timeout_s):

@@ -303,6 +303,44 @@ async def test_a_failure_reaches_other_processes_as_the_owners_clients_got_it(tm
         assert b"10.0.0.7" not in frame.raw and b"<h1>" not in frame.raw
 
 
+# -- 4c. a failure past the replay budget: shared as well ------------------------------------
+
+
+async def test_a_failure_past_the_replay_budget_is_shared_across_processes(tmp_path, sim_factory):
+    """The stream outgrows its replay budget (1 KiB), so its key is released
+    for the next request to lead anew; then the upstream resets it. Within
+    the error TTL the failure answers on every process, with no new call."""
+    sim = await sim_factory(FAST_SIM)
+    budget = {"MAX_REPLAY_BYTES": "1024"}
+    async with AsyncExitStack() as stack:
+        redis = await stack.enter_async_context(running_redis(tmp_path / "redis"))
+        owner, other = await asyncio.gather(*(
+            stack.enter_async_context(running_member(sim.url, redis.url, budget)) for _ in range(2)
+        ))
+        prompt = "fails past the replay budget [sim itl_ms=2 tokens=400 reset_after=100]"
+        entry = Directory.key(prompt_key(chat(prompt), tenant=None))
+        client = Redis.from_url(redis.url)
+        stack.push_async_callback(client.aclose)
+        async with aiohttp.ClientSession() as http:
+            first = await stream_native(http, owner, prompt)
+            assert first[-1].event == "error"
+            told = first[-1].json()
+            assert told["code"] == "upstream_stream_reset"
+            assert len([f for f in first if f.event == "delta"]) == 100
+            # The failure entry, written within the error TTL (2 s).
+            async with asyncio.timeout(1.5):
+                while not (await client.get(entry) or b"").startswith(b"e "):  # noqa: ASYNC110 - Redis's state
+                    await asyncio.sleep(0.02)
+            again = await asyncio.gather(
+                stream_native(http, owner, prompt), stream_native(http, other, prompt)
+            )
+    assert len(sim.log.records) == 1
+    for frames in again:
+        assert frames[-1].event == "error"
+        assert frames[-1].json()["code"] == told["code"]
+        assert not any(f.event == "delta" for f in frames)
+
+
 # -- 5. nobody streams it: opened where it arrived, one Redis round trip -----------------------
 
 
