@@ -15,6 +15,14 @@ that dies closes its connections (the relay ends with ``OwnerLost`` at
 once); one that freezes or whose host drops off the network does not, so
 the owner sends an empty line on a stream silent for ``HEARTBEAT_S`` and a
 relay that hears nothing for ``SILENCE_S`` gives up on it.
+
+The other way round too: a follower that freezes or drops off the network
+closes nothing either (and a frozen process's kernel still acknowledges
+every byte sent to it), so the request carries a chunked body of one empty
+line every ``HEARTBEAT_S`` for as long as the relay reads; the owner drops a
+follower that sent nothing for ``SILENCE_S`` (gateway/cluster/routes.py).
+The body ends once the relay has read the end line, before the owner ends
+its answer, so the connection goes back to the pool.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import aiohttp
@@ -65,6 +74,29 @@ class PeerUnreachable(Exception):
     """The owner's address refused or did not answer the head in time."""
 
 
+class Beat:
+    """The relay's side of the liveness check: the request body, an empty
+    line every ``HEARTBEAT_S`` until ``stop()`` (it is written by the
+    response's own writer task, which closing the response cancels)."""
+
+    __slots__ = ("_stopped",)
+
+    def __init__(self) -> None:
+        self._stopped = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        while not self._stopped.is_set():
+            yield b"\n"
+            try:
+                async with asyncio.timeout(HEARTBEAT_S):
+                    await self._stopped.wait()
+            except TimeoutError:
+                pass
+
+
 class PeerClient:
     def __init__(self, *, secret: str) -> None:
         self._headers = {"Authorization": f"Bearer {secret}"} if secret else {}
@@ -82,13 +114,18 @@ class PeerClient:
 
     async def follow(self, owner_url: str, key: str) -> PeerSource | None:
         headers = self._headers
+        beat = Beat()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                response = await self._client().get(owner_url + STREAM_PATH + key, headers=headers)
+                response = await self._client().get(
+                    owner_url + STREAM_PATH + key, headers=headers, data=beat.lines()
+                )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            beat.stop()
             raise PeerUnreachable(f"{owner_url} did not answer: {type(exc).__name__}") from exc
         if response.status == 200:
-            return PeerSource(response)
+            return PeerSource(response, beat)
+        beat.stop()
         response.release()
         if response.status == 404:
             return None
@@ -119,12 +156,13 @@ class PeerClient:
 
 class PeerSource:
     __slots__ = (
-        "_response", "_decoder", "_pending", "_next", "_closed", "_transport", "_last_read",
-        "_watchdog", "_silent",
+        "_response", "_beat", "_decoder", "_pending", "_next", "_closed", "_transport",
+        "_last_read", "_watchdog", "_silent",
     )
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, beat: Beat) -> None:
         self._response = response
+        self._beat = beat
         self._decoder = LineDecoder()
         self._pending: list[Delta] = []
         self._next = 0
@@ -191,9 +229,11 @@ class PeerSource:
 
     async def _finish(self) -> None:
         """After the end line: read the body's end, so the connection goes
-        back to the pool (a response released unread would close it)."""
+        back to the pool (a response released unread would close it). The
+        request body ends first: the owner ends its answer once it has."""
         self._closed = True
         self._watchdog.cancel()
+        self._beat.stop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 while await self._response.content.readany():
@@ -210,6 +250,7 @@ class PeerSource:
             return
         self._closed = True
         self._watchdog.cancel()
+        self._beat.stop()
         transport = self._transport
         sock = None if transport is None else transport.get_extra_info("socket")
         if sock is not None:

@@ -11,7 +11,13 @@ starts a stream. With a cluster secret, a request must carry
 ``Authorization: Bearer <secret>`` (compared in constant time) or gets 401.
 Leaving -- the follower shutting the connection -- cancels the handler
 (``handler_cancellation=True``), which closes the subscription: if it was the
-last, the upstream stream is reset in that tick.
+last, the upstream stream is reset in that tick. A follower that closes
+nothing because it hung or dropped off the network is noticed by its
+silence: its relay sends an empty line in the request body every
+``HEARTBEAT_S``, and a follower that sent nothing for ``SILENCE_S`` is dropped
+(its subscription closed, its connection aborted) -- if it was the last
+subscriber, the upstream stream is reset. A request without a body (a
+member that sends none) is never dropped for silence.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import hmac
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
@@ -29,6 +36,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from actors.messages import SlowReader
 from actors.registry import Registry, RegistryClosed
+from actors.subscription import Subscription
 from gateway.api.relay import SharedFrames
 from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import (
@@ -36,6 +44,7 @@ from gateway.cluster.peer import (
     HEARTBEAT_S,
     METRICS_PATH,
     OWNER_HEADER,
+    SILENCE_S,
     STREAM_PATH,
     OwnerLost,
 )
@@ -43,30 +52,79 @@ from gateway.cluster.wire import END_LINE, encode_delta, error_line
 from gateway.errors import GatewayError, ReaderTooSlow
 
 
-class Heartbeat:
-    """An empty line on every peer stream silent for ``interval_s``, from
-    one task: a relay tells a silent owner from a long first token."""
+@dataclass(slots=True)
+class PeerStream:
+    """One follower reading a stream here."""
 
-    def __init__(self, interval_s: float = HEARTBEAT_S) -> None:
+    request: web.Request
+    subscription: Subscription
+    #: When it was last written to (monotonic).
+    written: float
+    #: When it last sent a byte of its request body; None: it sends none.
+    heard: float | None
+
+
+class Heartbeat:
+    """Both directions of the peer streams' liveness, from one task: an
+    empty line on every stream silent for ``interval_s`` (a relay tells a
+    silent owner from a long first token), and the follower dropped once its
+    request body has been silent for ``silence_s`` (a hung or cut-off
+    follower would otherwise keep the upstream stream open to its end)."""
+
+    def __init__(self, interval_s: float = HEARTBEAT_S, silence_s: float = SILENCE_S) -> None:
         self.interval_s = interval_s
-        #: Open peer streams -> when they were last written to.
-        self.streams: dict[web.StreamResponse, float] = {}
+        self.silence_s = silence_s
+        #: Open peer streams.
+        self.streams: dict[web.StreamResponse, PeerStream] = {}
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s / 2)
-            due = time.monotonic() - self.interval_s
-            for response in [r for r, last in self.streams.items() if last <= due]:
+            now = time.monotonic()
+            for response, peer in list(self.streams.items()):
                 if response not in self.streams:
                     continue  # its stream ended while an earlier write waited
-                self.streams[response] = time.monotonic()
-                try:
-                    # A member that stopped reading must not hold up the
-                    # others' heartbeats past their silence bound.
-                    async with asyncio.timeout(self.interval_s / 4):
-                        await response.write(b"\n")
-                except (ConnectionResetError, RuntimeError, TimeoutError):
-                    pass  # its handler sees the same and ends
+                if self._silent(peer, now):
+                    self._drop(response, peer)
+                elif peer.written <= now - self.interval_s:
+                    await self._beat(response, peer)
+
+    def _silent(self, peer: PeerStream, now: float) -> bool:
+        """Whether the follower's request body has been silent too long
+        (what it sent is read here, and dropped)."""
+        if peer.heard is None:
+            return False
+        content = peer.request.content
+        try:
+            if content.read_nowait():
+                peer.heard = now
+        except Exception:
+            return False  # the connection failed: its handler sees the same and ends
+        if content.at_eof():
+            peer.heard = None  # the relay has read the end: nothing more to hear
+            return False
+        return now - peer.heard >= self.silence_s
+
+    def _drop(self, response: web.StreamResponse, peer: PeerStream) -> None:
+        """Leave the stream for the silent follower (the upstream stream is
+        reset here if it was the last subscriber), then cut its connection."""
+        del self.streams[response]
+        log.info("a cluster member went silent: its stream is dropped",
+                 silent_s=round(self.silence_s, 1))
+        peer.subscription.close()
+        transport = peer.request.transport
+        if transport is not None:
+            transport.abort()
+
+    async def _beat(self, response: web.StreamResponse, peer: PeerStream) -> None:
+        peer.written = time.monotonic()
+        try:
+            # A member that stopped reading must not hold up the others'
+            # heartbeats past their silence bound.
+            async with asyncio.timeout(self.interval_s / 4):
+                await response.write(b"\n")
+        except (ConnectionResetError, RuntimeError, TimeoutError):
+            pass  # its handler sees the same and ends
 
 
 #: The longest the route waits for a stream this process is starting.
@@ -141,7 +199,9 @@ async def follow(request: web.Request) -> web.StreamResponse:
     shared = SharedFrames(subscription, "cluster")
     async with subscription:
         await response.prepare(request)
-        heartbeat[response] = time.monotonic()
+        now = time.monotonic()
+        heard = now if request.body_exists else None
+        peer = heartbeat[response] = PeerStream(request, subscription, now, heard)
         try:
             while True:
                 batch = subscription.take_batch()
@@ -154,7 +214,7 @@ async def follow(request: web.Request) -> web.StreamResponse:
                         # after a partial answer.
                         last = error_line(OwnerLost("the owner's stream ended before its answer"))
                     break
-                heartbeat[response] = time.monotonic()
+                peer.written = time.monotonic()
                 # Each line encoded once for every member that follows this stream.
                 first = subscription.cursor - len(batch) + 1
                 await response.write(b"".join(
@@ -167,6 +227,8 @@ async def follow(request: web.Request) -> web.StreamResponse:
             # a slow client would be; the other readers never waited for it.
             log.info("a cluster member read too slowly", reason=str(exc))
             last = error_line(ReaderTooSlow(str(exc)))
+        except ConnectionResetError:
+            pass  # the follower is gone, or was dropped for its silence: see below
         except Exception as exc:  # a bug, not a failure to share: said in-stream
             log.exception("relaying to a cluster member failed")
             internal = GatewayError("internal error", code="internal_error")
@@ -174,9 +236,30 @@ async def follow(request: web.Request) -> web.StreamResponse:
             last = error_line(internal)
         finally:
             heartbeat.pop(response, None)
-    # The last line and the end of the chunked body, in one write.
-    await response.write_eof(last)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return response  # dropped for its silence, or gone: nobody to tell
+    if not request.body_exists:
+        # The last line and the end of the chunked body, in one write.
+        await response.write_eof(last)
+        return response
+    await response.write(last)
+    await _body_ended(request)
+    await response.write_eof()
     return response
+
+
+async def _body_ended(request: web.Request) -> None:
+    """Until the follower's request body ends, which its relay does once it
+    has read the last line, for at most ``HEARTBEAT_S``: ending the answer
+    after the request lets the follower keep the connection for its next
+    stream (a request still being sent would close it)."""
+    try:
+        async with asyncio.timeout(HEARTBEAT_S):
+            while await request.content.readany():
+                pass
+    except Exception:  # late, cut or malformed: the answer ends all the same
+        pass
 
 
 def internal_app(

@@ -443,6 +443,58 @@ async def test_owner_gone_mid_stream_followers_get_an_error_and_a_survivor_takes
     assert len(cluster.calls()) == 2
 
 
+# -- 6b. a follower process frozen mid-stream ------------------------------------------------
+
+
+async def test_a_frozen_follower_process_is_dropped_and_the_upstream_reset(cluster):
+    """A follower process that hangs (SIGSTOP: its kernel still acknowledges
+    every byte, as a partitioned host's would not) stops sending the empty
+    line its relay sends every second: after 4 s of silence the owner drops
+    it, and as its last subscriber, resets the upstream stream."""
+    prompt = "the follower is frozen [sim itl_ms=5 tokens=2000]"
+    owner, follower, _ = cluster.members
+    async with aiohttp.ClientSession() as http:
+        on_owner = await http.post(owner.url + "/v1/stream", json=chat(prompt))
+        await _read_deltas(FrameReader(on_owner), 1)
+        on_follower = await http.post(follower.url + "/v1/stream", json=chat(prompt))
+        reader = FrameReader(on_follower)
+        await _read_deltas(reader, 3)
+        assert meta_role(reader.frames) == "follower"
+        follower.service.process.send_signal(signal.SIGSTOP)
+        try:
+            # Both clients go; only the owner's leaving is seen (the
+            # follower process cannot act on its client's).
+            await _abort(on_follower)
+            left_at = await _abort(on_owner)
+            (reset,) = await cluster.sim.log.wait_for(1, outcome="reset", timeout=10)
+        finally:
+            follower.service.process.send_signal(signal.SIGCONT)
+    assert reset.end is not None
+    dropped_s = reset.end - left_at
+    print(f"frozen follower dropped, upstream reset {dropped_s:.2f} s after the owner's client left")
+    assert 3.5 < dropped_s < 6.0  # the 4 s silence bound, checked every 0.5 s
+    assert reset.tokens_sent < 2000
+    assert len(cluster.calls()) == 1
+    await owner.wait_metric("gateway_active_actors", 0)
+
+
+async def test_a_live_follower_waiting_past_the_silence_bound_is_kept(cluster):
+    """A first token slower than the 4 s silence bound: the owner writes
+    nothing the while, but the follower's relay keeps sending its empty
+    lines, so it is not dropped and gets the whole answer."""
+    prompt = "a first token past the silence bound [sim ttft_ms=4600 tokens=5]"
+    owner, follower, _ = cluster.members
+    async with aiohttp.ClientSession() as http:
+        on_owner = asyncio.create_task(stream_native(http, owner, prompt))
+        await cluster.sim.log.wait_for_arrivals(1)
+        on_follower = await stream_native(http, follower, prompt)
+        await on_owner
+    assert meta_role(on_follower) == "follower"
+    assert native_text(on_follower) == expected(prompt, 5)
+    assert on_follower[-1].event == "done"
+    assert len(cluster.calls()) == 1
+
+
 # -- 7. Redis down or stalled: local-only, then back ----------------------------------------
 
 
