@@ -93,8 +93,9 @@ class UpstreamSource:
         first = self._timeouts.first_token_s
         self._first_token_deadline = None if first is None else loop.time() + first
         self._got_content = False
-        #: Told each upstream outcome once: the status code, or "error" when
-        #: no response came (for gateway_upstream_requests_total).
+        #: Told each upstream outcome once: the status code, "refused" when
+        #: the upstream refused the stream unprocessed (every send of it), or
+        #: "error" when no response came (gateway_upstream_requests_total).
         self._on_status = on_status
         #: Shown every read's deltas as they are decoded (the exchange log):
         #: a call per read, and no frame of its own in the read's await chain.
@@ -258,8 +259,8 @@ class UpstreamSource:
         assert self._stream is not None
         try:
             head = await self._stream.head()
-        except TransportError:
-            self._on_status("error")
+        except TransportError as exc:
+            self._on_status(no_response_status(exc))
             raise
         self._head_checked = True
         self._on_status(str(head.status))
@@ -304,6 +305,14 @@ async def fetch(
         raise UpstreamTimeout(f"upstream did not answer within {timeout_s:g} s") from exc
     except TransportError as exc:
         raise gateway_error(exc) from exc
+
+
+def no_response_status(exc: TransportError) -> str:
+    """The ``status`` label of an upstream request that got no response
+    head: "refused" when the upstream did not process it (REFUSED_STREAM,
+    RFC 9113 §8.7, or above a GOAWAY's last-stream-id, §6.8; the pool sent
+    it again as often as it may), "error" for any other failure."""
+    return "refused" if isinstance(exc, StreamRefused) else "error"
 
 
 #: The transport's causes, as the gateway's errors (and so HTTP statuses and
@@ -363,8 +372,8 @@ def source_opener(
         )
         try:
             await source.start()
-        except UpstreamError:
-            on_status("error")
+        except UpstreamError as exc:
+            on_status("refused" if isinstance(exc, UpstreamStreamRefused) else "error")
             raise
         return source
 

@@ -26,6 +26,7 @@ from gateway.upstream.errors import ConnectionLost
 from gateway.upstream.h2.stream import MAX_SENDS, H2ResponseStream
 from tests.integration.faulty_h2_peer import FaultyPeer, answer_text, chunk, faulty_h2_peer
 from tests.integration.h2_pools import h2_pool
+from tests.integration.metrics_scrape import scrape
 from tests.integration.sse_frames import Frame, FrameReader, openai_text
 
 DONE = b"data: [DONE]\n\n"
@@ -185,6 +186,24 @@ async def test_refused_streams_are_sent_again_and_answered():
     assert response.status == 200
     assert openai_text(frames) == answer_text(5) and frames[-1].raw == DONE
     assert peer.refused == 2 and peer.requests == 3
+
+
+async def test_a_request_refused_at_every_send_is_counted_as_refused():
+    """An upstream that refuses every stream (RST_STREAM(REFUSED_STREAM),
+    RFC 9113 §8.7): the request ends with upstream_stream_refused after
+    both attempts of the one-upstream table, each sent MAX_SENDS times, and
+    gateway_upstream_requests_total counts each attempt as status="refused",
+    none as "error" (docs/routing.md, "Metrics")."""
+    async with faulty_h2_peer(refuse_first=1_000) as peer, gateway_on(peer) as (_, v1):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(v1 + "/chat/completions", json=chat("refused")) as response:
+                frames = await FrameReader(response).rest()
+            metrics = await scrape(http, v1.removesuffix("/v1"))
+    assert in_stream_error(frames) == "upstream_stream_refused"
+    assert peer.refused == peer.requests == 2 * MAX_SENDS
+    counted = {sample.labels["status"]: sample.value
+               for sample in metrics.matching("gateway_upstream_requests_total")}
+    assert counted == {"refused": 2.0}
 
 
 async def first_tokens(http: aiohttp.ClientSession, v1: str, prompt: str, text: str) -> FrameReader:
