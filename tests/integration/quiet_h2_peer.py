@@ -3,8 +3,11 @@ asked, one DATA frame), or not at all, and then says nothing: for the
 deadlines of the h2 client and the source. It may grant no stream window
 (SETTINGS_INITIAL_WINDOW_SIZE 0, RFC 9113 §6.5.2, and never a
 WINDOW_UPDATE), take one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS),
-and refuse its first requests (RST_STREAM(REFUSED_STREAM), §8.7). The
-RST_STREAMs it receives are counted."""
+and refuse its first requests (RST_STREAM(REFUSED_STREAM), §8.7). It may
+serve only its first ``serve_connections`` connections and turn the later
+ones away, as a server at its connection limit does: ``turn_away="close"``
+closes them at once, ``"silent"`` accepts them and never sends its preface.
+The RST_STREAMs it receives are counted."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import h2.config
 import h2.connection
@@ -27,6 +31,10 @@ class QuietPeer:
     resets: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     #: Stream ids of the requests received, refused or not, in order.
     requests: list[int] = field(default_factory=list)
+    #: Connections accepted, served or turned away.
+    connections: int = 0
+    #: Set with each turned-away connection once it has ended.
+    turned_away: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
 
 
 @asynccontextmanager
@@ -37,6 +45,8 @@ async def quiet_h2_peer(
     initial_window_size: int | None = None,
     max_concurrent_streams: int | None = None,
     refuse_first: int = 0,
+    serve_connections: int | None = None,
+    turn_away: Literal["close", "silent"] = "close",
 ) -> AsyncIterator[QuietPeer]:
     """Serve until the block ends; the caller closes its client first (the
     peer then reads the end of the connection and stops)."""
@@ -52,6 +62,19 @@ async def quiet_h2_peer(
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal refused
+        peer.connections += 1
+        number = peer.connections
+        if serve_connections is not None and number > serve_connections:
+            try:
+                if turn_away == "silent":
+                    while await reader.read(65_536):
+                        pass  # until the client gives up on it
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+                peer.turned_away.put_nowait(number)
+            return
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         if settings:
             # In the first SETTINGS frame: in force from the client's first stream.
@@ -82,8 +105,9 @@ async def quiet_h2_peer(
             peer_done.set()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    peer = QuietPeer(server.sockets[0].getsockname()[1], resets, requests)
     try:
-        yield QuietPeer(server.sockets[0].getsockname()[1], resets, requests)
+        yield peer
         await asyncio.wait_for(peer_done.wait(), 5)
     finally:
         server.close()

@@ -193,6 +193,35 @@ async def test_a_body_the_peer_never_opens_a_window_for_times_out(answers_early)
             await pool.aclose()  # the peer reads the end of the connection and stops
 
 
+@pytest.mark.parametrize("turn_away", ["close", "silent"])
+async def test_a_failed_extra_connection_leaves_the_request_waiting_for_a_slot(turn_away):
+    """Connection 1 takes one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS
+    1) and is busy; a second request makes the pool open connection 2, which
+    the server turns away as one at its connection limit does: closed at
+    once, or accepted and silent until the 0.3 s connect timeout. The
+    request does not fail with that connect: it waits for a slot, and takes
+    connection 1's when the first stream lets it go. No third connection is
+    tried meanwhile (the spread back-off)."""
+    peer_at_its_limit = quiet_h2_peer(max_concurrent_streams=1, serve_connections=1, turn_away=turn_away)
+    async with peer_at_its_limit as peer:
+        pool = h2_pool(f"http://127.0.0.1:{peer.port}", connect_timeout=0.3, slot_timeout=10.0)
+        try:
+            first = await pool.open(chat_request("first"))
+            assert (await first.head()).status == 200
+            second = asyncio.ensure_future(pool.open(chat_request("second")))
+            # Generous bounds: the connect fails at once or after 0.3 s.
+            assert await asyncio.wait_for(peer.turned_away.get(), 5) == 2
+            first.release()  # RST_STREAM: connection 1's slot is free
+            assert await asyncio.wait_for(peer.resets.get(), 5) == 1
+            stream = await asyncio.wait_for(second, 5)
+            assert (await stream.head()).status == 200
+            assert peer.requests == [1, 3]  # both on connection 1
+            assert peer.connections == 2 and pool.connection_count() == 1
+            stream.release()
+        finally:
+            await pool.aclose()
+
+
 async def test_a_read_cancelled_while_waiting_loses_nothing(fast_sim, pools):
     """``read()`` is a coroutine that takes data only when it returns: one
     cancelled while it waits leaves what arrives for the next read, and the

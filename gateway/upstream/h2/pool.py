@@ -6,7 +6,11 @@ connection carries a stream and fewer than ``max_connections`` serve, one
 more is opened in the background, so streams spread over the connections
 and losing one connection does not fail every stream. When no slot is free
 anywhere, openers wait, woken in arrival order (a woken opener can still
-lose the slot to a newcomer and waits again).
+lose the slot to a newcomer and waits again). While a connection that takes
+streams exists, an opener waiting for a slot takes whichever comes first, a
+slot freed there or a new connection; a new connection that fails is then no
+failure of the request, which waits on until its slot deadline. Only when no
+connection could ever serve it does a failed connect fail the request.
 
 A connection that received GOAWAY, or has opened
 ``max_streams_per_connection`` streams, takes no new stream and does not
@@ -43,8 +47,9 @@ from gateway.upstream.h2.connection import H2ClientConnection
 from gateway.upstream.h2.stream import MAX_SENDS, H2ResponseStream
 from gateway.upstream.origin import Origin
 
-#: After a connection attempt failed, no extra connection is opened just to
-#: spread streams for this long (streams still go where a slot is free).
+#: After a connection attempt failed, no extra connection is opened for this
+#: long, to spread streams or for an opener that an existing connection can
+#: serve once a slot frees (streams still go where a slot is free).
 _SPREAD_BACKOFF_S = 1.0
 
 
@@ -126,7 +131,21 @@ class H2Pool:
             connection = self._pick()
             if connection is not None:
                 return connection
-            if self._connecting is not None or self._can_add_connection():
+            if any(c.is_usable for c in self._connections):
+                # A connection that takes streams will free a slot as its
+                # streams end: wait for that or for a new connection,
+                # whichever comes first (the end of a connect, failed or
+                # not, wakes the waiters). A connect that fails leaves the
+                # wait going until the slot deadline, and for a while after
+                # a failure no other connect is tried for it, as for
+                # spreading streams: a server at its connection limit turns
+                # each new one away.
+                if self._connecting is None and self._can_add_connection() and not self._backing_off():
+                    self._connect()
+                await self._wait_for_capacity()
+            elif self._connecting is not None or self._can_add_connection():
+                # Nothing else could ever serve: the new connection's
+                # failure is the request's.
                 connection = await asyncio.shield(self._connect())
                 if connection.is_closed:
                     # Ended by the peer before it took a stream (a GOAWAY
@@ -160,10 +179,14 @@ class H2Pool:
             and best.active_streams > 0
             and self._connecting is None
             and self._can_add_connection()
-            and asyncio.get_running_loop().time() - self._connect_failed_at >= _SPREAD_BACKOFF_S
+            and not self._backing_off()
         ):
             self._connect()
         return best
+
+    def _backing_off(self) -> bool:
+        """A connection attempt failed less than _SPREAD_BACKOFF_S ago."""
+        return asyncio.get_running_loop().time() - self._connect_failed_at < _SPREAD_BACKOFF_S
 
     def _connect(self) -> asyncio.Task[H2ClientConnection]:
         if self._connecting is None:
