@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from h2.errors import ErrorCodes
 
 from gateway.app import running_gateway
 from gateway.config import Settings
@@ -26,6 +27,8 @@ from gateway.upstream.errors import ConnectionLost
 from gateway.upstream.h2.stream import MAX_SENDS, H2ResponseStream
 from tests.integration.faulty_h2_peer import FaultyPeer, answer_text, chunk, faulty_h2_peer
 from tests.integration.h2_pools import h2_pool
+from tests.integration.malformed_h2_peer import MalformedPeer, malformed_h2_peer
+from tests.integration.malformed_h2_peer import answer_text as three_tokens
 from tests.integration.metrics_scrape import scrape
 from tests.integration.sse_frames import Frame, FrameReader, openai_text
 
@@ -49,7 +52,9 @@ async def read_all(stream: H2ResponseStream) -> bytes:
 
 
 @asynccontextmanager
-async def gateway_on(peer: FaultyPeer, **settings: Any) -> AsyncIterator[tuple[GatewayState, str]]:
+async def gateway_on(
+    peer: FaultyPeer | MalformedPeer, **settings: Any
+) -> AsyncIterator[tuple[GatewayState, str]]:
     """The gateway with the peer as its upstream over h2c; yields its state
     and its /v1 URL."""
     async with running_gateway(
@@ -228,14 +233,15 @@ def in_stream_error(frames: list[Frame]) -> str:
     [
         ("kill", "upstream_connection_lost"),
         ("goaway_error", "upstream_connection_lost"),
-        ("protocol_error", "upstream_protocol_error"),
+        ("protocol_error", "upstream_connection_lost"),
         ("silent", "upstream_connection_lost"),
     ],
 )
 async def test_coalesced_subscribers_of_a_failed_connection_each_get_the_error(fault, code):
     """20 clients share one upstream stream (coalesced); two tokens in, its
     connection fails (TCP abort, GOAWAY(INTERNAL_ERROR), a frame HTTP/2
-    forbids, or a peer that stops answering anything, PINGs included).
+    forbids, a connection error of which the stream is no cause, or a peer
+    that stops answering anything, PINGs included).
     Each client ends with the in-stream error and none with [DONE]; the
     upstream saw one request."""
     peer_fails = faulty_h2_peer(fault=fault, tokens=10, tokens_before_fault=2, wait_for_go=True)
@@ -279,3 +285,62 @@ async def test_a_dead_peer_is_found_by_ping_long_before_the_idle_timeout():
     # Far below the idle timeout (generous for a loaded machine: the point
     # is "not 30 s").
     assert found_after < 10
+
+
+def idle(state: GatewayState) -> tuple[int, list[int]]:
+    """Streams open at the gateway, and attempts in flight per upstream."""
+    return state.active_streams, [upstream.in_flight for upstream in state.router.upstreams]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        [("content-type", "text/event-stream")],
+        [(":status", "abc")],
+        [(":status", "200"), ("Connection", "x")],
+    ],
+    ids=["no-status", "status-abc", "upper-case-name"],
+)
+async def test_a_malformed_head_fails_its_own_stream_only(head):
+    """Stream A is streaming on connection 1 when stream M, next to it, gets
+    a malformed response head (RFC 9113 §8.1.1). M alone is reset with
+    PROTOCOL_ERROR and its client gets 502 upstream_protocol_error (the
+    upstream answered: not retried); A reads its whole answer and [DONE] on
+    the same connection."""
+    one_connection = {"upstream_max_connections": 1}  # M goes next to A
+    async with malformed_h2_peer(bad_head=head) as peer, gateway_on(peer, **one_connection) as (state, v1):
+        async with aiohttp.ClientSession() as http:
+            reader = await first_tokens(http, v1, "A", "t0 ")
+            async with http.post(v1 + "/chat/completions", json={**chat("M"), "stream": False}) as response:
+                body = await response.json()
+            async with asyncio.timeout(10):  # generous: A's rest follows M's reset at once
+                frames = await reader.rest()
+            reader.response.close()
+        assert response.status == 502 and body["error"]["code"] == "upstream_protocol_error"
+        assert openai_text(frames) == three_tokens() and frames[-1].raw == DONE
+        assert peer.resets == [(1, 3, ErrorCodes.PROTOCOL_ERROR)]
+        assert peer.connections == 1 and peer.requests == 2
+        assert idle(state) == (0, [0])
+
+
+async def test_a_connection_error_fails_its_unanswered_streams_as_lost_and_they_are_retried():
+    """Two requests wait for their answers on connection 1 when the upstream
+    sends a frame HTTP/2 forbids (SETTINGS on a stream, §6.5), a connection
+    error (§5.4.1) neither request caused: each fails as the connection lost,
+    not as a protocol error, so each is sent again, on connection 2, and
+    answered in full."""
+    peer_breaks_the_protocol = malformed_h2_peer(connection_error=True, hold=2)
+    async with peer_breaks_the_protocol as peer, gateway_on(peer, upstream_max_connections=1) as (state, v1):
+        async with aiohttp.ClientSession() as http:
+
+            async def ask(prompt: str) -> tuple[int, list[Frame]]:
+                async with http.post(v1 + "/chat/completions", json=chat(prompt)) as response:
+                    return response.status, await FrameReader(response).rest()
+
+            async with asyncio.timeout(10):  # generous: both end within milliseconds
+                answers = await asyncio.gather(ask("first"), ask("second"))
+        for status, frames in answers:
+            assert status == 200
+            assert openai_text(frames) == three_tokens() and frames[-1].raw == DONE
+        assert peer.connections == 2 and peer.requests == 4
+        assert idle(state) == (0, [0])

@@ -49,8 +49,13 @@ class Peer:
         self._encoder = hpack.Encoder()
 
     def headers(self, stream_id: int, status: int | str = 200, *, end_stream: bool = False) -> bytes:
+        return self.fields(stream_id, [(":status", str(status)), ("content-type", "text/plain")],
+                           end_stream=end_stream)
+
+    def fields(self, stream_id: int, fields: list[tuple[str, str]], *, end_stream: bool = False) -> bytes:
+        """A HEADERS frame with exactly these fields, in this order."""
         frame = HeadersFrame(stream_id)
-        frame.data = self._encoder.encode([(":status", str(status)), ("content-type", "text/plain")])
+        frame.data = self._encoder.encode(fields)
         frame.flags.add("END_HEADERS")
         if end_stream:
             frame.flags.add("END_STREAM")
@@ -442,32 +447,120 @@ def test_any_frame_proves_the_peer_alive(core) -> None:
 
 
 def test_a_protocol_error_ends_the_connection_with_goaway(core) -> None:
-    """A frame the protocol forbids (HEADERS on a stream the server may not
-    open, RFC 9113 §5.1.1) fails every stream as a protocol violation, and
-    h2's GOAWAY(PROTOCOL_ERROR) is queued for the peer."""
-    (stream_id,) = open_streams(core, 1)
-    events = core.receive(Peer().headers(2), now=1.0)
-    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
-    assert isinstance(events[0], StreamFailed) and isinstance(events[0].error, ProtocolViolation)
-    sent = GoAwayFrame(0)
-    sent.parse_body(memoryview(core.data_to_send()[9:]))
-    assert sent.error_code == ErrorCodes.PROTOCOL_ERROR
-
-
-@pytest.mark.parametrize("status", ["abc", "2_00", "600"])
-def test_a_malformed_status_ends_the_connection_with_goaway(core, peer, status) -> None:
-    """A :status that is not three digits from 100 to 599 (RFC 9110 §15)
-    makes the response malformed (RFC 9113 §8.1.1): every stream fails as a
-    protocol violation and GOAWAY(PROTOCOL_ERROR) is queued, as for the
-    malformed heads h2 finds itself."""
-    first, _ = open_streams(core, 2)
-    events = core.receive(peer.headers(first, status), now=1.0)
+    """A frame the protocol forbids (SETTINGS on a stream, RFC 9113 §6.5)
+    is a connection error (§5.4.1): h2's GOAWAY(PROTOCOL_ERROR) is queued,
+    and every stream fails as the connection lost, none as a protocol
+    violation: none was malformed, and one not answered yet may be sent
+    again."""
+    first, second = open_streams(core, 2)
+    events = core.receive(b"\x00\x00\x00\x04\x00\x00\x00\x00\x01", now=1.0)
     assert [type(e) for e in events] == [StreamFailed, StreamFailed, ConnectionEnded]
-    assert all(isinstance(e, StreamFailed | ConnectionEnded) and isinstance(e.error, ProtocolViolation)
-               for e in events)
+    assert [e.stream_id for e in events if isinstance(e, StreamFailed)] == [first, second]
+    failed = [e for e in events if isinstance(e, StreamFailed | ConnectionEnded)]
+    assert all(type(e.error) is ConnectionLost for e in failed)
+    assert str(events[0].error).startswith("upstream connection ended by an HTTP/2 protocol error")
     (sent,) = frames_in(core.data_to_send())
     assert isinstance(sent, GoAwayFrame) and sent.error_code == ErrorCodes.PROTOCOL_ERROR
     assert core.is_closed
+
+
+def test_headers_opening_a_stream_from_the_server_end_the_connection(core, peer) -> None:
+    """A server opens no stream with HEADERS (it reserves one with
+    PUSH_PROMISE, RFC 9113 §8.4): HEADERS on stream 2 is a connection error
+    (§5.4.1), GOAWAY(PROTOCOL_ERROR), and our stream fails as the
+    connection lost."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(peer.headers(2), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
+    assert isinstance(events[0], StreamFailed) and events[0].stream_id == stream_id
+    assert type(events[0].error) is ConnectionLost
+    (sent,) = frames_in(core.data_to_send())
+    assert isinstance(sent, GoAwayFrame) and sent.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert core.is_closed
+
+
+MALFORMED_HEADS = {
+    "no :status": [("content-type", "text/plain")],
+    "status abc": [(":status", "abc")],
+    "status 2_00": [(":status", "2_00")],
+    "status 600": [(":status", "600")],
+    "two :status": [(":status", "200"), (":status", "200")],
+    "request pseudo-header": [(":status", "200"), (":path", "/")],
+    "unknown pseudo-header": [(":status", "200"), (":custom", "x")],
+    "pseudo after regular": [("content-type", "text/plain"), (":status", "200")],
+    "upper case name": [(":status", "200"), ("Content-Type", "text/plain")],
+    "connection": [(":status", "200"), ("connection", "keep-alive")],
+    "transfer-encoding": [(":status", "200"), ("transfer-encoding", "chunked")],
+    "te not trailers": [(":status", "200"), ("te", "gzip")],
+    "value with white space": [(":status", "200"), ("x-id", " 1")],
+    "empty name": [(":status", "200"), ("", "x")],
+    "malformed informational": [(":status", "103"), ("Link", "</x>")],
+}
+
+
+@pytest.mark.parametrize("fields", MALFORMED_HEADS.values(), ids=MALFORMED_HEADS.keys())
+def test_a_malformed_head_resets_its_stream_alone(core, peer, fields) -> None:
+    """A malformed response (RFC 9113 §8.1.1: §8.2 and §8.3 broken) is a
+    stream error (§5.4.2): RST_STREAM(PROTOCOL_ERROR) for that stream, which
+    fails as a protocol violation; the connection and the stream answering
+    next to it go on."""
+    neighbour, malformed = open_streams(core, 2)
+    core.receive(peer.headers(neighbour) + data(neighbour, b"before"), now=1.0)
+    events = core.receive(peer.fields(malformed, fields), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, CapacityChanged]
+    assert isinstance(events[0], StreamFailed) and events[0].stream_id == malformed
+    assert type(events[0].error) is ProtocolViolation
+    assert core.data_to_send() == rst(malformed, ErrorCodes.PROTOCOL_ERROR)
+    assert core.release(malformed) == [] and core.data_to_send() == b""
+    assert core.receive(data(neighbour, b"after", end_stream=True), now=1.0) == [
+        DataReceived(neighbour, b"after"),
+        StreamEnded(neighbour),
+        CapacityChanged(),
+    ]
+    assert core.is_usable and not core.is_closed and core.active_streams == 0
+
+
+def test_the_data_read_with_a_malformed_head_is_credited_at_once(core, peer) -> None:
+    """DATA in the same bytes as the malformed head that failed its stream
+    is nobody's to read: no event, and its credit goes back to the
+    connection window at once (40,000 bytes: past half the window, so a
+    WINDOW_UPDATE follows the RST_STREAM)."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(peer.fields(stream_id, [(":status", "abc")]) + data_of(stream_id, 40_000), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, CapacityChanged]
+    # h2 sends the connection's WINDOW_UPDATE once half the window is
+    # credited: at the second 16,384-byte frame.
+    assert core.data_to_send() == rst(stream_id, ErrorCodes.PROTOCOL_ERROR) + window_update(0, 32_768)
+    core.release(stream_id)
+    assert core.data_to_send() == b""
+
+
+def test_malformed_trailers_fail_the_stream(core, peer) -> None:
+    """A trailer section with a pseudo-header (RFC 9113 §8.1) makes the
+    response malformed: the stream fails instead of ending (it is closed on
+    both sides already, so no RST_STREAM goes out)."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id) + data(stream_id, b"body"), now=1.0)
+    events = core.receive(peer.fields(stream_id, [(":status", "200")], end_stream=True), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, CapacityChanged]
+    assert isinstance(events[0], StreamFailed) and type(events[0].error) is ProtocolViolation
+    assert core.data_to_send() == b""
+    assert core.is_usable
+
+
+def test_a_well_formed_informational_head_and_trailers_pass(core, peer) -> None:
+    """103 Early Hints, then the head, the body and trailers: only the
+    final head, the body and the end are events."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(
+        peer.fields(stream_id, [(":status", "103"), ("link", "</x>")])
+        + peer.headers(stream_id)
+        + data(stream_id, b"body")
+        + peer.fields(stream_id, [("x-checksum", "1"), ("te", "trailers")], end_stream=True),
+        now=1.0,
+    )
+    assert [type(e) for e in events] == [HeadReceived, DataReceived, StreamEnded, CapacityChanged]
+    assert core.data_to_send() == b""
 
 
 def test_window_updates_wake_body_senders(core) -> None:

@@ -4,7 +4,16 @@ Three things differ from a plain ``h2.connection.H2Connection``:
 
 - Outbound header validation and normalisation are off: the client builds
   its own request headers (lower-case names, no connection-specific fields;
-  RFC 9113 §8.2). What the upstream sends is still validated.
+  RFC 9113 §8.2).
+- Inbound header validation is off too. h2 raises a malformed response head
+  (RFC 9113 §8.1.1) as a connection error, which would end every stream on
+  the connection, and the ``ProtocolError`` it raises does not say which
+  stream it came from. A malformed response is a stream error (§8.1.1,
+  §5.4.2): the protocol core checks each response's fields itself
+  (``protocol.response_head``, ``protocol.check_trailers``) and resets only
+  that stream. What h2 still checks whatever this setting says stays a
+  connection error: the frames and their sequence, HPACK decoding (§4.3),
+  and the content-length of a body.
 - A GOAWAY does not close the state machine. h2 moves to CLOSED on any
   GOAWAY it receives (python-hyper/h2#1181), after which it rejects the
   frames of the streams that GOAWAY lets finish (those at or below its
@@ -26,6 +35,7 @@ _CONFIG = h2.config.H2Configuration(
     header_encoding=None,
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
+    validate_inbound_headers=False,
 )
 
 

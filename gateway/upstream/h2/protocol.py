@@ -21,7 +21,17 @@ What the core owns, on top of h2's state machine:
 - liveness: after ``ping_interval`` seconds without a frame from the peer a
   PING goes out (§6.7), and without any frame ``ping_timeout`` seconds
   later the connection is declared lost, failing its streams well before
-  an idle timeout would.
+  an idle timeout would;
+- malformed responses (§8.1.1): h2's inbound header validation is off
+  (``machine.py``: it would make them connection errors), and each response
+  head, informational head and trailer section is checked here against
+  §8.2 and §8.3. A malformed one is a stream error (§5.4.2): that stream
+  alone is reset with PROTOCOL_ERROR and fails as ``ProtocolViolation``;
+  the connection and its other streams go on;
+- connection errors: a frame h2 rejects ends the connection with h2's
+  GOAWAY (§5.4.1), and its streams fail as ``ConnectionLost``, not as
+  protocol violations: none of them was malformed, and one that got no
+  answer yet may be sent again.
 """
 
 from __future__ import annotations
@@ -72,6 +82,15 @@ ACK_BATCH_BYTES: Final = 8192
 #: up to half a millisecond early, and re-arming for a deadline that has not
 #: quite come would spin.
 _CLOCK_SLACK: Final = 0.001
+
+
+class _ConnectionError(Exception):
+    """A connection error (RFC 9113 §5.4.1) found among h2's events:
+    ``receive`` ends the connection with GOAWAY(``code``)."""
+
+    def __init__(self, code: ErrorCodes, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Stream:
@@ -177,8 +196,9 @@ class H2ClientProtocol:
         try:
             received = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            # h2 has queued GOAWAY(PROTOCOL_ERROR) for the peer (§5.4.1).
-            return self._end(ProtocolViolation(f"HTTP/2 protocol error from upstream: {exc}"))
+            # A connection error (§5.4.1): h2 has queued its GOAWAY. The
+            # streams were not at fault: they fail as the connection lost.
+            return self._end(ConnectionLost(f"upstream connection ended by an HTTP/2 protocol error: {exc}"))
         # Any frame proves the peer alive: a PING is for silence only.
         self._last_heard = now
         self._ping_sent_at = None
@@ -186,15 +206,12 @@ class H2ClientProtocol:
         try:
             for event in received:
                 self._translate(event, events)
-        except ProtocolViolation as exc:
-            # A malformed response head (RFC 9113 §8.1.1) that h2 let through:
-            # the connection ends as h2 ends it for those it detects itself,
-            # with GOAWAY(PROTOCOL_ERROR) (§5.4.1).
+        except _ConnectionError as exc:
             try:
-                self._h2.close_connection(ErrorCodes.PROTOCOL_ERROR)
+                self._h2.close_connection(exc.code)
             except h2.exceptions.ProtocolError:
                 pass  # h2's state is already closed: nothing to say to the peer
-            events.extend(self._end(exc))
+            events.extend(self._end(ConnectionLost(str(exc))))
         return events
 
     def lose(self, error: TransportError) -> list[Event]:
@@ -355,7 +372,12 @@ class H2ClientProtocol:
         elif isinstance(event, h2.events.ResponseReceived):
             assert event.stream_id is not None and event.headers is not None
             if event.stream_id in self._streams:
-                events.append(HeadReceived(event.stream_id, response_head(event.headers)))
+                try:
+                    head = response_head(event.headers)
+                except ProtocolViolation as exc:
+                    self._malformed(event.stream_id, exc, events)
+                else:
+                    events.append(HeadReceived(event.stream_id, head))
         elif isinstance(event, h2.events.StreamEnded):
             assert event.stream_id is not None
             if self._close_stream(event.stream_id):
@@ -377,18 +399,51 @@ class H2ClientProtocol:
             events.append(CapacityChanged())
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event.last_stream_id or 0, event.error_code, events)
+        elif isinstance(event, h2.events.InformationalResponseReceived | h2.events.TrailersReceived):
+            # Nothing a client relaying the body needs, but a malformed one
+            # makes the response malformed (§8.1.1).
+            assert event.stream_id is not None and event.headers is not None
+            try:
+                if isinstance(event, h2.events.TrailersReceived):
+                    check_trailers(event.headers)
+                else:
+                    response_head(event.headers)
+            except ProtocolViolation as exc:
+                self._malformed(event.stream_id, exc, events)
+        elif isinstance(event, h2.events.RequestReceived):
+            # HEADERS opening a stream from the server, which opens streams
+            # only by reserving them with PUSH_PROMISE (§8.4). h2 takes it
+            # for a request, which its inbound header validation used to
+            # reject: a connection error (§5.4.1).
+            raise _ConnectionError(
+                ErrorCodes.PROTOCOL_ERROR,
+                "upstream connection ended by an HTTP/2 protocol error: "
+                f"HEADERS opened stream {event.stream_id}",
+            )
         # PING is answered by h2 itself, and a PING ACK needs nothing more
-        # than the liveness noted in receive(). Trailers, SETTINGS ACKs and
-        # priority frames need nothing from a client that relays the body.
+        # than the liveness noted in receive(). SETTINGS ACKs and priority
+        # frames need nothing either.
+
+    def _malformed(self, stream_id: int, error: ProtocolViolation, events: list[Event]) -> None:
+        """A malformed response (§8.1.1) is a stream error of type
+        PROTOCOL_ERROR (§5.4.2): RST_STREAM for it, and it fails alone."""
+        self._reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.body_pending = False  # reset: nothing more to end
+        if self._close_stream(stream_id):
+            events.append(StreamFailed(stream_id, error))
+            self._after_stream_closed(events)
 
     def _on_data(self, stream_id: int, data: bytes, flow_length: int, events: list[Event]) -> None:
         stream = self._streams.get(stream_id)
-        if stream is None or not data:
+        if stream is None or not data or not stream.open:
             # Nothing anyone will read: an empty or padding-only frame (legal,
-            # and not the end of the body). h2 counted it against our
-            # windows, so its credit goes back now, or the connection window
-            # leaks. (DATA for a stream h2 has closed -- one we reset --
-            # never gets here: h2 credits it itself.)
+            # and not the end of the body), or data read in the same bytes
+            # as the malformed head that failed its stream. h2 counted it
+            # against our windows, so its credit goes back now, or the
+            # connection window leaks. (DATA for a stream h2 has closed --
+            # one we reset before -- never gets here: h2 credits it itself.)
             self._h2.acknowledge_received_data(flow_length, stream_id)
             return
         if flow_length > len(data):
@@ -453,16 +508,64 @@ class H2ClientProtocol:
         self._owed_total = 0
 
 
+#: The bytes a field name may hold (RFC 9113 §8.2.1): visible ASCII but
+#: upper case letters and the colon (a pseudo-header's leading colon aside).
+_FIELD_NAME_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if not (0x41 <= c <= 0x5A or c == 0x3A))
+#: Connection-specific fields make a message malformed (§8.2.2); so does TE
+#: with any value but "trailers".
+_CONNECTION_SPECIFIC: Final = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
 def response_head(raw_headers: list[tuple[bytes, bytes]]) -> ResponseHead:
-    """Raises ``ProtocolViolation`` for a malformed ``:status``."""
-    status = 0
+    """A response head's fields, checked as h2 would with its inbound
+    validation on (``machine.py`` turns it off). Raises ``ProtocolViolation``
+    when the head is malformed (RFC 9113 §8.1.1): a pseudo-header other than
+    one ``:status`` (request pseudo-headers included), one after a regular
+    field, no ``:status`` or a malformed one (§8.3, §8.3.2), or a field
+    ``check_field`` rejects."""
+    status: int | None = None
     headers: list[tuple[str, str]] = []
     for name, value in raw_headers:
-        if name == b":status":
+        if name[:1] == b":":
+            if headers:
+                raise ProtocolViolation("upstream sent a pseudo-header field after a regular field")
+            if name != b":status":
+                raise ProtocolViolation(f"upstream sent a response with the pseudo-header {name!r}")
+            if status is not None:
+                raise ProtocolViolation("upstream sent a response head with two :status fields")
             status = status_code(value)
-        elif not name.startswith(b":"):
+        else:
+            check_field(name, value)
             headers.append((name.decode("latin-1"), value.decode("latin-1")))
+    if status is None:
+        raise ProtocolViolation("upstream sent a response head without :status")
     return ResponseHead(status=status, headers=tuple(headers), http_version="HTTP/2")
+
+
+def check_trailers(raw_headers: list[tuple[bytes, bytes]]) -> None:
+    """Raises ``ProtocolViolation`` for a malformed trailer section: one
+    with a pseudo-header (§8.1) or a field ``check_field`` rejects."""
+    for name, value in raw_headers:
+        if name[:1] == b":":
+            raise ProtocolViolation(f"upstream sent trailers with the pseudo-header {name!r}")
+        check_field(name, value)
+
+
+def check_field(name: bytes, value: bytes) -> None:
+    """Raises ``ProtocolViolation`` for a regular field that makes a message
+    malformed: an empty name, or one with a byte §8.2.1 forbids (upper case
+    above all); a value with NUL, CR or LF, or starting or ending with
+    white space (§8.2.1); a connection-specific field (§8.2.2)."""
+    if not name or name.translate(None, _FIELD_NAME_BYTES):
+        raise ProtocolViolation(f"upstream sent an invalid field name {name!r}")
+    if value and (
+        b"\0" in value or b"\r" in value or b"\n" in value or value[0] in b" \t" or value[-1] in b" \t"
+    ):
+        raise ProtocolViolation(f"upstream sent an invalid value for the field {name!r}")
+    if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+        raise ProtocolViolation(f"upstream sent the connection-specific field {name!r}")
 
 
 def status_code(value: bytes) -> int:
