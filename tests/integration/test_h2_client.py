@@ -18,6 +18,7 @@ from gateway.upstream.errors import ConnectionLost, StreamRefused, StreamReset, 
 from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.h2.stream import MAX_SENDS
 from gateway.upstream.providers import get_provider
+from tests.integration.flooding_h2_peer import deaf_h2_peer, ping
 from tests.integration.h2_pools import h2_pool
 from tests.integration.quiet_h2_peer import quiet_h2_peer
 
@@ -217,6 +218,41 @@ async def test_a_failed_extra_connection_leaves_the_request_waiting_for_a_slot(t
             assert (await stream.head()).status == 200
             assert peer.requests == [1, 3]  # both on connection 1
             assert peer.connections == 2 and pool.connection_count() == 1
+            stream.release()
+        finally:
+            await pool.aclose()
+
+
+async def test_a_peer_that_reads_nothing_is_not_read_until_it_does():
+    """The peer grants all the window HTTP/2 allows and reads nothing: an
+    8 MB request body fills the connection's write buffer past its
+    high-water mark, and the connection stops reading (the transport's
+    pause_writing), so the PINGs the peer sends meanwhile queue no ACK
+    behind the body. Once the peer reads, the buffer drains, the connection
+    reads again, acknowledges each PING once and gets its answer."""
+    async with deaf_h2_peer() as peer:
+        pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1)
+        try:
+            body = b"x" * 8_000_000
+            stream = await pool.open(UpstreamRequest("POST", "/v1/upload", (), body))
+            # The body's frames leave in the flush queued for the end of
+            # this loop iteration (connection.py, _flush_soon): let it run.
+            await asyncio.sleep(0)
+            (connection,) = pool._connections
+            transport = connection._transport
+            assert transport is not None
+            assert transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+            assert not transport.is_reading()
+            for number in range(10):
+                peer.pings.put_nowait(ping(number))
+            peer.listen.set()
+            async with asyncio.timeout(10):  # generous: 8 MB over loopback
+                assert (await stream.head()).status == 200
+                acks = [await peer.ping_acks.get() for _ in range(10)]
+            assert acks == [number.to_bytes(8, "big") for number in range(10)]
+            assert peer.ping_acks.empty() and peer.body_bytes == len(body)
+            assert transport.is_reading() and transport.get_write_buffer_size() == 0
+            assert connection.is_usable
             stream.release()
         finally:
             await pool.aclose()

@@ -18,14 +18,17 @@ from typing import Any
 import aiohttp
 import pytest
 from h2.errors import ErrorCodes
+from hyperframe.frame import PingFrame, SettingsFrame
 
 from gateway.app import running_gateway
 from gateway.config import Settings
 from gateway.state import STATE, GatewayState
 from gateway.upstream.base import UpstreamRequest
 from gateway.upstream.errors import ConnectionLost
+from gateway.upstream.h2.protocol import MAX_UNSENT_ACKS
 from gateway.upstream.h2.stream import MAX_SENDS, H2ResponseStream
 from tests.integration.faulty_h2_peer import FaultyPeer, answer_text, chunk, faulty_h2_peer
+from tests.integration.flooding_h2_peer import FloodingPeer, flooding_h2_peer
 from tests.integration.h2_pools import h2_pool
 from tests.integration.malformed_h2_peer import MalformedPeer, malformed_h2_peer
 from tests.integration.malformed_h2_peer import answer_text as three_tokens
@@ -53,7 +56,7 @@ async def read_all(stream: H2ResponseStream) -> bytes:
 
 @asynccontextmanager
 async def gateway_on(
-    peer: FaultyPeer | MalformedPeer, **settings: Any
+    peer: FaultyPeer | MalformedPeer | FloodingPeer, **settings: Any
 ) -> AsyncIterator[tuple[GatewayState, str]]:
     """The gateway with the peer as its upstream over h2c; yields its state
     and its /v1 URL."""
@@ -344,3 +347,38 @@ async def test_a_connection_error_fails_its_unanswered_streams_as_lost_and_they_
             assert openai_text(frames) == three_tokens() and frames[-1].raw == DONE
         assert peer.connections == 2 and peer.requests == 4
         assert idle(state) == (0, [0])
+
+
+@pytest.mark.parametrize(
+    "frame", [PingFrame(0, opaque_data=b"flooding").serialize(), SettingsFrame(0).serialize()],
+    ids=["PING", "SETTINGS"],
+)
+@pytest.mark.parametrize("after_first_token", [False, True], ids=["unanswered", "answering"])
+async def test_a_flood_ends_its_connection_and_an_unanswered_request_is_retried(frame, after_first_token):
+    """The upstream stops reading and sends twice MAX_UNSENT_ACKS PING (or
+    empty SETTINGS) frames in one write, each asking for an acknowledgement
+    (RFC 9113 §10.5). The gateway ends that connection
+    (GOAWAY(ENHANCE_YOUR_CALM)) at once, not after its 15 s PING liveness:
+    a request not answered yet is sent again on a new connection and
+    answered in full; one that had its first token ends with
+    upstream_connection_lost, and the next request is answered in full."""
+    flood = flooding_h2_peer(frame=frame, count=2 * MAX_UNSENT_ACKS, after_first_token=after_first_token)
+    async with flood as peer, gateway_on(peer, upstream_max_connections=1) as (state, v1):
+        assert state.settings.upstream_ping_interval_s == 10
+        async with aiohttp.ClientSession() as http:
+
+            async def ask(prompt: str) -> tuple[int, list[Frame]]:
+                async with http.post(v1 + "/chat/completions", json=chat(prompt)) as response:
+                    return response.status, await FrameReader(response).rest()
+
+            # Generous: the flood is found in the read that brings it.
+            async with asyncio.timeout(5):
+                status, frames = await ask("flooded")
+                if after_first_token:
+                    assert status == 200 and in_stream_error(frames) == "upstream_connection_lost"
+                    assert openai_text(frames) == "t0 "
+                    status, frames = await ask("next")
+        assert status == 200 and openai_text(frames) == "t0 t1 t2 " and frames[-1].raw == DONE
+        assert peer.flooded.is_set() and peer.connections == 2
+        assert idle(state) == (0, [0])
+        assert state.router.upstreams[0].transport.connection_count() == 1

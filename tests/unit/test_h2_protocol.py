@@ -34,7 +34,7 @@ from gateway.upstream.h2.events import (
     StreamFailed,
     WindowOpened,
 )
-from gateway.upstream.h2.protocol import ACK_BATCH_BYTES, H2ClientProtocol
+from gateway.upstream.h2.protocol import ACK_BATCH_BYTES, MAX_UNSENT_ACKS, H2ClientProtocol
 
 REQUEST = UpstreamRequest("GET", "/v1/models", (("accept", "application/json"),))
 #: The default window (RFC 9113 §6.9.2) for the connection too, so h2's
@@ -441,6 +441,66 @@ def test_any_frame_proves_the_peer_alive(core) -> None:
     core.receive(ack.serialize(), now=12.0)
     assert core.next_timer() == 22.0
     assert core.on_timer(15.0) == [] and not core.is_closed
+
+
+# -- floods ----------------------------------------------------------------------
+
+PING = PingFrame(0, opaque_data=b"flooding").serialize()
+SETTINGS = SettingsFrame(0).serialize()
+
+
+def ack_of(frame: bytes) -> bytes:
+    """h2's acknowledgement of a PING or an empty SETTINGS frame."""
+    ack = PingFrame(0, opaque_data=b"flooding") if frame == PING else SettingsFrame(0)
+    ack.flags.add("ACK")
+    return ack.serialize()
+
+
+@pytest.mark.parametrize("frame", [PING, SETTINGS], ids=["PING", "SETTINGS"])
+def test_as_many_acknowledgements_as_the_cap_in_one_read_are_sent(core, frame) -> None:
+    """MAX_UNSENT_ACKS PING (or SETTINGS) frames in one read: each gets its
+    ACK (RFC 9113 §6.7, §6.5.3), and the connection goes on."""
+    (stream_id,) = open_streams(core, 1)
+    core.receive(frame * MAX_UNSENT_ACKS, now=1.0)
+    assert core.data_to_send() == ack_of(frame) * MAX_UNSENT_ACKS
+    assert core.is_usable and core.active_streams == 1
+
+
+@pytest.mark.parametrize("frame", [PING, SETTINGS], ids=["PING", "SETTINGS"])
+def test_a_flood_past_the_cap_ends_the_connection_with_enhance_your_calm(core, frame) -> None:
+    """One more in the same read: the peer is flooding (§10.5). The
+    connection ends with GOAWAY(ENHANCE_YOUR_CALM) alone, none of the
+    acknowledgements queued for the flood, and its stream fails as the
+    connection lost (retried if it had no answer yet)."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(frame * (MAX_UNSENT_ACKS + 1), now=1.0)
+    assert [type(e) for e in events[-2:]] == [StreamFailed, ConnectionEnded]
+    assert isinstance(events[-2], StreamFailed) and events[-2].stream_id == stream_id
+    assert type(events[-2].error) is ConnectionLost
+    assert "flooded" in str(events[-2].error)
+    assert core.data_to_send() == goaway(0, ErrorCodes.ENHANCE_YOUR_CALM)
+    assert core.is_closed and core.active_streams == 0
+
+
+def test_acknowledgements_count_across_reads_while_the_writer_is_paused(core) -> None:
+    """The count restarts whenever the queued bytes go to a writer that is
+    not paused: 600 PINGs a read go on for good. While the writer is paused
+    they add up, and the second read of 600 ends the connection; once it has
+    drained, the count starts again."""
+    for _ in range(3):
+        core.receive(PING * 600, now=1.0)
+        assert core.data_to_send() == ack_of(PING) * 600
+    core.pause_sending()
+    core.receive(PING * 600, now=1.0)
+    core.data_to_send()
+    core.resume_sending()
+    core.receive(PING * 600, now=1.0)
+    assert not core.is_closed
+    core.pause_sending()
+    core.data_to_send()
+    events = core.receive(PING * 600, now=1.0)
+    assert [type(e) for e in events] == [ConnectionEnded] and core.is_closed
+    assert core.data_to_send() == goaway(0, ErrorCodes.ENHANCE_YOUR_CALM)
 
 
 # -- protocol errors -------------------------------------------------------------

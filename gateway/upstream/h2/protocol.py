@@ -28,6 +28,11 @@ What the core owns, on top of h2's state machine:
   §8.2 and §8.3. A malformed one is a stream error (§5.4.2): that stream
   alone is reset with PROTOCOL_ERROR and fails as ``ProtocolViolation``;
   the connection and its other streams go on;
+- floods (RFC 9113 §10.5): h2 acknowledges every PING and SETTINGS frame
+  itself. More than ``MAX_UNSENT_ACKS`` acknowledgements queued and not
+  handed to a writer that takes them (in one read, or while the adapter's
+  writer is paused) end the connection with GOAWAY(ENHANCE_YOUR_CALM), as
+  nghttp2 does; its streams fail as ``ConnectionLost``;
 - connection errors: a frame h2 rejects ends the connection with h2's
   GOAWAY (§5.4.1), and its streams fail as ``ConnectionLost``, not as
   protocol violations: none of them was malformed, and one that got no
@@ -77,6 +82,14 @@ DEFAULT_WINDOW: Final = 65_535
 #: once half a window is credited, so a stream's peer keeps at least
 #: 65,535 - 32,767 - ACK_BATCH_BYTES of window while its reader keeps up.
 ACK_BATCH_BYTES: Final = 8192
+
+#: PING and SETTINGS acknowledgements that may wait to be sent: past it the
+#: peer is flooding the connection (RFC 9113 §10.5; CVE-2019-9512 and -9515)
+#: and it ends with GOAWAY(ENHANCE_YOUR_CALM). nghttp2's default for the
+#: same limit (``max_outbound_ack``). A peer that reads what we send keeps
+#: the count low: it restarts each time the queued bytes go to a writer that
+#: is not paused.
+MAX_UNSENT_ACKS: Final = 1000
 
 #: A deadline this close to the clock counts as reached: uvloop fires timers
 #: up to half a millisecond early, and re-arming for a deadline that has not
@@ -149,6 +162,10 @@ class H2ClientProtocol:
         self._ping_ids = itertools.count(1)
         self._last_heard = 0.0
         self._ping_sent_at: float | None = None
+        # PING and SETTINGS ACKs h2 queued since the bytes last went to a
+        # writer that takes them, and whether the writer is paused.
+        self._unsent_acks = 0
+        self._send_paused = False
 
     # -- what the adapter and the pool read ---------------------------------------
 
@@ -178,7 +195,22 @@ class H2ClientProtocol:
         return max(0, self._h2.remote_settings.max_concurrent_streams - self._active)
 
     def data_to_send(self) -> bytes:
+        """What to write now. Handed to a writer that is not paused, the
+        acknowledgements among it count as sent."""
+        if not self._send_paused:
+            self._unsent_acks = 0
         return self._h2.data_to_send()
+
+    def pause_sending(self) -> None:
+        """The writer holds more than it should (the peer is not reading):
+        what ``data_to_send()`` hands out from now on waits in memory, and
+        the acknowledgements among it count until ``resume_sending()``."""
+        self._send_paused = True
+
+    def resume_sending(self) -> None:
+        """The writer drained: what it held has gone to the peer."""
+        self._send_paused = False
+        self._unsent_acks = 0
 
     # -- the connection -------------------------------------------------------------
 
@@ -207,6 +239,9 @@ class H2ClientProtocol:
             for event in received:
                 self._translate(event, events)
         except _ConnectionError as exc:
+            # What h2 queued in answer to these bytes (after a flood, its
+            # acknowledgements) is moot: only the GOAWAY goes.
+            self._h2.clear_outbound_data_buffer()
             try:
                 self._h2.close_connection(exc.code)
             except h2.exceptions.ProtocolError:
@@ -391,6 +426,7 @@ class H2ClientProtocol:
         elif isinstance(event, h2.events.WindowUpdated):
             events.append(WindowOpened(event.stream_id or 0))
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._ack_queued()  # h2 acknowledges every SETTINGS frame (§6.5.3)
             if not self._ready:
                 self._ready = True
                 events.append(Ready())
@@ -410,6 +446,8 @@ class H2ClientProtocol:
                     response_head(event.headers)
             except ProtocolViolation as exc:
                 self._malformed(event.stream_id, exc, events)
+        elif isinstance(event, h2.events.PingReceived):
+            self._ack_queued()  # h2 has queued the PING ACK (§6.7)
         elif isinstance(event, h2.events.RequestReceived):
             # HEADERS opening a stream from the server, which opens streams
             # only by reserving them with PUSH_PROMISE (§8.4). h2 takes it
@@ -420,9 +458,17 @@ class H2ClientProtocol:
                 "upstream connection ended by an HTTP/2 protocol error: "
                 f"HEADERS opened stream {event.stream_id}",
             )
-        # PING is answered by h2 itself, and a PING ACK needs nothing more
-        # than the liveness noted in receive(). SETTINGS ACKs and priority
-        # frames need nothing either.
+        # A PING ACK needs nothing more than the liveness noted in
+        # receive(). SETTINGS ACKs and priority frames need nothing either.
+
+    def _ack_queued(self) -> None:
+        self._unsent_acks += 1
+        if self._unsent_acks > MAX_UNSENT_ACKS:
+            raise _ConnectionError(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                f"upstream flooded the connection: more than {MAX_UNSENT_ACKS} PING and SETTINGS "
+                "frames to acknowledge, unsent",
+            )
 
     def _malformed(self, stream_id: int, error: ProtocolViolation, events: list[Event]) -> None:
         """A malformed response (§8.1.1) is a stream error of type
