@@ -5,7 +5,8 @@ the upstream streaming and not, and the model list."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -320,3 +321,76 @@ async def test_custom_tool_calls_and_legacy_function_calls_are_relayed_and_taken
     for word in ("custom", "legacy"):
         assert len(fragments[word, "direct"]) == 3
         assert fragments[word, "gateway"] == fragments[word, "direct"], word
+
+
+# -- an Anthropic upstream, scripted ------------------------------------------------
+
+
+def _anthropic_stream(blocks: list[dict[str, Any]], stop_reason: str) -> bytes:
+    """An Anthropic event stream: ``blocks`` (content block events), then
+    ``stop_reason``."""
+    events = [
+        {"type": "message_start", "message": {
+            "id": "msg_up", "type": "message", "role": "assistant", "model": "claude-x",
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 1}}},
+        *blocks,
+        {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+         "usage": {"output_tokens": 5}},
+        {"type": "message_stop"},
+    ]  # fmt: skip
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+@asynccontextmanager
+async def _anthropic_upstream(answer: bytes, asked: list[Mapping[str, Any]]) -> AsyncIterator[str]:
+    """A gateway in front of an Anthropic upstream that answers every request
+    with ``answer`` and keeps the bodies it was sent in ``asked``; yields the
+    gateway's URL."""
+
+    def reply(body: Mapping[str, Any]) -> bytes:
+        asked.append(body)
+        return answer
+
+    upstream = event_stream_upstream("/v1/messages", reply)
+    async with serving(upstream) as url, running_gateway(Settings(
+        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_format="anthropic",
+        upstream_protocol="http1", error_ttl_ms=0,
+    )) as (_, gateway_url):
+        yield gateway_url
+
+
+#: A call of a tool without parameters, as Anthropic streams it: its input
+#: ({}) comes as a single empty input_json_delta.
+NO_INPUT_TOOL_CALL = _anthropic_stream([
+    {"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {}}},
+    {"type": "content_block_delta", "index": 0,
+     "delta": {"type": "input_json_delta", "partial_json": ""}},
+    {"type": "content_block_stop", "index": 0},
+], "tool_use")  # fmt: skip
+
+
+async def test_a_tool_call_without_arguments_from_anthropic_has_json_arguments():
+    tools = [{"type": "function", "function": {
+        "name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+    async with _anthropic_upstream(NO_INPUT_TOOL_CALL, []) as url:
+        sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        try:
+            whole = await sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "time?"}], tools=tools)
+            stream = await sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "time, streamed?"}], tools=tools,
+                stream=True)
+            fragments = [call.model_dump(exclude_none=True) async for chunk in stream
+                         if chunk.choices for call in chunk.choices[0].delta.tool_calls or ()]
+        finally:
+            await sdk.close()
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert whole.choices[0].message.model_dump(exclude_none=True)["tool_calls"] == [
+        {"id": "toolu_1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+    assert fragments == [
+        {"index": 0, "id": "toolu_1", "type": "function",
+         "function": {"name": "get_time", "arguments": ""}},
+        {"index": 0, "function": {"arguments": "{}"}},
+    ]  # fmt: skip

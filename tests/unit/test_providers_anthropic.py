@@ -129,10 +129,31 @@ TOOL_DELTAS = [
                                                   cache_write_tokens=0)),
 ]
 
+#: A tool without parameters: its input is {}, streamed as one empty fragment.
+NO_INPUT_TOOL_STREAM = (
+    MESSAGE_START + b"event: content_block_start\n"
+    b'data: {"type":"content_block_start","index":0,"content_block":{"type":"tool_use",'
+    b'"id":"toolu_03","name":"get_time","input":{}}}\n\n'
+    b"event: content_block_delta\n"
+    b'data: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"input_json_delta","partial_json":""}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b"event: message_delta\n"
+    b'data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},'
+    b'"usage":{"output_tokens":12}}\n\n' + MESSAGE_STOP
+)
+NO_INPUT_TOOL_DELTAS = [
+    Delta(tool_calls=(ToolCallDelta(0, id="toolu_03", name="get_time"),)),
+    Delta(tool_calls=(ToolCallDelta(0, arguments="{}"),)),
+    Delta(finish_reason="tool_calls", usage=Usage(prompt_tokens=25, completion_tokens=12, cached_tokens=0,
+                                                  cache_write_tokens=0)),
+]
+
 STREAMS = {
     "text": (TEXT_STREAM, TEXT_DELTAS),
     "thinking": (THINKING_STREAM, THINKING_DELTAS),
     "tool-use": (TOOL_STREAM, TOOL_DELTAS),
+    "tool-use-without-input": (NO_INPUT_TOOL_STREAM, NO_INPUT_TOOL_DELTAS),
     "crlf": (TEXT_STREAM.replace(b"\n", b"\r\n"), TEXT_DELTAS),
 }
 

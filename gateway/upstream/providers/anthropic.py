@@ -10,6 +10,7 @@ docs promise new ones), so they are ignored.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,7 @@ _KNOWN_EVENTS = frozenset(
         "message_start",
         "content_block_start",
         "content_block_delta",
+        "content_block_stop",
         "message_delta",
         "message_stop",
         "error",
@@ -90,7 +92,7 @@ class AnthropicProvider:
 class AnthropicStreamDecoder(EventStreamDecoder):
     __slots__ = (
         "_prompt_tokens", "_completion_tokens", "_cached_tokens", "_cache_write_tokens",
-        "_tool_ordinals",
+        "_tool_ordinals", "_unsent_inputs",
     )  # fmt: skip
     terminator = "message_stop"
 
@@ -103,11 +105,14 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         # Content block index -> tool-call ordinal: OpenAI numbers tool calls
         # 0, 1, 2..., Anthropic numbers all blocks (text, thinking, tool_use).
         self._tool_ordinals: dict[int, int] = {}
+        # Tool block index -> its start block's input as JSON, until the block
+        # streams argument bytes of its own.
+        self._unsent_inputs: dict[int, str] = {}
 
     def handle_event(self, event: SSEEvent) -> Delta | None:
         kind = event.event
         if kind not in _KNOWN_EVENTS and kind != "message":
-            return None  # ping, content_block_stop, and whatever comes next
+            return None  # ping, and whatever comes next
         payload = wire.parse_object(event.data, what=f"an Anthropic {kind} event")
         if kind == "message":  # no `event:` line: the payload names its type
             kind = wire.get_str(payload, "type") or ""
@@ -115,6 +120,8 @@ class AnthropicStreamDecoder(EventStreamDecoder):
             return self._on_block_delta(payload)
         if kind == "content_block_start":
             return self._on_block_start(payload)
+        if kind == "content_block_stop":
+            return self._on_block_stop(payload)
         if kind == "message_start":
             self._on_message_start(payload)
         elif kind == "message_delta":
@@ -141,6 +148,12 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         if kind == "tool_use":
             ordinal = len(self._tool_ordinals)
             self._tool_ordinals[index] = ordinal
+            tool_input = block.get("input")
+            self._unsent_inputs[index] = json.dumps(
+                tool_input if isinstance(tool_input, dict) else {},
+                separators=(",", ":"),
+                ensure_ascii=False,
+            )
             call = ToolCallDelta(
                 index=ordinal, id=wire.get_str(block, "id"), name=wire.get_str(block, "name")
             )
@@ -171,8 +184,20 @@ class AnthropicStreamDecoder(EventStreamDecoder):
             partial = wire.get_str(delta, "partial_json")
             if not partial:
                 return None  # Anthropic often opens with an empty fragment
+            self._unsent_inputs.pop(index, None)
             return Delta(tool_calls=(ToolCallDelta(index=ordinal, arguments=partial),))
         return None  # signature_delta, citations_delta: nothing a client shows
+
+    def _on_block_stop(self, payload: wire.JsonObject) -> Delta | None:
+        """A tool block that streamed no argument bytes gets its start block's
+        input as arguments. A tool without parameters streams only an empty
+        input_json_delta (Anthropic API reference, "Streaming Messages"; its
+        input is ``{}``): OpenAI clients must still get JSON, not ``""``."""
+        index = _block_index(payload)
+        unsent = self._unsent_inputs.pop(index, None)
+        if unsent is None:
+            return None
+        return Delta(tool_calls=(ToolCallDelta(index=self._tool_ordinals[index], arguments=unsent),))
 
     def _on_message_delta(self, payload: wire.JsonObject) -> Delta:
         delta = wire.get_object(payload, "delta") or {}
