@@ -12,10 +12,13 @@ either API is one upstream call (Anthropic API reference, "Messages"):
   writes it, so both spellings share a key;
 - ``cache_control`` stays on the part it marks; ``output_config.format``
   becomes ``response_format``; ``stop_sequences``, ``tool_choice``,
-  ``metadata.user_id`` are renamed.
+  ``metadata.user_id`` are renamed;
+- ``thinking`` and ``redacted_thinking`` blocks of an assistant turn are
+  dropped (below).
 
-What has no OpenAI spelling (``thinking``, server tools, documents) is
-refused with a 400 naming the field: the answer would otherwise ignore it.
+What has no OpenAI spelling (the ``thinking`` parameter, server tools,
+documents) is refused with a 400 naming the field: the answer would
+otherwise ignore it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from gateway.api.chat_request import ChatRequest, parse_json_object
 from gateway.errors import BadRequest
 
 Part = dict[str, Any]
+
+#: Blocks of an assistant turn that are the model's reasoning, not its answer.
+_THINKING = ("thinking", "redacted_thinking")
 
 #: Top-level fields read below; any other is refused by name.
 _FIELDS = frozenset({
@@ -148,6 +154,14 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
                 parts.append(_cache_control(block, _image_part(block, at), at))
             elif kind == "tool_use" and role == "assistant":
                 tool_calls.append(_tool_call(block, at))
+            elif kind in _THINKING and role == "assistant":
+                # A client sends an answer's content back as it came, thinking
+                # included (the tool loop of Anthropic's "Tool use" guide). It
+                # cannot go further: an OpenAI upstream takes no reasoning as
+                # input, and an Anthropic upstream checks a signature only it
+                # issues (and reads thinking only with the `thinking`
+                # parameter, which is refused here).
+                continue
             elif kind == "tool_result" and role == "user":
                 # A tool's answer is a message of its own in OpenAI's API,
                 # and it must follow the assistant turn that asked for it.

@@ -372,6 +372,37 @@ async def test_a_tool_conversation_is_translated_for_the_upstream(tool_peer):
     assert (chat["stop"], chat["user"]) == (["END"], "u1")
 
 
+async def test_an_answer_with_thinking_goes_back_in_the_tool_loop(tool_peer):
+    """Anthropic's tool loop: the answer's content (its thinking included) is
+    sent back as the assistant turn, followed by the tool results."""
+    url, asked = tool_peer
+    sdk = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
+    history: list[dict[str, object]] = [{"role": "user", "content": "Weather in Paris?"}]
+    try:
+        first = await sdk.messages.create(model="m", max_tokens=50, messages=history)
+        assert [b.type for b in first.content] == ["thinking", "text", "tool_use", "tool_use"]
+        history += [
+            {"role": "assistant", "content": first.content},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "call_A", "content": "sunny"},
+                {"type": "tool_result", "tool_use_id": "call_B", "content": "noon"}]},
+        ]  # fmt: skip
+        second = await sdk.messages.create(model="m", max_tokens=50, messages=history)
+    finally:
+        await sdk.close()
+    assert second.stop_reason == "tool_use"
+    assert asked[1]["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Calling.", "tool_calls": [
+            {"id": "call_A", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "call_B", "type": "function",
+             "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_A", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_B", "content": "noon"},
+    ]  # fmt: skip
+
+
 async def test_an_explicit_cancel_closes_the_block_and_says_cancelled(gateway):
     async with aiohttp.ClientSession() as http:
         async with http.post(

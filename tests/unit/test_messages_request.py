@@ -75,7 +75,7 @@ def test_images_cache_marks_and_output_format_are_kept() -> None:
         ({**BASE, "messages": [{"role": "system", "content": "x"}]}, "messages\\[0\\].role"),
         ({**BASE, "thinking": {"type": "enabled", "budget_tokens": 1024},
           "messages": [{"role": "user", "content": "x"}]}, "'thinking'"),
-        ({**BASE, "messages": [{"role": "assistant", "content": [
+        ({**BASE, "messages": [{"role": "user", "content": [
             {"type": "thinking", "thinking": "t", "signature": "s"}]}]}, "'thinking'"),
         ({**BASE, "messages": [{"role": "user", "content": [{"type": "document"}]}]},
          "'document'"),
@@ -90,6 +90,28 @@ def test_images_cache_marks_and_output_format_are_kept() -> None:
 def test_what_has_no_equivalent_is_refused_by_name(body: dict[str, Any], named: str) -> None:
     with pytest.raises(BadRequest, match=named):
         read(body)
+
+
+def test_an_assistant_turns_thinking_is_dropped() -> None:
+    """An answer's content sent back as it came (the tool loop): its
+    reasoning goes no further, the rest of the turn does."""
+    chat = read({**BASE, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Let me check.", "signature": ""},
+            {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"},
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "call_A", "name": "wx", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_A", "content": "sunny"}]},
+    ]})  # fmt: skip
+    assert chat["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "call_A", "type": "function",
+             "function": {"name": "wx", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_A", "content": "sunny"},
+    ]  # fmt: skip
 
 
 def test_an_anthropic_upstream_gets_back_what_the_client_sent() -> None:
