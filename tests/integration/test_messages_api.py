@@ -468,3 +468,35 @@ async def test_cache_writes_and_the_stop_sequence_reach_anthropic_clients():
         usage = answer.usage
         assert (usage.input_tokens, usage.cache_creation_input_tokens,
                 usage.cache_read_input_tokens, usage.output_tokens) == (25, 5, 10, 3)
+
+
+async def test_a_full_context_window_is_a_truncation_through_both_apis():
+    """An Anthropic answer that filled the model's context window was cut
+    short, as one that hit max_tokens."""
+    stop = {"stop_reason": "model_context_window_exceeded", "stop_sequence": None}
+    upstream = event_stream_upstream("/v1/messages", lambda body: _anthropic_events(stop))
+    async with serving(upstream) as url, running_gateway(Settings(
+        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_format="anthropic",
+        upstream_protocol="http1", error_ttl_ms=0,
+    )) as (_, gateway_url):
+        sdk = anthropic.AsyncAnthropic(base_url=gateway_url, api_key="k", max_retries=0)
+        oai = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key="k", max_retries=0)
+        try:
+            whole = await sdk.messages.create(**message("whole"))
+            async with sdk.messages.stream(**message("streamed")) as stream:
+                streamed = await stream.get_final_message()
+            completion = await oai.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "chat"}])
+            chunks = await oai.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "chat, streamed"}], stream=True)
+            finishes = [c.choices[0].finish_reason async for c in chunks
+                        if c.choices and c.choices[0].finish_reason]
+        finally:
+            await sdk.close()
+            await oai.close()
+    for answer in (whole, streamed):
+        assert answer.content[0].text == "one two"
+        assert (answer.stop_reason, answer.stop_sequence) == ("max_tokens", None)
+    assert (completion.choices[0].message.content, completion.choices[0].finish_reason) == (
+        "one two", "length")
+    assert finishes == ["length"]

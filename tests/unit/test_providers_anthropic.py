@@ -194,8 +194,8 @@ def test_stream_decodes_identically_in_random_pieces(
 @pytest.mark.parametrize(
     ("stop_reason", "finish_reason"),
     [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
-     ("tool_use", "tool_calls"), ("pause_turn", "stop"), ("refusal", "content_filter"),
-     ("some_future_reason", "stop")],
+     ("model_context_window_exceeded", "length"), ("tool_use", "tool_calls"),
+     ("pause_turn", "stop"), ("refusal", "content_filter"), ("some_future_reason", "stop")],
 )  # fmt: skip
 def test_stop_reasons_map_to_finish_reasons(stop_reason: str, finish_reason: str) -> None:
     event = (

@@ -29,12 +29,15 @@ _HEADERS: Headers = (
     ("anthropic-version", API_VERSION),
 )
 
-#: Anthropic stop_reason -> OpenAI finish_reason.
+#: Anthropic stop_reason -> OpenAI finish_reason. The answer was cut short
+#: both at max_tokens and when it filled the model's context window
+#: (model_context_window_exceeded; "Handling stop reasons" in the docs).
 STOP_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "pause_turn": "stop",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
