@@ -11,7 +11,8 @@ either API is one upstream call (Anthropic API reference, "Messages"):
 - a turn of one plain text block becomes a string, as an OpenAI client
   writes it, so both spellings share a key;
 - ``cache_control`` stays on the part it marks; ``output_config.format``
-  becomes ``response_format``; ``stop_sequences``, ``tool_choice``,
+  becomes ``response_format``, a tool's ``strict`` its function's
+  ``strict``; ``stop_sequences``, ``tool_choice``,
   ``metadata.user_id`` are renamed;
 - ``thinking`` and ``redacted_thinking`` blocks of an assistant turn are
   dropped (below).
@@ -244,6 +245,12 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
         function["parameters"] = dict(schema)
+        # Strict tool use: OpenAI's function.strict means the same.
+        strict = tool.get("strict")
+        if strict is not None:
+            if not isinstance(strict, bool):
+                raise _field(f"{where}.strict", "must be a boolean")
+            function["strict"] = strict
         out.append(_cache_control(tool, {"type": "function", "function": function}, where))
     return out
 

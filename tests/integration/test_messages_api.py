@@ -336,7 +336,7 @@ async def test_a_tool_conversation_is_translated_for_the_upstream(tool_peer):
     body = {
         "model": "sim", "max_tokens": 50,
         "system": "Be brief.",
-        "tools": [{"name": "get_weather", "description": "Weather",
+        "tools": [{"name": "get_weather", "description": "Weather", "strict": True,
                    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
         "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
         "stop_sequences": ["END"],
@@ -367,7 +367,8 @@ async def test_a_tool_conversation_is_translated_for_the_upstream(tool_peer):
     ]  # fmt: skip
     assert chat["tools"] == [{"type": "function", "function": {
         "name": "get_weather", "description": "Weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "strict": True}}]
     assert (chat["tool_choice"], chat["parallel_tool_calls"]) == ("required", False)
     assert (chat["stop"], chat["user"]) == (["END"], "u1")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import pydantic
 import pytest
 from aiohttp import web
 
@@ -394,3 +395,36 @@ async def test_a_tool_call_without_arguments_from_anthropic_has_json_arguments()
          "function": {"name": "get_time", "arguments": ""}},
         {"index": 0, "function": {"arguments": "{}"}},
     ]  # fmt: skip
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+
+
+#: A plain text answer.
+TEXT_ANSWER = _anthropic_stream([
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+    {"type": "content_block_stop", "index": 0},
+], "end_turn")  # fmt: skip
+
+
+async def test_a_strict_function_is_a_strict_anthropic_tool():
+    """The SDK's pydantic_function_tool marks every function strict."""
+    asked: list[Mapping[str, Any]] = []
+    async with _anthropic_upstream(TEXT_ANSWER, asked) as url:
+        sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        try:
+            await sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "weather?"}],
+                tools=[openai.pydantic_function_tool(Weather)])
+        finally:
+            await sdk.close()
+    (body,) = asked
+    assert body["tools"] == [{
+        "name": "Weather",
+        "input_schema": {"type": "object", "title": "Weather", "properties": {
+            "city": {"type": "string", "title": "City"}},
+            "required": ["city"], "additionalProperties": False},
+        "strict": True,
+    }]  # fmt: skip

@@ -83,6 +83,8 @@ def test_images_cache_marks_and_output_format_are_kept() -> None:
           "messages": [{"role": "user", "content": "x"}]}, "server tool"),
         ({**BASE, "tool_choice": {"type": "tool"}, "messages": [{"role": "user", "content": "x"}]},
          "tool_choice"),
+        ({**BASE, "tools": [{"name": "f", "input_schema": {"type": "object"}, "strict": 1}],
+          "messages": [{"role": "user", "content": "x"}]}, "tools\\[0\\].strict"),
         ({**BASE, "messages": [{"role": "user", "content": [
             {"type": "text", "text": "x", "cache_control": "yes"}]}]}, "cache_control"),
     ],
@@ -124,7 +126,7 @@ def test_an_anthropic_upstream_gets_back_what_the_client_sent() -> None:
         "system": [{"type": "text", "text": "Manual", "cache_control": mark}],
         "output_config": {"format": {"type": "json_schema", "schema": schema}},
         "tools": [{"name": "f", "input_schema": {"type": "object", "properties": {}},
-                   "cache_control": mark}],
+                   "strict": True, "cache_control": mark}],
         "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
         "metadata": {"user_id": "u"},
         "messages": [

@@ -251,6 +251,23 @@ def test_non_function_tools_and_odd_tool_choice_are_bad_requests() -> None:
         translate({**base, "tool_choice": "sometimes"})
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_functions_strict_switch_is_its_tools(strict: bool) -> None:
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}},
+                  "required": ["city"], "additionalProperties": False}
+    body = translate({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "wx", "parameters": parameters, "strict": strict}},
+        {"type": "function", "function": {"name": "now", "strict": None}},
+    ]})  # fmt: skip
+    assert body["tools"] == [
+        {"name": "wx", "input_schema": parameters, "strict": strict},
+        {"name": "now", "input_schema": {"type": "object", "properties": {}}},
+    ]
+    with pytest.raises(BadRequest, match="strict"):
+        translate({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "wx", "strict": "yes"}}]})
+
+
 # -- prompt caching, structured outputs, what has no equivalent ------------------------
 
 EPHEMERAL = {"type": "ephemeral"}

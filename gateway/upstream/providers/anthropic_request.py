@@ -12,7 +12,8 @@ reference, "Messages"):
 - ``cache_control`` on a content part (and on a tool) is Anthropic's own
   prompt-caching mark ("Prompt caching"): it stays on the block it marks;
 - ``response_format`` ``json_schema`` becomes ``output_config.format``
-  ("Structured outputs"); ``text`` is the default and says nothing.
+  ("Structured outputs"); ``text`` is the default and says nothing; a
+  function's ``strict`` becomes its tool's ``strict`` ("Strict tool use").
 
 What cannot be said in the Messages API (audio, files, legacy ``function``
 messages, a seed, logprobs, penalties, ``json_object`` without a schema) is
@@ -304,6 +305,13 @@ def _translate_tool(tool: Mapping[str, Any]) -> Block:
         "type": "object",
         "properties": {},
     }
+    # Strict tool use, the same switch on both sides: the input must match the
+    # schema (Anthropic's tools[].strict, "Strict tool use"; no beta header).
+    strict = function.get("strict")
+    if strict is not None:
+        if not isinstance(strict, bool):
+            raise BadRequest("tools[].function.strict must be a boolean")
+        translated["strict"] = strict
     # A cache breakpoint after the tool definitions, where clients put one.
     return _cache_control(tool, translated)
 
