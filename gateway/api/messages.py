@@ -55,9 +55,17 @@ def message_id(subscription: Subscription) -> str:
     return answer_id("msg_", subscription)
 
 
-def _stop_fields(finish_reason: str | None, stop_sequence: str | None) -> dict[str, str | None]:
+def _stop_fields(
+    finish_reason: str | None, stop_sequence: str | None, *, refused: bool
+) -> dict[str, str | None]:
     """``stop_reason`` and ``stop_sequence``: the sequence that ended the
-    answer, when the upstream named one."""
+    answer, when the upstream named one.
+
+    OpenAI streams a refusal in ``delta.refusal`` and ends it as any answer,
+    with ``stop``; Anthropic says ``refusal`` in the stop reason. An answer
+    that ended normally after refusal text (``refused``) is a refusal."""
+    if refused and finish_reason in (None, "stop"):
+        return {"stop_reason": "refusal", "stop_sequence": None}
     if stop_sequence is not None and finish_reason in (None, "stop"):
         return {"stop_reason": "stop_sequence", "stop_sequence": stop_sequence}
     return {"stop_reason": STOP_REASONS.get(finish_reason or "stop", "end_turn"), "stop_sequence": None}
@@ -123,7 +131,7 @@ class MessageEncoder:
 
     __slots__ = (
         "_shared", "_subscription", "_model", "_open", "_next_index", "_started",
-        "_finish_reason", "_stop_sequence", "_usage",
+        "_finish_reason", "_stop_sequence", "_usage", "_refused",
     )  # fmt: skip
 
     def __init__(self, subscription: Subscription, *, model: str) -> None:
@@ -136,6 +144,7 @@ class MessageEncoder:
         self._finish_reason: str | None = None
         self._stop_sequence: str | None = None
         self._usage: Usage | None = None
+        self._refused = False
 
     def _message_start(self) -> bytes:
         self._started = True
@@ -171,6 +180,8 @@ class MessageEncoder:
                 self._stop_sequence = delta.stop_sequence
             if delta.usage is not None:
                 self._usage = delta.usage
+            if delta.refusal:
+                self._refused = True
             pieces = _pieces(delta)
             if not pieces:
                 continue
@@ -209,7 +220,11 @@ class MessageEncoder:
         finish = "cancelled" if subscription.outcome == "cancelled" else self._finish_reason
         frames.append(event_frame("message_delta", {
             "type": "message_delta",
-            "delta": _stop_fields(finish, None if finish == "cancelled" else self._stop_sequence),
+            "delta": _stop_fields(
+                finish,
+                None if finish == "cancelled" else self._stop_sequence,
+                refused=self._refused,
+            ),
             "usage": _usage(self._usage),
         }))  # fmt: skip
         frames.append(event_frame("message_stop", {"type": "message_stop"}))
@@ -275,6 +290,6 @@ def _message(subscription: Subscription, model: str, deltas: list[Delta]) -> dic
         "role": "assistant",
         "model": (info.model if info else None) or model,
         "content": content,
-        **_stop_fields(finish, stop_sequence),
+        **_stop_fields(finish, stop_sequence, refused=any(d.refusal for d in deltas)),
         "usage": _usage(usage),
     }

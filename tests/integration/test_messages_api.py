@@ -95,6 +95,32 @@ async def test_stream_events_in_anthropic_order(gateway):
     assert frames[-1].raw == b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 
 
+async def test_an_openai_refusal_says_refusal_in_its_stop_reason(gateway):
+    """OpenAI streams a refusal in delta.refusal and ends it with "stop"; an
+    Anthropic client reads the words as text and the stop reason "refusal"."""
+    prompt = "refuse [sim refusal=1]"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/messages", json=message(prompt, stream=True)) as resp:
+            frames = await FrameReader(resp).rest()
+    events = [(f.event, f.json()) for f in frames if f.event]
+    assert [name for name, _ in events] == (
+        ["message_start", "content_block_start"]
+        + ["content_block_delta"] * FAST_SIM.tokens
+        + ["content_block_stop", "message_delta", "message_stop"]
+    )
+    assert events[1][1]["content_block"] == {"type": "text", "text": ""}
+    text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
+    assert text == expected(prompt)
+    assert events[-2][1]["delta"] == {"stop_reason": "refusal", "stop_sequence": None}
+
+
+async def test_an_openai_refusal_says_refusal_in_the_whole_message(client):
+    prompt = "refuse, whole [sim refusal=1]"
+    whole = await client.messages.create(**message(prompt))
+    assert [(b.type, b.text) for b in whole.content] == [("text", expected(prompt))]
+    assert (whole.stop_reason, whole.stop_sequence) == ("refusal", None)
+
+
 async def test_a_burst_through_both_apis_is_one_upstream_call(gateway):
     prompt = "both apis [sim ttft_ms=150]"
     chat = {"model": "sim", "max_tokens": 100, "messages": [{"role": "user", "content": prompt}]}
