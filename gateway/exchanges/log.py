@@ -50,6 +50,7 @@ async def exchange_log(
         keep_content=keep_content,
         on_exchange=None if writer is None else writer.submit,
         tokens=metrics.tokens,
+        record_failed=metrics.dropped.inc,
     )
     if writer is not None:
         await writer.start()

@@ -30,7 +30,8 @@ class ExchangeMetrics:
         )
         self.dropped = Counter(
             "gateway_exchange_log_dropped",
-            "Exchanges dropped because the exchange log's queue was full",
+            "Exchanges dropped: the queue was full, the database refused them, or"
+            " the recorder failed on them",
             registry=registry,
         )
 

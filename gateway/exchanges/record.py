@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OUTCOMES", "Exchange", "Usage", "message_summary", "request_messages", "text_of"]
+__all__ = ["OUTCOMES", "Exchange", "Usage", "joined", "message_summary", "request_messages",
+           "text_of", "utf8"]
 
 #: How an upstream call ended: its answer ended normally; it failed (the
 #: upstream, or the gateway stopping mid-stream); every subscriber left.
@@ -118,6 +119,22 @@ def text_of(content: Any) -> str:
     return json.dumps(content, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 
+def joined(text: str) -> str:
+    """``text`` with each surrogate pair as the one character it stands for.
+    A stream may carry an emoji as two JSON escapes in two chunks
+    (``"\\ud83d"``, then ``"\\ude00"``); joined, the text is what a client
+    shows. A lone surrogate stays as it is."""
+    if text.isascii():
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, a lone surrogate as its own three bytes: any str a
+    JSON parser hands us can be hashed (strict UTF-8 refuses surrogates)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def message_summary(role: str, text: str, *, keep_content: bool) -> dict[str, Any]:
     """``{role, content}`` with the text, or ``{role, content: None, length, sha256}``."""
     if keep_content:
@@ -126,7 +143,7 @@ def message_summary(role: str, text: str, *, keep_content: bool) -> dict[str, An
         "role": role,
         "content": None,
         "length": len(text),
-        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "sha256": hashlib.sha256(utf8(text)).hexdigest(),
     }
 
 

@@ -35,7 +35,7 @@ from actors.messages import Abandoned, Completed, Failed, Shutdown, StreamEnd, S
 from actors.ports import OpenSource, Source
 from actors.subscription import Subscription
 from gateway.errors import GatewayError, UpstreamStatusError, for_client
-from gateway.exchanges.record import Exchange, Usage, request_messages
+from gateway.exchanges.record import Exchange, Usage, joined, request_messages, utf8
 from gateway.redact import redact
 
 log = structlog.get_logger("gateway")
@@ -62,6 +62,7 @@ class Recorder:
         keep_content: bool,
         on_exchange: Callable[[Exchange], None] | None,
         tokens: TokenMeter,
+        record_failed: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream = upstream
@@ -69,6 +70,8 @@ class Recorder:
         #: None: the exchange log is off (tokens are still counted).
         self._on_exchange = on_exchange
         self._tokens = tokens
+        #: Counts a record lost to a failure of the recorder itself.
+        self._record_failed = record_failed
         self._clock = clock
         self._process = process_name()
         self._calls: dict[int, Call] = {}
@@ -112,11 +115,21 @@ class Recorder:
         call = self._calls.pop(event.stream_id, None)
         if call is None or call.started_at is None or self._on_exchange is None:
             return  # never reached the upstream (queue timeout, cancelled while queued)
+        if call.failed:
+            return  # its record is lost, and was counted when it failed
         try:
             self._on_exchange(call.finish(event.end, self._clock()))
-        except Exception:
+        except Exception as exc:
             # Called from inside the actor's end: a bug here must not break it.
-            log.exception("exchange record failed", stream_id=event.stream_id)
+            self.failed(exc)
+
+    def failed(self, exc: Exception) -> None:
+        """The recorder failed on a call: its record is lost, never its
+        stream. One line with the error's type and place only (its message
+        may quote the text it failed on), and the drop counted."""
+        log.error("exchange record failed; the exchange is dropped",
+                  error=type(exc).__name__, at=_place(exc))
+        self._record_failed()
 
 
 class Call:
@@ -143,6 +156,7 @@ class Call:
         "answer",
         "request_ids",
         "api_key_ids",
+        "failed",
     )
 
     def __init__(
@@ -164,6 +178,8 @@ class Call:
         recording = recorder.recording
         self.request_ids: list[str] = [] if recording else _NONE
         self.api_key_ids: list[str] = [] if recording else _NONE
+        #: The recorder failed on this call: it leaves no record.
+        self.failed = False
 
     def bind(self, open_source: OpenSource) -> None:
         """The opener ``open()`` calls: one whose source reports its deltas
@@ -197,7 +213,17 @@ class Call:
     def __call__(self, deltas: Sequence[Delta]) -> None:
         """The source's ``on_deltas``: the deltas of one upstream read, once,
         as they are decoded. (The call itself, not a bound method: one
-        object less held by every open stream.)"""
+        object less held by every open stream.) Called from the source's
+        read: whatever fails here fails the record, never the stream."""
+        try:
+            self._see(deltas)
+        except Exception as exc:
+            if not self.failed:
+                self.failed = True
+                self.answer = None  # tokens are still counted; the answer is not kept
+                self._recorder.failed(exc)
+
+    def _see(self, deltas: Sequence[Delta]) -> None:
         answer = self.answer
         for delta in deltas:
             if delta.usage is not None:
@@ -251,6 +277,8 @@ class Call:
         )
 
 
+_HIGH_SURROGATE_FIRST, _HIGH_SURROGATE_LAST = "\ud800", "\udbff"
+
 #: What a call that records nothing holds for its subscriber lists (never
 #: appended to: ``Recorder.joined`` checks ``recording`` first).
 _NONE: list[str] = []
@@ -260,25 +288,26 @@ class Answer:
     """The assistant's answer so far: its text (or only its length and a
     running SHA-256), reasoning, tool calls."""
 
-    __slots__ = ("_keep", "_text", "_length", "_hash", "_reasoning", "_reasoning_length",
-                 "_tool_calls")
+    __slots__ = ("_keep", "_text", "_length", "_hash", "_high", "_reasoning",
+                 "_reasoning_length", "_tool_calls")
 
     def __init__(self, keep_content: bool) -> None:
         self._keep = keep_content
         self._text: list[str] = []
         self._length = 0
         self._hash = None if keep_content else hashlib.sha256()
+        #: A high surrogate that ended the last text: its pair may open the next.
+        self._high = ""
         self._reasoning: list[str] = []
         self._reasoning_length = 0
         self._tool_calls: dict[int, dict[str, Any]] = {}
 
     def add(self, delta: Delta) -> None:
         if delta.text:
-            self._length += len(delta.text)
             if self._hash is None:
                 self._text.append(delta.text)
             else:
-                self._hash.update(delta.text.encode())
+                self._count_text(self._hash, delta.text)
         if delta.reasoning:
             self._reasoning_length += len(delta.reasoning)
             if self._keep:
@@ -296,22 +325,46 @@ class Answer:
                     call["function"]["name"] += fragment.name
                 call["function"]["arguments"] += fragment.arguments
 
+    def _count_text(self, digest: Any, text: str) -> None:
+        """Length and hash of the answer as a client reads it: a surrogate
+        pair split across deltas is its one character."""
+        text = self._high + text
+        self._high = ""
+        if _HIGH_SURROGATE_FIRST <= text[-1] <= _HIGH_SURROGATE_LAST:
+            text, self._high = text[:-1], text[-1]
+        text = joined(text)
+        self._length += len(text)
+        digest.update(utf8(text))
+
     def message(self) -> dict[str, Any]:
         message: dict[str, Any]
         if self._hash is None:
-            message = {"role": "assistant", "content": "".join(self._text)}
+            message = {"role": "assistant", "content": joined("".join(self._text))}
             if self._reasoning:
                 message["reasoning"] = "".join(self._reasoning)
             if self._tool_calls:
                 message["tool_calls"] = [self._tool_calls[i] for i in sorted(self._tool_calls)]
             return message
-        message = {"role": "assistant", "content": None, "length": self._length,
-                   "sha256": self._hash.hexdigest()}
+        # A high surrogate still held is a lone one: it counts as it is.
+        digest = self._hash.copy()
+        digest.update(utf8(self._high))
+        message = {"role": "assistant", "content": None, "length": self._length + len(self._high),
+                   "sha256": digest.hexdigest()}
         if self._reasoning_length:
             message["reasoning_length"] = self._reasoning_length
         if self._tool_calls:
             message["tool_call_count"] = len(self._tool_calls)
         return message
+
+
+def _place(exc: BaseException) -> str:
+    """``file.py:line`` where ``exc`` was raised."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    return f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
 
 
 def _ending(

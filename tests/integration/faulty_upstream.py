@@ -17,6 +17,13 @@ CHUNK = (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":
          b'"choices":[{"index":0,"delta":{"content":"partial "},"finish_reason":null}]}\n\n')
 
 
+def _content(text_json: str) -> bytes:
+    """A chunk whose delta's content is ``text_json`` (JSON, escapes as written)."""
+    return (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+            b'"choices":[{"index":0,"delta":{"content":' + text_json.encode()
+            + b'},"finish_reason":null}]}\n\n')
+
+
 def _chunked(*parts: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
 
@@ -34,6 +41,8 @@ class FaultyUpstream:
                       (as a validation error quotes ``input_value=...``)
     ``key-in-code``   429 whose error code and Retry-After quote the key
     ``rate-limited``  429 ``rate_limit_exceeded``, ``Retry-After: 7``
+    ``surrogate``     200, an answer holding a lone UTF-16 surrogate: ``hi \\ud800 there``
+    ``split-emoji``   200, ``smile `` then an emoji's two UTF-16 halves in two chunks
     ``silent``        no answer at all, not even a status line, until the
                       gateway closes the connection
 
@@ -115,6 +124,11 @@ class FaultyUpstream:
                     b"Content-Length: %d\r\n\r\n%s" % (len(page), page))
         if "bad-chunk" in prompt:
             return sse + _chunked(CHUNK) + b"zz\r\nnot hex\r\n"
+        if "surrogate" in prompt:
+            return sse + _chunked(_content('"hi \\ud800 there"'), b"data: [DONE]\n\n") + b"0\r\n\r\n"
+        if "split-emoji" in prompt:
+            return sse + _chunked(_content('"smile "'), _content('"\\ud83d"'), _content('"\\ude00"'),
+                                  b"data: [DONE]\n\n") + b"0\r\n\r\n"
         if "drop" in prompt:
             return sse + _chunked(CHUNK)
         return sse + _chunked(CHUNK, b"data: [DONE]\n\n") + b"0\r\n\r\n"

@@ -186,6 +186,35 @@ async def test_an_upstream_error_quoting_the_key_and_the_prompt_stays_out_of_the
         assert exchange["error"]["message"] == "the upstream answered 401"
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+async def test_an_answer_with_surrogates_streams_whole_and_is_recorded(store_url):
+    """An upstream answer holding a lone UTF-16 surrogate, and one sending an
+    emoji as its two halves in two chunks: each client gets the whole
+    answer as with the log off, and each call is one record whose length
+    and hash are of the text a client reads (the emoji one character)."""
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        exchange_log_url=store_url)
+    async with faulty_upstream() as upstream, running_gateway(
+        dataclasses.replace(settings, upstream_url=upstream.url)
+    ) as (app, url), aiohttp.ClientSession() as http:
+        _, lone = await stream_text(http, url, chat("surrogate"))
+        _, split = await stream_text(http, url, chat("split-emoji"))
+        writer = app[STATE].exchanges.writer
+        await written(writer, 2)
+        async with http.get(url + "/v1/exchanges") as resp:
+            assert resp.status == 200
+            emoji, surrogate = (await resp.json())["data"]
+    assert (lone, split) == ("hi \ud800 there", "smile \ud83d\ude00")
+    assert (writer.written_total, writer.dropped_total) == (2, 0)
+    assert surrogate["messages"][-1] == {"role": "assistant", "content": None, "length": 10,
+                                         "sha256": _sha256("hi \ud800 there")}
+    assert emoji["messages"][-1] == {"role": "assistant", "content": None, "length": 7,
+                                     "sha256": _sha256("smile \U0001f600")}
+
+
 async def test_the_list_pages_filters_and_counts_tokens(gateway_factory, store_url):
     gateway = await gateway_factory(exchange_log_url=store_url)
     async with aiohttp.ClientSession() as http:

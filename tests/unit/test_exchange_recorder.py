@@ -40,9 +40,11 @@ class Harness:
     def __init__(self, keep_content: bool) -> None:
         self.exchanges: list[Exchange] = []
         self.tokens: list[tuple[str, str, int, int]] = []
+        self.failed_records = 0
         self.recorder = Recorder(
             upstream="up-1", keep_content=keep_content, on_exchange=self.exchanges.append,
             tokens=lambda *counted: self.tokens.append(counted),
+            record_failed=self._record_failed,
         )
         self.upstream = MemoryUpstream()
         self.registry = Registry(
@@ -51,6 +53,9 @@ class Harness:
             on_stream_end=self.recorder.stream_ended,
         )
         self.calls: dict[str, Call] = {}
+
+    def _record_failed(self) -> None:
+        self.failed_records += 1
 
     def subscribe(self, request_id: str, key_id: str | None = None,
                   body: dict[str, Any] = BODY) -> Subscription:
@@ -228,3 +233,46 @@ async def test_the_record_names_the_model_the_upstream_says_answered(harness: Ha
     (exchange,) = harness.exchanges
     assert (exchange.model, exchange.resolved_model) == ("m-1", "m-1-2025-01-01")
     assert exchange.to_json()["resolved_model"] == "m-1-2025-01-01"
+
+
+@pytest.mark.parametrize("harness", [False, True], indirect=True, ids=["content-off", "content-on"])
+async def test_an_emoji_split_across_deltas_is_one_character(harness: Harness):
+    """An upstream may send an emoji as its two UTF-16 halves in two chunks,
+    and a lone half: the record is the answer as a client reads it (pair
+    joined, lone half kept), and nothing fails on it."""
+    subscription = harness.subscribe("req-0")
+    await harness.upstream.next_source()
+    _push(harness, "req-0", [Delta(text="smile \ud83d"), Delta(text="\ude00 lone \udc00")])
+    _push(harness, "req-0", [Delta(text=" end \ud83d")])
+    harness.upstream.latest.finish()
+    async with subscription:
+        await read_all(subscription)
+    (exchange,) = harness.exchanges
+    text = "smile \U0001f600 lone \udc00 end \ud83d"
+    if harness.recorder.keep_content:
+        assert exchange.messages[-1]["content"] == text
+    else:
+        assert exchange.messages[-1]["length"] == len(text) == 20
+        assert exchange.messages[-1]["sha256"] == hashlib.sha256(
+            text.encode("utf-8", "surrogatepass")).hexdigest()
+    assert harness.failed_records == 0
+
+
+@pytest.mark.parametrize("harness", [True], indirect=True)
+async def test_a_recorder_failure_loses_the_record_never_the_stream(harness: Harness):
+    """A delta the recorder cannot take (a fragment whose index is a list: a
+    bug's stand-in) fails the record once, counted; the deltas still reach
+    the reader and the tokens are still counted."""
+    subscription = harness.subscribe("req-0")
+    await harness.upstream.next_source()
+    broken = Delta(tool_calls=(ToolCallDelta([]),))  # type: ignore[arg-type]
+    _push(harness, "req-0", [Delta(text="a"), broken])
+    _push(harness, "req-0", [broken, Delta(text="b", usage=Usage(prompt_tokens=3,
+                                                                 completion_tokens=2))])
+    harness.upstream.latest.finish()
+    async with subscription:
+        deltas = await read_all(subscription)
+    assert "".join(delta.text or "" for delta in deltas) == "ab"
+    assert harness.exchanges == []
+    assert harness.failed_records == 1
+    assert harness.tokens == [("m-1", "up-1", 3, 2)]
