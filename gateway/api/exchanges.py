@@ -9,6 +9,7 @@ may: an exchange tells what other clients asked.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -49,6 +50,15 @@ def _limit(raw: str | None) -> int:
     return int(raw)
 
 
+def _text(query: Mapping[str, str], name: str) -> str | None:
+    """A text parameter; None when absent or empty. NUL is text no store
+    holds (none is stored: ``rows.storable``) and PostgreSQL refuses it."""
+    raw = query.get(name) or None
+    if raw is not None and "\x00" in raw:
+        raise BadRequest(f"'{name}' must not contain NUL", code="invalid_value")
+    return raw
+
+
 async def list_exchanges(request: web.Request) -> web.Response:
     _authorize(request)
     exchanges = request.app[STATE].exchanges
@@ -57,8 +67,8 @@ async def list_exchanges(request: web.Request) -> web.Response:
         raise NotFound("the exchange log is off; set EXCHANGE_LOG_URL", code="exchange_log_off")
     query = request.query
     limit = _limit(query.get("limit"))
-    before = query.get("before") or None
-    model = query.get("model") or None
+    before = _text(query, "before")
+    model = _text(query, "model")
     try:
         data = await writer.store.recent(limit=limit, before=before, model=model)
     except StoreError as exc:

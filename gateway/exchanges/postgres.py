@@ -56,6 +56,23 @@ _UNAVAILABLE = (
 )
 
 
+def _described(exc: Exception) -> str:
+    """An error fit for a log line. A server's error never brings its
+    detail (``Failing row contains (...)``), and a data error (classes 22,
+    23) not its message either: both may quote a row's values."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = exc.sqlstate or ""
+        described = f"{type(exc).__name__} (SQLSTATE {sqlstate})"
+        if sqlstate[:2] in _DATA_CLASSES:
+            return described
+        return f"{described}: {exc.args[0]}" if exc.args else described
+    return f"{type(exc).__name__}: {exc}"
+
+
+#: SQLSTATE classes of errors in the data sent (a value, a constraint).
+_DATA_CLASSES = ("22", "23")
+
+
 def safe_description(url: str) -> str:
     """host:port/db of the URL, without user or password."""
     parts = urlsplit(url)
@@ -112,9 +129,9 @@ class PostgresStore:
         try:
             return await action()
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"postgresql: {type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(f"postgresql: {_described(exc)}") from exc
         except asyncpg.PostgresError as exc:
-            raise StoreRejected(f"postgresql: {type(exc).__name__}: {exc}") from exc
+            raise StoreRejected(f"postgresql: {_described(exc)}") from exc
 
     async def write(self, batch: Sequence[Exchange]) -> None:
         pool = self._pool

@@ -1,15 +1,49 @@
-"""An exchange as a database row and back (the same for both stores)."""
+"""An exchange as a database row and back (the same for both stores).
+
+Two characters a str may hold are text neither database stores: NUL
+(PostgreSQL refuses it in text and in jsonb) and a lone UTF-16 surrogate
+(not UTF-8 at all). Each is stored as U+FFFD, in every column, so a
+record is never lost to what a client or an upstream put in it and both
+stores hold the same. A surrogate pair (an emoji an upstream sent in two
+halves) is joined into its character first.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Protocol
 
-from gateway.exchanges.record import Exchange
+from gateway.exchanges.record import Exchange, joined
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def storable(text: str) -> str:
+    """``text`` with each NUL and lone surrogate as U+FFFD."""
+    if not text.isascii():
+        text = joined(text)
+    return _UNSTORABLE.sub(REPLACEMENT, text)
+
+
+def _storable_json(value: Any) -> Any:
+    """A copy of a JSON value with every string (keys too) ``storable``."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(str(key)): _storable_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_json(item) for item in value]
+    return value
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(_storable_json(value), separators=(",", ":"), ensure_ascii=False)
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else storable(value)
 
 
 def to_row(exchange: Exchange) -> tuple[Any, ...]:
@@ -18,11 +52,11 @@ def to_row(exchange: Exchange) -> tuple[Any, ...]:
     return (
         exchange.id,
         exchange.created,
-        exchange.model,
-        exchange.upstream,
-        exchange.process,
+        _text(exchange.model),
+        _text(exchange.upstream),
+        _text(exchange.process),
         exchange.outcome,
-        exchange.finish_reason,
+        _text(exchange.finish_reason),
         None if exchange.error is None else _json(dict(exchange.error)),
         None if usage is None else usage.prompt_tokens,
         None if usage is None else usage.completion_tokens,
@@ -32,7 +66,7 @@ def to_row(exchange: Exchange) -> tuple[Any, ...]:
         _json(list(exchange.request_ids)),
         _json(list(exchange.api_key_ids)),
         _json([dict(message) for message in exchange.messages]),
-        exchange.resolved_model,
+        _text(exchange.resolved_model),
     )
 
 

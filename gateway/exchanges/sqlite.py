@@ -35,8 +35,14 @@ BUSY_TIMEOUT_MS = 5000
 
 def _translate(exc: Exception) -> Exception:
     """sqlite3's errors by cause: could not do it now, or will never take these rows."""
+    if isinstance(exc, UnicodeError):
+        # A value of the record that is not text SQLite can take: the
+        # record's own problem, whatever the database's state. Only the
+        # type: the message quotes the value.
+        return StoreRejected(f"sqlite: {type(exc).__name__}")
     if isinstance(exc, sqlite3.OperationalError | OSError | ValueError):
-        # Locked, I/O error, unable to open, closed connection (ValueError).
+        # Locked, I/O error, unable to open, closed connection (aiosqlite's
+        # ValueError).
         return StoreUnavailable(f"sqlite: {exc}")
     return StoreRejected(f"sqlite: {exc}")
 

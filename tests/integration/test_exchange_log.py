@@ -190,13 +190,15 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-async def test_an_answer_with_surrogates_streams_whole_and_is_recorded(store_url):
+@pytest.mark.parametrize("keep_content", [False, True], ids=["content-off", "content-on"])
+async def test_an_answer_with_surrogates_streams_whole_and_is_recorded(store_url, keep_content):
     """An upstream answer holding a lone UTF-16 surrogate, and one sending an
     emoji as its two halves in two chunks: each client gets the whole
-    answer as with the log off, and each call is one record whose length
-    and hash are of the text a client reads (the emoji one character)."""
+    answer as with the log off, and each call is one record: its length
+    and hash of the text a client reads (the emoji one character); with
+    content, the text itself, the lone surrogate stored as U+FFFD."""
     settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
-                        exchange_log_url=store_url)
+                        exchange_log_url=store_url, exchange_log_content=keep_content)
     async with faulty_upstream() as upstream, running_gateway(
         dataclasses.replace(settings, upstream_url=upstream.url)
     ) as (app, url), aiohttp.ClientSession() as http:
@@ -208,11 +210,53 @@ async def test_an_answer_with_surrogates_streams_whole_and_is_recorded(store_url
             assert resp.status == 200
             emoji, surrogate = (await resp.json())["data"]
     assert (lone, split) == ("hi \ud800 there", "smile \ud83d\ude00")
+    assert (writer.written_total, writer.dropped_total, writer.connected) == (2, 0, True)
+    if keep_content:
+        assert surrogate["messages"][-1] == {"role": "assistant", "content": "hi \ufffd there"}
+        assert emoji["messages"][-1] == {"role": "assistant", "content": "smile \U0001f600"}
+    else:
+        assert surrogate["messages"][-1] == {"role": "assistant", "content": None, "length": 10,
+                                             "sha256": _sha256("hi \ud800 there")}
+        assert emoji["messages"][-1] == {"role": "assistant", "content": None, "length": 7,
+                                         "sha256": _sha256("smile \U0001f600")}
+
+
+@pytest.mark.parametrize("keep_content", [False, True], ids=["content-off", "content-on"])
+async def test_nul_in_a_prompt_or_a_model_is_recorded_as_u_fffd(gateway_factory, store_url,
+                                                                 keep_content):
+    """NUL is text neither database stores (PostgreSQL refuses it): a call
+    whose model or prompt holds one is recorded all the same, NUL as U+FFFD
+    (the hash without content is of the text as sent)."""
+    gateway = await gateway_factory(exchange_log_url=store_url, exchange_log_content=keep_content)
+    writer = gateway.state.exchanges.writer
+    prompt = "a NUL \u0000 here [sim tokens=3]"
+    async with aiohttp.ClientSession() as http:
+        await stream_text(http, gateway.url, chat(prompt))
+        await stream_text(http, gateway.url, chat("plain [sim tokens=3]", model="sim\u0000x"))
+        await written(writer, 2)
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 200
+            by_model, with_nul = (await resp.json())["data"]
+        async with http.get(gateway.v1 + "/exchanges?model=sim%EF%BF%BDx") as resp:
+            assert [e["id"] for e in (await resp.json())["data"]] == [by_model["id"]]
     assert (writer.written_total, writer.dropped_total) == (2, 0)
-    assert surrogate["messages"][-1] == {"role": "assistant", "content": None, "length": 10,
-                                         "sha256": _sha256("hi \ud800 there")}
-    assert emoji["messages"][-1] == {"role": "assistant", "content": None, "length": 7,
-                                     "sha256": _sha256("smile \U0001f600")}
+    assert (by_model["model"], with_nul["model"]) == ("sim\ufffdx", "sim")
+    if keep_content:
+        assert with_nul["messages"][0] == {"role": "user", "content": "a NUL \ufffd here [sim tokens=3]"}
+    else:
+        assert with_nul["messages"][0] == {"role": "user", "content": None, "length": len(prompt),
+                                           "sha256": _sha256(prompt)}
+
+
+@pytest.mark.parametrize("parameter", ["model", "before"])
+async def test_nul_in_a_query_parameter_is_a_400(gateway_factory, store_url, parameter):
+    gateway = await gateway_factory(exchange_log_url=store_url)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.v1 + f"/exchanges?{parameter}=a%00b") as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_value")
+    assert error["message"] == f"'{parameter}' must not contain NUL"
 
 
 async def test_the_list_pages_filters_and_counts_tokens(gateway_factory, store_url):

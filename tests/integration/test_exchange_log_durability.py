@@ -4,6 +4,7 @@ stopped, an older schema."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import aiosqlite
 import asyncpg
+import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.exchanges import schema
@@ -23,7 +25,7 @@ from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.exchanges.postgres import PostgresStore, migrate_postgres
 from gateway.exchanges.record import Exchange
 from gateway.exchanges.sqlite import SqliteStore, migrate_sqlite
-from gateway.exchanges.store import ExchangeStore, StoreUnavailable, open_store
+from gateway.exchanges.store import ExchangeStore, StoreRejected, StoreUnavailable, open_store
 from gateway.exchanges.writer import ExchangeWriter
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.metrics_scrape import scrape
@@ -333,3 +335,25 @@ async def test_postgres_behind_pgbouncer_turns_the_statement_cache_off(postgres:
         assert [e["id"] for e in await store.recent(limit=10)] == ["xchg_0001"]
     finally:
         await store.aclose()
+
+
+async def test_a_refused_row_is_named_without_its_values(postgres: PostgresServer):
+    """A row the server refuses (here a constraint an operator added) is a
+    StoreRejected that names the error's type and SQLSTATE and quotes none
+    of the row: the writer logs that message."""
+    url = postgres.create_database("exchanges_refused_row")
+    store = PostgresStore(url)
+    await store.connect()
+    try:
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute(
+                "ALTER TABLE exchanges ADD CONSTRAINT no_secret CHECK (model <> 'secret-model')")
+        finally:
+            await admin.close()
+        refused = dataclasses.replace(exchange(1), model="secret-model")
+        with pytest.raises(StoreRejected) as caught:
+            await store.write([refused])
+    finally:
+        await store.aclose()
+    assert str(caught.value) == "postgresql: CheckViolationError (SQLSTATE 23514)"
