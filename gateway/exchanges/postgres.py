@@ -43,17 +43,21 @@ _INSERT = (
     + ") ON CONFLICT (id) DO NOTHING"
 )
 
-#: Errors that say "not now" (connection lost, server shutting down or
-#: starting, timeouts) rather than "not these rows".
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
+#: Errors on our side of the wire that say "not now": connection lost or
+#: refused, timeouts.
+_UNAVAILABLE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+#: The server's "not now", by SQLSTATE: read-only (a standby, maintenance)
+#: and lock_timeout, then whole classes: connection (08), transaction
+#: rollback (40: serialization, deadlock), insufficient resources (53),
+#: operator intervention (57: shutdown, starting, statement cancelled).
+#: Anything else the server says is about the rows: refused.
+_TRANSIENT_SQLSTATES = frozenset({"25006", "55P03"})
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57"})
+
+
+def _transient(exc: asyncpg.PostgresError) -> bool:
+    sqlstate = exc.sqlstate or ""
+    return sqlstate in _TRANSIENT_SQLSTATES or sqlstate[:2] in _TRANSIENT_CLASSES
 
 
 def _described(exc: Exception) -> str:
@@ -131,6 +135,8 @@ class PostgresStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"postgresql: {_described(exc)}") from exc
         except asyncpg.PostgresError as exc:
+            if _transient(exc):
+                raise StoreUnavailable(f"postgresql: {_described(exc)}") from exc
             raise StoreRejected(f"postgresql: {_described(exc)}") from exc
 
     async def write(self, batch: Sequence[Exchange]) -> None:

@@ -27,6 +27,7 @@ from gateway.exchanges.record import Exchange
 from gateway.exchanges.sqlite import SqliteStore, migrate_sqlite
 from gateway.exchanges.store import ExchangeStore, StoreRejected, StoreUnavailable, open_store
 from gateway.exchanges.writer import ExchangeWriter
+from tests.integration.conftest import until
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.metrics_scrape import scrape
 from tests.integration.postgres_fixture import PostgresServer
@@ -357,3 +358,60 @@ async def test_a_refused_row_is_named_without_its_values(postgres: PostgresServe
     finally:
         await store.aclose()
     assert str(caught.value) == "postgresql: CheckViolationError (SQLSTATE 23514)"
+
+
+@asynccontextmanager
+async def read_only_server(admin: asyncpg.Connection) -> AsyncIterator[None]:
+    """The whole server read-only (as for maintenance), sessions already
+    open included, until the block ends."""
+    await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+    try:
+        await admin.execute("SELECT pg_reload_conf()")
+        # Every session takes the reload at once; this one shows it has.
+        await until_async(lambda: admin.fetchval("SHOW default_transaction_read_only"), "on")
+        yield
+    finally:
+        await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        await admin.execute("SELECT pg_reload_conf()")
+
+
+@asynccontextmanager
+async def table_locked(admin: asyncpg.Connection) -> AsyncIterator[None]:
+    async with admin.transaction():
+        await admin.execute("LOCK TABLE exchanges IN ACCESS EXCLUSIVE MODE")
+        yield
+
+
+async def until_async(fetch: Any, expected: Any) -> None:
+    async with asyncio.timeout(10):
+        while await fetch() != expected:  # noqa: ASYNC110 - a setting: no event to wait on
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("condition", ["read-only", "lock-timeout"])
+async def test_a_passing_postgres_condition_keeps_the_records_for_later(
+    gateway_factory, postgres: PostgresServer, condition: str
+):
+    """A server in read-only maintenance (25006) or a write that waits past
+    lock_timeout (55P03) is the database unavailable for now, not records
+    it refuses: they wait and are written once it passes; none is dropped."""
+    name = "exchanges_" + condition.replace("-", "_")
+    url = postgres.create_database(name)
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute(f"ALTER DATABASE {name} SET lock_timeout = '100ms'")
+        gateway = await gateway_factory(exchange_log_url=url)
+        writer = gateway.state.exchanges.writer
+        async with aiohttp.ClientSession() as http:
+            await stream_text(http, gateway.url, chat("before [sim tokens=2]"))
+            await written(writer, 1)
+            passing = read_only_server(admin) if condition == "read-only" else table_locked(admin)
+            async with passing:
+                for i in range(3):
+                    await stream_text(http, gateway.url, chat(f"during {i} [sim tokens=2]"))
+                await until(lambda: not writer.connected)
+                assert (writer.written_total, writer.dropped_total) == (1, 0)
+            await written(writer, 4)
+    finally:
+        await admin.close()
+    assert (writer.written_total, writer.dropped_total, writer.queued) == (4, 0, 0)
