@@ -80,7 +80,9 @@ def from_gateway(url: str, key: str | None, limit: int, model: str | None) -> li
 
 
 async def from_database(url: str, limit: int, model: str | None) -> list[dict[str, Any]]:
-    store = open_store(url)
+    """Read-only: a missing file or table is an error, never a new log, and
+    a live log's schema is never changed from here."""
+    store = open_store(url, read_only=True)
     await store.connect()
     try:
         return await store.recent(limit=limit, model=model)

@@ -24,7 +24,13 @@ import asyncpg
 from gateway.exchanges import schema
 from gateway.exchanges.record import Exchange
 from gateway.exchanges.rows import from_row, to_row
-from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable, postgres_pool_options
+from gateway.exchanges.store import (
+    COLUMNS,
+    StoreRejected,
+    StoreUnavailable,
+    check_version,
+    postgres_pool_options,
+)
 
 T = TypeVar("T")
 
@@ -86,11 +92,17 @@ def safe_description(url: str) -> str:
 
 class PostgresStore:
     def __init__(
-        self, url: str, *, migrations: Sequence[tuple[int, tuple[str, ...]]] = schema.POSTGRES
+        self,
+        url: str,
+        *,
+        migrations: Sequence[tuple[int, tuple[str, ...]]] = schema.POSTGRES,
+        read_only: bool = False,
     ) -> None:
         self._url = url
         self.description = safe_description(url)
         self._migrations = migrations
+        #: Reading only (``bin/exchanges --db``): the schema is checked, never changed.
+        self._read_only = read_only
         self._pool: asyncpg.Pool | None = None
 
     async def connect(self) -> None:
@@ -109,7 +121,11 @@ class PostgresStore:
             )
             try:
                 async with pool.acquire() as connection:
-                    await migrate_postgres(connection, self._migrations)
+                    if self._read_only:
+                        check_version(self.description, await postgres_version(connection),
+                                      self._migrations)
+                    else:
+                        await migrate_postgres(connection, self._migrations)
             except BaseException:
                 await pool.close()
                 raise
@@ -184,12 +200,25 @@ class PostgresStore:
                 pool.terminate()
 
 
+async def postgres_version(connection: asyncpg.Connection) -> int:
+    """The schema version in force, by plain SELECTs; 0 for none yet."""
+    if not await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", schema.VERSION_TABLE):
+        return 0
+    return int(await connection.fetchval(
+        f"SELECT COALESCE(MAX(version), 0) FROM {schema.VERSION_TABLE}"
+    ))
+
+
 async def migrate_postgres(
     connection: asyncpg.Connection, migrations: Sequence[tuple[int, tuple[str, ...]]]
 ) -> int:
     """Apply the migrations not applied yet, in one transaction under an
     advisory lock (gateways starting together migrate once); returns the
-    schema version now in force."""
+    schema version now in force. A schema already current is only read, so
+    after the first start the role needs no right to change it."""
+    current = await postgres_version(connection)
+    if current >= schema.latest(migrations):
+        return current
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await connection.execute(

@@ -1,13 +1,16 @@
 """The exchange log's schema, as numbered migrations for each database.
 
-A store applies, at connect, every migration above the highest version in
-``exchange_log_migrations``, all in one transaction (taken exclusively, so
-gateways starting together against one database migrate it once). Applying
-them again does nothing. A migration is never edited once released: a
+A store reads, at connect, the highest version in
+``exchange_log_migrations`` (a plain SELECT) and only when migrations are
+above it applies them, all in one transaction (taken exclusively, so
+gateways starting together against one database migrate it once). A
+reader (``bin/exchanges --db``) never applies any. A migration is never edited once released: a
 change is a new one at the end.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 VERSION_TABLE = "exchange_log_migrations"
 
@@ -69,5 +72,9 @@ POSTGRES: tuple[tuple[int, tuple[str, ...]], ...] = (
     (3, ("ALTER TABLE exchanges ADD COLUMN resolved_model TEXT",)),
 )
 
-LATEST = max(version for version, _ in SQLITE)
-assert max(version for version, _ in POSTGRES) == LATEST
+def latest(migrations: Sequence[tuple[int, tuple[str, ...]]]) -> int:
+    return max(version for version, _ in migrations)
+
+
+LATEST = latest(SQLITE)
+assert latest(POSTGRES) == LATEST

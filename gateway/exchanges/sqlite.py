@@ -9,17 +9,19 @@ OS's page cache), though not a power cut right after it.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 
 from gateway.exchanges import schema
 from gateway.exchanges.record import Exchange
 from gateway.exchanges.rows import from_row, to_row
-from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable
+from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable, check_version
 
 #: An id already stored is a batch sent again (``ExchangeStore.write``).
 #: Not ``INSERT OR IGNORE``: that would skip a row breaking any other
@@ -47,33 +49,69 @@ def _translate(exc: Exception) -> Exception:
     return StoreRejected(f"sqlite: {exc}")
 
 
+def _read_only_uri(path: str) -> str:
+    """The URI that opens ``path`` read-only; StoreUnavailable when there is
+    no such file (SQLite would say only "unable to open database file")."""
+    if not os.path.isfile(path):
+        raise StoreUnavailable(f"sqlite {path}: no such file")
+    return f"file:{quote(os.path.abspath(path))}?mode=ro"
+
+
 class SqliteStore:
-    def __init__(self, path: str, *, migrations: Sequence[tuple[int, tuple[str, ...]]] = schema.SQLITE):
+    def __init__(
+        self,
+        path: str,
+        *,
+        migrations: Sequence[tuple[int, tuple[str, ...]]] = schema.SQLITE,
+        read_only: bool = False,
+    ):
         self.path = path
         self.description = f"sqlite {path}"
         self._migrations = migrations
+        #: Reading only (``bin/exchanges --db``): the file must exist, and
+        #: is opened read-only (no writer, no migration, no directory made).
+        self._read_only = read_only
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
 
     async def connect(self) -> None:
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            writer = await self._open()
-            try:
-                await writer.execute("PRAGMA journal_mode=WAL")
-                await migrate_sqlite(writer, self._migrations)
-                reader = await self._open()
-            except BaseException:
-                await writer.close()
-                raise
+            if self._read_only:
+                self._reader = await self._connect_reader()
+            else:
+                self._writer, self._reader = await self._connect_writer()
         except (sqlite3.Error, OSError) as exc:
             # Whatever keeps us from using the file (not a database, no
             # permission, locked) is one the writer cannot use yet.
             raise StoreUnavailable(f"sqlite: {exc}") from exc
-        self._writer, self._reader = writer, reader
 
-    async def _open(self) -> aiosqlite.Connection:
-        connection = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+    async def _connect_writer(self) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        writer = await self._open()
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await migrate_sqlite(writer, self._migrations)
+            return writer, await self._open()
+        except BaseException:
+            await writer.close()
+            raise
+
+    async def _connect_reader(self) -> aiosqlite.Connection:
+        reader = await self._open(read_only=True)
+        try:
+            check_version(self.description, await sqlite_version(reader), self._migrations)
+        except BaseException:
+            await reader.close()
+            raise
+        return reader
+
+    async def _open(self, *, read_only: bool = False) -> aiosqlite.Connection:
+        if read_only:
+            connection = await aiosqlite.connect(
+                _read_only_uri(self.path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+        else:
+            connection = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             connection.row_factory = sqlite3.Row
             await connection.execute("PRAGMA synchronous=NORMAL")
@@ -126,11 +164,29 @@ class SqliteStore:
         self._writer = self._reader = None
 
 
+async def sqlite_version(connection: aiosqlite.Connection) -> int:
+    """The schema version in force, by plain SELECTs; 0 for none yet."""
+    async with connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (schema.VERSION_TABLE,)
+    ) as cursor:
+        if await cursor.fetchone() is None:
+            return 0
+    async with connection.execute(
+        f"SELECT COALESCE(MAX(version), 0) FROM {schema.VERSION_TABLE}"
+    ) as cursor:
+        row = await cursor.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 async def migrate_sqlite(
     connection: aiosqlite.Connection, migrations: Sequence[tuple[int, tuple[str, ...]]]
 ) -> int:
     """Apply the migrations not applied yet, in one exclusive transaction;
-    returns the schema version now in force."""
+    returns the schema version now in force. A schema already current is
+    only read: no write lock, no DDL."""
+    current = await sqlite_version(connection)
+    if current >= schema.latest(migrations):
+        return current
     await connection.execute("BEGIN IMMEDIATE")
     try:
         await connection.execute(

@@ -14,8 +14,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.exchanges.record import Exchange
 
-__all__ = ["ExchangeStore", "StoreError", "StoreRejected", "StoreUnavailable", "open_store",
-           "parse_store_url", "postgres_pool_options", "sqlite_path"]
+__all__ = ["ExchangeStore", "StoreError", "StoreRejected", "StoreUnavailable", "check_version",
+           "open_store", "parse_store_url", "postgres_pool_options", "sqlite_path"]
 
 #: Column order of an exchange row, shared by both stores.
 COLUMNS = (
@@ -43,7 +43,8 @@ class ExchangeStore(Protocol):
     description: str
 
     async def connect(self) -> None:
-        """Connect, and create or migrate the schema; raises StoreUnavailable."""
+        """Connect, and create or migrate the schema if it is not current
+        (a reader only checks it); raises StoreUnavailable."""
         ...
 
     async def write(self, batch: Sequence[Exchange]) -> None:
@@ -59,6 +60,19 @@ class ExchangeStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def check_version(description: str, version: int,
+                  migrations: Sequence[tuple[int, tuple[str, ...]]]) -> None:
+    """For a reader, which changes no schema: StoreUnavailable, saying why,
+    unless the schema is the one this code reads."""
+    if version == 0:
+        raise StoreUnavailable(f"{description}: no exchange log there (no table "
+                               "exchange_log_migrations); a gateway creates it at its first start")
+    wanted = max(v for v, _ in migrations)
+    if version != wanted:
+        raise StoreUnavailable(f"{description}: the exchange log's schema is version {version}, "
+                               f"this code reads version {wanted}")
 
 
 def sqlite_path(url: str) -> str:
@@ -107,13 +121,14 @@ def parse_store_url(url: str) -> str:
     raise ValueError(url)
 
 
-def open_store(url: str) -> ExchangeStore:
-    """The store for ``url``, not yet connected. asyncpg is imported only
-    for a PostgreSQL URL."""
+def open_store(url: str, *, read_only: bool = False) -> ExchangeStore:
+    """The store for ``url``, not yet connected. ``read_only``: to read an
+    existing log, never creating or migrating anything. asyncpg is
+    imported only for a PostgreSQL URL."""
     if parse_store_url(url) == "sqlite":
         from gateway.exchanges.sqlite import SqliteStore
 
-        return SqliteStore(sqlite_path(url))
+        return SqliteStore(sqlite_path(url), read_only=read_only)
     from gateway.exchanges.postgres import PostgresStore
 
-    return PostgresStore(url)
+    return PostgresStore(url, read_only=read_only)

@@ -14,10 +14,12 @@ import threading
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from gateway.app import running_gateway
 from gateway.config import Settings
+from gateway.exchanges.postgres import PostgresStore
 from gateway.exchanges.sqlite import SqliteStore
 from gateway.exchanges.store import StoreUnavailable
 from gateway.state import STATE
@@ -389,6 +391,89 @@ async def test_bin_exchanges_reads_the_burst_from_the_database(gateway_factory, 
             (line,) = lines
             exchange = json.loads(line)
             assert (len(exchange["messages"]), exchange["subscribers"]) == (2, 50)
+
+
+async def bin_exchanges(*argv: str) -> tuple[int, str, str]:
+    """``bin/exchanges`` run as an operator runs it: (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        str(ROOT / "bin" / "exchanges"), *argv, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_bin_exchanges_never_creates_a_sqlite_file(tmp_path):
+    """A mistyped path is an error saying so, not a new empty log."""
+    path = tmp_path / "typo" / "dir" / "exchanges.db"
+    status, out, err = await bin_exchanges("--db", f"sqlite:///{path}")
+    assert (status, out, err) == (1, "", f"exchanges: sqlite {path}: no such file\n")
+    assert not (tmp_path / "typo").exists()
+
+
+async def test_bin_exchanges_reads_postgres_with_select_rights_only(gateway_factory, postgres):
+    """A reader role (SELECT only) can list the log; a database without one
+    is an error saying so, and is left without tables."""
+    url = postgres.create_database("exchanges_for_a_reader")
+    gateway = await gateway_factory(exchange_log_url=url)
+    async with aiohttp.ClientSession() as http:
+        await stream_text(http, gateway.url, chat("to read back [sim tokens=2]"))
+    await written(gateway.state.exchanges.writer, 1)
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute("CREATE ROLE exchanges_reader LOGIN")
+        await admin.execute("GRANT SELECT ON exchanges, exchange_log_migrations TO exchanges_reader")
+    finally:
+        await admin.close()
+    status, out, err = await bin_exchanges(
+        "--db", url.replace("postgres@", "exchanges_reader@"), "--json")
+    assert (status, err) == (0, "")
+    (line,) = out.splitlines()
+    assert json.loads(line)["outcome"] == "complete"
+
+    empty = postgres.create_database("exchanges_none_here")
+    status, out, err = await bin_exchanges("--db", empty)
+    assert (status, out) == (1, "")
+    assert err == (f"exchanges: postgresql 127.0.0.1:{postgres.port}/exchanges_none_here: no "
+                   "exchange log there (no table exchange_log_migrations); a gateway creates it "
+                   "at its first start\n")
+    admin = await asyncpg.connect(empty)
+    try:
+        assert await admin.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+    finally:
+        await admin.close()
+
+
+async def test_after_the_first_start_insert_and_select_rights_are_enough(
+    gateway_factory, postgres
+):
+    """The documented grants: once the schema is current, a gateway whose
+    role may only INSERT and SELECT (and read the schema version) connects
+    and writes: no DDL runs at its start."""
+    url = postgres.create_database("exchanges_least_rights")
+    store = PostgresStore(url)
+    await store.connect()  # the first start, by the owner: creates the tables
+    await store.aclose()
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        await admin.execute("CREATE ROLE exchanges_writer LOGIN")
+        await admin.execute("GRANT INSERT, SELECT ON exchanges TO exchanges_writer")
+        await admin.execute("GRANT SELECT ON exchange_log_migrations TO exchanges_writer")
+    finally:
+        await admin.close()
+    gateway = await gateway_factory(
+        exchange_log_url=url.replace("postgres@", "exchanges_writer@"))
+    writer = gateway.state.exchanges.writer
+    assert writer.connected
+    async with aiohttp.ClientSession() as http:
+        await stream_text(http, gateway.url, chat("least rights [sim tokens=2]"))
+        await written(writer, 1)
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 200
+            assert len((await resp.json())["data"]) == 1
 
 
 async def test_every_api_sharing_a_call_is_one_of_its_subscribers(gateway_factory, tmp_path):
