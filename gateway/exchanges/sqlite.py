@@ -33,6 +33,11 @@ _INSERT = (
 _SELECT = "SELECT * FROM exchanges"
 #: How long a statement waits for another process's lock before failing.
 BUSY_TIMEOUT_MS = 5000
+#: The same while connecting: a file locked at start-up must fail the
+#: connect within the writer's 2 s (``ExchangeWriter.start``), not hold a
+#: statement its timeout cannot stop (aiosqlite runs it in a thread, so the
+#: cleanup after a timeout waits for it).
+CONNECT_BUSY_TIMEOUT_MS = 1000
 
 
 def _translate(exc: Exception) -> Exception:
@@ -87,10 +92,11 @@ class SqliteStore:
 
     async def _connect_writer(self) -> tuple[aiosqlite.Connection, aiosqlite.Connection]:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        writer = await self._open()
+        writer = await self._open(busy_timeout_ms=CONNECT_BUSY_TIMEOUT_MS)
         try:
             await writer.execute("PRAGMA journal_mode=WAL")
             await migrate_sqlite(writer, self._migrations)
+            await writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             return writer, await self._open()
         except BaseException:
             await writer.close()
@@ -105,13 +111,15 @@ class SqliteStore:
             raise
         return reader
 
-    async def _open(self, *, read_only: bool = False) -> aiosqlite.Connection:
+    async def _open(
+        self, *, read_only: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> aiosqlite.Connection:
         if read_only:
             connection = await aiosqlite.connect(
-                _read_only_uri(self.path), uri=True, timeout=BUSY_TIMEOUT_MS / 1000
+                _read_only_uri(self.path), uri=True, timeout=busy_timeout_ms / 1000
             )
         else:
-            connection = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+            connection = await aiosqlite.connect(self.path, timeout=busy_timeout_ms / 1000)
         try:
             connection.row_factory = sqlite3.Row
             await connection.execute("PRAGMA synchronous=NORMAL")
