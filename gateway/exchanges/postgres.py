@@ -23,7 +23,7 @@ import asyncpg
 
 from gateway.exchanges import schema
 from gateway.exchanges.record import Exchange
-from gateway.exchanges.rows import from_row, to_row
+from gateway.exchanges.rows import from_rows, to_row
 from gateway.exchanges.store import (
     COLUMNS,
     StoreRejected,
@@ -189,7 +189,7 @@ class PostgresStore:
             async with pool.acquire() as connection:
                 return list(await connection.fetch(sql, *params))
 
-        return [from_row(row) for row in await self._call(fetch)]
+        return await asyncio.to_thread(from_rows, await self._call(fetch))
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None

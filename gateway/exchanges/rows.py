@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from gateway.exchanges.record import Exchange, joined
@@ -107,3 +108,10 @@ def from_row(row: Row) -> dict[str, Any]:
         "request_ids": _loads(row["request_ids"]),
         "api_key_ids": _loads(row["api_key_ids"]),
     }
+
+
+def from_rows(rows: Iterable[Row]) -> list[dict[str, Any]]:
+    """``from_row`` of each: the stores run it in a thread (``asyncio.to_thread``),
+    since decoding a page with content (up to 1000 prompts and answers)
+    would hold the event loop, and every stream with it."""
+    return [from_row(row) for row in rows]

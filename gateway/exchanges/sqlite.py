@@ -9,6 +9,7 @@ OS's page cache), though not a power cut right after it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import aiosqlite
 
 from gateway.exchanges import schema
 from gateway.exchanges.record import Exchange
-from gateway.exchanges.rows import from_row, to_row
+from gateway.exchanges.rows import from_rows, to_row
 from gateway.exchanges.store import COLUMNS, StoreRejected, StoreUnavailable, check_version
 
 #: An id already stored is a batch sent again (``ExchangeStore.write``).
@@ -163,7 +164,7 @@ class SqliteStore:
                 rows = await cursor.fetchall()
         except (sqlite3.Error, OSError, ValueError) as exc:
             raise _translate(exc) from exc
-        return [from_row(row) for row in rows]
+        return await asyncio.to_thread(from_rows, rows)
 
     async def aclose(self) -> None:
         for connection in (self._writer, self._reader):

@@ -27,6 +27,7 @@ from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.faulty_upstream import faulty_upstream
 from tests.integration.metrics_scrape import scrape
 from tests.integration.sse_frames import FrameReader
+from tests.unit.test_exchange_writer import exchange
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -474,6 +475,37 @@ async def test_after_the_first_start_insert_and_select_rights_are_enough(
         async with http.get(gateway.v1 + "/exchanges") as resp:
             assert resp.status == 200
             assert len((await resp.json())["data"]) == 1
+
+
+async def test_a_page_stops_before_4_mib_and_says_more_follow(gateway_factory, tmp_path):
+    """With content, records of 1 MB: a page of up to 1000 holds what fits
+    in 4 MiB (a record bigger than that comes alone), ``has_more`` tells
+    whether to go on, and paging with ``before`` reads each record once."""
+    path = tmp_path / "exchanges.db"
+    store = SqliteStore(str(path))
+    await store.connect()
+    sizes = [1_000_000] * 9 + [5_000_000]  # oldest first: the newest is the big one
+    for number, size in enumerate(sizes):
+        await store.write([dataclasses.replace(
+            exchange(number), messages=({"role": "user", "content": "x" * size},))])
+    await store.aclose()
+    gateway = await gateway_factory(exchange_log_url=f"sqlite:///{path}", exchange_log_content=True)
+    pages: list[tuple[int, bool, int]] = []
+    ids: list[str] = []
+    query = "limit=1000"
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(gateway.v1 + "/exchanges?" + query) as resp:
+                assert resp.status == 200
+                body = await resp.read()
+            page = json.loads(body)
+            pages.append((len(page["data"]), page["has_more"], len(body) // 1_000_000))
+            ids += [record["id"] for record in page["data"]]
+            if not page["has_more"]:
+                break
+            query = f"limit=1000&before={ids[-1]}"
+    assert pages == [(1, True, 5), (4, True, 4), (4, True, 4), (1, False, 1)]
+    assert ids == [f"xchg_{number:04d}" for number in reversed(range(10))]
 
 
 async def test_every_api_sharing_a_call_is_one_of_its_subscribers(gateway_factory, tmp_path):
