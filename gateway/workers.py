@@ -63,14 +63,18 @@ def reserve_port(settings: Settings) -> socket.socket:
 
     A bind with SO_REUSEPORT succeeds next to any other socket that has it,
     another supervisor's workers included, so whether the address is free
-    is asked first by a bind without it (SO_REUSEADDR only: connections of
-    an earlier process in TIME_WAIT do not make it busy, a listener does)."""
+    is asked first by a bind without it (SO_REUSEADDR only: a listener makes
+    it busy, connections of an earlier process in TIME_WAIT do not). The
+    bind that holds the port needs SO_REUSEADDR too: SO_REUSEPORT alone
+    fails next to the TIME_WAIT entries a single gateway leaves on its port
+    for 60 s after closing keep-alive connections in its drain."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((settings.host, settings.port))
         port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((settings.host, port))

@@ -23,6 +23,7 @@ from gateway.sim.content import answer_tokens
 from tests.integration.cluster_fixture import REDIS_SERVER, RedisServer, running_member, running_redis
 from tests.integration.conftest import FAST_SIM
 from tests.integration.metrics_scrape import Scrape
+from tests.integration.nginx_fixture import free_port
 from tests.integration.sse_frames import FrameReader, native_text
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -183,3 +184,33 @@ async def test_a_killed_supervisor_leaves_no_worker_behind(sim_factory, redis):
             for pid in workers:
                 if _alive(pid):
                     os.kill(pid, signal.SIGKILL)
+
+
+def _time_wait_on(port: int) -> int:
+    """Sockets in TIME_WAIT whose local port is ``port`` (/proc/net/tcp, state 06)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
+            count += 1
+    return count
+
+
+async def test_workers_start_on_the_port_a_single_gateway_just_left(sim_factory, redis):
+    """A single gateway that closed a keep-alive connection itself (its drain
+    closes idle ones) leaves a TIME_WAIT entry on its port for a minute: the
+    workers that replace it must still start at once."""
+    sim = await sim_factory(FAST_SIM)
+    port = str(free_port())
+    async with running_member(sim.url, None, {"GATEWAY_PORT": port}) as single:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(single.url + "/healthz") as resp:
+                assert resp.status == 200
+            single.service.process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                assert await single.service.process.wait() == 0
+    assert _time_wait_on(int(port)) > 0
+    async with running_member(sim.url, redis.url, {"GATEWAY_WORKERS": "2",
+                                                   "GATEWAY_PORT": port}) as gateway:
+        async with aiohttp.ClientSession() as http, http.get(gateway.url + "/healthz") as resp:
+            assert resp.status == 200
