@@ -12,6 +12,8 @@ member (REDIS_URL is required) with its own internal listener.
 Signals: SIGTERM/SIGINT are passed on to every worker, which drains as a
 single process does (a second one cuts the drain short). The workers run in
 their own session, so a terminal's Ctrl-C reaches them once, through here.
+A worker still running DRAIN_TIMEOUT_S + KILL_GRACE_S after the first stop
+(hung, or stopped with SIGSTOP) gets SIGKILL, and the supervisor exits 1.
 If a worker exits on its own with a failure, the others are stopped and the
 supervisor exits 1 (systemd's ``Restart=on-failure`` restarts the lot). If
 the supervisor itself is killed, each worker gets SIGTERM (and drains).
@@ -35,8 +37,11 @@ PR_SET_PDEATHSIG = 1
 #: How the supervisor tells a worker which one it is (not an operator setting).
 WORKER_INDEX = "GATEWAY_WORKER_INDEX"
 
-#: After the stop signal, how long past the drain timeout a worker may take.
+#: After the stop signal, how long past the drain timeout a worker may take
+#: before it gets SIGKILL.
 KILL_GRACE_S = 10.0
+#: The signals that stop the workers (each passed on to every worker).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _stop_with_parent(supervisor: int) -> None:
@@ -86,54 +91,93 @@ def reserve_port(settings: Settings) -> socket.socket:
 
 def supervise(settings: Settings, env: Mapping[str, str], placeholder: socket.socket) -> int:
     """Run the workers on ``placeholder``'s port (``reserve_port``) until they end."""
-    port = placeholder.getsockname()[1]
-    stopping: list[int] = []
-
-    def forward(signum: int, frame: object) -> None:
-        stopping.append(signum)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    children: list[subprocess.Popen[bytes]] = []
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    status = 0
+    supervisor = _Supervisor(settings, env, placeholder.getsockname()[1])
+    previous = {s: signal.signal(s, supervisor.on_signal) for s in STOP_SIGNALS}
     try:
-        for index in range(settings.workers):
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "gateway"],
-                    env={**env, "GATEWAY_PORT": str(port), WORKER_INDEX: str(index)},
-                    start_new_session=True,
-                    preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
-                )
-            )
-        while any(child.poll() is None for child in children):
-            for child in children:
-                code = child.poll()
-                if code not in (None, 0) and not stopping:
-                    print(f"llm-stream-gateway: worker {child.pid} exited with status {code}; "
-                          "stopping the others", file=sys.stderr, flush=True)
-                    status = 1
-                    forward(signal.SIGTERM, None)
-            time.sleep(0.1)
+        return supervisor.run()
     finally:
-        deadline = time.monotonic() + settings.drain_timeout_s + KILL_GRACE_S
-        for child in children:
-            if child.poll() is None:
-                if not stopping:
-                    child.terminate()
-                try:
-                    child.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+        supervisor.kill_all()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         placeholder.close()
-    if any(child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT) for child in children):
-        status = 1
-    return status
+
+
+class _Supervisor:
+    """The workers of one supervisor, and when they must be gone by."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str], port: int) -> None:
+        self.settings = settings
+        self.env = env
+        self.port = port
+        self.children: list[subprocess.Popen[bytes]] = []
+        #: Set by the first stop: when workers still running get SIGKILL.
+        self.deadline: float | None = None
+        self.status = 0
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.stop(signum)
+
+    def stop(self, signum: int) -> None:
+        """Pass ``signum`` to every running worker; the first stop starts the
+        kill deadline (the drain timeout plus KILL_GRACE_S)."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.settings.drain_timeout_s + KILL_GRACE_S
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def run(self) -> int:
+        for index in range(self.settings.workers):
+            self.children.append(self._spawn(index))
+        while self._running():
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self._kill_late()
+                break
+            if self.deadline is None:
+                self._check_failures()
+            time.sleep(0.1)
+        if any(c.returncode not in (0, -signal.SIGTERM, -signal.SIGINT) for c in self.children):
+            self.status = 1
+        return self.status
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway"],
+            env={**self.env, "GATEWAY_PORT": str(self.port), WORKER_INDEX: str(index)},
+            start_new_session=True,
+            preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
+        )
+
+    def _running(self) -> list[subprocess.Popen[bytes]]:
+        return [child for child in self.children if child.poll() is None]
+
+    def _check_failures(self) -> None:
+        """A worker that exited on its own with a failure: stop the others."""
+        for child in self.children:
+            code = child.poll()
+            if code not in (None, 0):
+                print(f"llm-stream-gateway: worker {child.pid} exited with status {code}; "
+                      "stopping the others", file=sys.stderr, flush=True)
+                self.status = 1
+                self.stop(signal.SIGTERM)
+                return
+
+    def _kill_late(self) -> None:
+        """Past the deadline: SIGKILL whatever still runs (a hung or stopped
+        worker would otherwise keep the supervisor, and its port, forever)."""
+        for index, child in enumerate(self.children):
+            if child.poll() is None:
+                print(f"llm-stream-gateway: worker {index + 1} of {len(self.children)} still "
+                      f"running {self.settings.drain_timeout_s + KILL_GRACE_S:g} s after the "
+                      "stop; killing it", file=sys.stderr, flush=True)
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        """SIGKILL every worker still running and reap it."""
+        for child in self.children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
 
 
 def as_worker(settings: Settings, env: Mapping[str, str]) -> Settings:

@@ -12,7 +12,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -214,3 +216,114 @@ async def test_workers_start_on_the_port_a_single_gateway_just_left(sim_factory,
                                                    "GATEWAY_PORT": port}) as gateway:
         async with aiohttp.ClientSession() as http, http.get(gateway.url + "/healthz") as resp:
             assert resp.status == 200
+
+
+#: ``python -m gateway`` with a kill grace of 1 s instead of 10 s, so that a
+#: test of the supervisor's kill deadline takes seconds.
+QUICK_KILL = ("import sys, gateway.workers as workers; workers.KILL_GRACE_S = 1.0; "
+              "from gateway.__main__ import main; sys.exit(main())")
+
+
+@dataclass
+class Supervisor:
+    """A supervisor as our child, its stdout and stderr read into ``lines``."""
+
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Every worker pid seen, for the clean-up.
+    seen: set[int] = field(default_factory=set)
+
+    async def read(self) -> None:
+        assert self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            self.lines.append(line.decode(errors="replace").rstrip())
+            self.changed.set()
+
+    async def wait_lines(self, text: str, count: int = 1) -> list[str]:
+        """Until ``count`` lines contain ``text`` (a 15 s ceiling)."""
+        try:
+            async with asyncio.timeout(15):
+                while len(found := [line for line in self.lines if text in line]) < count:
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"no {text!r} in:\n" + "\n".join(self.lines)) from None
+        return found
+
+    def workers(self) -> dict[int, int]:
+        """Worker number (1..N) -> pid, of the workers running now."""
+        found = {}
+        for pid in _children(self.process.pid):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            index = next(v for v in environ if v.startswith(b"GATEWAY_WORKER_INDEX="))
+            found[int(index.split(b"=")[1]) + 1] = pid
+        self.seen.update(found.values())
+        return found
+
+    async def exit_status(self) -> int:
+        try:
+            async with asyncio.timeout(20):
+                return await self.process.wait()
+        except TimeoutError:
+            raise AssertionError("the supervisor is still running:\n"
+                                 + "\n".join(self.lines)) from None
+
+
+@asynccontextmanager
+async def supervisor(env: Mapping[str, str], workers: int) -> AsyncIterator[Supervisor]:
+    """A supervisor of ``workers`` workers, once each listens. At the end,
+    it and every worker it had are gone (SIGKILL for any left)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", QUICK_KILL, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    running = Supervisor(process)
+    reader = asyncio.create_task(running.read(), name="supervisor output")
+    try:
+        await running.wait_lines("listening on", workers)
+        running.workers()
+        yield running
+    finally:
+        if process.returncode is None:
+            running.workers()
+            process.kill()
+            await process.wait()
+        for pid in running.seen:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await reader  # EOF once every holder of the pipe is gone
+
+
+def supervisor_env(sim_url: str, redis_url: str, **settings: str) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("GATEWAY_", "UPSTREAM_", "CLUSTER_", "REDIS_"))}
+    return env | {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": "0", "UPSTREAM_URL": sim_url,
+                  "REDIS_URL": redis_url, "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
+                  "DRAIN_TIMEOUT_S": "0.5", **settings}
+
+
+async def test_a_worker_that_does_not_stop_is_killed_at_the_deadline(sim_factory, redis):
+    """SIGTERM, and a worker that cannot act on it (stopped): past the drain
+    timeout plus the kill grace it is SIGKILLed, and the supervisor exits."""
+    sim = await sim_factory(FAST_SIM)
+    env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2")
+    async with supervisor(env, 2) as running:
+        hung = running.workers()[2]
+        os.kill(hung, signal.SIGSTOP)
+        running.process.send_signal(signal.SIGTERM)
+        assert await running.exit_status() == 1
+        assert not _alive(hung)
+        assert any("worker 2 of 2" in line and "killing it" in line for line in running.lines)
+
+
+async def test_a_crash_next_to_a_hung_worker_still_ends_the_supervisor(sim_factory, redis):
+    sim = await sim_factory(FAST_SIM)
+    env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2")
+    async with supervisor(env, 2) as running:
+        workers = running.workers()
+        os.kill(workers[2], signal.SIGSTOP)
+        os.kill(workers[1], signal.SIGKILL)
+        assert await running.exit_status() == 1
+        assert not _alive(workers[2])
