@@ -50,7 +50,10 @@ def _stop_with_parent(supervisor: int) -> None:
     behind. (A supervisor that stops normally forwards SIGTERM and each
     worker drains; one that was killed gave its workers no drain either.)
     A supervisor that died between the fork and this call sends nothing:
-    then the worker's parent is no longer ``supervisor``, and it stops here."""
+    then the worker's parent is no longer ``supervisor``, and it stops here.
+    The stop signals the supervisor held while forking are let through
+    again (a blocked signal mask survives exec)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         import ctypes
 
@@ -128,7 +131,9 @@ class _Supervisor:
 
     def run(self) -> int:
         for index in range(self.settings.workers):
-            self.children.append(self._spawn(index))
+            if self.deadline is not None:
+                break  # stopped while starting: no more workers
+            self._spawn(index)
         while self._running():
             if self.deadline is not None and time.monotonic() >= self.deadline:
                 self._kill_late()
@@ -140,13 +145,20 @@ class _Supervisor:
             self.status = 1
         return self.status
 
-    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway"],
-            env={**self.env, "GATEWAY_PORT": str(self.port), WORKER_INDEX: str(index)},
-            start_new_session=True,
-            preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
-        )
+    def _spawn(self, index: int) -> None:
+        """Start worker ``index``. The stop signals are held until it is in
+        ``children``: one arriving meanwhile then reaches it too, where it
+        would have reached only the workers started before."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.children.append(subprocess.Popen(
+                [sys.executable, "-m", "gateway"],
+                env={**self.env, "GATEWAY_PORT": str(self.port), WORKER_INDEX: str(index)},
+                start_new_session=True,
+                preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
+            ))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _running(self) -> list[subprocess.Popen[bytes]]:
         return [child for child in self.children if child.poll() is None]

@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -327,3 +328,34 @@ async def test_a_crash_next_to_a_hung_worker_still_ends_the_supervisor(sim_facto
         os.kill(workers[1], signal.SIGKILL)
         assert await running.exit_status() == 1
         assert not _alive(workers[2])
+
+
+def _first_child(pid: int) -> list[int]:
+    """Every child of ``pid``, once it has one (polled every 0.5 ms: the
+    signal must land while the supervisor is still starting workers)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    while not (children := path.read_text().split()):
+        time.sleep(0.0005)
+    return [int(child) for child in children]
+
+
+async def test_a_stop_while_workers_are_starting_stops_every_worker(sim_factory, redis):
+    sim = await sim_factory(FAST_SIM)
+    env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="4")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", QUICK_KILL, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    running = Supervisor(process)
+    try:
+        running.seen.update(_first_child(process.pid))
+        process.send_signal(signal.SIGTERM)
+        assert await running.exit_status() == 0
+    finally:
+        if process.returncode is None:
+            running.seen.update(_children(process.pid))
+            process.kill()
+            await process.wait()
+        for pid in running.seen:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
