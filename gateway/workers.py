@@ -14,9 +14,11 @@ single process does (a second one cuts the drain short). The workers run in
 their own session, so a terminal's Ctrl-C reaches them once, through here.
 A worker still running DRAIN_TIMEOUT_S + KILL_GRACE_S after the first stop
 (hung, or stopped with SIGSTOP) gets SIGKILL, and the supervisor exits 1.
-If a worker exits on its own with a failure, the others are stopped and the
-supervisor exits 1 (systemd's ``Restart=on-failure`` restarts the lot). If
-the supervisor itself is killed, each worker gets SIGTERM (and drains).
+If a worker exits when the supervisor did not stop it (a crash, or a signal
+sent to that worker alone: status 0 included), the others are stopped and
+the supervisor exits 1 (systemd's ``Restart=on-failure`` restarts the lot).
+If the supervisor itself is killed, each worker gets SIGKILL (no drain:
+``_stop_with_parent``).
 """
 
 from __future__ import annotations
@@ -164,12 +166,15 @@ class _Supervisor:
         return [child for child in self.children if child.poll() is None]
 
     def _check_failures(self) -> None:
-        """A worker that exited on its own with a failure: stop the others."""
-        for child in self.children:
+        """A worker that exited before any stop is a failure, whatever its
+        status (one that was sent SIGTERM on its own drains and exits 0):
+        stop the others, exit 1, and Restart=on-failure starts the lot again."""
+        for index, child in enumerate(self.children):
             code = child.poll()
-            if code not in (None, 0):
-                print(f"llm-stream-gateway: worker {child.pid} exited with status {code}; "
-                      "stopping the others", file=sys.stderr, flush=True)
+            if code is not None:
+                print(f"llm-stream-gateway: worker {index + 1} of {len(self.children)} "
+                      f"(pid {child.pid}) exited with status {code}; stopping the others",
+                      file=sys.stderr, flush=True)
                 self.status = 1
                 self.stop(signal.SIGTERM)
                 return

@@ -359,3 +359,17 @@ async def test_a_stop_while_workers_are_starting_stops_every_worker(sim_factory,
         for pid in running.seen:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_worker_that_stops_on_its_own_is_a_failure(sim_factory, redis):
+    """SIGTERM to one worker: it drains and exits 0, which the supervisor
+    did not ask for. Running on with one worker fewer (or exiting 0 once
+    all went) would leave the host short, or down for Restart=on-failure."""
+    sim = await sim_factory(FAST_SIM)
+    env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2")
+    async with supervisor(env, 2) as running:
+        os.kill(running.workers()[1], signal.SIGTERM)
+        assert await running.exit_status() == 1
+    [line] = [line for line in running.lines if "exited with status" in line]
+    assert line.startswith("llm-stream-gateway: worker 1 of 2 (pid ")
+    assert "exited with status 0" in line and "stopping the others" in line
