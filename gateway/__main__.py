@@ -1,6 +1,8 @@
 """``python -m gateway``: settings from the environment, serve, drain on SIGTERM.
 
-Shutdown, on SIGTERM or SIGINT:
+Shutdown, on SIGTERM, SIGINT or SIGHUP (a closed terminal, or a reload
+habit, must not cut streams: there is no reload, so SIGHUP is a drain too;
+the ``draining`` log line names the signal):
 
 1. At once: ``/readyz`` and new model requests answer 503 (``draining``), the
    listening socket closes (a new connection is refused, so nginx passes the
@@ -46,7 +48,7 @@ from gateway.state import STATE, GatewayState
 
 log = structlog.get_logger("gateway")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 #: Net new container objects between two young-generation collections
 #: (CPython's default is 700). Each collection walks the whole in-flight
@@ -56,15 +58,19 @@ GC_YOUNG_THRESHOLD = 7000
 
 
 class _Signals:
-    """Counts SIGTERM/SIGINT: the first starts the drain, the second cuts it short."""
+    """Counts stop signals: the first starts the drain, the second cuts it short."""
 
     def __init__(self) -> None:
         self.first = asyncio.Event()
         self.second = asyncio.Event()
+        #: The name of the first one, for the ``draining`` line.
+        self.name = ""
 
-    def received(self) -> None:
+    def received(self, signum: int) -> None:
         if self.first.is_set():
             self.second.set()
+        else:
+            self.name = signal.Signals(signum).name
         self.first.set()
 
 
@@ -109,7 +115,7 @@ async def serve(settings: Settings) -> None:
     signals = _Signals()
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, signals.received)
+        loop.add_signal_handler(signum, signals.received, signum)
     listener = make_listener(runner, settings)
     try:
         try:
@@ -148,8 +154,8 @@ async def serve(settings: Settings) -> None:
         state.draining = True
         listener.stop_listening()
         closed = listener.connections.close_idle()
-        log.info("draining", streams=state.active_streams, timeout_s=settings.drain_timeout_s,
-                 idle_connections_closed=closed)
+        log.info("draining", signal=signals.name, streams=state.active_streams,
+                 timeout_s=settings.drain_timeout_s, idle_connections_closed=closed)
         await _drain(state, listener.connections, settings.drain_timeout_s, signals.second)
     finally:
         for signum in STOP_SIGNALS:
@@ -239,7 +245,8 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "the environment; with no UPSTREAM_URL it serves the built-in simulator.",
         epilog="environment variables (every one with its default and meaning: "
         "docs/configuration.md):\n  " + "\n  ".join(lines)
-        + "\n\nexit status: 0 stopped (drained), 1 cannot listen on the port, "
+        + "\n\nexit status: 0 stopped (drained on SIGTERM, SIGINT or SIGHUP), "
+        "1 cannot listen on the port, "
         "2 bad configuration",
     )
     parser.add_argument(

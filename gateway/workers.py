@@ -9,8 +9,8 @@ the kernel spreads new connections over them (connections, not requests: a
 keep-alive connection stays with its worker), and each is a full cluster
 member (REDIS_URL is required) with its own internal listener.
 
-Signals: SIGTERM/SIGINT are passed on to every worker, which drains as a
-single process does (a second one cuts the drain short). The workers run in
+Signals: SIGTERM, SIGINT and SIGHUP are passed on to every worker, which
+drains as a single process does (a second one cuts the drain short). The workers run in
 their own session, so a terminal's Ctrl-C reaches them once, through here.
 A worker still running DRAIN_TIMEOUT_S + KILL_GRACE_S after the first stop
 (hung, or stopped with SIGSTOP) gets SIGKILL, and the supervisor exits 1.
@@ -42,8 +42,9 @@ WORKER_INDEX = "GATEWAY_WORKER_INDEX"
 #: After the stop signal, how long past the drain timeout a worker may take
 #: before it gets SIGKILL.
 KILL_GRACE_S = 10.0
-#: The signals that stop the workers (each passed on to every worker).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The signals that stop the workers (each passed on to every worker, which
+#: drains on any of them).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _stop_with_parent(supervisor: int) -> None:

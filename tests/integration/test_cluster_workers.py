@@ -219,9 +219,9 @@ async def test_workers_start_on_the_port_a_single_gateway_just_left(sim_factory,
             assert resp.status == 200
 
 
-#: ``python -m gateway`` with a kill grace of 1 s instead of 10 s, so that a
+#: ``python -m gateway`` with a kill grace of 3 s instead of 10 s, so that a
 #: test of the supervisor's kill deadline takes seconds.
-QUICK_KILL = ("import sys, gateway.workers as workers; workers.KILL_GRACE_S = 1.0; "
+QUICK_KILL = ("import sys, gateway.workers as workers; workers.KILL_GRACE_S = 3.0; "
               "from gateway.__main__ import main; sys.exit(main())")
 
 
@@ -301,7 +301,8 @@ def supervisor_env(sim_url: str, redis_url: str, **settings: str) -> dict[str, s
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("GATEWAY_", "UPSTREAM_", "CLUSTER_", "REDIS_"))}
     return env | {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": "0", "UPSTREAM_URL": sim_url,
-                  "REDIS_URL": redis_url, "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
+                  "UPSTREAM_PROTOCOL": "h2c", "REDIS_URL": redis_url, "LOG_LEVEL": "warning",
+                  "LOG_FORMAT": "json",
                   "DRAIN_TIMEOUT_S": "0.5", **settings}
 
 
@@ -373,3 +374,20 @@ async def test_a_worker_that_stops_on_its_own_is_a_failure(sim_factory, redis):
     [line] = [line for line in running.lines if "exited with status" in line]
     assert line.startswith("llm-stream-gateway: worker 1 of 2 (pid ")
     assert "exited with status 0" in line and "stopping the others" in line
+
+
+async def test_sighup_drains_every_worker(sim_factory, redis):
+    """A closed terminal or a reload habit sends SIGHUP: the same drain as
+    SIGTERM in every worker (a stream in flight finishing on SIGHUP is
+    test_shutdown.py's), status 0."""
+    sim = await sim_factory(FAST_SIM)
+    settings = {"GATEWAY_WORKERS": "2", "LOG_LEVEL": "info", "LOG_FORMAT": "json"}
+    async with running_member(sim.url, redis.url, settings) as gateway:
+        async with asyncio.timeout(30):
+            while sum("listening on" in line for line in gateway.output) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        gateway.service.process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(15):
+            assert await gateway.service.process.wait() == 0, "\n".join(gateway.output)
+        assert sum('"signal":"SIGHUP"' in line and '"draining"' in line
+                   for line in gateway.output) == 2

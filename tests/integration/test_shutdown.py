@@ -1,6 +1,6 @@
 """Graceful shutdown of ``python -m gateway`` (gateway/__main__.py), as a process.
 
-SIGTERM (or SIGINT): the listener closes and idle keep-alive connections are
+SIGTERM (or SIGINT, or SIGHUP): the listener closes and idle keep-alive connections are
 closed at once, streams in flight finish for up to DRAIN_TIMEOUT_S, the rest
 then end with an in-stream ``shutting_down`` error and their upstream streams
 are reset; exit status 0. The drain runs over both upstream protocols.
@@ -146,7 +146,8 @@ async def idle_keepalive_connection(
 
 
 @both_protocols
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 async def test_streams_in_flight_finish_and_nothing_new_gets_in(sim_factory, signum, upstream_protocol):
     sim = await sim_factory()
     prompts = [f"drain me {n} {SLOW}" for n in range(3)]
@@ -185,7 +186,7 @@ async def test_streams_in_flight_finish_and_nothing_new_gets_in(sim_factory, sig
     assert openai_stream[-1].raw == b"data: [DONE]\n\n"
     assert [record.outcome for record in sim.log.records] == ["complete"] * 3
     draining = await gateway.wait_logged("draining")
-    assert draining["streams"] == 3
+    assert draining["streams"] == 3 and draining["signal"] == signum.name
     events = gateway.events()
     assert "drained" in events and "ending the remaining streams" not in events
     assert events[-1] == "stopped"
