@@ -15,9 +15,10 @@ import functools
 import json
 import logging
 import re
+import select
 import sys
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -98,10 +99,11 @@ class _UTCTimestamp:
 
 class TickWriter:
     """structlog's logger: the lines logged in one event-loop iteration leave
-    in one write, at its end (a write to a pipe, as stderr is under a
-    supervisor, also wakes the reader: that, not the formatting, was most of
-    a request line's cost). Outside a running loop each line is written at
-    once, after any still pending; and whatever is pending at exit is written."""
+    in one write (or a few of at most PIPE_BUF bytes each), at its end (a
+    write to a pipe, as stderr is under a supervisor, also wakes the reader:
+    that, not the formatting, was most of a request line's cost). Outside a
+    running loop each line is written at once, after any still pending; and
+    whatever is pending at exit is written."""
 
     __slots__ = ("_file", "_pending", "_flush_on")
 
@@ -128,8 +130,31 @@ class TickWriter:
         self._flush_on = None
         if self._pending:
             lines, self._pending = self._pending, []
-            self._file.write("\n".join(lines) + "\n")
-            self._file.flush()
+            for chunk in _atomic_chunks(lines):
+                self._file.write(chunk)
+                self._file.flush()
+
+
+def _atomic_chunks(lines: list[str]) -> Iterator[str]:
+    """``lines`` as few texts of whole lines, each at most PIPE_BUF bytes
+    (a line longer than that alone): a write of at most PIPE_BUF bytes to a
+    pipe is atomic, so the lines of workers sharing one stderr pipe are
+    never spliced into each other when its reader falls behind."""
+    text = "\n".join(lines) + "\n"
+    if len(text) * 4 <= select.PIPE_BUF or len(text.encode()) <= select.PIPE_BUF:
+        yield text  # the common case: one write
+        return
+    chunk: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode()) + 1
+        if chunk and size + length > select.PIPE_BUF:
+            yield "\n".join(chunk) + "\n"
+            chunk, size = [], 0
+        chunk.append(line)
+        size += length
+    if chunk:
+        yield "\n".join(chunk) + "\n"
 
 
 def _json_serializer() -> Callable[..., str]:

@@ -13,6 +13,7 @@ import datetime
 import io
 import json
 import re
+import select
 import sys
 from collections.abc import Iterator
 
@@ -262,3 +263,26 @@ def test_a_secret_inside_a_nested_field_is_redacted(capsys):
     assert configured not in json.dumps(line)
     assert line["headers"] == {"Authorization": "[redacted]", "x-note": "key [redacted]"}
     assert line["attempts"] == ["sent [redacted]", 2]
+
+
+def test_a_tick_longer_than_pipe_buf_leaves_in_whole_lines_of_at_most_pipe_buf() -> None:
+    """Workers share one stderr pipe: a write of at most PIPE_BUF bytes is
+    atomic there, a longer one can be spliced with another worker's."""
+    sink = Sink()
+    writer = TickWriter(sink)
+    lines = [f"line {n} " + "é" * 300 for n in range(40)]  # 2-byte characters: bytes count
+    long_line = "x" * (select.PIPE_BUF + 10)
+
+    async def main() -> None:
+        for line in [*lines[:20], long_line, *lines[20:]]:
+            writer.msg(line)
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert "".join(sink.writes) == "".join(f"{line}\n" for line in [*lines[:20], long_line, *lines[20:]])
+    assert long_line + "\n" in sink.writes  # alone, as it is longer than any atomic write
+    for write in sink.writes:
+        assert write.endswith("\n")
+        if write != long_line + "\n":
+            assert len(write.encode()) <= select.PIPE_BUF
+    assert len(sink.writes) < 20  # still few writes, not one per line
