@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import gc
 import os
 import signal
@@ -41,7 +40,7 @@ from aiohttp import web
 from gateway import json_codec
 from gateway.app import make_app, make_listener
 from gateway.config import ConfigError, Settings
-from gateway.connection import Connections
+from gateway.connection import Connections, ListenError
 from gateway.errors import ShuttingDown
 from gateway.logs import configure_logging
 from gateway.state import STATE, GatewayState
@@ -192,20 +191,6 @@ def run_event_loop(main: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None
             uvloop.run(main)
             return
     asyncio.run(main)
-
-
-class ListenError(Exception):
-    """The listening socket could not be opened (the port is taken, or not ours to take)."""
-
-    @classmethod
-    def from_os_error(cls, exc: OSError, host: str, port: int) -> ListenError:
-        if exc.errno == errno.EADDRINUSE:
-            why = "is already in use (another gateway, or an old one still draining?)"
-        elif exc.errno == errno.EACCES:
-            why = "needs privileges this process does not have"
-        else:
-            why = f"cannot be opened: {exc.strerror or exc}"
-        return cls(f"port {port} on {host} {why}; choose another with GATEWAY_PORT")
 
 
 #: Exit statuses. A bad configuration value cannot be fixed by a restart

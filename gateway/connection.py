@@ -28,6 +28,7 @@ and asyncio's protocol methods). It adds:
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import secrets
 import socket
@@ -369,6 +370,23 @@ def _error_for(status: int, exc: BaseException | None) -> GatewayError:
 def client_connection(request: web.Request) -> ClientConnection | None:
     protocol = request.protocol
     return protocol if isinstance(protocol, ClientConnection) else None
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened (the port is taken, or not ours
+    to take): one line for the operator, naming the setting to change."""
+
+    @classmethod
+    def from_os_error(
+        cls, exc: OSError, host: str, port: int, *, setting: str = "GATEWAY_PORT"
+    ) -> ListenError:
+        if exc.errno == errno.EADDRINUSE:
+            why = "is already in use (another gateway, or an old one still draining?)"
+        elif exc.errno == errno.EACCES:
+            why = "needs privileges this process does not have"
+        else:
+            why = f"cannot be opened: {exc.strerror or exc}"
+        return cls(f"port {port} on {host} {why}; choose another with {setting}")
 
 
 class Listener:

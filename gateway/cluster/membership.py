@@ -25,6 +25,7 @@ from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import PeerClient
 from gateway.cluster.routes import internal_app
 from gateway.config import Settings, cluster_listen_host
+from gateway.connection import ListenError
 
 #: How long the internal listener waits for its streams when it stops (the
 #: registry has ended them by then in a drain).
@@ -96,7 +97,12 @@ async def open_internal_listener(
         port = (urlsplit(advertised).port or 0) + (settings.worker_index or 0)
     listen_host = cluster_listen_host(settings.host, advertised)
     site = web.TCPSite(runner, listen_host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError.from_os_error(
+            exc, listen_host, port, setting="CLUSTER_ADVERTISE_URL (each worker adds its index)"
+        ) from exc
     bound = runner.addresses[-1][1]
     if advertised is None:
         host = listen_host

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -79,6 +80,30 @@ async def test_a_port_other_workers_hold_is_in_use_for_a_second_supervisor(sim_f
     assert stderr.decode().splitlines() == [
         f"llm-stream-gateway: port {port} on 127.0.0.1 is already in use (another gateway, or an "
         "old one still draining?); choose another with GATEWAY_PORT"
+    ]
+
+
+async def test_a_busy_internal_port_is_a_one_line_start_up_error(sim_factory, redis):
+    sim = await sim_factory(FAST_SIM)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        env = {**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": "0",
+               "REDIS_URL": redis.url, "UPSTREAM_URL": sim.url,
+               "CLUSTER_ADVERTISE_URL": f"http://127.0.0.1:{busy}"}
+        gateway = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            stdout, stderr = await gateway.communicate()
+    assert gateway.returncode == 1
+    assert stdout == b""
+    assert stderr.decode().splitlines() == [
+        f"llm-stream-gateway: port {busy} on 127.0.0.1 is already in use (another gateway, or an "
+        "old one still draining?); choose another with CLUSTER_ADVERTISE_URL (each worker adds "
+        "its index)"
     ]
 
 
