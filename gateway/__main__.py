@@ -140,8 +140,6 @@ async def serve(settings: Settings) -> None:
             worker = f", worker {settings.worker_index + 1} of {settings.workers}"
         print(f"llm-stream-gateway listening on {url} (upstream: {upstream}{worker})", flush=True)
         extra: dict[str, object] = {}
-        if settings.worker_index is not None:
-            extra["worker"] = settings.worker_index
         if state.cluster is not None:
             extra["cluster"] = state.cluster.me.url
         log.info("started", url=url, upstream=state.upstream_url, simulated=state.simulated, **extra)
@@ -259,11 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIGURATION
     if not settings.orjson:
         json_codec.use_standard_library()
-    configure_logging(settings.log_level, settings.log_format)  # its JSON is json_codec's
     if settings.workers > 1:
-        from gateway.workers import as_worker, reserve_port, supervise
+        from gateway.workers import as_worker
 
         settings = as_worker(settings, os.environ)
+    # Its JSON is json_codec's; a worker's lines say which worker wrote them.
+    configure_logging(settings.log_level, settings.log_format, worker=settings.worker_index)
+    if settings.workers > 1:
+        from gateway.workers import reserve_port, supervise
+
         if settings.worker_index is None:
             try:
                 placeholder = reserve_port(settings)

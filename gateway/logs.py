@@ -97,6 +97,19 @@ class _UTCTimestamp:
         return event
 
 
+class _Stamp:
+    """A processor that adds one fixed field to every line."""
+
+    __slots__ = ("_name", "_value")
+
+    def __init__(self, name: str, value: object) -> None:
+        self._name, self._value = name, value
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event.setdefault(self._name, self._value)
+        return event
+
+
 class TickWriter:
     """structlog's logger: the lines logged in one event-loop iteration leave
     in one write (or a few of at most PIPE_BUF bytes each), at its end (a
@@ -181,7 +194,9 @@ _writer = TickWriter(sys.stderr)
 atexit.register(lambda: _writer.flush())
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+def configure_logging(level: str = "info", fmt: str = "json", *, worker: int | None = None) -> None:
+    """``worker``: a supervised worker's index, stamped on every line (the
+    workers share the supervisor's stderr, and the journal's pid)."""
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if resolve_format(fmt) == "console"
@@ -197,6 +212,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             _UTCTimestamp(),
             structlog.processors.format_exc_info,
             _redact,  # after format_exc_info: exception text is redacted too
+            *([] if worker is None else [_Stamp("worker", worker)]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
