@@ -15,14 +15,19 @@ their own session, so a terminal's Ctrl-C reaches them once, through here.
 A worker still running DRAIN_TIMEOUT_S + KILL_GRACE_S after the first stop
 (hung, or stopped with SIGSTOP) gets SIGKILL, and the supervisor exits 1.
 If a worker exits when the supervisor did not stop it (a crash, or a signal
-sent to that worker alone: status 0 included), the others are stopped and
-the supervisor exits 1 (systemd's ``Restart=on-failure`` restarts the lot).
+sent to that worker alone: status 0 included), it alone is started again,
+with the same index, after a back-off (RESTART_DELAY_S, doubling), while the
+others serve on. More than GIVE_UP_EXITS such exits within GIVE_UP_WINDOW_S
+mean a fault no restart cures: the others are stopped (they drain) and the
+supervisor exits 1, for systemd's ``Restart=on-failure`` to restart the lot.
+A stop cancels any restart still waiting.
 If the supervisor itself is killed, each worker gets SIGKILL (no drain:
 ``_stop_with_parent``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -45,6 +50,17 @@ KILL_GRACE_S = 10.0
 #: The signals that stop the workers (each passed on to every worker, which
 #: drains on any of them).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: A worker that exits unasked is started again after RESTART_DELAY_S,
+#: doubled for each further exit up to RESTART_DELAY_MAX_S (a worker that
+#: fails at start does not spin); one that ran RESTART_RESET_S or longer
+#: before it exited waits RESTART_DELAY_S again.
+RESTART_DELAY_S = 0.1
+RESTART_DELAY_MAX_S = 5.0
+RESTART_RESET_S = 10.0
+#: More than GIVE_UP_EXITS unasked exits (of all workers together) within
+#: GIVE_UP_WINDOW_S: the supervisor stops the others and exits 1.
+GIVE_UP_EXITS = 5
+GIVE_UP_WINDOW_S = 60.0
 
 
 def _stop_with_parent(supervisor: int) -> None:
@@ -108,14 +124,31 @@ def supervise(settings: Settings, env: Mapping[str, str], placeholder: socket.so
         placeholder.close()
 
 
+@dataclasses.dataclass
+class _Slot:
+    """One worker index: the process running as it, and its restarts."""
+
+    index: int
+    #: None before the first start and while a restart waits.
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    #: The wait before the next restart.
+    delay: float = RESTART_DELAY_S
+    #: When the next restart is due; None when none waits.
+    restart_at: float | None = None
+
+
 class _Supervisor:
-    """The workers of one supervisor, and when they must be gone by."""
+    """The workers of one supervisor, their restarts, and when they must be
+    gone by."""
 
     def __init__(self, settings: Settings, env: Mapping[str, str], port: int) -> None:
         self.settings = settings
         self.env = env
         self.port = port
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.slots = [_Slot(index) for index in range(settings.workers)]
+        #: When the unasked exits of the last GIVE_UP_WINDOW_S happened.
+        self.exits: collections.deque[float] = collections.deque()
         #: Set by the first stop: when workers still running get SIGKILL.
         self.deadline: float | None = None
         self.status = 0
@@ -124,75 +157,111 @@ class _Supervisor:
         self.stop(signum)
 
     def stop(self, signum: int) -> None:
-        """Pass ``signum`` to every running worker; the first stop starts the
-        kill deadline (the drain timeout plus KILL_GRACE_S)."""
+        """Pass ``signum`` to every running worker and cancel the restarts
+        that wait; the first stop starts the kill deadline (the drain timeout
+        plus KILL_GRACE_S)."""
         if self.deadline is None:
             self.deadline = time.monotonic() + self.settings.drain_timeout_s + KILL_GRACE_S
-        for child in self.children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        for slot in self.slots:
+            slot.restart_at = None
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.send_signal(signum)
 
     def run(self) -> int:
-        for index in range(self.settings.workers):
-            if self.deadline is not None:
+        for slot in self.slots:
+            if not self._spawn(slot):
                 break  # stopped while starting: no more workers
-            self._spawn(index)
-        while self._running():
-            if self.deadline is not None and time.monotonic() >= self.deadline:
+        while True:
+            now = time.monotonic()
+            if self.deadline is None:
+                self._check_exits(now)
+                self._restart_due(now)
+            elif not self._running():
+                break
+            elif now >= self.deadline:
                 self._kill_late()
                 break
-            if self.deadline is None:
-                self._check_failures()
             time.sleep(0.1)
-        if any(c.returncode not in (0, -signal.SIGTERM, -signal.SIGINT) for c in self.children):
+        if any(child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)
+               for child in self._children()):
             self.status = 1
         return self.status
 
-    def _spawn(self, index: int) -> None:
-        """Start worker ``index``. The stop signals are held until it is in
-        ``children``: one arriving meanwhile then reaches it too, where it
-        would have reached only the workers started before."""
+    def _spawn(self, slot: _Slot) -> bool:
+        """Start worker ``slot.index``, unless a stop came first (False).
+        The stop signals are held until it is in its slot: one arriving
+        meanwhile then reaches it too, where it would have reached only the
+        workers started before. (Blocking them runs the handler of any that
+        came just before, so the deadline is current here.)"""
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.children.append(subprocess.Popen(
+            if self.deadline is not None:
+                return False
+            slot.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway"],
-                env={**self.env, "GATEWAY_PORT": str(self.port), WORKER_INDEX: str(index)},
+                env={**self.env, "GATEWAY_PORT": str(self.port), WORKER_INDEX: str(slot.index)},
                 start_new_session=True,
                 preexec_fn=functools.partial(_stop_with_parent, os.getpid()),
-            ))
+            )
+            slot.started = time.monotonic()
+            return True
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
-    def _running(self) -> list[subprocess.Popen[bytes]]:
-        return [child for child in self.children if child.poll() is None]
+    def _children(self) -> list[subprocess.Popen[bytes]]:
+        return [slot.process for slot in self.slots if slot.process is not None]
 
-    def _check_failures(self) -> None:
-        """A worker that exited before any stop is a failure, whatever its
-        status (one that was sent SIGTERM on its own drains and exits 0):
-        stop the others, exit 1, and Restart=on-failure starts the lot again."""
-        for index, child in enumerate(self.children):
-            code = child.poll()
-            if code is not None:
-                print(f"llm-stream-gateway: worker {index + 1} of {len(self.children)} "
-                      f"(pid {child.pid}) exited with status {code}; stopping the others",
-                      file=sys.stderr, flush=True)
+    def _running(self) -> list[subprocess.Popen[bytes]]:
+        return [child for child in self._children() if child.poll() is None]
+
+    def _check_exits(self, now: float) -> None:
+        """A worker that exited before any stop did so unasked, whatever its
+        status (one sent SIGTERM on its own drains and exits 0): schedule its
+        restart, or give up when workers keep exiting: stop the others,
+        exit 1, and Restart=on-failure starts the lot again."""
+        for slot in self.slots:
+            if self.deadline is not None:
+                return  # a stop came meanwhile: nothing more to restart
+            if slot.process is None or (code := slot.process.poll()) is None:
+                continue
+            line = (f"llm-stream-gateway: worker {slot.index + 1} of {len(self.slots)} "
+                    f"(pid {slot.process.pid}) exited with status {code}")
+            slot.process = None
+            self.exits.append(now)
+            while self.exits[0] <= now - GIVE_UP_WINDOW_S:
+                self.exits.popleft()
+            if len(self.exits) > GIVE_UP_EXITS:
+                print(f"{line}; giving up: stopping the others ({len(self.exits)} worker exits "
+                      f"in {GIVE_UP_WINDOW_S:g} s)", file=sys.stderr, flush=True)
                 self.status = 1
                 self.stop(signal.SIGTERM)
                 return
+            if now - slot.started >= RESTART_RESET_S:
+                slot.delay = RESTART_DELAY_S
+            print(f"{line}; restarting it in {slot.delay:g} s", file=sys.stderr, flush=True)
+            slot.restart_at = now + slot.delay
+            slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX_S)
+
+    def _restart_due(self, now: float) -> None:
+        for slot in self.slots:
+            if slot.restart_at is not None and now >= slot.restart_at:
+                slot.restart_at = None
+                if not self._spawn(slot):
+                    return
 
     def _kill_late(self) -> None:
         """Past the deadline: SIGKILL whatever still runs (a hung or stopped
         worker would otherwise keep the supervisor, and its port, forever)."""
-        for index, child in enumerate(self.children):
-            if child.poll() is None:
-                print(f"llm-stream-gateway: worker {index + 1} of {len(self.children)} still "
+        for slot in self.slots:
+            if slot.process is not None and slot.process.poll() is None:
+                print(f"llm-stream-gateway: worker {slot.index + 1} of {len(self.slots)} still "
                       f"running {self.settings.drain_timeout_s + KILL_GRACE_S:g} s after the "
                       "stop; killing it", file=sys.stderr, flush=True)
         self.kill_all()
 
     def kill_all(self) -> None:
         """SIGKILL every worker still running and reap it."""
-        for child in self.children:
+        for child in self._children():
             if child.poll() is None:
                 child.kill()
             child.wait()

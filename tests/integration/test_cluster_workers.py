@@ -3,7 +3,8 @@
 The supervisor (``python -m gateway``) starts the workers; each listens on
 the same port with SO_REUSEPORT and is a full cluster member. Without
 REDIS_URL, more than one worker is a one-line start-up error (status 2).
-SIGTERM drains every worker: a stream in flight finishes, status 0.
+SIGTERM drains every worker: a stream in flight finishes, status 0. A worker
+that exits unasked is started again on its own, until workers exit too often.
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
+from gateway.cluster.directory import MEMBERS
 from gateway.cluster.peer import METRICS_PATH
 from gateway.sim.content import answer_tokens
+from gateway.workers import GIVE_UP_EXITS, RESTART_DELAY_S
 from tests.integration.cluster_fixture import REDIS_SERVER, RedisServer, running_member, running_redis
 from tests.integration.conftest import FAST_SIM
 from tests.integration.metrics_scrape import Scrape
@@ -245,9 +250,9 @@ async def test_workers_start_on_the_port_a_single_gateway_just_left(sim_factory,
             assert resp.status == 200
 
 
-#: ``python -m gateway`` with a kill grace of 3 s instead of 10 s, so that a
-#: test of the supervisor's kill deadline takes seconds.
-QUICK_KILL = ("import sys, gateway.workers as workers; workers.KILL_GRACE_S = 3.0; "
+#: ``python -m gateway`` with a kill grace of seconds instead of 10 s, so
+#: that a test of the supervisor's kill deadline takes seconds.
+QUICK_KILL = ("import sys, gateway.workers as workers; workers.KILL_GRACE_S = {grace}; "
               "from gateway.__main__ import main; sys.exit(main())")
 
 
@@ -278,14 +283,26 @@ class Supervisor:
             raise AssertionError(f"no {text!r} in:\n" + "\n".join(self.lines)) from None
         return found
 
+    @property
+    def url(self) -> str:
+        """The shared address, from the first worker's ``listening on`` line."""
+        for line in self.lines:
+            if match := re.search(r"listening on (http://\S+)", line):
+                return match[1]
+        raise AssertionError("no worker listens yet")
+
     def workers(self) -> dict[int, int]:
         """Worker number (1..N) -> pid, of the workers running now."""
         found = {}
         for pid in _children(self.process.pid):
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            index = next(v for v in environ if v.startswith(b"GATEWAY_WORKER_INDEX="))
-            found[int(index.split(b"=")[1]) + 1] = pid
-        self.seen.update(found.values())
+            self.seen.add(pid)
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile
+            index = next((v for v in environ if v.startswith(b"GATEWAY_WORKER_INDEX=")), None)
+            if index is not None:  # None: forked, not yet a worker
+                found[int(index.split(b"=")[1]) + 1] = pid
         return found
 
     async def exit_status(self) -> int:
@@ -298,11 +315,13 @@ class Supervisor:
 
 
 @asynccontextmanager
-async def supervisor(env: Mapping[str, str], workers: int) -> AsyncIterator[Supervisor]:
-    """A supervisor of ``workers`` workers, once each listens. At the end,
-    it and every worker it had are gone (SIGKILL for any left)."""
+async def supervisor(env: Mapping[str, str], workers: int,
+                     kill_grace: float = 3.0) -> AsyncIterator[Supervisor]:
+    """A supervisor once ``workers`` of its workers listen. At the end, it
+    and every worker it had are gone (SIGKILL for any left)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", QUICK_KILL, env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+        sys.executable, "-c", QUICK_KILL.format(grace=kill_grace), env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     running = Supervisor(process)
@@ -341,20 +360,159 @@ async def test_a_worker_that_does_not_stop_is_killed_at_the_deadline(sim_factory
         hung = running.workers()[2]
         os.kill(hung, signal.SIGSTOP)
         running.process.send_signal(signal.SIGTERM)
-        assert await running.exit_status() == 1
+        assert await running.exit_status() == 1, "\n".join(running.lines)
         assert not _alive(hung)
         assert any("worker 2 of 2" in line and "killing it" in line for line in running.lines)
 
 
+@contextmanager
+def second_internal_port_busy() -> Iterator[int]:
+    """A free port P whose next one, P + 1, is held by a listener: with
+    CLUSTER_ADVERTISE_URL on P, worker 2's internal listener cannot start
+    (status 1, at once, every time) while worker 1's can."""
+    for _ in range(100):
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            held = holder.getsockname()[1]
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(("127.0.0.1", held - 1))
+                except OSError:
+                    continue
+            holder.listen()
+            yield held - 1
+            return
+    raise AssertionError("no free port below a free port")
+
+
+async def members_listed(redis_url: str, count: int) -> None:
+    """Until Redis lists ``count`` members (a 15 s ceiling): each worker has
+    then made its first write. A stop during that write can leave a worker
+    unable to exit (redis-py may swallow the cancellation), so a test stops
+    a worker only once it is listed."""
+    client = Redis.from_url(redis_url)
+    try:
+        async with asyncio.timeout(15):
+            while await client.zcard(MEMBERS) < count:  # noqa: ASYNC110 - Redis's state
+                await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+
+
+def restart_delays(lines: list[str]) -> list[str]:
+    return re.findall(r"restarting it in (\S+) s", "\n".join(lines))
+
+
 async def test_a_crash_next_to_a_hung_worker_still_ends_the_supervisor(sim_factory, redis):
+    """Worker 1 hung (stopped), worker 2 failing at every start: giving up
+    stops worker 1, which cannot drain, and the deadline kills it."""
+    sim = await sim_factory(FAST_SIM)
+    with second_internal_port_busy() as port:
+        env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2",
+                             CLUSTER_ADVERTISE_URL=f"http://127.0.0.1:{port}")
+        async with supervisor(env, 1, kill_grace=1.0) as running:
+            hung = running.workers()[1]
+            os.kill(hung, signal.SIGSTOP)
+            assert await running.exit_status() == 1, "\n".join(running.lines)
+            assert not _alive(hung)
+    assert sum("giving up" in line for line in running.lines) == 1
+    assert any("worker 1 of 2 still running" in line for line in running.lines)
+
+
+async def test_a_killed_worker_is_restarted_while_the_other_serves_on(sim_factory, redis):
+    """SIGKILL to one worker: the supervisor starts another with the same
+    index; the other worker, and a stream on it, go on untouched."""
     sim = await sim_factory(FAST_SIM)
     env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2")
     async with supervisor(env, 2) as running:
-        workers = running.workers()
-        os.kill(workers[2], signal.SIGSTOP)
-        os.kill(workers[1], signal.SIGKILL)
-        assert await running.exit_status() == 1
-        assert not _alive(workers[2])
+        before = running.workers()
+        # One keep-alive connection (the trace counts connections made):
+        # /stats says which worker holds it, and the stream runs on it too.
+        connections: list[object] = []
+
+        async def connected(*args: object) -> None:
+            connections.append(args)
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(connected)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                         trace_configs=[trace]) as http:
+            async with http.get(running.url + "/stats") as resp:
+                process = (await resp.json())["process"]
+            serving = process["worker"] + 1
+            other = 3 - serving
+            assert before[serving] == process["pid"]
+            prompt = "through a restart [sim itl_ms=50 tokens=20]"
+            resp = await http.post(running.url + "/v1/stream", json=chat(prompt))
+            reader = FrameReader(resp)
+            while (frame := await reader.next()) is not None and frame.event != "delta":
+                pass
+            os.kill(before[other], signal.SIGKILL)
+            [line] = await running.wait_lines("exited with status")
+            assert line == (f"llm-stream-gateway: worker {other} of 2 (pid {before[other]}) "
+                            f"exited with status -9; restarting it in {RESTART_DELAY_S:g} s")
+            frames = await reader.rest()
+            resp.release()
+            assert native_text(frames) == expected(prompt, 20)
+            assert frames[-1].event == "done"
+            assert len(connections) == 1
+
+        listening = await running.wait_lines("listening on", 3)
+        assert f"worker {other} of 2" in listening[2]
+        await members_listed(redis.url, 3)  # the killed one's entry stays until its lease ends
+        after = running.workers()
+        assert after[serving] == before[serving]
+        assert after[other] != before[other]
+        # New connections reach both, the replacement included.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http, asyncio.timeout(15):
+            seen: dict[int, int] = {}
+            while len(seen) < 2:
+                async with http.get(running.url + "/stats") as resp:
+                    process = (await resp.json())["process"]
+                seen[process["worker"] + 1] = process["pid"]
+        assert seen == after
+        assert running.process.returncode is None
+        running.process.send_signal(signal.SIGTERM)
+        assert await running.exit_status() == 0, "\n".join(running.lines)
+
+
+async def test_a_worker_that_keeps_failing_makes_the_supervisor_give_up(sim_factory, redis):
+    """Worker 2 fails at every start (its internal port is taken): restarted
+    with a growing wait until more than GIVE_UP_EXITS exits, then worker 1
+    drains and the supervisor exits 1 for Restart=on-failure."""
+    sim = await sim_factory(FAST_SIM)
+    with second_internal_port_busy() as port:
+        env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2",
+                             CLUSTER_ADVERTISE_URL=f"http://127.0.0.1:{port}")
+        async with supervisor(env, 1) as running:
+            healthy = running.workers()[1]
+            assert await running.exit_status() == 1, "\n".join(running.lines)
+            assert not _alive(healthy)
+    exits = [line for line in running.lines if "exited with status" in line]
+    assert len(exits) == GIVE_UP_EXITS + 1, running.lines
+    assert all(line.startswith("llm-stream-gateway: worker 2 of 2 (pid ") for line in exits)
+    assert all("exited with status 1; " in line for line in exits)
+    assert restart_delays(exits) == [f"{RESTART_DELAY_S * 2 ** n:g}" for n in range(GIVE_UP_EXITS)]
+    assert "giving up: stopping the others" in exits[-1]
+    assert not any("killing it" in line for line in running.lines)  # worker 1 drained
+
+
+async def test_a_stop_while_a_restart_waits_cancels_it(sim_factory, redis):
+    """SIGTERM while worker 2 waits to be restarted: nothing more starts,
+    worker 1 drains, status 0 (a worker started after the stop would have
+    missed it and been killed at the deadline: status 1)."""
+    sim = await sim_factory(FAST_SIM)
+    with second_internal_port_busy() as port:
+        env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2",
+                             CLUSTER_ADVERTISE_URL=f"http://127.0.0.1:{port}")
+        async with supervisor(env, 1) as running:
+            await running.wait_lines("restarting it in", 3)
+            running.process.send_signal(signal.SIGTERM)
+            assert await running.exit_status() == 0, "\n".join(running.lines)
+    assert len([line for line in running.lines if "exited with status" in line]) == 3
+    assert not any("killing it" in line for line in running.lines)
 
 
 def _first_child(pid: int) -> list[int]:
@@ -370,14 +528,15 @@ async def test_a_stop_while_workers_are_starting_stops_every_worker(sim_factory,
     sim = await sim_factory(FAST_SIM)
     env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="4")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", QUICK_KILL, env=env, stdin=asyncio.subprocess.DEVNULL,
+        sys.executable, "-c", QUICK_KILL.format(grace=3.0), env=env,
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     running = Supervisor(process)
     try:
         running.seen.update(_first_child(process.pid))
         process.send_signal(signal.SIGTERM)
-        assert await running.exit_status() == 0
+        assert await running.exit_status() == 0, "\n".join(running.lines)
     finally:
         if process.returncode is None:
             running.seen.update(_children(process.pid))
@@ -388,18 +547,26 @@ async def test_a_stop_while_workers_are_starting_stops_every_worker(sim_factory,
                 os.kill(pid, signal.SIGKILL)
 
 
-async def test_a_worker_that_stops_on_its_own_is_a_failure(sim_factory, redis):
+async def test_a_worker_that_stops_on_its_own_is_restarted(sim_factory, redis):
     """SIGTERM to one worker: it drains and exits 0, which the supervisor
-    did not ask for. Running on with one worker fewer (or exiting 0 once
-    all went) would leave the host short, or down for Restart=on-failure."""
+    did not ask for. Running on with one worker fewer would leave the host
+    short: it is started again, and a stop later still ends with status 0."""
     sim = await sim_factory(FAST_SIM)
     env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2")
     async with supervisor(env, 2) as running:
-        os.kill(running.workers()[1], signal.SIGTERM)
-        assert await running.exit_status() == 1
-    [line] = [line for line in running.lines if "exited with status" in line]
-    assert line.startswith("llm-stream-gateway: worker 1 of 2 (pid ")
-    assert "exited with status 0" in line and "stopping the others" in line
+        before = running.workers()
+        await members_listed(redis.url, 2)
+        os.kill(before[1], signal.SIGTERM)
+        [line] = await running.wait_lines("exited with status")
+        assert line == (f"llm-stream-gateway: worker 1 of 2 (pid {before[1]}) exited with "
+                        f"status 0; restarting it in {RESTART_DELAY_S:g} s")
+        listening = await running.wait_lines("listening on", 3)
+        assert "worker 1 of 2" in listening[2]
+        await members_listed(redis.url, 2)  # the stopped one left the list
+        after = running.workers()
+        assert after[2] == before[2] and after[1] != before[1]
+        running.process.send_signal(signal.SIGTERM)
+        assert await running.exit_status() == 0, "\n".join(running.lines)
 
 
 async def test_sighup_drains_every_worker(sim_factory, redis):
