@@ -67,13 +67,30 @@ async def join_cluster(
     ]
 
     async def stop_writer() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_until_done(tasks)
         await member.flush(FINAL_WRITE_TIMEOUT_S)
 
     stack.push_async_callback(stop_writer)
     return member
+
+
+#: How often a task that ran on after its cancel is cancelled again.
+RECANCEL_INTERVAL_S = 0.1
+
+
+async def cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for their end, cancelling again any that
+    runs on. redis-py can swallow a cancel that lands inside one of its
+    commands (redis/redis-py#2028, #2551): the task then goes on to its next
+    await, and a gateway stopping would wait for it for ever."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_INTERVAL_S)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the tasks end by cancellation, whatever they raised
 
 
 async def open_internal_listener(
