@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +40,8 @@ import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
+
+from tests.integration.peer_server import cancel_and_wait, serving
 
 Fault = Literal["kill", "goaway_error", "protocol_error", "silent"]
 
@@ -86,7 +88,6 @@ async def faulty_h2_peer(
     go = asyncio.Event()
     if not wait_for_go:
         go.set()
-    handlers: set[asyncio.Task[None]] = set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer.connections += 1
@@ -199,27 +200,9 @@ async def faulty_h2_peer(
         except ConnectionError:
             pass
         finally:
-            for task in list(answers):
-                task.cancel()
-            for task in list(answers):
-                with suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(answers)
             writer.close()
 
-    def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(serve(reader, writer))
-        handlers.add(task)
-        task.add_done_callback(handlers.discard)
-
-    server = await asyncio.start_server(track, "127.0.0.1", 0)
-    peer = FaultyPeer(server.sockets[0].getsockname()[1], go)
-    try:
+    async with serving(serve) as port:
+        peer = FaultyPeer(port, go)
         yield peer
-    finally:
-        server.close()
-        for task in list(handlers):
-            task.cancel()
-        for task in list(handlers):
-            with suppress(asyncio.CancelledError):
-                await task
-        await server.wait_closed()

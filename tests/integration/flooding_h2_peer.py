@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -28,6 +28,8 @@ import h2.connection
 import h2.events
 import h2.settings
 from hyperframe.frame import PingFrame
+
+from tests.integration.peer_server import serving
 
 TOKENS = 3
 #: The largest flow-control window (RFC 9113 §6.9.1).
@@ -46,30 +48,6 @@ class FloodingPeer:
     requests: int = 0
     #: Set once the flood is written.
     flooded: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@asynccontextmanager
-async def _serving(
-    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-) -> AsyncIterator[int]:
-    handlers: set[asyncio.Task[None]] = set()
-
-    def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(serve(reader, writer))
-        handlers.add(task)
-        task.add_done_callback(handlers.discard)
-
-    server = await asyncio.start_server(track, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for task in list(handlers):
-            task.cancel()
-        for task in list(handlers):
-            with suppress(asyncio.CancelledError):
-                await task
-        await server.wait_closed()
 
 
 @asynccontextmanager
@@ -106,7 +84,7 @@ async def flooding_h2_peer(
         finally:
             writer.close()
 
-    async with _serving(serve) as port:
+    async with serving(serve) as port:
         peer = FloodingPeer(port)
         yield peer
 
@@ -164,7 +142,7 @@ async def deaf_h2_peer() -> AsyncIterator[DeafPeer]:
                 await sender
             writer.close()
 
-    async with _serving(serve) as port:
+    async with serving(serve) as port:
         peer = DeafPeer(port)
         yield peer
 

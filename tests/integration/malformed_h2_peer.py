@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+
+from tests.integration.peer_server import cancel_and_wait, serving
 
 #: SETTINGS on stream 1: a connection error of type PROTOCOL_ERROR (RFC 9113 §6.5).
 SETTINGS_ON_A_STREAM = b"\x00\x00\x00\x04\x00\x00\x00\x00\x01"
@@ -54,7 +56,6 @@ class MalformedPeer:
 async def malformed_h2_peer(
     *, bad_head: list[tuple[str, str]] | None = None, connection_error: bool = False, hold: int = 2
 ) -> AsyncIterator[MalformedPeer]:
-    handlers: set[asyncio.Task[None]] = set()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer.connections += 1
@@ -121,27 +122,9 @@ async def malformed_h2_peer(
         except ConnectionError:
             pass
         finally:
-            for task in list(answers):
-                task.cancel()
-            for task in list(answers):
-                with suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(answers)
             writer.close()
 
-    def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(serve(reader, writer))
-        handlers.add(task)
-        task.add_done_callback(handlers.discard)
-
-    server = await asyncio.start_server(track, "127.0.0.1", 0)
-    peer = MalformedPeer(server.sockets[0].getsockname()[1])
-    try:
+    async with serving(serve) as port:
+        peer = MalformedPeer(port)
         yield peer
-    finally:
-        server.close()
-        for task in list(handlers):
-            task.cancel()
-        for task in list(handlers):
-            with suppress(asyncio.CancelledError):
-                await task
-        await server.wait_closed()

@@ -66,6 +66,18 @@ async def test_several_workers_without_redis_is_a_one_line_start_up_error():
     assert len(lines) == 1 and "GATEWAY_WORKERS" in lines[0] and "REDIS_URL" in lines[0]
 
 
+async def gateway_run(env: Mapping[str, str]) -> tuple[int | None, bytes, bytes]:
+    """``python -m gateway`` that is expected to stop by itself (a start-up
+    error): its status and output."""
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        stdout, stderr = await gateway.communicate()
+    return gateway.returncode, stdout, stderr
+
+
 async def test_a_port_other_workers_hold_is_in_use_for_a_second_supervisor(sim_factory, redis):
     """SO_REUSEPORT lets any number of sockets share a port: a second set of
     workers must still find it taken (status 1, as for one process: the
@@ -75,13 +87,8 @@ async def test_a_port_other_workers_hold_is_in_use_for_a_second_supervisor(sim_f
         port = int(gateway.url.rsplit(":", 1)[1])
         env = {**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port),
                "GATEWAY_WORKERS": "2", "REDIS_URL": redis.url, "UPSTREAM_URL": sim.url}
-        second = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(30):
-            stdout, stderr = await second.communicate()
-    assert second.returncode == 1
+        status, stdout, stderr = await gateway_run(env)
+    assert status == 1
     assert stdout == b""
     assert stderr.decode().splitlines() == [
         f"llm-stream-gateway: port {port} on 127.0.0.1 is already in use (another gateway, or an "
@@ -98,13 +105,8 @@ async def test_a_busy_internal_port_is_a_one_line_start_up_error(sim_factory, re
         env = {**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": "0",
                "REDIS_URL": redis.url, "UPSTREAM_URL": sim.url,
                "CLUSTER_ADVERTISE_URL": f"http://127.0.0.1:{busy}"}
-        gateway = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(30):
-            stdout, stderr = await gateway.communicate()
-    assert gateway.returncode == 1
+        status, stdout, stderr = await gateway_run(env)
+    assert status == 1
     assert stdout == b""
     assert stderr.decode().splitlines() == [
         f"llm-stream-gateway: port {busy} on 127.0.0.1 is already in use (another gateway, or an "
