@@ -25,8 +25,9 @@ async def test_a_task_that_swallows_its_cancel_is_cancelled_again() -> None:
     async def ends_at_its_cancel() -> None:
         await asyncio.sleep(3600)
 
-    tasks = [asyncio.create_task(swallows_the_first_cancel()),
-             asyncio.create_task(ends_at_its_cancel())]
+    stubborn = asyncio.create_task(swallows_the_first_cancel())
+    prompt = asyncio.create_task(ends_at_its_cancel())
+    tasks = [stubborn, prompt]
     await asyncio.sleep(0)  # both at their first await
     async with asyncio.timeout(5):
         await cancel_until_done(tasks)
