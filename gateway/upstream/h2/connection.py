@@ -8,16 +8,15 @@ queues -- an RST_STREAM above all -- is handed to the kernel before the
 calling function returns: no lock, no writer task. One loop timer per
 connection drives the core's PING liveness.
 
-Flow control for the write path is the transport's: while its buffer is
-above the high-water mark (``pause_writing``) the peer is not reading what
-we send, and the adapter stops reading what it sends until the buffer has
-drained (``resume_writing``). Every frame read may make h2 queue an answer
-(a PING or SETTINGS ACK, an RST_STREAM), and a peer that sends without
-reading would otherwise grow that buffer without bound (RFC 9113 §10.5).
-The core is told too: what it queues while the writer is paused counts
-against its limit of unsent acknowledgements. While reading is paused no
-frame is heard, so a peer that keeps the buffer above its low-water mark
-for the PING interval and timeout is taken for lost, like a silent one.
+While the transport's write buffer is above its high-water mark
+(``pause_writing`` until ``resume_writing``) the peer is not taking what we
+send. The core is told: every frame read may make h2 queue an answer (a
+PING or SETTINGS ACK), and a peer that sends such frames without reading
+would grow that buffer without bound (RFC 9113 §10.5), so what it queues
+meanwhile counts against its limit of unsent acknowledgements. Reading goes
+on: a large request body filling the buffer must not stop the tokens of the
+connection's other streams. (The bodies themselves are bounded by the
+peer's flow-control windows.)
 """
 
 from __future__ import annotations
@@ -132,13 +131,9 @@ class H2ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._core.pause_sending()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._core.resume_sending()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._handle(self._core.lose(ConnectionLost("upstream connection was lost")))
