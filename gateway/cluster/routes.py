@@ -149,8 +149,10 @@ def _refused(request: web.Request) -> web.Response | None:
     """401 unless the request carries the cluster secret (when there is one)."""
     secret = request.app[SECRET]
     if secret:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {secret}".encode()):
+        # The header's bytes as they came (aiohttp reads them with
+        # surrogateescape): one that is not UTF-8 is a wrong secret, not a 500.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {secret}".encode()):
             return _error(401, "invalid_api_key", "the cluster secret does not match")
     return None
 

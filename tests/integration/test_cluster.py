@@ -628,6 +628,12 @@ async def test_members_with_a_secret_and_advertised_ports_coalesce_and_refuse_st
                 async with http.get(path, headers=headers) as resp:
                     assert resp.status == 401
                     assert (await resp.json())["error"]["code"] == "invalid_api_key"
+            # A header that is not UTF-8 (aiohttp's client will not send one).
+            raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", port)
+            raw_writer.write(b"GET /cluster/v1/streams/" + key.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                          b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+            assert (await raw_reader.read()).startswith(b"HTTP/1.1 401 ")
+            raw_writer.close()
             late = await stream_native(http, other, prompt)
             rest = await reader.rest()
             first.release()
