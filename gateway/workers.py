@@ -182,8 +182,10 @@ class _Supervisor:
                 self._kill_late()
                 break
             time.sleep(0.1)
-        if any(child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)
-               for child in self._children()):
+        # A worker stopped by a stop signal before its own handler was in
+        # place died of it: stopped as asked, as one that drained.
+        stopped = {0, *(-signum for signum in STOP_SIGNALS)}
+        if any(child.returncode not in stopped for child in self._children()):
             self.status = 1
         return self.status
 

@@ -328,6 +328,15 @@ class Answer:
     def _count_text(self, digest: Any, text: str) -> None:
         """Length and hash of the answer as a client reads it: a surrogate
         pair split across deltas is its one character."""
+        if not self._high:
+            try:
+                data = text.encode()  # the common case: no surrogate in it
+            except UnicodeEncodeError:
+                pass
+            else:
+                self._length += len(text)
+                digest.update(data)
+                return
         text = self._high + text
         self._high = ""
         if _HIGH_SURROGATE_FIRST <= text[-1] <= _HIGH_SURROGATE_LAST:

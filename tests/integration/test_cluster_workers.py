@@ -518,15 +518,21 @@ async def test_a_stop_while_a_restart_waits_cancels_it(sim_factory, redis):
 
 
 def _first_child(pid: int) -> list[int]:
-    """Every child of ``pid``, once it has one (polled every 0.5 ms: the
-    signal must land while the supervisor is still starting workers)."""
+    """Every child of ``pid``, once it has one (polled every 0.5 ms, without
+    yielding to the loop: the signal must land while the supervisor is
+    still starting workers; at most 30 s)."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + 30
     while not (children := path.read_text().split()):
+        assert time.monotonic() < deadline, "the supervisor started no worker"
         time.sleep(0.0005)
     return [int(child) for child in children]
 
 
-async def test_a_stop_while_workers_are_starting_stops_every_worker(sim_factory, redis):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+async def test_a_stop_while_workers_are_starting_stops_every_worker(sim_factory, redis, stop):
+    """Also a worker the signal reaches before its own handler is in place:
+    it dies of it, which counts as stopped (status 0), whatever the signal."""
     sim = await sim_factory(FAST_SIM)
     env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="4")
     process = await asyncio.create_subprocess_exec(
@@ -537,7 +543,7 @@ async def test_a_stop_while_workers_are_starting_stops_every_worker(sim_factory,
     running = Supervisor(process)
     try:
         running.seen.update(_first_child(process.pid))
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         assert await running.exit_status() == 0, "\n".join(running.lines)
     finally:
         if process.returncode is None:
