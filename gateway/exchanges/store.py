@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.exchanges.record import Exchange
+from gateway.exchanges.schema import latest
 
 __all__ = ["ExchangeStore", "StoreError", "StoreRejected", "StoreUnavailable", "check_version",
            "open_store", "parse_store_url", "postgres_pool_options", "sqlite_path"]
@@ -69,7 +70,7 @@ def check_version(description: str, version: int,
     if version == 0:
         raise StoreUnavailable(f"{description}: no exchange log there (no table "
                                "exchange_log_migrations); a gateway creates it at its first start")
-    wanted = max(v for v, _ in migrations)
+    wanted = latest(migrations)
     if version != wanted:
         raise StoreUnavailable(f"{description}: the exchange log's schema is version {version}, "
                                f"this code reads version {wanted}")
