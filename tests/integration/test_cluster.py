@@ -194,6 +194,16 @@ async def _read_deltas(reader: FrameReader, count: int) -> None:
         seen += frame.event == "delta"
 
 
+async def _stream_on(
+    http: aiohttp.ClientSession, member: Member, prompt: str, deltas: int
+) -> tuple[aiohttp.ClientResponse, FrameReader]:
+    """A /v1/stream request on ``member``, read to its ``deltas``-th delta."""
+    response = await http.post(member.url + "/v1/stream", json=chat(prompt))
+    reader = FrameReader(response)
+    await _read_deltas(reader, deltas)
+    return response, reader
+
+
 async def test_upstream_is_reset_only_when_the_last_subscriber_anywhere_leaves(cluster):
     owner, follower, _ = cluster.members
     latencies_ms = []
@@ -405,11 +415,8 @@ async def test_owner_gone_mid_stream_followers_get_an_error_and_a_survivor_takes
     prompt = f"the owner is {fate} [sim itl_ms=5 tokens=2000]"
     owner, follower, survivor = cluster.members
     async with aiohttp.ClientSession() as http:
-        on_owner = await http.post(owner.url + "/v1/stream", json=chat(prompt))
-        await _read_deltas(FrameReader(on_owner), 1)
-        on_follower = await http.post(follower.url + "/v1/stream", json=chat(prompt))
-        reader = FrameReader(on_follower)
-        await _read_deltas(reader, 3)
+        on_owner, _ = await _stream_on(http, owner, prompt, 1)
+        on_follower, reader = await _stream_on(http, follower, prompt, 3)
         gone_at = time.monotonic()
         if fate == "killed":
             owner.kill()
@@ -454,11 +461,8 @@ async def test_a_frozen_follower_process_is_dropped_and_the_upstream_reset(clust
     prompt = "the follower is frozen [sim itl_ms=5 tokens=2000]"
     owner, follower, _ = cluster.members
     async with aiohttp.ClientSession() as http:
-        on_owner = await http.post(owner.url + "/v1/stream", json=chat(prompt))
-        await _read_deltas(FrameReader(on_owner), 1)
-        on_follower = await http.post(follower.url + "/v1/stream", json=chat(prompt))
-        reader = FrameReader(on_follower)
-        await _read_deltas(reader, 3)
+        on_owner, _ = await _stream_on(http, owner, prompt, 1)
+        on_follower, reader = await _stream_on(http, follower, prompt, 3)
         assert meta_role(reader.frames) == "follower"
         follower.service.process.send_signal(signal.SIGSTOP)
         try:

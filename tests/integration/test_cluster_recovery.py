@@ -26,8 +26,7 @@ from gateway.cluster.wire import Owner, decode_entry
 from gateway.keys import prompt_key
 from tests.integration.cluster_fixture import REDIS_SERVER, running_member, running_redis
 from tests.integration.conftest import FAST_SIM
-from tests.integration.sse_frames import FrameReader
-from tests.integration.test_cluster import Cluster, _read_deltas, chat, meta_role
+from tests.integration.test_cluster import Cluster, _stream_on, chat, meta_role
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
@@ -75,9 +74,7 @@ async def test_a_live_stream_is_registered_again_after_redis_loses_its_data(pair
     prompt = f"registered again after a {loss} [sim itl_ms=20 tokens=800]"
     entry = Directory.key(prompt_key(chat(prompt), tenant=None))
     async with aiohttp.ClientSession() as http:
-        first = await http.post(owner.url + "/v1/stream", json=chat(prompt))
-        reader = FrameReader(first)
-        await _read_deltas(reader, 1)
+        first, reader = await _stream_on(http, owner, prompt, 1)
         request_id = next(f.json()["request_id"] for f in reader.frames if f.event == "meta")
         assert meta_role(reader.frames) == "leader"
         if loss == "flushall":
@@ -90,9 +87,7 @@ async def test_a_live_stream_is_registered_again_after_redis_loses_its_data(pair
         named = await _entries_back(pair, entry)
         assert named.url == (await owner.stats())["cluster"]["advertise_url"]
         # The other member follows the live stream: no second upstream call.
-        second = await http.post(other.url + "/v1/stream", json=chat(prompt))
-        follower = FrameReader(second)
-        await _read_deltas(follower, 1)
+        second, follower = await _stream_on(http, other, prompt, 1)
         assert meta_role(follower.frames) == "follower"
         # A cancel sent to the other member reaches the owner's request.
         async with http.post(other.url + f"/v1/requests/{request_id}/cancel") as cancel:
@@ -110,17 +105,13 @@ async def test_a_stream_started_while_redis_was_down_is_registered_once_it_is_ba
     entry = Directory.key(prompt_key(chat(prompt), tenant=None))
     await pair.redis.stop()
     async with aiohttp.ClientSession() as http:
-        first = await http.post(owner.url + "/v1/stream", json=chat(prompt))
-        reader = FrameReader(first)
-        await _read_deltas(reader, 1)
+        first, reader = await _stream_on(http, owner, prompt, 1)
         assert meta_role(reader.frames) == "leader"
         await owner.wait_metric("gateway_cluster_up", 0)  # served locally
         await pair.redis.start()
         named = await _entries_back(pair, entry)
         assert named.url == (await owner.stats())["cluster"]["advertise_url"]
-        second = await http.post(other.url + "/v1/stream", json=chat(prompt))
-        follower = FrameReader(second)
-        await _read_deltas(follower, 1)
+        second, follower = await _stream_on(http, other, prompt, 1)
         assert meta_role(follower.frames) == "follower"
         first.close()
         second.close()
