@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import anthropic
@@ -452,6 +454,18 @@ async def test_an_explicit_cancel_closes_the_block_and_says_cancelled(gateway):
     assert record.tokens_sent < 300
 
 
+@asynccontextmanager
+async def _before_an_anthropic_upstream(stop: dict[str, object]) -> AsyncIterator[str]:
+    """A gateway's URL, in front of an Anthropic upstream that answers every
+    request "one two" and ends it with ``stop``."""
+    upstream = event_stream_upstream("/v1/messages", lambda body: _anthropic_events(stop))
+    async with serving(upstream) as url, running_gateway(Settings(
+        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_format="anthropic",
+        upstream_protocol="http1", error_ttl_ms=0,
+    )) as (_, gateway_url):
+        yield gateway_url
+
+
 def _anthropic_events(stop: dict[str, object]) -> bytes:
     """An Anthropic stream with cache reads and writes, ended by ``stop``."""
     events = [
@@ -477,11 +491,7 @@ async def test_cache_writes_and_the_stop_sequence_reach_anthropic_clients():
     answer, through /v1/messages streaming and not."""
     stop = {"stop_reason": "stop_sequence", "stop_sequence": "END"}
 
-    upstream = event_stream_upstream("/v1/messages", lambda body: _anthropic_events(stop))
-    async with serving(upstream) as url, running_gateway(Settings(
-        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_format="anthropic",
-        upstream_protocol="http1", error_ttl_ms=0,
-    )) as (_, gateway_url):
+    async with _before_an_anthropic_upstream(stop) as gateway_url:
         sdk = anthropic.AsyncAnthropic(base_url=gateway_url, api_key="k", max_retries=0)
         try:
             whole = await sdk.messages.create(**message("whole"))
@@ -501,11 +511,7 @@ async def test_a_full_context_window_is_a_truncation_through_both_apis():
     """An Anthropic answer that filled the model's context window was cut
     short, as one that hit max_tokens."""
     stop = {"stop_reason": "model_context_window_exceeded", "stop_sequence": None}
-    upstream = event_stream_upstream("/v1/messages", lambda body: _anthropic_events(stop))
-    async with serving(upstream) as url, running_gateway(Settings(
-        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_format="anthropic",
-        upstream_protocol="http1", error_ttl_ms=0,
-    )) as (_, gateway_url):
+    async with _before_an_anthropic_upstream(stop) as gateway_url:
         sdk = anthropic.AsyncAnthropic(base_url=gateway_url, api_key="k", max_retries=0)
         oai = openai.AsyncOpenAI(base_url=gateway_url + "/v1", api_key="k", max_retries=0)
         try:
