@@ -42,7 +42,7 @@ from gateway.app import make_app, make_listener
 from gateway.config import ConfigError, Settings
 from gateway.connection import Connections, ListenError
 from gateway.errors import ShuttingDown
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, say
 from gateway.state import STATE, GatewayState
 
 log = structlog.get_logger("gateway")
@@ -129,16 +129,16 @@ async def serve(settings: Settings) -> None:
         url = f"http://{settings.host}:{listener.port}"
         if state.simulated:
             upstream = "simulator"
-            print("llm-stream-gateway: WARNING: no UPSTREAM_URL set: serving the built-in "
-                  "SIMULATOR, whose answers are made up; set UPSTREAM_URL to reach a real model",
-                  file=sys.stderr, flush=True)
+            say("llm-stream-gateway: WARNING: no UPSTREAM_URL set: serving the built-in "
+                "SIMULATOR, whose answers are made up; set UPSTREAM_URL to reach a real model",
+                file=sys.stderr)
             log.warning("serving the built-in simulator: no UPSTREAM_URL set", upstream="simulator")
         else:
             upstream = state.upstream_url
         worker = ""
         if settings.worker_index is not None:
             worker = f", worker {settings.worker_index + 1} of {settings.workers}"
-        print(f"llm-stream-gateway listening on {url} (upstream: {upstream}{worker})", flush=True)
+        say(f"llm-stream-gateway listening on {url} (upstream: {upstream}{worker})")
         extra: dict[str, object] = {}
         if state.cluster is not None:
             extra["cluster"] = state.cluster.me.url
@@ -249,11 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env(os.environ)
     except ConfigError as exc:
-        print(f"llm-stream-gateway: {exc}", file=sys.stderr)
+        say(f"llm-stream-gateway: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIGURATION
     if arguments.require_upstream and _missing_upstream(os.environ):
-        print("llm-stream-gateway: neither UPSTREAM_URL nor GATEWAY_CONFIG is set, and "
-              "--require-upstream refuses to serve the built-in simulator", file=sys.stderr)
+        say("llm-stream-gateway: neither UPSTREAM_URL nor GATEWAY_CONFIG is set, and "
+            "--require-upstream refuses to serve the built-in simulator", file=sys.stderr)
         return EXIT_BAD_CONFIGURATION
     if not settings.orjson:
         json_codec.use_standard_library()
@@ -270,14 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 placeholder = reserve_port(settings)
             except OSError as exc:
-                print(f"llm-stream-gateway: {ListenError.from_os_error(exc, settings.host, settings.port)}",
-                      file=sys.stderr)
+                say(f"llm-stream-gateway: {ListenError.from_os_error(exc, settings.host, settings.port)}",
+                    file=sys.stderr)
                 return EXIT_CANNOT_LISTEN
             return supervise(settings, os.environ, placeholder)
     try:
         run_event_loop(serve(settings), use_uvloop=settings.uvloop)
     except ListenError as exc:
-        print(f"llm-stream-gateway: {exc}", file=sys.stderr)
+        say(f"llm-stream-gateway: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
     return EXIT_OK
 

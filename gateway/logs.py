@@ -97,6 +97,16 @@ class _UTCTimestamp:
         return event
 
 
+def say(line: str, *, file: TextIO | None = None) -> None:
+    """``line`` and its newline in one write, flushed (stdout by default).
+    A supervisor and its workers share stdout and stderr, and a write of at
+    most PIPE_BUF bytes to a pipe is never split; ``print`` writes the text
+    and the newline apart, so two processes' lines could splice."""
+    stream = sys.stdout if file is None else file
+    stream.write(line + "\n")
+    stream.flush()
+
+
 class _Stamp:
     """A processor that adds one fixed field to every line."""
 

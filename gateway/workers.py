@@ -39,6 +39,7 @@ import time
 from collections.abc import Mapping
 
 from gateway.config import Settings
+from gateway.logs import say
 
 PR_SET_PDEATHSIG = 1
 #: How the supervisor tells a worker which one it is (not an operator setting).
@@ -233,14 +234,14 @@ class _Supervisor:
             while self.exits[0] <= now - GIVE_UP_WINDOW_S:
                 self.exits.popleft()
             if len(self.exits) > GIVE_UP_EXITS:
-                print(f"{line}; giving up: stopping the others ({len(self.exits)} worker exits "
-                      f"in {GIVE_UP_WINDOW_S:g} s)", file=sys.stderr, flush=True)
+                say(f"{line}; giving up: stopping the others ({len(self.exits)} worker exits "
+                    f"in {GIVE_UP_WINDOW_S:g} s)", file=sys.stderr)
                 self.status = 1
                 self.stop(signal.SIGTERM)
                 return
             if now - slot.started >= RESTART_RESET_S:
                 slot.delay = RESTART_DELAY_S
-            print(f"{line}; restarting it in {slot.delay:g} s", file=sys.stderr, flush=True)
+            say(f"{line}; restarting it in {slot.delay:g} s", file=sys.stderr)
             slot.restart_at = now + slot.delay
             slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX_S)
 
@@ -256,9 +257,9 @@ class _Supervisor:
         worker would otherwise keep the supervisor, and its port, forever)."""
         for slot in self.slots:
             if slot.process is not None and slot.process.poll() is None:
-                print(f"llm-stream-gateway: worker {slot.index + 1} of {len(self.slots)} still "
-                      f"running {self.settings.drain_timeout_s + KILL_GRACE_S:g} s after the "
-                      "stop; killing it", file=sys.stderr, flush=True)
+                say(f"llm-stream-gateway: worker {slot.index + 1} of {len(self.slots)} still "
+                    f"running {self.settings.drain_timeout_s + KILL_GRACE_S:g} s after the "
+                    "stop; killing it", file=sys.stderr)
         self.kill_all()
 
     def kill_all(self) -> None:

@@ -22,7 +22,7 @@ import structlog
 
 from gateway import json_codec
 from gateway.config import Settings
-from gateway.logs import TickWriter, configure_logging
+from gateway.logs import TickWriter, configure_logging, say
 
 SECRET = "sk-live-abcdef0123456789"
 
@@ -286,3 +286,28 @@ def test_a_tick_longer_than_pipe_buf_leaves_in_whole_lines_of_at_most_pipe_buf()
         if write != long_line + "\n":
             assert len(write.encode()) <= select.PIPE_BUF
     assert len(sink.writes) < 20  # still few writes, not one per line
+
+
+class _RawWrites(io.RawIOBase):
+    """A raw stream that keeps each write it is given apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_a_said_line_leaves_in_one_write_where_print_would_split_it() -> None:
+    """stdout as PYTHONUNBUFFERED (the systemd unit's setting) makes it: a
+    supervisor's workers share the pipe, and two writes per line let their
+    lines splice."""
+    printed, said = _RawWrites(), _RawWrites()
+    print("worker 1 of 2", file=io.TextIOWrapper(printed, write_through=True), flush=True)
+    say("worker 1 of 2", file=io.TextIOWrapper(said, write_through=True))
+    assert printed.writes == [b"worker 1 of 2", b"\n"]
+    assert said.writes == [b"worker 1 of 2\n"]
