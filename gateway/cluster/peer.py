@@ -241,6 +241,11 @@ class PeerSource:
         except (aiohttp.ClientError, OSError, TimeoutError):
             self._response.close()
             return
+        except asyncio.CancelledError:
+            # The relay's last subscriber left meanwhile: its reset() was a
+            # no-op (closed already), so the connection is closed here.
+            self._response.close()
+            raise
         self._response.release()
 
     def reset(self) -> None:
