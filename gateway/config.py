@@ -368,13 +368,14 @@ class _Reader:
             # Not echoed: the value may carry a password.
             raise ConfigError(name, allowed, "(hidden)")
         # redis-py's own reading of the URL (port, db, query options), done
-        # now so that a bad one stops the start rather than the first request.
-        from redis.connection import parse_url
+        # now so that a bad one stops the start rather than every claim.
+        from gateway.cluster.directory import check_url
 
         try:
-            parse_url(raw)  # type: ignore[no-untyped-call]
+            check_url(raw)
         except ValueError as exc:
-            raise ConfigError(name, allowed, "(hidden)") from exc
+            # redis-py's words and check_url's name an option, never a value.
+            raise ConfigError(name, f"{allowed} ({exc})", "(hidden)") from exc
         return raw
 
     def advertise_url(self, name: str) -> str | None:

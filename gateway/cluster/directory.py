@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
@@ -109,6 +110,28 @@ def connect(url: str, timeout_s: float = TIMEOUT_S) -> Redis:
         decode_responses=False,
     )
     return Redis(connection_pool=pool)
+
+
+def check_url(url: str) -> None:
+    """ValueError unless redis-py can make a connection from ``url``: it
+    reads the URL's options (``?socket_timeout=``, ``ssl_cert_reqs=``, ...)
+    only then, so a bad one would otherwise fail every call. Makes one,
+    unconnected. The error's message quotes no part of the URL (redis-py's
+    own may: a password written where the port goes)."""
+    try:
+        pool = BlockingConnectionPool.from_url(url)
+    except ValueError as exc:
+        raise ValueError("redis-py cannot read its host, port, database or options") from exc
+    try:
+        pool.make_connection()  # type: ignore[no-untyped-call]
+    except TypeError as exc:
+        # The connection class refused an option it does not know.
+        unknown = re.search(r"keyword argument '([^']+)'", str(exc))
+        raise ValueError(
+            f"redis-py takes no option {unknown[1]!r}" if unknown else "an option redis-py refuses"
+        ) from exc
+    except (ValueError, RedisError) as exc:
+        raise ValueError("an option redis-py refuses") from exc
 
 
 def redis_location(url: str) -> str:

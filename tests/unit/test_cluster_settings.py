@@ -42,3 +42,17 @@ def test_a_bad_advertised_address_stops_the_start_naming_it(url):
     with pytest.raises(ConfigError) as raised:
         Settings.from_env(REDIS | {"CLUSTER_ADVERTISE_URL": url})
     assert raised.value.variable == "CLUSTER_ADVERTISE_URL"
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:pass-CANARY@127.0.0.1:6379/0?socket_timout=1",  # a typo of socket_timeout
+    "rediss://:pass-CANARY@127.0.0.1:6379/0?ssl_cert_reqs=sometimes",
+    "redis://:pass-CANARY@127.0.0.1:6379/0?protocol=4",
+], ids=["an unknown option", "a bad TLS option", "a protocol redis-py does not speak"])
+def test_a_redis_url_whose_connection_redis_py_would_refuse_stops_the_start(url):
+    # redis-py reads the options only when it opens a connection: each
+    # claim would then fail with a traceback, and the stop too.
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"REDIS_URL": url})
+    assert raised.value.variable == "REDIS_URL"
+    assert "\n" not in str(raised.value) and "CANARY" not in str(raised.value)
