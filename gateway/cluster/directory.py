@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
-from urllib.parse import unquote_plus
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -118,6 +118,11 @@ def check_url(url: str) -> None:
     only then, so a bad one would otherwise fail every call. Makes one,
     unconnected. The error's message quotes no part of the URL (redis-py's
     own may: a password written where the port goes)."""
+    parts = urlsplit(url)
+    # redis-py takes the digits of the path, or database 0 when there are
+    # none: "/gateway" would be 0, and "/1/2" 12.
+    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?\d*", unquote(parts.path)):
+        raise ValueError("its path is the database number, such as /0")
     try:
         pool = BlockingConnectionPool.from_url(url)
     except ValueError as exc:
