@@ -20,7 +20,13 @@ class Origin:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port  # ValueError when it is not a number, or out of range
+        if port == 0:
+            # Not "no port": nothing listens on 0, and the default would
+            # be a different upstream from the one written.
+            raise ValueError("port 0")
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
         return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
     @property
