@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from gateway.exchanges.store import parse_store_url
 from gateway.routing.config import RoutingConfig, RoutingConfigError, load_routing
+from gateway.upstream.origin import ALLOWED as URL_ALLOWED
 from gateway.upstream.origin import Origin
 from gateway.upstream.transport import PROTOCOLS
 
@@ -272,9 +273,12 @@ def _is_loopback(host: str) -> bool:
 _USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
 
 
-def _without_userinfo(url: str) -> str:
-    """``url`` fit for an error line: its user and password may be a secret."""
-    return _USERINFO.sub(r"\1[redacted]@", url)
+def _without_secrets(url: str) -> str:
+    """``url`` fit for an error line: its user and password may be a
+    secret, and so may its query (``?key=``)."""
+    url = _USERINFO.sub(r"\1[redacted]@", url)
+    path, mark, _ = url.partition("?")
+    return f"{path}?[redacted]" if mark else url
 
 
 class _Reader:
@@ -342,7 +346,7 @@ class _Reader:
             return raw.rstrip("/")
 
         return self._get(
-            name, None, parse, "an http:// or https:// URL including /v1", shown=_without_userinfo
+            name, None, parse, URL_ALLOWED, shown=_without_secrets
         )
 
     def store_url(self, name: str) -> str | None:

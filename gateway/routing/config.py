@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.upstream.origin import ALLOWED as URL_ALLOWED
 from gateway.upstream.origin import Origin
 from gateway.upstream.transport import PROTOCOLS
 
@@ -171,7 +172,7 @@ def _upstream(index: int, table: Any, env: Mapping[str, str], where: _Where) -> 
     try:
         origin = Origin.parse(url)
     except ValueError:
-        raise where.error(index, "url", "an http:// or https:// URL including /v1") from None
+        raise where.error(index, "url", URL_ALLOWED) from None
     protocol = read.choice("protocol", "auto", PROTOCOLS)
     if protocol == "h2c" and origin.is_tls:
         raise where.error(index, "protocol", "h2c is cleartext; use h2 for an https:// URL")

@@ -6,6 +6,9 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+#: What ``Origin.parse`` takes, for the errors that refuse a URL.
+ALLOWED = "an http:// or https:// URL including /v1, without a query or fragment"
+
 
 @dataclass(frozen=True, slots=True)
 class Origin:
@@ -20,6 +23,10 @@ class Origin:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
+        if parts.query or parts.fragment:
+            # Requests go to the path + "/chat/completions": a query (an
+            # api-version, a key) or a fragment would never be sent.
+            raise ValueError("a query or fragment")
         port = parts.port  # ValueError when it is not a number, or out of range
         if port == 0:
             # Not "no port": nothing listens on 0, and the default would

@@ -34,3 +34,20 @@ def test_a_port_or_none_is_taken(url, port):
     (upstream,) = parse_routing(_file(url), {}).upstreams
     assert upstream.url == url
     assert Origin.parse(url).port == port
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-06-01",
+    "https://generativelanguage.example.com/v1beta/openai?key=key-CANARY",
+    "http://127.0.0.1:8000/v1#chat",
+])
+def test_a_query_or_fragment_is_refused_rather_than_dropped(url):
+    # Requests go to the URL's path + /chat/completions: a query (an
+    # api-version, a key) or a fragment never reached the upstream.
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"UPSTREAM_URL": url})
+    assert raised.value.variable == "UPSTREAM_URL"
+    assert "CANARY" not in str(raised.value)
+    with pytest.raises(RoutingConfigError, match=r"line 3: upstream\[0\]\.url: ") as refused:
+        parse_routing(_file(url), {})
+    assert "CANARY" not in str(refused.value)
