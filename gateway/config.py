@@ -200,6 +200,16 @@ class Settings:
                 "more than 1 worker needs REDIS_URL (workers share one coalescing namespace)",
                 str(settings.workers),
             )
+        advertised_port = urlsplit(settings.cluster_advertise_url or "").port
+        if advertised_port is not None and advertised_port + settings.workers - 1 > 65535:
+            # Worker i binds PORT+i; past 65535 the socket layer takes it
+            # modulo 65536 (port 0: a random port, advertised to nobody).
+            raise ConfigError(
+                "CLUSTER_ADVERTISE_URL",
+                f"worker i binds PORT+i: with {settings.workers} workers, PORT at most "
+                f"{65536 - settings.workers}",
+                str(settings.cluster_advertise_url),
+            )
         if settings.cluster_advertise_url is not None and not settings.cluster_secret:
             host = urlsplit(settings.cluster_advertise_url).hostname or ""
             if not _is_local(host):
@@ -385,16 +395,21 @@ class _Reader:
     def advertise_url(self, name: str) -> str | None:
         def parse(raw: str) -> str:
             scheme, sep, rest = raw.partition("://")
-            host = rest.split("/", 1)[0]
-            if scheme != "http" or not sep or not host or "@" in host:
+            host, _, path = rest.partition("/")
+            # Members reach the internal listener at its own paths: a path,
+            # query or fragment here would be dropped.
+            if scheme != "http" or not sep or not host or path or any(c in host for c in "@?#"):
                 raise ValueError(raw)
             parts = urlsplit(f"http://{host}")
-            _ = parts.port  # ValueError when it is not a number, or out of range
-            if not parts.hostname:
+            # ValueError when it is not a number, or out of range; 0 is no
+            # address (and worker i would bind port i).
+            if not parts.hostname or parts.port == 0:
                 raise ValueError(raw)
             return f"http://{host}"
 
-        return self._get(name, None, parse, "http://HOST or http://HOST:PORT")
+        return self._get(
+            name, None, parse, "http://HOST or http://HOST:PORT (PORT 1-65535; no path)"
+        )
 
     def keys(self, name: str) -> tuple[str, ...]:
         raw = self._env.get(name, "")

@@ -71,3 +71,24 @@ def test_a_redis_url_whose_database_is_not_a_number_stops_the_start(url):
                                  "redis://127.0.0.1:6379/15", "unix:///run/redis.sock?db=2"])
 def test_a_redis_url_with_a_database_number_or_none_is_taken(url):
     assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.5:9100/cluster", "http://10.0.0.5:9100?x=1",
+                                 "http://10.0.0.5:0"])
+def test_an_advertised_address_with_what_no_member_would_use_stops_the_start(url):
+    # A path or query was dropped; port 0 is no address (and worker i
+    # would bind port i).
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(REDIS | {"CLUSTER_ADVERTISE_URL": url, "CLUSTER_SECRET": "s"})
+    assert raised.value.variable == "CLUSTER_ADVERTISE_URL"
+
+
+def test_each_workers_advertised_port_must_be_a_port():
+    # Worker i binds PORT+i: 65536 was taken as port 0, a random port.
+    env = REDIS | {"CLUSTER_ADVERTISE_URL": "http://127.0.0.1:65534", "GATEWAY_WORKERS": "3"}
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(env)
+    assert raised.value.variable == "CLUSTER_ADVERTISE_URL"
+    assert "PORT at most 65533" in str(raised.value)
+    assert Settings.from_env(env | {"GATEWAY_WORKERS": "2"}).workers == 2
+    assert Settings.from_env(env | {"CLUSTER_ADVERTISE_URL": "http://127.0.0.1/"}).workers == 3
