@@ -227,10 +227,18 @@ class Settings:
         return _with_routing_file(settings, env)
 
 
+#: What each [[upstream]] of a routing file says for itself.
+_REPLACED_BY_THE_FILE = {
+    "UPSTREAM_API_KEY": "api_key_env", "UPSTREAM_FORMAT": "format", "UPSTREAM_PROTOCOL": "protocol",
+}
+
+
 def _with_routing_file(settings: Settings, env: Mapping[str, str]) -> Settings:
     """GATEWAY_CONFIG names the upstreams; UPSTREAM_URL then has no place
-    (which upstream would it be?). The other UPSTREAM_* values (timeouts,
-    connections) stay the defaults of every upstream in the file."""
+    (which upstream would it be?), nor what each table says for itself (its
+    key, format and protocol): set, they would be ignored. The other
+    UPSTREAM_* values (timeouts, connections) stay the defaults of every
+    upstream in the file."""
     path = env.get("GATEWAY_CONFIG", "").strip()
     if not path:
         return settings
@@ -238,6 +246,14 @@ def _with_routing_file(settings: Settings, env: Mapping[str, str]) -> Settings:
         raise ConfigError(
             "UPSTREAM_URL", "unset it when GATEWAY_CONFIG names the upstreams", "(set)"
         )
+    for variable, field_name in _REPLACED_BY_THE_FILE.items():
+        if env.get(variable, "").strip():
+            raise ConfigError(
+                variable,
+                f"unset it when GATEWAY_CONFIG names the upstreams (each [[upstream]] "
+                f"has its own {field_name})",
+                "(set)",
+            )
     try:
         routing = load_routing(path, env)
     except RoutingConfigError as exc:

@@ -58,8 +58,9 @@ async def test_a_routing_file_with_simulator_processes(tmp_path: Path) -> None:
             f'[[upstream]]\nname = "backup"\nurl = "{backup}"\nprotocol = "h2c"\n'
             f'priority = 1\n\n[routing]\ncircuit_failures = 2\n'
         )
+        # No UPSTREAM_URL or UPSTREAM_PROTOCOL: the file names each upstream's.
         async with gateway_process(
-            "", UPSTREAM_URL="", GATEWAY_CONFIG=str(config), BROKEN_KEY="sk-broken"
+            "", protocol="", GATEWAY_CONFIG=str(config), BROKEN_KEY="sk-broken"
         ) as gateway, aiohttp.ClientSession() as http:
             for n in range(5):
                 async with http.post(gateway.url + "/v1/chat/completions",

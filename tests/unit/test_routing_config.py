@@ -91,3 +91,20 @@ def test_settings_read_the_file_and_refuse_it_with_upstream_url(tmp_path: Path) 
         Settings.from_env({"GATEWAY_CONFIG": str(path), "K": "k", "UPSTREAM_URL": "http://x/v1"})
     with pytest.raises(ConfigError, match=r"GATEWAY_CONFIG: .*missing.toml: cannot read"):
         Settings.from_env({"GATEWAY_CONFIG": str(tmp_path / "missing.toml")})
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("UPSTREAM_API_KEY", "sk-CANARY"), ("UPSTREAM_FORMAT", "anthropic"), ("UPSTREAM_PROTOCOL", "h2"),
+])
+def test_settings_refuse_an_upstream_variable_the_file_replaces(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    # Each [[upstream]] has its own api_key_env, format and protocol: the
+    # variable was ignored, and requests went without the key it held.
+    path = tmp_path / "gw.toml"
+    path.write_text('[[upstream]]\nname = "a"\nurl = "http://h/v1"\n')
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"GATEWAY_CONFIG": str(path), variable: value})
+    assert raised.value.variable == variable
+    assert "CANARY" not in str(raised.value)
+    assert Settings.from_env({"GATEWAY_CONFIG": str(path), variable: " "}).routing is not None
