@@ -184,6 +184,12 @@ def _upstream(index: int, table: Any, env: Mapping[str, str], where: _Where) -> 
             raise where.error(index, "api_key_env", f"the environment has no {key_env} (or it is empty)")
     models = read.models()
     model_map = read.model_map()
+    if ANY_MODEL not in models:
+        # Requests for any other model never reach this table: the entry
+        # would do nothing, and a typo of a served name would pass it unmapped.
+        unserved = next((name for name in model_map if name not in models), None)
+        if unserved is not None:
+            raise where.error(index, "model_map", f"{unserved!r} is not one of its models")
     return UpstreamConfig(
         name=name,
         url=url,

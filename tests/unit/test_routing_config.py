@@ -59,6 +59,11 @@ BAD = [
      "line 5: max_attempts: must be an integer >= 1"),
     ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\n[routing]\nretries = 3\n',
      "line 5: retries: unknown field in [routing]"),
+    # A model_map entry for a model the table does not serve is never used
+    # (a typo of a served name would pass it on unmapped).
+    ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\nmodels = ["gpt-4o"]\n'
+     'model_map = { "gpt4o" = "gpt-4o-2024-08-06" }\n',
+     "line 5: upstream[0].model_map: 'gpt4o' is not one of its models"),
     ('[upstreams]\nname = "a"\n', "line 1: upstreams: unknown table or key"),
     ("# nothing\n", "no [[upstream]] table"),
     ('upstream = "x"\n', "line 1: upstream: must be [[upstream]] tables"),
