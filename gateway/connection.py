@@ -378,8 +378,17 @@ class ListenError(Exception):
 
     @classmethod
     def from_os_error(
-        cls, exc: OSError, host: str, port: int, *, setting: str = "GATEWAY_PORT"
+        cls, exc: OSError, host: str, port: int, *, setting: str = "GATEWAY_PORT",
+        host_setting: str = "GATEWAY_HOST",
     ) -> ListenError:
+        # The address, not the port: a name that does not resolve, or an
+        # address that is not this host's (or not yet: an interface coming up).
+        if isinstance(exc, socket.gaierror):
+            return cls(f"address {host} cannot be listened on: {exc.strerror or exc}; "
+                       f"choose another with {host_setting}")
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return cls(f"address {host} cannot be listened on: it is not an address of this "
+                       f"host; choose another with {host_setting}")
         if exc.errno == errno.EADDRINUSE:
             why = "is already in use (another gateway, or an old one still draining?)"
         elif exc.errno == errno.EACCES:

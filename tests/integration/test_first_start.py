@@ -66,6 +66,17 @@ def test_a_busy_port_is_one_line_naming_it_and_exit_status_1() -> None:
                     "gateway, or an old one still draining?); choose another with GATEWAY_PORT")
 
 
+def test_an_address_not_of_this_host_is_one_line_naming_gateway_host() -> None:
+    # 192.0.2.1 (TEST-NET-1) is no address of this host: its port is not
+    # the cause, so GATEWAY_PORT is not the setting to change.
+    result = _run(GATEWAY_HOST="192.0.2.1", GATEWAY_PORT="8080")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("llm-stream-gateway: address 192.0.2.1 cannot be listened on: ")
+    assert line.endswith("; choose another with GATEWAY_HOST"), line
+
+
 def test_require_upstream_refuses_the_simulator_with_exit_status_2() -> None:
     result = _run("--require-upstream")
     assert result.returncode == 2
