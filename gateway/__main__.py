@@ -38,7 +38,7 @@ import structlog
 from aiohttp import web
 
 from gateway import json_codec
-from gateway.app import make_app, make_listener
+from gateway.app import listen_url, make_app, make_listener
 from gateway.config import ConfigError, Settings
 from gateway.connection import Connections, ListenError
 from gateway.errors import ShuttingDown
@@ -126,7 +126,7 @@ async def serve(settings: Settings) -> None:
             raise ListenError.from_os_error(exc, settings.host, settings.port) from exc
         _settle_garbage_collector()
         state = app[STATE]
-        url = f"http://{settings.host}:{listener.port}"
+        url = listen_url(settings.host, listener.port)
         if state.simulated:
             upstream = "simulator"
             say("llm-stream-gateway: WARNING: no UPSTREAM_URL set: serving the built-in "

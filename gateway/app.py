@@ -260,11 +260,16 @@ async def running_gateway(
     listener = make_listener(runner, settings)
     try:
         await listener.start(settings.host, settings.port)
-        yield app, f"http://{settings.host}:{listener.port}"
+        yield app, listen_url(settings.host, listener.port)
     finally:
         listener.stop_listening()
         await runner.cleanup()
         await listener.aclose()
+
+
+def listen_url(host: str, port: int) -> str:
+    """The base URL of a listening address (an IPv6 one in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def make_listener(runner: web.AppRunner, settings: Settings) -> Listener:

@@ -128,6 +128,31 @@ async def test_no_upstream_url_serves_the_simulator_and_says_so_loudly() -> None
             "upstream": "simulator"}.items() <= lines[0].items()
 
 
+async def test_the_listening_line_gives_a_url_for_an_ipv6_address() -> None:
+    # "http://::1:8080" is no URL: an IPv6 address goes in brackets.
+    process = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, "-m", "gateway"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env=_environment(GATEWAY_HOST="::1"),
+    )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), START_TIMEOUT_S)
+        match = re.fullmatch(rb"llm-stream-gateway listening on (\S+) \(upstream: simulator\)\n", line)
+        assert match, line
+        url = match.group(1).decode()
+        assert re.fullmatch(r"http://\[::1\]:\d+", url), url
+        async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as resp:
+            assert resp.status == 200
+        process.terminate()
+        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
 async def test_a_configured_upstream_is_named_configured(gateway) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(gateway.url + "/readyz") as resp:
