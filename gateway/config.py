@@ -246,18 +246,20 @@ def _with_routing_file(settings: Settings, env: Mapping[str, str]) -> Settings:
         raise ConfigError(
             "UPSTREAM_URL", "unset it when GATEWAY_CONFIG names the upstreams", "(set)"
         )
+    try:
+        routing = load_routing(path, env)
+    except RoutingConfigError as exc:
+        raise FileConfigError("GATEWAY_CONFIG", str(exc)) from exc
+    # A table may name UPSTREAM_API_KEY as its api_key_env: then it is used.
+    named = {upstream.api_key_env for upstream in routing.upstreams}
     for variable, field_name in _REPLACED_BY_THE_FILE.items():
-        if env.get(variable, "").strip():
+        if env.get(variable, "").strip() and variable not in named:
             raise ConfigError(
                 variable,
                 f"unset it when GATEWAY_CONFIG names the upstreams (each [[upstream]] "
                 f"has its own {field_name})",
                 "(set)",
             )
-    try:
-        routing = load_routing(path, env)
-    except RoutingConfigError as exc:
-        raise FileConfigError("GATEWAY_CONFIG", str(exc)) from exc
     return dataclasses.replace(settings, routing=routing)
 
 

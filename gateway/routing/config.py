@@ -47,6 +47,8 @@ class UpstreamConfig:
     format: str = "openai"
     protocol: str = "auto"
     api_key: str = field(default="", repr=False)
+    #: The environment variable the key came from ("" when none).
+    api_key_env: str = ""
     #: Client model names this upstream serves; ``("*",)`` serves any.
     models: tuple[str, ...] = (ANY_MODEL,)
     #: Lower first; equal priorities share the load by weight.
@@ -196,6 +198,7 @@ def _upstream(index: int, table: Any, env: Mapping[str, str], where: _Where) -> 
         format=read.choice("format", "openai", FORMATS),
         protocol=protocol,
         api_key=api_key,
+        api_key_env=key_env or "",
         models=models,
         priority=read.integer("priority", 0, low=-1_000_000),
         weight=read.number("weight", 1.0),

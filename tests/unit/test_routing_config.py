@@ -113,3 +113,11 @@ def test_settings_refuse_an_upstream_variable_the_file_replaces(
     assert raised.value.variable == variable
     assert "CANARY" not in str(raised.value)
     assert Settings.from_env({"GATEWAY_CONFIG": str(path), variable: " "}).routing is not None
+
+
+def test_settings_take_upstream_api_key_when_a_table_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text('[[upstream]]\nname = "a"\nurl = "http://h/v1"\napi_key_env = "UPSTREAM_API_KEY"\n')
+    settings = Settings.from_env({"GATEWAY_CONFIG": str(path), "UPSTREAM_API_KEY": "sk-named"})
+    assert settings.routing is not None
+    assert [up.api_key for up in settings.routing.upstreams] == ["sk-named"]
