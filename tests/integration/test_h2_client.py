@@ -212,6 +212,14 @@ async def test_a_failed_extra_connection_leaves_the_request_waiting_for_a_slot(t
             second = asyncio.ensure_future(pool.open(chat_request("second")))
             # Generous bounds: the connect fails at once or after 0.3 s.
             assert await asyncio.wait_for(peer.turned_away.get(), 5) == 2
+            # The peer may be done with connection 2 before the pool has seen
+            # it fail: wait until the pool has, and the request has looked
+            # again (one loop step): a third connect would be under way now.
+            async with asyncio.timeout(5):
+                while pool._connecting is not None:  # noqa: ASYNC110 - no event of its own
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert pool._connecting is None and len(pool._waiters) == 1 and not second.done()
             first.release()  # RST_STREAM: connection 1's slot is free
             assert await asyncio.wait_for(peer.resets.get(), 5) == 1
             stream = await asyncio.wait_for(second, 5)
