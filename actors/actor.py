@@ -375,6 +375,12 @@ class StreamActor:
             del open_source  # it holds the request (the prompt): not needed any more
             self._source = source
             async for delta in source:
+                if self._end is not None:
+                    # Ended (its last reader ended for lagging, inside
+                    # _append) while the source still had deltas to hand
+                    # out without waiting, so the task's cancel has not
+                    # landed: the state is final, nothing more is logged.
+                    break
                 self._append(delta)
             self._source = None
             if self._end is None:
