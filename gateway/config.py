@@ -29,6 +29,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: JSON lines by default (what the journal and log shippers read); "auto":
 #: console lines on a terminal, JSON lines otherwise (gateway/logs.py).
 LOG_FORMATS = ("json", "console", "auto")
+#: The longest duration any setting may name: one day. Each becomes float
+#: seconds for an asyncio timer (an integer past 1e308 ms has none), and the
+#: lease and error TTL a Redis expiry (``PX``: a signed 64-bit count of
+#: milliseconds, refused once now plus it overflows); a value those refuse
+#: would pass the start and then fail every claim, or the start with a
+#: traceback. No deadline, interval or lease of a gateway needs more than a
+#: day, and none is infinite.
+MAX_DURATION_MS = 86_400_000
+MAX_DURATION_S = MAX_DURATION_MS / 1000
 
 
 class ConfigError(ValueError):
@@ -151,35 +160,35 @@ class Settings:
             upstream_protocol=read.choice("UPSTREAM_PROTOCOL", "auto", PROTOCOLS),
             upstream_api_key=read.text("UPSTREAM_API_KEY", ""),
             upstream_max_connections=read.integer("UPSTREAM_MAX_CONNECTIONS", 4, low=1),
-            upstream_connect_timeout_ms=read.integer("UPSTREAM_CONNECT_TIMEOUT_MS", 5000, low=1),
-            upstream_first_token_timeout_ms=read.integer(
+            upstream_connect_timeout_ms=read.milliseconds("UPSTREAM_CONNECT_TIMEOUT_MS", 5000, low=1),
+            upstream_first_token_timeout_ms=read.milliseconds(
                 "UPSTREAM_FIRST_TOKEN_TIMEOUT_MS", 60000, low=1
             ),
-            upstream_idle_timeout_ms=read.integer("UPSTREAM_IDLE_TIMEOUT_MS", 30000, low=1),
+            upstream_idle_timeout_ms=read.milliseconds("UPSTREAM_IDLE_TIMEOUT_MS", 30000, low=1),
             coalesce_enabled=read.flag("COALESCE_ENABLED", True),
             stream_fanout_enabled=read.flag("STREAM_FANOUT_ENABLED", True),
             coalesce_scope=read.choice("COALESCE_SCOPE", "key", SCOPES),
-            error_ttl_ms=read.integer("ERROR_TTL_MS", 2000, low=0),
+            error_ttl_ms=read.milliseconds("ERROR_TTL_MS", 2000, low=0),
             max_replay_bytes=read.integer("MAX_REPLAY_BYTES", 1_048_576, low=1024),
             max_inflight=read.integer("MAX_INFLIGHT", 256, low=1),
             max_queue=read.integer("MAX_QUEUE", 1024, low=0),
-            queue_timeout_ms=read.integer("QUEUE_TIMEOUT_MS", 10000, low=1),
-            ping_interval_s=read.number("PING_INTERVAL_S", 15.0, low=0.01),
+            queue_timeout_ms=read.milliseconds("QUEUE_TIMEOUT_MS", 10000, low=1),
+            ping_interval_s=read.seconds("PING_INTERVAL_S", 15.0, low=0.01),
             gateway_api_keys=read.keys("GATEWAY_API_KEYS"),
             max_body_bytes=read.integer("MAX_BODY_BYTES", 1_048_576, low=1024),
             log_level=read.choice("LOG_LEVEL", "info", LOG_LEVELS),
             log_format=read.choice("LOG_FORMAT", "json", LOG_FORMATS),
             trusted_proxies=read.networks("TRUSTED_PROXIES", ""),
-            drain_timeout_s=read.number("DRAIN_TIMEOUT_S", 30.0, low=0.0),
+            drain_timeout_s=read.seconds("DRAIN_TIMEOUT_S", 30.0, low=0.0),
             uvloop=read.flag("GATEWAY_UVLOOP", True),
             orjson=read.flag("GATEWAY_ORJSON", True),
-            first_token_ping_interval_ms=read.integer("FIRST_TOKEN_PING_INTERVAL_MS", 150, low=0),
+            first_token_ping_interval_ms=read.milliseconds("FIRST_TOKEN_PING_INTERVAL_MS", 150, low=0),
             # -- client connections --
-            client_idle_timeout_s=read.number("CLIENT_IDLE_TIMEOUT_S", 75.0, low=0.1),
-            client_header_timeout_s=read.number("CLIENT_HEADER_TIMEOUT_S", 60.0, low=0.1),
-            client_body_timeout_s=read.number("CLIENT_BODY_TIMEOUT_S", 60.0, low=0.1),
+            client_idle_timeout_s=read.seconds("CLIENT_IDLE_TIMEOUT_S", 75.0, low=0.1),
+            client_header_timeout_s=read.seconds("CLIENT_HEADER_TIMEOUT_S", 60.0, low=0.1),
+            client_body_timeout_s=read.seconds("CLIENT_BODY_TIMEOUT_S", 60.0, low=0.1),
             stream_max_lag_bytes=read.integer("STREAM_MAX_LAG_BYTES", 4 * 1_048_576, low=1024),
-            stream_max_lag_s=read.number("STREAM_MAX_LAG_S", 30.0, low=0.1),
+            stream_max_lag_s=read.seconds("STREAM_MAX_LAG_S", 30.0, low=0.1),
             exchange_log_url=read.store_url("EXCHANGE_LOG_URL"),
             exchange_log_content=read.flag("EXCHANGE_LOG_CONTENT", False),
             exchange_log_queue=read.integer("EXCHANGE_LOG_QUEUE", 10_000, low=1),
@@ -191,8 +200,8 @@ class Settings:
             workers=read.integer("GATEWAY_WORKERS", 1, low=1, high=256),
             cluster_advertise_url=read.advertise_url("CLUSTER_ADVERTISE_URL"),
             cluster_secret=read.text("CLUSTER_SECRET", ""),
-            cluster_lease_ms=read.integer("CLUSTER_LEASE_MS", 10000, low=1000),
-            cluster_redis_timeout_ms=read.integer("CLUSTER_REDIS_TIMEOUT_MS", 250, low=1),
+            cluster_lease_ms=read.milliseconds("CLUSTER_LEASE_MS", 10000, low=1000),
+            cluster_redis_timeout_ms=read.milliseconds("CLUSTER_REDIS_TIMEOUT_MS", 250, low=1),
         )
         if settings.workers > 1 and settings.redis_url is None:
             raise ConfigError(
@@ -341,14 +350,21 @@ class _Reader:
 
         return self._get(name, default, parse, allowed)
 
-    def number(self, name: str, default: float, *, low: float) -> float:
+    def milliseconds(self, name: str, default: int, *, low: int) -> int:
+        """A duration in whole milliseconds, at most a day."""
+        return self.integer(name, default, low=low, high=MAX_DURATION_MS)
+
+    def seconds(self, name: str, default: float, *, low: float) -> float:
+        """A duration in seconds, at most a day: ``inf`` and ``nan`` too are refused."""
         def parse(raw: str) -> float:
             value = float(raw)
-            if not value >= low:  # also rejects NaN
+            if not low <= value <= MAX_DURATION_S:  # also rejects NaN
                 raise ValueError(raw)
             return value
 
-        return self._get(name, default, parse, f"a number >= {low:g}")
+        return self._get(
+            name, default, parse, f"a number of seconds >= {low:g} and <= {MAX_DURATION_S:g}"
+        )
 
     def flag(self, name: str, default: bool) -> bool:
         values = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}

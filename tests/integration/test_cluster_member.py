@@ -29,6 +29,7 @@ from gateway.cluster.member import MAX_ATTEMPTS, Member
 from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import STREAM_PATH, PeerClient
 from gateway.cluster.wire import Owner, owner_entry
+from gateway.config import MAX_DURATION_MS, ConfigError, Settings
 from gateway.errors import UpstreamStatusError
 from tests.integration.cluster_fixture import REDIS_SERVER, running_redis
 from tests.loopback import serving
@@ -59,11 +60,10 @@ class Running:
 
 @asynccontextmanager
 async def member_in_process(
-    redis_url: str, *, lease_ms: int = 10_000, error_ttl_ms: int = 2000
+    redis_url: str, *, lease_ms: int = 10_000, error_ttl_ms: int = 2000, timeout_s: float = 0.25
 ) -> AsyncIterator[Running]:
     """A member wired as gateway/cluster/membership.py wires it, with its
     writer and claim tasks running."""
-    timeout_s = 0.25
     metrics = ClusterMetrics(CollectorRegistry())
     directory = Directory(
         connect(redis_url, timeout_s), lease_ms=lease_ms, metrics=metrics, where="test",
@@ -109,6 +109,38 @@ async def until_value_changes(client: Redis, name: str, value: bytes | None) -> 
         while (current := await client.get(name)) == value:  # noqa: ASYNC110 - Redis's state
             await asyncio.sleep(0.02)
     return current  # type: ignore[no-any-return]
+
+
+# -- what the settings hand to Redis ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("CLUSTER_LEASE_MS", str(MAX_DURATION_MS)),
+    ("CLUSTER_LEASE_MS", str(2**63 - 1)),
+    ("CLUSTER_REDIS_TIMEOUT_MS", str(MAX_DURATION_MS)),
+    ("CLUSTER_REDIS_TIMEOUT_MS", str(10**400)),
+], ids=["a day's lease", "a lease past what Redis takes", "a day's timeout",
+        "a timeout past what a float holds"])
+async def test_a_lease_or_redis_timeout_the_start_takes_is_one_every_claim_can_use(
+    tmp_path: Path, variable: str, value: str
+):
+    """Redis refuses an expiry once now plus it overflows a signed 64-bit
+    count of milliseconds, and a timeout is handed on in seconds, a float:
+    such a value stops the start naming its variable, or else a claim owns
+    the key."""
+    async with running_redis(tmp_path / "redis") as server:
+        try:
+            settings = Settings.from_env({"REDIS_URL": server.url, variable: value})
+        except ConfigError as exc:
+            assert exc.variable == variable
+            return
+        async with member_in_process(
+            server.url, lease_ms=settings.cluster_lease_ms,
+            timeout_s=settings.cluster_redis_timeout_ms / 1000,
+        ) as running, redis_client(server.url) as client:
+            assert await running.directory.claim(KEY, b"mine") is None
+            assert running.directory.up
+            assert 0 < await client.pttl(Directory.key(KEY)) <= settings.cluster_lease_ms
 
 
 # -- Redis refusing connections: probed once a second ------------------------------------
