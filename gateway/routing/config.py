@@ -191,7 +191,9 @@ def _upstream(index: int, table: Any, env: Mapping[str, str], where: _Where) -> 
         # would do nothing, and a typo of a served name would pass it unmapped.
         unserved = next((name for name in model_map if name not in models), None)
         if unserved is not None:
-            raise where.error(index, "model_map", f"{unserved!r} is not one of its models")
+            raise where.error(
+                index, "model_map", f"{unserved!r} is not one of its models", entry=unserved
+            )
     return UpstreamConfig(
         name=name,
         url=url,
@@ -229,39 +231,55 @@ def _retry(table: dict[str, Any], where: _Where) -> RetryConfig:
 
 
 class _KeyLines:
-    """Where each key of each ``[[upstream]]`` (and ``[routing]``) starts.
+    """Where each key of each ``[[upstream]]`` (and ``[routing]``) starts,
+    and each entry of a table inside an ``[[upstream]]``, as
+    ``model_map.<name>``: written as a ``[upstream.model_map]`` sub-table
+    (which TOML gives to the last ``[[upstream]]`` above it), as dotted
+    keys (``model_map."gpt-4o" = ...``) or inline (then the line of
+    ``model_map``).
 
     tomllib reports lines for syntax errors only; a value that parses but is
     wrong (a negative weight) is found again here by a line scan of the
-    same text. Good enough for the flat tables this file has."""
+    same text. Good enough for the tables this file has: one key a line,
+    one level of sub-table."""
 
-    _HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?")
-    _KEY = re.compile(r"^\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=")
+    _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+    _PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+    _KEY = re.compile(rf"^\s*({_PART}(?:\s*\.\s*{_PART})*)\s*=")
+    _PARTS = re.compile(_PART)
 
     def __init__(self, text: str) -> None:
         self.tables: list[int] = []
         self.keys: dict[tuple[int | None, str], int] = {}
         table: int | None = None
-        in_routing = False
+        within = ""  # the sub-table of the current [[upstream]], if in one
         for number, line in enumerate(text.splitlines(), start=1):
             header = self._HEADER.match(line)
             if header:
-                self.keys.setdefault((None, header.group(1)), number)
-                in_routing = header.group(1) == "routing"
-                if header.group(1) == "upstream" and line.lstrip().startswith("[["):
+                brackets, name = header.groups()
+                self.keys.setdefault((None, name), number)
+                within = ""
+                if name == "upstream" and brackets == "[[":
                     self.tables.append(number)
                     table = len(self.tables) - 1
-                elif header.group(1) not in ("upstream",):
+                elif name.startswith("upstream.") and brackets == "[" and table is not None:
+                    within = name.removeprefix("upstream.")
+                    self.keys.setdefault((table, within), number)
+                else:
                     table = None
                 continue
             key = self._KEY.match(line)
             if key:
-                name = key.group(1).strip('"')
-                scope = table if not in_routing else None
-                self.keys.setdefault((scope, name), number)
+                path = [within] if within else []
+                path += [part.strip("\"'") for part in self._PARTS.findall(key.group(1))]
+                for depth in range(1, len(path) + 1):
+                    self.keys.setdefault((table, ".".join(path[:depth])), number)
 
     def line(self, index: int | None, key: str) -> int | None:
-        found = self.keys.get((index, key))
+        """The line of ``key`` (``model_map.<name>``: of that entry), else
+        of the key or table that holds it, else of its ``[[upstream]]``."""
+        while (found := self.keys.get((index, key))) is None and "." in key:
+            key = key.rpartition(".")[0]
         if found is None and index is not None and index < len(self.tables):
             return self.tables[index]
         return found
@@ -272,8 +290,11 @@ class _Where:
     source: str
     lines: _KeyLines
 
-    def error(self, index: int | None, key: str, problem: str) -> RoutingConfigError:
-        line = self.lines.line(index, key)
+    def error(
+        self, index: int | None, key: str, problem: str, *, entry: str | None = None
+    ) -> RoutingConfigError:
+        """``entry``: the name within ``key`` (a table) at fault, whose line is given."""
+        line = self.lines.line(index, key if entry is None else f"{key}.{entry}")
         at = f"line {line}: " if line is not None else ""
         name = f"upstream[{index}].{key}" if index is not None else key
         return RoutingConfigError(f"{self.source}: {at}{name}: {problem}")
@@ -343,8 +364,10 @@ class _Fields:
 
     def model_map(self) -> dict[str, str]:
         value = self._table.get("model_map", {})
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()
-        ):
-            raise self._fail("model_map", 'must be a table of names: { "client" = "upstream" }')
+        problem = 'must be a table of names: { "client" = "upstream" }'
+        if not isinstance(value, dict):
+            raise self._fail("model_map", problem)
+        for name, upstream in value.items():
+            if not isinstance(upstream, str) or not upstream.strip():
+                raise self._where.error(self._index, "model_map", problem, entry=name)
         return dict(value)

@@ -64,6 +64,17 @@ BAD = [
     ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\nmodels = ["gpt-4o"]\n'
      'model_map = { "gpt4o" = "gpt-4o-2024-08-06" }\n',
      "line 5: upstream[0].model_map: 'gpt4o' is not one of its models"),
+    # In a [upstream.model_map] sub-table, or as dotted keys, the entry's
+    # own line, and the entry of its own [[upstream]].
+    ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\nmodels = ["gpt-4o"]\n\n'
+     '[upstream.model_map]\n"gpt-4o" = "gpt-4o-2024-08-06"\ngpt4o = "x"\n',
+     "line 8: upstream[0].model_map: 'gpt4o' is not one of its models"),
+    ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\n[upstream.model_map]\nb = "x"\n'
+     '[[upstream]]\nname = "b"\nurl = "http://i/v1"\n[upstream.model_map]\na = "y"\nb = 4\n',
+     "line 11: upstream[1].model_map: must be a table of names"),
+    ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\nmodels = ["gpt-4o"]\n'
+     'model_map."gpt-4o" = "gpt-4o-2024-08-06"\nmodel_map.gpt4o = "x"\n',
+     "line 6: upstream[0].model_map: 'gpt4o' is not one of its models"),
     ('[upstreams]\nname = "a"\n', "line 1: upstreams: unknown table or key"),
     ("# nothing\n", "no [[upstream]] table"),
     ('upstream = "x"\n', "line 1: upstream: must be [[upstream]] tables"),
