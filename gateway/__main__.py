@@ -279,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenError as exc:
         say(f"llm-stream-gateway: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
+    except ConfigError as exc:
+        # A value only its first use can judge (EXCHANGE_LOG_URL's options).
+        say(f"llm-stream-gateway: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIGURATION
     return EXIT_OK
 
 

@@ -27,10 +27,11 @@ from actors.registry import Registry
 from gateway.admission import AdmissionQueue
 from gateway.api import exchanges as exchanges_api
 from gateway.api import messages, native, openai, ops
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.connection import Listener
 from gateway.errors import QueueTimeout, ShuttingDown, UpstreamError
 from gateway.exchanges.log import exchange_log
+from gateway.exchanges.store import StoreMisconfigured
 from gateway.metrics import GatewayMetrics, LiveState
 from gateway.middleware import add_request_id, envelope
 from gateway.redact import SECRETS
@@ -168,16 +169,21 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         # The exchange log and the token counters. Entered before the
         # registry, so closed after it: the records of the streams it ends
         # at shutdown are written too.
-        exchanges = await stack.enter_async_context(
-            exchange_log(
-                url=settings.exchange_log_url,
-                keep_content=settings.exchange_log_content,
-                max_queue=settings.exchange_log_queue,
-                max_queue_bytes=settings.exchange_log_queue_bytes,
-                upstream=first.name,
-                registry=metrics.registry,
+        try:
+            exchanges = await stack.enter_async_context(
+                exchange_log(
+                    url=settings.exchange_log_url,
+                    keep_content=settings.exchange_log_content,
+                    max_queue=settings.exchange_log_queue,
+                    max_queue_bytes=settings.exchange_log_queue_bytes,
+                    upstream=first.name,
+                    registry=metrics.registry,
+                )
             )
-        )
+        except StoreMisconfigured as exc:
+            # Found by the first connect, before any I/O: the operator's to
+            # fix, not an outage to ride out (python -m gateway: exit 2).
+            raise ConfigError("EXCHANGE_LOG_URL", str(exc), "(hidden)") from exc
         admission = AdmissionQueue(
             max_inflight=settings.max_inflight,
             max_queue=settings.max_queue,

@@ -36,15 +36,15 @@ async def exchange_log(
     registry: CollectorRegistry,
 ) -> AsyncIterator[ExchangeLog]:
     """Start the writer (a database down at start delays the log, never the
-    gateway: the writer keeps trying); on exit, write what is queued and
-    close the store."""
+    gateway: the writer keeps trying; a URL the store cannot use raises
+    ``StoreMisconfigured``); on exit, write what is queued and close the
+    store."""
     metrics = ExchangeMetrics(registry)
     writer = None
     if url is not None:
         writer = ExchangeWriter(
             open_store(url), metrics, max_queue=max_queue, max_queue_bytes=max_queue_bytes
         )
-        log.info("exchange log", store=writer.store.description, content=keep_content)
     recorder = Recorder(
         upstream=upstream,
         keep_content=keep_content,
@@ -54,6 +54,7 @@ async def exchange_log(
     )
     if writer is not None:
         await writer.start()
+        log.info("exchange log", store=writer.store.description, content=keep_content)
     try:
         yield ExchangeLog(recorder=recorder, writer=writer, metrics=metrics)
     finally:

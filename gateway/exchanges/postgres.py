@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
@@ -26,6 +26,7 @@ from gateway.exchanges.record import Exchange
 from gateway.exchanges.rows import from_rows, to_row
 from gateway.exchanges.store import (
     COLUMNS,
+    StoreMisconfigured,
     StoreRejected,
     StoreUnavailable,
     check_version,
@@ -83,6 +84,17 @@ def _described(exc: Exception) -> str:
 _DATA_CLASSES = ("22", "23")
 
 
+def _without_secrets(message: str, url: str) -> str:
+    """``message`` on one line, without the URL's password (in its user
+    part or its query) should asyncpg quote it."""
+    parts = urlsplit(url)
+    secrets = [parts.password or ""]
+    secrets += [value for name, value in parse_qsl(parts.query) if name == "password"]
+    for secret in filter(None, secrets):
+        message = message.replace(secret, "[redacted]")
+    return " ".join(message.split())
+
+
 def safe_description(url: str) -> str:
     """host:port/db of the URL, without user or password."""
     parts = urlsplit(url)
@@ -133,6 +145,11 @@ class PostgresStore:
 
         try:
             await self._call(connect)
+        except asyncpg.ClientConfigurationError as exc:
+            # asyncpg reads the URL and its options (sslmode,
+            # target_session_attrs, ...) at each connect, before any I/O:
+            # every later attempt, and so every write, would fail the same.
+            raise StoreMisconfigured(f"postgresql: {_without_secrets(str(exc), self._url)}") from exc
         except StoreRejected as exc:
             # Refused at the door (authentication, no such database): to the
             # writer that is a database it cannot use yet, like one that is
@@ -148,6 +165,8 @@ class PostgresStore:
     async def _call(self, action: Callable[[], Awaitable[T]]) -> T:
         try:
             return await action()
+        except asyncpg.ClientConfigurationError:
+            raise  # an InterfaceError, but no outage: connect() says so
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"postgresql: {_described(exc)}") from exc
         except asyncpg.PostgresError as exc:

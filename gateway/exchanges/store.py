@@ -3,7 +3,9 @@
 Errors by cause: ``StoreUnavailable`` means the database could not be
 reached or is not answering (the writer keeps the batch and tries again);
 ``StoreRejected`` means it refused these rows (the writer drops the batch:
-sending it again would fail again).
+sending it again would fail again); ``StoreMisconfigured`` means the URL
+itself is one the database client refuses (no attempt can succeed: the
+start stops).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from gateway.exchanges.record import Exchange
 from gateway.exchanges.schema import latest
 
-__all__ = ["ExchangeStore", "StoreError", "StoreRejected", "StoreUnavailable", "check_version",
+__all__ = ["ExchangeStore", "StoreError", "StoreMisconfigured", "StoreRejected",
+           "StoreUnavailable", "check_version",
            "open_store", "parse_store_url", "postgres_pool_options", "sqlite_path"]
 
 #: Column order of an exchange row, shared by both stores.
@@ -39,13 +42,20 @@ class StoreRejected(StoreError):
     """The database refused the rows themselves."""
 
 
+class StoreMisconfigured(StoreError):
+    """The URL, or one of its options, is not one the database client can
+    use: found before any connection is tried, so no retry can help. The
+    message names the option, never the URL's credentials."""
+
+
 class ExchangeStore(Protocol):
     #: Where the log goes, fit for a log line (no credentials).
     description: str
 
     async def connect(self) -> None:
         """Connect, and create or migrate the schema if it is not current
-        (a reader only checks it); raises StoreUnavailable."""
+        (a reader only checks it); raises StoreUnavailable, or
+        StoreMisconfigured for a URL no attempt can use."""
         ...
 
     async def write(self, batch: Sequence[Exchange]) -> None:

@@ -87,7 +87,8 @@ class ExchangeWriter:
     async def start(self, *, connect_within_s: float = 2.0) -> None:
         """Connect once (so the log can be read as soon as the gateway
         serves), then start the task. A database that is down or slow now
-        delays nothing more than ``connect_within_s``: the task keeps trying."""
+        delays nothing more than ``connect_within_s``: the task keeps trying.
+        A URL the store cannot use at all raises ``StoreMisconfigured``."""
         assert self._task is None, "start() once"
         try:
             async with asyncio.timeout(connect_within_s):

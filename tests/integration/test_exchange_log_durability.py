@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -91,6 +92,48 @@ async def test_an_exchange_survives_the_gateway_killed_a_second_after_its_stream
     cells = row.split()
     assert cells[2:9] == [exchange["id"], "sim", "complete", "stop", "2", "1",
                           str(exchange["usage"]["prompt_tokens"])]
+
+
+async def test_a_postgres_option_asyncpg_refuses_stops_the_start_in_one_line(
+    postgres: PostgresServer,
+):
+    """asyncpg reads the URL's options at each connect, before any I/O: one
+    it refuses (sslmode=bogus) would fail every write of a gateway that
+    started anyway. With the database up, the start stops with one line
+    naming EXCHANGE_LOG_URL and the option (never the password), status 2."""
+    url = postgres.create_database("exchanges_bad_option")
+    url = url.replace("postgres@", "postgres:pw-CANARY@") + "?sslmode=bogus"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", cwd=ROOT,
+        env={**os.environ, "GATEWAY_PORT": "0", "LOG_LEVEL": "info", "EXCHANGE_LOG_URL": url},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(30):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    assert process.returncode == 2, stderr
+    assert stdout == b""
+    (line,) = stderr.decode().splitlines()
+    assert line.startswith("llm-stream-gateway: EXCHANGE_LOG_URL=")
+    assert "sslmode" in line and "CANARY" not in line
+
+
+async def test_a_postgres_url_of_a_database_down_at_start_still_serves():
+    """The same URL with a good option and nothing listening: an outage,
+    which delays the log, never the gateway."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"EXCHANGE_LOG_URL": f"postgresql://postgres@127.0.0.1:{port}/db?sslmode=disable"}
+    async with gateway_process(env) as (_, url), aiohttp.ClientSession() as http:
+        async with http.get(url + "/v1/exchanges") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "exchange_log_unavailable"
 
 
 async def test_streams_go_on_while_the_database_is_down_and_writing_resumes(
