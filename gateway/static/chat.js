@@ -53,11 +53,13 @@ class Pane {
     this.reasoningBox = root.querySelector(".reasoning");
     this.answerBox = root.querySelector(".answer");
     this.answerBox.id = `answer-${index}`;
+    this.refusalBox = root.querySelector(".refusal");
     this.toolBox = root.querySelector(".tool-calls");
     this.note = root.querySelector(".pane-note");
     // Text nodes grown with appendData: no re-parsing, and never HTML.
     this.answer = this.answerBox.appendChild(document.createTextNode(""));
     this.reasoning = this.reasoningBox.appendChild(document.createTextNode(""));
+    this.refusal = this.refusalBox.appendChild(document.createTextNode(""));
     this.toolCalls = new Map(); // index -> {name, arguments}
     this.meta = null;
   }
@@ -81,6 +83,11 @@ class Pane {
 
   append(delta) {
     if (delta.text) this.answer.appendData(delta.text);
+    // A model that declines answers in `refusal` deltas, not `text`.
+    if (delta.refusal) {
+      this.refusalBox.hidden = false;
+      this.refusal.appendData(delta.refusal);
+    }
     if (delta.reasoning) {
       this.reasoningBox.hidden = false;
       this.reasoning.appendData(delta.reasoning);
@@ -100,6 +107,7 @@ class Pane {
   clear() {
     this.answer.data = "";
     this.reasoning.data = "";
+    this.refusal.data = "";
     this.toolCalls.clear();
     this.toolBox.textContent = "";
   }

@@ -199,3 +199,19 @@ async def test_an_upstream_failure_is_shown_plainly(gateway_factory, page):
     assert await page.text_content("#pane-0 [data-testid='pane-note']") == "error: upstream_stream_reset"
     assert await page.get_attribute("#pane-0", "data-state") == "error"
     await screenshot(page, "browser-error-phone.png")
+
+
+async def test_a_refusal_is_shown_as_the_answer(gateway_factory, page):
+    """A refusal streams in ``refusal`` deltas, not ``text``: the pane shows its words."""
+    gateway = await gateway_factory(sim_profile=PROFILE)
+    prompt = "Something it will not do [sim refusal=1]"
+    await open_page(page, gateway.url, prompt)
+    await page.click("#send")
+
+    await page.wait_for_selector("#status[data-state='done']")
+    assert expected(prompt) in (await page.text_content("#pane-0") or "")
+    refusal = page.locator("#pane-0 [data-testid='refusal']")
+    assert await refusal.is_visible() and await refusal.text_content() == expected(prompt)
+    # No "…" placeholder for a text answer that will never come.
+    assert await page.is_hidden("#answer-0")
+    assert await page.is_hidden("#error")
