@@ -159,7 +159,8 @@ export function createByteParser(onEvent, hooks = {}) {
  * Callbacks: onFirstByte({firstByteMs}), onMeta(meta), onDelta(delta, {id,
  * ttftMs}), onDone(done), onError(error), onComment(text), onResume({attempt,
  * lastEventId, delayMs}), onRestart(). Errors have the shape {code, message,
- * retryable, status?}.
+ * retryable, status?}; a header fetch() cannot send is an `invalid_header`
+ * error before any request.
  *
  * Resolves (never rejects for network or server trouble) to
  * {outcome: "done" | "error" | "aborted", lastEventId, attempts, firstByteMs,
@@ -198,6 +199,21 @@ export async function stream(url, body, options = {}) {
     result.totalMs = elapsed();
     return result;
   };
+
+  // fetch() rejects a header it cannot send (a character beyond ISO-8859-1,
+  // a line break) with the same TypeError as a network failure: found here,
+  // it is the caller's error, not an outage to retry.
+  const unsendable = Object.keys(headers).find((name) => !isSendable(name, headers[name]));
+  if (unsendable !== undefined) {
+    // The value is not shown: it may be a key.
+    result.error = {
+      code: "invalid_header",
+      message: `the ${unsendable} header has a character HTTP cannot carry`,
+      retryable: false,
+    };
+    options.onError?.(result.error);
+    return finish("error");
+  }
 
   for (;;) {
     if (signal?.aborted) return finish("aborted");
@@ -348,6 +364,15 @@ async function connectOnce(session) {
   }
   if (terminal === null) parser.end();
   return { outcome: terminal ?? "dropped", progressed };
+}
+
+function isSendable(name, value) {
+  try {
+    new Headers([[name, value]]);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 function isNotAfter(id, resumeAfter) {

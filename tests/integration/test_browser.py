@@ -215,3 +215,19 @@ async def test_a_refusal_is_shown_as_the_answer(gateway_factory, page):
     # No "…" placeholder for a text answer that will never come.
     assert await page.is_hidden("#answer-0")
     assert await page.is_hidden("#error")
+
+
+async def test_a_key_http_cannot_carry_is_an_error_at_once(gateway_factory, page):
+    """A key pasted with a non-breaking hyphen cannot go in a header: fetch()
+    rejects it like a network failure, but the page says so without retrying."""
+    gateway = await gateway_factory(sim_profile=PROFILE, gateway_api_keys=("sk-demo",))
+    await open_page(page, gateway.url, "Who may ask?")
+    await page.fill("#api-key", "sk\u2011demo")
+    await page.click("#send")
+
+    await page.wait_for_selector("#status[data-state='error']")
+    message = await page.text_content("#error") or ""
+    assert message.startswith("Error (invalid_header): the Authorization header ")
+    assert "demo" not in message
+    assert await page.is_enabled("#send") and await page.is_enabled("#api-key")
+    assert len(gateway.sim.log.records) == 0

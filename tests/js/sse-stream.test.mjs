@@ -245,3 +245,21 @@ test("a caller's lastEventId is sent on the first request", async () => {
   assert.equal(fake.calls[0].headers.get("Last-Event-ID"), "5");
   assert.deepEqual(rec.named("onRestart"), []);
 });
+
+test("a header fetch cannot send is an error at once, not a lost connection", async () => {
+  // A key pasted with a non-breaking hyphen (U+2011): fetch rejects it with
+  // the same TypeError as a network failure, so it must be caught before.
+  const fake = scriptedFetch([]);
+  const rec = recorder();
+  const result = await stream(URL, BODY, {
+    fetch: fake.fetch, headers: { Authorization: "Bearer sk\u2011demo" }, retryDelayMs: 1, ...rec.callbacks,
+  });
+  assert.equal(result.outcome, "error");
+  assert.equal(result.error.code, "invalid_header");
+  assert.equal(result.error.retryable, false);
+  assert.match(result.error.message, /Authorization/);
+  assert.doesNotMatch(result.error.message, /sk/, "the value (a key) is not shown");
+  assert.deepEqual(rec.named("onError"), [[result.error]]);
+  assert.deepEqual(rec.named("onResume"), []);
+  assert.equal(fake.calls.length, 0);
+});
