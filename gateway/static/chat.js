@@ -159,6 +159,7 @@ function setRunning(running) {
   ui.burstCount.disabled = running;
   ui.apiKey.disabled = running;
   ui.stop.disabled = !running;
+  ui.answers.setAttribute("aria-busy", String(running));
 }
 
 /** Stream one answer into `pane`; the first pane also drives the status line. */

@@ -231,3 +231,18 @@ async def test_a_key_http_cannot_carry_is_an_error_at_once(gateway_factory, page
     assert "demo" not in message
     assert await page.is_enabled("#send") and await page.is_enabled("#api-key")
     assert len(gateway.sim.log.records) == 0
+
+
+async def test_the_answers_are_a_live_region_busy_while_streaming(gateway_factory, page):
+    """Screen readers announce the answer: #answers is aria-live, and aria-busy
+    while streaming so the answer is read once whole, not word by word."""
+    gateway = await gateway_factory(sim_profile=PROFILE)
+    await open_page(page, gateway.url, "Read it to me [sim tokens=100 itl_ms=20]")
+    assert await page.get_attribute("#answers", "aria-live") == "polite"
+    assert await page.get_attribute("#answers", "aria-busy") in (None, "false")
+
+    await page.click("#send")
+    await page.wait_for_function("document.querySelector('#answer-0')?.textContent.length > 0")
+    assert await page.get_attribute("#answers", "aria-busy") == "true"
+    await page.wait_for_selector("#status[data-state='done']")
+    assert await page.get_attribute("#answers", "aria-busy") == "false"
