@@ -187,11 +187,12 @@ function streamInto(pane, panes, body, signal, primary) {
         if (primary) ui.ttftClient.textContent = formatMs(ttftMs);
       }
       pane.setState("streaming");
-      if (!pane.note.hidden) pane.say(""); // a resume succeeded
+      // A resume succeeded; a restart's note stays: the answer began again.
+      if (!pane.note.hidden && pane.note.dataset.kind === "resuming") pane.say("");
       pane.append(delta);
     },
     onResume({ attempt }) {
-      pane.say(`connection lost, resuming (attempt ${attempt})…`);
+      pane.say(`connection lost, resuming (attempt ${attempt})…`, "resuming");
     },
     onRestart() {
       pane.clear();

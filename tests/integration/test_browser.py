@@ -18,6 +18,7 @@ import pytest
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
 from tests.integration.conftest import subscribed, upstream_held
+from tests.integration.severing_proxy import severing_proxy
 
 async_api = pytest.importorskip("playwright.async_api")
 
@@ -246,3 +247,23 @@ async def test_the_answers_are_a_live_region_busy_while_streaming(gateway_factor
     assert await page.get_attribute("#answers", "aria-busy") == "true"
     await page.wait_for_selector("#status[data-state='done']")
     assert await page.get_attribute("#answers", "aria-busy") == "false"
+
+
+async def test_a_dropped_connection_restarts_the_answer_and_says_so(gateway_factory, page):
+    """The network drops mid-answer: the gateway sees its only client leave and
+    resets the upstream, so the resume finds no live stream and the answer
+    starts again. The pane shows the whole answer and says why it restarted."""
+    gateway = await gateway_factory(sim_profile=PROFILE)
+    prompt = "Over a bad network [sim tokens=80 itl_ms=20]"
+    async with severing_proxy(gateway.url) as proxy:
+        await open_page(page, proxy.url, prompt)
+        await page.click("#send")
+        await page.wait_for_function("document.querySelector('#answer-0')?.textContent.length > 20")
+        proxy.sever()
+
+        await page.wait_for_selector("#status[data-state='done']")
+        assert await page.text_content("#answer-0") == expected(prompt, 80)
+        note = page.locator("#pane-0 [data-testid='pane-note']")
+        assert await note.is_visible()
+        assert await note.text_content() == "the stream had ended; the answer started again"
+        assert [r.outcome for r in gateway.sim.log.records] == ["reset", "complete"]
