@@ -234,7 +234,10 @@ async function run(count) {
     results.forEach((result, index) => {
       if (result.outcome === "aborted") panes[index].setState("stopped");
     });
-    const outcomes = new Set(results.map((result) => result.outcome));
+    // A stream the server cancelled ends in `done`, but its answer is cut
+    // short, as one stopped here is.
+    const cancelled = (result) => result.outcome === "done" && result.done?.finish_reason === "cancelled";
+    const outcomes = new Set(results.map((result) => (cancelled(result) ? "aborted" : result.outcome)));
     if (outcomes.has("error")) showRunState("error", "error");
     else if (outcomes.has("aborted")) showRunState("stopped", "stopped");
     else showRunState("done", "done");

@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from gateway.sim.content import answer_tokens
@@ -267,3 +268,24 @@ async def test_a_dropped_connection_restarts_the_answer_and_says_so(gateway_fact
         assert await note.is_visible()
         assert await note.text_content() == "the stream had ended; the answer started again"
         assert [r.outcome for r in gateway.sim.log.records] == ["reset", "complete"]
+
+
+async def test_a_stream_cancelled_by_the_server_shows_stopped(gateway_factory, page):
+    """POST /v1/requests/{id}/cancel ends the stream with finish_reason
+    "cancelled": the answer is cut short, and the status line says so."""
+    gateway = await gateway_factory(sim_profile=PROFILE)
+    prompt = "Cut me off [sim tokens=500 itl_ms=20]"
+    await open_page(page, gateway.url, prompt)
+    async with page.expect_response("**/v1/stream") as response_info:
+        await page.click("#send")
+    request_id = (await response_info.value).headers["x-request-id"]
+    await page.wait_for_function("document.querySelector('#answer-0')?.textContent.length > 0")
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{gateway.url}/v1/requests/{request_id}/cancel") as response:
+            assert response.status == 202
+    await page.wait_for_selector("#status:not([data-state='streaming'])")
+    assert await page.get_attribute("#pane-0", "data-state") == "stopped"
+    assert await page.text_content("#pane-0 [data-testid='pane-note']") == "cancelled by the server"
+    assert await page.text_content("#status-state") == "stopped"
+    assert await page.get_attribute("#status", "data-state") == "stopped"
