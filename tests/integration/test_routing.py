@@ -515,6 +515,47 @@ async def test_one_upstream_429_is_retried_after_its_retry_after(routed, sim_fac
     assert waited >= 1.0
 
 
+async def one_429_not_waited_for(http: aiohttp.ClientSession, gateway: Routed, only: Any,
+                                 prompt: str) -> None:
+    """The request fails at once with the upstream's 429 and its Retry-After:
+    one attempt, no retry, the upstream asked once."""
+    async with http.post(gateway.v1 + "/chat/completions", json=chat(prompt, stream=False)) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "2"
+        assert (await resp.json())["error"] == {"message": "simulated failure (status 429)",
+                                                "type": "rate_limit_error",
+                                                "code": "rate_limit_exceeded"}
+    scraped = await metrics(http, gateway)
+    assert [r.status for r in only.log.records] == [429]
+    assert scraped.one("gateway_upstream_failures_total", upstream="only", kind="429") == 1
+    assert scraped.value("gateway_upstream_retries_total") == 0
+
+
+async def test_a_retry_after_longer_than_max_retry_after_ms_is_not_waited_for(routed, sim_factory):
+    """A Retry-After of 2 s against max_retry_after_ms = 1000: the only
+    upstream is not waited for, though the first-token deadline (60 s) would
+    allow it; the client gets the 429 (its SDK may wait, not the gateway)."""
+    only = await sim_factory(dataclasses.replace(FAST_SIM, fail_status=429, retry_after_s=2,
+                                                 fault_requests=1))
+    gateway = await routed(upstream("only", only.url) + "[routing]\nmax_retry_after_ms = 1000\n")
+    async with aiohttp.ClientSession() as http:
+        await one_429_not_waited_for(http, gateway, only, "capped")
+
+
+async def test_a_retry_after_ending_past_the_first_token_deadline_is_not_waited_for(
+    routed, sim_factory
+):
+    """A Retry-After of 2 s, within max_retry_after_ms (10 s), but ending
+    past the 1 s first-token deadline: no retry could bring the first token
+    in time, so the request fails at once with the 429 rather than wait and
+    then time out."""
+    only = await sim_factory(dataclasses.replace(FAST_SIM, fail_status=429, retry_after_s=2,
+                                                 fault_requests=1))
+    gateway = await routed(upstream("only", only.url), upstream_first_token_timeout_ms=1000)
+    async with aiohttp.ClientSession() as http:
+        await one_429_not_waited_for(http, gateway, only, "past the deadline")
+
+
 async def test_one_upstream_connection_lost_before_the_first_token_is_retried(gateway_factory):
     """The environment setup (UPSTREAM_URL, one upstream): the connection
     dies after the response head, before any token; the client sees pings
