@@ -157,6 +157,9 @@ async def test_gauges_in_flight_then_cancel_latency_after_the_last_client_leaves
     assert after.one("gateway_upstream_resets_total") == 1
     assert after.one("gateway_requests_total", api="native", outcome="cancelled") == 4
     assert after.value("gateway_ttft_seconds_count") == 0  # no content ever reached a client
+    # A's three clients were admitted (the followers at once) and left before
+    # the first token: each counts its wait; B was never admitted: no wait.
+    assert after.one("gateway_queue_wait_seconds_count") == 3
     # Cancelled clients are not failures, and not in the error window at all.
     assert after.one("gateway_error_ratio_last_100") == 0
     assert_idle_gauges(after)
@@ -195,6 +198,9 @@ async def test_failures_count_in_the_error_ratio_and_a_cancel_does_not(gateway):
     assert metrics.one("gateway_error_ratio_last_100") == 0.4
     assert stats["error_rate"] == 0.4 and stats["requests_in_window"] == 5
     assert stats["ttft_ms"]["samples"] == 4  # three complete streams and the abandoned one
+    # Admitted, then failed before the first token: still a queue wait each.
+    assert metrics.one("gateway_queue_wait_seconds_count") == 6
+    assert stats["queue_wait_ms"]["samples"] == 6
     assert_idle_gauges(metrics)
 
 
