@@ -231,6 +231,50 @@ async def test_a_failed_extra_connection_leaves_the_request_waiting_for_a_slot(t
             await pool.aclose()
 
 
+async def test_no_connection_is_opened_to_spread_streams_for_a_second_after_one_failed():
+    """The server serves one connection and closes every later one, as one
+    at its connection limit does. The second stream on connection 1 opens
+    connection 2 in the background to spread streams; it fails. For a
+    second after that (the spread back-off) further streams go to
+    connection 1 and no connection is tried; then spreading resumes."""
+    loop = asyncio.get_running_loop()
+    async with quiet_h2_peer(serve_connections=1, turn_away="close") as peer:
+        pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=4)
+        streams: list[ResponseStream] = []
+        try:
+            streams.append(await pool.open(chat_request("first")))
+            streams.append(await pool.open(chat_request("second")))
+            spreading = pool._connecting
+            assert spreading is not None  # connection 1 carries a stream
+            assert await asyncio.wait_for(peer.turned_away.get(), 5) == 2
+            # Its done callback (the pool's) runs before this wait returns.
+            await asyncio.wait_for(asyncio.wait([spreading]), 5)
+            failed_at = loop.time()
+            assert pool._connecting is None and pool.connection_count() == 1
+
+            for n in range(3):
+                # open() does not yield between the pick and the HEADERS: a
+                # connect started by the pick would still be under way.
+                streams.append(await pool.open(chat_request(f"backing off {n}")))
+                assert pool._connecting is None
+            assert peer.connections == 2
+
+            # The back-off itself is under test: wait it out.
+            await asyncio.sleep(failed_at + 1.0 + 0.05 - loop.time())
+            streams.append(await pool.open(chat_request("spread again")))
+            assert pool._connecting is not None
+            assert await asyncio.wait_for(peer.turned_away.get(), 5) == 3
+            for stream in streams:
+                assert (await stream.head()).status == 200
+            # Every stream went to connection 1, in order.
+            assert peer.requests == [1, 3, 5, 7, 9, 11]
+            assert peer.connections == 3 and pool.connection_count() == 1
+        finally:
+            for stream in streams:
+                stream.reset()
+            await pool.aclose()
+
+
 async def test_an_upload_that_fills_the_write_buffer_does_not_stop_reading():
     """The peer grants all the window HTTP/2 allows and reads nothing: an
     8 MB request body fills the connection's write buffer past its
