@@ -9,10 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.check_alerts import evaluate, main
 from tests.integration.conftest import HELD_SIM, subscribed, upstream_held
 from tests.integration.sse_frames import FrameReader
+from tests.loopback import serving
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "bin" / "check-alerts"
 
@@ -60,12 +62,22 @@ def test_thresholds(document, expected):
     assert statuses(document) == expected
 
 
-def test_a_stats_document_without_a_field_is_unreadable(capsys, monkeypatch):
+async def test_a_stats_document_without_a_field_is_unreadable(capsys):
+    """A loopback server answers /stats with the document less its
+    ``coalesce`` field; check-alerts reads it over HTTP and names the field."""
     broken = stats()
     del broken["coalesce"]
-    monkeypatch.setattr("gateway.check_alerts.fetch_stats", lambda url, timeout_s: broken)
-    assert main(["http://gateway.invalid"]) == 2
-    assert capsys.readouterr().err == "check-alerts: /stats has no field coalesce.leaders\n"
+
+    async def serve_stats(request: web.Request) -> web.Response:
+        return web.json_response(broken)
+
+    app = web.Application()
+    app.router.add_get("/stats", serve_stats)
+    async with serving(app) as url:
+        # main() blocks on urllib: off the loop that serves /stats.
+        status = await asyncio.to_thread(main, [url])
+    assert status == 2
+    assert capsys.readouterr() == ("", "check-alerts: /stats has no field coalesce.leaders\n")
 
 
 async def check_alerts(*args: str) -> tuple[int, str, str]:
