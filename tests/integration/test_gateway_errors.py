@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from gateway.api.ops import STATIC
 from gateway.sim.content import answer_tokens
-from tests.integration.conftest import FAST_SIM
+from tests.integration.conftest import FAST_SIM, HELD_SIM, subscribed, upstream_held
 from tests.integration.sse_frames import FrameReader, openai_text
 
 GOOD = {"model": "sim", "messages": [{"role": "user", "content": "still serving"}]}
@@ -169,17 +169,28 @@ async def test_a_401_counts_under_its_api(gateway_factory):
 
 
 async def test_two_tenants_never_share_an_answer(gateway_factory):
-    gateway = await gateway_factory(gateway_api_keys=("sk-one", "sk-two"))
-    body = {"model": "sim", "messages": [{"role": "user", "content": "tenant [sim ttft_ms=100]"}]}
+    """The same prompt under two tenants' keys: a call for each tenant, and
+    the first tenant's second request shares its first. The upstream holds
+    the calls until all three requests are subscribed, so what they share
+    does not depend on how fast they arrive."""
+    gateway = await gateway_factory(sim_profile=HELD_SIM, gateway_api_keys=("sk-one", "sk-two"))
+    body = {"model": "sim", "messages": [{"role": "user", "content": "tenant"}]}
+    answer = "".join(answer_tokens(body["messages"], FAST_SIM.tokens))
     async with aiohttp.ClientSession() as http:
 
-        async def one(key: str) -> int:
+        async def one(key: str) -> str:
             async with http.post(gateway.v1 + "/chat/completions", json=body,
                                  headers={"Authorization": f"Bearer {key}"}) as resp:
-                await resp.read()
-                return resp.status
+                assert resp.status == 200
+                return (await resp.json())["choices"][0]["message"]["content"]
 
-        assert await asyncio.gather(one("sk-one"), one("sk-two"), one("sk-one")) == [200] * 3
+        async with asyncio.timeout(10), asyncio.TaskGroup() as clients:
+            async with upstream_held(gateway):
+                first = clients.create_task(one("sk-one"))
+                await gateway.sim.log.wait_for_arrivals(1)
+                others = [clients.create_task(one(key)) for key in ("sk-two", "sk-one")]
+                await subscribed(gateway, 3)
+    assert [task.result() for task in (first, *others)] == [answer] * 3
     assert len(gateway.sim.log.records) == 2
     assert all(not r.authorization for r in gateway.sim.log.records)  # client keys stay here
 
