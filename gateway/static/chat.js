@@ -5,6 +5,8 @@ import { stream } from "./sse-client.js";
 
 const MODEL = "sim";
 const MAX_BURST = 6; // see the comment on #burst-count in index.html
+/** A pane's header before its first token, by how the pane ended. */
+const ENDED_WITHOUT_ROLE = { done: "done", error: "failed", stopped: "stopped" };
 
 const byId = (id) => document.getElementById(id);
 const ui = {
@@ -66,6 +68,10 @@ class Pane {
 
   setState(value) {
     this.root.dataset.state = value;
+    // The role comes with the first token; a pane that ended before it has
+    // none to show, so its header says how it ended instead of "waiting".
+    const ended = ENDED_WITHOUT_ROLE[value];
+    if (ended && this.meta === null) this.role.textContent = ended;
   }
 
   showMeta(meta, ttftClientMs) {

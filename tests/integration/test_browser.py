@@ -289,3 +289,22 @@ async def test_a_stream_cancelled_by_the_server_shows_stopped(gateway_factory, p
     assert await page.text_content("#pane-0 [data-testid='pane-note']") == "cancelled by the server"
     assert await page.text_content("#status-state") == "stopped"
     assert await page.get_attribute("#status", "data-state") == "stopped"
+
+
+async def test_a_pane_that_ends_before_its_first_token_says_how(gateway_factory, page):
+    """No token, so no role to show: the pane's header says the run failed or
+    was stopped instead of still "waiting"."""
+    gateway = await gateway_factory(sim_profile=PROFILE)
+    await open_page(page, gateway.url, "Refused at once [sim fail_status=500]")
+    await page.click("#send")
+    await page.wait_for_selector("#status[data-state='error']")
+    assert await page.get_attribute("#pane-0", "data-state") == "error"
+    assert await page.text_content("#pane-0 [data-testid='pane-role']") == "failed"
+
+    await page.fill("#prompt", "Too slow to wait for [sim ttft_ms=5000]")
+    await page.click("#send")
+    await subscribed(gateway, 1)
+    await page.click("#stop")
+    await page.wait_for_selector("#status[data-state='stopped']")
+    assert await page.get_attribute("#pane-0", "data-state") == "stopped"
+    assert await page.text_content("#pane-0 [data-testid='pane-role']") == "stopped"
