@@ -260,11 +260,21 @@ function burstSize() {
   return size;
 }
 
+const burst = () => run(burstSize());
+
 ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   run(1);
 });
-ui.burst.addEventListener("click", () => run(burstSize()));
+ui.burst.addEventListener("click", burst);
+ui.burstCount.addEventListener("keydown", (event) => {
+  // Enter in a field submits its form, which sends one request; the count
+  // belongs to the Burst button, so Enter here sends the burst.
+  if (event.key === "Enter" && !event.isComposing) {
+    event.preventDefault();
+    burst();
+  }
+});
 ui.stop.addEventListener("click", () => current?.abort());
 ui.prompt.addEventListener("keydown", (event) => {
   // Enter sends, Shift+Enter is a new line (the usual chat convention).

@@ -308,3 +308,17 @@ async def test_a_pane_that_ends_before_its_first_token_says_how(gateway_factory,
     await page.wait_for_selector("#status[data-state='stopped']")
     assert await page.get_attribute("#pane-0", "data-state") == "stopped"
     assert await page.text_content("#pane-0 [data-testid='pane-role']") == "stopped"
+
+
+async def test_enter_in_the_burst_count_sends_a_burst(gateway_factory, page):
+    """Enter in the count field does what the Burst button beside it does:
+    that many requests, not the form's one."""
+    gateway = await gateway_factory(sim_profile=PROFILE)
+    prompt = "Three at once"
+    await open_page(page, gateway.url, prompt)
+    await page.fill("#burst-count", "3")
+    await page.press("#burst-count", "Enter")
+
+    await page.wait_for_selector("#status[data-state='done']")
+    answers = page.locator("[data-testid='answer']")
+    assert await answers.all_text_contents() == [expected(prompt)] * 3
