@@ -160,12 +160,16 @@ function showRoles(panes) {
 }
 
 function setRunning(running) {
+  const focused = document.activeElement;
   ui.send.disabled = running;
   ui.burst.disabled = running;
   ui.burstCount.disabled = running;
   ui.apiKey.disabled = running;
   ui.stop.disabled = !running;
   ui.answers.setAttribute("aria-busy", String(running));
+  // A control disabled while focused drops the focus to <body>; a keyboard
+  // user gets it on the one that is useful now: Stop while running, then Send.
+  if (focused?.disabled) (running ? ui.stop : ui.send).focus();
 }
 
 /** Stream one answer into `pane`; the first pane also drives the status line. */

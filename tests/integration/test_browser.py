@@ -322,3 +322,30 @@ async def test_enter_in_the_burst_count_sends_a_burst(gateway_factory, page):
     await page.wait_for_selector("#status[data-state='done']")
     answers = page.locator("[data-testid='answer']")
     assert await answers.all_text_contents() == [expected(prompt)] * 3
+
+
+FOCUSED = "document.activeElement.id || document.activeElement.localName"
+
+
+async def test_the_keyboard_focus_moves_to_stop_and_back_to_send(gateway_factory, page):
+    """A control disabled while focused would drop the focus to <body>: it
+    moves to Stop when a run starts and to Send when the run ends, so Enter
+    goes on working without a mouse."""
+    gateway = await gateway_factory(sim_profile=PROFILE)
+    await open_page(page, gateway.url, "A very long answer, please [sim tokens=500 itl_ms=20]")
+    await page.focus("#send")
+    await page.keyboard.press("Enter")
+    await page.wait_for_function("document.querySelector('#answer-0')?.textContent.length > 0")
+    assert await page.evaluate(FOCUSED) == "stop"
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#status[data-state='stopped']")
+    assert await page.evaluate(FOCUSED) == "send"
+
+    # From the burst count to Stop; at the run's own end, back to Send.
+    await page.fill("#prompt", "Two short ones")
+    await page.fill("#burst-count", "2")
+    await page.press("#burst-count", "Enter")
+    await page.wait_for_selector("#status[data-state='streaming']")
+    assert await page.evaluate(FOCUSED) == "stop"
+    await page.wait_for_selector("#status[data-state='done']")
+    assert await page.evaluate(FOCUSED) == "send"
