@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from gateway.durations import MAX_DURATION_MS, MAX_DURATION_S
 from gateway.exchanges.store import parse_store_url
 from gateway.routing.config import RoutingConfig, RoutingConfigError, load_routing
 from gateway.upstream.origin import ALLOWED as URL_ALLOWED
@@ -29,15 +30,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: JSON lines by default (what the journal and log shippers read); "auto":
 #: console lines on a terminal, JSON lines otherwise (gateway/logs.py).
 LOG_FORMATS = ("json", "console", "auto")
-#: The longest duration any setting may name: one day. Each becomes float
-#: seconds for an asyncio timer (an integer past 1e308 ms has none), and the
-#: lease and error TTL a Redis expiry (``PX``: a signed 64-bit count of
-#: milliseconds, refused once now plus it overflows); a value those refuse
-#: would pass the start and then fail every claim, or the start with a
-#: traceback. No deadline, interval or lease of a gateway needs more than a
-#: day, and none is infinite.
-MAX_DURATION_MS = 86_400_000
-MAX_DURATION_S = MAX_DURATION_MS / 1000
 
 
 class ConfigError(ValueError):

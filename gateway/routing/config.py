@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.durations import MAX_DURATION_MS
 from gateway.upstream.origin import ALLOWED as URL_ALLOWED
 from gateway.upstream.origin import Origin
 from gateway.upstream.transport import PROTOCOLS
@@ -207,7 +208,9 @@ def _upstream(index: int, table: Any, env: Mapping[str, str], where: _Where) -> 
         model_map=model_map,
         max_connections=read.optional_integer("max_connections", low=1),
         max_inflight=read.integer("max_inflight", 0, low=0),
-        first_token_timeout_ms=read.optional_integer("first_token_timeout_ms", low=1),
+        first_token_timeout_ms=read.optional_integer(
+            "first_token_timeout_ms", low=1, high=MAX_DURATION_MS
+        ),
     )
 
 
@@ -222,10 +225,12 @@ def _retry(table: dict[str, Any], where: _Where) -> RetryConfig:
         max_attempts=read.integer("max_attempts", default.max_attempts, low=1),
         retry_budget_ratio=read.number("retry_budget_ratio", default.retry_budget_ratio, low=0.0),
         retry_budget_min=read.integer("retry_budget_min", default.retry_budget_min, low=0),
-        max_retry_after_ms=read.integer("max_retry_after_ms", default.max_retry_after_ms, low=0),
+        max_retry_after_ms=read.integer(
+            "max_retry_after_ms", default.max_retry_after_ms, low=0, high=MAX_DURATION_MS
+        ),
         circuit_failures=read.integer("circuit_failures", default.circuit_failures, low=1),
         circuit_cooldown_ms=read.integer(
-            "circuit_cooldown_ms", default.circuit_cooldown_ms, low=1
+            "circuit_cooldown_ms", default.circuit_cooldown_ms, low=1, high=MAX_DURATION_MS
         ),
     )
 
@@ -327,17 +332,22 @@ class _Fields:
             raise self._fail(key, "must be one of " + ", ".join(choices))
         return value.lower()
 
-    def integer(self, key: str, default: int, *, low: int) -> int:
+    def integer(self, key: str, default: int, *, low: int, high: int | None = None) -> int:
+        """``high``: for a duration, MAX_DURATION_MS, as in the environment."""
         value = self._table.get(key, default)
         # bool is an int in Python; in the file it is a mistake.
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise self._fail(key, f"must be an integer >= {low}")
+        if (
+            isinstance(value, bool) or not isinstance(value, int) or value < low
+            or (high is not None and value > high)
+        ):
+            allowed = f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+            raise self._fail(key, f"must be {allowed}")
         return value
 
-    def optional_integer(self, key: str, *, low: int) -> int | None:
+    def optional_integer(self, key: str, *, low: int, high: int | None = None) -> int | None:
         if key not in self._table:
             return None
-        return self.integer(key, low, low=low)
+        return self.integer(key, low, low=low, high=high)
 
     def number(self, key: str, default: float, *, low: float | None = None) -> float:
         value = self._table.get(key, default)

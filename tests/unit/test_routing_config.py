@@ -75,6 +75,14 @@ BAD = [
     ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\nmodels = ["gpt-4o"]\n'
      'model_map."gpt-4o" = "gpt-4o-2024-08-06"\nmodel_map.gpt4o = "x"\n',
      "line 6: upstream[0].model_map: 'gpt4o' is not one of its models"),
+    # A duration, as in the environment, is at most a day: past a float
+    # (or a timer), the start ended in an OverflowError traceback.
+    ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\nfirst_token_timeout_ms = 86400001\n',
+     "line 4: upstream[0].first_token_timeout_ms: must be an integer >= 1 and <= 86400000"),
+    ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\n[routing]\ncircuit_cooldown_ms = 1'
+     + "0" * 400 + "\n", "line 5: circuit_cooldown_ms: must be an integer >= 1 and <= 86400000"),
+    ('[[upstream]]\nname = "a"\nurl = "http://h/v1"\n[routing]\nmax_retry_after_ms = 86400001\n',
+     "line 5: max_retry_after_ms: must be an integer >= 0 and <= 86400000"),
     ('[upstreams]\nname = "a"\n', "line 1: upstreams: unknown table or key"),
     ("# nothing\n", "no [[upstream]] table"),
     ('upstream = "x"\n', "line 1: upstream: must be [[upstream]] tables"),
@@ -132,3 +140,12 @@ def test_settings_take_upstream_api_key_when_a_table_names_it(tmp_path: Path) ->
     settings = Settings.from_env({"GATEWAY_CONFIG": str(path), "UPSTREAM_API_KEY": "sk-named"})
     assert settings.routing is not None
     assert [up.api_key for up in settings.routing.upstreams] == ["sk-named"]
+
+
+def test_a_day_is_the_longest_duration_the_file_takes() -> None:
+    routing = parse_routing(
+        '[[upstream]]\nname = "a"\nurl = "http://h/v1"\nfirst_token_timeout_ms = 86400000\n'
+        "[routing]\ncircuit_cooldown_ms = 86400000\nmax_retry_after_ms = 86400000\n", {}
+    )
+    assert routing.upstreams[0].first_token_timeout_ms == 86_400_000
+    assert (routing.retry.circuit_cooldown_ms, routing.retry.max_retry_after_ms) == (86_400_000,) * 2
