@@ -302,12 +302,15 @@ def _is_loopback(host: str) -> bool:
 _USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
 
 
+#: A URL's query or fragment, and all that follows.
+_QUERY_OR_FRAGMENT = re.compile(r"([?#]).*", re.DOTALL)
+
+
 def _without_secrets(url: str) -> str:
     """``url`` fit for an error line: its user and password may be a
-    secret, and so may its query (``?key=``)."""
+    secret, and so may its query (``?key=``) or fragment (``#token=``)."""
     url = _USERINFO.sub(r"\1[redacted]@", url)
-    path, mark, _ = url.partition("?")
-    return f"{path}?[redacted]" if mark else url
+    return _QUERY_OR_FRAGMENT.sub(r"\1[redacted]", url, count=1)
 
 
 class _Reader:
@@ -434,7 +437,8 @@ class _Reader:
             return f"http://{host}"
 
         return self._get(
-            name, None, parse, "http://HOST or http://HOST:PORT (PORT 1-65535; no path)"
+            name, None, parse, "http://HOST or http://HOST:PORT (PORT 1-65535; no path)",
+            shown=_without_secrets,
         )
 
     def keys(self, name: str) -> tuple[str, ...]:

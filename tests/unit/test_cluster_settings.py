@@ -83,6 +83,17 @@ def test_an_advertised_address_with_what_no_member_would_use_stops_the_start(url
     assert raised.value.variable == "CLUSTER_ADVERTISE_URL"
 
 
+@pytest.mark.parametrize("url", ["http://:s-CANARY@10.0.0.5:9100", "http://10.0.0.5:9100?token=CANARY",
+                                 "http://10.0.0.5:9100/#CANARY"])
+def test_a_refused_advertised_address_is_shown_without_what_may_be_a_secret(url):
+    # The cluster secret written as a password or a token, as UPSTREAM_URL's
+    # user, password and query are never shown.
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(REDIS | {"CLUSTER_ADVERTISE_URL": url, "CLUSTER_SECRET": "s"})
+    assert raised.value.variable == "CLUSTER_ADVERTISE_URL"
+    assert "CANARY" not in str(raised.value) and "10.0.0.5:9100" in str(raised.value)
+
+
 def test_each_workers_advertised_port_must_be_a_port():
     # Worker i binds PORT+i: 65536 was taken as port 0, a random port.
     env = REDIS | {"CLUSTER_ADVERTISE_URL": "http://127.0.0.1:65534", "GATEWAY_WORKERS": "3"}

@@ -39,7 +39,7 @@ def test_a_port_or_none_is_taken(url, port):
 @pytest.mark.parametrize("url", [
     "https://example.openai.azure.com/openai/deployments/gpt-4o?api-version=2024-06-01",
     "https://generativelanguage.example.com/v1beta/openai?key=key-CANARY",
-    "http://127.0.0.1:8000/v1#chat",
+    "http://127.0.0.1:8000/v1#token=CANARY",
 ])
 def test_a_query_or_fragment_is_refused_rather_than_dropped(url):
     # Requests go to the URL's path + /chat/completions: a query (an
