@@ -1,9 +1,9 @@
 """What an idle open stream costs in the gateway's own objects.
 
 The memory target (<= 20 KiB of RSS per idle stream, ``make bench``) is
-missed by ~1.6 KiB (tests/perf/PROFILES.md, item 31); about half of the
-figure is aiohttp's and uvloop's, so a regression in ours is what would push
-it further. tracemalloc counts the bytes still held that were
+missed by ~1.6 KiB (tests/perf/PROFILES.md, "what an idle stream holds
+now"); about half of the figure is aiohttp's and uvloop's, so a regression
+in ours is what would push it further. tracemalloc counts the bytes still held that were
 allocated with a frame of the gateway's or the actors' code innermost: the
 coroutines, the per-stream objects, the tables they grow.
 

@@ -76,8 +76,8 @@ def test_a_redis_url_with_a_database_number_or_none_is_taken(url):
 @pytest.mark.parametrize("url", ["http://10.0.0.5:9100/cluster", "http://10.0.0.5:9100?x=1",
                                  "http://10.0.0.5:0"])
 def test_an_advertised_address_with_what_no_member_would_use_stops_the_start(url):
-    # A path or query was dropped; port 0 is no address (and worker i
-    # would bind port i).
+    # Members use the listener's own paths: a path or query would be
+    # dropped; port 0 is no address (and worker i would bind port i).
     with pytest.raises(ConfigError) as raised:
         Settings.from_env(REDIS | {"CLUSTER_ADVERTISE_URL": url, "CLUSTER_SECRET": "s"})
     assert raised.value.variable == "CLUSTER_ADVERTISE_URL"
@@ -95,7 +95,7 @@ def test_a_refused_advertised_address_is_shown_without_what_may_be_a_secret(url)
 
 
 def test_each_workers_advertised_port_must_be_a_port():
-    # Worker i binds PORT+i: 65536 was taken as port 0, a random port.
+    # Worker i binds PORT+i: the socket layer takes 65536 as port 0, a random port.
     env = REDIS | {"CLUSTER_ADVERTISE_URL": "http://127.0.0.1:65534", "GATEWAY_WORKERS": "3"}
     with pytest.raises(ConfigError) as raised:
         Settings.from_env(env)

@@ -124,7 +124,7 @@ def test_settings_refuse_an_upstream_variable_the_file_replaces(
     tmp_path: Path, variable: str, value: str
 ) -> None:
     # Each [[upstream]] has its own api_key_env, format and protocol: the
-    # variable was ignored, and requests went without the key it held.
+    # variable would be ignored, and requests go without the key it holds.
     path = tmp_path / "gw.toml"
     path.write_text('[[upstream]]\nname = "a"\nurl = "http://h/v1"\n')
     with pytest.raises(ConfigError) as raised:

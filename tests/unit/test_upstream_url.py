@@ -16,7 +16,7 @@ def _file(url: str) -> str:
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:0/v1", "https://api.example.com:0/v1"])
 def test_port_0_is_refused_rather_than_taken_for_the_default_port(url):
-    # It was read as "no port": the requests went to 80 or 443.
+    # Not "no port": the scheme's default (80 or 443) is another upstream.
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({"UPSTREAM_URL": url})
     assert raised.value.variable == "UPSTREAM_URL"
