@@ -119,10 +119,13 @@ def check_url(url: str) -> None:
     unconnected. The error's message quotes no part of the URL (redis-py's
     own may: a password written where the port goes)."""
     parts = urlsplit(url)
-    # redis-py takes the digits of the path, or database 0 when there are
-    # none: "/gateway" would be 0, and "/1/2" 12.
-    if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?\d*", unquote(parts.path)):
-        raise ValueError("its path is the database number, such as /0")
+    if parts.scheme in ("redis", "rediss"):
+        # redis-py takes the digits of the path, or database 0 when there
+        # are none: "/gateway" would be 0, and "/1/2" 12.
+        if not re.fullmatch(r"/?\d*/?", unquote(parts.path)):
+            raise ValueError("its path is the database number, such as /0")
+        if re.search(r":0+$", parts.netloc):
+            raise ValueError("port 0 is no address")
     try:
         pool = BlockingConnectionPool.from_url(url)
     except ValueError as exc:

@@ -59,16 +59,21 @@ def test_a_redis_url_whose_connection_redis_py_would_refuse_stops_the_start(url)
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/gateway", "redis://127.0.0.1:6379/1/2",
-                                 "rediss://127.0.0.1:6379/-1"])
-def test_a_redis_url_whose_database_is_not_a_number_stops_the_start(url):
-    # redis-py would use database 0 for "/gateway", and 12 for "/1/2".
+                                 "rediss://127.0.0.1:6379/-1", "redis://127.0.0.1:0/0",
+                                 "redis://127.0.0.1:pass-CANARY/0"])
+def test_a_redis_url_with_no_usable_database_or_port_stops_the_start(url):
+    # redis-py would use database 0 for "/gateway", and 12 for "/1/2"; port
+    # 0 is no address (every claim would find Redis down); a password
+    # written where the port goes is not quoted.
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({"REDIS_URL": url})
     assert raised.value.variable == "REDIS_URL"
+    assert "CANARY" not in str(raised.value)
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "redis://127.0.0.1:6379/",
-                                 "redis://127.0.0.1:6379/15", "unix:///run/redis.sock?db=2"])
+                                 "redis://127.0.0.1:6379/15", "redis://127.0.0.1:6379/15/",
+                                 "unix:///run/redis.sock?db=2"])
 def test_a_redis_url_with_a_database_number_or_none_is_taken(url):
     assert Settings.from_env({"REDIS_URL": url}).redis_url == url
 
