@@ -117,8 +117,12 @@ async def open_internal_listener(
     try:
         await site.start()
     except OSError as exc:
+        # The host is GATEWAY_HOST's for members on several hosts, else the
+        # loopback address the advertised one names.
+        host_setting = "GATEWAY_HOST" if listen_host == settings.host else "CLUSTER_ADVERTISE_URL"
         raise ListenError.from_os_error(
-            exc, listen_host, port, setting="CLUSTER_ADVERTISE_URL (each worker adds its index)"
+            exc, listen_host, port, setting="CLUSTER_ADVERTISE_URL (each worker adds its index)",
+            host_setting=host_setting,
         ) from exc
     bound = runner.addresses[-1][1]
     if advertised is None:
