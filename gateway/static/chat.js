@@ -114,6 +114,10 @@ class Pane {
     this.answer.data = "";
     this.reasoning.data = "";
     this.refusal.data = "";
+    // Shown again by the restarted answer's own deltas, if it has any.
+    this.reasoningBox.hidden = true;
+    this.refusalBox.hidden = true;
+    this.toolBox.hidden = true;
     this.toolCalls.clear();
     this.toolBox.textContent = "";
   }
