@@ -180,6 +180,10 @@ class Http1Transport:
                     request.path,
                     headers=dict(request.headers),
                     data=request.body or None,
+                    # A 3xx is the upstream's answer, not a new address:
+                    # following a 307/308 would send the prompt, and any
+                    # key not in Authorization, to wherever Location says.
+                    allow_redirects=False,
                 )
         except aiohttp.ConnectionTimeoutError as exc:
             # aiohttp's own connect timeout. It is a TimeoutError as well, so

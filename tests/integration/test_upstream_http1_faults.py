@@ -1,0 +1,96 @@
+"""The gateway in front of an HTTP/1.1 upstream that misbehaves on purpose:
+a raw loopback peer writing exact bytes (no HTTP library in the way), over
+real sockets, with the gateway's own transport, source and providers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import running_gateway
+from gateway.config import Settings
+from gateway.routing.router import Upstream
+from gateway.state import STATE
+from tests.integration.peer_server import serving
+
+UPSTREAM_KEY = "sk-upstream-NOT-FOR-ELSEWHERE-0123456789"
+
+_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)\r\n")
+
+CHUNK = (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+         b'"choices":[{"index":0,"delta":{"content":"hello"},"finish_reason":null}]}\n\n')
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+def chat(prompt: str, *, stream: bool) -> dict[str, object]:
+    return {"model": "m", "stream": stream, "max_tokens": 16,
+            "messages": [{"role": "user", "content": prompt}]}
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request off the connection, head and body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    match = _LENGTH.search(head)
+    return head + (await reader.readexactly(int(match.group(1))) if match else b"")
+
+
+@asynccontextmanager
+async def gateway_on(port: int, **settings: Any) -> AsyncIterator[tuple[Upstream, str]]:
+    """The gateway with the peer on ``port`` as its one upstream over
+    HTTP/1.1; yields that upstream and the gateway's /v1 URL."""
+    async with running_gateway(
+        Settings(host="127.0.0.1", port=0, upstream_url=f"http://127.0.0.1:{port}/v1",
+                 upstream_protocol="http1", upstream_api_key=UPSTREAM_KEY, error_ttl_ms=0,
+                 **settings)
+    ) as (app, url):
+        (upstream,) = app[STATE].router.upstreams
+        yield upstream, url + "/v1"
+
+
+@pytest.mark.parametrize("upstream_format", ["openai", "anthropic"])
+@pytest.mark.parametrize("status", [b"307 Temporary Redirect", b"308 Permanent Redirect"])
+async def test_a_redirect_is_the_upstreams_answer_and_is_not_followed(upstream_format, status):
+    """A 307 or 308 would have the request sent again, body and all, to the
+    Location (RFC 9110 §15.4.8, §15.4.9): the client's prompt, and with an
+    Anthropic upstream our key in x-api-key (only Authorization is dropped
+    across origins). The gateway sends its request to the configured
+    upstream alone: the redirect is that upstream's error status."""
+    elsewhere: list[bytes] = []
+    asked: list[bytes] = []
+
+    async def other_origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        elsewhere.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                     + CHUNK + b"data: [DONE]\n\n")
+        writer.close()
+
+    async with serving(other_origin) as other_port:
+        location = b"http://127.0.0.1:%d/v1/collect" % other_port
+
+        async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            asked.append(await read_request(reader))
+            writer.write(b"HTTP/1.1 %s\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % (status, location))
+            await reader.read()
+            writer.close()
+
+        async with serving(redirecting) as port, gateway_on(
+            port, upstream_format=upstream_format
+        ) as (upstream, v1), aiohttp.ClientSession() as http:
+            async with http.post(v1 + "/chat/completions", json=chat("secret plans", stream=False)) as resp:
+                answer = await resp.json()
+            assert upstream.transport.connection_count() == 0
+
+    assert elsewhere == []
+    assert len(asked) == 1 and UPSTREAM_KEY.encode() in asked[0]
+    code = status.split()[0].decode()
+    assert resp.status == 502 and answer["error"]["code"] == f"upstream_{code}"
+
