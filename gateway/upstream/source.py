@@ -267,6 +267,12 @@ class UpstreamSource:
         if head.status != 200:
             body = await self._read_error_body()
             raise self._provider.error_from_response(head, body)
+        coding = head.header("content-encoding")
+        if coding is not None and coding.strip().lower() not in ("", "identity"):
+            # Nothing here decodes a content coding (the HTTP/1.1 transport
+            # asks for identity, RFC 9110 §12.5.3): the decoder would take
+            # the compressed bytes for an event stream with no events in it.
+            raise UpstreamProtocolError(f"upstream sent its event stream with Content-Encoding {coding}")
 
     async def _read_error_body(self) -> bytes:
         assert self._stream is not None

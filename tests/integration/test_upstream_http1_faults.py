@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,7 @@ from gateway.config import Settings
 from gateway.routing.router import Upstream
 from gateway.state import STATE
 from tests.integration.peer_server import serving
+from tests.integration.sse_frames import FrameReader
 
 UPSTREAM_KEY = "sk-upstream-NOT-FOR-ELSEWHERE-0123456789"
 
@@ -94,3 +96,36 @@ async def test_a_redirect_is_the_upstreams_answer_and_is_not_followed(upstream_f
     code = status.split()[0].decode()
     assert resp.status == 502 and answer["error"]["code"] == f"upstream_{code}"
 
+
+async def test_a_compressed_event_stream_fails_at_its_head():
+    """The gateway asks for ``Accept-Encoding: identity`` and decodes no
+    content coding. An upstream that gzips the stream anyway (a proxy's
+    ``gzip_types text/event-stream``) sends bytes no SSE decoder can read:
+    the answer fails as unreadable as soon as its head says so, instead of
+    holding the client until the first-token deadline (3 s here) and then
+    blaming the upstream's speed. Not retried, the connection closed."""
+    closed = asyncio.Event()
+    asked: list[bytes] = []
+
+    async def gzipping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await read_request(reader))
+        gzip = zlib.compressobj(wbits=31)
+        first = gzip.compress(CHUNK) + gzip.flush(zlib.Z_SYNC_FLUSH)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(first))
+        await reader.read()  # the stream goes on until the gateway closes it
+        closed.set()
+        writer.close()
+
+    async with serving(gzipping) as port, gateway_on(
+        port, upstream_first_token_timeout_ms=3000
+    ) as (upstream, v1), aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("zipped", stream=True)) as resp:
+            frames = await FrameReader(resp).rest()
+        async with asyncio.timeout(5):
+            await closed.wait()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    assert resp.status == 200
+    assert frames[-1].json()["error"]["code"] == "upstream_protocol_error"
+    assert len(asked) == 1 and b"\r\nAccept-Encoding: identity\r\n" in asked[0]
