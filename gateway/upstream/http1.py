@@ -26,7 +26,12 @@ from collections.abc import Callable
 import aiohttp
 
 from gateway.upstream.base import ResponseHead, UpstreamRequest
-from gateway.upstream.errors import ConnectFailed, ConnectionLost, TransportTimeout
+from gateway.upstream.errors import (
+    ConnectFailed,
+    ConnectionLost,
+    ProtocolViolation,
+    TransportTimeout,
+)
 from gateway.upstream.origin import Origin
 
 _READ_SIZE = 64 * 1024
@@ -197,6 +202,13 @@ class Http1Transport:
             ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise ConnectFailed(f"cannot connect to {self._origin.authority}: {exc.os_error}") from exc
+        except aiohttp.ClientResponseError as exc:
+            # With redirects and raise_for_status off, aiohttp raises this
+            # before a response only for bytes its parser refused (a bad
+            # status line, an oversized or invalid header, both
+            # Transfer-Encoding and Content-Length); it closes the
+            # connection.
+            raise ProtocolViolation("upstream sent a malformed response") from exc
         except aiohttp.ClientError as exc:
             raise ConnectionLost("upstream closed the connection before its response head") from exc
         self._in_flight += 1

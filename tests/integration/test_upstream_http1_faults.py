@@ -129,3 +129,41 @@ async def test_a_compressed_event_stream_fails_at_its_head():
     assert resp.status == 200
     assert frames[-1].json()["error"]["code"] == "upstream_protocol_error"
     assert len(asked) == 1 and b"\r\nAccept-Encoding: identity\r\n" in asked[0]
+
+
+MALFORMED_HEADS = {
+    "status-not-a-number": b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",
+    "header-over-the-line-limit": b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n",
+    # RFC 9112 §6.1: a sender must not send both; a message with both is
+    # how responses get smuggled.
+    "chunked-and-a-length": (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"),
+}
+
+
+@pytest.mark.parametrize("head", MALFORMED_HEADS.values(), ids=MALFORMED_HEADS.keys())
+async def test_a_malformed_response_head_is_a_protocol_error(head):
+    """An upstream that answers with bytes that are not an HTTP/1.1 head
+    broke the protocol; it did not lose the connection. docs/routing.md: a
+    malformed answer is not sent again (a lost connection is), and the
+    client is told the answer could not be read."""
+    asked: list[bytes] = []
+    closed = asyncio.Event()
+
+    async def malformed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await read_request(reader))
+        writer.write(head)
+        await reader.read()
+        closed.set()
+        writer.close()
+
+    async with serving(malformed) as port, gateway_on(port) as (upstream, v1), \
+            aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("malformed", stream=False)) as resp:
+            answer = await resp.json()
+        async with asyncio.timeout(5):
+            await closed.wait()  # the connection is not kept for another request
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    assert resp.status == 502 and answer["error"]["code"] == "upstream_protocol_error"
+    assert len(asked) == 1
