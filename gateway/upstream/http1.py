@@ -44,7 +44,7 @@ FINISH_MAX_BYTES = 64 * 1024
 class Http1ResponseStream:
     """Implements ``gateway.upstream.base.ResponseStream`` over aiohttp."""
 
-    __slots__ = ("_response", "_head", "_on_done", "_finish_later")
+    __slots__ = ("_response", "_head", "_on_done", "_finish_later", "_closed")
 
     def __init__(
         self,
@@ -61,6 +61,18 @@ class Http1ResponseStream:
             headers=tuple((k.lower(), v) for k, v in response.headers.items()),
             http_version="HTTP/1.1",
         )
+        # When its parser refuses bytes of a body (a chunk size that is not
+        # hex, a chunk longer than its size: RFC 9112 §7.1), aiohttp closes
+        # the connection but never ends the body: a read waiting then waits
+        # for good, and one started later raises RuntimeError. The end of
+        # the connection ends the body here instead.
+        connection = response.connection
+        protocol = None if connection is None else connection.protocol
+        self._closed = None if protocol is None else protocol.closed
+        if self._closed is not None:
+            self._closed.remove_done_callback(_retrieve)
+            self._closed.add_done_callback(_retrieve)
+            self._closed.add_done_callback(self._connection_closed)
 
     async def head(self) -> ResponseHead:
         return self._head
@@ -74,6 +86,9 @@ class Http1ResponseStream:
         except aiohttp.ClientError as exc:
             self.reset()
             raise ConnectionLost("upstream connection failed mid-response") from exc
+        except ProtocolViolation:
+            self.reset()
+            raise
         if not data:
             self._response.release()
             self._done()
@@ -105,7 +120,7 @@ class Http1ResponseStream:
                 left = FINISH_MAX_BYTES
                 while left > 0 and (data := await content.readany()):
                     left -= len(data)
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError, ProtocolViolation):
             pass
         finally:
             if content.at_eof():
@@ -114,10 +129,27 @@ class Http1ResponseStream:
             else:
                 self.reset()
 
+    def _connection_closed(self, closed: asyncio.Future[None]) -> None:
+        content = self._response.content
+        if not content.is_eof() and content.exception() is None:
+            # Ended neither by its length nor by aiohttp's own error for a
+            # connection lost mid-body: its parser refused the bytes.
+            content.set_exception(ProtocolViolation("upstream sent a malformed response body"))
+
     def _done(self) -> None:
+        if self._closed is not None:
+            self._closed.remove_done_callback(self._connection_closed)
+            self._closed = None
         if self._on_done is not None:
             self._on_done()
             self._on_done = None
+
+
+def _retrieve(closed: asyncio.Future[None]) -> None:
+    """A connection's end, taken note of: the error it ended with, if any,
+    is the read's to report, not the loop's ("never retrieved")."""
+    if not closed.cancelled():
+        closed.exception()
 
 
 class Http1Transport:

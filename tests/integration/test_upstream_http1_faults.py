@@ -167,3 +167,44 @@ async def test_a_malformed_response_head_is_a_protocol_error(head):
 
     assert resp.status == 502 and answer["error"]["code"] == "upstream_protocol_error"
     assert len(asked) == 1
+
+
+BROKEN_CONTINUATIONS = {
+    "chunk-size-not-hex": b"zz\r\nnot hex\r\n",
+    "chunk-longer-than-its-size": b"5\r\nhelloXX\r\n",
+}
+
+
+@pytest.mark.parametrize("continuation", BROKEN_CONTINUATIONS.values(), ids=BROKEN_CONTINUATIONS.keys())
+async def test_a_body_malformed_after_the_first_token_ends_the_stream_at_once(continuation):
+    """A chunked body that stops being chunked encoding mid-answer (RFC 9112
+    §7.1): the stream ends with the in-stream protocol error as soon as the
+    bad bytes arrive, not at the idle timeout (3 s here), whether the
+    upstream then keeps its connection open or not."""
+    first_token_seen = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def breaking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + chunked(CHUNK))
+        await first_token_seen.wait()
+        writer.write(continuation)
+        await reader.read()
+        closed.set()
+        writer.close()
+
+    async with serving(breaking) as port, gateway_on(
+        port, upstream_idle_timeout_ms=3000
+    ) as (upstream, v1), aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("break", stream=True)) as resp:
+            frames = FrameReader(resp)
+            while (frame := await frames.next()) is not None and "hello" not in (frame.data or ""):
+                pass
+            first_token_seen.set()
+            rest = await frames.rest()
+        async with asyncio.timeout(5):
+            await closed.wait()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    assert rest[-1].json()["error"]["code"] == "upstream_protocol_error"
