@@ -204,7 +204,8 @@ def completion_id(subscription: Subscription) -> str:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = await read_chat(request)
-    subscription = await subscribe(request, chat, streaming=chat.stream)
+    # A whole answer has no event ids: a Last-Event-ID would cut its head off.
+    subscription = await subscribe(request, chat, streaming=chat.stream, resumable=chat.stream)
     if chat.stream:
         encoder = ChunkEncoder(subscription, model=chat.model, include_usage=chat.include_usage)
         # The parsed prompt (a whole chat history, often) is not needed while

@@ -281,6 +281,25 @@ async def test_last_event_id_resumes_after_n(gateway):
     assert len(gateway.sim.log.records) == 1
 
 
+async def test_a_non_streaming_answer_ignores_last_event_id(gateway):
+    """A whole answer has no event ids to resume after: one that joins a
+    running stream with ``Last-Event-ID`` still gets every token."""
+    prompt = "whole despite resume [sim itl_ms=20 tokens=30]"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
+            reader = FrameReader(first)
+            while sum(1 for f in reader.frames if f.event == "delta") < 5:
+                assert await reader.next() is not None
+            async with http.post(
+                gateway.v1 + "/chat/completions", json=chat(prompt, stream=False),
+                headers={"Last-Event-ID": "5"},
+            ) as whole:
+                body = await whole.json()
+            await reader.rest()
+    assert body["choices"][0]["message"]["content"] == expected(prompt, 30)
+    assert len(gateway.sim.log.records) == 1
+
+
 @both_protocols
 async def test_explicit_cancel_ends_the_stream_with_cancelled(gateway):
     async with aiohttp.ClientSession() as http:
