@@ -62,6 +62,13 @@ class Reader(Protocol):
     @property
     def cursor(self) -> int: ...
 
+    @property
+    def waiting(self) -> bool:
+        """Parked for the next delta after reading every one before it:
+        what was appended since it has not had a turn to take, so it is not
+        behind (not yet woken is not slow)."""
+        ...
+
     def fall_behind(self, error: SlowReader) -> None: ...
 
 
@@ -316,7 +323,11 @@ class StreamActor:
         lagging: list[tuple[Reader, str]] = []
         for reader in self._readers:
             cursor = reader.cursor
-            behind = total - before[max(0, min(cursor - self._log_base, len(self._log)))]
+            # A waiting reader read all there was: deltas appended in this
+            # tick (one read of the upstream) are not its lag.
+            behind = 0 if reader.waiting else (
+                total - before[max(0, min(cursor - self._log_base, len(self._log)))]
+            )
             if lag.max_bytes is not None and behind > lag.max_bytes:
                 lagging.append((reader, f"{behind} bytes behind the stream"))
                 continue

@@ -40,6 +40,7 @@ class Subscription:
         "_on_close",
         "_outcome",
         "_waiter",
+        "_waiting",
         "arrived_at",
         "key",
         "owner",
@@ -74,6 +75,7 @@ class Subscription:
         self._closed = False
         self._lagged: SlowReader | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._waiting = False
 
     # -- what the handler reports ------------------------------------------------------
 
@@ -124,6 +126,12 @@ class Subscription:
         return actor.end is not None and self._cursor == actor.appended
 
     @property
+    def waiting(self) -> bool:
+        """Parked in ``readable()`` since it last took a delta: it had read
+        every one logged when it parked."""
+        return self._waiting
+
+    @property
     def outcome(self) -> Outcome:
         return self._outcome
 
@@ -143,6 +151,7 @@ class Subscription:
             delta = self._actor.delta_after(self._cursor)
             if delta is not None:
                 self._cursor += 1
+                self._waiting = False
                 return delta
             end = self._actor.end
             if end is not None:
@@ -180,6 +189,7 @@ class Subscription:
         batch = self._actor.deltas_after(self._cursor, limit)
         if batch:
             self._cursor += len(batch)
+            self._waiting = False
             return batch
         end = self._actor.end
         if end is not None:
@@ -194,6 +204,8 @@ class Subscription:
         Once done it may stay here; ``close()`` only wakes a waiter not done
         yet."""
         waiter = self._waiter = self._actor.new_waiter()
+        # Asked for only with nothing left to read: caught up until woken.
+        self._waiting = True
         return waiter
 
     def fall_behind(self, error: SlowReader) -> None:

@@ -14,9 +14,12 @@ import time
 
 import aiohttp
 
+from gateway.app import running_gateway
+from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
 from tests.integration.sse_frames import FrameReader, openai_text
+from tests.loopback import event_stream_upstream, serving
 
 TOKENS, TOKEN_SIZE, ITL_MS = 1000, 500, 3
 LAG_BYTES = 128 * 1024
@@ -118,3 +121,39 @@ async def test_a_slow_reader_is_ended_and_the_others_never_wait(gateway_factory)
     async with asyncio.timeout(5):
         await gateway.state.registry.wait_idle()
     assert gateway.state.active_streams == 0
+
+
+def _chunk(text: str) -> bytes:
+    return b"data: %s\n\n" % json.dumps({
+        "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }).encode()
+
+
+#: 2,000 deltas in one write: the gateway reads many at once, far more than
+#: the lag bound below, before any of its readers has had a turn.
+BURST_WORDS = [f"w{n:04} " for n in range(2000)]
+BURST = b"".join(_chunk(word) for word in BURST_WORDS) + b"data: [DONE]\n\n"
+
+
+async def test_a_reader_waiting_for_the_next_delta_is_never_too_slow():
+    """The lag bound ends a reader its client holds back, never one that read
+    all there was and waits for more, as a non-streaming answer's does: a
+    burst the gateway reads at once, far past the bound, is answered whole
+    (it was a 500 ``internal_error``: the gatherer was ended as slow)."""
+    upstream = event_stream_upstream("/v1/chat/completions", lambda body: BURST)
+    async with serving(upstream) as url, running_gateway(Settings(
+        host="127.0.0.1", port=0, upstream_url=url + "/v1", upstream_protocol="http1",
+        stream_max_lag_bytes=1024, max_replay_bytes=1024,
+    )) as (_, gateway_url), aiohttp.ClientSession() as http:
+        messages = [{"role": "user", "content": "burst"}]
+        async with http.post(gateway_url + "/v1/chat/completions",
+                             json={"model": "m", "messages": messages}) as whole:
+            assert whole.status == 200
+            completion = await whole.json()
+        async with http.post(gateway_url + "/v1/messages",
+                             json={"model": "m", "max_tokens": 9000, "messages": messages}) as whole:
+            assert whole.status == 200
+            message = await whole.json()
+    assert completion["choices"][0]["message"]["content"] == "".join(BURST_WORDS)
+    assert message["content"] == [{"type": "text", "text": "".join(BURST_WORDS)}]

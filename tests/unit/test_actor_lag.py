@@ -129,3 +129,25 @@ async def test_the_only_reader_ended_for_lag_resets_the_upstream() -> None:
     assert alone._actor.replay_bytes == 0
     alone.close()
     await registry.aclose()
+
+
+async def test_a_reader_waiting_for_more_is_not_behind_a_burst() -> None:
+    """A reader parked for the next delta has read all there was: a burst
+    appended in one tick, before it has had a turn, is not its lag."""
+    upstream = MemoryUpstream()
+    chunk_size = text("00000")[0].replay_size()
+    registry = make_registry(LagBound(max_bytes=10 * chunk_size))
+    opened = asyncio.ensure_future(upstream.next_source())
+    waiting = subscribe(registry, upstream, "waiting")
+    source = await opened
+    assert waiting.take_batch() is None
+    woken = waiting.readable()
+    chunks = text(*(f"{n:05}" for n in range(40)))
+    source.push(*chunks)  # 4 times the bound, appended in one tick
+    await woken
+    assert list(waiting.take_batch() or ()) == list(chunks)
+    source.finish()
+    assert await read_all(waiting) == []
+    assert (waiting.outcome, source.reset_calls) == ("complete", 0)
+    waiting.close()
+    await registry.aclose()
