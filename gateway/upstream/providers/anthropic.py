@@ -94,14 +94,14 @@ class AnthropicProvider:
 
 class AnthropicStreamDecoder(EventStreamDecoder):
     __slots__ = (
-        "_prompt_tokens", "_completion_tokens", "_cached_tokens", "_cache_write_tokens",
+        "_input_tokens", "_completion_tokens", "_cached_tokens", "_cache_write_tokens",
         "_tool_ordinals", "_unsent_inputs",
     )  # fmt: skip
     terminator = "message_stop"
 
     def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
         super().__init__(max_event_bytes=max_event_bytes)
-        self._prompt_tokens = 0
+        self._input_tokens = 0
         self._completion_tokens = 0
         self._cached_tokens: int | None = None
         self._cache_write_tokens: int | None = None
@@ -212,7 +212,9 @@ class AnthropicStreamDecoder(EventStreamDecoder):
             finish_reason=STOP_REASONS.get(stop_reason, "stop") if stop_reason else None,
             stop_sequence=wire.get_str(delta, "stop_sequence") if stop_reason == "stop_sequence" else None,
             usage=Usage(
-                prompt_tokens=self._prompt_tokens,
+                prompt_tokens=(
+                    self._input_tokens + (self._cache_write_tokens or 0) + (self._cached_tokens or 0)
+                ),
                 completion_tokens=self._completion_tokens,
                 cached_tokens=self._cached_tokens,
                 cache_write_tokens=self._cache_write_tokens,
@@ -220,7 +222,8 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         )
 
     def _take_usage(self, usage: wire.JsonObject) -> None:
-        """Counts are cumulative; message_delta repeats only some of them.
+        """Counts are cumulative; message_delta repeats only some of them, so
+        each is kept as last given and the prompt count is summed at the end.
 
         OpenAI's prompt_tokens include cached tokens, Anthropic's input_tokens
         do not: the cache reads and writes are added back in."""
@@ -233,7 +236,7 @@ class AnthropicStreamDecoder(EventStreamDecoder):
         if cache_write is not None:
             self._cache_write_tokens = cache_write
         if input_tokens is not None:
-            self._prompt_tokens = input_tokens + (cache_write or 0) + (cache_read or 0)
+            self._input_tokens = input_tokens
         output_tokens = wire.get_int(usage, "output_tokens")
         if output_tokens is not None:
             self._completion_tokens = output_tokens
