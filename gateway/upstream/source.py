@@ -150,6 +150,9 @@ class UpstreamSource:
             self._pending.clear()
             self._next = 0
             try:
+                if (failure := self._decoder.failure) is not None:
+                    # Only now: the deltas decoded with it went first.
+                    raise failure
                 try:
                     if not self._head_checked:
                         self._start_wait()

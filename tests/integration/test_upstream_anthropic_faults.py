@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.integration.peer_server import serving
+from tests.integration.sse_frames import Frame, FrameReader, openai_text
 from tests.integration.test_upstream_http1_faults import chat, chunked, gateway_on, read_request
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -98,3 +99,61 @@ async def test_the_prompt_count_sums_each_count_as_last_given(start_usage, delta
                                           "cache_creation_input_tokens": 20,
                                           "cache_read_input_tokens": 100}
 
+
+def text_delta(index: int, text: str) -> bytes:
+    return event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                         "delta": {"type": "text_delta", "text": text}})
+
+
+OVERLOADED = event("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+
+
+def answered_text(route: str, frames: list[Frame]) -> str:
+    if route == "/chat/completions":
+        return openai_text(frames)
+    return "".join(f.json()["delta"]["text"] for f in frames if f.event == "content_block_delta")
+
+
+@pytest.mark.parametrize("route", ["/chat/completions", "/messages"])
+async def test_text_read_with_an_error_event_reaches_the_client_before_it(route):
+    """One read may hold an answer's last deltas and the error event that
+    ends it. After the first token the stream ends with the in-stream error,
+    and the text that came before it in the same read is the client's
+    first: "hi", " there", then the error, in the client's API shape."""
+    first_token_seen = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(HEAD + chunked(
+            message_start({"input_tokens": 5, "output_tokens": 1})
+            + event("content_block_start", {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}})
+            + text_delta(0, "hi")))
+        await first_token_seen.wait()
+        writer.write(chunked(text_delta(0, " there") + OVERLOADED))
+        await reader.read()
+        closed.set()
+        writer.close()
+
+    async with serving(failing) as port, gateway_on(
+        port, upstream_format="anthropic"
+    ) as (upstream, v1), aiohttp.ClientSession() as http:
+        async with http.post(v1 + route, json=chat("overloaded", stream=True)) as resp:
+            reader = FrameReader(resp)
+            while answered_text(route, reader.frames) != "hi":
+                assert await reader.next() is not None
+            first_token_seen.set()
+            frames = await reader.rest()
+        async with asyncio.timeout(5):
+            await closed.wait()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    assert resp.status == 200
+    assert answered_text(route, frames) == "hi there"
+    last = frames[-1].json()
+    if route == "/chat/completions":
+        assert last == {"error": {"message": "Overloaded", "type": "upstream_error",
+                                  "code": "overloaded_error"}}
+    else:
+        assert frames[-1].event == "error" and last["error"]["message"] == "Overloaded"

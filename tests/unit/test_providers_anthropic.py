@@ -286,6 +286,28 @@ def test_error_event_raises_with_the_status_of_its_type(
     assert error.retryable == (upstream_status == 429 or upstream_status >= 500)
 
 
+def test_deltas_read_with_an_error_event_come_before_it() -> None:
+    """One read may hold an answer's last deltas and the error that ends it:
+    ``feed`` returns the deltas, the error is ``failure`` and ``feed`` and
+    ``close`` raise it."""
+    error_event = (
+        b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+        b'"message": "Overloaded"}}\n\n'
+    )
+    decoder = AnthropicProvider().decoder()
+    before_block_stop = TEXT_STREAM[: TEXT_STREAM.index(b"event: content_block_stop")]
+    assert decoder.feed(before_block_stop + error_event) == [
+        replace(TEXT_DELTAS[0], info=StreamInfo(model="claude-sonnet-4-5")), TEXT_DELTAS[1]
+    ]
+    assert isinstance(decoder.failure, UpstreamStatusError)
+    assert (decoder.failure.upstream_status, decoder.failure.code) == (529, "overloaded_error")
+    with pytest.raises(UpstreamStatusError):
+        decoder.feed(MESSAGE_STOP)
+    with pytest.raises(UpstreamStatusError):
+        decoder.close()
+    assert not decoder.done
+
+
 @pytest.mark.parametrize(
     "event",
     [

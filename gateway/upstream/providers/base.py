@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from actors.deltas import Delta, StreamInfo
-from gateway.errors import UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import UpstreamError, UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.base import Headers, ResponseHead, UpstreamRequest
 from gateway.upstream.sse_decoder import SSEDecoder, SSEEvent
 
@@ -29,7 +29,8 @@ class ProviderDecoder(Protocol):
 
         Raises ``UpstreamError`` subclasses: ``UpstreamStatusError`` for an
         in-stream error event, ``UpstreamProtocolError`` for bytes that make
-        no sense."""
+        no sense. A piece that decodes to deltas before such an error
+        returns them, and the error is ``failure`` from then on."""
         ...
 
     def close(self) -> list[Delta]:
@@ -41,6 +42,12 @@ class ProviderDecoder(Protocol):
     @property
     def done(self) -> bool:
         """The terminator was seen; the answer is complete."""
+        ...
+
+    @property
+    def failure(self) -> UpstreamError | None:
+        """The error that ended the body after the deltas ``feed`` last
+        returned; raised again by ``feed`` and ``close``."""
         ...
 
 
@@ -89,7 +96,7 @@ class EventStreamDecoder(ABC):
     is complete and a trailing keepalive must not turn it into an error.
     """
 
-    __slots__ = ("_sse", "_done", "_info")
+    __slots__ = ("_sse", "_done", "_info", "_failure")
 
     #: How the terminator is named in the truncation error message.
     terminator: str = "its terminator"
@@ -98,26 +105,42 @@ class EventStreamDecoder(ABC):
         self._sse = SSEDecoder(max_event_bytes=max_event_bytes)
         self._done = False
         self._info: StreamInfo | None = None
+        self._failure: UpstreamError | None = None
 
     @property
     def done(self) -> bool:
         return self._done
 
+    @property
+    def failure(self) -> UpstreamError | None:
+        return self._failure
+
     def feed(self, data: bytes) -> list[Delta]:
+        if self._failure is not None:
+            raise self._failure
         if self._done:
             return []
         deltas: list[Delta] = []
-        for event in self._sse.feed(data):
-            delta = self.handle_event(event)
-            if delta is not None:
-                if self._info is not None:
-                    delta, self._info = replace(delta, info=self._info), None
-                deltas.append(delta)
-            if self._done:
-                break
+        try:
+            for event in self._sse.feed(data):
+                delta = self.handle_event(event)
+                if delta is not None:
+                    if self._info is not None:
+                        delta, self._info = replace(delta, info=self._info), None
+                    deltas.append(delta)
+                if self._done:
+                    break
+        except UpstreamError as exc:
+            if not deltas:
+                raise
+            # One read may hold an answer's last deltas and the error that
+            # ends it: they go first, the error after them.
+            self._failure = exc
         return deltas
 
     def close(self) -> list[Delta]:
+        if self._failure is not None:
+            raise self._failure
         self._sse.close()
         if not self._done:
             raise UpstreamProtocolError(f"upstream stream ended before {self.terminator}")
