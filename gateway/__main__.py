@@ -38,9 +38,9 @@ import structlog
 from aiohttp import web
 
 from gateway import json_codec
-from gateway.app import listen_url, make_app, make_listener
+from gateway.app import make_app, make_listener
 from gateway.config import ConfigError, Settings
-from gateway.connection import Connections, ListenError
+from gateway.connection import Connections, ListenError, listen_url
 from gateway.errors import ShuttingDown
 from gateway.logs import configure_logging, say
 from gateway.state import STATE, GatewayState

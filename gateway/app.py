@@ -28,7 +28,7 @@ from gateway.admission import AdmissionQueue
 from gateway.api import exchanges as exchanges_api
 from gateway.api import messages, native, openai, ops
 from gateway.config import ConfigError, Settings
-from gateway.connection import Listener
+from gateway.connection import Listener, listen_url
 from gateway.errors import QueueTimeout, ShuttingDown, UpstreamError
 from gateway.exchanges.log import exchange_log
 from gateway.exchanges.store import StoreMisconfigured
@@ -271,11 +271,6 @@ async def running_gateway(
         listener.stop_listening()
         await runner.cleanup()
         await listener.aclose()
-
-
-def listen_url(host: str, port: int) -> str:
-    """The base URL of a listening address (an IPv6 one in brackets)."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def make_listener(runner: web.AppRunner, settings: Settings) -> Listener:

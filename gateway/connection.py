@@ -372,6 +372,11 @@ def client_connection(request: web.Request) -> ClientConnection | None:
     return protocol if isinstance(protocol, ClientConnection) else None
 
 
+def listen_url(host: str, port: int) -> str:
+    """The base URL of a listening address (an IPv6 one in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class ListenError(Exception):
     """A listening socket could not be opened (the port is taken, or not ours
     to take): one line for the operator, naming the setting to change."""

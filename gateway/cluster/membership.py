@@ -25,7 +25,7 @@ from gateway.cluster.metrics import ClusterMetrics
 from gateway.cluster.peer import PeerClient
 from gateway.cluster.routes import internal_app
 from gateway.config import Settings, cluster_listen_host
-from gateway.connection import ListenError
+from gateway.connection import ListenError, listen_url
 
 #: How long the internal listener waits for its streams when it stops (the
 #: registry has ended them by then in a drain).
@@ -126,10 +126,7 @@ async def open_internal_listener(
         ) from exc
     bound = runner.addresses[-1][1]
     if advertised is None:
-        host = listen_host
-        if ":" in host:
-            host = f"[{host}]"
-        url = f"http://{host}:{bound}"
+        url = listen_url(listen_host, bound)
     else:
         parts = urlsplit(advertised)
         host = parts.hostname or settings.host

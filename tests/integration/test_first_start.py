@@ -16,7 +16,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.__main__ import environment_variables
-from gateway.app import listen_url
+from gateway.connection import listen_url
 
 START_TIMEOUT_S = 15.0
 
