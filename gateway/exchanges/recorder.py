@@ -397,9 +397,11 @@ def _error_message(exc: GatewayError, keep_content: bool) -> str:
     body can quote our key (a provider echoing it) or the prompt (a
     validation error's ``input_value=...``): never a configured secret, and
     with content off none of the upstream's text, only what a client is told
-    of the cause (for an error status, the status)."""
-    if keep_content:
-        return redact(exc.message)
+    of the cause (for an error status, the status). Any other failure is
+    told as a client is told it: the transport's own text names the
+    upstream's address (``cannot connect to 10.0.0.5:443``)."""
     if isinstance(exc, UpstreamStatusError):
+        if keep_content:
+            return redact(exc.message)
         return f"the upstream answered {exc.upstream_status}"
     return for_client(exc).message

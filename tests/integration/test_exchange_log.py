@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import socket
 import threading
 from pathlib import Path
 
@@ -187,6 +188,35 @@ async def test_an_upstream_error_quoting_the_key_and_the_prompt_stays_out_of_the
         assert "[redacted]" in exchange["error"]["message"]
     else:
         assert exchange["error"]["message"] == "the upstream answered 401"
+
+
+@pytest.mark.parametrize("keep_content", [False, True], ids=["content-off", "content-on"])
+async def test_a_failed_connect_is_recorded_in_our_words_without_the_address(
+    tmp_path, keep_content
+):
+    """An upstream that refuses the connection: the record's error is the
+    cause as the client is told it, with content on too (there is no
+    upstream text to keep), never the upstream's host and port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                        upstream_url=f"http://127.0.0.1:{port}",
+                        exchange_log_url=f"sqlite:///{tmp_path}/log.db",
+                        exchange_log_content=keep_content)
+    async with running_gateway(settings) as (app, url):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url + "/v1/chat/completions", json=chat("refused")) as resp:
+                frames = await FrameReader(resp).rest()
+            told = frames[-1].json()["error"]
+            await written(app[STATE].exchanges.writer, 1)
+            async with http.get(url + "/v1/exchanges") as resp:
+                (exchange,) = (await resp.json())["data"]
+    assert exchange["outcome"] == "failed"
+    assert exchange["error"] == {"code": "upstream_connect_error",
+                                 "message": "the gateway could not connect to the upstream"}
+    assert exchange["error"] == {"code": told["code"], "message": told["message"]}
+    assert str(port) not in json.dumps(exchange)
 
 
 def _sha256(text: str) -> str:
