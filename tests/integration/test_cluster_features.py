@@ -69,6 +69,22 @@ async def open_stream(http: aiohttp.ClientSession, member: Member, prompt: str,
     return resp
 
 
+async def answers_on_both(
+    http: aiohttp.ClientSession, cluster: RoutedCluster, prompt: str, called: SimServer
+) -> list[str]:
+    """A stream on the first member; once ``called`` has the owner's call, a
+    streaming and a non-streaming request on the second: the three answers."""
+    owner, other = cluster.members
+    on_owner = await open_stream(http, owner, prompt)
+    await called.log.wait_for_arrivals(1, timeout=10)
+    on_other = await open_stream(http, other, prompt)
+    whole = await http.post(other.url + "/v1/chat/completions", json=chat(prompt, stream=False))
+    answers = [openai_text(await FrameReader(r).rest()) for r in (on_owner, on_other)]
+    assert whole.status == 200
+    answers.append((await whole.json())["choices"][0]["message"]["content"])
+    return answers
+
+
 async def test_a_follower_elsewhere_gets_the_answer_the_owner_fell_back_to(tmp_path, sim_factory):
     """The owner's first attempt gets a 503, the backup answers: a streaming
     and a non-streaming follower on the other process get that answer, with
@@ -78,14 +94,7 @@ async def test_a_follower_elsewhere_gets_the_answer_the_owner_fell_back_to(tmp_p
         cluster = await routed_cluster(stack, tmp_path, sim_factory, primary_fails=True)
         owner, other = cluster.members
         async with aiohttp.ClientSession() as http:
-            on_owner = await open_stream(http, owner, prompt)
-            await cluster.backup.log.wait_for_arrivals(1, timeout=10)
-            on_other = await open_stream(http, other, prompt)
-            whole = await http.post(other.url + "/v1/chat/completions",
-                                    json=chat(prompt, stream=False))
-            answers = [openai_text(await FrameReader(r).rest()) for r in (on_owner, on_other)]
-            assert whole.status == 200
-            answers.append((await whole.json())["choices"][0]["message"]["content"])
+            answers = await answers_on_both(http, cluster, prompt, cluster.backup)
         assert answers == [expected(prompt)] * 3
         assert [r.status for r in cluster.primary.log.records] == [503]
         assert len(cluster.backup.log.records) == 1
@@ -219,14 +228,7 @@ async def test_a_follower_that_joins_during_a_failing_attempt_gets_the_fallback(
         )
         owner, other = cluster.members
         async with aiohttp.ClientSession() as http:
-            on_owner = await open_stream(http, owner, prompt)
-            await cluster.primary.log.wait_for_arrivals(1, timeout=10)
-            on_other = await open_stream(http, other, prompt)
-            whole = await http.post(other.url + "/v1/chat/completions",
-                                    json=chat(prompt, stream=False))
-            answers = [openai_text(await FrameReader(r).rest()) for r in (on_owner, on_other)]
-            assert whole.status == 200
-            answers.append((await whole.json())["choices"][0]["message"]["content"])
+            answers = await answers_on_both(http, cluster, prompt, cluster.primary)
         assert answers == [expected(prompt)] * 3
         assert len(cluster.primary.log.records) == 1
         assert len(cluster.backup.log.records) == 1
