@@ -308,6 +308,6 @@ class _LiveCollector(Collector):
         coalesce.add_metric(("follower",), live.coalesce_followers())
         yield coalesce
         yield CounterMetricFamily(
-            "gateway_upstream_resets", "Upstream streams reset by the gateway",
+            "gateway_upstream_resets", "Upstream streams reset once nobody read them",
             value=live.upstream_resets(),
         )

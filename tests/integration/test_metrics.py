@@ -265,3 +265,20 @@ async def test_an_upstream_that_refuses_the_connection_is_an_open_failure():
     assert metrics.one("gateway_upstream_open_failures_total") == 1
     assert metrics.one("gateway_upstream_open_seconds_count") == 1
     assert metrics.one("gateway_upstream_opening") == 0
+
+
+async def test_the_reset_counter_counts_cancels_not_the_gateways_own_timeouts(gateway_factory):
+    """``gateway_upstream_resets_total`` is the cancel chain's count, one
+    ``gateway_cancel_seconds`` observation each: a first-token timeout also
+    resets the upstream stream, but is a failure, counted as one."""
+    gateway = await gateway_factory(upstream_first_token_timeout_ms=200)
+    async with aiohttp.ClientSession() as http:
+        frames = await read_stream(http, gateway.v1 + "/chat/completions", "late [sim ttft_ms=5000]")
+        assert json.loads(frames[-1].data)["error"]["code"] == "upstream_timeout"
+        await gateway.sim.log.wait_for(1, outcome="reset")
+        await wait_idle(gateway)
+        metrics = await scrape(http, gateway.url)
+    assert metrics.one("gateway_upstream_resets_total") == 0
+    assert metrics.one("gateway_cancel_seconds_count") == 0
+    assert metrics.one("gateway_stream_failures_total", cause="upstream_timeout") == 1
+    assert metrics.one("gateway_upstream_failures_total", upstream="default", kind="timeout") == 1
