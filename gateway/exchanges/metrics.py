@@ -23,6 +23,8 @@ class ExchangeMetrics:
             registry=registry,
         )
         self._children: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+        #: The model names with series of their own (at most MAX_MODELS).
+        self._models: set[str] = set()
         self.written = Counter(
             "gateway_exchange_log_written",
             "Exchanges written to the exchange log",
@@ -38,8 +40,12 @@ class ExchangeMetrics:
     def tokens(self, model: str, upstream: str, prompt: int, completion: int) -> None:
         children = self._children.get((model, upstream))
         if children is None:
-            if len(self._children) >= MAX_MODELS:
-                model = OTHER
+            # The bound is on model names: the upstreams are configured.
+            if model not in self._models:
+                if len(self._models) >= MAX_MODELS:
+                    model = OTHER
+                else:
+                    self._models.add(model)
             children = self._children.get((model, upstream))
             if children is None:
                 children = self._children[(model, upstream)] = (
