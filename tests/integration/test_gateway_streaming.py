@@ -17,6 +17,7 @@ from aiohttp import ClientConnectionResetError, web
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from gateway.keys import prompt_key
 from gateway.sim.content import answer_tokens
 from gateway.sse import _EventStream
 from tests.integration.conftest import FAST_SIM, HELD_SIM, both_protocols, subscribed, until, upstream_held
@@ -735,3 +736,48 @@ async def test_a_client_gone_at_the_last_write_is_a_cancel(gateway, monkeypatch)
     (line,) = [entry for entry in logs if entry["event"] == "request"]
     assert line["outcome"] == "cancelled" and line["status"] == 200
     assert not [entry for entry in logs if entry.get("log_level") in ("error", "critical")]
+
+
+async def _resume_starts_over(gateway, prompt: str, headers: dict[str, str], joined_off) -> None:
+    """Resume after delta 5 of a running stream (once ``joined_off()`` says
+    it takes no joiners): the resumed request gets its own upstream call,
+    from delta 1, not the deltas after 5."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
+            reader = FrameReader(first)
+            while sum(1 for f in reader.frames if f.event == "delta") < 5:
+                assert await reader.next() is not None
+            await joined_off()
+            async with http.post(
+                gateway.v1 + "/stream", json=chat(prompt), headers={"Last-Event-ID": "5", **headers}
+            ) as resumed:
+                resumed_reader = FrameReader(resumed)
+                while (frame := await resumed_reader.next()) is not None and frame.event != "delta":
+                    pass
+    assert frame is not None and frame.id == "1"
+    assert frame.json() == {"text": expected(prompt, 400)[: len(frame.json()["text"])]}
+    assert len(gateway.sim.log.records) == 2
+
+
+async def test_a_resume_past_the_replay_budget_starts_the_answer_over(gateway_factory):
+    """Past MAX_REPLAY_BYTES a running stream takes no joiners, a resumed
+    one included: Last-Event-ID then starts a new answer from id 1."""
+    gateway = await gateway_factory(max_replay_bytes=1024)
+    prompt = "over budget [sim itl_ms=5 tokens=400]"
+    key = prompt_key(chat(prompt), tenant=None)
+    registry = gateway.state.registry
+
+    async def budget_spent() -> None:
+        await until(lambda: not registry.has(key))
+
+    await _resume_starts_over(gateway, prompt, {}, budget_spent)
+
+
+async def test_a_resume_with_coalesce_off_starts_the_answer_over(gateway):
+    """X-Coalesce: off joins no stream, the one to resume included."""
+    prompt = "private resume [sim itl_ms=5 tokens=400]"
+
+    async def at_once() -> None:
+        pass
+
+    await _resume_starts_over(gateway, prompt, {"X-Coalesce": "off"}, at_once)
