@@ -781,3 +781,23 @@ async def test_a_resume_with_coalesce_off_starts_the_answer_over(gateway):
         pass
 
     await _resume_starts_over(gateway, prompt, {"X-Coalesce": "off"}, at_once)
+
+
+async def test_a_resume_past_the_last_delta_gets_only_done(gateway):
+    """Last-Event-ID past every delta the stream will have: nothing to
+    send but its end, with no meta, no first token and no usage."""
+    prompt = "resume past the end [sim itl_ms=20 tokens=20]"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
+            reader = FrameReader(first)
+            while sum(1 for f in reader.frames if f.event == "delta") < 5:
+                assert await reader.next() is not None
+            async with http.post(
+                gateway.v1 + "/stream", json=chat(prompt), headers={"Last-Event-ID": "1000"}
+            ) as resumed:
+                frames = await FrameReader(resumed).rest()
+            await reader.rest()
+    assert [f.event for f in frames if f.comment is None] == ["done"]
+    done = frames[-1].json()
+    assert (done["finish_reason"], done["usage"], done["ttft_ms"]) == ("stop", None, None)
+    assert len(gateway.sim.log.records) == 1
