@@ -120,14 +120,19 @@ async def test_a_late_joiner_gets_the_whole_answer_from_one_call(gateway):
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
             reader = FrameReader(first)
-            while sum(1 for f in reader.frames if f.event == "delta") < 10:
-                assert await reader.next() is not None
+            await _read_deltas(reader, 10)
             async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as late:
                 late_frames = await FrameReader(late).rest()
             first_frames = await reader.rest()
     assert native_text(late_frames) == native_text(first_frames) == expected(prompt, 40)
     assert next(f for f in late_frames if f.event == "meta").json()["role"] == "follower"
     assert len(gateway.sim.log.records) == 1
+
+
+async def _read_deltas(reader: FrameReader, count: int) -> None:
+    """Read on until ``count`` delta events have arrived."""
+    while sum(1 for f in reader.frames if f.event == "delta") < count:
+        assert await reader.next() is not None
 
 
 async def _abort_and_measure(gateway, prompt: str, *, after_first_token: bool) -> float:
@@ -266,8 +271,7 @@ async def test_last_event_id_resumes_after_n(gateway):
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
             reader = FrameReader(first)
-            while sum(1 for f in reader.frames if f.event == "delta") < 5:
-                assert await reader.next() is not None
+            await _read_deltas(reader, 5)
             last_id = [f.id for f in reader.frames if f.event == "delta"][-1]
             async with http.post(
                 gateway.v1 + "/stream", json=chat(prompt), headers={"Last-Event-ID": last_id}
@@ -289,8 +293,7 @@ async def test_a_non_streaming_answer_ignores_last_event_id(gateway):
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
             reader = FrameReader(first)
-            while sum(1 for f in reader.frames if f.event == "delta") < 5:
-                assert await reader.next() is not None
+            await _read_deltas(reader, 5)
             async with http.post(
                 gateway.v1 + "/chat/completions", json=chat(prompt, stream=False),
                 headers={"Last-Event-ID": "5"},
@@ -745,8 +748,7 @@ async def _resume_starts_over(gateway, prompt: str, headers: dict[str, str], joi
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
             reader = FrameReader(first)
-            while sum(1 for f in reader.frames if f.event == "delta") < 5:
-                assert await reader.next() is not None
+            await _read_deltas(reader, 5)
             await joined_off()
             async with http.post(
                 gateway.v1 + "/stream", json=chat(prompt), headers={"Last-Event-ID": "5", **headers}
@@ -790,8 +792,7 @@ async def test_a_resume_past_the_last_delta_gets_only_done(gateway):
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
             reader = FrameReader(first)
-            while sum(1 for f in reader.frames if f.event == "delta") < 5:
-                assert await reader.next() is not None
+            await _read_deltas(reader, 5)
             async with http.post(
                 gateway.v1 + "/stream", json=chat(prompt), headers={"Last-Event-ID": "1000"}
             ) as resumed:
