@@ -40,7 +40,6 @@ class Subscription:
         "_on_close",
         "_outcome",
         "_waiter",
-        "_waiting",
         "arrived_at",
         "key",
         "owner",
@@ -74,8 +73,9 @@ class Subscription:
         self._outcome: Outcome = "pending"
         self._closed = False
         self._lagged: SlowReader | None = None
+        #: What the reader awaits, from ``readable()`` until it next takes
+        #: deltas (None: it is not parked).
         self._waiter: asyncio.Future[None] | None = None
-        self._waiting = False
 
     # -- what the handler reports ------------------------------------------------------
 
@@ -129,7 +129,7 @@ class Subscription:
     def waiting(self) -> bool:
         """Parked in ``readable()`` since it last took a delta: it had read
         every one logged when it parked."""
-        return self._waiting
+        return self._waiter is not None
 
     @property
     def outcome(self) -> Outcome:
@@ -151,7 +151,7 @@ class Subscription:
             delta = self._actor.delta_after(self._cursor)
             if delta is not None:
                 self._cursor += 1
-                self._waiting = False
+                self._waiter = None
                 return delta
             end = self._actor.end
             if end is not None:
@@ -189,7 +189,7 @@ class Subscription:
         batch = self._actor.deltas_after(self._cursor, limit)
         if batch:
             self._cursor += len(batch)
-            self._waiting = False
+            self._waiter = None
             return batch
         end = self._actor.end
         if end is not None:
@@ -201,11 +201,10 @@ class Subscription:
         """What a reader awaits when ``take_batch()`` has nothing: the next
         append or the end. Handed out by a plain function, not awaited in a
         coroutine of its own: one frame less that every parked reader holds.
-        Once done it may stay here; ``close()`` only wakes a waiter not done
-        yet."""
+        Asked for only with nothing left to read: the reader is caught up
+        until it next takes deltas (``waiting``). ``close()`` only wakes a
+        waiter not done yet."""
         waiter = self._waiter = self._actor.new_waiter()
-        # Asked for only with nothing left to read: caught up until woken.
-        self._waiting = True
         return waiter
 
     def fall_behind(self, error: SlowReader) -> None:
