@@ -1,7 +1,10 @@
-"""A stand-in peer for tests: an aiohttp application on a free loopback port."""
+"""Loopback parts for tests: a stand-in peer (an aiohttp application on a
+free loopback port), and how many writes a socket has received."""
 
 from __future__ import annotations
 
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,3 +39,11 @@ def event_stream_upstream(path: str, answer: Callable[[Mapping[str, Any]], bytes
     app = web.Application()
     app.router.add_post(path, stream)
     return app
+
+
+def data_segments_received(sock: socket.socket) -> int:
+    """TCP segments with data this socket has received: ``tcpi_data_segs_in``
+    of Linux's ``struct tcp_info`` (include/uapi/linux/tcp.h, since 4.6), at
+    byte offset 152. On loopback each write of the sender is one segment."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int.from_bytes(info[152:156], sys.byteorder)

@@ -7,11 +7,13 @@ and refuse its first requests (RST_STREAM(REFUSED_STREAM), §8.7). It may
 serve only its first ``serve_connections`` connections and turn the later
 ones away, as a server at its connection limit does: ``turn_away="close"``
 closes them at once, ``"silent"`` accepts them and never sends its preface.
-The RST_STREAMs it receives are counted."""
+The RST_STREAMs it receives are counted, and the writes (TCP segments) its
+served connections received."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,6 +24,8 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+
+from tests.loopback import data_segments_received
 
 
 @dataclass
@@ -35,6 +39,13 @@ class QuietPeer:
     connections: int = 0
     #: Set with each turned-away connection once it has ended.
     turned_away: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    #: The sockets of the connections it serves.
+    sockets: list[socket.socket] = field(default_factory=list)
+
+    def segments_received(self) -> int:
+        """The client's writes (TCP segments with data) its served
+        connections have received so far."""
+        return sum(data_segments_received(sock) for sock in self.sockets)
 
 
 @asynccontextmanager
@@ -75,6 +86,7 @@ async def quiet_h2_peer(
                 writer.close()
                 peer.turned_away.put_nowait(number)
             return
+        peer.sockets.append(writer.get_extra_info("socket"))
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         if settings:
             # In the first SETTINGS frame: in force from the client's first stream.

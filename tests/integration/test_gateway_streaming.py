@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
-import sys
 import time
 
 import aiohttp
@@ -22,6 +20,7 @@ from gateway.sim.content import answer_tokens
 from gateway.sse import _EventStream
 from tests.integration.conftest import FAST_SIM, HELD_SIM, both_protocols, subscribed, until, upstream_held
 from tests.integration.sse_frames import FrameReader, native_text, openai_text
+from tests.loopback import data_segments_received
 
 
 def chat(prompt: str, *, stream: bool = True, **extra: object) -> dict[str, object]:
@@ -681,14 +680,6 @@ async def test_a_stream_waiting_for_its_first_token_holds_no_read(gateway_factor
     await _wait_idle(gateway)
 
 
-def _data_segments_received(sock: socket.socket) -> int:
-    """TCP segments with data this socket has received: ``tcpi_data_segs_in``
-    of Linux's ``struct tcp_info`` (include/uapi/linux/tcp.h, since 4.6), at
-    byte offset 152. On loopback each write of the sender is one segment."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
-    return int.from_bytes(info[152:156], sys.byteorder)
-
-
 @both_protocols
 async def test_an_answers_last_chunks_and_its_end_leave_in_one_write(gateway_factory):
     # A 1-token answer: its token, finish and usage chunks and the upstream's
@@ -707,9 +698,9 @@ async def test_an_answers_last_chunks_and_its_end_leave_in_one_write(gateway_fac
                      + body)
         async with asyncio.timeout(10):
             await reader.readuntil(b": ping\n\n\r\n")
-            before = _data_segments_received(writer.get_extra_info("socket"))
+            before = data_segments_received(writer.get_extra_info("socket"))
             rest = await reader.readuntil(b"\r\n0\r\n\r\n")
-        after = _data_segments_received(writer.get_extra_info("socket"))
+        after = data_segments_received(writer.get_extra_info("socket"))
     finally:
         writer.close()
     assert b'"content":' in rest and rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")

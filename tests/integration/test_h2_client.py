@@ -275,6 +275,37 @@ async def test_no_connection_is_opened_to_spread_streams_for_a_second_after_one_
             await pool.aclose()
 
 
+async def test_each_request_of_a_burst_is_written_as_it_is_opened():
+    """Requests opened in one loop iteration (a burst of clients read at
+    once) are each written when opened, not together at the iteration's
+    end: the upstream starts on the first while the rest are opened. Each
+    open counts the writes the peer has received, in the same step."""
+    async with quiet_h2_peer(head=False) as peer:
+        pool = h2_pool(f"http://127.0.0.1:{peer.port}", max_connections=1)
+        streams: list[ResponseStream] = []
+
+        async def open_and_count(prompt: str) -> int:
+            streams.append(await pool.open(chat_request(prompt)))
+            return peer.segments_received()
+
+        try:
+            streams.append(await pool.open(chat_request("connects first")))
+            async with asyncio.timeout(5):
+                while peer.requests != [1]:  # noqa: ASYNC110 - the peer has no event for it
+                    await asyncio.sleep(0.001)
+            before = peer.segments_received()
+            counts = await asyncio.gather(*(open_and_count(f"burst {n}") for n in range(3)))
+            # One write each (HEADERS and body together), each before the next open.
+            assert counts == [before + 1, before + 2, before + 3]
+            async with asyncio.timeout(5):
+                while peer.requests != [1, 3, 5, 7]:  # noqa: ASYNC110 - as above
+                    await asyncio.sleep(0.001)
+        finally:
+            for stream in streams:
+                stream.reset()
+            await pool.aclose()
+
+
 async def test_an_upload_that_fills_the_write_buffer_does_not_stop_reading():
     """The peer grants all the window HTTP/2 allows and reads nothing: an
     8 MB request body fills the connection's write buffer past its

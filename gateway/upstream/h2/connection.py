@@ -200,19 +200,11 @@ class H2ClientConnection(asyncio.Protocol):
 
     def _flush_soon(self) -> None:
         """Flush once this loop iteration's callbacks have run: the window
-        updates that reads bring and the requests a burst opens leave in one
-        write instead of one each. Resets never wait for this."""
+        updates that a loop iteration's reads bring leave in one write
+        instead of one each. Requests and resets never wait for this."""
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self._pending_flush)
-
-    def _flush_request(self) -> None:
-        """A request's frames: the first request of a loop iteration leaves
-        at once (it does not wait for the iteration to end); the rest of a
-        burst opened in the same iteration joins the flush queued here."""
-        if not self._flush_pending:
-            self._flush()
-            self._flush_soon()
 
     def _pending_flush(self) -> None:
         self._flush_pending = False
@@ -235,10 +227,12 @@ class H2ClientConnection(asyncio.Protocol):
 
     async def send(self, stream: H2ResponseStream, request: UpstreamRequest, deadline: float) -> None:
         """HEADERS (and the body) for ``request`` as a new stream bound to
-        ``stream``; returns once they are written or queued for this loop
-        iteration's flush. A body waits for send window until ``deadline``
-        (the loop's clock) at most. Raises ``StreamRefused`` if the
-        connection takes no new stream: the pool picks another.
+        ``stream``; returns once they are written. Each request is written
+        as soon as it is opened, also when a burst opens many in one loop
+        iteration: the upstream starts on the first while the gateway opens
+        the rest. A body waits for send window until ``deadline`` (the
+        loop's clock) at most. Raises ``StreamRefused`` if the connection
+        takes no new stream: the pool picks another.
 
         The pool checked ``free_streams`` just before; nothing awaits between
         that check and the HEADERS, so the slot is ours."""
@@ -246,7 +240,7 @@ class H2ClientConnection(asyncio.Protocol):
         stream.bind(self, stream_id)
         self._streams[stream_id] = stream
         if not request.body:
-            self._flush_request()
+            self._flush()
             return
         try:
             await self._send_body(stream_id, request.body, deadline)
@@ -276,7 +270,7 @@ class H2ClientConnection(asyncio.Protocol):
                 await self._wait_for_window(stream_id, deadline)
                 continue
             view = view[sent:]
-            self._flush_request()
+            self._flush()
 
     async def _wait_for_window(self, stream_id: int, deadline: float) -> None:
         waiter = self._loop.create_future()

@@ -59,8 +59,8 @@ class GoawayTolerantConnection(h2.connection.H2Connection):
     def clear_outbound_data_buffer(self) -> None:
         """Empties the outbound buffer, except while a received GOAWAY is
         handled: h2 would drop what we queued before reading it, such as the
-        HEADERS of streams opened in this loop iteration and the
-        WINDOW_UPDATEs a running answer waits for. Those frames crossed the
+        WINDOW_UPDATEs a running answer waits for (they leave at the end of
+        the loop iteration that read its DATA). Those frames crossed the
         GOAWAY on the wire (RFC 9113 §6.8): the peer ignores the ones on
         streams above its last-stream-id, which the core fails as refused and
         the pool sends again, and processes the rest, which must reach it."""
