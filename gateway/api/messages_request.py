@@ -144,9 +144,14 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         role = message.get("role")
         if role not in ("user", "assistant"):
             raise _field(f"{where}.role", "must be 'user' or 'assistant'")
+        content = message.get("content")
+        if content in ("", []) and not (role == "assistant" and index == len(messages) - 1):
+            # Anthropic's rule: every turn has content but a final assistant
+            # turn (the start of the answer, which may be empty).
+            raise _field(f"{where}.content", "must not be empty (only a final assistant turn may be)")
         parts: list[Part] = []
         tool_calls: list[dict[str, Any]] = []
-        for position, block in enumerate(_blocks(message.get("content"), f"{where}.content")):
+        for position, block in enumerate(_blocks(content, f"{where}.content")):
             at = f"{where}.content[{position}]"
             kind = block.get("type")
             if kind == "text":

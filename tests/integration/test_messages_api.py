@@ -213,6 +213,23 @@ async def test_a_body_json_cannot_carry_is_a_400(gateway, case, raw, named):
     assert gateway.sim.log.records == []
 
 
+@pytest.mark.parametrize("content", [[], ""], ids=["empty list", "empty string"])
+async def test_a_turn_without_content_is_a_400_before_the_upstream(gateway, content):
+    """Anthropic answers 400 for a turn with no content (only a final
+    assistant turn, a prefill, may be empty): streaming or not, the client
+    gets the 400, not a 200 with the upstream's refusal as an error event."""
+    body = {"model": "sim", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": content}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/messages", json=body) as resp:
+            status, answer = resp.status, await resp.read()
+    assert status == 400
+    assert json.loads(answer) == {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "'messages[0].content' must not be empty (only a final assistant turn may be)"}}
+    assert gateway.sim.log.records == []
+
+
 async def test_an_upstream_failure_mid_stream_is_an_error_event(gateway, client):
     with pytest.raises(anthropic.APIStatusError) as caught:
         async with client.messages.stream(**message("cut [sim reset_after=2]")) as stream:
