@@ -130,7 +130,8 @@ def _system(system: Any) -> list[dict[str, Any]]:
         if block.get("type") != "text":
             raise _field(f"system[{index}]", "must be a text block")
         parts.append(_text_part(block, f"system[{index}]"))
-    return [{"role": "system", "content": _content(parts)}]
+    # No blocks is no system prompt, as "" is (OpenAI refuses an empty list).
+    return [{"role": "system", "content": _content(parts)}] if parts else []
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:

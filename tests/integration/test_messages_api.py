@@ -230,6 +230,19 @@ async def test_a_turn_without_content_is_a_400_before_the_upstream(gateway, cont
     assert gateway.sim.log.records == []
 
 
+async def test_an_empty_system_list_is_no_system_message(tool_peer):
+    """``system: []`` says nothing: no system message with an empty content
+    list, which OpenAI refuses ("empty array"), goes upstream."""
+    url, asked = tool_peer
+    body = {"model": "sim", "max_tokens": 8, "system": [],
+            "messages": [{"role": "user", "content": "Hi"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=body) as resp:
+            assert resp.status == 200
+    (chat,) = asked
+    assert chat["messages"] == [{"role": "user", "content": "Hi"}]
+
+
 async def test_an_upstream_failure_mid_stream_is_an_error_event(gateway, client):
     with pytest.raises(anthropic.APIStatusError) as caught:
         async with client.messages.stream(**message("cut [sim reset_after=2]")) as stream:
