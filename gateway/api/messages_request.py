@@ -60,13 +60,7 @@ def parse_messages_request(raw: bytes) -> ChatRequest:
         raise _field("stream", "must be a boolean")
     messages = _system(body.get("system")) + _messages(body.get("messages"))
     chat: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens}
-    for name in ("temperature", "top_p", "top_k"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _field(name, "must be a number")
-        chat[name] = value
+    chat.update(_sampling(body))
     stop = body.get("stop_sequences")
     if stop is not None:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -84,6 +78,26 @@ def parse_messages_request(raw: bytes) -> ChatRequest:
         chat["response_format"] = response_format
     chat["stream"] = stream
     return ChatRequest(body=chat, stream=stream, include_usage=False)
+
+
+def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
+    """temperature, top_p and top_k, within Anthropic's ranges (API reference,
+    "Messages"): an OpenAI upstream takes a temperature up to 2, so the range
+    is checked here, not left to whichever upstream answers."""
+    out: dict[str, Any] = {}
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise _field(name, "must be a number from 0 to 1")
+        out[name] = value
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise _field("top_k", "must be a non-negative integer")
+        out["top_k"] = top_k
+    return out
 
 
 def _field(name: str, problem: str) -> BadRequest:

@@ -230,6 +230,42 @@ async def test_a_turn_without_content_is_a_400_before_the_upstream(gateway, cont
     assert gateway.sim.log.records == []
 
 
+SAMPLING_OUT_OF_RANGE = [
+    ({"temperature": 1.5}, "'temperature' must be a number from 0 to 1"),
+    ({"temperature": -0.1}, "'temperature' must be a number from 0 to 1"),
+    ({"top_p": 1.01}, "'top_p' must be a number from 0 to 1"),
+    ({"top_k": -1}, "'top_k' must be a non-negative integer"),
+    ({"top_k": 2.5}, "'top_k' must be a non-negative integer"),
+]
+
+
+@pytest.mark.parametrize(("field", "words"), SAMPLING_OUT_OF_RANGE,
+                         ids=[str(c[0]) for c in SAMPLING_OUT_OF_RANGE])
+async def test_sampling_out_of_anthropic_ranges_is_a_400(gateway_factory, field, words):
+    """Anthropic's ranges (API reference, "Messages"): temperature and top_p
+    0 to 1, top_k an integer from 0. Through either upstream format the
+    client gets Anthropic's 400 before any upstream call."""
+    for upstream_format in ("openai", "anthropic"):
+        gateway = await gateway_factory(upstream_format=upstream_format)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(gateway.v1 + "/messages",
+                                 json=message("sampled", stream=True, **field)) as resp:
+                status, answer = resp.status, await resp.read()
+        assert status == 400
+        assert json.loads(answer) == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": words}}
+        assert gateway.sim.log.records == []
+
+
+async def test_sampling_at_the_ends_of_anthropic_ranges_is_answered(gateway):
+    body = message("ends", temperature=1, top_p=0, top_k=0)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/messages", json=body) as resp:
+            assert resp.status == 200
+            answer = await resp.json()
+    assert answer["content"] == [{"type": "text", "text": expected("ends")}]
+
+
 async def test_an_empty_system_list_is_no_system_message(tool_peer):
     """``system: []`` says nothing: no system message with an empty content
     list, which OpenAI refuses ("empty array"), goes upstream."""
