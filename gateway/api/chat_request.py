@@ -20,7 +20,13 @@ from gateway.errors import BadRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
-_NUMBERS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+#: Numbers and their ranges, as OpenAI's chat-completions reference gives them.
+_NUMBERS = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "frequency_penalty": (-2, 2),
+    "presence_penalty": (-2, 2),
+}
 _POSITIVE_INTS = ("max_tokens", "max_completion_tokens", "n")
 _BOOLS = ("stream", "logprobs", "parallel_tool_calls", "store")
 _STRINGS = ("user", "reasoning_effort", "service_tier")
@@ -115,10 +121,10 @@ def validate_chat_body(body: dict[str, Any]) -> ChatRequest:
         value = body.get(name)
         if value is not None and not isinstance(value, str):
             raise _field(name, "must be a string")
-    for name in _NUMBERS:
+    for name, (low, high) in _NUMBERS.items():
         value = body.get(name)
-        if value is not None and not _is_number(value):
-            raise _field(name, "must be a number")
+        if value is not None and not (_is_number(value) and low <= value <= high):
+            raise _field(name, f"must be a number from {low} to {high}")
     for name in _POSITIVE_INTS:
         value = body.get(name)
         if value is not None and (not _is_int(value) or value < 1):

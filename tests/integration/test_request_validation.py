@@ -37,6 +37,15 @@ INVALID = [
     ("seed a string", _body(seed="x"), "seed", "invalid_value"),
     ("logit_bias a list", _body(logit_bias=[1]), "logit_bias", "invalid_value"),
     ("n above 1", _body(n=3), "n", "unsupported_value"),
+    ("temperature above 2", _body(temperature=2.5), "'temperature' must be a number from 0 to 2",
+     "invalid_value"),
+    ("temperature below 0", _body(temperature=-0.5), "'temperature' must be a number from 0 to 2",
+     "invalid_value"),
+    ("top_p above 1", _body(top_p=1.5), "'top_p' must be a number from 0 to 1", "invalid_value"),
+    ("frequency_penalty above 2", _body(frequency_penalty=2.5),
+     "'frequency_penalty' must be a number from -2 to 2", "invalid_value"),
+    ("presence_penalty below -2", _body(presence_penalty=-3),
+     "'presence_penalty' must be a number from -2 to 2", "invalid_value"),
     ("lone surrogate", b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
      "messages[0].content", "invalid_value"),
     ("lone surrogate in a part",
@@ -68,7 +77,9 @@ async def test_an_invalid_field_is_a_400_naming_it(gateway, path, case, body, fi
     assert len(gateway.sim.log.records) == 1  # only the good request went upstream
 
 
-@pytest.mark.parametrize("fields", [{"n": 1}, {"n": None}, {}, {"seed": 7, "logit_bias": {"50256": -100},
+@pytest.mark.parametrize("fields", [{"n": 1}, {"n": None}, {}, {"temperature": 2, "top_p": 0},
+                                    {"frequency_penalty": -2, "presence_penalty": 2},
+                                    {"seed": 7, "logit_bias": {"50256": -100},
                                                    "tool_choice": "auto",
                                                    "response_format": {"type": "json_object"}}])
 async def test_valid_fields_pass(gateway, fields):
