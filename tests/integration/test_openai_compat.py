@@ -220,6 +220,26 @@ async def test_anthropic_upstream_refuses_a_seed_and_takes_a_schema(gateway_fact
     assert len(gateway.sim.log.records) == 1
 
 
+async def test_anthropic_upstream_refuses_a_temperature_above_its_range(gateway_factory):
+    """OpenAI's temperature goes to 2, Anthropic's to 1: above it, a 400
+    before the upstream call, not a 200 and the upstream's refusal in-stream."""
+    gateway = await gateway_factory(upstream_format="anthropic")
+    body = {"model": "m", "stream": True, "temperature": 1.5,
+            "messages": [{"role": "user", "content": "hot"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions", json=body) as resp:
+            status, answer = resp.status, await resp.json()
+        assert status == 400
+        assert answer == {"error": {
+            "message": "'temperature' must be from 0 to 1 for an Anthropic upstream",
+            "type": "invalid_request_error", "code": "unsupported_value"}}
+        assert gateway.sim.log.records == []
+        async with http.post(gateway.v1 + "/chat/completions",
+                             json={**body, "temperature": 1, "stream": False}) as resp:
+            assert resp.status == 200
+    assert len(gateway.sim.log.records) == 1
+
+
 async def test_a_server_without_model_urls_is_answered_from_its_list():
     """vLLM-style servers list models but have no /models/{id}: the gateway
     finds the model in the list instead."""

@@ -118,6 +118,14 @@ def _refuse_untranslatable(chat: Mapping[str, Any]) -> None:
             "Anthropic's Messages API returns no log probabilities",
             code="unsupported_parameter",
         )
+    temperature = chat.get("temperature")
+    if temperature is not None and temperature > 1:
+        # OpenAI's range is 0 to 2, Anthropic's 0 to 1 ("Messages"): the
+        # upstream would refuse it, and only after the 200 on a stream.
+        raise BadRequest(
+            "'temperature' must be from 0 to 1 for an Anthropic upstream",
+            code="unsupported_value",
+        )
     n = chat.get("n")
     if n is not None and n != 1:
         raise BadRequest(
