@@ -160,9 +160,10 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         if role not in ("user", "assistant"):
             raise _field(f"{where}.role", "must be 'user' or 'assistant'")
         content = message.get("content")
-        if content in ("", []) and not (role == "assistant" and index == len(messages) - 1):
-            # Anthropic's rule: every turn has content but a final assistant
-            # turn (the start of the answer, which may be empty).
+        # Anthropic's rule: every turn has content but a final assistant turn
+        # (the start of the answer, which may be empty: then it says nothing).
+        prefill = role == "assistant" and index == len(messages) - 1
+        if content in ("", []) and not prefill:
             raise _field(f"{where}.content", "must not be empty (only a final assistant turn may be)")
         parts: list[Part] = []
         tool_calls: list[dict[str, Any]] = []
@@ -170,7 +171,11 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
             at = f"{where}.content[{position}]"
             kind = block.get("type")
             if kind == "text":
-                parts.append(_text_part(block, at))
+                part = _text_part(block, at)
+                if part["text"]:
+                    parts.append(part)
+                elif not prefill:
+                    raise _field(f"{at}.text", "must not be empty")
             elif kind == "image" and role == "user":
                 parts.append(_cache_control(block, _image_part(block, at), at))
             elif kind == "tool_use" and role == "assistant":

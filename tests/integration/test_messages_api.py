@@ -230,6 +230,36 @@ async def test_a_turn_without_content_is_a_400_before_the_upstream(gateway, cont
     assert gateway.sim.log.records == []
 
 
+@pytest.mark.parametrize("upstream_format", ["openai", "anthropic"])
+async def test_an_empty_text_block_is_a_400_before_the_upstream(gateway_factory, upstream_format):
+    """Anthropic refuses an empty text block; an Anthropic upstream would
+    see no turn at all, an OpenAI one an empty question."""
+    gateway = await gateway_factory(upstream_format=upstream_format)
+    body = {"model": "sim", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/messages", json=body) as resp:
+            status, answer = resp.status, await resp.read()
+    assert status == 400
+    assert json.loads(answer) == {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "'messages[0].content[0].text' must not be empty"}}
+    assert gateway.sim.log.records == []
+
+
+async def test_an_empty_final_assistant_turn_is_no_turn(tool_peer):
+    """An empty prefill says nothing, as an Anthropic upstream reads it: the
+    OpenAI upstream gets no empty assistant message either."""
+    url, asked = tool_peer
+    body = {"model": "sim", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=body) as resp:
+            assert resp.status == 200
+    (chat,) = asked
+    assert chat["messages"] == [{"role": "user", "content": "Hi"}]
+
+
 SAMPLING_OUT_OF_RANGE = [
     ({"temperature": 1.5}, "'temperature' must be a number from 0 to 1"),
     ({"temperature": -0.1}, "'temperature' must be a number from 0 to 1"),
