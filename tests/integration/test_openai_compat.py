@@ -240,6 +240,23 @@ async def test_anthropic_upstream_refuses_a_temperature_above_its_range(gateway_
     assert len(gateway.sim.log.records) == 1
 
 
+@pytest.mark.parametrize("top_k", [2.5, -1, "5"])
+async def test_anthropic_upstream_refuses_a_top_k_it_cannot_take(gateway_factory, top_k):
+    """Anthropic's top_k is an integer from 0; the chat route passes top_k on
+    unchecked (vLLM takes -1), so the translation checks it."""
+    gateway = await gateway_factory(upstream_format="anthropic")
+    body = {"model": "m", "stream": True, "top_k": top_k,
+            "messages": [{"role": "user", "content": "few"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions", json=body) as resp:
+            status, answer = resp.status, await resp.json()
+    assert status == 400
+    assert answer == {"error": {
+        "message": "'top_k' must be an integer from 0 for an Anthropic upstream",
+        "type": "invalid_request_error", "code": "invalid_value"}}
+    assert gateway.sim.log.records == []
+
+
 async def test_a_server_without_model_urls_is_answered_from_its_list():
     """vLLM-style servers list models but have no /models/{id}: the gateway
     finds the model in the list instead."""

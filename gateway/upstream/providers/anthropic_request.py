@@ -126,6 +126,12 @@ def _refuse_untranslatable(chat: Mapping[str, Any]) -> None:
             "'temperature' must be from 0 to 1 for an Anthropic upstream",
             code="unsupported_value",
         )
+    top_k = chat.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        # Not an OpenAI field, so unchecked on the way in (vLLM takes -1).
+        raise BadRequest(
+            "'top_k' must be an integer from 0 for an Anthropic upstream", code="invalid_value"
+        )
     n = chat.get("n")
     if n is not None and n != 1:
         raise BadRequest(
