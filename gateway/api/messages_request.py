@@ -42,6 +42,13 @@ _FIELDS = frozenset({
     "top_p", "top_k", "tools", "tool_choice", "metadata", "output_config",
 })  # fmt: skip
 
+#: A custom tool's fields read by _tools; any other is refused by name.
+#: eager_input_streaming only changes how the input is streamed, not what it is.
+_TOOL_FIELDS = frozenset({
+    "name", "description", "input_schema", "type", "strict", "cache_control",
+    "eager_input_streaming",
+})  # fmt: skip
+
 
 def parse_messages_request(raw: bytes) -> ChatRequest:
     """The OpenAI chat request equivalent to an Anthropic Messages body."""
@@ -263,6 +270,9 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise _field(where, "must be an object with a string name")
         if tool.get("type") not in (None, "custom"):
             raise _field(f"{where}.type", f"server tool {tool['type']!r} is not supported")
+        for name in tool:
+            if name not in _TOOL_FIELDS and tool[name] is not None:
+                raise _field(f"{where}.{name}", "is not supported by this gateway's Messages API")
         schema = tool.get("input_schema")
         if not isinstance(schema, Mapping):
             raise _field(f"{where}.input_schema", "must be an object")

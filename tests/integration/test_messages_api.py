@@ -497,6 +497,25 @@ async def test_a_tool_conversation_is_translated_for_the_upstream(tool_peer):
     assert (chat["stop"], chat["user"]) == (["END"], "u1")
 
 
+@pytest.mark.parametrize("field", [{"input_examples": [{"city": "Paris"}]},
+                                   {"allowed_callers": ["direct"]}, {"defer_loading": True}])
+async def test_a_tool_field_without_a_translation_is_a_400(tool_peer, field):
+    """A tool's field the OpenAI request cannot carry would be lost on the
+    way (examples the model never sees): refused by name, as a top-level
+    field is, and nothing goes upstream."""
+    url, asked = tool_peer
+    tool = {"name": "get_weather", "input_schema": {"type": "object"}, **field}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=message("tools", tools=[tool])) as resp:
+            status, answer = resp.status, await resp.json()
+    assert status == 400
+    (name,) = field
+    assert answer == {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": f"'tools[0].{name}' is not supported by this gateway's Messages API"}}
+    assert asked == []
+
+
 async def test_an_answer_with_thinking_goes_back_in_the_tool_loop(tool_peer):
     """Anthropic's tool loop: the answer's content (its thinking included) is
     sent back as the assistant turn, followed by the tool results."""
