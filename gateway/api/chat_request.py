@@ -140,6 +140,9 @@ def validate_chat_body(body: dict[str, Any]) -> ChatRequest:
     top_logprobs = body.get("top_logprobs")
     if top_logprobs is not None and (not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20):
         raise _field("top_logprobs", "must be an integer from 0 to 20")
+    if top_logprobs and body.get("logprobs") is not True:
+        # OpenAI and vLLM refuse alternatives without the tokens' own logprobs.
+        raise _field("top_logprobs", "needs 'logprobs': true")
     stop = body.get("stop")
     if stop is not None and not (
         isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))

@@ -46,6 +46,10 @@ INVALID = [
      "'frequency_penalty' must be a number from -2 to 2", "invalid_value"),
     ("presence_penalty below -2", _body(presence_penalty=-3),
      "'presence_penalty' must be a number from -2 to 2", "invalid_value"),
+    ("top_logprobs without logprobs", _body(top_logprobs=3),
+     "'top_logprobs' needs 'logprobs': true", "invalid_value"),
+    ("top_logprobs with logprobs false", _body(top_logprobs=3, logprobs=False),
+     "'top_logprobs' needs 'logprobs': true", "invalid_value"),
     ("lone surrogate", b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
      "messages[0].content", "invalid_value"),
     ("lone surrogate in a part",
@@ -79,6 +83,7 @@ async def test_an_invalid_field_is_a_400_naming_it(gateway, path, case, body, fi
 
 @pytest.mark.parametrize("fields", [{"n": 1}, {"n": None}, {}, {"temperature": 2, "top_p": 0},
                                     {"frequency_penalty": -2, "presence_penalty": 2},
+                                    {"logprobs": True, "top_logprobs": 2},
                                     {"seed": 7, "logit_bias": {"50256": -100},
                                                    "tool_choice": "auto",
                                                    "response_format": {"type": "json_object"}}])
