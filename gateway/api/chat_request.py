@@ -238,6 +238,9 @@ def _check_part(part: Any, where: str) -> None:
 def _check_tool_call(call: Any, where: str) -> None:
     if not isinstance(call, dict):
         raise _field(where, "must be an object")
+    if not isinstance(call.get("id"), str):
+        # What the tool message's tool_call_id answers (required by OpenAI).
+        raise _field(f"{where}.id", "must be a string")
     if call.get("type") == "custom":
         custom = call.get("custom")
         if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):

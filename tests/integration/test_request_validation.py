@@ -46,6 +46,12 @@ INVALID = [
      "'frequency_penalty' must be a number from -2 to 2", "invalid_value"),
     ("presence_penalty below -2", _body(presence_penalty=-3),
      "'presence_penalty' must be a number from -2 to 2", "invalid_value"),
+    ("tool call without an id", _body(messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "x"}]),
+     "'messages[1].tool_calls[0].id' must be a string", "invalid_value"),
     ("top_logprobs without logprobs", _body(top_logprobs=3),
      "'top_logprobs' needs 'logprobs': true", "invalid_value"),
     ("top_logprobs with logprobs false", _body(top_logprobs=3, logprobs=False),
