@@ -257,6 +257,25 @@ async def test_anthropic_upstream_refuses_a_top_k_it_cannot_take(gateway_factory
     assert gateway.sim.log.records == []
 
 
+async def test_anthropic_upstream_refuses_a_custom_tool_call_in_the_history(gateway_factory):
+    """A custom tool's call carries free text, not a function's arguments:
+    a tool_use block would lose the text and have no name."""
+    gateway = await gateway_factory(upstream_format="anthropic")
+    body = {"model": "m", "stream": True, "messages": [
+        {"role": "user", "content": "grep"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "custom", "custom": {"name": "shell", "input": "ls -l"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions", json=body) as resp:
+            status, answer = resp.status, await resp.json()
+    assert status == 400
+    assert answer == {"error": {
+        "message": "custom tool calls cannot be sent to an Anthropic upstream",
+        "type": "invalid_request_error", "code": "unsupported_parameter"}}
+    assert gateway.sim.log.records == []
+
+
 async def test_a_server_without_model_urls_is_answered_from_its_list():
     """vLLM-style servers list models but have no /models/{id}: the gateway
     finds the model in the list instead."""

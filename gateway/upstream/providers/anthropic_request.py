@@ -277,6 +277,12 @@ def _text_blocks(content: Any, *, role: str) -> list[Block]:
 
 
 def _tool_use_block(call: Mapping[str, Any]) -> Block:
+    if call.get("type") == "custom":
+        # Free text as its input: a tool_use block takes a JSON object.
+        raise BadRequest(
+            "custom tool calls cannot be sent to an Anthropic upstream",
+            code="unsupported_parameter",
+        )
     function = call.get("function") or {}
     arguments = function.get("arguments") or "{}"
     try:
