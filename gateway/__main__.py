@@ -15,8 +15,9 @@ the ``draining`` log line names the signal):
    answered 503 once it is in).
 3. Then (or at a second signal: an operator who wants it over now) the rest
    end with an in-stream error ``shutting_down`` (retryable) and their upstream
-   streams are reset. Exit status 0: a drain is a normal stop, and systemd's
-   ``Restart=on-failure`` must not restart it.
+   streams are reset; a client that does not read its last frame within
+   LAST_FRAME_TIMEOUT_S has its connection closed. Exit status 0: a drain is a
+   normal stop, and systemd's ``Restart=on-failure`` must not restart it.
 
 The 503 answers (``Connection: close``) of step 1 are for requests already on
 their way when the signal came, or sent on a connection busy with a response;
@@ -54,6 +55,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: state of the streams being relayed; at 200 streams the default made
 #: ~50 collections a second.
 GC_YOUNG_THRESHOLD = 7000
+
+#: After the drain has ended every stream, how long a handler may take to
+#: write its last frame before it is cancelled and its connection closed. A
+#: client that stops reading (gone without a FIN, or stuck) holds its
+#: handler in a write that never completes: aiohttp's own wait, 60 s, would
+#: keep the process past systemd's TimeoutStopSec and the supervisor's kill.
+LAST_FRAME_TIMEOUT_S = 1.0
 
 
 class _Signals:
@@ -109,7 +117,9 @@ async def serve(settings: Settings) -> None:
     # handler_cancellation=True, as aiohttp's test server has it: a client that
     # disconnects cancels its handler at once, even while it waits for the
     # first token (aiohttp's default, False, notices it only at a write).
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=LAST_FRAME_TIMEOUT_S
+    )
     await runner.setup()
     signals = _Signals()
     loop = asyncio.get_running_loop()
@@ -157,8 +167,9 @@ async def serve(settings: Settings) -> None:
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
-        # Waits for the handlers to write their last frame, then closes
-        # every connection and runs the app's cleanup (transport, simulator).
+        # Waits for the handlers to write their last frame (for up to
+        # LAST_FRAME_TIMEOUT_S, then cancels them), closes every connection
+        # and runs the app's cleanup (transport, simulator).
         listener.stop_listening()
         await runner.cleanup()
         await listener.aclose()

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -298,3 +299,41 @@ async def test_a_request_whose_body_was_on_its_way_at_the_signal_is_refused(sim_
     assert re.search(rb"(?i)\r\nconnection: close\r\n", head), head
     assert json.loads(answer_body)["error"]["code"] == "shutting_down"
     assert sim.log.records == []
+
+
+#: An answer far larger than what a client's socket buffers and the
+#: gateway's transport hold: 2,000 tokens of 500 bytes, 1 MB.
+HUGE = "[sim itl_ms=0 tokens=2000 token_size=500]"
+
+
+async def test_a_client_that_stops_reading_does_not_hold_the_exit_past_the_drain(sim_factory):
+    """A client that stops reading mid-stream (gone without a FIN, or
+    stuck): its handler waits on a write no drain can finish. At the end of
+    the drain it is cut like the other streams, and the process exits 0
+    within a few seconds of DRAIN_TIMEOUT_S, not after aiohttp's own 60 s."""
+    sim = await sim_factory()
+    drain_timeout_s = 0.5
+    async with gateway_process(sim.url, DRAIN_TIMEOUT_S=str(drain_timeout_s)) as gateway:
+        loop = asyncio.get_running_loop()
+        stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+            stuck.setblocking(False)
+            await loop.sock_connect(stuck, ("127.0.0.1", gateway.port))
+            body = json.dumps(chat(f"never read {HUGE}")).encode()
+            await loop.sock_sendall(stuck, b"POST /v1/stream HTTP/1.1\r\nHost: gw\r\n"
+                                    b"Content-Type: application/json\r\n"
+                                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            # The whole answer reached the gateway; the client read none of it.
+            await sim.log.wait_for(1, outcome="complete", timeout=10)
+            signalled_at = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                assert await gateway.process.wait() == 0
+            exited_after_s = time.monotonic() - signalled_at
+        finally:
+            stuck.close()
+    assert exited_after_s < drain_timeout_s + 5, exited_after_s
+    ending = await gateway.wait_logged("ending the remaining streams")
+    assert ending["reason"] == "drain timeout" and ending["requests"] == 1
+    assert gateway.events()[-1] == "stopped"
