@@ -20,6 +20,9 @@ with the same index, after a back-off (RESTART_DELAY_S, doubling), while the
 others serve on. More than GIVE_UP_EXITS such exits within GIVE_UP_WINDOW_S
 mean a fault no restart cures: the others are stopped (they drain) and the
 supervisor exits 1, for systemd's ``Restart=on-failure`` to restart the lot.
+A worker that exits 2 (a bad configuration its start stopped on) is not
+restarted: it would exit 2 again. The others are stopped and the supervisor
+exits 2 too, which the systemd unit does not retry (RestartPreventExitStatus).
 A stop cancels any restart still waiting.
 If the supervisor itself is killed, each worker gets SIGKILL (no drain:
 ``_stop_with_parent``).
@@ -62,6 +65,9 @@ RESTART_RESET_S = 10.0
 #: GIVE_UP_WINDOW_S: the supervisor stops the others and exits 1.
 GIVE_UP_EXITS = 5
 GIVE_UP_WINDOW_S = 60.0
+#: A worker's (and the supervisor's) status for a bad configuration
+#: (gateway.__main__.EXIT_BAD_CONFIGURATION): no restart can fix it.
+EXIT_BAD_CONFIGURATION = 2
 
 
 def _stop_with_parent(supervisor: int) -> None:
@@ -186,7 +192,9 @@ class _Supervisor:
         # A worker stopped by a stop signal before its own handler was in
         # place died of it: stopped as asked, as one that drained.
         stopped = {0, *(-signum for signum in STOP_SIGNALS)}
-        if any(child.returncode not in stopped for child in self._children()):
+        if self.status == 0 and any(
+            child.returncode not in stopped for child in self._children()
+        ):
             self.status = 1
         return self.status
 
@@ -221,7 +229,8 @@ class _Supervisor:
         """A worker that exited before any stop did so unasked, whatever its
         status (one sent SIGTERM on its own drains and exits 0): schedule its
         restart, or give up when workers keep exiting: stop the others,
-        exit 1, and Restart=on-failure starts the lot again."""
+        exit 1, and Restart=on-failure starts the lot again. One that exited
+        2 stops the others at once, and the supervisor exits 2."""
         for slot in self.slots:
             if self.deadline is not None:
                 return  # a stop came meanwhile: nothing more to restart
@@ -230,6 +239,12 @@ class _Supervisor:
             line = (f"llm-stream-gateway: worker {slot.index + 1} of {len(self.slots)} "
                     f"(pid {slot.process.pid}) exited with status {code}")
             slot.process = None
+            if code == EXIT_BAD_CONFIGURATION:
+                say(f"{line}; a bad configuration, which no restart can fix: stopping the "
+                    "others", file=sys.stderr)
+                self.status = EXIT_BAD_CONFIGURATION
+                self.stop(signal.SIGTERM)
+                return
             self.exits.append(now)
             while self.exits[0] <= now - GIVE_UP_WINDOW_S:
                 self.exits.popleft()

@@ -501,6 +501,46 @@ async def test_a_worker_that_keeps_failing_makes_the_supervisor_give_up(sim_fact
     assert not any("killing it" in line for line in running.lines)  # worker 1 drained
 
 
+#: A value only a worker's start can judge: asyncpg refuses the option before
+#: any I/O, so every start stops on it (status 2), the database up or not.
+REFUSED_EXCHANGE_LOG_URL = "postgresql://gateway@127.0.0.1:1/exchanges?sslmode=bogus"
+
+
+async def test_a_worker_stopped_by_a_bad_configuration_is_not_restarted(sim_factory, redis):
+    """A worker that exits 2 (a bad configuration) would exit 2 again at
+    every restart: the supervisor restarts none, stops the others and exits
+    2 too, which the systemd unit does not retry (RestartPreventExitStatus=2)
+    where status 1 would have it restart the whole set again and again."""
+    sim = await sim_factory(FAST_SIM)
+    env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2",
+                         EXCHANGE_LOG_URL=REFUSED_EXCHANGE_LOG_URL)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", QUICK_KILL.format(grace=3.0), env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    running = Supervisor(process)
+    reader = asyncio.create_task(running.read(), name="supervisor output")
+    try:
+        assert await running.exit_status() == 2, "\n".join(running.lines)
+    finally:
+        if process.returncode is None:
+            running.workers()
+            process.kill()
+            await process.wait()
+        for pid in running.seen:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            await reader
+    exits = [line for line in running.lines if "exited with status" in line]
+    assert len(exits) == 1, running.lines
+    assert re.fullmatch(r"llm-stream-gateway: worker [12] of 2 \(pid \d+\) exited with status 2; "
+                        r"a bad configuration, which no restart can fix: stopping the others",
+                        exits[0]), exits
+    assert not any("restarting it" in line for line in running.lines)
+
+
 async def test_a_stop_while_a_restart_waits_cancels_it(sim_factory, redis):
     """SIGTERM while worker 2 waits to be restarted: nothing more starts,
     worker 1 drains, status 0 (a worker started after the stop would have
