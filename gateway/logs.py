@@ -32,6 +32,12 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 #: Field names whose values are never logged, whatever a caller passes.
 _SECRET_FIELDS = frozenset({"authorization", "api_key", "x-api-key", "upstream_api_key", "token"})
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',]+")
+#: A credential header as a line quotes it ("x-api-key: sk-...", "Authorization:
+#: Basic dXNl..."; the HTTP parser's error quotes the line it refused): the
+#: value after the name, and after the auth scheme (RFC 9110 section 11.4).
+_CREDENTIAL_HEADER = re.compile(
+    r"(?i)(x-api-key\s*:\s*|(?:proxy-)?authorization\s*:\s*(?:[a-z]+\s+)?)[^\s\"',]+"
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -51,12 +57,23 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+def _names_a_credential_header(text: str) -> bool:
+    """A cheap test before the pattern (a tenth of its cost): most text
+    with a colon is a timestamp or an address."""
+    lowered = text.lower()
+    return "authorization" in lowered or "x-api-key" in lowered
+
+
 def _redacted(value: Any) -> Any:
     """Every configured secret (gateway/redact.py) out of a value, wherever
     it is quoted, also inside the mappings and lists a field may hold."""
     if isinstance(value, str):
         value = SECRETS.redact(value)
-        return _BEARER.sub(r"\1[redacted]", value) if "earer" in value else value
+        if "earer" in value:
+            value = _BEARER.sub(r"\1[redacted]", value)
+        if ":" in value and _names_a_credential_header(value):
+            value = _CREDENTIAL_HEADER.sub(r"\1[redacted]", value)
+        return value
     if isinstance(value, Mapping):
         return {
             key: "[redacted]" if str(key).lower() in _SECRET_FIELDS else _redacted(item)

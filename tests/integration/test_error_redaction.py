@@ -136,3 +136,34 @@ async def test_a_provider_code_or_retry_after_quoting_the_key_is_not_relayed():
     assert answers["rate-limited"][2]["error"]["code"] == "rate_limit_exceeded"
     assert UPSTREAM_KEY not in metrics
     assert 'gateway_stream_failures_total{cause="upstream_429"} 2.0' in metrics
+
+
+#: Header lines the HTTP parser refuses (a control character in the value):
+#: its error quotes the whole line, credential included.
+REFUSED_CREDENTIAL_LINES = (
+    b"x-api-key: sk-unknown-TOPSECRET-5566778899\x01",
+    b"Authorization: Basic dXNlcjpUT1BTRUNSRVQtcGFzc3dvcmQ=\x01",
+)
+
+
+async def test_a_credential_in_a_header_line_the_parser_refuses_is_not_logged(sim):
+    async with gateway_process(sim.url, GATEWAY_API_KEYS=CLIENT_KEY) as gateway:
+        for line in REFUSED_CREDENTIAL_LINES:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n" + line
+                         + b"\r\nContent-Length: 2\r\n\r\n{}")
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n"), answer
+            assert b'"code": "invalid_http"' in answer
+        gateway.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await gateway.process.wait() == 0
+    refused = [line for line in gateway.log if line["event"] == "request refused by the HTTP parser"]
+    assert len(refused) == len(REFUSED_CREDENTIAL_LINES)
+    logged = json.dumps(gateway.log)
+    assert "sk-unknown-TOPSECRET-5566778899" not in logged
+    assert "dXNlcjpUT1BTRUNSRVQtcGFzc3dvcmQ=" not in logged
+    assert "x-api-key: [redacted]" in str(refused[0]["detail"])
+    assert "Authorization: Basic [redacted]" in str(refused[1]["detail"])

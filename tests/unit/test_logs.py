@@ -91,6 +91,24 @@ def test_bearer_tokens_inside_any_text_are_redacted(capsys):
     assert line["other"] == "bearer-less"
 
 
+def test_credential_header_lines_inside_any_text_are_redacted(capsys):
+    configure_logging("info", "json")
+    structlog.get_logger("test-header").info(
+        "refused",
+        api_key_line=f"b'x-api-key: {SECRET}\\x01'",
+        basic=f"Authorization: Basic {SECRET}",
+        bare=f"authorization:{SECRET} then",
+        clock="at 12:30:00",
+    )
+    out = capsys.readouterr().err
+    assert SECRET not in out
+    (line,) = json_lines(out)
+    assert line["api_key_line"] == "b'x-api-key: [redacted]'"
+    assert line["basic"] == "Authorization: Basic [redacted]"
+    assert line["bare"] == "authorization:[redacted] then"
+    assert line["clock"] == "at 12:30:00"
+
+
 def test_console_renderer_is_human_text_and_still_redacts(capsys):
     configure_logging("info", "console")
     structlog.get_logger("test-console").info("request", api="native", authorization=SECRET)
