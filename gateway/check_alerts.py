@@ -17,6 +17,7 @@ the right tool here.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import urllib.error
@@ -124,6 +125,13 @@ def fetch_stats(url: str, timeout_s: float) -> dict[str, Any]:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StatsUnreadable(f"cannot read {url}: {reason}") from exc
+    except (ValueError, http.client.InvalidURL) as exc:
+        # A URL that cannot be one (a port that is no number, an unclosed
+        # IPv6 bracket): unreadable, exit 2, not an alert's exit 1.
+        raise StatsUnreadable(f"cannot read {url}: {exc}") from exc
+    except http.client.HTTPException as exc:
+        # Its text quotes what the server sent instead of a status line.
+        raise StatsUnreadable(f"{url} did not answer HTTP") from exc
     try:
         document = json.loads(body)
     except ValueError as exc:

@@ -144,3 +144,28 @@ async def test_unreadable_stats_exit_2(gateway):
     status, out, err = await check_alerts(gateway.url + "/nope")
     assert (status, out) == (2, "")
     assert err == f"check-alerts: {gateway.url}/nope/stats answered 404 Not Found\n"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:eighty", "http://[::1"])
+def test_a_url_that_cannot_be_one_is_unreadable_not_an_alert(capsys, url):
+    assert main([url, "--timeout", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"check-alerts: cannot read {url}/stats: ") and err.count("\n") == 1
+
+
+async def test_a_server_that_does_not_speak_http_is_unreadable_not_an_alert(capsys):
+    async def greet_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet_and_close, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        # main() blocks on urllib: off the loop that serves the greeting.
+        status = await asyncio.to_thread(main, [f"http://127.0.0.1:{port}", "--timeout", "5"])
+    assert status == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"check-alerts: http://127.0.0.1:{port}/stats did not answer HTTP\n"
