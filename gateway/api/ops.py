@@ -7,7 +7,6 @@ registry (gateway/app.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from gateway import json_codec
 from gateway.api.intake import owner_of
 from gateway.errors import GatewayError, NotFound, UpstreamProtocolError
 from gateway.metrics import percentile
@@ -202,7 +202,7 @@ async def _upstream_models(state: GatewayState, upstream: Upstream) -> list[dict
     try:
         if status != 200:
             raise ValueError(f"upstream answered {status}")
-        return [_model_entry(item, upstream.provider.name) for item in json.loads(body)["data"]]
+        return [_model_entry(item, upstream.provider.name) for item in json_codec.loads(body)["data"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise UpstreamProtocolError("upstream model list is not in the expected shape") from exc
 
@@ -259,7 +259,7 @@ async def model(request: web.Request) -> web.Response:
         if status == 404:
             continue
         try:
-            entry = _model_entry(json.loads(body), upstream.provider.name)
+            entry = _model_entry(json_codec.loads(body), upstream.provider.name)
         except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamProtocolError("upstream model is not in the expected shape") from exc
         return web.json_response(entry)

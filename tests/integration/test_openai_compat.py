@@ -301,6 +301,30 @@ async def test_a_server_without_model_urls_is_answered_from_its_list():
     assert caught.value.code == "model_not_found"
 
 
+async def test_a_model_list_nested_too_deep_is_the_upstreams_protocol_error():
+    """JSON nested past the interpreter's recursion limit, as the list and
+    as one model: the upstream's malformed answer (502), not a bug (500)."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    async def nested(request: web.Request) -> web.Response:
+        return web.Response(body=deep, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", nested)
+    app.router.add_get("/v1/models/{model_id}", nested)
+    async with serving(app) as upstream:
+        settings = Settings(host="127.0.0.1", port=0, upstream_protocol="http1",
+                            upstream_url=upstream + "/v1")
+        async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
+            answers = []
+            for path in ("/v1/models", "/v1/models/m"):
+                async with http.get(url + path) as resp:
+                    answers.append((resp.status, await resp.json()))
+    error = {"message": "the upstream sent an answer the gateway could not read",
+             "type": "upstream_error", "code": "upstream_protocol_error"}
+    assert answers == [(502, {"error": error}), (502, {"error": error})]
+
+
 def _chunks(*deltas: tuple[dict[str, object], str | None]) -> bytes:
     """An OpenAI stream of these (delta, finish_reason) chunks, then [DONE]."""
     frames = [
