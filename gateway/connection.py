@@ -303,16 +303,19 @@ class ClientConnection(web.RequestHandler):
             # As aiohttp's: some of a response has gone, no other can follow.
             raise ConnectionError("response already started; cannot send an error")
         error = _error_for(status, exc)
+        # The id the client is given names this line too.
+        request_id = secrets.token_hex(12)
         log.log(
             30 if status >= 500 else 20,
             "request refused by the HTTP parser" if status < 500 else "request failed",
+            request_id=request_id,
             status=status,
             error=error.code,
             detail=redact(f"{type(exc).__name__}: {message or exc}") if exc else message,
             client=request.remote,
         )
         resp = web.json_response(error.to_json(), status=status)
-        resp.headers["X-Request-Id"] = secrets.token_hex(12)
+        resp.headers["X-Request-Id"] = request_id
         resp.force_close()
         return resp
 

@@ -319,6 +319,17 @@ PARSER_ERRORS = [
 
 @pytest.mark.parametrize("case,raw", PARSER_ERRORS, ids=[c[0] for c in PARSER_ERRORS])
 async def test_parser_errors_answer_in_the_json_error_shape(gateway, case, raw):
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        headers = await _refused_by_the_parser(gateway, raw)
+    # One line, under the id the client was given.
+    (line,) = logs
+    assert line["event"] == "request refused by the HTTP parser"
+    assert line["request_id"] == headers["x-request-id"]
+    await _still_serving(_port(gateway.url))
+
+
+async def _refused_by_the_parser(gateway, raw: bytes) -> dict[str, str]:
+    """Send ``raw``, check the answer is a 400 in the error shape; its headers."""
     reader, writer = await asyncio.open_connection(HOST, _port(gateway.url))
     received = bytearray()
 
@@ -350,7 +361,7 @@ async def test_parser_errors_answer_in_the_json_error_shape(gateway, case, raw):
     assert error["type"] == "invalid_request_error"
     assert "aiohttp" not in error["message"]
     assert re.fullmatch(r"[0-9a-f]{24}", headers["x-request-id"])
-    await _still_serving(_port(gateway.url))
+    return headers
 
 
 async def _still_serving(port: int) -> None:
