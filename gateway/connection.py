@@ -269,6 +269,10 @@ class ClientConnection(web.RequestHandler):
     async def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException):
+            # Raised before the middleware ran (the envelope translates every
+            # other): the route's Expect check, answered as the parser's are.
+            resp = self.handle_error(request, resp.status, resp)
         # A body that stalled, or whose framing or content coding broke
         # (its reader holds the error): where a next request would start is
         # unknown (RFC 9112 §9.3). aiohttp would read on past the answer and
@@ -353,6 +357,13 @@ class ClientConnection(web.RequestHandler):
 
 
 def _error_for(status: int, exc: BaseException | None) -> GatewayError:
+    if isinstance(exc, web.HTTPExpectationFailed):
+        # RFC 9110 section 10.1.1: an expectation the server cannot meet.
+        error = GatewayError(
+            "the gateway meets no expectation but 100-continue", code="expectation_failed"
+        )
+        error.status, error.type = status, "invalid_request_error"
+        return error
     if status >= 500:
         error = GatewayError("internal error", code="internal_error")
         if status == 504:

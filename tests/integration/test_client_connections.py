@@ -364,6 +364,30 @@ async def _refused_by_the_parser(gateway, raw: bytes) -> dict[str, str]:
     return headers
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/no/such/path"])
+async def test_an_expectation_other_than_100_continue_is_a_417_in_the_error_shape(gateway, path):
+    """RFC 9110 section 10.1.1: a server may refuse an expectation it cannot
+    meet with a 417; it does so as it refuses everything else."""
+    reader, writer = await asyncio.open_connection(HOST, _port(gateway.url))
+    try:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            writer.write(post(b"{}", path=path, extra=b"Expect: tea-please\r\nConnection: close\r\n"))
+            raw = await read_to_eof(reader)
+    finally:
+        writer.close()
+    status, headers, body = split_response(raw)
+    assert (status, headers["content-type"]) == (417, "application/json; charset=utf-8")
+    assert json.loads(body) == {"error": {
+        "message": "the gateway meets no expectation but 100-continue",
+        "type": "invalid_request_error", "code": "expectation_failed",
+    }}
+    (line,) = logs
+    assert (line["status"], line["error"]) == (417, "expectation_failed")
+    assert line["request_id"] == headers["x-request-id"]
+    assert gateway.sim.log.records == []
+    await _still_serving(_port(gateway.url))
+
+
 async def _still_serving(port: int) -> None:
     reader, writer = await asyncio.open_connection(HOST, port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
