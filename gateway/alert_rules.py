@@ -130,9 +130,11 @@ def _expr(exprs: dict[str, str], alert: str, metric: str) -> str:
 
 def load(path: Path = DEFAULT_RULES) -> Thresholds:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RulesUnreadable(f"cannot read the alert rules {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RulesUnreadable(f"cannot read the alert rules {path}: not UTF-8 text") from exc
     try:
         return thresholds(text)
     except RulesUnreadable as exc:

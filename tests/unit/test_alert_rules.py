@@ -122,3 +122,12 @@ def test_missing_rules_file_is_exit_2(tmp_path, capsys) -> None:
     missing = tmp_path / "none.yml"
     assert check_alerts.main(["http://gateway.invalid", "--rules", str(missing)]) == 2
     assert capsys.readouterr().err.startswith(f"check-alerts: cannot read the alert rules {missing}:")
+
+
+def test_a_rules_file_that_is_not_text_is_exit_2(tmp_path, capsys) -> None:
+    binary = tmp_path / "alerts.yml.gz"
+    binary.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe not UTF-8")
+    assert check_alerts.main(["http://gateway.invalid", "--rules", str(binary)]) == 2
+    assert capsys.readouterr().err == (
+        f"check-alerts: cannot read the alert rules {binary}: not UTF-8 text\n"
+    )
