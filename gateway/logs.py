@@ -84,6 +84,23 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+def _escaped_for_a_terminal(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Console lines are read on a terminal, and some values come from
+    clients (a request path "/%1b[2J" decodes to an escape sequence): every
+    control or format character but a newline or tab is written as its
+    escape, so none can move the cursor, erase or recolour what is shown.
+    (The renderer quotes a value holding a newline or tab as its repr.)"""
+    for name, value in event.items():
+        if isinstance(value, str) and not value.isprintable():
+            event[name] = "".join(
+                c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode()
+                for c in value
+            )
+    return event
+
+
 def resolve_format(fmt: str) -> str:
     """LOG_FORMAT=auto: console lines for a person at a terminal, JSON lines
     for everything else (the journal, a file, a log shipper)."""
@@ -224,9 +241,10 @@ atexit.register(lambda: _writer.flush())
 def configure_logging(level: str = "info", fmt: str = "json", *, worker: int | None = None) -> None:
     """``worker``: a supervised worker's index, stamped on every line (the
     workers share the supervisor's stderr, and the journal's pid)."""
+    console = resolve_format(fmt) == "console"
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        if resolve_format(fmt) == "console"
+        if console
         else structlog.processors.JSONRenderer(_json_serializer())
     )
     global _writer
@@ -240,6 +258,7 @@ def configure_logging(level: str = "info", fmt: str = "json", *, worker: int | N
             structlog.processors.format_exc_info,
             _redact,  # after format_exc_info: exception text is redacted too
             *([] if worker is None else [_Stamp("worker", worker)]),
+            *([_escaped_for_a_terminal] if console else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

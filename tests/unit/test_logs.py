@@ -119,6 +119,19 @@ def test_console_renderer_is_human_text_and_still_redacts(capsys):
         json.loads(out)
 
 
+def test_console_lines_write_control_characters_of_a_value_as_escapes(capsys):
+    """A client chooses its request path ("/%1b[2J" decodes to an escape
+    sequence): on a terminal it must not clear the screen, erase what came
+    before (backspace) or reverse the text that follows (U+202E)."""
+    configure_logging("info", "console")
+    structlog.get_logger("test-console-controls").info(
+        "request", path="/v1/\x1b[2Jx\x08\x08\u202eevil", client="10.0.0.1"
+    )
+    out = capsys.readouterr().err
+    assert not any(c in out for c in "\x1b\x08\u202e")
+    assert out.endswith(r" client=10.0.0.1 path=/v1/\x1b[2Jx\x08\x08\u202eevil" + "\n")
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
