@@ -99,6 +99,12 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
         raise BadRequest("request body is nested too deeply", code="invalid_json") from exc
+    except ValueError as exc:
+        # int() refuses a literal of more than sys.get_int_max_str_digits()
+        # digits (4300): quadratic to convert, so a bound against denial of service.
+        raise BadRequest(
+            "request body holds an integer too long to read", code="invalid_json"
+        ) from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     if _SURROGATE_ESCAPE.search(raw):

@@ -65,6 +65,13 @@ BAD_INPUT = [
     ("an infinite number", "POST", "/v1/stream",
      b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}',
      "application/json", 400, "invalid_json"),
+    # Python's int() refuses more than 4300 digits (CVE-2020-10735's limit).
+    ("an integer too long to read", "POST", "/v1/chat/completions",
+     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"7" * 5000
+     + b"}", "application/json", 400, "invalid_json"),
+    ("an integer too long to read, native", "POST", "/v1/stream",
+     b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+     + b"7" * 5000 + b"}", "application/json", 400, "invalid_json"),
     ("unknown path", "GET", "/v1/nothing-here", b"", "application/json", 404, "not_found"),
     ("missing static file", "GET", "/static/missing.js", b"", "application/json", 404, "not_found"),
     ("outside the static files", "GET", "/static/package.json", b"", "application/json", 404,

@@ -191,6 +191,8 @@ MESSAGES_ENCODING = [
     ("NaN", b'{"model": "sim", "max_tokens": 8, "temperature": NaN, "messages": '
             b'[{"role": "user", "content": "hi"}]}', "NaN"),
     ("invalid UTF-8", b'{"model": "sim\xff", "max_tokens": 8, "messages": []}', "UTF-8"),
+    ("an integer too long", b'{"model": "sim", "max_tokens": ' + b"7" * 5000 + b', "messages": '
+                            b'[{"role": "user", "content": "hi"}]}', "integer too long"),
 ]
 
 
