@@ -29,7 +29,7 @@ from gateway.api import exchanges as exchanges_api
 from gateway.api import messages, native, openai, ops
 from gateway.config import ConfigError, Settings
 from gateway.connection import Listener, listen_url
-from gateway.errors import QueueTimeout, ShuttingDown, UpstreamError
+from gateway.errors import QueueFull, QueueTimeout, ShuttingDown, UpstreamError
 from gateway.exchanges.log import exchange_log
 from gateway.exchanges.store import StoreMisconfigured
 from gateway.metrics import GatewayMetrics, LiveState
@@ -93,10 +93,13 @@ def _passwords(url: str | None) -> list[str]:
     return found
 
 
-def _remember_failure(exc: BaseException) -> bool:
-    # The error TTL is for the upstream's failures. Our own overload (a queue
-    # timeout) and our own shutdown are not facts about the prompt.
-    return not isinstance(exc, QueueTimeout | ShuttingDown)
+def remember_failure(exc: BaseException) -> bool:
+    """Whether a shared stream's failure answers identical requests for the
+    error TTL. That is for the upstream's failures: our own overload (an
+    upstream's queue full, a queue timeout) and our own shutdown are not
+    facts about the prompt, and a client retrying after Retry-After must not
+    be answered from memory."""
+    return not isinstance(exc, QueueFull | QueueTimeout | ShuttingDown)
 
 
 def _upstream_failure_reporter(
@@ -194,7 +197,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             from gateway.cluster.membership import join_cluster
 
             member = await join_cluster(
-                settings, metrics.registry, stack, remember_failure=_remember_failure
+                settings, metrics.registry, stack, remember_failure=remember_failure
             )
         registry = Registry(
             admission=admission,
@@ -202,7 +205,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             max_replay_bytes=settings.max_replay_bytes,
             coalesce_enabled=settings.coalesce_enabled,
             fanout_enabled=settings.stream_fanout_enabled,
-            remember_failure=_remember_failure,
+            remember_failure=remember_failure,
             on_reset=metrics.cancel.observe,
             on_failure=_upstream_failure_reporter(metrics, upstreams_named),
             lag=LagBound(max_bytes=settings.stream_max_lag_bytes, max_s=settings.stream_max_lag_s),

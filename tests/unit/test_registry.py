@@ -13,6 +13,7 @@ from actors.messages import RegistryClosed
 from actors.registry import Registry, RegistryStatistics
 from actors.subscription import Subscription
 from gateway.admission import AdmissionQueue
+from gateway.app import remember_failure
 from gateway.errors import QueueFull, QueueTimeout, UpstreamConnectError, UpstreamStatusError
 from tests.unit.memory_source import MemoryUpstream, read_all, text
 
@@ -149,6 +150,27 @@ async def test_remember_failure_decides_what_is_remembered(upstream: MemoryUpstr
     assert remembered == [error]
     assert registry.statistics().errors_cached == 0
     assert subscribe(registry, upstream, "r2").role == "leader"
+    await registry.aclose()
+
+
+@pytest.mark.parametrize(
+    ("error", "cached"),
+    [
+        (UpstreamStatusError(500, "boom"), 1),
+        (QueueFull("upstream queue full", retry_after_s=1), 0),
+        (QueueTimeout("no slot in time"), 0),
+    ],
+    ids=["the upstream's failure", "our queue full", "our queue timeout"],
+)
+async def test_the_gateways_policy_remembers_only_the_upstreams_failures(
+    upstream: MemoryUpstream, error: Exception, cached: int
+) -> None:
+    registry = Registry(
+        admission=AdmissionQueue(8, 8, 30), error_ttl_s=60, remember_failure=remember_failure
+    )
+    await fail_stream(registry, upstream, error, "r1")
+    assert registry.statistics().errors_cached == cached
+    assert subscribe(registry, upstream, "r2").role == ("follower" if cached else "leader")
     await registry.aclose()
 
 
