@@ -8,10 +8,13 @@ import subprocess
 from pathlib import Path
 
 from gateway.__main__ import environment_variables
+from gateway.app import make_app
+from gateway.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "gateway" / "config.py"
 CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
+HTTP_API_DOC = ROOT / "docs" / "http-api.md"
 DOCS = ("architecture.md", "configuration.md", "http-api.md", "upstream-http2.md")
 
 #: A variable read by name in gateway/config.py: ``read.<type>("NAME"`` or
@@ -40,6 +43,28 @@ def test_the_docs_exist_and_the_readme_points_at_them() -> None:
     for name in DOCS:
         assert (ROOT / "docs" / name).is_file(), name
         assert f"docs/{name}" in readme, name
+
+
+#: A row of a table whose first cell is an endpoint: ``| `GET /v1/models` |``.
+_ENDPOINT_ROW = re.compile(r"^\|\s*`([A-Z]+) (/[^`]*)`", re.MULTILINE)
+
+
+def _endpoint(method: str, path: str) -> str:
+    """``method path`` with every ``{parameter}`` spelled ``{}``."""
+    return f"{method} {re.sub(r'{[^}]*}', '{}', path)}"
+
+
+def test_every_route_the_gateway_serves_is_in_docs_http_api() -> None:
+    """The endpoint table of docs/http-api.md is the whole contract: a route
+    the app answers on and the table does not name is undocumented."""
+    app = make_app(Settings())
+    served = {
+        _endpoint(route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    documented = {_endpoint(*row) for row in _ENDPOINT_ROW.findall(HTTP_API_DOC.read_text())}
+    assert sorted(served - documented) == []
 
 
 def _tracked_files() -> list[Path]:
