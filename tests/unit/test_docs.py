@@ -7,9 +7,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import gateway.cluster.peer  # noqa: F401  (defines an error a client may get)
 from gateway.__main__ import environment_variables
 from gateway.app import make_app
 from gateway.config import Settings
+from gateway.errors import GatewayError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "gateway" / "config.py"
@@ -65,6 +67,43 @@ def test_every_route_the_gateway_serves_is_in_docs_http_api() -> None:
     }
     documented = {_endpoint(*row) for row in _ENDPOINT_ROW.findall(HTTP_API_DOC.read_text())}
     assert sorted(served - documented) == []
+
+
+#: An error code given where the error is raised: ``BadRequest(..., code="invalid_json")``.
+_CODE_ARGUMENT = re.compile(r"""\bcode=["']([a-z0-9_]+)["']""")
+
+
+def _error_classes(base: type[GatewayError]) -> list[type[GatewayError]]:
+    found = []
+    for cls in base.__subclasses__():
+        found += [cls, *_error_classes(cls)]
+    return found
+
+
+def error_codes_a_client_may_get() -> set[str]:
+    """The codes of the gateway's error classes and those its API handlers
+    raise them with (the TTFT suite's own errors are not the gateway's)."""
+    declared = {
+        cls.__dict__["code"]
+        for cls in _error_classes(GatewayError)
+        if "code" in cls.__dict__ and not cls.__module__.startswith("gateway.suite")
+    }
+    raised = {
+        code
+        for path in (ROOT / "gateway" / "api").glob("*.py")
+        for code in _CODE_ARGUMENT.findall(path.read_text())
+    }
+    return declared | raised
+
+
+def test_the_scan_finds_the_error_codes() -> None:
+    found = error_codes_a_client_may_get()
+    assert {"invalid_json", "queue_full", "upstream_timeout", "cluster_owner_lost"} <= found
+
+
+def test_every_error_code_is_in_docs_http_api() -> None:
+    documented = set(re.findall(r"`([a-z0-9_]+)`", HTTP_API_DOC.read_text()))
+    assert sorted(error_codes_a_client_may_get() - documented) == []
 
 
 def _tracked_files() -> list[Path]:
