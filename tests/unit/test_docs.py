@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "gateway" / "config.py"
 CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 HTTP_API_DOC = ROOT / "docs" / "http-api.md"
+ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
 DOCS = ("architecture.md", "configuration.md", "http-api.md", "upstream-http2.md")
 
 #: A variable read by name in gateway/config.py: ``read.<type>("NAME"`` or
@@ -104,6 +105,26 @@ def test_the_scan_finds_the_error_codes() -> None:
 def test_every_error_code_is_in_docs_http_api() -> None:
     documented = set(re.findall(r"`([a-z0-9_]+)`", HTTP_API_DOC.read_text()))
     assert sorted(error_codes_a_client_may_get() - documented) == []
+
+
+def _rooms() -> str:
+    """The tree drawn under "The rooms" in docs/architecture.md."""
+    section = ARCHITECTURE_DOC.read_text().split("## The rooms", 1)[1]
+    return section.split("```", 2)[1]
+
+
+def test_every_module_of_gateway_and_actors_is_in_docs_architecture() -> None:
+    """Each module and package right under gateway/ and actors/ has its line
+    in the rooms of docs/architecture.md, the map README sends a reader to."""
+    named = set(re.findall(r"[\w.]+/?", _rooms()))
+    missing = [
+        f"{package}/{path.name}"
+        for package in ("gateway", "actors")
+        for path in sorted((ROOT / package).iterdir())
+        if (path.suffix == ".py" and path.name != "__init__.py" and path.name not in named)
+        or ((path / "__init__.py").is_file() and f"{path.name}/" not in named)
+    ]
+    assert missing == []
 
 
 def _tracked_files() -> list[Path]:
