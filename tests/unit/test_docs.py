@@ -10,7 +10,7 @@ from pathlib import Path
 import gateway.cluster.peer  # noqa: F401  (defines an error a client may get)
 from gateway.__main__ import environment_variables
 from gateway.app import make_app
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +39,52 @@ def test_the_scan_finds_the_variables() -> None:
 def test_every_variable_read_in_config_is_in_docs_configuration() -> None:
     documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", CONFIGURATION_DOC.read_text()))
     assert sorted(variables_read_by_config() - documented) == []
+
+
+#: A row of a table that gives the least of some variables:
+#: ``| `A`, `B` | 0.1 | what it means |``.
+_LEAST_ROW = re.compile(r"^\|((?:\s*`[A-Z][A-Z0-9_]+`,?)+)\s*\|\s*([0-9.]+)\s*\|", re.MULTILINE)
+
+
+def documented_least() -> dict[str, str]:
+    """Each variable of the tables between "Durations" and "Variables" in
+    docs/configuration.md, with the least it says that variable takes."""
+    section = CONFIGURATION_DOC.read_text().split("## Durations", 1)[1].split("## Variables")[0]
+    return {
+        name: least
+        for names, least in _LEAST_ROW.findall(section)
+        for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", names)
+    }
+
+
+def _is_numeric(name: str) -> bool:
+    """A duration or a size: docs/configuration.md's own rule, by the name's
+    ending, and the counts its sizes paragraph names."""
+    counts = {"MAX_INFLIGHT", "MAX_QUEUE", "EXCHANGE_LOG_QUEUE", "UPSTREAM_MAX_CONNECTIONS"}
+    return name.endswith(("_MS", "_S", "_BYTES")) or name in counts
+
+
+def _accepted(name: str, value: str) -> bool:
+    try:
+        Settings.from_env({name: value})
+    except ConfigError:
+        return False
+    return True
+
+
+def test_every_duration_and_size_has_its_least_in_docs_configuration() -> None:
+    numeric = {name for name in environment_variables() if _is_numeric(name)}
+    assert sorted(numeric - set(documented_least())) == []
+
+
+def test_the_least_in_docs_configuration_is_the_least_taken() -> None:
+    """The documented least starts; one step below it stops the start."""
+    wrong = []
+    for name, least in documented_least().items():
+        below = str(int(least) - 1) if least.isdigit() else str(float(least) - 0.001)
+        if not _accepted(name, least) or _accepted(name, below):
+            wrong.append(f"{name}={least}")
+    assert wrong == []
 
 
 def test_the_docs_exist_and_the_readme_points_at_them() -> None:
