@@ -87,6 +87,58 @@ def test_the_least_in_docs_configuration_is_the_least_taken() -> None:
     assert wrong == []
 
 
+#: A row of a settings table: ``| `NAME` | default | meaning |``, or
+#: ``| `A` / `B` | a / b | ... |`` for two variables at once.
+_SETTING_ROW = re.compile(
+    r"^\| `([A-Z][A-Z0-9_]+)`(?: / `([A-Z][A-Z0-9_]+)`)? \| ([^|]*) \|", re.MULTILINE
+)
+
+
+def _default_tables(text: str) -> str:
+    """The rows of the tables headed ``| variable | default | ...``."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("| variable | default |"):
+            inside = True
+        elif not line.startswith("|"):
+            inside = False
+        elif inside:
+            rows.append(line)
+    return "\n".join(rows)
+
+
+def documented_defaults() -> list[tuple[str, str, str]]:
+    """(page, variable, default) for every row of a settings table in docs/
+    whose default is a value (not a sentence such as "(none)")."""
+    found = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for first, second, cell in _SETTING_ROW.findall(_default_tables(page.read_text())):
+            names = [first, second] if second else [first]
+            values = cell.split(" / ") if second else [cell.split(" (")[0]]
+            for name, value in zip(names, values, strict=True):
+                value = value.strip()
+                if value and not value.startswith("(") and " " not in value:
+                    found.append((page.name, name, value))
+    return found
+
+
+def test_the_scan_finds_the_documented_defaults() -> None:
+    found = {(name, value) for _, name, value in documented_defaults()}
+    assert {("GATEWAY_PORT", "8080"), ("EXCHANGE_LOG_QUEUE_BYTES", "67108864")} <= found
+
+
+def test_every_documented_default_is_the_default() -> None:
+    """Setting a variable to the default its row states changes nothing."""
+    default = Settings.from_env({})
+    wrong = [
+        f"{page}: {name}={value}"
+        for page, name, value in documented_defaults()
+        if name in variables_read_by_config()
+        and (not _accepted(name, value) or Settings.from_env({name: value}) != default)
+    ]
+    assert wrong == []
+
+
 def test_the_docs_exist_and_the_readme_points_at_them() -> None:
     readme = (ROOT / "README.md").read_text()
     for name in DOCS:
