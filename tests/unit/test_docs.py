@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "gateway" / "config.py"
 CONFIGURATION_DOC = ROOT / "docs" / "configuration.md"
 HTTP_API_DOC = ROOT / "docs" / "http-api.md"
+README = ROOT / "README.md"
 ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
 DOCS = ("architecture.md", "configuration.md", "http-api.md", "upstream-http2.md")
 
@@ -140,7 +141,7 @@ def test_every_documented_default_is_the_default() -> None:
 
 
 def test_the_docs_exist_and_the_readme_points_at_them() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     for name in DOCS:
         assert (ROOT / "docs" / name).is_file(), name
         assert f"docs/{name}" in readme, name
@@ -223,6 +224,14 @@ def test_every_module_of_gateway_and_actors_is_in_docs_architecture() -> None:
         or ((path / "__init__.py").is_file() and f"{path.name}/" not in named)
     ]
     assert missing == []
+
+
+def test_the_readme_names_every_error_status_of_docs_http_api() -> None:
+    """README's one-line summary of the error statuses is the table's."""
+    table = set(re.findall(r"^\| (\d{3}) \|", HTTP_API_DOC.read_text(), re.MULTILINE))
+    summary = re.search(r"Errors are .*? with\s+((?:\d{3}/)+\d{3})", README.read_text(), re.DOTALL)
+    assert summary is not None
+    assert sorted(table ^ set(summary.group(1).split("/"))) == []
 
 
 def _tracked_files() -> list[Path]:
