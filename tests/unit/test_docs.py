@@ -3,15 +3,21 @@ tracked file points outside the repository."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 import gateway.cluster.peer  # noqa: F401  (defines an error a client may get)
 from gateway.__main__ import environment_variables
 from gateway.app import make_app
+from gateway.cluster.metrics import ClusterMetrics
 from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError
+from gateway.exchanges.metrics import ExchangeMetrics
+from gateway.metrics import GatewayMetrics, LiveState, UpstreamGauges
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "gateway" / "config.py"
@@ -232,6 +238,46 @@ def test_the_readme_names_every_error_status_of_docs_http_api() -> None:
     summary = re.search(r"Errors are .*? with\s+((?:\d{3}/)+\d{3})", README.read_text(), re.DOTALL)
     assert summary is not None
     assert sorted(table ^ set(summary.group(1).split("/"))) == []
+
+
+def exposed_families() -> dict[str, set[str]]:
+    """Every family a gateway's /metrics may show (the cluster's included),
+    as PromQL names it (counters with ``_total``), with its label names:
+    the collectors themselves, each labelled one given a child."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    ExchangeMetrics(metrics.registry).tokens("m", "default", 1, 1)
+    ClusterMetrics(metrics.registry)
+    metrics.bind_live_state(
+        LiveState(**{field.name: (lambda: 0) for field in dataclasses.fields(LiveState)})
+    )
+    metrics.bind_upstreams(lambda: [UpstreamGauges("default", False, 0, 0)])
+    metrics.upstream_status("200")
+    metrics.stream_failures.labels("upstream_timeout").inc()
+    metrics.failure("default", "connect")
+    metrics.retry("default", "connect")
+    metrics.fallback("default")
+    metrics.upstream_ttft("default", 0.1)
+    families: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        families[name] = {label for s in family.samples for label in s.labels} - {"le"}
+    return families
+
+
+def test_every_metric_is_in_the_docs_with_its_labels() -> None:
+    """A metric is documented on a line of README or docs/ that names it
+    (not as the prefix of a longer name) and each of its labels."""
+    lines = [
+        line
+        for page in (README, *sorted((ROOT / "docs").glob("*.md")))
+        for line in page.read_text().splitlines()
+    ]
+    undocumented = []
+    for name, labels in exposed_families().items():
+        named = [line for line in lines if re.search(re.escape(name) + r"(?![a-z0-9_])", line)]
+        if not any(all(re.search(rf"\b{label}\b", line) for label in labels) for line in named):
+            undocumented.append(f"{name}{sorted(labels)}")
+    assert undocumented == []
 
 
 def _tracked_files() -> list[Path]:
