@@ -18,6 +18,7 @@ from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError
 from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.metrics import GatewayMetrics, LiveState, UpstreamGauges
+from gateway.routing.config import RetryConfig, parse_routing
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "gateway" / "config.py"
@@ -278,6 +279,31 @@ def test_every_metric_is_in_the_docs_with_its_labels() -> None:
         if not any(all(re.search(rf"\b{label}\b", line) for label in labels) for line in named):
             undocumented.append(f"{name}{sorted(labels)}")
     assert undocumented == []
+
+
+def _toml_blocks(page: Path) -> list[str]:
+    return re.findall(r"```toml\n(.*?)```", page.read_text(), re.DOTALL)
+
+
+def test_every_routing_file_in_the_docs_is_taken_as_it_stands() -> None:
+    """Each TOML example of README and docs/ is a routing file the gateway
+    starts with, given the keys its tables name."""
+    blocks = [
+        (page, block)
+        for page in (README, *sorted((ROOT / "docs").glob("*.md")))
+        for block in _toml_blocks(page)
+    ]
+    assert len(blocks) >= 2
+    for page, block in blocks:
+        keys = {name: "sk-example-key" for name in re.findall(r'api_key_env = "(\w+)"', block)}
+        parse_routing(block, keys, source=page.name)
+
+
+def test_the_routing_defaults_in_docs_routing_are_the_defaults() -> None:
+    """docs/routing.md's [routing] table says "these are the defaults"."""
+    (block,) = _toml_blocks(ROOT / "docs" / "routing.md")
+    routing = parse_routing(block, {"OPENAI_KEY": "sk-example-key"})
+    assert routing.retry == RetryConfig()
 
 
 def _tracked_files() -> list[Path]:
