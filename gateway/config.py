@@ -27,6 +27,10 @@ T = TypeVar("T")
 FORMATS = ("openai", "anthropic")
 SCOPES = ("key", "global")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: A client's key as it may be sent (``Authorization: Bearer`` or
+#: ``x-api-key``): printable ASCII without spaces, a token68 (RFC 7235
+#: section 2.1; RFC 6750's b64token).
+CREDENTIAL = re.compile(r"[!-~]+")
 #: JSON lines by default (what the journal and log shippers read); "auto":
 #: console lines on a terminal, JSON lines otherwise (gateway/logs.py).
 LOG_FORMATS = ("json", "console", "auto")
@@ -442,8 +446,18 @@ class _Reader:
         )
 
     def keys(self, name: str) -> tuple[str, ...]:
+        """Client keys: each one a client can send (``CREDENTIAL``); any
+        other could never match, and every request would be a 401."""
         raw = self._env.get(name, "")
-        return tuple(key.strip() for key in raw.split(",") if key.strip())
+        keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+        if not all(CREDENTIAL.fullmatch(key) for key in keys):
+            # Not echoed: the value is a list of secrets.
+            raise ConfigError(
+                name,
+                "comma-separated keys, each printable ASCII without spaces (what a client can send)",
+                "(hidden)",
+            )
+        return keys
 
     def networks(
         self, name: str, default: str

@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from gateway.config import CREDENTIAL
 from gateway.connection import client_connection
 from gateway.errors import (
     GatewayError,
@@ -44,10 +45,6 @@ ANTHROPIC_PATH = "/v1/messages"
 #: The model APIs by route, known before the handler runs: a request refused
 #: at the door (401, 405, 413) counts under its API, as a 400 does.
 API_OF_PATH = {"/v1/chat/completions": "openai", "/v1/stream": "native", ANTHROPIC_PATH: "anthropic"}
-#: A credential is a token68 (RFC 7235 section 2.1; RFC 6750's b64token):
-#: visible ASCII. Anything else can match no key, and is refused here rather
-#: than hashed as a tenant or compared as bytes further on.
-_CREDENTIAL = re.compile(r"[!-~]+")
 
 
 def error_response(exc: GatewayError, *, anthropic: bool = False) -> web.Response:
@@ -85,7 +82,9 @@ def _authenticate(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
     presented = presented or request.headers.get("x-api-key", "").strip()
-    if presented and not _CREDENTIAL.fullmatch(presented):
+    # Anything but a token68 can match no key (config.CREDENTIAL): refused
+    # here rather than hashed as a tenant or compared as bytes further on.
+    if presented and not CREDENTIAL.fullmatch(presented):
         raise Unauthorized("malformed API key: a key is printable ASCII without spaces")
     settings = request.app[STATE].settings
     if not settings.gateway_api_keys:
