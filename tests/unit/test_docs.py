@@ -306,6 +306,28 @@ def test_the_routing_defaults_in_docs_routing_are_the_defaults() -> None:
     assert routing.retry == RetryConfig()
 
 
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation
+    dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_link_between_the_docs_reaches_its_page_and_heading() -> None:
+    broken = []
+    for page in (README, *sorted((ROOT / "docs").glob("*.md"))):
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            destination = page.parent / path if path else page
+            if not destination.exists() or (
+                anchor and destination.suffix == ".md" and anchor not in _anchors(destination)
+            ):
+                broken.append(f"{page.name}: {target}")
+    assert broken == []
+
+
 def _tracked_files() -> list[Path]:
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
     return [ROOT / name for name in listed.stdout.decode().split("\0") if name]
