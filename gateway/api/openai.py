@@ -204,8 +204,10 @@ def completion_id(subscription: Subscription) -> str:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = await read_chat(request)
-    # A whole answer has no event ids: a Last-Event-ID would cut its head off.
-    subscription = await subscribe(request, chat, streaming=chat.stream, resumable=chat.stream)
+    # No frame of this API carries an event id (nor is there one frame per
+    # delta of the log), so a Last-Event-ID names no point of this answer:
+    # honoured, it would cut its head off. Resuming is /v1/stream's.
+    subscription = await subscribe(request, chat, streaming=chat.stream, resumable=False)
     if chat.stream:
         encoder = ChunkEncoder(subscription, model=chat.model, include_usage=chat.include_usage)
         # The parsed prompt (a whole chat history, often) is not needed while

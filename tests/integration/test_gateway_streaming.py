@@ -303,6 +303,27 @@ async def test_a_non_streaming_answer_ignores_last_event_id(gateway):
     assert len(gateway.sim.log.records) == 1
 
 
+async def test_a_chat_completions_stream_ignores_last_event_id(gateway):
+    """Its frames carry no event ids (and not one frame per delta of the
+    stream's log), so a Last-Event-ID names no point of this stream: one
+    that joins a running stream with it still gets every token."""
+    prompt = "chat stream despite resume [sim itl_ms=20 tokens=30]"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
+            reader = FrameReader(first)
+            await _read_deltas(reader, 5)
+            async with http.post(
+                gateway.v1 + "/chat/completions", json=chat(prompt),
+                headers={"Last-Event-ID": "5"},
+            ) as joined:
+                frames = await FrameReader(joined).rest()
+            await reader.rest()
+    assert openai_text(frames) == expected(prompt, 30)
+    meta = next(f.comment for f in frames if f.comment and f.comment.startswith("meta "))
+    assert json.loads(meta.removeprefix("meta "))["role"] == "follower"
+    assert len(gateway.sim.log.records) == 1
+
+
 @both_protocols
 async def test_explicit_cancel_ends_the_stream_with_cancelled(gateway):
     async with aiohttp.ClientSession() as http:
