@@ -188,8 +188,9 @@ def _error_classes(base: type[GatewayError]) -> list[type[GatewayError]]:
 
 
 def error_codes_a_client_may_get() -> set[str]:
-    """The codes of the gateway's error classes and those its API handlers
-    raise them with (the TTFT suite's own errors are not the gateway's)."""
+    """The codes of the gateway's error classes, those its API handlers
+    raise them with (the TTFT suite's own errors are not the gateway's), and
+    those the shipped nginx site answers with itself."""
     declared = {
         cls.__dict__["code"]
         for cls in _error_classes(GatewayError)
@@ -200,12 +201,17 @@ def error_codes_a_client_may_get() -> set[str]:
         for path in (ROOT / "gateway" / "api").glob("*.py")
         for code in _CODE_ARGUMENT.findall(path.read_text())
     }
-    return declared | raised
+    answered_by_nginx = {
+        code
+        for path in (ROOT / "deploy" / "nginx").glob("*.conf")
+        for code in re.findall(r'"code": "([a-z0-9_]+)"', path.read_text())
+    }
+    return declared | raised | answered_by_nginx
 
 
 def test_the_scan_finds_the_error_codes() -> None:
     found = error_codes_a_client_may_get()
-    assert {"invalid_json", "queue_full", "upstream_timeout", "cluster_owner_lost"} <= found
+    assert {"invalid_json", "queue_full", "cluster_owner_lost", "gateway_unavailable"} <= found
 
 
 def test_every_error_code_is_in_docs_http_api() -> None:
