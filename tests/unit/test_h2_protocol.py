@@ -13,6 +13,7 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    PushPromiseFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
@@ -537,6 +538,44 @@ def test_headers_opening_a_stream_from_the_server_end_the_connection(core, peer)
     connection lost."""
     (stream_id,) = open_streams(core, 1)
     events = core.receive(peer.headers(2), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
+    assert isinstance(events[0], StreamFailed) and events[0].stream_id == stream_id
+    assert type(events[0].error) is ConnectionLost
+    (sent,) = frames_in(core.data_to_send())
+    assert isinstance(sent, GoAwayFrame) and sent.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert core.is_closed
+
+
+def test_our_settings_disable_server_push() -> None:
+    """The client preface's SETTINGS carry ENABLE_PUSH 0 (RFC 9113 §6.5.2):
+    the gateway reads no pushed response, so the server must push none
+    (§8.4)."""
+    core = H2ClientProtocol(authority="a", scheme="http", ping_interval=None, ping_timeout=5.0)
+    core.initiate(now=0.0)
+    sent = core.data_to_send()
+    assert sent.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    (settings, *_) = frames_in(sent[24:])
+    assert isinstance(settings, SettingsFrame)
+    assert settings.settings[SettingsFrame.ENABLE_PUSH] == 0
+
+
+def test_a_push_promise_ends_the_connection(core, peer) -> None:
+    """With ENABLE_PUSH 0 sent and acknowledged, a PUSH_PROMISE is a
+    connection error of type PROTOCOL_ERROR (RFC 9113 §6.5.2): GOAWAY, and
+    the stream it came on fails as the connection lost. Accepted, each
+    promise would reserve a stream that nobody reads and h2 keeps for the
+    connection's life."""
+    settings_ack = SettingsFrame(0)
+    settings_ack.flags.add("ACK")
+    core.receive(settings_ack.serialize(), now=0.0)
+    (stream_id,) = open_streams(core, 1)
+    core.receive(peer.headers(stream_id), now=1.0)
+    promise = PushPromiseFrame(stream_id, promised_stream_id=2)
+    promise.data = hpack.Encoder().encode(
+        [(":method", "GET"), (":scheme", "http"), (":authority", "upstream.test"), (":path", "/x")]
+    )
+    promise.flags.add("END_HEADERS")
+    events = core.receive(promise.serialize(), now=1.0)
     assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
     assert isinstance(events[0], StreamFailed) and events[0].stream_id == stream_id
     assert type(events[0].error) is ConnectionLost

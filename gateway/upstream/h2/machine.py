@@ -1,6 +1,6 @@
 """h2's connection state machine, configured for this client.
 
-Three things differ from a plain ``h2.connection.H2Connection``:
+What differs from a plain ``h2.connection.H2Connection``:
 
 - Outbound header validation and normalisation are off: the client builds
   its own request headers (lower-case names, no connection-specific fields;
@@ -14,6 +14,10 @@ Three things differ from a plain ``h2.connection.H2Connection``:
   that stream. What h2 still checks whatever this setting says stays a
   connection error: the frames and their sequence, HPACK decoding (§4.3),
   and the content-length of a body.
+- Server push is off: our SETTINGS carry ENABLE_PUSH 0 (RFC 9113 §6.5.2).
+  The client reads no pushed response, and h2 would keep every stream a
+  PUSH_PROMISE reserves for the connection's life; with push off, h2 treats
+  a PUSH_PROMISE as the connection error §6.5.2 prescribes.
 - A GOAWAY does not close the state machine. h2 moves to CLOSED on any
   GOAWAY it receives (python-hyper/h2#1181), after which it rejects the
   frames of the streams that GOAWAY lets finish (those at or below its
@@ -28,6 +32,7 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 from hyperframe.frame import Frame, GoAwayFrame
 
 _CONFIG = h2.config.H2Configuration(
@@ -45,6 +50,20 @@ class GoawayTolerantConnection(h2.connection.H2Connection):
 
     #: True while h2 handles a received GOAWAY.
     _receiving_goaway = False
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        # h2's own initial values, and push off. Initial values, not an
+        # update: they are what initiate_connection() sends in the preface,
+        # before any stream a server could push on exists (§8.4).
+        self.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.DEFAULT_MAX_HEADER_LIST_SIZE,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2.events.Event]]:
         state = self.state_machine.state
