@@ -240,6 +240,23 @@ def test_another_reset_code_fails_the_stream_as_reset(core) -> None:
     assert "INTERNAL_ERROR" in str(failed.error)
 
 
+def test_a_send_window_overflow_resets_the_stream_as_ours(core) -> None:
+    """A WINDOW_UPDATE that takes a stream's send window past 2^31-1 is a
+    stream error of type FLOW_CONTROL_ERROR (RFC 9113 §6.9.1): h2 sends the
+    RST_STREAM, and the failure says the gateway reset the stream, for the
+    upstream's error, not that the upstream reset it. The connection goes
+    on."""
+    (stream_id,) = open_streams(core, 1)
+    events = core.receive(window_update(stream_id, 2**31 - 1), now=1.0)
+    assert [type(e) for e in events] == [StreamFailed, CapacityChanged]
+    failed = events[0]
+    assert isinstance(failed, StreamFailed) and type(failed.error) is StreamReset
+    assert failed.error.error_code == ErrorCodes.FLOW_CONTROL_ERROR
+    assert str(failed.error) == "gateway reset the stream for an upstream stream error (FLOW_CONTROL_ERROR)"
+    assert core.data_to_send() == rst(stream_id, ErrorCodes.FLOW_CONTROL_ERROR)
+    assert core.is_usable
+
+
 # -- flow-control credit ---------------------------------------------------------
 
 

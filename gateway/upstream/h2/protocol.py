@@ -421,7 +421,12 @@ class H2ClientProtocol:
         elif isinstance(event, h2.events.StreamReset):
             assert event.stream_id is not None
             if self._close_stream(event.stream_id):
-                events.append(StreamFailed(event.stream_id, reset_error(event.error_code)))
+                error = (
+                    reset_error(event.error_code)
+                    if event.remote_reset
+                    else local_reset_error(event.error_code)
+                )
+                events.append(StreamFailed(event.stream_id, error))
                 self._after_stream_closed(events)
         elif isinstance(event, h2.events.WindowUpdated):
             events.append(WindowOpened(event.stream_id or 0))
@@ -628,6 +633,15 @@ def reset_error(error_code: int | None) -> TransportError:
         # may be sent again.
         return StreamRefused("upstream refused the stream")
     return StreamReset(f"upstream reset the stream ({code_name(error_code)})", error_code=error_code)
+
+
+def local_reset_error(error_code: int | None) -> TransportError:
+    """h2 reset the stream itself, for a stream error of the peer's (a
+    WINDOW_UPDATE past 2^31-1: FLOW_CONTROL_ERROR, RFC 9113 §6.9.1)."""
+    return StreamReset(
+        f"gateway reset the stream for an upstream stream error ({code_name(error_code)})",
+        error_code=error_code,
+    )
 
 
 def code_name(error_code: int | None) -> str:
