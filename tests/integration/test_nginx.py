@@ -286,6 +286,20 @@ async def test_metrics_only_for_the_allow_list(gateway, nginx_factory):
             assert "# TYPE gateway_requests_total counter" in body
 
 
+async def test_a_host_off_the_allow_list_gets_the_gateways_403(gateway, nginx_factory):
+    site = await nginx_factory(port_of(gateway.url), metrics_allow=["192.0.2.1"])
+    connector = aiohttp.TCPConnector(ssl=site.client_ssl())
+    async with aiohttp.ClientSession(site.https_url, connector=connector) as http:
+        for path in ("/metrics", "/stats"):
+            async with http.get(path) as denied:
+                assert denied.status == 403
+                assert denied.content_type == "application/json"
+                assert NGINX_REQUEST_ID.match(denied.headers["X-Request-Id"])
+                assert await denied.json() == {"error": {
+                    "message": "/metrics and /stats are only served to the hosts on the allow-list",
+                    "type": "permission_error", "code": "permission_denied"}}
+
+
 async def test_nginx_gives_the_request_id_and_the_client_address(proxied):
     with capture_logs(processors=[merge_contextvars]) as logs:
         async with proxied.session() as http, http.post(
