@@ -27,6 +27,12 @@ GOAWAY_MODES: tuple[GoawayMode, ...] = ("graceful", "refuse")
 HEADER_PREFIX = "x-sim-"
 ENV_PREFIX = "SIM_"
 
+#: The longest answer: its tokens are made whole before the first one goes
+#: out, on the event loop (in ``make run``, the gateway's own), so a prompt's
+#: ``[sim tokens=100000000]`` would stall that loop and exhaust its memory.
+MAX_TOKENS = 1_000_000
+MAX_ANSWER_CHARS = 16 * 1024 * 1024
+
 T = TypeVar("T")
 
 
@@ -87,9 +93,13 @@ class SimProfile:
     ttft_jitter_ms: float = _knob(20.0, _parse_float, "uniform jitter on the TTFT (±)")
     itl_ms: float = _knob(12.0, _parse_float, "inter-token latency")
     itl_jitter_ms: float = _knob(2.0, _parse_float, "uniform jitter on each gap (±)")
-    tokens: int = _knob(64, _parse_int, "output tokens (the request's max_tokens caps them)")
+    tokens: int = _knob(
+        64, _parse_int, f"output tokens, at most {MAX_TOKENS} (the request's max_tokens caps them)"
+    )
     token_size: int | None = _knob(
-        None, _optional(_parse_int), "exact characters per token (default: natural words)"
+        None,
+        _optional(_parse_int),
+        f"exact characters per token, at most {MAX_ANSWER_CHARS} in all (default: natural words)",
     )
     max_concurrency: int = _knob(
         0,
@@ -159,6 +169,10 @@ class SimProfile:
                 raise KnobError(f"{name} must be >= 0")
         if self.token_size == 0:
             raise KnobError("token_size must be >= 1")
+        if self.tokens > MAX_TOKENS:
+            raise KnobError(f"tokens must be <= {MAX_TOKENS}")
+        if self.token_size is not None and self.tokens * self.token_size > MAX_ANSWER_CHARS:
+            raise KnobError(f"tokens * token_size must be <= {MAX_ANSWER_CHARS} characters")
         if self.max_concurrent_streams < 1:
             raise KnobError("max_concurrent_streams must be >= 1")
         # RFC 9113 §6.5.2: SETTINGS_INITIAL_WINDOW_SIZE is at most 2^31-1.

@@ -189,6 +189,23 @@ async def test_bad_knobs_are_400(sim: SimServer, protocol: str) -> None:
     assert bad_header.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(("directive", "message"), [
+    ("tokens=1000001", "tokens must be <= 1000000"),
+    ("tokens=1025 token_size=16384", "tokens * token_size must be <= 16777216 characters"),
+])
+async def test_an_answer_too_long_to_build_is_400(
+    sim: SimServer, protocol: str, directive: str, message: str
+) -> None:
+    # max_tokens=1 keeps the request cheap: the bound is on the knobs themselves.
+    reply = await send_over(protocol, sim.port, "POST", CHAT,
+                            payload={"messages": _messages(f"[sim {directive}]"), "max_tokens": 1})
+    assert reply.status == 400
+    assert reply.json() == {"error": {"message": message, "type": "invalid_request_error",
+                                      "code": "invalid_request"}}
+    assert [(r.outcome, r.status) for r in sim.log.records] == [("failed", 400)]
+
+
 async def test_ttft_header_delays_the_first_token(sim: SimServer) -> None:
     await send_over("HTTP/2", sim.port, "POST", CHAT, headers={"x-sim-ttft-ms": "150"},
                     payload={"messages": _messages("slow"), "stream": True, "max_tokens": 2})
