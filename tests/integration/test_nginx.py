@@ -389,6 +389,70 @@ async def test_nginx_answers_the_messages_api_in_its_own_error_shape(proxied, ng
         assert (await resp.json())["error"]["type"] == "overloaded_error"
 
 
+async def _raw_exchange(site: NginxSite, head: bytes) -> tuple[bytes, bytes]:
+    """``head`` sent as is over TLS; nginx's answer as (status line and
+    headers, body), read until nginx closes."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", site.https_port, ssl=site.client_ssl()
+    )
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    top, _, body = answer.partition(b"\r\n\r\n")
+    return top, body
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_header_over_nginxs_buffers_is_the_gateways_400(proxied, path):
+    top, body = await _raw_exchange(proxied.nginx, (
+        f"POST {path} HTTP/1.1\r\nHost: gateway.example.com\r\n"
+        f"X-Big: {'a' * 9000}\r\nContent-Length: 0\r\n\r\n"
+    ).encode())
+    assert top.startswith(b"HTTP/1.1 400 ")
+    assert b"\r\nContent-Type: application/json\r\n" in top
+    assert NGINX_REQUEST_ID.match(re.search(rb"\r\nX-Request-Id: (\S+)", top)[1].decode())
+    message = "a request line or header is too long"
+    if path == "/v1/messages":
+        assert json.loads(body) == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": message}}
+    else:
+        assert json.loads(body) == {"error": {
+            "message": message, "type": "invalid_request_error", "code": "invalid_http"}}
+    assert proxied.gateway.sim.log.records == []
+
+
+async def test_a_request_line_over_nginxs_buffers_is_the_gateways_400(proxied):
+    top, body = await _raw_exchange(proxied.nginx, (
+        f"GET /v1/models?q={'a' * 9000} HTTP/1.1\r\nHost: gateway.example.com\r\n\r\n"
+    ).encode())
+    assert top.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body) == {"error": {"message": "a request line or header is too long",
+                                          "type": "invalid_request_error", "code": "invalid_http"}}
+
+
+@pytest.mark.parametrize("path", ["/.nginx/invalid-http", "/.nginx/line-too-long"])
+async def test_the_error_pages_of_nginx_are_not_served_as_paths(proxied, path):
+    async with proxied.session() as http, http.get(path) as resp:
+        assert resp.status == 404
+        assert NGINX_REQUEST_ID.match(resp.headers["X-Request-Id"])
+        assert await resp.json() == {"error": {
+            "message": "no such path", "type": "invalid_request_error", "code": "not_found"}}
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway.example.com\r\nContent-Length: x\r\n\r\n",
+    b"POST\x01 / HTTP/1.1\r\nHost: gateway.example.com\r\n\r\n",
+], ids=["header", "request line"])
+async def test_a_request_nginx_cannot_parse_is_the_gateways_400(proxied, head):
+    top, body = await _raw_exchange(proxied.nginx, head)
+    assert top.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body) == {"error": {"message": "the request is not valid HTTP/1.1",
+                                          "type": "invalid_request_error", "code": "invalid_http"}}
+
+
 async def test_no_gateway_listening_is_a_retryable_503(nginx_factory):
     site = await nginx_factory(free_port())  # nothing listens there: a restart
     connector = aiohttp.TCPConnector(ssl=site.client_ssl())
