@@ -26,10 +26,11 @@ import trustme
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from tests.integration.conftest import FAST_SIM, HELD_SIM, Gateway, subscribed, upstream_held
 from tests.integration.h2_test_client import H2TestClient
-from tests.integration.nginx_fixture import NGINX, NginxSite, free_port, running_nginx
+from tests.integration.nginx_fixture import NGINX, SHIPPED_SITE, NginxSite, free_port, running_nginx
 from tests.integration.sse_frames import FrameReader, native_text, openai_text, parse_frame
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it)")
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.
 NGINX_REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")  # nginx's $request_id
 GATEWAY_REQUEST_ID = re.compile(r"^[0-9a-f]{24}$")  # the gateway's own (middleware)
 MAX_BODY_BYTES = 1_048_576  # the gateway's default; the site's client_max_body_size
+DEPLOY_GUIDE = SHIPPED_SITE.parents[1] / "README.md"
 
 NginxFactory = Callable[..., Awaitable[NginxSite]]
 
@@ -210,6 +212,19 @@ def established_server_side(port: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc/net/tcp")
+def test_nginx_closes_an_idle_gateway_connection_before_the_gateway_does():
+    """A request nginx sends on a kept-alive connection the gateway is
+    closing at that moment fails, so nginx's idle limit stays below the
+    gateway's CLIENT_IDLE_TIMEOUT_S, and the deploy guide says to keep them so."""
+    upstream = re.search(r"^upstream llm_gateway \{(.*?)^\}", SHIPPED_SITE.read_text(), re.S | re.M)
+    assert upstream is not None
+    keepalive = re.search(r"^\s*keepalive_timeout (\d+)s;", upstream[1], re.M)
+    assert keepalive is not None
+    assert float(keepalive[1]) < Settings.from_env({}).client_idle_timeout_s
+    in_step = r"^\| `CLIENT_IDLE_TIMEOUT_S`.*\|.*`keepalive_timeout`"
+    assert re.search(in_step, DEPLOY_GUIDE.read_text(), re.M) is not None
+
+
 async def test_nginx_keeps_one_connection_to_the_gateway_alive(proxied):
     async with proxied.session() as http:
         for n in range(5):
