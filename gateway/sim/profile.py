@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -155,8 +156,11 @@ class SimProfile:
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "ttft_jitter_ms", "itl_ms", "itl_jitter_ms"):
-            if getattr(self, name) < 0:
-                raise KnobError(f"{name} must be >= 0")
+            # NaN is false in every comparison, so "< 0" lets it through, and
+            # it makes every deadline "now"; an infinite jitter draws NaN gaps.
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise KnobError(f"{name} must be a finite number >= 0")
         for name in ("tokens", "max_concurrency", "retry_after_s"):
             if getattr(self, name) < 0:
                 raise KnobError(f"{name} must be >= 0")

@@ -50,6 +50,8 @@ def test_environment_then_flags() -> None:
         ({"SIM_FAIL_STATUS": "200"}, "fail_status"),
         ({"SIM_GOAWAY": "sometimes"}, "goaway"),
         ({"SIM_ITL_MS": "-1"}, "itl_ms"),
+        ({"SIM_TTFT_MS": "nan"}, "ttft_ms must be a finite number >= 0"),
+        ({"SIM_ITL_JITTER_MS": "inf"}, "itl_jitter_ms must be a finite number >= 0"),
         ({"SIM_INITIAL_WINDOW_SIZE": str(2**31)}, "initial_window_size"),
     ],
 )
