@@ -140,13 +140,16 @@ class Router:
     def next_upstream(
         self, candidates: Sequence[Upstream], tried: Sequence[Upstream]
     ) -> Upstream:
-        """The next attempt's upstream: untried ones first (all, once every
-        one was tried), then by priority, room, circuit and balancer."""
+        """The next attempt's upstream: one whose circuit lets it through,
+        untried ones first (a tried one again rather than an open circuit),
+        then by priority, room and balancer."""
         now = self.clock()
-        pool = [up for up in candidates if up not in tried] or list(candidates)
-        usable = [up for up in pool if up.breaker.available(now)]
+        untried = [up for up in candidates if up not in tried]
+        usable = [up for up in untried if up.breaker.available(now)]
+        usable = usable or [up for up in candidates if up.breaker.available(now)]
         if not usable:
             # Panic: every circuit is open; the one that half-opens soonest goes.
+            pool = untried or candidates
             return min(pool, key=lambda up: (up.breaker.open_until, up.priority))
         best = min(up.priority for up in usable)
         group = [up for up in usable if up.priority == best]

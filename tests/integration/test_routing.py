@@ -498,6 +498,30 @@ async def test_the_circuit_half_opens_after_its_cooldown_and_a_probe_closes_it(r
     assert scraped.one("gateway_upstream_circuit_open", upstream="primary") == 0
 
 
+async def test_a_retry_skips_an_open_circuit_while_another_circuit_is_closed(
+        routed, sim_factory):
+    """The primary's circuit is open; the backup fails one request with a
+    500: the retry goes to the backup again, whose circuit is closed, not to
+    the primary it has not tried (panic mode is for every circuit open)."""
+    primary = await sim_factory(dataclasses.replace(FAST_SIM, fail_status=500))
+    backup = await sim_factory(FAST_SIM)
+    gateway = await routed(upstream("primary", primary.url)
+                           + upstream("backup", backup.url, priority=1) + ROUTING)
+    async with aiohttp.ClientSession() as http:
+        for n in range(CIRCUIT_FAILURES):
+            await stream_text(http, gateway, f"opening {n}")
+        assert [r.status for r in primary.log.records] == [500] * CIRCUIT_FAILURES
+        # The backup's next request only gets a 500.
+        backup.app.profile = dataclasses.replace(FAST_SIM, fail_status=500,
+                                                 fault_requests=CIRCUIT_FAILURES + 1)
+        text, _, frames = await stream_text(http, gateway, "once more")
+        scraped = await metrics(http, gateway)
+    assert text == expected("once more") and only_pings_then_the_answer(frames)
+    assert [r.status for r in primary.log.records] == [500] * CIRCUIT_FAILURES
+    assert [r.status for r in backup.log.records] == [200] * CIRCUIT_FAILURES + [500, 200]
+    assert scraped.one("gateway_upstream_circuit_open", upstream="primary") == 1
+
+
 # -- retrying the same upstream --------------------------------------------------
 
 
