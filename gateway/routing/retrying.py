@@ -80,6 +80,7 @@ class RetryingSource:
         "_released",
         "_observer",
         "_probe",
+        "_to_deadline",
         "__weakref__",
     )
 
@@ -120,6 +121,9 @@ class RetryingSource:
         self._observer = observer
         #: This attempt holds its upstream's half-open probe.
         self._probe = False
+        #: This attempt waits for its first token up to the request's
+        #: first-token deadline (not a shorter timeout of its upstream's).
+        self._to_deadline = False
 
     # -- actors.ports.Source -------------------------------------------------------
 
@@ -234,6 +238,10 @@ class RetryingSource:
         plan = self._plan
         if self._reset or plan is None or not failure.retryable(retry.retry_statuses):
             return None
+        if failure.kind == "timeout" and self._to_deadline:
+            # The request's deadline itself, whichever clock reads it as a
+            # little short yet (the loop's may lag by a millisecond or more).
+            return None
         if len(self._tried) >= retry.max_attempts:
             return None
         now = router.clock()
@@ -303,6 +311,7 @@ class RetryingSource:
 
     def _opener(self, upstream: Upstream, plan: RoutePlan) -> Callable[[], Awaitable[UpstreamSource]]:
         first = self._timeouts.first_token_s
+        left: float | None = None
         if self._deadline is not None:
             # What is left of the request's deadline: earlier attempts and
             # the wait for this upstream's slot took the rest. Nearly all of
@@ -312,6 +321,7 @@ class RetryingSource:
             if first is None or left < first - RESOLUTION:
                 first = max(left, 0.001)
         first = upstream.config.first_token_s(first)
+        self._to_deadline = left is not None and first is not None and first >= left - RESOLUTION
         timeouts = self._timeouts
         if first != timeouts.first_token_s:
             timeouts = SourceTimeouts(first_token_s=first, idle_s=timeouts.idle_s)

@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 from gateway.app import running_gateway
 from gateway.config import Settings
 from gateway.routing.config import parse_routing
-from gateway.sim import SimProfile
+from gateway.sim import SimProfile, SimServer
 from gateway.sim.app import MODELS as SIM_MODELS
 from gateway.sim.content import answer_tokens
 from gateway.state import STATE, GatewayState
@@ -591,6 +591,41 @@ async def test_one_upstream_connection_lost_before_the_first_token_is_retried(ga
     assert openai_text(frames) == expected("dropped")
     assert only_pings_then_the_answer(frames)
     assert [r.outcome for r in gateway.sim.log.records] == ["failed", "complete"]
+
+
+def test_a_first_token_timeout_at_the_deadline_is_not_sent_again_under_uvloop():
+    """One upstream that never sends a first token: each request's attempt
+    waits to the first-token deadline, and its timeout is the deadline's,
+    not a reason for a second attempt (which would start the generation
+    again upstream only to reset it). uvloop's clock is in whole, cached
+    milliseconds, so the attempt's timer may fire a little before the
+    request's deadline reads as passed."""
+    uvloop = pytest.importorskip("uvloop")
+    requests = 60
+
+    async def main() -> tuple[int, float]:
+        sim = SimServer(dataclasses.replace(FAST_SIM, ttft_ms=60_000))
+        await sim.start()
+        try:
+            settings = Settings(host="127.0.0.1", port=0, upstream_url=sim.url,
+                                upstream_protocol="h2c", upstream_first_token_timeout_ms=50)
+            async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
+
+                async def times_out(prompt: str) -> None:
+                    async with http.post(url + "/v1/chat/completions",
+                                         json=chat(prompt, stream=False)) as resp:
+                        assert resp.status == 504
+
+                for burst in range(3):
+                    await asyncio.gather(*(times_out(f"never {burst} {n}")
+                                           for n in range(requests // 3)))
+                retries = (await scrape(http, url)).value("gateway_upstream_retries_total")
+            return len(sim.log.records), retries
+        finally:
+            await sim.aclose()
+
+    sent, retries = uvloop.run(main())
+    assert (sent, retries) == (requests, 0)
 
 
 async def test_one_upstream_keeps_its_error_status_without_retry(gateway_factory):
