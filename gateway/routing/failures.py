@@ -33,7 +33,8 @@ KINDS = ("connect", "refused", "connection_lost", "reset", "timeout", "429", "5x
 @dataclass(frozen=True, slots=True)
 class Failure:
     kind: str
-    #: The upstream's status for "429", "5xx", "auth" and "4xx".
+    #: The upstream's status when it answered with one: "429", "5xx", "auth",
+    #: "4xx", or "other" (a redirect, say).
     status: int | None = None
     #: A 429's (or 503's) Retry-After, in seconds.
     retry_after_s: float | None = None
@@ -64,8 +65,12 @@ def classify(exc: BaseException) -> Failure:
             kind = "5xx"
         elif status in UPSTREAM_AUTH_STATUSES:
             kind = "auth"
-        else:
+        elif 400 <= status < 500:
             kind = "4xx"
+        else:
+            # A redirect or another answer that is no stream: the
+            # upstream's (its address, say), whatever the request.
+            kind = "other"
         return Failure(kind, status, parse_retry_after(exc.retry_after))
     if isinstance(exc, QueueFull | QueueTimeout):
         return Failure("busy")

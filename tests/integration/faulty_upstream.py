@@ -37,6 +37,7 @@ class FaultyUpstream:
     ``bad-chunk``     200, one chunk, then a chunk size that is not hex
     ``drop``          200, one chunk, then the connection closes
     ``status-page``   502 with an HTML body
+    ``moved``         301 to another URL (an upstream whose address changed)
     ``key-in-text``   401 with a plain-text body quoting the key and the prompt
                       (as a validation error quotes ``input_value=...``)
     ``key-in-code``   429 whose error code and Retry-After quote the key
@@ -122,6 +123,9 @@ class FaultyUpstream:
             page = b"<html><body><h1>502 Bad Gateway</h1>nginx at 10.0.0.7:8000</body></html>"
             return (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(page), page))
+        if "moved" in prompt:
+            return (b"HTTP/1.1 301 Moved Permanently\r\nLocation: http://127.0.0.1:1/v2/chat\r\n"
+                    b"Content-Length: 0\r\n\r\n")
         if "bad-chunk" in prompt:
             return sse + _chunked(CHUNK) + b"zz\r\nnot hex\r\n"
         if "surrogate" in prompt:

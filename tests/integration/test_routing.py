@@ -498,6 +498,34 @@ async def test_the_circuit_half_opens_after_its_cooldown_and_a_probe_closes_it(r
     assert scraped.one("gateway_upstream_circuit_open", upstream="primary") == 0
 
 
+async def test_a_redirect_counts_against_its_upstream_not_as_the_requests_4xx(
+        routed, sim_factory):
+    """An upstream that answers 301 (its address changed) fails every
+    request, whatever the request: an upstream error ("other"), not a 4xx
+    of the client's. Not retried, but counted: its circuit opens, and the
+    next requests go to the backup."""
+    backup = await sim_factory(FAST_SIM)
+    async with faulty_upstream() as primary:
+        gateway = await routed(
+            f'[[upstream]]\nname = "primary"\nurl = "{primary.url}"\nprotocol = "http1"\n'
+            + upstream("backup", backup.url, priority=1) + ROUTING
+        )
+        statuses = []
+        async with aiohttp.ClientSession() as http:
+            for n in range(CIRCUIT_FAILURES + 2):
+                async with http.post(gateway.v1 + "/chat/completions",
+                                     json=chat(f"moved {n}", stream=False)) as resp:
+                    statuses.append(resp.status)
+            scraped = await metrics(http, gateway)
+    assert statuses == [502] * CIRCUIT_FAILURES + [200] * 2
+    assert primary.requests == CIRCUIT_FAILURES
+    assert len(backup.log.records) == 2
+    assert scraped.one("gateway_upstream_failures_total", upstream="primary",
+                       kind="other") == CIRCUIT_FAILURES
+    assert scraped.value("gateway_upstream_retries_total") == 0
+    assert scraped.one("gateway_upstream_circuit_open", upstream="primary") == 1
+
+
 async def test_a_retry_skips_an_open_circuit_while_another_circuit_is_closed(
         routed, sim_factory):
     """The primary's circuit is open; the backup fails one request with a
