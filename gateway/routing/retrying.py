@@ -251,7 +251,9 @@ class RetryingSource:
         if not candidates:
             return None  # every candidate refused our key
         upstream = router.next_upstream(candidates, self._tried)
-        delay = max(0.0, upstream.hold_until - now)
+        # A Retry-After is waited for by the retry of a 429 only; any other
+        # retry goes at once, as a new request to a held-off upstream does.
+        delay = max(0.0, upstream.hold_until - now) if failure.kind == "429" else 0.0
         if delay > 0:
             if delay * 1000 > retry.max_retry_after_ms:
                 return None

@@ -656,6 +656,31 @@ def test_a_first_token_timeout_at_the_deadline_is_not_sent_again_under_uvloop():
     assert (sent, retries) == (requests, 0)
 
 
+async def test_one_upstream_resends_a_lost_connection_while_a_429_holds_it_off(
+        gateway_factory):
+    """The environment setup: one request gets a 429 with Retry-After: 30;
+    the next one goes anyway (a 429 may be about that one request) and its
+    connection dies before any token. That request is sent once more at
+    once, as any connection lost before the first token is: the hold is
+    for retrying the 429, not a reason to fail (or stall) another request."""
+    gateway = await gateway_factory(dataclasses.replace(FAST_SIM, kill_after=0, fault_requests=2))
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions", json=chat(
+                "slow down [sim fail_status=429 retry_after_s=30]", stream=False)) as resp:
+            assert (resp.status, resp.headers["Retry-After"]) == (429, "30")
+        started = loop.time()
+        async with http.post(gateway.v1 + "/chat/completions",
+                             json=chat("dropped once", stream=False)) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+        took = loop.time() - started
+    assert body["choices"][0]["message"]["content"] == expected("dropped once")
+    assert [(r.status, r.outcome) for r in gateway.sim.log.records] == [
+        (429, "failed"), (200, "failed"), (200, "complete")]
+    assert took < 5, took  # generous: the point is "not after a wait for the hold"
+
+
 async def test_one_upstream_keeps_its_error_status_without_retry(gateway_factory):
     """The environment setup retries no error status: a 503 reaches the
     client once, as it always did."""
