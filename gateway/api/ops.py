@@ -43,13 +43,14 @@ def upstream_kind(state: GatewayState) -> str:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining and some upstream whose circuit is not open
-    accepts a TCP connection (each upstream serves some model). When every
+    accepts a TCP connection (each upstream serves some model); a half-open
+    one is checked too, as it takes a request (its probe). When every
     circuit is open the router tries them all anyway, and so does this."""
     state = request.app[STATE]
     if state.draining:
         return web.json_response({"status": "draining"}, status=503)
     router = state.router
-    checks = [up for up in router.upstreams if not router.circuit_open(up)]
+    checks = [up for up in router.upstreams if not router.in_cooldown(up)]
     checks = checks or list(router.upstreams)
     results = await asyncio.gather(*(_reachable(up.public_url) for up in checks))
     upstreams = {up.name: result for up, result in zip(checks, results, strict=True)}

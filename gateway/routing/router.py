@@ -159,6 +159,11 @@ class Router:
     def circuit_open(self, upstream: Upstream) -> bool:
         return upstream.breaker.state(self.clock()) is not CircuitState.CLOSED
 
+    def in_cooldown(self, upstream: Upstream) -> bool:
+        """Whether its circuit is open, not yet half-open: until its cooldown
+        (or Retry-After) ends, no request goes there but in panic mode."""
+        return upstream.breaker.state(self.clock()) is CircuitState.OPEN
+
     async def aclose(self) -> None:
         """Close every upstream's transport, each even if another fails."""
         results = await asyncio.gather(

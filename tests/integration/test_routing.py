@@ -550,6 +550,31 @@ async def test_a_retry_skips_an_open_circuit_while_another_circuit_is_closed(
     assert scraped.one("gateway_upstream_circuit_open", upstream="primary") == 1
 
 
+async def test_readyz_checks_an_upstream_whose_circuit_is_half_open(routed, sim_factory):
+    """A half-open circuit takes requests (its probe): /readyz checks that
+    upstream as any other, rather than call it open and hang readiness on
+    the others, here one that serves another model and is down."""
+    primary = await sim_factory(dataclasses.replace(FAST_SIM, fail_status=503))
+    gateway = await routed(
+        upstream("primary", primary.url)
+        + upstream("other", refused_url(), models='["other-model"]')
+        + "[routing]\ncircuit_failures = 2\ncircuit_cooldown_ms = 300\n"
+    )
+    async with aiohttp.ClientSession() as http:
+        for n in range(2):
+            async with http.post(gateway.v1 + "/chat/completions",
+                                 json=chat(f"failing {n}", stream=False)) as resp:
+                assert resp.status == 502
+        primary.app.profile = primary.profile.without_faults()  # it recovers
+        await asyncio.sleep(0.35)  # the cooldown itself is what is under test
+        async with http.get(gateway.url + "/readyz") as resp:
+            ready = (resp.status, await resp.json())
+        text, _, _ = await stream_text(http, gateway, "the probe")
+    assert ready[0] == 200, ready
+    assert ready[1]["upstreams"] == {"primary": "ok", "other": "ConnectionRefusedError"}
+    assert text == expected("the probe")
+
+
 # -- retrying the same upstream --------------------------------------------------
 
 
