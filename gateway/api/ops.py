@@ -208,16 +208,20 @@ async def _upstream_models(state: GatewayState, upstream: Upstream) -> list[dict
         raise UpstreamProtocolError("upstream model list is not in the expected shape") from exc
 
 
-async def _all_models(state: GatewayState) -> list[dict[str, object]]:
+async def _all_models(
+    state: GatewayState, failed: dict[Upstream, GatewayError] | None = None
+) -> list[dict[str, object]]:
     """The union of the lists of the upstreams serving any model ("*"; the
     one upstream of UPSTREAM_* is one) and the names the routing file gives.
-    An upstream that cannot answer is left out, unless none could."""
+    An upstream that cannot answer is left out, unless none could; those in
+    ``failed`` just could not, and are not asked again."""
     router = state.router
-    asked = [up for up in router.upstreams if ANY_MODEL in up.config.models]
+    failed = failed or {}
+    asked = [up for up in router.upstreams if ANY_MODEL in up.config.models and up not in failed]
     answers = await asyncio.gather(*(_upstream_models(state, up) for up in asked),
                                    return_exceptions=True)
     found: dict[object, dict[str, object]] = {}
-    failure: BaseException | None = None
+    failure: BaseException | None = next(iter(failed.values()), None)
     for answer in answers:
         if isinstance(answer, BaseException):
             if not isinstance(answer, GatewayError):
@@ -248,15 +252,21 @@ async def models(request: web.Request) -> web.Response:
 async def model(request: web.Request) -> web.Response:
     """One model (``models.retrieve``), asked by id of the upstreams that
     serve it: a list may be paginated (Anthropic's is), the model's own URL
-    is not. Servers without that URL (a 404) are answered from the list."""
+    is not. Servers without that URL (a 404) are answered from the list,
+    and so are those that cannot answer, left out as they are of it."""
     state = request.app[STATE]
     model_id = request.match_info["model_id"]
+    failed: dict[Upstream, GatewayError] = {}
     for upstream in state.router.upstreams:
         if ANY_MODEL not in upstream.config.models:
             continue
-        status, body = await _upstream_get(
-            upstream, "/models/" + quote(model_id, safe=""), _answer_timeout_s(state, upstream)
-        )
+        try:
+            status, body = await _upstream_get(
+                upstream, "/models/" + quote(model_id, safe=""), _answer_timeout_s(state, upstream)
+            )
+        except GatewayError as exc:
+            failed[upstream] = exc
+            continue
         if status == 404:
             continue
         try:
@@ -264,7 +274,7 @@ async def model(request: web.Request) -> web.Response:
         except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamProtocolError("upstream model is not in the expected shape") from exc
         return web.json_response(entry)
-    for entry in await _all_models(state):
+    for entry in await _all_models(state, failed):
         if entry["id"] == model_id:
             return web.json_response(entry)
     raise NotFound(f"The model '{model_id}' does not exist", code="model_not_found")

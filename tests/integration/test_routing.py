@@ -471,6 +471,23 @@ async def test_models_lists_the_union_and_readyz_needs_one_upstream(routed, sim_
         "named": "ConnectionRefusedError", "anyone": "ConnectionRefusedError"}
 
 
+async def test_retrieving_a_model_passes_over_an_upstream_that_cannot_answer(
+        routed, sim_factory):
+    """GET /v1/models/{id} asks each "*" upstream in turn: one that is down
+    is left out, as it is of the list, and the next one answers."""
+    anyone = await sim_factory(FAST_SIM)
+    gateway = await routed(upstream("down", refused_url()) + upstream("anyone", anyone.url))
+    model_id = SIM_MODELS[0]["id"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gateway.v1}/models/{model_id}") as resp:
+            retrieved = (resp.status, await resp.json())
+        async with http.get(gateway.v1 + "/models/no-such-model") as resp:
+            unknown = (resp.status, await resp.json())
+    assert retrieved[0] == 200 and retrieved[1]["id"] == model_id, retrieved
+    # Known to none that answered: unknown, as the list says.
+    assert unknown[0] == 404 and unknown[1]["error"]["code"] == "model_not_found", unknown
+
+
 # -- the circuit breaker ----------------------------------------------------------
 
 
