@@ -121,8 +121,8 @@ class RetryingSource:
         self._observer = observer
         #: This attempt holds its upstream's half-open probe.
         self._probe = False
-        #: This attempt waits for its first token up to the request's
-        #: first-token deadline (not a shorter timeout of its upstream's).
+        #: This attempt waits up to the request's first-token deadline (not a
+        #: shorter timeout of its upstream's): its timeout is the deadline's.
         self._to_deadline = False
 
     # -- actors.ports.Source -------------------------------------------------------
@@ -238,7 +238,7 @@ class RetryingSource:
         plan = self._plan
         if self._reset or plan is None or not failure.retryable(retry.retry_statuses):
             return None
-        if failure.kind == "timeout" and self._to_deadline:
+        if failure.kind in ("timeout", "busy") and self._to_deadline:
             # The request's deadline itself, whichever clock reads it as a
             # little short yet (the loop's may lag by a millisecond or more).
             return None
@@ -273,6 +273,7 @@ class RetryingSource:
         self._upstream = upstream
         self._attempt += 1
         self._released = False
+        self._to_deadline = False
         upstream.in_flight += 1
         now = router.clock()
         half_open = upstream.breaker.state(now) is CircuitState.HALF_OPEN
@@ -306,6 +307,7 @@ class RetryingSource:
             async with asyncio.timeout(max(left, 0.0)):
                 await ticket.wait()
         except TimeoutError as exc:
+            self._to_deadline = True
             first = self._timeouts.first_token_s
             raise QueueTimeout(
                 f"no upstream slot came free within the first-token timeout ({first:g} s)"
@@ -360,6 +362,7 @@ class RetryingSource:
             except TimeoutError as exc:
                 if not deadline.expired():
                     raise  # the transport's own, not this deadline
+                self._to_deadline = True
                 raise TransportTimeout(
                     "upstream sent no first token within the first-token timeout"
                 ) from exc

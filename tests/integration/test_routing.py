@@ -698,6 +698,43 @@ def test_a_first_token_timeout_at_the_deadline_is_not_sent_again_under_uvloop():
     assert (sent, retries) == (requests, 0)
 
 
+def test_a_wait_for_an_upstream_slot_cut_at_the_deadline_is_not_retried_under_uvloop():
+    """An upstream at its max_inflight (1) whose answers never start: the
+    other requests of each burst wait for its slot until their first-token
+    deadline. That wait's end is the deadline's, as the timeout of the
+    stream holding the slot is: no retry follows either, though
+    uvloop's cached millisecond clock may fire the timers a little before
+    the deadline reads as passed."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> tuple[list[int], float]:
+        sim = SimServer(dataclasses.replace(FAST_SIM, ttft_ms=60_000))
+        await sim.start()
+        try:
+            settings = Settings(
+                host="127.0.0.1", port=0, upstream_first_token_timeout_ms=50,
+                routing=parse_routing(upstream("only", sim.url, extra="max_inflight = 1"), {}),
+            )
+            async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
+
+                async def status(prompt: str) -> int:
+                    async with http.post(url + "/v1/chat/completions",
+                                         json=chat(prompt, stream=False)) as resp:
+                        return resp.status
+
+                statuses = []
+                for burst in range(10):
+                    statuses += await asyncio.gather(*(status(f"never {burst} {n}")
+                                                       for n in range(40)))
+                retries = (await scrape(http, url)).value("gateway_upstream_retries_total")
+            return statuses, retries
+        finally:
+            await sim.aclose()
+
+    statuses, retries = uvloop.run(main())
+    assert set(statuses) <= {503, 504} and retries == 0, (sorted(set(statuses)), retries)
+
+
 async def test_one_upstream_resends_a_lost_connection_while_a_429_holds_it_off(
         gateway_factory):
     """The environment setup: one request gets a 429 with Retry-After: 30;
