@@ -401,6 +401,7 @@ _ANTHROPIC_ERRORS: dict[int, str] = {
     413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 

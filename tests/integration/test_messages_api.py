@@ -21,6 +21,7 @@ from gateway.app import running_gateway
 from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from tests.integration.conftest import FAST_SIM
+from tests.integration.quiet_h2_peer import quiet_h2_peer
 from tests.integration.sse_frames import FrameReader, openai_text
 from tests.loopback import event_stream_upstream, serving
 
@@ -650,3 +651,25 @@ async def test_a_full_context_window_is_a_truncation_through_both_apis():
     assert (completion.choices[0].message.content, completion.choices[0].finish_reason) == (
         "one two", "length")
     assert finishes == ["length"]
+
+
+async def test_an_upstream_that_never_answers_is_a_504_timeout_error():
+    """The first-token deadline passed before the 200: Anthropic's type for
+    a 504 is ``timeout_error`` (API reference, "Errors"), which its SDK
+    shows; the status is what the SDK picks its exception by."""
+    async with quiet_h2_peer(head=False) as peer:
+        settings = Settings(
+            host="127.0.0.1",
+            port=0,
+            upstream_url=f"http://127.0.0.1:{peer.port}/v1",
+            upstream_protocol="h2c",
+            upstream_first_token_timeout_ms=300,
+        )
+        async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
+            async with asyncio.timeout(10):  # generous: the deadline is 0.3 s
+                async with http.post(url + "/v1/messages", json=message("never answered")) as resp:
+                    status, body = resp.status, await resp.json()
+            assert await asyncio.wait_for(peer.resets.get(), 5) == 1
+    assert status == 504
+    assert body == {"type": "error", "error": {
+        "type": "timeout_error", "message": "the upstream sent no first token in time"}}
