@@ -33,7 +33,7 @@ from gateway.errors import QueueFull, QueueTimeout, ShuttingDown, UpstreamError
 from gateway.exchanges.log import exchange_log
 from gateway.exchanges.store import StoreMisconfigured
 from gateway.metrics import GatewayMetrics, LiveState
-from gateway.middleware import add_request_id, envelope
+from gateway.middleware import EXCHANGES_PATH, add_request_id, envelope
 from gateway.redact import SECRETS
 from gateway.routing.setup import build_router, routing_for
 from gateway.sse import Keepalive
@@ -65,7 +65,7 @@ def make_app(settings: Settings) -> web.Application:
     # Anthropic's Messages API, for its SDK's clients (Anthropic-shaped errors).
     app.router.add_post("/v1/messages", messages.messages)
     ops.add_routes(app)
-    app.router.add_get("/v1/exchanges", exchanges_api.list_exchanges)
+    app.router.add_get(EXCHANGES_PATH, exchanges_api.list_exchanges)
     # The app's own registry, through prometheus_client's handler: it
     # negotiates OpenMetrics from Accept, and gzip from Accept-Encoding.
     app.router.add_get("/metrics", make_aiohttp_handler(app[METRICS].registry))

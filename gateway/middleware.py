@@ -42,6 +42,7 @@ TENANT = web.RequestKey("gateway_tenant", str)
 
 #: The route of Anthropic's Messages API: its errors take Anthropic's shape.
 ANTHROPIC_PATH = "/v1/messages"
+EXCHANGES_PATH = "/v1/exchanges"
 #: The model APIs by route, known before the handler runs: a request refused
 #: at the door (401, 405, 413) counts under its API, as a 400 does.
 API_OF_PATH = {"/v1/chat/completions": "openai", "/v1/stream": "native", ANTHROPIC_PATH: "anthropic"}
@@ -181,8 +182,14 @@ def _finish(request: web.Request, record: RequestRecord, client: str | None) -> 
     if record.api in APIS:
         state.metrics.finished(record.api, record.outcome, total_s)
     # Every request but the ops endpoints' successful reads (health checks,
-    # scrapes: noise every few seconds); a cancel by id is logged.
-    if record.api != "ops" or record.status >= 400 or request.method not in ("GET", "HEAD"):
+    # scrapes: noise every few seconds); a cancel by id is logged, and so is
+    # a read of the exchange log, which shows other clients' calls.
+    if (
+        record.api != "ops"
+        or record.status >= 400
+        or request.method not in ("GET", "HEAD")
+        or request.path == EXCHANGES_PATH
+    ):
         log.info(
             "request",
             api=record.api,

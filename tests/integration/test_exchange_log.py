@@ -17,6 +17,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from gateway.app import running_gateway
 from gateway.config import Settings
@@ -581,3 +583,22 @@ async def test_a_file_that_is_not_a_database_degrades_only_the_log(gateway_facto
     for thread in set(threading.enumerate()) - before:
         await asyncio.to_thread(thread.join, 5)
         assert not thread.is_alive()
+
+
+async def test_a_read_of_the_exchange_log_is_logged_a_health_check_is_not(gateway_factory, store_url):
+    """Reading the exchange log shows other clients' calls (their prompts,
+    with content kept): each read gets its request line, who asked
+    included, where the ops endpoints' other successful GETs (health
+    checks, scrapes) get none."""
+    gateway = await gateway_factory(exchange_log_url=store_url)
+    async with aiohttp.ClientSession() as http:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            async with http.get(gateway.v1 + "/exchanges?limit=5") as resp:
+                assert resp.status == 200
+            async with http.get(gateway.url + "/healthz") as resp:
+                assert resp.status == 200
+    lines = [line for line in logs if line["event"] == "request"]
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("GET", "/v1/exchanges", 200)
+    ]
+    assert lines[0]["client"] == "127.0.0.1"
