@@ -45,6 +45,11 @@ KEY_PREFIX = "llmgw:key:"
 #: A sorted set: member URL -> when its entry expires (Unix ms), refreshed
 #: with the leases; read only to pass on a cancel this process cannot serve.
 MEMBERS = "llmgw:members"
+#: What a probe claims while the directory is down (kept a probe interval):
+#: under the keys' prefix, which an ACL for the gateway allows, and no
+#: prompt key's name (those are SHA-256 hex).
+PROBE_KEY = KEY_PREFIX + "probe"
+PROBE_EXPIRY_MS = int(PROBE_INTERVAL_S * 1000)
 
 # Renew a lease: set the key again if it still names this process or is
 # missing (Redis lost its data, or the stream started while Redis was down),
@@ -295,10 +300,16 @@ class Directory:
             await self._client.script_load(script)
 
     async def probe(self) -> None:
-        """One PING while down; back up when it answers."""
+        """While down: one claim of a key of its own, ``SET NX PX GET`` as
+        every request sends; back up once Redis carries it out. A PING
+        would take as back a Redis that answers but refuses every write (a
+        replica, memory full, min-replicas-to-write unmet, a server older
+        than 7.0), which the next request would mark down again: a flapping
+        ``gateway_cluster_up``, two log lines a second, a Redis wait every
+        second."""
         try:
             async with asyncio.timeout(self._timeout_s * 2):
-                await self._client.ping()
+                await self._client.set(PROBE_KEY, b"", nx=True, px=PROBE_EXPIRY_MS, get=True)
         except (RedisError, OSError, TimeoutError):
             return
         self._mark_up()

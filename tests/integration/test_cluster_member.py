@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from actors.registry import Registry
 from actors.subscription import Subscription
@@ -223,6 +224,53 @@ async def test_redis_back_is_noticed_within_a_probe_interval_with_the_default_le
     assert noticed_s < 1.8 * PROBE_INTERVAL_S
     per_window = window_s / PROBE_INTERVAL_S
     assert per_window - 1 <= count <= per_window + 1
+
+
+async def test_a_redis_that_answers_but_refuses_claims_stays_down_and_is_said_once(
+    tmp_path: Path, monkeypatch
+):
+    """A Redis that answers PING but refuses every write (here one short of
+    min-replicas-to-write; a replica after a failover, a full memory or a
+    server older than 7.0 alike) takes no claim: the member stays down, said
+    once, while requests keep coming, and is back once claims work."""
+    up_after_each_probe: list[bool] = []
+    async with running_redis(tmp_path / "redis") as redis, redis_client(redis.url) as client:
+        await client.config_set("min-replicas-to-write", 1)
+        with capture_logs() as logs:
+            async with member_in_process(redis.url) as running:
+                directory = running.directory
+                probe = directory.probe
+                probed = asyncio.Event()
+
+                async def observed_probe() -> None:
+                    await probe()
+                    probed.set()
+
+                monkeypatch.setattr(directory, "probe", observed_probe)
+                for n in range(3):
+                    probed.clear()
+                    subscription = await running.member.subscribe(
+                        f"{KEY}-{n}", running.upstream.open, request_id=f"r{n}",
+                        arrived_at=time.monotonic(), streaming=True, coalesce=True,
+                        resume_after=0,
+                    )
+                    subscription.close()
+                    async with asyncio.timeout(5):  # a generous ceiling: one a second
+                        await probed.wait()
+                    up_after_each_probe.append(directory.up)
+                await client.config_set("min-replicas-to-write", 0)
+                async with asyncio.timeout(5):
+                    while not directory.up:
+                        probed.clear()
+                        await probed.wait()
+                claimed = await directory.claim(KEY, b"mine")
+    assert up_after_each_probe == [False, False, False]
+    assert claimed is None
+    said = [log["event"] for log in logs if log["event"].startswith("cluster directory")]
+    assert said == [
+        "cluster directory unavailable: coalescing locally until it is back",
+        "cluster directory back: coalescing across the cluster",
+    ]
 
 
 # -- Redis back empty: the leases and the member entry at once -------------------------
