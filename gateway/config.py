@@ -195,7 +195,7 @@ class Settings:
             redis_url=read.redis_url("REDIS_URL"),
             workers=read.integer("GATEWAY_WORKERS", 1, low=1, high=256),
             cluster_advertise_url=read.advertise_url("CLUSTER_ADVERTISE_URL"),
-            cluster_secret=read.text("CLUSTER_SECRET", ""),
+            cluster_secret=read.header_secret("CLUSTER_SECRET"),
             cluster_lease_ms=read.milliseconds("CLUSTER_LEASE_MS", 10000, low=1000),
             cluster_redis_timeout_ms=read.milliseconds("CLUSTER_REDIS_TIMEOUT_MS", 250, low=1),
         )
@@ -444,6 +444,19 @@ class _Reader:
             name, None, parse, "http://HOST or http://HOST:PORT (PORT 1-65535; no path)",
             shown=_without_secrets,
         )
+
+    def header_secret(self, name: str) -> str:
+        """A secret sent in a request header: what a header value may hold
+        (RFC 9110 section 5.5: no control character but a tab). aiohttp
+        refuses to send any other, so every request that carries it would
+        fail."""
+        raw = self._env.get(name, "").strip()
+        if any((char < " " and char != "\t") or char == "\x7f" for char in raw):
+            # Not echoed: the value is a secret.
+            raise ConfigError(
+                name, "text without control characters (it is sent in a header)", "(hidden)"
+            )
+        return raw
 
     def keys(self, name: str) -> tuple[str, ...]:
         """Client keys: each one a client can send (``CREDENTIAL``); any

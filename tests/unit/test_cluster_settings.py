@@ -36,6 +36,23 @@ def test_members_on_several_hosts_listen_on_the_gateway_host_with_a_secret():
     assert Settings.from_env(env | {"CLUSTER_SECRET": "s"}).cluster_secret == "s"
 
 
+@pytest.mark.parametrize("secret", ["two\nlines", "a\rb", "a bell \x07", "del \x7f"],
+                         ids=["a line feed", "a carriage return", "a control character", "DEL"])
+def test_a_secret_no_header_can_carry_is_a_start_up_error_that_hides_it(secret):
+    """The secret goes in an Authorization header (RFC 9110 section 5.5: no
+    control character but a tab): aiohttp refuses to send any other, so
+    every request that follows another member would fail."""
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env(REDIS | {"CLUSTER_SECRET": secret})
+    assert raised.value.variable == "CLUSTER_SECRET"
+    assert secret not in str(raised.value)
+
+
+def test_a_secret_with_spaces_tabs_or_beyond_ascii_is_taken():
+    secret = "a shared\tsecret, é"
+    assert Settings.from_env(REDIS | {"CLUSTER_SECRET": secret}).cluster_secret == secret
+
+
 @pytest.mark.parametrize("url", ["https://10.0.0.5:9000", "10.0.0.5:9000", "http://user:pw@10.0.0.5",
                                  "http://10.0.0.5:abc", "http://10.0.0.5:70000", "http://:9000"])
 def test_a_bad_advertised_address_stops_the_start_naming_it(url):
