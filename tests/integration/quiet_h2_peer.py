@@ -17,7 +17,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import h2.config
 import h2.connection
@@ -25,6 +25,7 @@ import h2.errors
 import h2.events
 import h2.settings
 
+from gateway.config import Settings
 from tests.loopback import data_segments_received
 
 
@@ -124,3 +125,14 @@ async def quiet_h2_peer(
     finally:
         server.close()
         await server.wait_closed()
+
+
+def gateway_settings(peer: QuietPeer, **overrides: Any) -> Settings:
+    """A gateway's settings with ``peer`` as its one upstream, over h2c."""
+    return Settings(
+        host="127.0.0.1",
+        port=0,
+        upstream_url=f"http://127.0.0.1:{peer.port}/v1",
+        upstream_protocol="h2c",
+        **overrides,
+    )

@@ -21,7 +21,7 @@ from gateway.app import running_gateway
 from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from tests.integration.conftest import FAST_SIM
-from tests.integration.quiet_h2_peer import quiet_h2_peer
+from tests.integration.quiet_h2_peer import gateway_settings, quiet_h2_peer
 from tests.integration.sse_frames import FrameReader, openai_text
 from tests.loopback import event_stream_upstream, serving
 
@@ -216,11 +216,27 @@ async def test_a_body_json_cannot_carry_is_a_400(gateway, case, raw, named):
     assert gateway.sim.log.records == []
 
 
-@pytest.mark.parametrize("content", [[], ""], ids=["empty list", "empty string"])
-async def test_a_turn_without_content_is_a_400_before_the_upstream(gateway, content):
-    """Anthropic answers 400 for a turn with no content (only a final
-    assistant turn, a prefill, may be empty): streaming or not, the client
-    gets the 400, not a 200 with the upstream's refusal as an error event."""
+EMPTY_CONTENT = [
+    # Anthropic answers 400 for a turn with no content (only a final
+    # assistant turn, a prefill, may be empty).
+    ("openai", [], "'messages[0].content' must not be empty (only a final assistant turn may be)"),
+    ("openai", "", "'messages[0].content' must not be empty (only a final assistant turn may be)"),
+    # An empty text block: an Anthropic upstream would see no turn at all,
+    # an OpenAI one an empty question.
+    ("openai", [{"type": "text", "text": ""}], "'messages[0].content[0].text' must not be empty"),
+    ("anthropic", [{"type": "text", "text": ""}],
+     "'messages[0].content[0].text' must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("upstream_format", "content", "message"), EMPTY_CONTENT,
+                         ids=["empty list", "empty string", "empty block", "empty block, anthropic"])
+async def test_empty_content_is_a_400_before_the_upstream(
+    gateway_factory, upstream_format, content, message
+):
+    """Streaming, the client gets the 400, not a 200 with the upstream's
+    refusal as an error event."""
+    gateway = await gateway_factory(upstream_format=upstream_format)
     body = {"model": "sim", "max_tokens": 8, "stream": True,
             "messages": [{"role": "user", "content": content}]}
     async with aiohttp.ClientSession() as http:
@@ -228,25 +244,7 @@ async def test_a_turn_without_content_is_a_400_before_the_upstream(gateway, cont
             status, answer = resp.status, await resp.read()
     assert status == 400
     assert json.loads(answer) == {"type": "error", "error": {
-        "type": "invalid_request_error",
-        "message": "'messages[0].content' must not be empty (only a final assistant turn may be)"}}
-    assert gateway.sim.log.records == []
-
-
-@pytest.mark.parametrize("upstream_format", ["openai", "anthropic"])
-async def test_an_empty_text_block_is_a_400_before_the_upstream(gateway_factory, upstream_format):
-    """Anthropic refuses an empty text block; an Anthropic upstream would
-    see no turn at all, an OpenAI one an empty question."""
-    gateway = await gateway_factory(upstream_format=upstream_format)
-    body = {"model": "sim", "max_tokens": 8, "stream": True,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(gateway.v1 + "/messages", json=body) as resp:
-            status, answer = resp.status, await resp.read()
-    assert status == 400
-    assert json.loads(answer) == {"type": "error", "error": {
-        "type": "invalid_request_error",
-        "message": "'messages[0].content[0].text' must not be empty"}}
+        "type": "invalid_request_error", "message": message}}
     assert gateway.sim.log.records == []
 
 
@@ -658,13 +656,7 @@ async def test_an_upstream_that_never_answers_is_a_504_timeout_error():
     a 504 is ``timeout_error`` (API reference, "Errors"), which its SDK
     shows; the status is what the SDK picks its exception by."""
     async with quiet_h2_peer(head=False) as peer:
-        settings = Settings(
-            host="127.0.0.1",
-            port=0,
-            upstream_url=f"http://127.0.0.1:{peer.port}/v1",
-            upstream_protocol="h2c",
-            upstream_first_token_timeout_ms=300,
-        )
+        settings = gateway_settings(peer, upstream_first_token_timeout_ms=300)
         async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
             async with asyncio.timeout(10):  # generous: the deadline is 0.3 s
                 async with http.post(url + "/v1/messages", json=message("never answered")) as resp:

@@ -220,41 +220,41 @@ async def test_anthropic_upstream_refuses_a_seed_and_takes_a_schema(gateway_fact
     assert len(gateway.sim.log.records) == 1
 
 
-async def test_anthropic_upstream_refuses_a_temperature_above_its_range(gateway_factory):
-    """OpenAI's temperature goes to 2, Anthropic's to 1: above it, a 400
-    before the upstream call, not a 200 and the upstream's refusal in-stream."""
+OUT_OF_ANTHROPICS_RANGE = [
+    # OpenAI's temperature goes to 2, Anthropic's to 1.
+    ("temperature", 1.5, 1, "'temperature' must be from 0 to 1 for an Anthropic upstream",
+     "unsupported_value"),
+    # Anthropic's top_k is an integer from 0; the chat route passes top_k on
+    # unchecked (vLLM takes -1), so the translation checks it.
+    ("top_k", 2.5, 5, "'top_k' must be an integer from 0 for an Anthropic upstream",
+     "invalid_value"),
+    ("top_k", -1, 0, "'top_k' must be an integer from 0 for an Anthropic upstream",
+     "invalid_value"),
+    ("top_k", "5", 5, "'top_k' must be an integer from 0 for an Anthropic upstream",
+     "invalid_value"),
+]
+
+
+@pytest.mark.parametrize(("field", "refused", "taken", "message", "code"), OUT_OF_ANTHROPICS_RANGE)
+async def test_anthropic_upstream_refuses_a_number_out_of_its_range(
+    gateway_factory, field, refused, taken, message, code
+):
+    """A 400 before the upstream call, not a 200 and the upstream's refusal
+    in-stream; the value at the range's end is answered."""
     gateway = await gateway_factory(upstream_format="anthropic")
-    body = {"model": "m", "stream": True, "temperature": 1.5,
-            "messages": [{"role": "user", "content": "hot"}]}
+    body = {"model": "m", "stream": True, field: refused,
+            "messages": [{"role": "user", "content": "in range?"}]}
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/chat/completions", json=body) as resp:
             status, answer = resp.status, await resp.json()
         assert status == 400
         assert answer == {"error": {
-            "message": "'temperature' must be from 0 to 1 for an Anthropic upstream",
-            "type": "invalid_request_error", "code": "unsupported_value"}}
+            "message": message, "type": "invalid_request_error", "code": code}}
         assert gateway.sim.log.records == []
         async with http.post(gateway.v1 + "/chat/completions",
-                             json={**body, "temperature": 1, "stream": False}) as resp:
+                             json={**body, field: taken, "stream": False}) as resp:
             assert resp.status == 200
     assert len(gateway.sim.log.records) == 1
-
-
-@pytest.mark.parametrize("top_k", [2.5, -1, "5"])
-async def test_anthropic_upstream_refuses_a_top_k_it_cannot_take(gateway_factory, top_k):
-    """Anthropic's top_k is an integer from 0; the chat route passes top_k on
-    unchecked (vLLM takes -1), so the translation checks it."""
-    gateway = await gateway_factory(upstream_format="anthropic")
-    body = {"model": "m", "stream": True, "top_k": top_k,
-            "messages": [{"role": "user", "content": "few"}]}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(gateway.v1 + "/chat/completions", json=body) as resp:
-            status, answer = resp.status, await resp.json()
-    assert status == 400
-    assert answer == {"error": {
-        "message": "'top_k' must be an integer from 0 for an Anthropic upstream",
-        "type": "invalid_request_error", "code": "invalid_value"}}
-    assert gateway.sim.log.records == []
 
 
 async def test_anthropic_upstream_refuses_a_custom_tool_call_in_the_history(gateway_factory):

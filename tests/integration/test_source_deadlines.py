@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 
 from gateway.app import running_gateway
-from gateway.config import Settings
 from gateway.errors import UpstreamTimeout
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
@@ -24,7 +23,7 @@ from gateway.upstream.h2.pool import H2Pool
 from gateway.upstream.providers import get_provider
 from gateway.upstream.source import SourceTimeouts, UpstreamSource
 from tests.integration.h2_pools import h2_pool
-from tests.integration.quiet_h2_peer import quiet_h2_peer
+from tests.integration.quiet_h2_peer import gateway_settings, quiet_h2_peer
 
 QUICK = SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=5, itl_jitter_ms=0, tokens=6)
 
@@ -163,13 +162,7 @@ async def test_a_model_list_that_never_comes_ends_at_the_first_token_deadline():
     error shape once the first-token timeout (0.3 s) has passed, and resets
     the upstream stream."""
     async with quiet_h2_peer(head=False) as peer:
-        settings = Settings(
-            host="127.0.0.1",
-            port=0,
-            upstream_url=f"http://127.0.0.1:{peer.port}/v1",
-            upstream_protocol="h2c",
-            upstream_first_token_timeout_ms=300,
-        )
+        settings = gateway_settings(peer, upstream_first_token_timeout_ms=300)
         async with running_gateway(settings) as (_, url), aiohttp.ClientSession() as http:
             async with asyncio.timeout(10):  # generous: the deadline is 0.3 s
                 async with http.get(url + "/v1/models") as response:
