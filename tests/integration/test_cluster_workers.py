@@ -321,6 +321,17 @@ async def supervisor(env: Mapping[str, str], workers: int,
                      kill_grace: float = 3.0) -> AsyncIterator[Supervisor]:
     """A supervisor once ``workers`` of its workers listen. At the end, it
     and every worker it had are gone (SIGKILL for any left)."""
+    async with started_supervisor(env, kill_grace) as running:
+        await running.wait_lines("listening on", workers)
+        running.workers()
+        yield running
+
+
+@asynccontextmanager
+async def started_supervisor(env: Mapping[str, str],
+                             kill_grace: float = 3.0) -> AsyncIterator[Supervisor]:
+    """A supervisor just started, its output read. At the end, it and every
+    worker it had are gone (SIGKILL for any left)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", QUICK_KILL.format(grace=kill_grace), env=dict(env),
         stdin=asyncio.subprocess.DEVNULL,
@@ -329,8 +340,6 @@ async def supervisor(env: Mapping[str, str], workers: int,
     running = Supervisor(process)
     reader = asyncio.create_task(running.read(), name="supervisor output")
     try:
-        await running.wait_lines("listening on", workers)
-        running.workers()
         yield running
     finally:
         if process.returncode is None:
@@ -514,25 +523,8 @@ async def test_a_worker_stopped_by_a_bad_configuration_is_not_restarted(sim_fact
     sim = await sim_factory(FAST_SIM)
     env = supervisor_env(sim.url, redis.url, GATEWAY_WORKERS="2",
                          EXCHANGE_LOG_URL=REFUSED_EXCHANGE_LOG_URL)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", QUICK_KILL.format(grace=3.0), env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    running = Supervisor(process)
-    reader = asyncio.create_task(running.read(), name="supervisor output")
-    try:
+    async with started_supervisor(env) as running:
         assert await running.exit_status() == 2, "\n".join(running.lines)
-    finally:
-        if process.returncode is None:
-            running.workers()
-            process.kill()
-            await process.wait()
-        for pid in running.seen:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        async with asyncio.timeout(10):
-            await reader
     exits = [line for line in running.lines if "exited with status" in line]
     assert len(exits) == 1, running.lines
     assert re.fullmatch(r"llm-stream-gateway: worker [12] of 2 \(pid \d+\) exited with status 2; "
