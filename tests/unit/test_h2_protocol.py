@@ -30,6 +30,7 @@ from gateway.upstream.h2.events import (
     CapacityChanged,
     ConnectionEnded,
     DataReceived,
+    Event,
     HeadReceived,
     StreamEnded,
     StreamFailed,
@@ -548,6 +549,19 @@ def test_a_protocol_error_ends_the_connection_with_goaway(core) -> None:
     assert core.is_closed
 
 
+def assert_lost_to_a_protocol_error(
+    core: H2ClientProtocol, events: list[Event], stream_id: int
+) -> None:
+    """The connection ended with GOAWAY(PROTOCOL_ERROR) and its one open
+    stream, ``stream_id``, failed as the connection lost."""
+    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
+    assert isinstance(events[0], StreamFailed) and events[0].stream_id == stream_id
+    assert type(events[0].error) is ConnectionLost
+    (sent,) = frames_in(core.data_to_send())
+    assert isinstance(sent, GoAwayFrame) and sent.error_code == ErrorCodes.PROTOCOL_ERROR
+    assert core.is_closed
+
+
 def test_headers_opening_a_stream_from_the_server_end_the_connection(core, peer) -> None:
     """A server opens no stream with HEADERS (it reserves one with
     PUSH_PROMISE, RFC 9113 §8.4): HEADERS on stream 2 is a connection error
@@ -555,12 +569,7 @@ def test_headers_opening_a_stream_from_the_server_end_the_connection(core, peer)
     connection lost."""
     (stream_id,) = open_streams(core, 1)
     events = core.receive(peer.headers(2), now=1.0)
-    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
-    assert isinstance(events[0], StreamFailed) and events[0].stream_id == stream_id
-    assert type(events[0].error) is ConnectionLost
-    (sent,) = frames_in(core.data_to_send())
-    assert isinstance(sent, GoAwayFrame) and sent.error_code == ErrorCodes.PROTOCOL_ERROR
-    assert core.is_closed
+    assert_lost_to_a_protocol_error(core, events, stream_id)
 
 
 def test_our_settings_disable_server_push() -> None:
@@ -593,12 +602,7 @@ def test_a_push_promise_ends_the_connection(core, peer) -> None:
     )
     promise.flags.add("END_HEADERS")
     events = core.receive(promise.serialize(), now=1.0)
-    assert [type(e) for e in events] == [StreamFailed, ConnectionEnded]
-    assert isinstance(events[0], StreamFailed) and events[0].stream_id == stream_id
-    assert type(events[0].error) is ConnectionLost
-    (sent,) = frames_in(core.data_to_send())
-    assert isinstance(sent, GoAwayFrame) and sent.error_code == ErrorCodes.PROTOCOL_ERROR
-    assert core.is_closed
+    assert_lost_to_a_protocol_error(core, events, stream_id)
 
 
 MALFORMED_HEADS = {
