@@ -285,42 +285,30 @@ async def test_last_event_id_resumes_after_n(gateway):
     assert len(gateway.sim.log.records) == 1
 
 
-async def test_a_non_streaming_answer_ignores_last_event_id(gateway):
-    """A whole answer has no event ids to resume after: one that joins a
-    running stream with ``Last-Event-ID`` still gets every token."""
-    prompt = "whole despite resume [sim itl_ms=20 tokens=30]"
+@pytest.mark.parametrize("stream", [False, True], ids=["whole answer", "chat stream"])
+async def test_a_chat_completion_ignores_last_event_id(gateway, stream):
+    """Neither a whole answer nor a chat completions stream has event ids
+    (nor one frame per delta of the stream's log), so a Last-Event-ID names
+    no point of it: a request that joins a running stream with one still
+    gets every token, as a follower."""
+    prompt = f"whole despite resume {stream} [sim itl_ms=20 tokens=30]"
     async with aiohttp.ClientSession() as http:
         async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
             reader = FrameReader(first)
             await _read_deltas(reader, 5)
             async with http.post(
-                gateway.v1 + "/chat/completions", json=chat(prompt, stream=False),
-                headers={"Last-Event-ID": "5"},
-            ) as whole:
-                body = await whole.json()
-            await reader.rest()
-    assert body["choices"][0]["message"]["content"] == expected(prompt, 30)
-    assert len(gateway.sim.log.records) == 1
-
-
-async def test_a_chat_completions_stream_ignores_last_event_id(gateway):
-    """Its frames carry no event ids (and not one frame per delta of the
-    stream's log), so a Last-Event-ID names no point of this stream: one
-    that joins a running stream with it still gets every token."""
-    prompt = "chat stream despite resume [sim itl_ms=20 tokens=30]"
-    async with aiohttp.ClientSession() as http:
-        async with http.post(gateway.v1 + "/stream", json=chat(prompt)) as first:
-            reader = FrameReader(first)
-            await _read_deltas(reader, 5)
-            async with http.post(
-                gateway.v1 + "/chat/completions", json=chat(prompt),
+                gateway.v1 + "/chat/completions", json=chat(prompt, stream=stream),
                 headers={"Last-Event-ID": "5"},
             ) as joined:
-                frames = await FrameReader(joined).rest()
+                if stream:
+                    frames = await FrameReader(joined).rest()
+                    text = openai_text(frames)
+                    meta = next(f.comment for f in frames if f.comment and f.comment.startswith("meta "))
+                    assert json.loads(meta.removeprefix("meta "))["role"] == "follower"
+                else:
+                    text = (await joined.json())["choices"][0]["message"]["content"]
             await reader.rest()
-    assert openai_text(frames) == expected(prompt, 30)
-    meta = next(f.comment for f in frames if f.comment and f.comment.startswith("meta "))
-    assert json.loads(meta.removeprefix("meta "))["role"] == "follower"
+    assert text == expected(prompt, 30)
     assert len(gateway.sim.log.records) == 1
 
 
