@@ -130,6 +130,9 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
                 request[TENANT] = tenant
         response = await handler(request)
         record.status = response.status
+        if response.status >= 400 and record.outcome == "ok":
+            # An answer that is an error without raising one (/readyz's 503).
+            record.outcome = outcome_of(response.status, "")
         return response
     except GatewayError as exc:
         record.status, record.error_code = exc.status, exc.code

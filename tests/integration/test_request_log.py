@@ -106,3 +106,19 @@ async def test_no_credential_in_logs_errors_or_metrics(gateway_factory):
     everything = json.dumps(logs, default=str) + "".join(seen)
     for secret in (upstream_key, client_key, wrong_key):
         assert secret not in everything
+
+
+async def test_an_ops_answer_of_an_error_status_is_logged_as_one(gateway):
+    """/readyz's 503 (no upstream reachable) is not a success: its line
+    says so, as a 503 of any other route would. A 200 of it is not
+    logged at all (probes every few seconds)."""
+    async with aiohttp.ClientSession() as http:
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            async with http.get(gateway.url + "/readyz") as ready:
+                assert ready.status == 200
+            await gateway.sim.aclose()
+            async with http.get(gateway.url + "/readyz") as unready:
+                assert unready.status == 503
+    [line] = summaries(logs)
+    assert line["request_id"] == unready.headers["X-Request-Id"]
+    assert (line["api"], line["status"], line["outcome"]) == ("ops", 503, "error")
