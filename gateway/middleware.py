@@ -48,6 +48,14 @@ EXCHANGES_PATH = "/v1/exchanges"
 API_OF_PATH = {"/v1/chat/completions": "openai", "/v1/stream": "native", ANTHROPIC_PATH: "anthropic"}
 
 
+def speaks_anthropic(request: web.Request) -> bool:
+    """Whether the request is one of Anthropic's Messages API: the route and
+    the paths under it, which an Anthropic SDK calls too (``count_tokens``,
+    batches) and whose refusals it reads in Anthropic's shape."""
+    path = request.path
+    return path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+
+
 def error_response(exc: GatewayError, *, anthropic: bool = False) -> web.Response:
     """The OpenAI error shape (Anthropic's on its route); the message as a
     client may see it."""
@@ -138,12 +146,12 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         record.status, record.error_code = exc.status, exc.code
         if record.outcome == "ok":
             record.outcome = outcome_of(exc.status, exc.code)
-        return error_response(exc, anthropic=request.path == ANTHROPIC_PATH)
+        return error_response(exc, anthropic=speaks_anthropic(request))
     except web.HTTPException as exc:
         translated = _translate_http_exception(exc)
         record.status, record.error_code = translated.status, translated.code
         record.outcome = "rejected"
-        return error_response(translated, anthropic=request.path == ANTHROPIC_PATH)
+        return error_response(translated, anthropic=speaks_anthropic(request))
     except asyncio.CancelledError:
         record.outcome = "cancelled"
         if record.bytes_sent == 0:
@@ -160,7 +168,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         record.status, record.outcome, record.error_code = 500, "error", "internal_error"
         return error_response(
             GatewayError("internal error", code="internal_error"),
-            anthropic=request.path == ANTHROPIC_PATH,
+            anthropic=speaks_anthropic(request),
         )
     finally:
         _finish(request, record, _client_address(request, trusted))

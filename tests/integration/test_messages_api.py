@@ -186,6 +186,22 @@ async def test_errors_before_the_200_are_anthropic_shaped(gateway, client):
     assert answer.content[0].text == expected("after errors")
 
 
+async def test_a_path_under_the_messages_route_answers_anthropic_errors(gateway, client):
+    """The SDK's other Messages calls (``count_tokens``, batches) are not
+    served: their 404 has Anthropic's shape, as every error of this API."""
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        await client.messages.count_tokens(
+            model="sim", messages=[{"role": "user", "content": "count"}])
+    assert caught.value.body == {"type": "error", "error": {
+        "type": "not_found_error", "message": "no such path"}}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.v1 + "/messages/batches") as resp:
+            status, body = resp.status, await resp.json()
+    assert status == 404
+    assert body == {"type": "error", "error": {"type": "not_found_error", "message": "no such path"}}
+    assert gateway.sim.log.records == []
+
+
 MESSAGES_ENCODING = [
     ("lone surrogate", b'{"model": "sim", "max_tokens": 8, "messages": '
                        b'[{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
