@@ -53,8 +53,9 @@ _TOOL_FIELDS = frozenset({
 def parse_messages_request(raw: bytes) -> ChatRequest:
     """The OpenAI chat request equivalent to an Anthropic Messages body."""
     body = parse_json_object(raw)
-    for name in body:
-        if name not in _FIELDS:
+    for name, value in body.items():
+        # A null field is one left out; thinking disabled is the default.
+        if name not in _FIELDS and value is not None and not _thinking_off(name, value):
             raise _field(name, "is not supported by this gateway's Messages API")
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -62,7 +63,9 @@ def parse_messages_request(raw: bytes) -> ChatRequest:
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise _field("max_tokens", "must be a positive integer")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
         raise _field("stream", "must be a boolean")
     messages = _system(body.get("system")) + _messages(body.get("messages"))
@@ -85,6 +88,12 @@ def parse_messages_request(raw: bytes) -> ChatRequest:
         chat["response_format"] = response_format
     chat["stream"] = stream
     return ChatRequest(body=chat, stream=stream, include_usage=False)
+
+
+def _thinking_off(name: str, value: Any) -> bool:
+    """``thinking: {"type": "disabled"}``: no extended thinking, which is what
+    a request without the parameter gets (API reference, "Messages")."""
+    return name == "thinking" and value == {"type": "disabled"}
 
 
 def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -202,6 +202,26 @@ async def test_a_path_under_the_messages_route_answers_anthropic_errors(gateway,
     assert gateway.sim.log.records == []
 
 
+THINKING_OFF = [{"thinking": {"type": "disabled"}}, {"thinking": None}, {"service_tier": None},
+                {"stream": None}]
+
+
+@pytest.mark.parametrize("upstream_format", ["openai", "anthropic"])
+@pytest.mark.parametrize("field", THINKING_OFF, ids=["thinking disabled", "thinking null",
+                                                     "unknown field null", "stream null"])
+async def test_a_field_that_asks_for_the_default_is_answered(gateway_factory, upstream_format,
+                                                             field):
+    """Thinking disabled is Anthropic's default, and a null field is one left
+    out: the answer honours both as it is, so neither is refused."""
+    gateway = await gateway_factory(upstream_format=upstream_format)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/messages", json=message("default", **field)) as resp:
+            status, answer = resp.status, await resp.json()
+    assert status == 200
+    assert answer["content"] == [{"type": "text", "text": expected("default")}]
+    assert len(gateway.sim.log.records) == 1
+
+
 MESSAGES_ENCODING = [
     ("lone surrogate", b'{"model": "sim", "max_tokens": 8, "messages": '
                        b'[{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
