@@ -53,13 +53,17 @@ _INSERT = (
 #: Errors on our side of the wire that say "not now": connection lost or
 #: refused, timeouts.
 _UNAVAILABLE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
-#: The server's "not now", by SQLSTATE: read-only (a standby, maintenance)
-#: and lock_timeout, then whole classes: connection (08), transaction
-#: rollback (40: serialization, deadlock), insufficient resources (53),
-#: operator intervention (57: shutdown, starting, statement cancelled).
-#: Anything else the server says is about the rows: refused.
-_TRANSIENT_SQLSTATES = frozenset({"25006", "55P03"})
-_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57"})
+#: The server's "not now", by SQLSTATE: read-only (a standby, maintenance),
+#: lock_timeout, and a role or table an operator has yet to set right
+#: (insufficient privilege, no table exchanges): every row would be refused
+#: alike until then. Then whole classes: connection (08), invalid
+#: authorization (28) and no such database (3D) for a connection the pool
+#: opens anew, transaction rollback (40: serialization, deadlock),
+#: insufficient resources (53), operator intervention (57: shutdown,
+#: starting, statement cancelled). Anything else the server says is about
+#: the rows: refused.
+_TRANSIENT_SQLSTATES = frozenset({"25006", "55P03", "42501", "42P01"})
+_TRANSIENT_CLASSES = frozenset({"08", "28", "3D", "40", "53", "57"})
 
 
 def _transient(exc: asyncpg.PostgresError) -> bool:

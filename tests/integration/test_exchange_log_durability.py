@@ -22,6 +22,7 @@ import aiosqlite
 import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from gateway.exchanges import schema
 from gateway.exchanges.metrics import ExchangeMetrics
@@ -486,3 +487,39 @@ async def test_a_locked_sqlite_file_delays_start_up_by_under_two_seconds(gateway
     async with aiohttp.ClientSession() as http:
         await stream_text(http, gateway.url, chat("after the lock [sim tokens=2]"))
     await written(writer, 1)
+
+
+async def test_a_role_without_insert_keeps_the_records_until_it_is_granted(
+    gateway_factory, postgres: PostgresServer
+):
+    """A role that may read the log but not write it (42501: an operator's
+    GRANT still to come) refuses the gateway, not its records: they wait,
+    the outage is one warning and no line per record, and once INSERT is
+    granted every one is written; none is dropped."""
+    url = postgres.create_database("exchanges_no_insert")
+    owner = PostgresStore(url)
+    await owner.connect()
+    await owner.aclose()
+    admin = await asyncpg.connect(url)
+    try:
+        await admin.execute("CREATE ROLE log_reader LOGIN")
+        await admin.execute(f"GRANT SELECT ON exchanges, {schema.VERSION_TABLE} TO log_reader")
+        gateway = await gateway_factory(exchange_log_url=url.replace("postgres@", "log_reader@"))
+        writer = gateway.state.exchanges.writer
+        async with aiohttp.ClientSession() as http:
+            with capture_logs() as logs:
+                for index in range(3):
+                    _, text = await stream_text(
+                        http, gateway.url, chat(f"no insert {index} [sim tokens=2]")
+                    )
+                    assert text
+                await until(lambda: writer.dropped_total > 0 or not writer.connected)
+                assert (writer.written_total, writer.dropped_total) == (0, 0)
+                await admin.execute("GRANT INSERT ON exchanges TO log_reader")
+                await written(writer, 3)
+    finally:
+        await admin.close()
+    assert (writer.written_total, writer.dropped_total, writer.queued) == (3, 0, 0)
+    assert [line["event"] for line in logs if line["log_level"] in ("warning", "error")] == [
+        "exchange log unavailable; exchanges wait in the queue"
+    ]
