@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -28,12 +29,24 @@ COLUMNS = ("created", "id", "model", "outcome", "finish", "msgs", "subs", "promp
 NUMERIC = frozenset({"msgs", "subs", "prompt", "compl", "ttft_ms", "dur_ms"})
 
 
+#: C0 and C1 control characters, DEL included: a terminal acts on them.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    """``text`` with each control character as its Python escape (``\\n``,
+    ``\\x1b``): a model name is the client's to choose, and one holding an
+    escape sequence or a line break must neither drive the operator's
+    terminal nor split a row of the table."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.1f}"
-    return str(value)
+    return _printable(str(value))
 
 
 def row_of(exchange: dict[str, Any]) -> dict[str, str]:
@@ -43,9 +56,9 @@ def row_of(exchange: dict[str, Any]) -> dict[str, str]:
         finish = exchange["error"].get("code")
     return {
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(exchange["created"])),
-        "id": exchange["id"],
-        "model": exchange["model"],
-        "outcome": exchange["outcome"],
+        "id": _cell(exchange["id"]),
+        "model": _cell(exchange["model"]),
+        "outcome": _cell(exchange["outcome"]),
         "finish": _cell(finish),
         "msgs": _cell(len(exchange.get("messages") or [])),
         "subs": _cell(exchange["subscribers"]),

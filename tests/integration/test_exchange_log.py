@@ -437,6 +437,25 @@ async def bin_exchanges(*argv: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+async def test_bin_exchanges_prints_control_characters_of_a_model_escaped(
+    gateway_factory, tmp_path
+):
+    """A model name is the client's to choose: one holding a terminal escape
+    and a line break is one row of the table, its control characters shown
+    as escapes, never sent raw to the operator's terminal."""
+    url = f"sqlite:///{tmp_path}/exchanges.db"
+    gateway = await gateway_factory(exchange_log_url=url)
+    async with aiohttp.ClientSession() as http:
+        await stream_text(http, gateway.url,
+                          chat("escapes [sim tokens=2]", model="sim\x1b[2J\nforged\x9b1m"))
+    await written(gateway.state.exchanges.writer, 1)
+    status, out, err = await bin_exchanges("--db", url)
+    assert (status, err) == (0, "")
+    header, row = out.splitlines()
+    assert row.split()[3] == "sim\\x1b[2J\\nforged\\x9b1m"
+    assert not any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in out.replace("\n", ""))
+
+
 async def test_bin_exchanges_never_creates_a_sqlite_file(tmp_path):
     """A mistyped path is an error saying so, not a new empty log."""
     path = tmp_path / "typo" / "dir" / "exchanges.db"
