@@ -43,10 +43,11 @@ CONNECT_BUSY_TIMEOUT_MS = 1000
 
 def _translate(exc: Exception) -> Exception:
     """sqlite3's errors by cause: could not do it now, or will never take these rows."""
-    if isinstance(exc, UnicodeError):
-        # A value of the record that is not text SQLite can take: the
-        # record's own problem, whatever the database's state. Only the
-        # type: the message quotes the value.
+    if isinstance(exc, UnicodeError | OverflowError):
+        # A value of the record SQLite cannot take (text that is not
+        # UTF-8, a token count past its 64-bit INTEGER): the record's own
+        # problem, whatever the database's state. Only the type: the
+        # message may quote the value.
         return StoreRejected(f"sqlite: {type(exc).__name__}")
     if isinstance(exc, sqlite3.OperationalError | OSError | ValueError):
         # Locked, I/O error, unable to open, closed connection (aiosqlite's
@@ -138,7 +139,7 @@ class SqliteStore:
         try:
             await self._writer.executemany(_INSERT, rows)
             await self._writer.commit()
-        except (sqlite3.Error, OSError, ValueError) as exc:
+        except (sqlite3.Error, OSError, ValueError, OverflowError) as exc:
             try:
                 await self._writer.rollback()
             except (sqlite3.Error, ValueError):

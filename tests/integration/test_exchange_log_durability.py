@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from gateway.exchanges import schema
 from gateway.exchanges.metrics import ExchangeMetrics
 from gateway.exchanges.postgres import PostgresStore, migrate_postgres
-from gateway.exchanges.record import Exchange
+from gateway.exchanges.record import Exchange, Usage
 from gateway.exchanges.sqlite import SqliteStore, migrate_sqlite
 from gateway.exchanges.store import ExchangeStore, StoreRejected, StoreUnavailable, open_store
 from gateway.exchanges.writer import ExchangeWriter
@@ -523,3 +523,22 @@ async def test_a_role_without_insert_keeps_the_records_until_it_is_granted(
     assert [line["event"] for line in logs if line["log_level"] in ("warning", "error")] == [
         "exchange log unavailable; exchanges wait in the queue"
     ]
+
+
+async def test_a_token_count_no_column_holds_is_dropped_alone(store_url):
+    """An upstream may report any whole number of tokens: one past what the
+    database's integer holds is that record's own problem. Queued with two
+    others in one batch, it is dropped alone and they are written."""
+    registry = CollectorRegistry()
+    writer = ExchangeWriter(open_store(store_url), ExchangeMetrics(registry))
+    await writer.start()
+    try:
+        writer.submit(exchange(1))
+        writer.submit(dataclasses.replace(exchange(2), usage=Usage(2**64, 1)))
+        writer.submit(exchange(3))  # the three, queued in one tick, go as one batch
+        await until(lambda: writer.written_total + writer.dropped_total == 3)
+        listed = await writer.store.recent(limit=10)
+    finally:
+        await writer.aclose()
+    assert (writer.written_total, writer.dropped_total) == (2, 1)
+    assert [e["id"] for e in listed] == ["xchg_0003", "xchg_0001"]
