@@ -7,7 +7,8 @@ rest a record is written within a tick of its submission.
 
 When the database is unreachable the task keeps the batch in hand and tries
 again after a backoff (``retry_initial_s`` doubling up to ``retry_max_s``),
-connecting again if need be; meanwhile records wait in the queue, and once
+connecting again if need be (with nothing to write too: until it connects
+the log cannot be read); meanwhile records wait in the queue, and once
 ``max_queue`` wait, or the records queued and in hand hold ``max_queue_bytes``
 (with content on each holds its whole prompt and answer), new ones are
 dropped: counted every time, logged once per outage (and once more when
@@ -18,6 +19,7 @@ dropped, counted and logged too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 import structlog
@@ -64,6 +66,8 @@ class ExchangeWriter:
         self._held_bytes = 0
         self._wakeup = asyncio.Event()
         self._closing = False
+        #: Set by ``aclose()``: a backoff then ends at once.
+        self._closed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         #: Whether the store is connected and the last attempt worked.
         self.connected = False
@@ -133,6 +137,7 @@ class ExchangeWriter:
         """Write what is queued (for up to ``close_timeout_s``), then stop
         and close the store. What could not be written is counted as dropped."""
         self._closing = True
+        self._closed.set()
         self._wakeup.set()
         task = self._task
         if task is not None:
@@ -169,7 +174,10 @@ class ExchangeWriter:
                     if self._closing:
                         return
                     self._wakeup.clear()
-                    await self._wakeup.wait()
+                    if self.connected:
+                        await self._wakeup.wait()
+                    else:
+                        delay = await self._reconnect(delay)
                     continue
                 limit = 1 if self._one_by_one else self._max_batch
                 while self._queue and len(batch) < limit:
@@ -186,7 +194,7 @@ class ExchangeWriter:
                 self._unavailable(exc)
                 if self._closing:
                     return  # aclose() counts the batch in hand and the queue
-                await asyncio.sleep(delay)
+                await self._pause(delay, self._closed)
                 delay = min(delay * 2, self._retry_max_s)
                 continue
             except StoreRejected as exc:
@@ -220,6 +228,35 @@ class ExchangeWriter:
             self._let_go(batch)
             batch = []
             delay = self._retry_initial_s
+
+    async def _reconnect(self, delay: float) -> float:
+        """Connect with nothing to write: until the store connects, the log
+        cannot be read either, whether streams run or not. After a failure,
+        the backoff, cut short by a record or ``aclose()`` (the caller has
+        cleared ``_wakeup``); returns the next backoff."""
+        try:
+            await self.store.connect()
+        except StoreUnavailable as exc:
+            await self._close_store()
+            self._unavailable(exc)
+            await self._pause(delay, self._wakeup)
+            return min(delay * 2, self._retry_max_s)
+        except Exception:
+            # A bug, not the database: no retrying in a loop; the next
+            # record tries again.
+            log.exception("exchange log connect failed")
+            await self._close_store()
+            await self._wakeup.wait()
+            return delay
+        self.connected = True
+        self._written(0)  # the outage is over: said once, as after a write
+        return self._retry_initial_s
+
+    async def _pause(self, delay: float, event: asyncio.Event) -> None:
+        """The backoff before the next attempt, or less if ``event`` is set."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await event.wait()
 
     def _let_go(self, batch: list[tuple[Exchange, int]]) -> None:
         """The batch in hand is written or dropped: it holds nothing more."""

@@ -542,3 +542,23 @@ async def test_a_token_count_no_column_holds_is_dropped_alone(store_url):
         await writer.aclose()
     assert (writer.written_total, writer.dropped_total) == (2, 1)
     assert [e["id"] for e in listed] == ["xchg_0003", "xchg_0001"]
+
+
+async def test_the_log_can_be_read_once_the_database_is_back_without_any_stream(
+    gateway_factory, postgres: PostgresServer
+):
+    """The database missing at start (created after the gateway, as a
+    deployment may order them): the list answers 503 while it is, and 200
+    once it is there, though no stream has run to make the writer look."""
+    name = "exchanges_created_later"
+    gateway = await gateway_factory(exchange_log_url=postgres.url(name))
+    writer = gateway.state.exchanges.writer
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 503
+        await asyncio.to_thread(postgres.create_database, name)
+        await until(lambda: writer.connected)
+        async with http.get(gateway.v1 + "/exchanges") as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"object": "list", "data": [], "has_more": False}
+    assert (writer.written_total, writer.dropped_total) == (0, 0)
