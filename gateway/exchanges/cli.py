@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -89,7 +90,11 @@ def from_gateway(url: str, key: str | None, limit: int, model: str | None) -> li
         headers={"Authorization": f"Bearer {key}"} if key else {},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        return list(json.load(response)["data"])
+        body = json.load(response)
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError("the answer is not a list of exchanges")
+    return data
 
 
 async def from_database(url: str, limit: int, model: str | None) -> list[dict[str, Any]]:
@@ -122,8 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--db must be sqlite:///path.db or postgresql://user@host:port/db")
             exchanges = asyncio.run(from_database(args.db, args.limit, args.model))
         else:
-            exchanges = from_gateway(args.url, os.environ.get("GATEWAY_ADMIN_KEY"), args.limit,
-                                     args.model)
+            try:
+                exchanges = from_gateway(args.url, os.environ.get("GATEWAY_ADMIN_KEY"), args.limit,
+                                         args.model)
+            except (http.client.HTTPException, ValueError) as exc:
+                # Not a URL urllib can use (a port that is no number), or an
+                # answer no gateway gives (a proxy's sign-in page, other JSON).
+                print(f"exchanges: {args.url}: {exc}", file=sys.stderr)
+                return 1
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
         print(f"exchanges: {args.url}: HTTP {exc.code}: {detail}", file=sys.stderr)

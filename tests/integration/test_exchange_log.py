@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
@@ -30,6 +31,7 @@ from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.faulty_upstream import faulty_upstream
 from tests.integration.metrics_scrape import scrape
 from tests.integration.sse_frames import FrameReader
+from tests.loopback import serving
 from tests.unit.test_exchange_writer import exchange
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -454,6 +456,30 @@ async def test_bin_exchanges_prints_control_characters_of_a_model_escaped(
     header, row = out.splitlines()
     assert row.split()[3] == "sim\\x1b[2J\\nforged\\x9b1m"
     assert not any(ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F for char in out.replace("\n", ""))
+
+
+@pytest.mark.parametrize("answer", ["page", "other-json", "bad-port"])
+async def test_bin_exchanges_names_an_answer_that_is_no_list_of_exchanges(answer):
+    """A --url that is not a gateway (a sign-in page a proxy answers with
+    200, another JSON service) or not a URL at all: one line saying so and
+    exit status 1, never a traceback."""
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>sign in</html>", content_type="text/html")
+
+    async def other_json(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/v1/exchanges", page if answer == "page" else other_json)
+    async with serving(app) as url:
+        if answer == "bad-port":
+            url = "http://127.0.0.1:80a"
+        status, out, err = await bin_exchanges("--url", url)
+    assert (status, out) == (1, "")
+    (line,) = err.splitlines()
+    assert line.startswith(f"exchanges: {url}: ")
+    assert "Traceback" not in err
 
 
 async def test_bin_exchanges_never_creates_a_sqlite_file(tmp_path):
