@@ -87,9 +87,11 @@ def check_version(description: str, version: int,
 
 
 def sqlite_path(url: str) -> str:
-    """``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db``."""
+    """``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db``.
+    Not ``:memory:``: SQLite gives each connection (the writer's, the
+    reader's) a database of its own, so nothing written could be read."""
     path = url[len("sqlite:///"):]
-    if not url.startswith("sqlite:///") or not path or path.endswith("/"):
+    if not url.startswith("sqlite:///") or not path or path.endswith("/") or path == ":memory:":
         raise ValueError(url)
     return path
 
