@@ -49,9 +49,13 @@ def _translate(exc: Exception) -> Exception:
         # problem, whatever the database's state. Only the type: the
         # message may quote the value.
         return StoreRejected(f"sqlite: {type(exc).__name__}")
-    if isinstance(exc, sqlite3.OperationalError | OSError | ValueError):
+    if isinstance(exc, sqlite3.OperationalError | OSError | ValueError) or (
+        type(exc) is sqlite3.DatabaseError
+    ):
         # Locked, I/O error, unable to open, closed connection (aiosqlite's
-        # ValueError).
+        # ValueError); and the file itself malformed or not a database
+        # (DatabaseError proper, none of its subclasses), which refuses
+        # every row alike until it is repaired or replaced.
         return StoreUnavailable(f"sqlite: {exc}")
     return StoreRejected(f"sqlite: {exc}")
 

@@ -562,3 +562,48 @@ async def test_the_log_can_be_read_once_the_database_is_back_without_any_stream(
             assert resp.status == 200
             assert await resp.json() == {"object": "list", "data": [], "has_more": False}
     assert (writer.written_total, writer.dropped_total) == (0, 0)
+
+
+def point_the_table_at(path: Path, rootpage: int) -> None:
+    """Make ``exchanges`` start at ``rootpage`` in the file's schema: a page
+    past its end is a schema SQLite finds malformed, as a file damaged on
+    disk or copied over in a bad state is."""
+    admin = sqlite3.connect(path, isolation_level=None)
+    try:
+        version = admin.execute("PRAGMA schema_version").fetchone()[0]
+        admin.execute("PRAGMA writable_schema = ON")
+        admin.execute("UPDATE sqlite_master SET rootpage = ? WHERE name = 'exchanges'", (rootpage,))
+        admin.execute(f"PRAGMA schema_version = {version + 1}")
+    finally:
+        admin.close()
+
+
+async def test_a_malformed_sqlite_file_keeps_the_records_until_it_is_repaired(
+    gateway_factory, tmp_path
+):
+    """A file SQLite finds malformed refuses every row alike, as one it
+    cannot open at start does: the records wait, the outage is one warning
+    and no line per record, and once the file is repaired they are written."""
+    path = tmp_path / "exchanges.db"
+    gateway = await gateway_factory(exchange_log_url=f"sqlite:///{path}")
+    writer = gateway.state.exchanges.writer
+    async with aiohttp.ClientSession() as http:
+        await stream_text(http, gateway.url, chat("before [sim tokens=2]"))
+        await written(writer, 1)
+        async with aiosqlite.connect(path) as db, db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'exchanges'"
+        ) as cursor:
+            (rootpage,) = await cursor.fetchone()
+        await asyncio.to_thread(point_the_table_at, path, 99_999)
+        with capture_logs() as logs:
+            for index in range(3):
+                _, text = await stream_text(http, gateway.url, chat(f"malformed {index} [sim tokens=2]"))
+                assert text
+            await until(lambda: writer.dropped_total > 0 or not writer.connected)
+            assert (writer.written_total, writer.dropped_total) == (1, 0)
+            await asyncio.to_thread(point_the_table_at, path, rootpage)
+            await written(writer, 4)
+    assert (writer.written_total, writer.dropped_total, writer.queued) == (4, 0, 0)
+    assert [line["event"] for line in logs if line["log_level"] in ("warning", "error")] == [
+        "exchange log unavailable; exchanges wait in the queue"
+    ]
