@@ -29,14 +29,29 @@ def storable(text: str) -> str:
 
 
 def _storable_json(value: Any) -> Any:
-    """A copy of a JSON value with every string (keys too) ``storable``."""
-    if isinstance(value, str):
-        return storable(value)
-    if isinstance(value, dict):
-        return {storable(str(key)): _storable_json(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_storable_json(item) for item in value]
-    return value
+    """A copy of a JSON value with every string (keys too) ``storable``. A
+    walk, not a recursion: a client's tool calls nest as deep as the
+    request's parser let them, deeper than the interpreter recurses."""
+    root: list[Any] = [None]
+    # (container, index or key, value to copy into it), depth first.
+    pending: list[tuple[Any, Any, Any]] = [(root, 0, value)]
+    while pending:
+        container, slot, item = pending.pop()
+        if isinstance(item, str):
+            container[slot] = storable(item)
+        elif isinstance(item, dict):
+            copy: dict[str, Any] = {storable(str(key)): None for key in item}
+            container[slot] = copy
+            # Reversed, so that a later key made equal by ``storable`` wins.
+            pending.extend((copy, storable(str(key)), child)
+                           for key, child in reversed(item.items()))
+        elif isinstance(item, list | tuple):
+            items: list[Any] = [None] * len(item)
+            container[slot] = items
+            pending.extend((items, index, child) for index, child in enumerate(item))
+        else:
+            container[slot] = item
+    return root[0]
 
 
 def _json(value: Any) -> str:

@@ -27,6 +27,7 @@ from gateway.exchanges.postgres import PostgresStore
 from gateway.exchanges.sqlite import SqliteStore
 from gateway.exchanges.store import StoreUnavailable
 from gateway.state import STATE
+from tests.integration.conftest import until
 from tests.integration.exchange_fixtures import chat, stream_text, written
 from tests.integration.faulty_upstream import faulty_upstream
 from tests.integration.metrics_scrape import scrape
@@ -283,6 +284,39 @@ async def test_nul_in_a_prompt_or_a_model_is_recorded_as_u_fffd(gateway_factory,
     else:
         assert with_nul["messages"][0] == {"role": "user", "content": None, "length": len(prompt),
                                            "sha256": _sha256(prompt)}
+
+
+async def test_tool_calls_nested_as_deep_as_a_request_may_are_stored(gateway_factory, store_url):
+    """With content on, a request's tool calls are stored as the client sent
+    them, however deep its JSON nests (900 levels: the gateway takes the
+    request and streams the answer): the record is written, not dropped
+    by the writer with its batch."""
+    gateway = await gateway_factory(exchange_log_url=store_url, exchange_log_content=True)
+    writer = gateway.state.exchanges.writer
+    depth = 900
+    # Written out by hand: the test's own encoder would recurse as deep.
+    tool_call = ('{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"},'
+                 ' "x": ' + "[" * depth + "]" * depth + "}")
+    body = ('{"model": "sim", "stream": true, "messages": ['
+            '{"role": "user", "content": "deep [sim tokens=2]"}, '
+            '{"role": "assistant", "content": "", "tool_calls": [' + tool_call + ']}, '
+            '{"role": "tool", "tool_call_id": "call_1", "content": "done"}]}')
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions", data=body,
+                             headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 200
+            assert (await FrameReader(resp).rest())[-1].data == "[DONE]"
+        await until(lambda: writer.written_total + writer.dropped_total == 1)
+    assert (writer.written_total, writer.dropped_total) == (1, 0)
+    (stored,) = await writer.store.recent(limit=1)
+    (call,) = stored["messages"][1]["tool_calls"]
+    nested = call.pop("x")
+    assert call == {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    levels = 1
+    while nested:  # a walk: comparing 900 levels would recurse as deep
+        (nested,) = nested
+        levels += 1
+    assert levels == depth
 
 
 @pytest.mark.parametrize("parameter", ["model", "before"])
