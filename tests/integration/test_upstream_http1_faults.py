@@ -208,3 +208,46 @@ async def test_a_body_malformed_after_the_first_token_ends_the_stream_at_once(co
         assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
 
     assert rest[-1].json()["error"]["code"] == "upstream_protocol_error"
+
+
+#: vLLM's error mid-stream in its flat ``ErrorResponse`` shape (the fields
+#: not nested under ``error``), which it follows with ``data: [DONE]``.
+FLAT_ERROR = (b'data: {"object":"error","message":"the engine died","type":"InternalServerError",'
+              b'"param":null,"code":500}\n\n')
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_flat_error_object_mid_stream_ends_the_answer_as_an_error(stream):
+    """An OpenAI-compatible server that fails mid-answer writes its error
+    object as a data event and then the terminator: vLLM's flat
+    ``{"object": "error", "message", "code"}``. The answer so far is not a
+    complete one: the client gets the error, never a truncated answer with
+    ``[DONE]`` or a 200."""
+    async def failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n"
+                     + chunked(CHUNK, FLAT_ERROR, b"data: [DONE]\n\n", b""))
+        await reader.read()
+        writer.close()
+
+    async with serving(failing) as port, gateway_on(port) as (upstream, v1), \
+            aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("flat", stream=stream)) as resp:
+            if stream:
+                frames = await FrameReader(resp).rest()
+            else:
+                answer = await resp.json()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    if stream:
+        assert resp.status == 200
+        assert not any(frame.data == "[DONE]" for frame in frames)
+        assert [frame.json()["choices"][0]["delta"].get("content") for frame in frames[:-1]
+                if frame.data is not None] == ["", "hello"]
+        error = frames[-1].json()["error"]
+        assert (error["code"], error["message"]) == ("upstream_500", "the engine died")
+    else:
+        assert resp.status == 502
+        assert answer["error"]["code"] == "upstream_500"
+        assert answer["error"]["message"] == "the engine died"

@@ -85,7 +85,7 @@ class OpenAIStreamDecoder(EventStreamDecoder):
         if not data.strip():
             return None  # an empty keepalive event carries nothing
         chunk = wire.parse_object(data, what="a chat.completion.chunk")
-        if chunk.get("error") is not None:
+        if _is_error(chunk):
             message, code, status = _describe_error(chunk)
             raise UpstreamStatusError(
                 status or _IN_STREAM_ERROR_STATUS,
@@ -96,6 +96,13 @@ class OpenAIStreamDecoder(EventStreamDecoder):
             self._info_seen = True
             self.announce(info)
         return _delta_from_chunk(chunk)
+
+
+def _is_error(chunk: wire.JsonObject) -> bool:
+    """An error object where a chunk belongs: ``{"error": ...}``, or the flat
+    ``{"object": "error", "message", "code"}`` that vLLM writes mid-stream
+    (and follows with ``[DONE]``, which must not complete the answer)."""
+    return chunk.get("error") is not None or chunk.get("object") == "error"
 
 
 def _stream_info(chunk: wire.JsonObject) -> StreamInfo | None:
