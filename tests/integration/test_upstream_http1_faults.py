@@ -8,7 +8,7 @@ import asyncio
 import re
 import zlib
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import aiohttp
@@ -251,3 +251,40 @@ async def test_a_flat_error_object_mid_stream_ends_the_answer_as_an_error(stream
         assert resp.status == 502
         assert answer["error"]["code"] == "upstream_500"
         assert answer["error"]["message"] == "the engine died"
+
+
+ERROR_EVENTS = {
+    "json-without-an-error-member": b'event: error\ndata: {"message":"the engine died"}\n\n',
+    "text": b"event: error\ndata: the engine died\n\n",
+}
+
+
+@pytest.mark.parametrize("error_event", ERROR_EVENTS.values(), ids=ERROR_EVENTS.keys())
+async def test_an_error_event_mid_stream_ends_the_answer_as_an_error(error_event):
+    """An OpenAI chat stream's events are unnamed; one named ``error`` is the
+    upstream failing mid-answer (WHATWG HTML §9.2.6 dispatches it under that
+    type), whatever its data holds. The answer so far is not complete: the
+    client gets the error with the upstream's words, not the terminator that
+    follows it."""
+    async def failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(asyncio.IncompleteReadError):
+            while await read_request(reader):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n"
+                             + chunked(CHUNK, error_event, b"data: [DONE]\n\n", b""))
+        writer.close()
+
+    async with serving(failing) as port, gateway_on(port) as (upstream, v1), \
+            aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("named", stream=True)) as resp:
+            frames = await FrameReader(resp).rest()
+        async with http.post(v1 + "/chat/completions", json=chat("named", stream=False)) as whole:
+            answer = await whole.json()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    assert resp.status == 200
+    assert not any(frame.data == "[DONE]" for frame in frames)
+    error = frames[-1].json()["error"]
+    assert (error["code"], error["message"]) == ("upstream_500", "the engine died")
+    assert whole.status == 502
+    assert (answer["error"]["code"], answer["error"]["message"]) == ("upstream_500", "the engine died")

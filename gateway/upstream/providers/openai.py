@@ -79,6 +79,10 @@ class OpenAIStreamDecoder(EventStreamDecoder):
 
     def handle_event(self, event: SSEEvent) -> Delta | None:
         data = event.data
+        if event.event == "error":
+            # Chunks come as unnamed events: one named "error" is the
+            # upstream failing, whatever its data holds (an object or text).
+            raise _error_event(data)
         if data == _DONE:
             self.finish()
             return None
@@ -86,12 +90,7 @@ class OpenAIStreamDecoder(EventStreamDecoder):
             return None  # an empty keepalive event carries nothing
         chunk = wire.parse_object(data, what="a chat.completion.chunk")
         if _is_error(chunk):
-            message, code, status = _describe_error(chunk)
-            raise UpstreamStatusError(
-                status or _IN_STREAM_ERROR_STATUS,
-                message or "upstream reported an error mid-stream",
-                code=code,
-            )
+            raise _in_stream_error(chunk)
         if not self._info_seen and (info := _stream_info(chunk)) is not None:
             self._info_seen = True
             self.announce(info)
@@ -103,6 +102,26 @@ def _is_error(chunk: wire.JsonObject) -> bool:
     ``{"object": "error", "message", "code"}`` that vLLM writes mid-stream
     (and follows with ``[DONE]``, which must not complete the answer)."""
     return chunk.get("error") is not None or chunk.get("object") == "error"
+
+
+def _in_stream_error(payload: wire.JsonObject, text: str | None = None) -> UpstreamStatusError:
+    """The upstream's error mid-stream, as an error status: ``text`` is its
+    message when the error object has none."""
+    message, code, status = _describe_error(payload)
+    return UpstreamStatusError(
+        status or _IN_STREAM_ERROR_STATUS,
+        message or text or "upstream reported an error mid-stream",
+        code=code,
+    )
+
+
+def _error_event(data: str) -> UpstreamStatusError:
+    """An ``error`` event: its data an error object in any shape
+    ``_describe_error`` reads, or the message as text."""
+    payload = wire.parse_error_body(data.encode())
+    if payload is not None:
+        return _in_stream_error(payload)
+    return _in_stream_error({}, data.strip()[: wire.MAX_ERROR_TEXT])
 
 
 def _stream_info(chunk: wire.JsonObject) -> StreamInfo | None:
