@@ -24,6 +24,9 @@ import ssl
 from collections.abc import Callable
 
 import aiohttp
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 
 from gateway.upstream.base import ResponseHead, UpstreamRequest
 from gateway.upstream.errors import (
@@ -145,6 +148,30 @@ class Http1ResponseStream:
             self._on_done = None
 
 
+class _Http1Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, but a kept-alive connection that received bytes
+    while idle is closed, not handed to the next request.
+
+    No request was on it, so those bytes answer none (a late second
+    response, a stray 408): aiohttp parses them and queues the response,
+    and the next request sent on the connection would take it for its own
+    answer (RFC 9112 §9.3: responses answer requests in order).
+    """
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - the base class's signature
+    ) -> Connection:
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:
+                return connection
+            connection.close()
+
+
 def _retrieve(closed: asyncio.Future[None]) -> None:
     """A connection's end, taken note of: the error it ended with, if any,
     is the read's to report, not the loop's ("never retrieved")."""
@@ -176,7 +203,7 @@ class Http1Transport:
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use: a ClientSession belongs to the running loop.
         if self._session is None:
-            connector = aiohttp.TCPConnector(
+            connector = _Http1Connector(
                 # Concurrency is bounded by the admission queue, not here.
                 limit=0,
                 ssl=self._ssl_context if self._ssl_context is not None else True,

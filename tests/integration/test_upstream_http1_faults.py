@@ -288,3 +288,56 @@ async def test_an_error_event_mid_stream_ends_the_answer_as_an_error(error_event
     assert (error["code"], error["message"]) == ("upstream_500", "the engine died")
     assert whole.status == 502
     assert (answer["error"]["code"], answer["error"]["message"]) == ("upstream_500", "the engine died")
+
+
+def event_stream(*events: bytes) -> bytes:
+    body = b"".join(events)
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+async def test_a_response_sent_to_an_idle_connection_is_never_an_answer():
+    """A response the upstream writes to a kept-alive connection while no
+    request is on it (a late second response, a stray ``408``) answers
+    nothing (RFC 9112 §9.3: responses answer requests in order). The next
+    request must not take it for its own answer: it is sent on another
+    connection, and the one with the stray bytes is closed."""
+    answered = asyncio.Event()
+    stray_sent = asyncio.Event()
+    stray_connection_closed = asyncio.Event()
+    requests: list[tuple[int, bytes]] = []
+
+    def answer(text: bytes) -> bytes:
+        return event_stream(CHUNK.replace(b"hello", text), b"data: [DONE]\n\n")
+
+    async def straying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = len({index for index, _ in requests})
+        with suppress(asyncio.IncompleteReadError):
+            while request := await read_request(reader):
+                requests.append((connection, request))
+                writer.write(answer(b"answer-%d" % len(requests)))
+                if len(requests) == 1:
+                    await answered.wait()
+                    writer.write(answer(b"STRAY"))
+                    stray_sent.set()
+        if connection == 0:
+            stray_connection_closed.set()
+        writer.close()
+
+    async with serving(straying) as port, gateway_on(port) as (upstream, v1), \
+            aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("one", stream=False)) as first:
+            first_answer = await first.json()
+        answered.set()
+        await stray_sent.wait()
+        # A round trip through the gateway's loop: it has read the stray bytes.
+        async with http.get(v1.removesuffix("/v1") + "/healthz") as health:
+            assert health.status == 200
+        async with http.post(v1 + "/chat/completions", json=chat("two", stream=False)) as second:
+            second_answer = await second.json()
+        assert first_answer["choices"][0]["message"]["content"] == "answer-1"
+        assert second_answer["choices"][0]["message"]["content"] == "answer-2"
+        assert [connection for connection, _ in requests] == [0, 1]
+        async with asyncio.timeout(5):
+            await stray_connection_closed.wait()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
