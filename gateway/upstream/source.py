@@ -37,6 +37,7 @@ from gateway.upstream.errors import (
     TransportError,
     TransportTimeout,
 )
+from gateway.upstream.providers import wire
 from gateway.upstream.providers.base import Provider, ProviderDecoder
 
 #: How much of an error response we read to find the provider's message.
@@ -270,11 +271,10 @@ class UpstreamSource:
         if head.status != 200:
             body = await self._read_error_body()
             raise self._provider.error_from_response(head, body)
-        coding = head.header("content-encoding")
-        if coding is not None and coding.strip().lower() not in ("", "identity"):
-            # Nothing here decodes a content coding (the HTTP/1.1 transport
-            # asks for identity, RFC 9110 §12.5.3): the decoder would take
-            # the compressed bytes for an event stream with no events in it.
+        coding = wire.content_coding(head)
+        if coding is not None:
+            # The decoder would take the compressed bytes for an event
+            # stream with no events in it.
             raise UpstreamProtocolError(f"upstream sent its event stream with Content-Encoding {coding}")
 
     async def _read_error_body(self) -> bytes:

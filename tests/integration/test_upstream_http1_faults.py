@@ -341,3 +341,30 @@ async def test_a_response_sent_to_an_idle_connection_is_never_an_answer():
         async with asyncio.timeout(5):
             await stray_connection_closed.wait()
         assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+
+async def test_a_compressed_error_body_is_not_relayed_as_its_message():
+    """The gateway asks for ``Accept-Encoding: identity`` and decodes no
+    content coding. An error answer gzipped anyway (a proxy in front of the
+    upstream) has a body nothing here can read: the client gets the
+    upstream's status in words (with the 429's Retry-After), never the
+    compressed bytes as the error's message."""
+    body = zlib.compress(b'{"error":{"message":"slow down","code":"rate_limit_exceeded"}}', wbits=31)
+
+    async def gzipping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(asyncio.IncompleteReadError):
+            while await read_request(reader):
+                writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                             b"Content-Encoding: gzip\r\nRetry-After: 7\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.close()
+
+    async with serving(gzipping) as port, gateway_on(port) as (upstream, v1), \
+            aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("zipped", stream=False)) as resp:
+            answer = await resp.json()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    assert (resp.status, resp.headers.get("Retry-After")) == (429, "7")
+    assert answer["error"] == {"message": "Too Many Requests", "type": "rate_limit_error",
+                               "code": "upstream_429"}

@@ -88,6 +88,7 @@ class AnthropicProvider:
         return AnthropicStreamDecoder(max_event_bytes=self._max_event_bytes)
 
     def error_from_response(self, head: ResponseHead, body: bytes) -> UpstreamStatusError:
+        body = wire.readable_body(head, body)
         payload = wire.parse_error_body(body)
         message, error_type = _describe_error(payload) if payload is not None else (None, None)
         return wire.status_error(head, body, message, error_type)

@@ -63,6 +63,7 @@ class OpenAIProvider:
         return OpenAIStreamDecoder(max_event_bytes=self._max_event_bytes)
 
     def error_from_response(self, head: ResponseHead, body: bytes) -> UpstreamStatusError:
+        body = wire.readable_body(head, body)
         payload = wire.parse_error_body(body)
         message, code, _ = _describe_error(payload) if payload is not None else (None, None, None)
         return wire.status_error(head, body, message, code)

@@ -87,6 +87,22 @@ def retry_after(head: ResponseHead) -> str | None:
     return header(head, "retry-after") if head.status == 429 else None
 
 
+def content_coding(head: ResponseHead) -> str | None:
+    """The body's content coding, if it has one: nothing here decodes one
+    (the transports ask for identity, RFC 9110 §12.5.3), so such a body
+    cannot be read."""
+    coding = header(head, "content-encoding")
+    if coding is None or coding.strip().lower() in ("", "identity"):
+        return None
+    return coding
+
+
+def readable_body(head: ResponseHead, body: bytes) -> bytes:
+    """``body``, or nothing when a content coding makes it unreadable: its
+    bytes are no message, and no JSON."""
+    return b"" if content_coding(head) is not None else body
+
+
 def parse_error_body(body: bytes) -> JsonObject | None:
     """The error response as a JSON object, or ``None`` if it is not one."""
     try:
