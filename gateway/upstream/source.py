@@ -278,9 +278,15 @@ class UpstreamSource:
             raise UpstreamProtocolError(f"upstream sent its event stream with Content-Encoding {coding}")
 
     async def _read_error_body(self) -> bytes:
+        """The error response's body, or nothing if it is cut off (the
+        connection lost, the first-token deadline passed): the status is
+        the upstream's answer all the same, and part of a body is no
+        message."""
         assert self._stream is not None
         try:
             return await read_bounded(self._stream, MAX_ERROR_BODY)
+        except TransportError:
+            return b""
         finally:
             self._stream.release()
 

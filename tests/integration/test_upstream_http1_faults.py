@@ -368,3 +368,32 @@ async def test_a_compressed_error_body_is_not_relayed_as_its_message():
     assert (resp.status, resp.headers.get("Retry-After")) == (429, "7")
     assert answer["error"] == {"message": "Too Many Requests", "type": "rate_limit_error",
                                "code": "upstream_429"}
+
+
+async def test_an_error_status_whose_body_never_ends_is_still_that_status():
+    """The status line is the upstream's answer; its body only words for
+    it. A 429 whose body stops coming is answered, at the first-token
+    deadline (0.5 s here), as the 429 it is, with its Retry-After: not as
+    a timeout, and not with the part of the body that came as its message."""
+    closed = asyncio.Event()
+
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                     b"Retry-After: 7\r\nContent-Length: 100\r\n\r\n{\"error\": {\"mess")
+        await reader.read()
+        closed.set()
+        writer.close()
+
+    async with serving(stalling) as port, gateway_on(
+        port, upstream_first_token_timeout_ms=500
+    ) as (upstream, v1), aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("stall", stream=False)) as resp:
+            answer = await resp.json()
+        async with asyncio.timeout(5):
+            await closed.wait()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    assert (resp.status, resp.headers.get("Retry-After")) == (429, "7")
+    assert answer["error"] == {"message": "Too Many Requests", "type": "rate_limit_error",
+                               "code": "upstream_429"}
