@@ -18,6 +18,11 @@ whole chunks instead of a loop over characters.
 
 Memory is bounded against a hostile upstream: a line, or the data of one
 event, larger than ``max_event_bytes`` raises ``UpstreamProtocolError``.
+
+One departure, asked for with ``error_lines``: llama.cpp's server writes a
+failure in a stream as an ``error: {...}`` line, a field the standard
+ignores (and then ``data: [DONE]``); such a line is then an ``error`` event
+of its own, with the line's value as its data.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class SSEDecoder:
     # than an instance dict, times every idle stream.
     __slots__ = (
         "_max_event_bytes",
+        "_error_lines",
         "_partial",
         "_partial_len",
         "_skip_lf",
@@ -71,10 +77,11 @@ class SSEDecoder:
         "_reconnection_time",
     )
 
-    def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
+    def __init__(self, *, max_event_bytes: int = 1 << 20, error_lines: bool = False) -> None:
         if max_event_bytes <= 0:
             raise ValueError("max_event_bytes must be positive")
         self._max_event_bytes = max_event_bytes
+        self._error_lines = error_lines
         # The line not yet terminated, kept as pieces so that a long line
         # arriving in many small chunks costs O(n), not O(n^2), to collect.
         self._partial: list[bytes] = []
@@ -197,13 +204,19 @@ class SSEDecoder:
                 # The common case (`data: {...}`), without the generic split.
                 self._append_data(line[len(_DATA_PREFIX) :])
             elif line[0] != 0x3A:  # a line starting with ":" is a comment
-                self._process_field(line)
+                error = self._process_field(line)
+                if error is not None:
+                    events.append(error)
         return events
 
-    def _process_field(self, line: bytes) -> None:
+    def _process_field(self, line: bytes) -> SSEEvent | None:
+        """One field line into the event being assembled; an ``error`` line
+        (with ``error_lines``) is returned as its own event instead."""
         name, colon, value = line.partition(b":")
         if colon and value[:1] == b" ":
             value = value[1:]  # exactly one leading space is part of the syntax
+        if name == b"error" and self._error_lines:
+            return SSEEvent("error", value.decode("utf-8", "replace"), self._last_event_id, None)
         if name == b"data":
             self._append_data(value)
         elif name == b"event":
@@ -216,6 +229,7 @@ class SSEDecoder:
             self._event_retry = int(value)
             self._reconnection_time = self._event_retry
         # any other field name is ignored
+        return None
 
     def _append_data(self, value: bytes) -> None:
         self._data.append(value)

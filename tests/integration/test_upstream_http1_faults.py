@@ -397,3 +397,42 @@ async def test_an_error_status_whose_body_never_ends_is_still_that_status():
     assert (resp.status, resp.headers.get("Retry-After")) == (429, "7")
     assert answer["error"] == {"message": "Too Many Requests", "type": "rate_limit_error",
                                "code": "upstream_429"}
+
+
+#: llama.cpp's server writes a failure in a stream as an ``error`` field
+#: line, and then the terminator.
+LLAMA_CPP_ERROR = (b'error: {"code":400,"message":"the request exceeds the available context size, '
+                   b'try increasing it","type":"exceed_context_size_error"}\n\n')
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_an_error_line_of_llama_cpp_is_the_upstreams_error(stream):
+    """An ``error:`` line is a field the SSE standard ignores (WHATWG HTML
+    §9.2.6), so the stream after it looks like an empty, complete answer.
+    From an OpenAI-compatible upstream it is llama.cpp's error: the client
+    gets it, with its status and message, never a 200 answer or ``[DONE]``."""
+    async def failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(asyncio.IncompleteReadError):
+            while await read_request(reader):
+                writer.write(event_stream(LLAMA_CPP_ERROR, b"data: [DONE]\n\n"))
+        writer.close()
+
+    async with serving(failing) as port, gateway_on(port) as (upstream, v1), \
+            aiohttp.ClientSession() as http:
+        async with http.post(v1 + "/chat/completions", json=chat("long", stream=stream)) as resp:
+            if stream:
+                frames = await FrameReader(resp).rest()
+            else:
+                answer = await resp.json()
+        assert (upstream.transport.connection_count(), upstream.in_flight) == (0, 0)
+
+    message = "the request exceeds the available context size, try increasing it"
+    if stream:
+        assert resp.status == 200
+        assert not any(frame.data == "[DONE]" for frame in frames)
+        error = frames[-1].json()["error"]
+        assert (error["code"], error["message"]) == ("upstream_400", message)
+    else:
+        assert resp.status == 400
+        assert answer["error"] == {"message": message, "type": "invalid_request_error",
+                                   "code": "upstream_400"}

@@ -100,9 +100,11 @@ class EventStreamDecoder(ABC):
 
     #: How the terminator is named in the truncation error message.
     terminator: str = "its terminator"
+    #: Whether an ``error:`` line is an ``error`` event (``SSEDecoder``).
+    error_lines: bool = False
 
     def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
-        self._sse = SSEDecoder(max_event_bytes=max_event_bytes)
+        self._sse = SSEDecoder(max_event_bytes=max_event_bytes, error_lines=self.error_lines)
         self._done = False
         self._info: StreamInfo | None = None
         self._failure: UpstreamError | None = None

@@ -72,6 +72,8 @@ class OpenAIProvider:
 class OpenAIStreamDecoder(EventStreamDecoder):
     __slots__ = ("_info_seen",)
     terminator = "data: [DONE]"
+    # llama.cpp's server reports a failure mid-stream as an `error:` line.
+    error_lines = True
 
     def __init__(self, *, max_event_bytes: int = 1 << 20) -> None:
         super().__init__(max_event_bytes=max_event_bytes)
