@@ -21,7 +21,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BACKEND", "dumps", "dumps_to_keep", "loads", "use_standard_library"]
+__all__ = [
+    "BACKEND", "NestedTooDeeply", "dumps", "dumps_to_keep", "loads", "use_standard_library",
+]
+
+class NestedTooDeeply(ValueError):
+    """A value nested deeper than the interpreter recurses, to read or to
+    write: bad input, not a failure of ours."""
+
 
 _STDLIB_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
@@ -34,15 +41,15 @@ def stdlib_dumps(value: Any) -> bytes:
         # A lone surrogate (an upstream may send "\ud800"): no UTF-8 spells
         # it, a JSON escape does, and every JSON parser reads it back.
         return _ASCII_ENCODER.encode(value).encode()
+    except RecursionError as exc:
+        raise NestedTooDeeply("JSON nested too deeply") from exc
 
 
 def stdlib_loads(data: str | bytes) -> Any:
     try:
         return json.loads(data)
     except RecursionError as exc:
-        # Nested deeper than the interpreter recurses: invalid input like
-        # any other, not a failure of ours.
-        raise ValueError("JSON nested too deeply") from exc
+        raise NestedTooDeeply("JSON nested too deeply") from exc
 
 
 def orjson_codec() -> tuple[Callable[[Any], bytes], Callable[[str | bytes], Any]] | None:

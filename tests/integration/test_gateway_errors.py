@@ -324,3 +324,23 @@ async def test_the_demo_pages_files_are_served(gateway):
             async with http.get(gateway.url + "/static/" + name) as resp:
                 assert resp.status == 200 and kind in resp.content_type, name
                 assert await resp.read() == (STATIC / name).read_bytes()
+
+
+async def test_a_body_nested_as_deep_as_the_parser_reads_is_never_a_500(gateway):
+    """Past what the JSON parser reads, a body is a 400 ``invalid_json``;
+    just short of it, the parser reads it but the upstream request built
+    from it nests as deep, and encoding that ran out of stack (a 500).
+    Every depth across the edge is now answered or refused as bad input."""
+    statuses: dict[int, int] = {}
+    async with aiohttp.ClientSession() as http:
+        for depth in range(900, 1001):
+            nested = b"[" * depth + b"]" * depth
+            body = (b'{"model": "m", "stream": false, "max_tokens": 1, "messages": '
+                    b'[{"role": "user", "content": "deep"}], "metadata": {"x": ' + nested + b"}}")
+            async with http.post(gateway.v1 + "/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"}) as resp:
+                statuses[depth] = resp.status
+                if resp.status != 200:
+                    assert error_shape(await resp.json())["code"] == "invalid_json"
+    assert set(statuses.values()) == {200, 400}
+    assert statuses[900] == 200 and statuses[1000] == 400

@@ -123,3 +123,12 @@ def test_json_nested_past_the_recursion_limit_is_invalid_json(codec) -> None:
     _, loads = codec
     with pytest.raises(ValueError):
         loads(b"[" * 100_000 + b"]" * 100_000)
+
+
+@pytest.mark.parametrize("dumps", [dumps for dumps, _ in CODECS])
+def test_a_value_nested_deeper_than_the_stack_is_a_value_error(dumps) -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(json_codec.NestedTooDeeply):
+        dumps(deep)

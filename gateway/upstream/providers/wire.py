@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import Any
 
 from gateway import json_codec
-from gateway.errors import UpstreamProtocolError, UpstreamStatusError
+from gateway.errors import BadRequest, UpstreamProtocolError, UpstreamStatusError
 from gateway.upstream.base import ResponseHead
 
 JsonObject = dict[str, Any]
@@ -22,8 +22,16 @@ MAX_ERROR_TEXT = 500
 
 
 def encode_json(payload: object) -> bytes:
-    """Compact UTF-8 JSON, as providers expect and without wasted bytes."""
-    return json_codec.dumps_to_keep(payload)
+    """Compact UTF-8 JSON, as providers expect and without wasted bytes.
+
+    The payload holds the client's values, which the parser read however
+    deep they nest (up to its own limit); encoding them again goes deeper
+    into the stack than parsing did, so near that limit it can fail: the
+    client's body is then refused as the parser would refuse it."""
+    try:
+        return json_codec.dumps_to_keep(payload)
+    except json_codec.NestedTooDeeply as exc:
+        raise BadRequest("request body is nested too deeply", code="invalid_json") from exc
 
 
 def parse_object(text: str, *, what: str) -> JsonObject:
