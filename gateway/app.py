@@ -223,6 +223,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             Keepalive(
                 settings.ping_interval_s,
                 first_token_interval_s=settings.first_token_ping_interval_ms / 1000,
+                stall_s=settings.stream_max_lag_s,
             ).running()
         )
         state = GatewayState(

@@ -12,10 +12,11 @@ used: one ``Keepalive`` task pings every open stream (a task per stream cost
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import structlog
@@ -67,6 +68,14 @@ class _EventStream(EventSourceResponse):
     """
 
     last_write = 0.0
+    #: When the write in progress began, or last saw its client take bytes
+    #: (0.0: no write in progress): a write still going waits for the
+    #: client to take the bytes before it.
+    writing_since = 0.0
+    #: Bytes queued for the client when ``took_bytes`` last looked.
+    queued = 0
+    #: Closed by ``Keepalive`` for taking nothing for its ``stall_s``.
+    stalled = False
 
     def __init__(self, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(headers=headers, sep="\n", allow_all_methods=True,
@@ -112,7 +121,11 @@ class _EventStream(EventSourceResponse):
         self._timed_socket = sock
 
     async def write_eof(self, data: bytes = b"") -> None:
-        await super().write_eof(data)
+        self.writing_since = time.monotonic()
+        try:
+            await super().write_eof(data)
+        finally:
+            self.writing_since = 0.0
         sock, self._timed_socket = self._timed_socket, None
         if sock is not None and _TCP_USER_TIMEOUT is not None and sock.fileno() >= 0:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, 0)
@@ -121,8 +134,27 @@ class _EventStream(EventSourceResponse):
         """Writes ``data``; nothing at all when it is empty (a batch of
         deltas an API has no frame for): silence stays silence."""
         if data:
-            self.last_write = time.monotonic()
-            await super().write(data)
+            self.last_write = self.writing_since = time.monotonic()
+            try:
+                await super().write(data)
+            finally:
+                self.writing_since = 0.0
+
+    def took_bytes(self) -> bool:
+        """Whether the client took bytes since the last look: what is queued
+        for it shrank (a waiting write queues nothing more, and a ping
+        writes only to an empty queue)."""
+        queued = 0 if self._peer is None else self._peer.get_write_buffer_size()
+        took, self.queued = queued < self.queued, queued
+        return took
+
+    def end_stalled(self) -> None:
+        """Close the connection of a client that takes none of the bytes
+        written to it: no frame could tell it anything any more. Its
+        handler's write fails (or the handler is cancelled) at once."""
+        self.stalled = True
+        if self._peer is not None:
+            self._peer.abort()
 
     async def ping(self) -> None:
         """A keepalive ping, unless the client still has bytes to take.
@@ -131,7 +163,8 @@ class _EventStream(EventSourceResponse):
         transport, and aiohttp's drain waits only while the transport is
         paused, which needs a queue over its high-water mark. So one task
         can ping every stream in turn, and a stuck client holds up no one
-        (the kernel aborts it: TCP_USER_TIMEOUT, set in prepare).
+        (``Keepalive`` ends it; the kernel aborts it too: TCP_USER_TIMEOUT,
+        set in prepare).
         """
         transport = self._peer
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
@@ -170,14 +203,29 @@ class Keepalive:
     it has been silent a whole ``interval_s`` (PING_INTERVAL_S): every
     quarter interval the task pings each such stream, so a silent stream
     hears a ping after 1 to 1.25 intervals.
+
+    The same sweep ends a stream whose write has waited ``stall_s``
+    (STREAM_MAX_LAG_S) for its client to take anything: the actor's lag
+    bound sees a reader only while its log grows and takes no joiners, and
+    a client that stops reading for good would otherwise hold its stream
+    until the kernel gives up on it (TCP_USER_TIMEOUT, 120 s).
     """
 
-    def __init__(self, interval_s: float, first_token_interval_s: float | None = None) -> None:
+    def __init__(
+        self,
+        interval_s: float,
+        first_token_interval_s: float | None = None,
+        stall_s: float | None = None,
+    ) -> None:
         self.interval_s = interval_s
         #: None or 0: a stream waiting for its first token is pinged like any other.
         self.first_token_interval_s = first_token_interval_s or None
+        #: None: a stalled write is left to the kernel's send timeout.
+        self.stall_s = stall_s
         self._streams: set[_EventStream] = set()
         self._waiting: set[_EventStream] = set()
+        #: Streams writing their last frame: never pinged, but ended if stalled.
+        self._closing: set[_EventStream] = set()
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -201,6 +249,16 @@ class Keepalive:
         self._streams.discard(stream)
         self._waiting.discard(stream)
 
+    @contextmanager
+    def closing(self, stream: _EventStream) -> Iterator[None]:
+        """While a forgotten stream writes its last frame: a client that
+        takes none of it is ended like any stalled one."""
+        self._closing.add(stream)
+        try:
+            yield
+        finally:
+            self._closing.discard(stream)
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Keepalive]:
         """The pinging task, for as long as the context (the app's)."""
@@ -223,6 +281,7 @@ class Keepalive:
                 await self.ping_waiting_streams()
             if loop.time() >= next_sweep:
                 next_sweep += sweep_every
+                self.end_stalled_streams()
                 await self.ping_silent_streams()
 
     async def ping_waiting_streams(self) -> None:
@@ -233,6 +292,21 @@ class Keepalive:
     async def ping_silent_streams(self) -> None:
         due = time.monotonic() - self.interval_s
         await self._ping([stream for stream in self._streams if stream.last_write <= due])
+
+    def end_stalled_streams(self) -> None:
+        """End every stream whose write has waited ``stall_s`` or more for
+        its client to take a byte (bytes taken count from each sweep that
+        sees them gone)."""
+        if self.stall_s is None:
+            return
+        now = time.monotonic()
+        streams = itertools.chain(self._streams, self._closing)
+        for stream in [stream for stream in streams if stream.writing_since]:
+            if stream.took_bytes():
+                stream.writing_since = now
+            elif stream.writing_since <= now - self.stall_s:
+                log.info("stalled client ended", waited_s=round(now - stream.writing_since, 1))
+                stream.end_stalled()
 
     async def _ping(self, streams: list[_EventStream]) -> None:
         for stream in streams:
@@ -262,6 +336,7 @@ async def close_event_stream(
     response: _EventStream, keepalive: Keepalive, last_frame: bytes = b""
 ) -> None:
     """No more pings; the last frame and the end of the chunked body leave
-    together."""
+    together (a client that takes none of them is ended as stalled)."""
     keepalive.forget(response)
-    await response.write_eof(last_frame)
+    with keepalive.closing(response):
+        await response.write_eof(last_frame)

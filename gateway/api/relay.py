@@ -155,6 +155,7 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
             state.active_streams -= 1
             # No pings after this, on every way out, cancellation included.
             state.keepalive.forget(response)
+            _note_stalled(record, stalled=response.stalled)
             # Admitted but failed (or left) before the first token: still a wait.
             note_queue_wait(request, subscription)
     if last_frame is not None:
@@ -170,7 +171,16 @@ async def relay(request: web.Request, subscription: Subscription, encoder: Strea
                 record.outcome = "cancelled"
         else:
             record.bytes_sent += len(last_frame)
+        finally:
+            _note_stalled(record, stalled=response.stalled)
     return response
+
+
+def _note_stalled(record: RequestRecord, *, stalled: bool) -> None:
+    """A stream the keepalive ended for taking nothing (STREAM_MAX_LAG_S)
+    is a slow reader's: the client's doing, like a disconnect."""
+    if stalled:
+        record.outcome, record.error_code = "cancelled", ReaderTooSlow.code
 
 
 def _counted(record: RequestRecord, frames: bytes) -> bytes:

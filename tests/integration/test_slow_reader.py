@@ -13,11 +13,14 @@ import statistics
 import time
 
 import aiohttp
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
 
 from gateway.app import running_gateway
 from gateway.config import Settings
 from gateway.sim.content import answer_tokens
 from gateway.sim.profile import SimProfile
+from tests.integration.conftest import until
 from tests.integration.sse_frames import FrameReader, openai_text
 from tests.loopback import event_stream_upstream, serving
 
@@ -157,3 +160,32 @@ async def test_a_reader_waiting_for_the_next_delta_is_never_too_slow():
             message = await whole.json()
     assert completion["choices"][0]["message"]["content"] == "".join(BURST_WORDS)
     assert message["content"] == [{"type": "text", "text": "".join(BURST_WORDS)}]
+
+
+async def test_a_client_that_takes_nothing_is_ended_after_the_lag_time(gateway_factory):
+    """A client that stops reading for good blocks its stream's writes: past
+    STREAM_MAX_LAG_S of taking nothing it is ended (its connection closed,
+    it reads nothing more anyway), also once the stream's answer is all in,
+    when no delta arrives any more to check its lag by -- not held until the
+    kernel gives up on it (TCP_USER_TIMEOUT, 120 s)."""
+    gateway = await gateway_factory(
+        sim_profile=SimProfile(ttft_ms=5, ttft_jitter_ms=0, itl_ms=0, itl_jitter_ms=0),
+        stream_max_lag_s=0.5,
+        ping_interval_s=0.2,
+    )
+    body = json.dumps({"model": "sim", "messages": [
+        {"role": "user", "content": "never read [sim tokens=1800 token_size=500]"}
+    ]}).encode()
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with capture_logs(processors=[merge_contextvars]) as logs, socket.socket() as stalled:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(b"POST /v1/stream HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        # The whole answer is in the gateway: only the client holds its stream.
+        await gateway.sim.log.wait_for(1, outcome="complete")
+        assert gateway.state.active_streams == 1
+        await until(lambda: gateway.state.active_streams == 0)
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert (line["outcome"], line["error"]) == ("cancelled", "slow_reader")
+    assert gateway.state.registry.statistics().subscribers == 0

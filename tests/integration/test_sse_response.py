@@ -117,3 +117,79 @@ async def test_frames_keep_their_order_and_framing_under_backpressure(aiohttp_se
     assert b"Transfer-Encoding: chunked" in head
     assert _dechunk(body) == PING + b"".join(sent) + b"data: end\n\n"
     assert paths["straight"] > 0 and paths["queued"] >= 20
+
+
+async def test_a_client_that_takes_none_of_the_last_frame_is_ended(aiohttp_server):
+    """The last frame's write waits for its client like any other: one that
+    takes none of it is ended once the write has waited the stall time, its
+    connection closed, though the stream is no longer pinged."""
+    keepalive = Keepalive(0.2, stall_s=0.3)
+    ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        response = await open_event_stream(request, keepalive=keepalive)
+        try:
+            await close_event_stream(response, keepalive, b"data: " + b"x" * (1 << 20) + b"\n\n")
+        finally:
+            ended.set_result(response.stalled)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/s", stream)
+    server = await aiohttp_server(app)
+    async with keepalive.running():
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+        with sock:
+            await asyncio.get_running_loop().sock_sendall(sock, b"GET /s HTTP/1.1\r\nHost: test\r\n\r\n")
+            async with asyncio.timeout(10):  # generous: the stall time is 0.3 s
+                assert await ended is True
+    assert len(keepalive) == 0
+
+
+async def test_a_client_that_takes_a_long_write_slowly_is_not_ended(aiohttp_server):
+    """Stalled means taking nothing: a client that reads a write longer than
+    the stall time, but keeps taking bytes of it, gets all of it."""
+    keepalive = Keepalive(0.2, stall_s=1.0)
+    frame = b"data: " + b"x" * (1 << 19) + b"\n\n"
+    ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        response = await open_event_stream(request, keepalive=keepalive)
+        try:
+            await response.write(frame)
+            await close_event_stream(response, keepalive, b"data: end\n\n")
+        finally:
+            ended.set_result(response.stalled)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/s", stream)
+    server = await aiohttp_server(app)
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    async with keepalive.running():
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (server.host, server.port))
+        with sock:
+            await loop.sock_sendall(sock, b"GET /s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            started = loop.time()
+            async with asyncio.timeout(60):  # generous: a few seconds at this pace
+                while chunk := await loop.sock_recv(sock, 8192):
+                    received.extend(chunk)
+                    await asyncio.sleep(0.02)  # a few KB each time: seconds in all
+            took = loop.time() - started
+        assert await ended is False
+    assert took > 1.0, took  # the write did outlast the stall time
+    _, body = bytes(received).split(b"\r\n\r\n", 1)
+    assert _dechunk(body) == PING + frame + b"data: end\n\n"
