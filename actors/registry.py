@@ -13,7 +13,9 @@ requests gets it at once instead of hammering a failing upstream, and then
 forgotten; only requests arriving inside that short window share it: a
 failure is never pinned onto fresh requests the way a cached error would be
 (a remembered 429 answering every later request). Our own cancels
-(every subscriber left) are never remembered.
+(every subscriber left) are never remembered, nor is the failure of a
+stream past its replay budget while a newer stream for its key takes
+joiners.
 """
 
 from __future__ import annotations
@@ -388,6 +390,11 @@ class Registry:
 
     def _remember(self, key: str, stream_id: int, failure: Failed) -> None:
         if self._closed or self._error_ttl_s <= 0 or not self._remember_failure(failure.error):
+            return
+        if key in self._joinable:
+            # A newer stream (this one went past its replay budget) answers
+            # identical requests: the older call's failure must not answer
+            # them after it, nor beside it.
             return
         previous = self._failures.pop(key, None)
         if previous is not None:

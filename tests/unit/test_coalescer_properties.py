@@ -248,7 +248,9 @@ class Scenario:
                     stream.failure = Boom(f"stream {stream.stream_id} failed", remember=remember)
                     source.fail(stream.failure)
                     stream.ended = True
-                    if remember and stream.shared:
+                    # Never while a newer stream takes the joiners.
+                    newer = any(s.joinable for s in self.streams)
+                    if remember and stream.shared and not newer:
                         self.remembered = stream
         await self.settle()
 

@@ -186,6 +186,45 @@ async def test_a_private_stream_failure_is_not_remembered(
     assert subscribe(registry, upstream, "r2").role == "leader"
 
 
+async def test_a_failure_is_not_remembered_while_a_newer_stream_takes_joiners(
+    admission: AdmissionQueue, upstream: MemoryUpstream
+) -> None:
+    """A stream past MAX_REPLAY_BYTES takes no joiners, and the next
+    identical request starts a newer one. The older stream's failure then
+    answers no one: kept for the TTL, it would answer the requests after
+    the newer stream's success with an older call's error."""
+    registry = Registry(admission=admission, error_ttl_s=60, max_replay_bytes=100)
+    try:
+        old = subscribe(registry, upstream, "r1")
+        old_source = await upstream.next_source()
+        old_source.push(*text("x" * 100))  # past the budget: no joiners
+        await until_unlisted(registry)
+        newer = subscribe(registry, upstream, "r2")
+        assert newer.role == "leader"
+        newer_source = await upstream.next_source()
+        error = UpstreamStatusError(500, "the old call broke")
+        old_source.fail(error)
+        assert await read_until_error(old) == (text("x" * 100), error)
+        newer_source.push(*text("fine"))
+        newer_source.finish()
+        assert await read_all(newer) == text("fine")
+        assert registry.statistics().errors_cached == 0
+        fresh = subscribe(registry, upstream, "r3")
+        assert fresh.role == "leader"
+        (await upstream.next_source()).finish()
+        assert await read_all(fresh) == []
+    finally:
+        await registry.aclose()
+
+
+async def until_unlisted(registry: Registry, key: str = "prompt-key") -> None:
+    """Until the stream for ``key`` takes no joiners (its actor has read
+    what was pushed)."""
+    async with asyncio.timeout(5):
+        while registry.has(key):  # noqa: ASYNC110 - no event to wait on
+            await asyncio.sleep(0)
+
+
 async def test_a_completed_stream_leaves_the_registry_at_once(
     registry: Registry, upstream: MemoryUpstream
 ) -> None:
