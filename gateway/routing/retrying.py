@@ -35,7 +35,7 @@ import structlog
 
 from actors.deltas import Delta
 from gateway.admission import AdmissionTicket
-from gateway.errors import GatewayError, QueueTimeout
+from gateway.errors import GatewayError, QueueTimeout, UpstreamProtocolError
 from gateway.routing.breaker import CircuitState
 from gateway.routing.failures import Failure, classify
 from gateway.routing.router import RoutePlan, Router, Upstream
@@ -45,6 +45,12 @@ from gateway.upstream.errors import TransportTimeout
 from gateway.upstream.source import SourceTimeouts, UpstreamSource, source_opener
 
 log = structlog.get_logger("gateway.routing")
+
+#: Records without content (usage, a finish) an attempt may decode before
+#: its first token. A model's answer has a handful at most (a finish and a
+#: usage for max_tokens=0); an upstream sending more is not answering, and
+#: each one held would stay in memory until the first-token deadline.
+MAX_HELD_DELTAS = 64
 
 
 class AttemptObserver(Protocol):
@@ -172,16 +178,20 @@ class RetryingSource:
                     return await self._pop_held()
                 raise
             except Exception as exc:
-                failure = classify(exc)
-                self._attempt_ended(failure)
-                self._held = None
-                if not isinstance(exc, GatewayError):
-                    raise  # not the upstream's failure: nothing to retry
-                await self._open_next((exc, failure))
+                await self._attempt_failed(exc)
                 continue
             if not delta.is_content:
                 if self._held is None:
                     self._held = []
+                if len(self._held) >= MAX_HELD_DELTAS:
+                    # No model answers with this many records before its
+                    # first token: the stream is malformed, and holding
+                    # more would grow without bound until the deadline.
+                    inner.reset()
+                    await self._attempt_failed(UpstreamProtocolError(
+                        f"upstream sent {MAX_HELD_DELTAS} records without content"
+                        " before its first token"))
+                    continue
                 self._held.append(delta)
                 continue
             self._first_token()
@@ -189,6 +199,16 @@ class RetryingSource:
                 self._held.append(delta)
                 return await self._pop_held()
             return delta
+
+    async def _attempt_failed(self, exc: Exception) -> None:
+        """The attempt's failure before its first token: what it decoded is
+        dropped, and the next attempt opened, or ``exc`` raised."""
+        failure = classify(exc)
+        self._attempt_ended(failure)
+        self._held = None
+        if not isinstance(exc, GatewayError):
+            raise exc  # not the upstream's failure: nothing to retry
+        await self._open_next((exc, failure))
 
     def reset(self) -> None:
         self._reset = True

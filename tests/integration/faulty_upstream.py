@@ -16,6 +16,11 @@ _BEARER = re.compile(rb"(?i)\r\nauthorization: *bearer +(\S+)")
 CHUNK = (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
          b'"choices":[{"index":0,"delta":{"content":"partial "},"finish_reason":null}]}\n\n')
 
+#: A chunk with no choices and the usage only, as ``include_usage`` asks for.
+USAGE_CHUNK = (b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+               b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":0,'
+               b'"total_tokens":3}}\n\n')
+
 
 def _content(text_json: str) -> bytes:
     """A chunk whose delta's content is ``text_json`` (JSON, escapes as written)."""
@@ -46,6 +51,9 @@ class FaultyUpstream:
     ``split-emoji``   200, ``smile `` then an emoji's two UTF-16 halves in two chunks
     ``silent``        no answer at all, not even a status line, until the
                       gateway closes the connection
+    ``usage-flood``   200, then usage-only chunks (no content) without end,
+                      until the gateway closes the connection (``flooded``
+                      counts them)
 
     With ``held`` in the prompt too, the answer waits until the test sets
     ``release`` (``held`` is set once such a request has arrived): the
@@ -54,6 +62,7 @@ class FaultyUpstream:
 
     def __init__(self) -> None:
         self.requests = 0
+        self.flooded = 0
         self.held = asyncio.Event()
         self.release = asyncio.Event()
         self.port = 0
@@ -79,6 +88,9 @@ class FaultyUpstream:
             if "silent" in prompt:
                 await reader.read()  # until the gateway gives up and closes
                 return
+            if "usage-flood" in prompt:
+                await self._flood_usage(writer)
+                return
             if "held" in prompt:
                 self.held.set()
                 await self.release.wait()
@@ -89,6 +101,15 @@ class FaultyUpstream:
         finally:
             writer.close()
             self._tasks.discard(task)
+
+    async def _flood_usage(self, writer: asyncio.StreamWriter) -> None:
+        """Usage-only chunks, 16 a write, until the connection goes."""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        while True:
+            writer.write(_chunked(*[USAGE_CHUNK] * 16))
+            self.flooded += 16
+            await writer.drain()
 
     @staticmethod
     def _answer(prompt: str, key: bytes) -> bytes:

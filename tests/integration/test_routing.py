@@ -265,6 +265,28 @@ async def test_a_fallback_that_gets_no_response_head_ends_at_the_first_token_dea
     assert took < 1.5, took
 
 
+async def test_an_upstream_that_streams_only_usage_chunks_fails_before_the_deadline(routed):
+    """Usage-only chunks without end and no content: what the attempt holds
+    back before its first token is bounded, and past the bound the attempt
+    fails as the malformed stream it is (502, not retried), long before its
+    first-token deadline (30 s) would end it as a 504."""
+    async with faulty_upstream() as only:
+        gateway = await routed(
+            f'[[upstream]]\nname = "only"\nurl = "{only.url}"\nprotocol = "http1"\n' + ROUTING,
+            upstream_first_token_timeout_ms=30_000,
+        )
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(15):  # a ceiling only
+                async with http.post(gateway.v1 + "/chat/completions",
+                                     json=chat("usage-flood", stream=False)) as resp:
+                    status, body = resp.status, await resp.json()
+            scraped = await metrics(http, gateway)
+    assert status == 502 and body["error"]["code"] == "upstream_protocol_error"
+    assert only.requests == 1
+    assert scraped.one("gateway_upstream_failures_total", upstream="only", kind="protocol") == 1
+    assert scraped.one("gateway_upstream_in_flight", upstream="only") == 0
+
+
 async def test_fallback_on_a_tls_failure(routed, sim_factory):
     """The primary's certificate is from a CA the gateway does not trust."""
     untrusted = trustme.CA()
