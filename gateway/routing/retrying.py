@@ -51,6 +51,11 @@ log = structlog.get_logger("gateway.routing")
 #: usage for max_tokens=0); an upstream sending more is not answering, and
 #: each one held would stay in memory until the first-token deadline.
 MAX_HELD_DELTAS = 64
+#: The least of the first-token deadline a retry or fallback starts with.
+#: Below it no model sends a first token (a request's round trip and the
+#: prompt's prefill take longer), and the prompt sent would be billed work
+#: for nothing: the request fails with what its last attempt got instead.
+MIN_ATTEMPT_S = 0.1
 
 
 class AttemptObserver(Protocol):
@@ -265,7 +270,7 @@ class RetryingSource:
         if len(self._tried) >= retry.max_attempts:
             return None
         now = router.clock()
-        if self._deadline is not None and now >= self._deadline:
+        if self._deadline is not None and now + MIN_ATTEMPT_S > self._deadline:
             return None
         candidates = [up for up in plan.candidates if up not in self._refused]
         if not candidates:
@@ -277,7 +282,7 @@ class RetryingSource:
         if delay > 0:
             if delay * 1000 > retry.max_retry_after_ms:
                 return None
-            if self._deadline is not None and now + delay >= self._deadline:
+            if self._deadline is not None and now + delay + MIN_ATTEMPT_S > self._deadline:
                 return None
         if not router.budget.try_retry(now):
             return None

@@ -265,6 +265,30 @@ async def test_a_fallback_that_gets_no_response_head_ends_at_the_first_token_dea
     assert took < 1.5, took
 
 
+async def test_no_fallback_starts_with_too_little_of_the_deadline_left(routed, sim_factory):
+    """The primary times out (its own 950 ms) with 50 ms of the request's
+    1 s first-token deadline left: too little for any model to answer, so no
+    attempt goes to the backup (a prompt sent for nothing) and the client
+    gets the primary's timeout."""
+    slow = dataclasses.replace(FAST_SIM, ttft_ms=5000)
+    primary = await sim_factory(slow)
+    backup = await sim_factory(slow)
+    gateway = await routed(
+        upstream("primary", primary.url, extra="first_token_timeout_ms = 950")
+        + upstream("backup", backup.url, priority=1) + ROUTING,
+        upstream_first_token_timeout_ms=1000,
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gateway.v1 + "/chat/completions",
+                             json=chat("late", stream=False)) as resp:
+            status, body = resp.status, await resp.json()
+        scraped = await metrics(http, gateway)
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+    assert len(primary.log.records) == 1 and backup.log.records == []
+    assert scraped.value("gateway_upstream_retries_total") == 0
+    assert scraped.one("gateway_upstream_in_flight", upstream="primary") == 0
+
+
 async def test_an_upstream_that_streams_only_usage_chunks_fails_before_the_deadline(routed):
     """Usage-only chunks without end and no content: what the attempt holds
     back before its first token is bounded, and past the bound the attempt
