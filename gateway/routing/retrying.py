@@ -421,7 +421,7 @@ class RetryingSource:
         self._tried = self._refused = ()
         upstream = self._upstream
         assert upstream is not None
-        upstream.breaker.success()
+        upstream.answered()
         router = self._router
         router.observer.upstream_ttft(upstream.name, router.clock() - self._attempt_started)
         # Two floats every open stream would hold for nothing (the constant
@@ -454,7 +454,7 @@ class RetryingSource:
         elif cancelled and not self._flowing:
             self._release_probe(upstream)  # it told nothing
         elif not self._flowing:
-            upstream.breaker.success()
+            upstream.answered()
 
     def _release_probe(self, upstream: Upstream) -> None:
         if self._probe:

@@ -85,6 +85,12 @@ class Upstream:
     def priority(self) -> int:
         return self.config.priority
 
+    def answered(self) -> None:
+        """An attempt here got its answer: the circuit closes, and a 429's
+        Retry-After hold is over (the upstream takes requests again)."""
+        self.breaker.success()
+        self.hold_until = 0.0
+
     def has_room(self) -> bool:
         admission = self.admission
         return admission is None or admission.inflight < admission.max_inflight

@@ -47,6 +47,7 @@ class FaultyUpstream:
                       (as a validation error quotes ``input_value=...``)
     ``key-in-code``   429 whose error code and Retry-After quote the key
     ``rate-limited``  429 ``rate_limit_exceeded``, ``Retry-After: 7``
+    ``throttled``     429 ``rate_limit_exceeded`` without a Retry-After
     ``surrogate``     200, an answer holding a lone UTF-16 surrogate: ``hi \\ud800 there``
     ``split-emoji``   200, ``smile `` then an emoji's two UTF-16 halves in two chunks
     ``silent``        no answer at all, not even a status line, until the
@@ -94,7 +95,10 @@ class FaultyUpstream:
             if "held" in prompt:
                 self.held.set()
                 await self.release.wait()
-            writer.write(self._answer(prompt, key))
+            # Each answer ends its connection, and says so (RFC 9112 §9.6):
+            # no request of the gateway's goes out on a connection closing.
+            answer = self._answer(prompt, key).replace(b"\r\n", b"\r\nConnection: close\r\n", 1)
+            writer.write(answer)
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -136,6 +140,11 @@ class FaultyUpstream:
             retry_after = b"7 " + key if echo else b"7"
             return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
                     b"Retry-After: %s\r\nContent-Length: %d\r\n\r\n%s" % (retry_after, len(error), error))
+        if "throttled" in prompt:
+            error = json.dumps({"error": {"message": "slow down", "type": "requests",
+                                          "code": "rate_limit_exceeded"}}).encode()
+            return (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(error), error))
         if "html" in prompt:
             page = b"<html><body>Please log in to the network</body></html>"
             return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"

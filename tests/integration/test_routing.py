@@ -265,6 +265,31 @@ async def test_a_fallback_that_gets_no_response_head_ends_at_the_first_token_dea
     assert took < 1.5, took
 
 
+async def test_a_success_ends_an_upstreams_retry_after_hold(routed):
+    """A 429 with Retry-After: 7 holds the only upstream off; the next
+    request goes there anyway and is answered, so the hold is over. A later
+    429 without Retry-After is then retried at once, not refused a retry as
+    if the old 7 s (past max_retry_after_ms) were still to be waited for."""
+    async with faulty_upstream() as only:
+        gateway = await routed(
+            f'[[upstream]]\nname = "only"\nurl = "{only.url}"\nprotocol = "http1"\n'
+            + "[routing]\nmax_attempts = 2\nmax_retry_after_ms = 1000\n",
+        )
+        async with aiohttp.ClientSession() as http:
+            statuses = []
+            for prompt in ("rate-limited", "hello", "throttled"):
+                async with http.post(gateway.v1 + "/chat/completions",
+                                     json=chat(prompt, stream=False)) as resp:
+                    statuses.append(resp.status)
+                    await resp.read()
+                    if prompt == "throttled":
+                        # Its two attempts, and only them.
+                        assert only.requests == 4
+            scraped = await metrics(http, gateway)
+    assert statuses == [429, 200, 429]
+    assert scraped.one("gateway_upstream_retries_total", upstream="only", reason="429") == 1
+
+
 async def test_no_fallback_starts_with_too_little_of_the_deadline_left(routed, sim_factory):
     """The primary times out (its own 950 ms) with 50 ms of the request's
     1 s first-token deadline left: too little for any model to answer, so no
