@@ -20,7 +20,9 @@ class CircuitState(enum.Enum):
 
 
 class CircuitBreaker:
-    __slots__ = ("failures", "cooldown_s", "_consecutive", "_state", "_open_until", "_probing")
+    __slots__ = (
+        "failures", "cooldown_s", "_consecutive", "_state", "_open_until", "_probing", "_openings"
+    )
 
     def __init__(self, *, failures: int, cooldown_s: float) -> None:
         if failures < 1:
@@ -32,6 +34,9 @@ class CircuitBreaker:
         self._open_until = 0.0
         #: Whether the one half-open probe is out.
         self._probing = False
+        #: How many times the circuit opened: names the half-open a probe
+        #: was taken in (``release``).
+        self._openings = 0
 
     def state(self, now: float) -> CircuitState:
         if self._state is CircuitState.OPEN and now >= self._open_until:
@@ -43,6 +48,12 @@ class CircuitBreaker:
     def open_until(self) -> float:
         """When an open circuit half-opens (meaningless while closed)."""
         return self._open_until
+
+    @property
+    def openings(self) -> int:
+        """How many times the circuit opened; a probe taken now is this
+        half-open's, for ``release``."""
+        return self._openings
 
     def available(self, now: float) -> bool:
         """Whether a request may go now (without taking the probe)."""
@@ -76,13 +87,17 @@ class CircuitBreaker:
         if until is not None:
             self._open(until)
 
-    def release(self) -> None:
-        """A request that took the probe ended without telling anything
-        (cancelled by its client): another may probe."""
-        if self._state is CircuitState.HALF_OPEN:
+    def release(self, opening: int) -> None:
+        """A request that took the probe of the half-open after ``opening``
+        (``openings`` then) ended without telling anything (cancelled by its
+        client): another may probe. A probe of an earlier half-open is not
+        the one out: the circuit opened again since, and its new probe may
+        be out with another request."""
+        if self._state is CircuitState.HALF_OPEN and opening == self._openings:
             self._probing = False
 
     def _open(self, until: float) -> None:
+        self._openings += 1
         self._state = CircuitState.OPEN
         self._open_until = until
         self._probing = False

@@ -130,8 +130,9 @@ class RetryingSource:
         self._attempt = 0
         self._released = False
         self._observer = observer
-        #: This attempt holds its upstream's half-open probe.
-        self._probe = False
+        #: The opening of its upstream's circuit whose half-open probe this
+        #: attempt holds (``CircuitBreaker.openings``); None: no probe.
+        self._probe: int | None = None
         #: This attempt waits up to the request's first-token deadline (not a
         #: shorter timeout of its upstream's): its timeout is the deadline's.
         self._to_deadline = False
@@ -304,7 +305,9 @@ class RetryingSource:
         half_open = upstream.breaker.state(now) is CircuitState.HALF_OPEN
         # Only the attempt that took a half-open circuit's probe may hand it
         # back unused; in panic mode an attempt goes without it.
-        self._probe = upstream.breaker.acquire(now) and half_open
+        self._probe = (
+            upstream.breaker.openings if upstream.breaker.acquire(now) and half_open else None
+        )
         self._attempt_started = now
         try:
             if upstream.admission is not None:
@@ -457,9 +460,9 @@ class RetryingSource:
             upstream.answered()
 
     def _release_probe(self, upstream: Upstream) -> None:
-        if self._probe:
-            self._probe = False
-            upstream.breaker.release()
+        if self._probe is not None:
+            upstream.breaker.release(self._probe)
+            self._probe = None
 
 
 def retrying_opener(

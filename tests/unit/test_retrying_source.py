@@ -266,6 +266,47 @@ async def test_an_attempt_without_the_probe_does_not_hand_the_probe_back() -> No
     assert not breaker.available(11.0)  # the other request still holds the probe
 
 
+async def test_a_probe_of_an_earlier_half_open_does_not_hand_back_a_later_probe() -> None:
+    """Attempt A takes the probe of a half-open circuit. Meanwhile another
+    attempt (panic mode) fails there: the circuit opens again, and after
+    its cooldown attempt C takes the new probe. A's client leaves then: A's
+    probe is no longer the one out, so the circuit must stay with one probe
+    (C's), not let a third request through as a probe too."""
+    now = [0.0]
+    answer = [chunk(content="A"), DONE]
+    transport = ScriptedTransport(answer, [503, b'{"error": {"message": "down", "type": "x"}}'],
+                                  answer)
+    config = UpstreamConfig(name="only", url="http://upstream/v1")
+    breaker = CircuitBreaker(failures=1, cooldown_s=10)
+    upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
+                        base_path="/v1", public_url=config.url, breaker=breaker)
+    routing = RoutingConfig((config,), RetryConfig(max_attempts=1, retry_budget_min=1000),
+                            from_file=True)
+    router = Router(routing, [upstream], clock=lambda: now[0])
+    plan = router.plan({"model": "m", "messages": []}, "m")
+
+    def source() -> RetryingSource:
+        return RetryingSource(router, plan, timeouts=TIMEOUTS, deadlines=Deadlines())
+
+    breaker.failure(0.0)  # open until 10
+    now[0] = 10.0
+    first = source()
+    await first.start()  # the probe
+    assert not breaker.available(10.0)
+    with pytest.raises(GatewayError):  # panic mode: goes anyway, and fails
+        failing = source()
+        await failing.start()
+        async for _ in failing:
+            pass
+    now[0] = 20.0
+    later = source()
+    await later.start()  # the next half-open's probe
+    first.reset()  # its client left
+    assert not breaker.available(20.0)
+    assert [delta.text async for delta in later] == ["A"]
+    assert breaker.state(20.0) is CircuitState.CLOSED and upstream.in_flight == 0
+
+
 async def test_the_wait_for_an_upstream_slot_ends_at_the_first_token_deadline() -> None:
     """The first-token timeout counts from the request's first attempt; a
     wait for the upstream's admission slot is part of it. When the slot
