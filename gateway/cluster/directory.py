@@ -19,12 +19,13 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -42,7 +43,8 @@ TIMEOUT_S = 0.25
 PROBE_INTERVAL_S = 1.0
 MAX_CONNECTIONS = 64
 KEY_PREFIX = "llmgw:key:"
-#: A sorted set: member URL -> when its entry expires (Unix ms), refreshed
+#: A sorted set: member URL -> when its entry expires (Unix ms by Redis's
+#: clock, TIME), refreshed
 #: with the leases; read only to pass on a cancel this process cannot serve.
 MEMBERS = "llmgw:members"
 #: What a probe claims while the directory is down (kept a probe interval):
@@ -91,8 +93,26 @@ return current
 """
 
 
+# The member list is timed by Redis's clock (TIME), the one every member
+# shares: a host whose own clock is ahead would otherwise remove the others'
+# fresh entries, and one behind would write entries the others read as gone.
+_NOW_MS = """
+local now = redis.call('time')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+"""
+# List a member until the lease from now, and drop the entries expired.
+_LIST_MEMBER = _NOW_MS + """
+redis.call('zadd', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+return redis.call('zremrangebyscore', KEYS[1], '-inf', now_ms)
+"""
+# The members whose entries have not expired.
+_MEMBERS = _NOW_MS + """
+return redis.call('zrangebyscore', KEYS[1], now_ms, '+inf')
+"""
+
+_SCRIPTS = (_RENEW, _RELEASE, _REPLACE, _LIST_MEMBER, _MEMBERS)
 #: What EVALSHA calls each script by (Redis computes the same SHA1).
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_RENEW, _RELEASE, _REPLACE)}
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
 
 
 class Unavailable(Exception):
@@ -253,17 +273,15 @@ class Directory:
         (entry, ttl_ms))``, each only if the key is ``mine`` or missing;
         ``("release", key, mine, _)`` only if still ``mine``;
         and ``("member", url, ...)`` / ``("leave", url, ...)`` for the member list.
-
-        Scripts go by their SHA1 (EVALSHA): one round trip for the lot; on a
-        Redis that does not know them yet (a restart), they are loaded and
-        the pipeline is sent once more.
         """
         commands: list[tuple[str, list[Any]]] = []
-        members: list[tuple[str, str]] = []
+        leaving: list[str] = []
         for op, key, mine, extra in ops:
             name = self.key(key)
-            if op in ("member", "leave"):
-                members.append((op, key))
+            if op == "member":
+                commands.append((_LIST_MEMBER, [MEMBERS, key, self.lease_ms]))
+            elif op == "leave":
+                leaving.append(key)
             elif op == "renew":
                 commands.append((_RENEW, [name, mine, self.lease_ms]))
             elif op == "release":
@@ -271,32 +289,41 @@ class Directory:
             else:
                 entry, ttl_ms = extra
                 commands.append((_REPLACE, [name, mine, entry, ttl_ms]))
-        if not commands and not members:
+        if not commands and not leaving:
             return
-        for attempt in (1, 2):
-            pipe = self._client.pipeline(transaction=False)
-            for op, url in members:
-                if op == "member":
-                    now_ms = int(time.time() * 1000)
-                    pipe.zadd(MEMBERS, {url: now_ms + self.lease_ms})
-                    pipe.zremrangebyscore(MEMBERS, "-inf", now_ms)
-                else:
-                    pipe.zrem(MEMBERS, url)
+
+        def fill(pipe: Pipeline) -> None:
+            if leaving:
+                pipe.zrem(MEMBERS, *leaving)
             for script, (name, *args) in commands:
                 pipe.evalsha(_SHA[script], 1, name, *args)
-            replies = await self._call(pipe.execute(raise_on_error=False))
-            if attempt == 2 or not any(isinstance(r, NoScriptError) for r in replies):
-                return
-            await self._call(self._load_scripts())
+
+        await self._run_scripts(fill)
 
     async def members(self) -> list[str]:
         """The URLs of the members whose entries have not expired."""
-        now_ms = int(time.time() * 1000)
-        reply = await self._call(self._client.zrangebyscore(MEMBERS, now_ms, "+inf"))
+        [reply] = await self._run_scripts(lambda pipe: pipe.evalsha(_SHA[_MEMBERS], 1, MEMBERS))
+        if isinstance(reply, Exception):
+            raise Unavailable("the member list did not answer") from reply
         return [url.decode() if isinstance(url, bytes) else str(url) for url in reply]
 
+    async def _run_scripts(self, fill: Callable[[Pipeline], object]) -> list[Any]:
+        """One pipeline ``fill`` writes, its replies (errors among them).
+
+        Scripts go by their SHA1 (EVALSHA): one round trip for the lot; on a
+        Redis that does not know them yet (a restart), they are loaded and
+        the pipeline is sent once more."""
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            fill(pipe)
+            replies = await self._call(pipe.execute(raise_on_error=False))
+            if attempt == 2 or not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            await self._call(self._load_scripts())
+        return replies
+
     async def _load_scripts(self) -> None:
-        for script in (_RENEW, _RELEASE, _REPLACE):
+        for script in _SCRIPTS:
             await self._client.script_load(script)
 
     async def probe(self) -> None:

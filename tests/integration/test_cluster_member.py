@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,6 +312,46 @@ async def test_a_lease_and_the_member_entry_are_written_right_after_redis_is_bac
         subscription.close()
     print(f"lease and member entry back {back_s:.2f} s after Redis")
     assert back_s < 1.8 * PROBE_INTERVAL_S
+
+
+# -- the member list, written and read by hosts whose clocks disagree -------------------
+
+
+@pytest.mark.parametrize("skew_s", [3600.0, -3600.0], ids=["an hour ahead", "an hour behind"])
+async def test_the_member_list_holds_every_member_whatever_a_hosts_clock_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, skew_s: float
+):
+    """Two members list themselves, one on a host whose wall clock is an
+    hour off: each reads both entries, and neither write removes the other's
+    (an entry expires by Redis's clock, the one both share). The scripts
+    that time it are loaded again on a Redis that lost them."""
+    metrics = ClusterMetrics(CollectorRegistry())
+    host_time = time.time
+
+    @contextmanager
+    def on_the_skewed_host() -> Iterator[None]:
+        with monkeypatch.context() as patch:
+            patch.setattr(time, "time", lambda: host_time() + skew_s)
+            yield
+
+    async with running_redis(tmp_path / "redis") as redis:
+        skewed = Directory(connect(redis.url), lease_ms=10_000, metrics=metrics, where="test")
+        exact = Directory(connect(redis.url), lease_ms=10_000, metrics=metrics, where="test")
+        try:
+            with on_the_skewed_host():
+                await skewed.write([("member", "http://skewed:1", b"", None)])
+            await exact.write([("member", "http://exact:1", b"", None)])
+            with on_the_skewed_host():
+                await skewed.write([("member", "http://skewed:1", b"", None)])
+            async with redis_client(redis.url) as client:
+                await client.script_flush()  # as a restarted Redis: the scripts load again
+            with on_the_skewed_host():
+                from_skewed = sorted(await skewed.members())
+            from_exact = sorted(await exact.members())
+        finally:
+            await skewed.aclose()
+            await exact.aclose()
+    assert [from_skewed, from_exact] == [["http://exact:1", "http://skewed:1"]] * 2
 
 
 # -- a failure recorded once Redis is back: the error TTL left, or nothing ------------------
