@@ -204,6 +204,8 @@ class Directory:
         #: in flight, each of which waits for its own).
         self._claims: list[tuple[str, bytes, asyncio.Future[bytes | None]]] = []
         self._claims_ready = asyncio.Event()
+        #: Set once ``run_claims`` has ended: nothing would send a claim.
+        self._claims_closed = False
         metrics.up.set(1)
 
     @staticmethod
@@ -219,6 +221,8 @@ class Directory:
         (``run_claims``), at ~13 µs of CPU each instead of ~50 alone."""
         if not self.up:
             raise Unavailable("the cluster directory is down")
+        if self._claims_closed:
+            raise Unavailable("the cluster directory is closing")
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._claims.append((key, value, future))
         self._claims_ready.set()
@@ -226,6 +230,7 @@ class Directory:
 
     async def run_claims(self) -> None:
         """Send the waiting claims, a pipeline at a time, until cancelled."""
+        batch: list[tuple[str, bytes, asyncio.Future[bytes | None]]] = []
         try:
             while True:
                 await self._claims_ready.wait()
@@ -253,7 +258,9 @@ class Directory:
                     if not future.done():  # its request may have gone meanwhile
                         future.set_result(answer)
         finally:
-            for _, _, future in self._claims:
+            self._claims_closed = True
+            # The batch on its way too: nobody reads its replies any more.
+            for _, _, future in [*batch, *self._claims]:
                 if not future.done():
                     future.set_exception(Unavailable("the cluster directory is closing"))
             self._claims.clear()

@@ -314,6 +314,42 @@ async def test_a_lease_and_the_member_entry_are_written_right_after_redis_is_bac
     assert back_s < 1.8 * PROBE_INTERVAL_S
 
 
+# -- the claims loop stopping (the gateway's shutdown) -----------------------------------
+
+
+async def test_a_claim_on_its_way_when_the_claims_loop_stops_is_answered(tmp_path: Path):
+    """The claims loop is cancelled (the gateway stops) while a claim waits
+    on a stalled Redis: the claim fails as the directory being unavailable
+    at once (its request is served locally, or refused by a closing
+    registry), never waits for an answer nobody will give; so does a claim
+    made once the loop has stopped."""
+    async with running_redis(tmp_path / "redis") as redis:
+        directory = Directory(
+            connect(redis.url, 30.0), lease_ms=10_000, metrics=ClusterMetrics(CollectorRegistry()),
+            where="test", timeout_s=30.0,
+        )
+        claims = asyncio.create_task(directory.run_claims())
+        try:
+            redis.pause()
+            claim = asyncio.create_task(directory.claim(KEY, b"mine"))
+            while not directory._claims:  # noqa: ASYNC110 - until the claim is queued,
+                await asyncio.sleep(0)
+            while directory._claims:  # noqa: ASYNC110 - then sent in a pipeline
+                await asyncio.sleep(0)
+            claims.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await claims
+            async with asyncio.timeout(5):  # a generous ceiling on "at once"
+                with pytest.raises(Unavailable):
+                    await claim
+                with pytest.raises(Unavailable):
+                    await directory.claim(KEY, b"mine")  # and one made after the loop
+        finally:
+            redis.resume()
+            claims.cancel()
+            await directory.aclose()
+
+
 # -- the member list, written and read by hosts whose clocks disagree -------------------
 
 
