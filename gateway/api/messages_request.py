@@ -79,7 +79,7 @@ def parse_messages_request(raw: bytes) -> ChatRequest:
             chat["stop"] = stop
     if body.get("tools") is not None:
         chat["tools"] = _tools(body["tools"])
-    chat.update(_tool_choice(body.get("tool_choice")))
+    chat.update(_tool_choice(body.get("tool_choice"), has_tools=bool(chat.get("tools"))))
     user = _user(body.get("metadata"))
     if user is not None:
         chat["user"] = user
@@ -299,7 +299,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_choice(choice: Any) -> dict[str, Any]:
+def _tool_choice(choice: Any, *, has_tools: bool) -> dict[str, Any]:
     if choice is None:
         return {}
     kind = choice.get("type") if isinstance(choice, Mapping) else None
@@ -314,6 +314,13 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
         out = {"tool_choice": {"type": "function", "function": {"name": choice["name"]}}}
     else:
         raise _field("tool_choice.type", "must be 'auto', 'any', 'tool' (with a name) or 'none'")
+    if not has_tools:
+        # Anthropic's API and OpenAI's both refuse a tool_choice with no
+        # tools; streaming, an upstream's refusal would come after the 200.
+        # "none" is what no tools means already: nothing to send.
+        if kind == "none":
+            return {}
+        raise _field("tool_choice", "may only be given with tools")
     if choice.get("disable_parallel_tool_use"):
         out["parallel_tool_calls"] = False
     return out

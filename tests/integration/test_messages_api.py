@@ -553,6 +553,40 @@ async def test_a_tool_field_without_a_translation_is_a_400(tool_peer, field):
     assert asked == []
 
 
+@pytest.mark.parametrize("tools", [None, []], ids=["no tools", "empty tools"])
+@pytest.mark.parametrize("choice", [{"type": "auto"}, {"type": "any"},
+                                    {"type": "tool", "name": "get_weather"}],
+                         ids=["auto", "any", "tool"])
+async def test_a_tool_choice_without_tools_is_a_400_before_the_upstream(tool_peer, tools, choice):
+    """Anthropic's API and an OpenAI upstream both refuse a tool_choice with
+    no tool to choose: streaming, the upstream's refusal would come after the
+    200, so the client gets Anthropic's 400 and nothing goes upstream."""
+    url, asked = tool_peer
+    body = message("no tools", stream=True, tool_choice=choice)
+    if tools is not None:
+        body["tools"] = tools
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=body) as resp:
+            status, answer = resp.status, await resp.read()
+    assert status == 400
+    assert json.loads(answer) == {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "'tool_choice' may only be given with tools"}}
+    assert asked == []
+
+
+async def test_a_tool_choice_of_none_without_tools_is_the_default(tool_peer):
+    """``none`` is what no tools means: answered, and the upstream is not
+    sent a tool_choice it would refuse for want of tools."""
+    url, asked = tool_peer
+    body = message("no tools", tool_choice={"type": "none"})
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=body) as resp:
+            assert resp.status == 200
+    (chat,) = asked
+    assert "tool_choice" not in chat and "tools" not in chat
+
+
 async def test_an_answer_with_thinking_goes_back_in_the_tool_loop(tool_peer):
     """Anthropic's tool loop: the answer's content (its thinking included) is
     sent back as the assistant turn, followed by the tool results."""
