@@ -77,9 +77,11 @@ def parse_messages_request(raw: bytes) -> ChatRequest:
             raise _field("stop_sequences", "must be a list of strings")
         if stop:
             chat["stop"] = stop
-    if body.get("tools") is not None:
-        chat["tools"] = _tools(body["tools"])
-    chat.update(_tool_choice(body.get("tool_choice"), has_tools=bool(chat.get("tools"))))
+    tools = _tools(body["tools"]) if body.get("tools") is not None else []
+    if tools:
+        # An empty list is no tools to Anthropic; OpenAI refuses an empty array.
+        chat["tools"] = tools
+    chat.update(_tool_choice(body.get("tool_choice"), has_tools=bool(tools)))
     user = _user(body.get("metadata"))
     if user is not None:
         chat["user"] = user

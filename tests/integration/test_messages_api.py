@@ -587,6 +587,17 @@ async def test_a_tool_choice_of_none_without_tools_is_the_default(tool_peer):
     assert "tool_choice" not in chat and "tools" not in chat
 
 
+async def test_an_empty_tools_list_is_no_tools(tool_peer):
+    """Anthropic takes ``tools: []`` as no tools; an OpenAI upstream refuses
+    an empty tools array, so the request it gets has none."""
+    url, asked = tool_peer
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/messages", json=message("tools", tools=[])) as resp:
+            assert resp.status == 200
+    (chat,) = asked
+    assert "tools" not in chat
+
+
 async def test_an_answer_with_thinking_goes_back_in_the_tool_loop(tool_peer):
     """Anthropic's tool loop: the answer's content (its thinking included) is
     sent back as the assistant turn, followed by the tool results."""
