@@ -215,7 +215,8 @@ def test_assistant_tool_call_without_text_and_empty_messages() -> None:
     ],
 )
 def test_tool_choice(tool_choice: Any, parallel: bool | None, expected: Any) -> None:
-    chat: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    chat: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools}
     if tool_choice is not None:
         chat["tool_choice"] = tool_choice
     if parallel is not None:

@@ -80,6 +80,11 @@ def translate_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
     if chat.get("tools"):
         body["tools"] = [_translate_tool(tool) for tool in chat["tools"]]
     tool_choice = _translate_tool_choice(chat.get("tool_choice"), chat.get("parallel_tool_calls"))
+    if tool_choice is not None and "tools" not in body:
+        # Anthropic refuses a tool_choice without tools; "auto" and "none"
+        # then mean what no tools means, and are left out.
+        _refuse_a_required_call(tool_choice)
+        tool_choice = None
     if tool_choice is not None:
         body["tool_choice"] = tool_choice
     if chat.get("user"):
@@ -334,6 +339,12 @@ def _translate_tool(tool: Mapping[str, Any]) -> Block:
         translated["strict"] = strict
     # A cache breakpoint after the tool definitions, where clients put one.
     return _cache_control(tool, translated)
+
+
+def _refuse_a_required_call(tool_choice: Block) -> None:
+    """With no tools, a call that must be made ("any", a named tool) cannot be."""
+    if tool_choice["type"] not in ("auto", "none"):
+        raise BadRequest("'tool_choice' needs tools for an Anthropic upstream", code="invalid_value")
 
 
 def _translate_tool_choice(choice: Any, parallel_tool_calls: Any) -> Block | None:
