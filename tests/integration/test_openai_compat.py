@@ -545,3 +545,23 @@ async def test_tool_settings_without_tools_do_not_reach_an_anthropic_upstream(fi
     assert answer.endswith(b"data: [DONE]\n\n")
     (sent,) = asked
     assert "tool_choice" not in sent and "tools" not in sent
+
+
+@pytest.mark.parametrize("stop", ["\n", ["END", "\n\n"], " \t", ""],
+                         ids=["a newline", "a list with blank lines", "blanks", "empty"])
+async def test_a_blank_stop_sequence_is_a_400_before_an_anthropic_upstream(stop):
+    """Anthropic refuses a stop sequence with no visible character (OpenAI
+    clients send "\\n" often): refused here, not after the 200, and not
+    dropped, which would answer past the stop the client asked for."""
+    asked: list[Mapping[str, Any]] = []
+    body = {"model": "m", "stream": True, "stop": stop,
+            "messages": [{"role": "user", "content": "stop at a blank"}]}
+    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            status, answer = resp.status, await resp.read()
+    assert status == 400
+    assert json.loads(answer) == {"error": {
+        "message": "'stop' sequences must have a character other than whitespace "
+                   "for an Anthropic upstream",
+        "type": "invalid_request_error", "code": "unsupported_value"}}
+    assert asked == []

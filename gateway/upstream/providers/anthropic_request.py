@@ -74,9 +74,9 @@ def translate_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
             body[name] = chat[name]
     stop = chat.get("stop")
     if isinstance(stop, str):
-        body["stop_sequences"] = [stop]
+        body["stop_sequences"] = _stop_sequences([stop])
     elif stop:
-        body["stop_sequences"] = list(stop)
+        body["stop_sequences"] = _stop_sequences(stop)
     if chat.get("tools"):
         body["tools"] = [_translate_tool(tool) for tool in chat["tools"]]
     tool_choice = _translate_tool_choice(chat.get("tool_choice"), chat.get("parallel_tool_calls"))
@@ -339,6 +339,18 @@ def _translate_tool(tool: Mapping[str, Any]) -> Block:
         translated["strict"] = strict
     # A cache breakpoint after the tool definitions, where clients put one.
     return _cache_control(tool, translated)
+
+
+def _stop_sequences(stop: list[str]) -> list[str]:
+    """Anthropic refuses a stop sequence of whitespace only, or empty:
+    refused here, before the 200, rather than dropped (the answer would go
+    on past the stop the client asked for)."""
+    if not all(sequence.strip() for sequence in stop):
+        raise BadRequest(
+            "'stop' sequences must have a character other than whitespace for an Anthropic upstream",
+            code="unsupported_value",
+        )
+    return list(stop)
 
 
 def _refuse_a_required_call(tool_choice: Block) -> None:
