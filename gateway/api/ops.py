@@ -157,8 +157,10 @@ async def _upstream_get(upstream: Upstream, path: str, timeout_s: float) -> tupl
     """GET a small JSON document from one upstream: (status, body), within
     ``timeout_s``. A non-2xx answer raises the provider's error, except 404,
     which the caller names."""
+    # The headers of any chat request (its body is not sent): one the
+    # provider can translate, so a question with one user message.
     headers = upstream.provider.build_request(
-        {"model": "", "messages": []},
+        {"model": "", "messages": [{"role": "user", "content": "?"}]},
         base_path=upstream.base_path,
         api_key=upstream.config.api_key or None,
     ).headers

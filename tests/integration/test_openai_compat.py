@@ -565,3 +565,23 @@ async def test_a_blank_stop_sequence_is_a_400_before_an_anthropic_upstream(stop)
                    "for an Anthropic upstream",
         "type": "invalid_request_error", "code": "unsupported_value"}}
     assert asked == []
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "Say hello."}],
+    [{"role": "developer", "content": "Say hello."}, {"role": "user", "content": ""}],
+], ids=["a system message alone", "an empty user message"])  # fmt: skip
+async def test_no_turn_to_answer_is_a_400_before_an_anthropic_upstream(messages):
+    """OpenAI answers a system prompt alone; Anthropic's Messages API needs a
+    message besides the system prompt (empty ones are not sent)."""
+    asked: list[Mapping[str, Any]] = []
+    body = {"model": "m", "stream": True, "messages": messages}
+    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            status, answer = resp.status, await resp.read()
+    assert status == 400
+    assert json.loads(answer) == {"error": {
+        "message": "'messages' must hold a user or assistant message with content "
+                   "for an Anthropic upstream",
+        "type": "invalid_request_error", "code": "unsupported_value"}}
+    assert asked == []

@@ -36,7 +36,7 @@ def test_request_line_headers_and_compact_body() -> None:
 
 def test_no_api_key_no_key_header() -> None:
     request = AnthropicProvider().build_request(
-        {"model": "m", "messages": []}, base_path="", api_key=None
+        {"model": "m", "messages": [{"role": "user", "content": "x"}]}, base_path="", api_key=None
     )
     assert request.path == "/messages"
     assert [name for name, _ in request.headers] == [

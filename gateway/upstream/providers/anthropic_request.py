@@ -62,6 +62,13 @@ def translate_chat(chat: Mapping[str, Any]) -> dict[str, Any]:
     """The streaming Messages request body for a validated OpenAI chat request."""
     _refuse_untranslatable(chat)
     system, messages = _translate_messages(chat.get("messages") or [])
+    if not messages:
+        # The Messages API needs one besides the system prompt; OpenAI's
+        # answers a system prompt alone.
+        raise BadRequest(
+            "'messages' must hold a user or assistant message with content for an Anthropic upstream",
+            code="unsupported_value",
+        )
     body: dict[str, Any] = {"model": chat.get("model")}
     if system:
         body["system"] = system
