@@ -585,3 +585,25 @@ async def test_no_turn_to_answer_is_a_400_before_an_anthropic_upstream(messages)
                    "for an Anthropic upstream",
         "type": "invalid_request_error", "code": "unsupported_value"}}
     assert asked == []
+
+
+async def test_blank_text_is_not_sent_to_an_anthropic_upstream():
+    """Anthropic refuses a text block of whitespace only; it says nothing,
+    so it is left out as an empty one is (the turns around it then meet)."""
+    asked: list[Mapping[str, Any]] = []
+    body = {"model": "m", "stream": True, "messages": [
+        {"role": "system", "content": "  "},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "\n"},
+        {"role": "user", "content": [{"type": "text", "text": " \t"},
+                                     {"type": "text", "text": " again "}]},
+    ]}  # fmt: skip
+    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            status, answer = resp.status, await resp.read()
+    assert status == 200
+    assert answer.endswith(b"data: [DONE]\n\n")
+    (sent,) = asked
+    assert "system" not in sent
+    assert sent["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "Hi"}, {"type": "text", "text": " again "}]}]

@@ -242,12 +242,12 @@ def _content_blocks(content: Any) -> list[Block]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if _has_text(content) else []
     blocks: list[Block] = []
     for part in content:
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "text":
-            if part.get("text"):
+            if _has_text(part.get("text")):
                 blocks.append(_cache_control(part, {"type": "text", "text": part["text"]}))
         elif kind == "image_url":
             blocks.append(_cache_control(part, _image_block(part.get("image_url") or {})))
@@ -258,6 +258,12 @@ def _content_blocks(content: Any) -> list[Block]:
                 f"content parts of type {kind!r} cannot be sent to an Anthropic upstream"
             )
     return blocks
+
+
+def _has_text(text: Any) -> bool:
+    """Whether a text says anything: Anthropic refuses a text block that is
+    empty or whitespace only, and such a block says nothing, so it is left out."""
+    return isinstance(text, str) and bool(text.strip())
 
 
 def _image_block(image_url: Mapping[str, Any]) -> Block:
@@ -278,12 +284,12 @@ def _image_block(image_url: Mapping[str, Any]) -> Block:
 def _text_blocks(content: Any, *, role: str) -> list[Block]:
     """System and tool content: text blocks, cache marks kept."""
     if content is None or isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if _has_text(content) else []
     blocks = []
     for part in content:
         if not isinstance(part, Mapping) or part.get("type") != "text":
             raise BadRequest(f"{role} messages may only contain text for an Anthropic upstream")
-        if part.get("text"):
+        if _has_text(part.get("text")):
             blocks.append(_cache_control(part, {"type": "text", "text": part["text"]}))
     return blocks
 
