@@ -157,6 +157,10 @@ def validate_chat_body(body: dict[str, Any]) -> ChatRequest:
     _check_logit_bias(body.get("logit_bias"))
     _check_tools(body.get("tools"))
     _check_tool_choice(body.get("tool_choice"))
+    if body.get("tools") is None and body.get("tool_choice") not in (None, "none"):
+        # OpenAI and vLLM refuse a tool_choice with no tools ("none" only
+        # OpenAI: vLLM answers it, as no tool call).
+        raise _field("tool_choice", "is only allowed when 'tools' are specified")
     _check_response_format(body.get("response_format"))
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):

@@ -510,31 +510,12 @@ async def test_a_strict_function_is_a_strict_anthropic_tool():
     }]  # fmt: skip
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "f"}}],
-                         ids=["required", "a function"])
-async def test_a_tool_choice_no_tool_can_answer_is_a_400_before_an_anthropic_upstream(choice):
-    """Anthropic refuses a tool_choice without tools: streaming, its refusal
-    would come after the 200. A call that must be made with no tool to call
-    is refused here; nothing goes upstream."""
-    asked: list[Mapping[str, Any]] = []
-    body = {"model": "m", "stream": True, "tool_choice": choice,
-            "messages": [{"role": "user", "content": "no tools"}]}
-    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/chat/completions", json=body) as resp:
-            status, answer = resp.status, await resp.read()
-    assert status == 400
-    assert json.loads(answer) == {"error": {
-        "message": "'tool_choice' needs tools for an Anthropic upstream",
-        "type": "invalid_request_error", "code": "invalid_value"}}
-    assert asked == []
-
-
-@pytest.mark.parametrize("fields", [{"tool_choice": "auto"}, {"tool_choice": "none"},
-                                    {"parallel_tool_calls": False}, {"tools": []}],
-                         ids=["auto", "none", "no parallel calls", "empty tools"])
+@pytest.mark.parametrize("fields", [{"tool_choice": "none"}, {"parallel_tool_calls": False},
+                                    {"tools": []}],
+                         ids=["none", "no parallel calls", "empty tools"])
 async def test_tool_settings_without_tools_do_not_reach_an_anthropic_upstream(fields):
-    """With no tools, "auto", "none" and no parallel calls all mean no tool
-    call: answered, and the upstream gets no tool_choice it would refuse."""
+    """With no tools, "none" and no parallel calls mean no tool call either:
+    answered, and the upstream gets no tool_choice it would refuse."""
     asked: list[Mapping[str, Any]] = []
     body = {"model": "m", "stream": True, **fields,
             "messages": [{"role": "user", "content": "no tools"}]}

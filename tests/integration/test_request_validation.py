@@ -32,6 +32,12 @@ INVALID = [
      "messages[0].content[0].type", "invalid_value"),
     ("empty content list", _content([]), "messages[0].content", "invalid_value"),
     ("tool_choice 5", _body(tool_choice=5), "tool_choice", "invalid_value"),
+    # OpenAI and vLLM refuse it: streaming, after the 200.
+    ("tool_choice without tools", _body(tool_choice="auto"),
+     "'tool_choice' is only allowed when 'tools' are specified", "invalid_value"),
+    ("tool_choice of a function without tools",
+     _body(tool_choice={"type": "function", "function": {"name": "f"}}),
+     "'tool_choice' is only allowed when 'tools' are specified", "invalid_value"),
     ("response_format a string", _body(response_format="json"), "response_format",
      "invalid_value"),
     ("seed a string", _body(seed="x"), "seed", "invalid_value"),
@@ -87,11 +93,14 @@ async def test_an_invalid_field_is_a_400_naming_it(gateway, path, case, body, fi
     assert len(gateway.sim.log.records) == 1  # only the good request went upstream
 
 
-@pytest.mark.parametrize("fields", [{"n": 1}, {"n": None}, {}, {"temperature": 2, "top_p": 0},
+@pytest.mark.parametrize("fields", [{"n": 1}, {"n": None}, {}, {"tool_choice": "none"},
+                                    {"temperature": 2, "top_p": 0},
                                     {"frequency_penalty": -2, "presence_penalty": 2},
                                     {"logprobs": True, "top_logprobs": 2},
                                     {"seed": 7, "logit_bias": {"50256": -100},
-                                                   "tool_choice": "auto",
+                                                   "tool_choice": "auto", "tools": [{
+                                                       "type": "function",
+                                                       "function": {"name": "f"}}],
                                                    "response_format": {"type": "json_object"}}])
 async def test_valid_fields_pass(gateway, fields):
     body = {"model": "m", "messages": [{"role": "user", "content": [

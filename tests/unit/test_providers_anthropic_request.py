@@ -200,6 +200,21 @@ def test_assistant_tool_call_without_text_and_empty_messages() -> None:
     assert "system" not in body
 
 
+@pytest.mark.parametrize("fields", [{"tool_choice": "auto"}, {"tool_choice": "none"},
+                                    {"tool_choice": "auto", "parallel_tool_calls": False}])
+def test_without_tools_a_choice_of_no_call_is_left_out(fields: dict[str, Any]) -> None:
+    """Anthropic refuses a tool_choice without tools."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}
+    assert "tool_choice" not in translate(chat)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "f"}}])
+def test_without_tools_a_call_that_must_be_made_is_refused(choice: Any) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": choice}
+    with pytest.raises(BadRequest, match="'tool_choice' needs tools for an Anthropic upstream"):
+        translate(chat)
+
+
 @pytest.mark.parametrize(
     ("tool_choice", "parallel", "expected"),
     [
