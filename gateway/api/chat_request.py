@@ -309,8 +309,13 @@ def _check_response_format(fmt: Any) -> None:
         raise _field(
             "response_format", "must be an object with type " + ", ".join(sorted(_RESPONSE_FORMATS))
         )
-    if fmt["type"] == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
-        raise _field("response_format.json_schema", "must be an object")
+    if fmt["type"] == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _field("response_format.json_schema", "must be an object")
+        if not isinstance(spec.get("name"), str):
+            # Required by OpenAI's reference (and refused without by vLLM).
+            raise _field("response_format.json_schema.name", "must be a string")
 
 
 def _check_logit_bias(bias: Any) -> None:

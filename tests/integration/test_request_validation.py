@@ -40,6 +40,11 @@ INVALID = [
      "'tool_choice' is only allowed when 'tools' are specified", "invalid_value"),
     ("response_format a string", _body(response_format="json"), "response_format",
      "invalid_value"),
+    # OpenAI and vLLM require the schema's name: streaming, their refusal
+    # would come after the 200.
+    ("json_schema without a name",
+     _body(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
+     "'response_format.json_schema.name' must be a string", "invalid_value"),
     ("seed a string", _body(seed="x"), "seed", "invalid_value"),
     ("logit_bias a list", _body(logit_bias=[1]), "logit_bias", "invalid_value"),
     ("n above 1", _body(n=3), "n", "unsupported_value"),
