@@ -115,6 +115,24 @@ _SCRIPTS = (_RENEW, _RELEASE, _REPLACE, _LIST_MEMBER, _MEMBERS)
 _SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
 
 
+def _cancels_asked() -> int:
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
+
+
+def _raise_a_lost_cancel(cancels_before: int) -> None:
+    """Raise the cancel of the running task that a Redis call returned
+    over: redis-py (8.2) now and then hands a reply back from a task that
+    was cancelled while it waited (a few calls in a hundred cancelled
+    mid-pipeline), and a task that asks Redis in a loop -- the member's
+    writer, the claims loop -- would then go on for ever, holding up the
+    gateway's shutdown. The task's count of cancel requests still says
+    that one was made; each ``asyncio.timeout`` of ours takes its own back."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > cancels_before:
+        raise asyncio.CancelledError
+
+
 class Unavailable(Exception):
     """The directory did not answer (in time): serve locally."""
 
@@ -341,11 +359,13 @@ class Directory:
         than 7.0), which the next request would mark down again: a flapping
         ``gateway_cluster_up``, two log lines a second, a Redis wait every
         second."""
+        cancels = _cancels_asked()
         try:
             async with asyncio.timeout(self._timeout_s * 2):
                 await self._client.set(PROBE_KEY, b"", nx=True, px=PROBE_EXPIRY_MS, get=True)
         except (RedisError, OSError, TimeoutError):
             return
+        _raise_a_lost_cancel(cancels)
         self._mark_up()
 
     async def aclose(self) -> None:
@@ -359,6 +379,7 @@ class Directory:
                 call.close()
             raise Unavailable("the cluster directory is down")
         started = time.perf_counter()
+        cancels = _cancels_asked()
         try:
             async with asyncio.timeout(self._timeout_s):
                 reply = await call
@@ -366,6 +387,7 @@ class Directory:
             self._metrics.redis_error()
             self._mark_down(exc)
             raise Unavailable("the cluster directory did not answer") from exc
+        _raise_a_lost_cancel(cancels)
         self._metrics.redis_round_trip(time.perf_counter() - started)
         return reply
 

@@ -10,6 +10,7 @@ Redis is back, and which keys it owns after a takeover.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -348,6 +349,43 @@ async def test_a_claim_on_its_way_when_the_claims_loop_stops_is_answered(tmp_pat
             redis.resume()
             claims.cancel()
             await directory.aclose()
+
+
+# -- a cancel that arrives while Redis is being asked ----------------------------------
+
+
+async def test_a_task_cancelled_while_it_asks_redis_ends(tmp_path: Path):
+    """A task that keeps asking Redis (the member's writer, the claims loop)
+    ends when cancelled, wherever in a call the cancel lands: redis-py
+    returns from a pipeline now and then with the cancel lost (a few in a
+    hundred here), and the task would then go on asking, for ever."""
+    metrics = ClusterMetrics(CollectorRegistry())
+    rng = random.Random(7)
+    async with running_redis(tmp_path / "redis") as redis:
+        directory = Directory(connect(redis.url), lease_ms=10_000, metrics=metrics, where="test")
+
+        async def keep_asking() -> None:
+            while True:
+                await directory.write([("renew", KEY, b"mine", None)])
+
+        still_asking: list[asyncio.Task[None]] = []
+        try:
+            for _ in range(300):
+                task = asyncio.create_task(keep_asking())
+                await asyncio.sleep(rng.random() / 500)
+                task.cancel()
+                await asyncio.wait([task], timeout=5)  # a generous ceiling on "ends"
+                if not task.done():
+                    still_asking.append(task)
+                    break
+                assert task.cancelled()
+        finally:
+            for task in still_asking:
+                task.cancel()  # once more: it ends at a cancel redis-py keeps
+            if still_asking:
+                await asyncio.wait(still_asking, timeout=5)
+            await directory.aclose()
+        assert still_asking == []
 
 
 # -- the member list, written and read by hosts whose clocks disagree -------------------
