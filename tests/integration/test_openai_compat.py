@@ -528,43 +528,36 @@ async def test_tool_settings_without_tools_do_not_reach_an_anthropic_upstream(fi
     assert "tool_choice" not in sent and "tools" not in sent
 
 
-@pytest.mark.parametrize("stop", ["\n", ["END", "\n\n"], " \t", ""],
-                         ids=["a newline", "a list with blank lines", "blanks", "empty"])
-async def test_a_blank_stop_sequence_is_a_400_before_an_anthropic_upstream(stop):
+_BLANK_STOP = ("'stop' sequences must have a character other than whitespace "
+               "for an Anthropic upstream")
+_NO_TURN = "'messages' must hold a user or assistant message with content for an Anthropic upstream"
+_HELLO = [{"role": "user", "content": "stop at a blank"}]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"stop": "\n", "messages": _HELLO}, _BLANK_STOP),
+    ({"stop": ["END", "\n\n"], "messages": _HELLO}, _BLANK_STOP),
+    ({"stop": " \t", "messages": _HELLO}, _BLANK_STOP),
+    ({"stop": "", "messages": _HELLO}, _BLANK_STOP),
+    ({"messages": [{"role": "system", "content": "Say hello."}]}, _NO_TURN),
+    ({"messages": [{"role": "developer", "content": "Say hello."},
+                   {"role": "user", "content": ""}]}, _NO_TURN),
+], ids=["a newline stop", "a list of stops with blank lines", "a blank stop", "an empty stop",
+        "a system message alone", "an empty user message"])  # fmt: skip
+async def test_what_an_anthropic_upstream_refuses_is_a_400_before_it(body, message):
     """Anthropic refuses a stop sequence with no visible character (OpenAI
-    clients send "\\n" often): refused here, not after the 200, and not
-    dropped, which would answer past the stop the client asked for."""
+    clients send "\\n" often), and a chat with no message besides the system
+    prompt (OpenAI answers a system prompt alone; empty messages are not
+    sent): refused here, not after the 200, and not dropped, which would
+    answer past the stop the client asked for."""
     asked: list[Mapping[str, Any]] = []
-    body = {"model": "m", "stream": True, "stop": stop,
-            "messages": [{"role": "user", "content": "stop at a blank"}]}
     async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+        async with http.post(url + "/v1/chat/completions",
+                             json={"model": "m", "stream": True, **body}) as resp:
             status, answer = resp.status, await resp.read()
     assert status == 400
     assert json.loads(answer) == {"error": {
-        "message": "'stop' sequences must have a character other than whitespace "
-                   "for an Anthropic upstream",
-        "type": "invalid_request_error", "code": "unsupported_value"}}
-    assert asked == []
-
-
-@pytest.mark.parametrize("messages", [
-    [{"role": "system", "content": "Say hello."}],
-    [{"role": "developer", "content": "Say hello."}, {"role": "user", "content": ""}],
-], ids=["a system message alone", "an empty user message"])  # fmt: skip
-async def test_no_turn_to_answer_is_a_400_before_an_anthropic_upstream(messages):
-    """OpenAI answers a system prompt alone; Anthropic's Messages API needs a
-    message besides the system prompt (empty ones are not sent)."""
-    asked: list[Mapping[str, Any]] = []
-    body = {"model": "m", "stream": True, "messages": messages}
-    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/chat/completions", json=body) as resp:
-            status, answer = resp.status, await resp.read()
-    assert status == 400
-    assert json.loads(answer) == {"error": {
-        "message": "'messages' must hold a user or assistant message with content "
-                   "for an Anthropic upstream",
-        "type": "invalid_request_error", "code": "unsupported_value"}}
+        "message": message, "type": "invalid_request_error", "code": "unsupported_value"}}
     assert asked == []
 
 

@@ -119,11 +119,13 @@ async def test_frames_keep_their_order_and_framing_under_backpressure(aiohttp_se
     assert paths["straight"] > 0 and paths["queued"] >= 20
 
 
-async def test_a_client_that_takes_none_of_the_last_frame_is_ended(aiohttp_server):
-    """The last frame's write waits for its client like any other: one that
-    takes none of it is ended once the write has waited the stall time, its
-    connection closed, though the stream is no longer pinged."""
-    keepalive = Keepalive(0.2, stall_s=0.3)
+async def _stream_to_a_tight_client(
+    aiohttp_server, keepalive: Keepalive, frames: list[bytes], last_frame: bytes
+) -> tuple[socket.socket, asyncio.Future[bool]]:
+    """A stream writing ``frames``, then ``last_frame``, with 4 KiB socket
+    buffers on both sides (so a client that does not read stalls the writes
+    at once), and a client connected and asking for it; the future says
+    whether the keepalive ended the stream as stalled."""
     ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     async def stream(request: web.Request) -> web.StreamResponse:
@@ -132,7 +134,9 @@ async def test_a_client_that_takes_none_of_the_last_frame_is_ended(aiohttp_serve
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         response = await open_event_stream(request, keepalive=keepalive)
         try:
-            await close_event_stream(response, keepalive, b"data: " + b"x" * (1 << 20) + b"\n\n")
+            for frame in frames:
+                await response.write(frame)
+            await close_event_stream(response, keepalive, last_frame)
         finally:
             ended.set_result(response.stalled)
         return response
@@ -140,13 +144,24 @@ async def test_a_client_that_takes_none_of_the_last_frame_is_ended(aiohttp_serve
     app = web.Application()
     app.router.add_get("/s", stream)
     server = await aiohttp_server(app)
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await loop.sock_connect(client, (server.host, server.port))
+    await loop.sock_sendall(client, b"GET /s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    return client, ended
+
+
+async def test_a_client_that_takes_none_of_the_last_frame_is_ended(aiohttp_server):
+    """The last frame's write waits for its client like any other: one that
+    takes none of it is ended once the write has waited the stall time, its
+    connection closed, though the stream is no longer pinged."""
+    keepalive = Keepalive(0.2, stall_s=0.3)
     async with keepalive.running():
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
-        with sock:
-            await asyncio.get_running_loop().sock_sendall(sock, b"GET /s HTTP/1.1\r\nHost: test\r\n\r\n")
+        client, ended = await _stream_to_a_tight_client(
+            aiohttp_server, keepalive, [], b"data: " + b"x" * (1 << 20) + b"\n\n")
+        with client:
             async with asyncio.timeout(10):  # generous: the stall time is 0.3 s
                 assert await ended is True
     assert len(keepalive) == 0
@@ -157,35 +172,15 @@ async def test_a_client_that_takes_a_long_write_slowly_is_not_ended(aiohttp_serv
     the stall time, but keeps taking bytes of it, gets all of it."""
     keepalive = Keepalive(0.2, stall_s=1.0)
     frame = b"data: " + b"x" * (1 << 19) + b"\n\n"
-    ended: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    async def stream(request: web.Request) -> web.StreamResponse:
-        assert request.transport is not None
-        sock = request.transport.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        response = await open_event_stream(request, keepalive=keepalive)
-        try:
-            await response.write(frame)
-            await close_event_stream(response, keepalive, b"data: end\n\n")
-        finally:
-            ended.set_result(response.stalled)
-        return response
-
-    app = web.Application()
-    app.router.add_get("/s", stream)
-    server = await aiohttp_server(app)
     loop = asyncio.get_running_loop()
     received = bytearray()
     async with keepalive.running():
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, (server.host, server.port))
-        with sock:
-            await loop.sock_sendall(sock, b"GET /s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        client, ended = await _stream_to_a_tight_client(
+            aiohttp_server, keepalive, [frame], b"data: end\n\n")
+        with client:
             started = loop.time()
             async with asyncio.timeout(60):  # generous: a few seconds at this pace
-                while chunk := await loop.sock_recv(sock, 8192):
+                while chunk := await loop.sock_recv(client, 8192):
                     received.extend(chunk)
                     await asyncio.sleep(0.02)  # a few KB each time: seconds in all
             took = loop.time() - started
