@@ -239,6 +239,20 @@ def test_one_answer_only_and_every_attempt_ends(
     asyncio.run(run())
 
 
+def _one_upstream_breaking_at_once(
+    transport: ScriptedTransport, now: list[float]
+) -> tuple[Upstream, CircuitBreaker, Router]:
+    """One upstream whose circuit opens at its first failure for 10 s, one
+    attempt a request, the router's clock ``now[0]``."""
+    config = UpstreamConfig(name="only", url="http://upstream/v1")
+    breaker = CircuitBreaker(failures=1, cooldown_s=10)
+    upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
+                        base_path="/v1", public_url=config.url, breaker=breaker)
+    routing = RoutingConfig((config,), RetryConfig(max_attempts=1, retry_budget_min=1000),
+                            from_file=True)
+    return upstream, breaker, Router(routing, [upstream], clock=lambda: now[0])
+
+
 async def test_an_attempt_without_the_probe_does_not_hand_the_probe_back() -> None:
     """A half-open circuit's probe is out with another request; in panic
     mode this attempt goes anyway, gets a 400 (the request's fault, which
@@ -246,13 +260,7 @@ async def test_an_attempt_without_the_probe_does_not_hand_the_probe_back() -> No
     probe at a time."""
     now = [0.0]
     transport = ScriptedTransport([400, b'{"error": {"message": "bad", "type": "x"}}'])
-    config = UpstreamConfig(name="only", url="http://upstream/v1")
-    breaker = CircuitBreaker(failures=1, cooldown_s=10)
-    upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
-                        base_path="/v1", public_url=config.url, breaker=breaker)
-    routing = RoutingConfig((config,), RetryConfig(max_attempts=1, retry_budget_min=1000),
-                            from_file=True)
-    router = Router(routing, [upstream], clock=lambda: now[0])
+    upstream, breaker, router = _one_upstream_breaking_at_once(transport, now)
     breaker.failure(0.0)  # open until 10
     now[0] = 11.0
     assert breaker.acquire(11.0)  # another request took the probe
@@ -276,13 +284,7 @@ async def test_a_probe_of_an_earlier_half_open_does_not_hand_back_a_later_probe(
     answer = [chunk(content="A"), DONE]
     transport = ScriptedTransport(answer, [503, b'{"error": {"message": "down", "type": "x"}}'],
                                   answer)
-    config = UpstreamConfig(name="only", url="http://upstream/v1")
-    breaker = CircuitBreaker(failures=1, cooldown_s=10)
-    upstream = Upstream(config=config, transport=transport, provider=OpenAIProvider(),
-                        base_path="/v1", public_url=config.url, breaker=breaker)
-    routing = RoutingConfig((config,), RetryConfig(max_attempts=1, retry_budget_min=1000),
-                            from_file=True)
-    router = Router(routing, [upstream], clock=lambda: now[0])
+    upstream, breaker, router = _one_upstream_breaking_at_once(transport, now)
     plan = router.plan({"model": "m", "messages": []}, "m")
 
     def source() -> RetryingSource:
