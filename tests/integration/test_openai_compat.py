@@ -510,18 +510,26 @@ async def test_a_strict_function_is_a_strict_anthropic_tool():
     }]  # fmt: skip
 
 
+async def _chat_through_anthropic(
+    body: Mapping[str, Any],
+) -> tuple[int, bytes, list[Mapping[str, Any]]]:
+    """``body`` posted to a gateway in front of an Anthropic upstream that
+    answers TEXT_ANSWER: the status, the answer, what the upstream was asked."""
+    asked: list[Mapping[str, Any]] = []
+    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            return resp.status, await resp.read(), asked
+
+
 @pytest.mark.parametrize("fields", [{"tool_choice": "none"}, {"parallel_tool_calls": False},
                                     {"tools": []}],
                          ids=["none", "no parallel calls", "empty tools"])
 async def test_tool_settings_without_tools_do_not_reach_an_anthropic_upstream(fields):
     """With no tools, "none" and no parallel calls mean no tool call either:
     answered, and the upstream gets no tool_choice it would refuse."""
-    asked: list[Mapping[str, Any]] = []
     body = {"model": "m", "stream": True, **fields,
             "messages": [{"role": "user", "content": "no tools"}]}
-    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/chat/completions", json=body) as resp:
-            status, answer = resp.status, await resp.read()
+    status, answer, asked = await _chat_through_anthropic(body)
     assert status == 200
     assert answer.endswith(b"data: [DONE]\n\n")
     (sent,) = asked
@@ -550,11 +558,7 @@ async def test_what_an_anthropic_upstream_refuses_is_a_400_before_it(body, messa
     prompt (OpenAI answers a system prompt alone; empty messages are not
     sent): refused here, not after the 200, and not dropped, which would
     answer past the stop the client asked for."""
-    asked: list[Mapping[str, Any]] = []
-    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/chat/completions",
-                             json={"model": "m", "stream": True, **body}) as resp:
-            status, answer = resp.status, await resp.read()
+    status, answer, asked = await _chat_through_anthropic({"model": "m", "stream": True, **body})
     assert status == 400
     assert json.loads(answer) == {"error": {
         "message": message, "type": "invalid_request_error", "code": "unsupported_value"}}
@@ -564,7 +568,6 @@ async def test_what_an_anthropic_upstream_refuses_is_a_400_before_it(body, messa
 async def test_blank_text_is_not_sent_to_an_anthropic_upstream():
     """Anthropic refuses a text block of whitespace only; it says nothing,
     so it is left out as an empty one is (the turns around it then meet)."""
-    asked: list[Mapping[str, Any]] = []
     body = {"model": "m", "stream": True, "messages": [
         {"role": "system", "content": "  "},
         {"role": "user", "content": "Hi"},
@@ -572,9 +575,7 @@ async def test_blank_text_is_not_sent_to_an_anthropic_upstream():
         {"role": "user", "content": [{"type": "text", "text": " \t"},
                                      {"type": "text", "text": " again "}]},
     ]}  # fmt: skip
-    async with _anthropic_upstream(TEXT_ANSWER, asked) as url, aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/chat/completions", json=body) as resp:
-            status, answer = resp.status, await resp.read()
+    status, answer, asked = await _chat_through_anthropic(body)
     assert status == 200
     assert answer.endswith(b"data: [DONE]\n\n")
     (sent,) = asked
