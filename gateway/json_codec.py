@@ -25,6 +25,7 @@ __all__ = [
     "BACKEND", "NestedTooDeeply", "dumps", "dumps_to_keep", "loads", "use_standard_library",
 ]
 
+
 class NestedTooDeeply(ValueError):
     """A value nested deeper than the interpreter recurses, to read or to
     write: bad input, not a failure of ours."""
