@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.errors import QueueFull, QueueTimeout
+
 #: TTFT buckets: fine below 2 s (the go/no-go line is 1.5 s), reaching 60 s
 #: because long reasoning models take that long (envoyproxy/ai-gateway #1793).
 TTFT_BUCKETS = (
@@ -160,21 +162,30 @@ class GatewayMetrics:
         self._init_routing(registry)
 
     def timed_open(self, open_source: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
-        """``open_source`` timed, its failures counted and its calls in
-        progress tracked, by prometheus-async. Only ``Exception``s count
+        """``open_source`` timed and its calls in progress tracked, by
+        prometheus-async, and its failures counted. Only ``Exception``s count
         as failures: a cancelled open (the last client left) is none."""
 
         def opened() -> Awaitable[T]:
             return aio.time(
                 self.upstream_open,
-                aio.count_exceptions(
-                    self.upstream_open_failures,
+                self._count_open_failure(
                     aio.track_inprogress(self.upstream_opening, open_source()),
-                    exc=Exception,
                 ),
             )
 
         return opened
+
+    async def _count_open_failure(self, opening: Awaitable[T]) -> T:
+        try:
+            return await opening
+        except (QueueFull, QueueTimeout):
+            # A routed upstream's own admission limit (max_inflight): no
+            # request was tried upstream, so none failed to be sent.
+            raise
+        except Exception:
+            self.upstream_open_failures.inc()
+            raise
 
     def bind_live_state(self, live: LiveState) -> None:
         self.registry.register(_LiveCollector(live, self.windows))

@@ -448,6 +448,32 @@ async def test_a_full_upstream_queues_its_requests_in_order(routed, sim_factory)
                for earlier, later in itertools.pairwise(records))
 
 
+async def test_a_wait_for_an_upstreams_slot_that_times_out_is_no_open_failure(
+        routed, sim_factory):
+    """The upstream's one slot held by a stream that idles after its first
+    token: the next request waits for that slot until its first-token
+    deadline and is shed (503 queue_timeout). Nothing was tried upstream, so
+    it is a ``busy`` failure, not an upstream request that could not be sent."""
+    only = await sim_factory(FAST_SIM)
+    gateway = await routed(upstream("only", only.url, extra="max_inflight = 1"),
+                           upstream_first_token_timeout_ms=1000)
+    async with aiohttp.ClientSession() as http:
+        holder = await http.post(gateway.v1 + "/chat/completions",
+                                 json=chat("hold the slot [sim itl_ms=60000]"))
+        assert (await FrameReader(holder).next()).comment == "ping"
+        await only.log.wait_for_arrivals(1)
+        async with http.post(gateway.v1 + "/chat/completions",
+                             json=chat("wait for it", stream=False)) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "queue_timeout"
+        holder.close()
+        await gateway.state.registry.wait_idle()
+        scraped = await metrics(http, gateway)
+    assert len(only.log.records) == 1
+    assert scraped.one("gateway_upstream_failures_total", upstream="only", kind="busy") == 1
+    assert scraped.one("gateway_upstream_open_failures_total") == 0
+
+
 async def test_in_flight_returns_to_zero_when_the_answer_ends_in_its_first_read(
         routed, sim_factory):
     """One token and the end in the same read: the attempt's stream is
