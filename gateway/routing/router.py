@@ -91,6 +91,13 @@ class Upstream:
         self.breaker.success()
         self.hold_until = 0.0
 
+    @property
+    def waiting(self) -> int:
+        """Attempts waiting for a slot of its own admission queue: started
+        here (in ``in_flight``, which balancing weighs) but not open yet."""
+        admission = self.admission
+        return 0 if admission is None else admission.depth
+
     def has_room(self) -> bool:
         admission = self.admission
         return admission is None or admission.inflight < admission.max_inflight

@@ -51,7 +51,7 @@ def build_router(routing: RoutingConfig, settings: Settings, metrics: GatewayMet
             UpstreamGauges(
                 name=up.name,
                 circuit_open=router.circuit_open(up),
-                in_flight=up.in_flight,
+                in_flight=up.in_flight - up.waiting,
                 connections=up.transport.connection_count(),
             )
             for up in router.upstreams

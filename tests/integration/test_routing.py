@@ -29,7 +29,7 @@ from gateway.sim import SimProfile, SimServer
 from gateway.sim.app import MODELS as SIM_MODELS
 from gateway.sim.content import answer_tokens
 from gateway.state import STATE, GatewayState
-from tests.integration.conftest import FAST_SIM
+from tests.integration.conftest import FAST_SIM, until
 from tests.integration.faulty_upstream import faulty_upstream
 from tests.integration.metrics_scrape import Scrape, scrape
 from tests.integration.sse_frames import FrameReader, native_text, openai_text
@@ -472,6 +472,30 @@ async def test_a_wait_for_an_upstreams_slot_that_times_out_is_no_open_failure(
     assert len(only.log.records) == 1
     assert scraped.one("gateway_upstream_failures_total", upstream="only", kind="busy") == 1
     assert scraped.one("gateway_upstream_open_failures_total") == 0
+
+
+async def test_an_attempt_waiting_for_an_upstreams_slot_is_not_in_flight_there(
+        routed, sim_factory):
+    """max_inflight = 1: one stream holds the slot, one waits for it. The
+    upstream has one stream open, and its gauge says so."""
+    only = await sim_factory(FAST_SIM)
+    gateway = await routed(upstream("only", only.url, extra="max_inflight = 1"))
+    (up,) = gateway.state.router.upstreams
+    assert up.admission is not None
+    async with aiohttp.ClientSession() as http:
+        holder = await http.post(gateway.v1 + "/chat/completions",
+                                 json=chat("hold the slot [sim ttft_ms=60000]"))
+        await only.log.wait_for_arrivals(1)
+        waiter = await http.post(gateway.v1 + "/chat/completions", json=chat("wait for it"))
+        await until(lambda: up.admission is not None and up.admission.depth == 1)
+        waiting = await metrics(http, gateway)
+        waiter.close()
+        holder.close()
+        await gateway.state.registry.wait_idle()
+        after = await metrics(http, gateway)
+    assert len(only.log.records) == 1
+    assert waiting.one("gateway_upstream_in_flight", upstream="only") == 1
+    assert after.one("gateway_upstream_in_flight", upstream="only") == 0
 
 
 async def test_in_flight_returns_to_zero_when_the_answer_ends_in_its_first_read(
