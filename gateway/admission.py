@@ -164,7 +164,7 @@ class AdmissionQueue:
 
     @property
     def depth(self) -> int:
-        """Tickets waiting for a slot (gateway_queue_depth)."""
+        """Tickets waiting for a slot (counted in gateway_queue_depth)."""
         return len(self._waiting)
 
     def enqueue(self, arrived_at: float) -> AdmissionTicket:

@@ -245,7 +245,7 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
             LiveState(
                 active_streams=lambda: state.active_streams,
                 active_actors=lambda: registry.statistics().actors,
-                queue_depth=lambda: admission.depth,
+                queue_depth=lambda: state.queue_depth,
                 upstream_connections=lambda: sum(
                     up.transport.connection_count() for up in router.upstreams
                 ),

@@ -48,6 +48,12 @@ class GatewayState:
     #: without one.
     exchanges: ExchangeLog | None = None
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for admission: in the gateway's queue
+        (MAX_QUEUE), or in a routed upstream's own (its max_inflight)."""
+        return self.admission.depth + sum(up.waiting for up in self.router.upstreams)
+
 
 @dataclass(eq=False, slots=True)
 class RequestRecord:

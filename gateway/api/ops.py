@@ -102,7 +102,7 @@ async def stats(request: web.Request) -> web.Response:
         "coalesce": {"leaders": registry.leaders_total, "followers": registry.followers_total},
         "active_streams": state.active_streams,
         "active_actors": registry.actors,
-        "queue_depth": state.admission.depth,
+        "queue_depth": state.queue_depth,
         "upstream_connections": sum(
             up.transport.connection_count() for up in state.router.upstreams
         ),

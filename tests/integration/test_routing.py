@@ -498,6 +498,34 @@ async def test_an_attempt_waiting_for_an_upstreams_slot_is_not_in_flight_there(
     assert after.one("gateway_upstream_in_flight", upstream="only") == 0
 
 
+async def test_a_request_waiting_for_an_upstreams_slot_is_in_the_queue_depth(
+        routed, sim_factory):
+    """max_inflight = 1: one stream holds the upstream's slot, one waits in
+    that upstream's admission queue. The gateway's queue is empty, yet one
+    request waits for admission: the depth says 1, then 0."""
+    only = await sim_factory(FAST_SIM)
+    gateway = await routed(upstream("only", only.url, extra="max_inflight = 1"))
+    (up,) = gateway.state.router.upstreams
+    assert up.admission is not None
+    async with aiohttp.ClientSession() as http:
+        holder = await http.post(gateway.v1 + "/chat/completions",
+                                 json=chat("hold the slot [sim ttft_ms=60000]"))
+        await only.log.wait_for_arrivals(1)
+        waiter = await http.post(gateway.v1 + "/chat/completions", json=chat("wait for it"))
+        await until(lambda: up.admission is not None and up.admission.depth == 1)
+        waiting = await metrics(http, gateway)
+        async with http.get(gateway.url + "/stats") as resp:
+            waiting_stats = await resp.json()
+        waiter.close()
+        holder.close()
+        await gateway.state.registry.wait_idle()
+        after = await metrics(http, gateway)
+        async with http.get(gateway.url + "/stats") as resp:
+            after_stats = await resp.json()
+    assert (waiting.one("gateway_queue_depth"), waiting_stats["queue_depth"]) == (1, 1)
+    assert (after.one("gateway_queue_depth"), after_stats["queue_depth"]) == (0, 0)
+
+
 async def test_in_flight_returns_to_zero_when_the_answer_ends_in_its_first_read(
         routed, sim_factory):
     """One token and the end in the same read: the attempt's stream is
