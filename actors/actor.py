@@ -208,6 +208,12 @@ class StreamActor:
     def admitted_at(self) -> float | None:
         return None if self._ticket is None else self._ticket.admitted_at
 
+    @property
+    def unadmitted(self) -> bool:
+        """Whether its stream took an admission ticket not admitted (yet or
+        ever: still queued, shed, or left while queued)."""
+        return self._ticket is not None and self._ticket.admitted_at is None
+
     def delta_after(self, cursor: int) -> Delta | None:
         """The delta with sequence number ``cursor + 1``, if logged yet."""
         index = cursor - self._log_base

@@ -81,9 +81,11 @@ class Subscription:
 
     @property
     def queue_wait_s(self) -> float | None:
-        """Leader: admission minus arrival, once admitted. Follower: 0.0."""
+        """Leader: admission minus arrival, once admitted. Follower: 0.0 (it
+        takes no slot), unless the stream it joined is not admitted: a stream
+        shed from the queue has no admission for any of its subscribers."""
         if self.role == "follower":
-            return 0.0
+            return None if self._actor.unadmitted else 0.0
         admitted_at = self._actor.admitted_at
         if admitted_at is None:
             return None

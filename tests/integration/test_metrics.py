@@ -267,6 +267,35 @@ async def test_an_upstream_that_refuses_the_connection_is_an_open_failure():
     assert metrics.one("gateway_upstream_opening") == 0
 
 
+async def test_requests_shed_from_the_queue_record_no_queue_wait(gateway_factory):
+    """One slot, held. Three identical requests queue as one stream (a leader
+    and two followers that take its place) and are shed together at the
+    queue timeout. None was admitted: none has a queue wait to record, the
+    followers no more than their leader; only the holder's is recorded."""
+    gateway = await gateway_factory(max_inflight=1, max_queue=1, queue_timeout_ms=1000)
+    url = gateway.v1 + "/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        holder = await http.post(url, json=chat("hold [sim ttft_ms=60000]"))
+        assert (await FrameReader(holder).next()).comment == "ping"
+        await gateway.sim.log.wait_for_arrivals(1)
+
+        async def shed() -> str:
+            async with http.post(url, json=chat("shed together", stream=False)) as resp:
+                assert resp.status == 503
+                return (await resp.json())["error"]["code"]
+
+        assert await asyncio.gather(shed(), shed(), shed()) == ["queue_timeout"] * 3
+        holder.close()
+        await wait_idle(gateway)
+        metrics = await scrape(http, gateway.url)
+        async with http.get(gateway.url + "/stats") as resp:
+            stats = await resp.json()
+    assert metrics.one("gateway_coalesce_total", role="follower") == 2
+    assert metrics.one("gateway_requests_total", api="openai", outcome="shed") == 3
+    assert metrics.one("gateway_queue_wait_seconds_count") == 1
+    assert stats["queue_wait_ms"]["samples"] == 1
+
+
 async def test_the_reset_counter_counts_cancels_not_the_gateways_own_timeouts(gateway_factory):
     """``gateway_upstream_resets_total`` is the cancel chain's count, one
     ``gateway_cancel_seconds`` observation each: a first-token timeout also

@@ -266,8 +266,8 @@ async def test_the_leader_waits_for_admission_followers_take_no_ticket(
     waiting = subscribe(registry, upstream, "w", key="b", arrived_at=10.0)
     followers = [subscribe(registry, upstream, f"f{n}", key="b") for n in range(3)]
     assert (admission.inflight, admission.depth) == (1, 1)  # one ticket for all of "b"
-    assert waiting.queue_wait_s is None
-    assert [f.queue_wait_s for f in followers] == [0.0, 0.0, 0.0]
+    # Not admitted yet: no queue wait, for the followers no more than the leader.
+    assert [s.queue_wait_s for s in (waiting, *followers)] == [None, None, None, None]
     assert upstream.open_started == 1  # "b" is not opened before admission
     clock.now = 12.25
     opened = asyncio.ensure_future(upstream.next_source())
@@ -275,6 +275,7 @@ async def test_the_leader_waits_for_admission_followers_take_no_ticket(
     assert await read_all(busy) == []
     source = await opened
     assert waiting.queue_wait_s == 2.25
+    assert [f.queue_wait_s for f in followers] == [0.0, 0.0, 0.0]  # they took no slot
     source.push(*text("b!"))
     source.finish()
     for subscription in (waiting, *followers):
