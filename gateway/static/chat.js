@@ -3,7 +3,7 @@
 // coalescing role the gateway reported.
 import { stream } from "./sse-client.js";
 
-const MODEL = "sim";
+const MODEL = "sim-1";
 const MAX_BURST = 6; // see the comment on #burst-count in index.html
 /** A pane's header before its first token, by how the pane ended. */
 const ENDED_WITHOUT_ROLE = { done: "done", error: "failed", stopped: "stopped" };

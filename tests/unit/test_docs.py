@@ -360,3 +360,28 @@ def test_no_tracked_file_points_outside_the_repository() -> None:
             if outside.search(line):
                 offenders.append(f"{relative}:{n}")
     assert offenders == []
+
+
+#: A request body of a curl line in the docs: ``-d '{"model": "sim-1", ...}'``.
+_CURL_MODEL = re.compile(r"""-d '\{"model": "([^"]+)\"""")
+#: The model the demo page asks for: ``const MODEL = "sim-1";``.
+_PAGE_MODEL = re.compile(r"""^const MODEL = "([^"]+)";""", re.MULTILINE)
+DEMO_PAGE_SCRIPT = ROOT / "gateway" / "static" / "chat.js"
+
+
+def test_every_model_asked_of_make_run_is_one_the_simulator_lists() -> None:
+    """The model of each curl line aimed at `make run` (127.0.0.1:8080) and
+    the demo page's model are ones `GET /v1/models` lists there, so that
+    `models.retrieve` of the model a client was shown finds it."""
+    from gateway.sim.app import MODELS
+
+    asked = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for command in page.read_text().split("curl ")[1:]:
+            if command.startswith("-N http://127.0.0.1:8080/"):
+                asked += [(page.name, model) for model in _CURL_MODEL.findall(command)]
+    asked += [(DEMO_PAGE_SCRIPT.name, model)
+              for model in _PAGE_MODEL.findall(DEMO_PAGE_SCRIPT.read_text())]
+    listed = {model["id"] for model in MODELS}
+    assert len(asked) >= 3
+    assert [(name, model) for name, model in asked if model not in listed] == []
