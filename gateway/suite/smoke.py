@@ -19,6 +19,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -36,12 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smoke-ttft",
         description="One slow streaming request: the first byte must come at once.",
     )
-    parser.add_argument("url", nargs="?", help="a gateway's base URL, e.g. https://host/v1 "
-                        "(default: start a local simulator and gateway)")
+    parser.add_argument("url", nargs="?", help="a gateway's base URL, e.g. https://host/v1, or "
+                        "its address alone, as bin/check-alerts takes it (default: start a "
+                        "local simulator and gateway)")
     parser.add_argument("--max-first-byte-ms", type=float, default=MAX_FIRST_BYTE_MS)
     parser.add_argument("--api-key", default=os.environ.get("TTFT_API_KEY") or None)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     return parser
+
+
+def api_base(url: str) -> str:
+    """The API base of ``url``: a gateway's address alone (no path, the form
+    ``make run`` prints and ``bin/check-alerts`` takes) serves its API under
+    ``/v1``; any other path is taken as the base itself."""
+    base = url.rstrip("/")
+    return base + "/v1" if urlsplit(base).path == "" else base
 
 
 async def probe(base_url: str, *, api_key: str | None, model: str) -> StreamResult:
@@ -55,7 +65,8 @@ async def probe(base_url: str, *, api_key: str | None, model: str) -> StreamResu
 
 async def _run(args: argparse.Namespace) -> tuple[str, StreamResult]:
     if args.url:
-        return args.url, await probe(args.url, api_key=args.api_key, model=args.model)
+        base_url = api_base(args.url)
+        return base_url, await probe(base_url, api_key=args.api_key, model=args.model)
     async with local_system(SuiteConfig()) as endpoints:
         result = await probe(endpoints.gateway_url, api_key=None, model=args.model)
         return endpoints.gateway_url, result

@@ -34,7 +34,7 @@ from gateway.suite.report import FAIL, PASS, SKIP, SuiteReport, Verdict, passed,
 from gateway.suite.run import publish
 from gateway.suite.stats import Summary, histogram_quantile, percentile
 from tests.conftest import SimFactory
-from tests.integration.conftest import GatewayFactory, both_protocols, subscribed, upstream_held
+from tests.integration.conftest import Gateway, GatewayFactory, both_protocols, subscribed, upstream_held
 from tests.integration.stubborn_proxy import StubbornProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -457,3 +457,22 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
 def test_thresholds_are_the_go_no_go_lines() -> None:
     thresholds = Thresholds()
     assert (thresholds.ttft_p95_ms, thresholds.cancel_p95_ms) == (1500, 300)
+
+
+@pytest.mark.parametrize("path", ["", "/", "/v1"])
+async def test_smoke_ttft_takes_the_gateway_address_with_or_without_v1(
+    gateway: Gateway, path: str
+) -> None:
+    """`bin/smoke-ttft [URL]` beside `bin/check-alerts [URL]`: the address
+    `make run` prints (no /v1) reaches the same API as the API base does."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.suite.smoke", "--max-first-byte-ms", "1000",
+        gateway.url + path, cwd=REPO, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    lines = output.decode().rstrip("\n").split("\n")
+    assert process.returncode == 0, lines
+    assert lines[0] == f"smoke-ttft against {gateway.v1}"
+    assert re.fullmatch(r"Time to first byte: \d+\.\d ms \(<= 1000\) PASS", lines[-1]), lines
+    assert len(gateway.sim.log.records) == 1
