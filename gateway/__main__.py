@@ -165,14 +165,19 @@ async def serve(settings: Settings) -> None:
                  timeout_s=settings.drain_timeout_s, idle_connections_closed=closed)
         await _drain(state, listener.connections, settings.drain_timeout_s, signals.second)
     finally:
-        for signum in STOP_SIGNALS:
-            loop.remove_signal_handler(signum)
         # Waits for the handlers to write their last frame (for up to
         # LAST_FRAME_TIMEOUT_S, then cancels them), closes every connection
-        # and runs the app's cleanup (transport, simulator).
-        listener.stop_listening()
-        await runner.cleanup()
-        await listener.aclose()
+        # and runs the app's cleanup (transport, simulator). The signal
+        # handlers stay until it is done: a further signal meanwhile is one
+        # more request to stop, not a kill that loses the exchange log's
+        # last records, the cluster's leave and the exit status 0.
+        try:
+            listener.stop_listening()
+            await runner.cleanup()
+            await listener.aclose()
+        finally:
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
     log.info("stopped")
 
 

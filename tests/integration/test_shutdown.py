@@ -337,3 +337,33 @@ async def test_a_client_that_stops_reading_does_not_hold_the_exit_past_the_drain
     ending = await gateway.wait_logged("ending the remaining streams")
     assert ending["reason"] == "drain timeout" and ending["requests"] == 1
     assert gateway.events()[-1] == "stopped"
+
+
+@pytest.mark.parametrize("again", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_after_the_drain_ended_still_exits_0(sim_factory, again):
+    """A further stop signal while the process closes what the drain left
+    (here: the last frame of a client that stopped reading, up to
+    LAST_FRAME_TIMEOUT_S) is one more request to stop: the process still
+    exits 0 and writes ``stopped``, not killed by the signal's default."""
+    sim = await sim_factory()
+    async with gateway_process(sim.url, DRAIN_TIMEOUT_S="0") as gateway:
+        loop = asyncio.get_running_loop()
+        stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+            stuck.setblocking(False)
+            await loop.sock_connect(stuck, ("127.0.0.1", gateway.port))
+            body = json.dumps(chat(f"never read after {HUGE}")).encode()
+            await loop.sock_sendall(stuck, b"POST /v1/stream HTTP/1.1\r\nHost: gw\r\n"
+                                    b"Content-Type: application/json\r\n"
+                                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await sim.log.wait_for(1, outcome="complete", timeout=10)
+            gateway.process.send_signal(signal.SIGTERM)
+            # The drain is over; the stuck handler holds the cleanup for 1 s.
+            await gateway.wait_logged("ending the remaining streams")
+            gateway.process.send_signal(again)
+            async with asyncio.timeout(15):
+                assert await gateway.process.wait() == 0
+        finally:
+            stuck.close()
+    assert gateway.events()[-1] == "stopped"
