@@ -218,7 +218,10 @@ async def _gateway(app: web.Application) -> AsyncIterator[None]:
         if member is not None:
             from gateway.cluster.membership import open_internal_listener
 
-            await open_internal_listener(settings, member, registry, stack, metrics.registry)
+            await open_internal_listener(
+                settings, member, registry, stack, metrics.registry,
+                draining=lambda: STATE in app and app[STATE].draining,
+            )
         keepalive = await stack.enter_async_context(
             Keepalive(
                 settings.ping_interval_s,

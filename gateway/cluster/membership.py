@@ -95,12 +95,15 @@ async def cancel_until_done(tasks: list[asyncio.Task[None]]) -> None:
 
 async def open_internal_listener(
     settings: Settings, member: Member, registry: Registry, stack: AsyncExitStack,
-    process_metrics: CollectorRegistry,
+    process_metrics: CollectorRegistry, *, draining: Callable[[], bool],
 ) -> str:
-    """Bind the internal listener; returns the URL other members use."""
+    """Bind the internal listener; returns the URL other members use.
+    ``draining``: whether this process is draining (it then takes no new
+    follower)."""
     member.registry = registry
     app = internal_app(
-        registry, settings.cluster_secret, member.metrics, member.claiming, process_metrics
+        registry, settings.cluster_secret, member.metrics, member.claiming, process_metrics,
+        draining=draining,
     )
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S

@@ -6,9 +6,10 @@ the hash of the client's credential, as ``registry.cancel`` checks it).
 
 ``GET /cluster/v1/streams/{key}`` (``Last-Event-ID`` optional) joins the live
 stream for the key as one more subscriber and relays it as the internal
-format (``gateway.cluster.wire``); 404 when there is none here. It never
-starts a stream. With a cluster secret, a request must carry
-``Authorization: Bearer <secret>`` (compared in constant time) or gets 401.
+format (``gateway.cluster.wire``); 404 when there is none here, 503 while
+this process drains (the asker takes the key over). It never starts a
+stream. With a cluster secret, a request must carry ``Authorization: Bearer
+<secret>`` (compared in constant time) or gets 401.
 Leaving -- the follower shutting the connection -- cancels the handler
 (``handler_cancellation=True``), which closes the subscription: if it was the
 last, the upstream stream is reset in that tick. A follower that closes
@@ -132,6 +133,8 @@ CLAIM_WAIT_S = 0.5
 
 REGISTRY = web.AppKey("cluster_registry", Registry)
 CLAIMING: web.AppKey[Callable[[str], asyncio.Event | None]] = web.AppKey("cluster_claiming")
+#: Whether this process is draining (the gateway's own state).
+DRAINING: web.AppKey[Callable[[], bool]] = web.AppKey("cluster_draining")
 HEARTBEAT = web.AppKey("cluster_heartbeat", Heartbeat)
 SECRET = web.AppKey("cluster_secret", str)
 METRICS = web.AppKey("cluster_metrics", ClusterMetrics)
@@ -184,6 +187,12 @@ async def follow(request: web.Request) -> web.StreamResponse:
                 await claiming.wait()
         except TimeoutError:
             pass
+    if request.app[DRAINING]():
+        # A new follower is a new request: a draining process takes none
+        # (the asker takes the key over and leads it), where joining would
+        # end its stream with ``shutting_down`` at this process's drain
+        # timeout, on a member that is not shutting down.
+        return _error(503, "shutting_down", "this gateway is shutting down")
     try:
         subscription = registry.join(
             # Unguessable: cancel-by-id must not reach another member's relay.
@@ -270,8 +279,11 @@ def internal_app(
     metrics: ClusterMetrics,
     claiming: Callable[[str], asyncio.Event | None],
     process_metrics: CollectorRegistry,
+    *,
+    draining: Callable[[], bool],
 ) -> web.Application:
     app = web.Application()
+    app[DRAINING] = draining
     app[CLAIMING] = claiming
     app[HEARTBEAT] = heartbeat = Heartbeat()
 

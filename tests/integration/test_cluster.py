@@ -719,3 +719,44 @@ async def test_a_member_with_another_secret_is_served_locally_and_said_once(tmp_
     assert len(sim.log.records) == 4
     said = [line for line in stranger.output if "refused our CLUSTER_SECRET" in line]
     assert len(said) == 1, stranger.output
+
+
+# -- 12. a member that drains -----------------------------------------------------------------
+
+
+async def _until_refused(member: Member) -> None:
+    """Until ``member``'s listener is closed: the same tick its drain begins."""
+    port = int(member.url.rsplit(":", 1)[1])
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except (ConnectionRefusedError, ConnectionResetError):  # reset: closed mid-accept
+                return
+            writer.close()
+            await writer.wait_closed()
+            await asyncio.sleep(0.02)
+
+
+async def test_a_request_on_another_member_leads_rather_than_follow_a_draining_owner(cluster):
+    """A draining member takes no new request, not even through another
+    member: that member leads the prompt itself, and its client gets the
+    whole answer, not the owner's ``shutting_down`` at the owner's drain
+    timeout (1 s here: the answer takes 3 s)."""
+    prompt = "owned by a member that drains [sim itl_ms=20 tokens=150]"
+    owner, other, _ = cluster.members
+    async with aiohttp.ClientSession() as http:
+        on_owner, owner_reader = await _stream_on(http, owner, prompt, 1)
+        owner.service.process.send_signal(signal.SIGTERM)
+        await _until_refused(owner)
+        async with asyncio.timeout(20):
+            frames = await stream_native(http, other, prompt)
+            await owner_reader.rest()
+        on_owner.release()
+        async with asyncio.timeout(10):
+            assert await owner.service.process.wait() == 0
+    assert owner_reader.frames[-1].json()["code"] == "shutting_down"
+    assert meta_role(frames) == "leader"
+    assert native_text(frames) == expected(prompt, 150)
+    assert frames[-1].event == "done"
+    assert len(cluster.calls()) == 2
