@@ -474,35 +474,12 @@ async def test_a_wait_for_an_upstreams_slot_that_times_out_is_no_open_failure(
     assert scraped.one("gateway_upstream_open_failures_total") == 0
 
 
-async def test_an_attempt_waiting_for_an_upstreams_slot_is_not_in_flight_there(
-        routed, sim_factory):
-    """max_inflight = 1: one stream holds the slot, one waits for it. The
-    upstream has one stream open, and its gauge says so."""
-    only = await sim_factory(FAST_SIM)
-    gateway = await routed(upstream("only", only.url, extra="max_inflight = 1"))
-    (up,) = gateway.state.router.upstreams
-    assert up.admission is not None
-    async with aiohttp.ClientSession() as http:
-        holder = await http.post(gateway.v1 + "/chat/completions",
-                                 json=chat("hold the slot [sim ttft_ms=60000]"))
-        await only.log.wait_for_arrivals(1)
-        waiter = await http.post(gateway.v1 + "/chat/completions", json=chat("wait for it"))
-        await until(lambda: up.admission is not None and up.admission.depth == 1)
-        waiting = await metrics(http, gateway)
-        waiter.close()
-        holder.close()
-        await gateway.state.registry.wait_idle()
-        after = await metrics(http, gateway)
-    assert len(only.log.records) == 1
-    assert waiting.one("gateway_upstream_in_flight", upstream="only") == 1
-    assert after.one("gateway_upstream_in_flight", upstream="only") == 0
-
-
-async def test_a_request_waiting_for_an_upstreams_slot_is_in_the_queue_depth(
+async def test_an_attempt_waiting_for_an_upstreams_slot_is_queued_not_in_flight(
         routed, sim_factory):
     """max_inflight = 1: one stream holds the upstream's slot, one waits in
-    that upstream's admission queue. The gateway's queue is empty, yet one
-    request waits for admission: the depth says 1, then 0."""
+    that upstream's admission queue. The upstream has one stream open, and
+    its in-flight gauge says so; the gateway's own queue is empty, yet one
+    request waits for admission: the queue depth says 1. Then all 0."""
     only = await sim_factory(FAST_SIM)
     gateway = await routed(upstream("only", only.url, extra="max_inflight = 1"))
     (up,) = gateway.state.router.upstreams
@@ -522,6 +499,9 @@ async def test_a_request_waiting_for_an_upstreams_slot_is_in_the_queue_depth(
         after = await metrics(http, gateway)
         async with http.get(gateway.url + "/stats") as resp:
             after_stats = await resp.json()
+    assert len(only.log.records) == 1
+    assert waiting.one("gateway_upstream_in_flight", upstream="only") == 1
+    assert after.one("gateway_upstream_in_flight", upstream="only") == 0
     assert (waiting.one("gateway_queue_depth"), waiting_stats["queue_depth"]) == (1, 1)
     assert (after.one("gateway_queue_depth"), after_stats["queue_depth"]) == (0, 0)
 

@@ -306,6 +306,27 @@ async def test_a_request_whose_body_was_on_its_way_at_the_signal_is_refused(sim_
 HUGE = "[sim itl_ms=0 tokens=2000 token_size=500]"
 
 
+@asynccontextmanager
+async def a_client_that_stops_reading(gateway: GatewayProcess, sim, prompt: str) -> AsyncIterator[None]:
+    """A client with a small receive window that asks for ``prompt`` (a HUGE
+    answer) and reads none of it: open until the block ends, the whole
+    answer in the gateway's hands by its start."""
+    loop = asyncio.get_running_loop()
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+        stuck.setblocking(False)
+        await loop.sock_connect(stuck, ("127.0.0.1", gateway.port))
+        body = json.dumps(chat(prompt)).encode()
+        await loop.sock_sendall(stuck, b"POST /v1/stream HTTP/1.1\r\nHost: gw\r\n"
+                                b"Content-Type: application/json\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await sim.log.wait_for(1, outcome="complete", timeout=10)
+        yield
+    finally:
+        stuck.close()
+
+
 async def test_a_client_that_stops_reading_does_not_hold_the_exit_past_the_drain(sim_factory):
     """A client that stops reading mid-stream (gone without a FIN, or
     stuck): its handler waits on a write no drain can finish. At the end of
@@ -313,26 +334,15 @@ async def test_a_client_that_stops_reading_does_not_hold_the_exit_past_the_drain
     within a few seconds of DRAIN_TIMEOUT_S, not after aiohttp's own 60 s."""
     sim = await sim_factory()
     drain_timeout_s = 0.5
-    async with gateway_process(sim.url, DRAIN_TIMEOUT_S=str(drain_timeout_s)) as gateway:
-        loop = asyncio.get_running_loop()
-        stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
-            stuck.setblocking(False)
-            await loop.sock_connect(stuck, ("127.0.0.1", gateway.port))
-            body = json.dumps(chat(f"never read {HUGE}")).encode()
-            await loop.sock_sendall(stuck, b"POST /v1/stream HTTP/1.1\r\nHost: gw\r\n"
-                                    b"Content-Type: application/json\r\n"
-                                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            # The whole answer reached the gateway; the client read none of it.
-            await sim.log.wait_for(1, outcome="complete", timeout=10)
-            signalled_at = time.monotonic()
-            gateway.process.send_signal(signal.SIGTERM)
-            async with asyncio.timeout(15):
-                assert await gateway.process.wait() == 0
-            exited_after_s = time.monotonic() - signalled_at
-        finally:
-            stuck.close()
+    async with (
+        gateway_process(sim.url, DRAIN_TIMEOUT_S=str(drain_timeout_s)) as gateway,
+        a_client_that_stops_reading(gateway, sim, f"never read {HUGE}"),
+    ):
+        signalled_at = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await gateway.process.wait() == 0
+        exited_after_s = time.monotonic() - signalled_at
     assert exited_after_s < drain_timeout_s + 5, exited_after_s
     ending = await gateway.wait_logged("ending the remaining streams")
     assert ending["reason"] == "drain timeout" and ending["requests"] == 1
@@ -346,24 +356,14 @@ async def test_a_signal_after_the_drain_ended_still_exits_0(sim_factory, again):
     LAST_FRAME_TIMEOUT_S) is one more request to stop: the process still
     exits 0 and writes ``stopped``, not killed by the signal's default."""
     sim = await sim_factory()
-    async with gateway_process(sim.url, DRAIN_TIMEOUT_S="0") as gateway:
-        loop = asyncio.get_running_loop()
-        stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
-            stuck.setblocking(False)
-            await loop.sock_connect(stuck, ("127.0.0.1", gateway.port))
-            body = json.dumps(chat(f"never read after {HUGE}")).encode()
-            await loop.sock_sendall(stuck, b"POST /v1/stream HTTP/1.1\r\nHost: gw\r\n"
-                                    b"Content-Type: application/json\r\n"
-                                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            await sim.log.wait_for(1, outcome="complete", timeout=10)
-            gateway.process.send_signal(signal.SIGTERM)
-            # The drain is over; the stuck handler holds the cleanup for 1 s.
-            await gateway.wait_logged("ending the remaining streams")
-            gateway.process.send_signal(again)
-            async with asyncio.timeout(15):
-                assert await gateway.process.wait() == 0
-        finally:
-            stuck.close()
+    async with (
+        gateway_process(sim.url, DRAIN_TIMEOUT_S="0") as gateway,
+        a_client_that_stops_reading(gateway, sim, f"never read after {HUGE}"),
+    ):
+        gateway.process.send_signal(signal.SIGTERM)
+        # The drain is over; the stuck handler holds the cleanup for 1 s.
+        await gateway.wait_logged("ending the remaining streams")
+        gateway.process.send_signal(again)
+        async with asyncio.timeout(15):
+            assert await gateway.process.wait() == 0
     assert gateway.events()[-1] == "stopped"
